@@ -1,0 +1,111 @@
+"""The `zkunlearn` command line: one entry point for provider, client, auditor, demo and benchmarks.
+
+Each subcommand imports its part lazily so that `zkunlearn --help` stays fast and the auditor
+runs where only the proofs package is usable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="zkunlearn",
+    help="Verifiable machine unlearning for edge models (Group-OBS and analytic updates, ezkl/Halo2 proofs).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+provider_app = typer.Typer(help="Run and administer the provider (gRPC server, deletion requests, ledger).")
+client_app = typer.Typer(help="Drive an edge client: enroll, apply deletions, prove and submit.")
+audit_app = typer.Typer(help="Verify an exported bundle offline: proofs, receipts and the Merkle log.")
+bench_app = typer.Typer(help="Benchmarks that write bench/results/*.json.")
+app.add_typer(provider_app, name="provider")
+app.add_typer(client_app, name="client")
+app.add_typer(audit_app, name="audit")
+app.add_typer(bench_app, name="bench")
+
+console = Console(stderr=True)
+
+
+def _not_yet(what: str, issue: int) -> None:
+    """Say plainly that a part is missing instead of pretending it ran."""
+    console.print(f"[yellow]{what} is not implemented yet[/yellow] (tracked in issue #{issue}).")
+
+
+@provider_app.command("serve")
+def provider_serve(
+    config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    listen: Annotated[str, typer.Option(help="host:port to listen on")] = "127.0.0.1:50551",
+) -> None:
+    """Start the provider's gRPC server."""
+    _not_yet("provider serve", 3)
+    raise typer.Exit(code=1)
+
+
+@provider_app.command("export")
+def provider_export(
+    out: Annotated[Path, typer.Option(help="bundle folder to write")] = Path("audit-bundle"),
+) -> None:
+    """Write an audit bundle (log, tree heads, receipts, proofs, keys)."""
+    _not_yet("provider export", 4)
+    raise typer.Exit(code=1)
+
+
+@client_app.command("run")
+def client_run(
+    provider: Annotated[str, typer.Option(help="provider address host:port")] = "127.0.0.1:50551",
+    state_dir: Annotated[Path, typer.Option(help="durable client state folder")] = Path("client-state"),
+) -> None:
+    """Enroll, watch for deletion requests, apply, prove and submit."""
+    _not_yet("client run", 3)
+    raise typer.Exit(code=1)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    bundle: Annotated[Path, typer.Argument(help="exported bundle folder")],
+    json_output: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Re-verify every proof, receipt and log proof in a bundle; exit 0 only if all hold."""
+    _not_yet("audit verify", 4)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def demo(
+    clients: Annotated[int, typer.Option(help="number of edge clients")] = 3,
+    quick: Annotated[bool, typer.Option(help="smallest shapes, for CI")] = False,
+    report: Annotated[Path, typer.Option(help="report folder")] = Path("demo-report"),
+) -> None:
+    """Run the end-to-end deletion workflow on embedded defaults and write a report."""
+    from zkunlearn.demo import run_demo
+
+    run_demo(clients=clients, quick=quick, report_dir=report, console=console)
+
+
+@bench_app.command("proofs")
+def bench_proofs() -> None:
+    """Proof cost per circuit shape and for the ViT task's whole deletion."""
+    _not_yet("bench proofs", 6)
+    raise typer.Exit(code=1)
+
+
+@bench_app.command("unlearning")
+def bench_unlearning() -> None:
+    """Unlearning quality and update cost on the offline tasks."""
+    _not_yet("bench unlearning", 7)
+    raise typer.Exit(code=1)
+
+
+@bench_app.command("load")
+def bench_load() -> None:
+    """Many simulated edge clients against one provider on loopback."""
+    _not_yet("bench load", 5)
+    raise typer.Exit(code=1)
+
+
+def main() -> None:
+    app()
