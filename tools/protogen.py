@@ -30,8 +30,12 @@ def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> None:
     protos = [str(p.relative_to(proto_root)) for p in _protos(proto_root)]
     if not protos:
         raise SystemExit(f"no .proto files under {proto_root / WIRE_PACKAGE}")
+    # The mypy-protobuf plugins live beside this interpreter, which need not be on PATH (make, CI).
+    plugin_dir = Path(sys.executable).parent
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
         f"-I{proto_root}",
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",
