@@ -222,20 +222,26 @@ class ClientAuth(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    CANONICAL_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     nonce: _builtins.bytes
     signature: _builtins.bytes
-    """Ed25519 over the domain-tagged (nonce, rpc name, request digest)"""
+    """Ed25519 by the client's enrolled key over `canonical`"""
+    canonical: _builtins.bytes
+    """Domain-tagged canonical JSON naming the client, the nonce, the RPC and the fields the call
+    depends on (cursor, request id, proof digest...); the server checks each against the message.
+    """
     def __init__(
         self,
         *,
         client_id: _builtins.str = ...,
         nonce: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        canonical: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "nonce", b"nonce", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "client_id", b"client_id", "nonce", b"nonce", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -253,6 +259,7 @@ class EnrollRequest(_message.Message):
     UPDATE_KIND_FIELD_NUMBER: _builtins.int
     COMMITMENTS_FIELD_NUMBER: _builtins.int
     PROOF_OF_POSSESSION_FIELD_NUMBER: _builtins.int
+    CANONICAL_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     client_id: _builtins.str
     public_key: _builtins.bytes
@@ -260,7 +267,9 @@ class EnrollRequest(_message.Message):
     model_id: _builtins.str
     update_kind: Global___UpdateKind.ValueType
     proof_of_possession: _builtins.bytes
-    """signature over the enrollment's canonical bytes"""
+    """signature over `canonical` by `public_key`"""
+    canonical: _builtins.bytes
+    """domain-tagged canonical JSON repeating fields 2-7"""
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -278,10 +287,11 @@ class EnrollRequest(_message.Message):
         update_kind: Global___UpdateKind.ValueType = ...,
         commitments: _abc.Iterable[Global___Commitment] | None = ...,
         proof_of_possession: _builtins.bytes = ...,
+        canonical: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "commitments", b"commitments", "layers", b"layers", "model_id", b"model_id", "proof_of_possession", b"proof_of_possession", "public_key", b"public_key", "update_kind", b"update_kind", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "client_id", b"client_id", "commitments", b"commitments", "layers", b"layers", "model_id", b"model_id", "proof_of_possession", b"proof_of_possession", "public_key", b"public_key", "update_kind", b"update_kind", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,6 +511,7 @@ class ProofHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     AUTH_FIELD_NUMBER: _builtins.int
+    PROOF_SIZES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     request_id: _builtins.str
     client_id: _builtins.str
@@ -513,6 +524,10 @@ class ProofHeader(_message.Message):
     def after_commitments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Commitment]: ...
     @_builtins.property
     def auth(self) -> Global___ClientAuth: ...
+    @_builtins.property
+    def proof_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """byte length of each proof in the concatenation, in order"""
+
     def __init__(
         self,
         *,
@@ -525,10 +540,11 @@ class ProofHeader(_message.Message):
         total_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
         auth: Global___ClientAuth | None = ...,
+        proof_sizes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_commitments", b"after_commitments", "auth", b"auth", "client_id", b"client_id", "proof_count", b"proof_count", "request_id", b"request_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "update_kind", b"update_kind", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_commitments", b"after_commitments", "auth", b"auth", "client_id", b"client_id", "proof_count", b"proof_count", "proof_sizes", b"proof_sizes", "request_id", b"request_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "update_kind", b"update_kind", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -566,20 +582,29 @@ class SubmitProofResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SUBMISSION_ID_FIELD_NUMBER: _builtins.int
     VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     submission_id: _builtins.str
     verdict: Global___Verdict.ValueType
     """PENDING until the verification worker finishes"""
+    reason: _builtins.str
+    @_builtins.property
+    def receipt(self) -> Global___SignedReceipt:
+        """set once the verdict is final"""
+
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         submission_id: _builtins.str = ...,
         verdict: Global___Verdict.ValueType = ...,
+        reason: _builtins.str = ...,
+        receipt: Global___SignedReceipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["submission_id", b"submission_id", "verdict", b"verdict", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "receipt", b"receipt", "submission_id", b"submission_id", "verdict", b"verdict", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,926 @@
+"""The provider's durable state behind one interface, with an in-memory and a SQLAlchemy backend.
+
+Every guarantee the protocol makes against replay and duplication is enforced *here*, by the store,
+rather than by checks in the service that a second thread could race past:
+
+- a nonce is consumed by one conditional update (``used`` false, not expired, right client), so two
+  concurrent calls presenting the same nonce cannot both succeed;
+- a submission is unique per ``(request_id, content_digest)``, so an identical resubmission finds the
+  first one (idempotent) instead of creating a second;
+- ledger leaves are keyed by their index, so two appends can never claim the same position;
+- finishing a submission (verdict, ledger leaf, the request's accepted submission and the client's
+  new commitments) is one transaction, so a crash leaves either all of it or none of it.
+
+The SQL backend uses only portable SQLAlchemy Core types and statements, so the same code runs on
+PostgreSQL; SQLite-specific settings (WAL, busy timeout, ``BEGIN IMMEDIATE``) are applied only when
+the URL is SQLite, at connection time.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+__all__ = [
+    "VERDICT_ACCEPTED",
+    "VERDICT_PENDING",
+    "VERDICT_REJECTED",
+    "AlreadyAcceptedError",
+    "ClientRecord",
+    "ConflictError",
+    "InMemoryState",
+    "LeafRecord",
+    "NonceError",
+    "NotFoundError",
+    "ProviderState",
+    "RequestRecord",
+    "SqlState",
+    "StateError",
+    "SubmissionRecord",
+    "TreeHeadRecord",
+    "open_state",
+]
+
+# Verdict codes match the wire enum zkunlearn.v1.Verdict so no translation table can drift.
+VERDICT_PENDING = 1
+VERDICT_ACCEPTED = 2
+VERDICT_REJECTED = 3
+
+FaultHook = Callable[[str], None]
+
+
+class StateError(Exception):
+    """Base class of everything the state refuses; the message says what and why."""
+
+
+class ConflictError(StateError):
+    """An id is already taken by a record with different content (not an idempotent repeat)."""
+
+
+class NotFoundError(StateError):
+    """A record named by id does not exist."""
+
+
+class NonceError(StateError):
+    """A nonce is unknown, already used, expired, or was issued to another client."""
+
+
+class AlreadyAcceptedError(StateError):
+    """The request already has an accepted submission; a different one is a replay or a second answer."""
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    client_id: str
+    public_key: bytes
+    model_id: str
+    layers: tuple[str, ...]
+    update_kind: int
+    enrolled_commitments: str  # canonical JSON list, as enrolled
+    current_commitments: str  # canonical JSON list, advanced by each accepted update
+    enrollment_canonical: bytes
+    enrollment_signature: bytes
+    enrolled_ms: int
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    request_id: str
+    client_id: str
+    canonical: bytes
+    signature: bytes
+    mask: bytes
+    forget: bytes  # opaque to the state: the service's encoding of the forget tensors
+    issued_ms: int
+    expires_ms: int
+    cursor: int = 0  # assigned by add_request: 1, 2, ... per client
+    accepted_submission_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SubmissionRecord:
+    submission_id: str
+    request_id: str
+    client_id: str
+    content_digest: str  # SHA-256 over what makes two submissions "the same" (see service)
+    proof_sha256: str
+    proof_sizes: str  # canonical JSON list of ints
+    proof: bytes
+    after_commitments: str  # canonical JSON list
+    created_ms: int
+    verdict: int = VERDICT_PENDING
+    reason: str = ""
+    leaf_index: int | None = None
+
+
+@dataclass(frozen=True)
+class LeafRecord:
+    index: int
+    leaf_hash: bytes
+    canonical: bytes
+    signature: bytes
+    submission_id: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class TreeHeadRecord:
+    size: int
+    root_hash: bytes
+    canonical: bytes
+    signature: bytes
+
+
+def _client_same(a: ClientRecord, b: ClientRecord) -> bool:
+    """Idempotent re-enrollment: same key and same declared model; timestamps may differ."""
+    return (a.public_key, a.model_id, a.layers, a.update_kind, a.enrolled_commitments) == (
+        b.public_key,
+        b.model_id,
+        b.layers,
+        b.update_kind,
+        b.enrolled_commitments,
+    )
+
+
+class ProviderState(abc.ABC):
+    """What the service needs from storage. Implementations must make each method atomic."""
+
+    #: Called between the writes of multi-step transactions with a step name; tests raise from it
+    #: to prove an interrupted transaction leaves nothing behind.
+    fault_hook: FaultHook | None = None
+
+    def _fault(self, step: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(step)
+
+    # clients
+    @abc.abstractmethod
+    def add_client(self, record: ClientRecord) -> tuple[ClientRecord, bool]:
+        """Store an enrollment; an identical repeat returns the stored one and ``False``."""
+
+    @abc.abstractmethod
+    def get_client(self, client_id: str) -> ClientRecord | None: ...
+
+    # nonces
+    @abc.abstractmethod
+    def add_nonce(self, client_id: str, nonce: bytes, expires_ms: int) -> None: ...
+
+    @abc.abstractmethod
+    def consume_nonce(self, client_id: str, nonce: bytes, now_ms: int) -> None:
+        """Mark the nonce used, or raise :class:`NonceError` saying why it cannot be."""
+
+    @abc.abstractmethod
+    def purge_nonces(self, now_ms: int) -> int:
+        """Drop expired nonces (used or not: an expired nonce is refused either way)."""
+
+    # deletion requests
+    @abc.abstractmethod
+    def add_request(self, record: RequestRecord) -> RequestRecord:
+        """Store a request and assign it the client's next delivery cursor."""
+
+    @abc.abstractmethod
+    def get_request(self, request_id: str) -> RequestRecord | None: ...
+
+    @abc.abstractmethod
+    def requests_after(self, client_id: str, cursor: int, limit: int) -> list[RequestRecord]: ...
+
+    # submissions
+    @abc.abstractmethod
+    def add_submission(self, record: SubmissionRecord) -> tuple[SubmissionRecord, bool]:
+        """Store a pending submission; an identical one (same content digest) returns the first and ``False``.
+
+        Raises :class:`AlreadyAcceptedError` when the request already has a different accepted answer.
+        """
+
+    @abc.abstractmethod
+    def get_submission(self, submission_id: str) -> SubmissionRecord | None: ...
+
+    @abc.abstractmethod
+    def submissions_for(self, request_id: str) -> list[SubmissionRecord]: ...
+
+    @abc.abstractmethod
+    def pending_submissions(self) -> list[SubmissionRecord]: ...
+
+    @abc.abstractmethod
+    def finish_submission(
+        self,
+        submission_id: str,
+        verdict: int,
+        reason: str,
+        leaf: LeafRecord,
+    ) -> tuple[SubmissionRecord, LeafRecord]:
+        """Record the verdict and append its receipt leaf (``leaf.index`` is ignored and assigned).
+
+        One transaction: the verdict, the leaf, the request's accepted submission and, when accepted,
+        the client's current commitments. Finishing an already finished submission returns the
+        stored result unchanged, so two workers racing on one submission cannot append twice.
+        """
+
+    # ledger
+    @abc.abstractmethod
+    def ledger_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def leaf_hashes(self, size: int | None = None) -> list[bytes]: ...
+
+    @abc.abstractmethod
+    def get_leaf(self, index: int) -> LeafRecord | None: ...
+
+    @abc.abstractmethod
+    def add_tree_head(self, record: TreeHeadRecord) -> TreeHeadRecord:
+        """Store a signed tree head; one already stored for that size wins (returned)."""
+
+    @abc.abstractmethod
+    def get_tree_head(self, size: int) -> TreeHeadRecord | None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections and files."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-memory backend
+
+
+class InMemoryState(ProviderState):
+    """Dicts under one lock; a transaction snapshots the dicts and restores them if anything raises."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._clients: dict[str, ClientRecord] = {}
+        self._nonces: dict[bytes, tuple[str, int, bool]] = {}
+        self._requests: dict[str, RequestRecord] = {}
+        self._submissions: dict[str, SubmissionRecord] = {}
+        self._leaves: list[LeafRecord] = []
+        self._heads: dict[int, TreeHeadRecord] = {}
+
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[None]:
+        with self._lock:
+            saved = (
+                dict(self._clients),
+                dict(self._nonces),
+                dict(self._requests),
+                dict(self._submissions),
+                list(self._leaves),
+                dict(self._heads),
+            )
+            try:
+                yield
+            except BaseException:
+                (
+                    self._clients,
+                    self._nonces,
+                    self._requests,
+                    self._submissions,
+                    self._leaves,
+                    self._heads,
+                ) = saved
+                raise
+
+    def add_client(self, record: ClientRecord) -> tuple[ClientRecord, bool]:
+        with self._txn():
+            old = self._clients.get(record.client_id)
+            if old is not None:
+                if _client_same(old, record):
+                    return old, False
+                raise ConflictError(
+                    f"client id {record.client_id!r} is already enrolled with another key or model"
+                )
+            self._clients[record.client_id] = record
+            return record, True
+
+    def get_client(self, client_id: str) -> ClientRecord | None:
+        with self._lock:
+            return self._clients.get(client_id)
+
+    def add_nonce(self, client_id: str, nonce: bytes, expires_ms: int) -> None:
+        with self._txn():
+            if nonce in self._nonces:
+                raise ConflictError("nonce collision")
+            self._nonces[nonce] = (client_id, expires_ms, False)
+
+    def consume_nonce(self, client_id: str, nonce: bytes, now_ms: int) -> None:
+        with self._txn():
+            entry = self._nonces.get(nonce)
+            _check_nonce(entry, client_id, now_ms)
+            assert entry is not None
+            self._nonces[nonce] = (entry[0], entry[1], True)
+
+    def purge_nonces(self, now_ms: int) -> int:
+        with self._txn():
+            stale = [n for n, (_, exp, _) in self._nonces.items() if exp < now_ms]
+            for n in stale:
+                del self._nonces[n]
+            return len(stale)
+
+    def add_request(self, record: RequestRecord) -> RequestRecord:
+        with self._txn():
+            if record.request_id in self._requests:
+                raise ConflictError(f"request id {record.request_id!r} already exists")
+            if record.client_id not in self._clients:
+                raise NotFoundError(f"unknown client {record.client_id!r}")
+            cursor = 1 + max(
+                (r.cursor for r in self._requests.values() if r.client_id == record.client_id), default=0
+            )
+            stored = dataclasses.replace(record, cursor=cursor, accepted_submission_id=None)
+            self._requests[record.request_id] = stored
+            return stored
+
+    def get_request(self, request_id: str) -> RequestRecord | None:
+        with self._lock:
+            return self._requests.get(request_id)
+
+    def requests_after(self, client_id: str, cursor: int, limit: int) -> list[RequestRecord]:
+        with self._lock:
+            found = sorted(
+                (r for r in self._requests.values() if r.client_id == client_id and r.cursor > cursor),
+                key=lambda r: r.cursor,
+            )
+            return found[:limit]
+
+    def add_submission(self, record: SubmissionRecord) -> tuple[SubmissionRecord, bool]:
+        with self._txn():
+            request = self._requests.get(record.request_id)
+            if request is None:
+                raise NotFoundError(f"unknown request {record.request_id!r}")
+            for old in self._submissions.values():
+                if old.request_id == record.request_id and old.content_digest == record.content_digest:
+                    return old, False
+            if request.accepted_submission_id is not None:
+                raise AlreadyAcceptedError(
+                    f"request {record.request_id!r} was already answered by submission "
+                    f"{request.accepted_submission_id!r}; a different submission is refused"
+                )
+            if record.submission_id in self._submissions:
+                raise ConflictError(f"submission id {record.submission_id!r} already exists")
+            self._submissions[record.submission_id] = record
+            return record, True
+
+    def get_submission(self, submission_id: str) -> SubmissionRecord | None:
+        with self._lock:
+            return self._submissions.get(submission_id)
+
+    def submissions_for(self, request_id: str) -> list[SubmissionRecord]:
+        with self._lock:
+            return sorted(
+                (s for s in self._submissions.values() if s.request_id == request_id),
+                key=lambda s: s.created_ms,
+            )
+
+    def pending_submissions(self) -> list[SubmissionRecord]:
+        with self._lock:
+            return sorted(
+                (s for s in self._submissions.values() if s.verdict == VERDICT_PENDING),
+                key=lambda s: s.created_ms,
+            )
+
+    def finish_submission(
+        self, submission_id: str, verdict: int, reason: str, leaf: LeafRecord
+    ) -> tuple[SubmissionRecord, LeafRecord]:
+        _check_verdict(verdict)
+        with self._txn():
+            sub = self._submissions.get(submission_id)
+            if sub is None:
+                raise NotFoundError(f"unknown submission {submission_id!r}")
+            if sub.verdict != VERDICT_PENDING:
+                assert sub.leaf_index is not None
+                return sub, self._leaves[sub.leaf_index]
+            request = self._requests[sub.request_id]
+            stored_leaf = dataclasses.replace(leaf, index=len(self._leaves), submission_id=submission_id)
+            self._leaves.append(stored_leaf)
+            self._fault("leaf-appended")
+            sub = dataclasses.replace(sub, verdict=verdict, reason=reason, leaf_index=stored_leaf.index)
+            self._submissions[submission_id] = sub
+            self._fault("submission-updated")
+            if verdict == VERDICT_ACCEPTED:
+                if request.accepted_submission_id is not None:
+                    raise AlreadyAcceptedError(
+                        f"request {request.request_id!r} already has an accepted submission"
+                    )
+                self._requests[request.request_id] = dataclasses.replace(
+                    request, accepted_submission_id=submission_id
+                )
+                client = self._clients[sub.client_id]
+                self._clients[sub.client_id] = dataclasses.replace(
+                    client, current_commitments=sub.after_commitments
+                )
+                self._fault("request-updated")
+            return sub, stored_leaf
+
+    def ledger_size(self) -> int:
+        with self._lock:
+            return len(self._leaves)
+
+    def leaf_hashes(self, size: int | None = None) -> list[bytes]:
+        with self._lock:
+            leaves = self._leaves if size is None else self._leaves[:size]
+            return [leaf.leaf_hash for leaf in leaves]
+
+    def get_leaf(self, index: int) -> LeafRecord | None:
+        with self._lock:
+            return self._leaves[index] if 0 <= index < len(self._leaves) else None
+
+    def add_tree_head(self, record: TreeHeadRecord) -> TreeHeadRecord:
+        with self._txn():
+            return self._heads.setdefault(record.size, record)
+
+    def get_tree_head(self, size: int) -> TreeHeadRecord | None:
+        with self._lock:
+            return self._heads.get(size)
+
+    def close(self) -> None:
+        """Nothing to release: the dicts go with the object."""
+
+
+def _check_nonce(entry: tuple[str, int, bool] | None, client_id: str, now_ms: int) -> None:
+    if entry is None:
+        raise NonceError("unknown nonce: ask Challenge for a fresh one")
+    owner, expires_ms, used = entry
+    if owner != client_id:
+        raise NonceError("nonce was issued to another client")
+    if used:
+        raise NonceError("nonce already used (replay refused): ask Challenge for a fresh one")
+    if expires_ms < now_ms:
+        raise NonceError("nonce expired: ask Challenge for a fresh one")
+
+
+def _check_verdict(verdict: int) -> None:
+    if verdict not in (VERDICT_ACCEPTED, VERDICT_REJECTED):
+        raise StateError(f"a finished submission needs verdict ACCEPTED or REJECTED, got {verdict}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# SQLAlchemy backend
+
+_meta = sa.MetaData()
+
+clients_t = sa.Table(
+    "clients",
+    _meta,
+    sa.Column("client_id", sa.String(128), primary_key=True),
+    sa.Column("public_key", sa.LargeBinary, nullable=False),
+    sa.Column("model_id", sa.String(256), nullable=False),
+    sa.Column("layers", sa.Text, nullable=False),  # newline-joined (layer names cannot hold newlines)
+    sa.Column("update_kind", sa.Integer, nullable=False),
+    sa.Column("enrolled_commitments", sa.Text, nullable=False),
+    sa.Column("current_commitments", sa.Text, nullable=False),
+    sa.Column("enrollment_canonical", sa.LargeBinary, nullable=False),
+    sa.Column("enrollment_signature", sa.LargeBinary, nullable=False),
+    sa.Column("enrolled_ms", sa.BigInteger, nullable=False),
+)
+
+nonces_t = sa.Table(
+    "nonces",
+    _meta,
+    sa.Column("nonce", sa.LargeBinary(64), primary_key=True),
+    sa.Column("client_id", sa.String(128), nullable=False),
+    sa.Column("expires_ms", sa.BigInteger, nullable=False, index=True),
+    sa.Column("used", sa.Boolean, nullable=False, default=False),
+)
+
+requests_t = sa.Table(
+    "requests",
+    _meta,
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("client_id", sa.String(128), sa.ForeignKey("clients.client_id"), nullable=False),
+    sa.Column("cursor", sa.BigInteger, nullable=False),
+    sa.Column("canonical", sa.LargeBinary, nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("mask", sa.LargeBinary, nullable=False),
+    sa.Column("forget", sa.LargeBinary, nullable=False),
+    sa.Column("issued_ms", sa.BigInteger, nullable=False),
+    sa.Column("expires_ms", sa.BigInteger, nullable=False),
+    sa.Column("accepted_submission_id", sa.String(128), nullable=True),
+    sa.UniqueConstraint("client_id", "cursor", name="uq_requests_client_cursor"),
+)
+
+submissions_t = sa.Table(
+    "submissions",
+    _meta,
+    sa.Column("submission_id", sa.String(128), primary_key=True),
+    sa.Column("request_id", sa.String(128), sa.ForeignKey("requests.request_id"), nullable=False),
+    sa.Column("client_id", sa.String(128), nullable=False),
+    sa.Column("content_digest", sa.String(64), nullable=False),
+    sa.Column("proof_sha256", sa.String(64), nullable=False),
+    sa.Column("proof_sizes", sa.Text, nullable=False),
+    sa.Column("proof", sa.LargeBinary, nullable=False),
+    sa.Column("after_commitments", sa.Text, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("verdict", sa.Integer, nullable=False, index=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("leaf_index", sa.BigInteger, nullable=True),
+    sa.UniqueConstraint("request_id", "content_digest", name="uq_submissions_request_content"),
+)
+
+leaves_t = sa.Table(
+    "ledger_leaves",
+    _meta,
+    sa.Column("leaf_index", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("leaf_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("canonical", sa.LargeBinary, nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("submission_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("request_id", sa.String(128), nullable=False),
+)
+
+heads_t = sa.Table(
+    "tree_heads",
+    _meta,
+    sa.Column("tree_size", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("root_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("canonical", sa.LargeBinary, nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+)
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    """WAL for concurrent readers, FULL sync so a commit survives a power cut, and BEGIN IMMEDIATE.
+
+    pysqlite's own transaction handling begins lazily and only on writes, so a read-then-write
+    transaction can deadlock or read stale data; taking the write lock at BEGIN serialises writers.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _client_row(row: Any) -> ClientRecord:
+    return ClientRecord(
+        client_id=row.client_id,
+        public_key=bytes(row.public_key),
+        model_id=row.model_id,
+        layers=tuple(row.layers.split("\n")) if row.layers else (),
+        update_kind=row.update_kind,
+        enrolled_commitments=row.enrolled_commitments,
+        current_commitments=row.current_commitments,
+        enrollment_canonical=bytes(row.enrollment_canonical),
+        enrollment_signature=bytes(row.enrollment_signature),
+        enrolled_ms=row.enrolled_ms,
+    )
+
+
+def _request_row(row: Any) -> RequestRecord:
+    return RequestRecord(
+        request_id=row.request_id,
+        client_id=row.client_id,
+        canonical=bytes(row.canonical),
+        signature=bytes(row.signature),
+        mask=bytes(row.mask),
+        forget=bytes(row.forget),
+        issued_ms=row.issued_ms,
+        expires_ms=row.expires_ms,
+        cursor=row.cursor,
+        accepted_submission_id=row.accepted_submission_id,
+    )
+
+
+def _submission_row(row: Any) -> SubmissionRecord:
+    return SubmissionRecord(
+        submission_id=row.submission_id,
+        request_id=row.request_id,
+        client_id=row.client_id,
+        content_digest=row.content_digest,
+        proof_sha256=row.proof_sha256,
+        proof_sizes=row.proof_sizes,
+        proof=bytes(row.proof),
+        after_commitments=row.after_commitments,
+        created_ms=row.created_ms,
+        verdict=row.verdict,
+        reason=row.reason,
+        leaf_index=row.leaf_index,
+    )
+
+
+def _leaf_row(row: Any) -> LeafRecord:
+    return LeafRecord(
+        index=row.leaf_index,
+        leaf_hash=bytes(row.leaf_hash),
+        canonical=bytes(row.canonical),
+        signature=bytes(row.signature),
+        submission_id=row.submission_id,
+        request_id=row.request_id,
+    )
+
+
+def _head_row(row: Any) -> TreeHeadRecord:
+    return TreeHeadRecord(
+        size=row.tree_size,
+        root_hash=bytes(row.root_hash),
+        canonical=bytes(row.canonical),
+        signature=bytes(row.signature),
+    )
+
+
+class SqlState(ProviderState):
+    """SQLAlchemy Core over any SQL database; ``SqlState.sqlite(path)`` is the default deployment."""
+
+    def __init__(self, url: str, *, create: bool = True, **engine_options: Any) -> None:
+        self.url = url
+        self._engine = sa.create_engine(url, **engine_options)
+        self._is_sqlite = self._engine.dialect.name == "sqlite"
+        if self._is_sqlite:
+            _sqlite_pragmas(self._engine)
+        if create:
+            _meta.create_all(self._engine)
+
+    @classmethod
+    def sqlite(cls, path: str | Path) -> SqlState:
+        return cls(f"sqlite+pysqlite:///{Path(path)}")
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[Connection]:
+        with self._engine.begin() as conn:
+            yield conn
+
+    def _retrying(self, fn: Callable[[Connection], Any], attempts: int = 5) -> Any:
+        """Retry a transaction that lost a race on a unique key or a lock; the loser re-reads and decides."""
+        for attempt in range(attempts):
+            try:
+                with self._txn() as conn:
+                    return fn(conn)
+            except (IntegrityError, OperationalError):
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def add_client(self, record: ClientRecord) -> tuple[ClientRecord, bool]:
+        def run(conn: Connection) -> tuple[ClientRecord, bool]:
+            row = conn.execute(sa.select(clients_t).where(clients_t.c.client_id == record.client_id)).first()
+            if row is not None:
+                old = _client_row(row)
+                if _client_same(old, record):
+                    return old, False
+                raise ConflictError(
+                    f"client id {record.client_id!r} is already enrolled with another key or model"
+                )
+            values = dataclasses.asdict(record)
+            values["layers"] = "\n".join(record.layers)
+            conn.execute(sa.insert(clients_t).values(**values))
+            return record, True
+
+        result: tuple[ClientRecord, bool] = self._retrying(run)
+        return result
+
+    def get_client(self, client_id: str) -> ClientRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(clients_t).where(clients_t.c.client_id == client_id)).first()
+        return None if row is None else _client_row(row)
+
+    def add_nonce(self, client_id: str, nonce: bytes, expires_ms: int) -> None:
+        try:
+            with self._txn() as conn:
+                conn.execute(
+                    sa.insert(nonces_t).values(
+                        nonce=nonce, client_id=client_id, expires_ms=expires_ms, used=False
+                    )
+                )
+        except IntegrityError as exc:
+            raise ConflictError("nonce collision") from exc
+
+    def consume_nonce(self, client_id: str, nonce: bytes, now_ms: int) -> None:
+        with self._txn() as conn:
+            done = conn.execute(
+                sa.update(nonces_t)
+                .where(
+                    nonces_t.c.nonce == nonce,
+                    nonces_t.c.client_id == client_id,
+                    nonces_t.c.used.is_(False),
+                    nonces_t.c.expires_ms >= now_ms,
+                )
+                .values(used=True)
+            )
+            if done.rowcount == 1:
+                return
+            row = conn.execute(sa.select(nonces_t).where(nonces_t.c.nonce == nonce)).first()
+        _check_nonce(
+            None if row is None else (row.client_id, row.expires_ms, bool(row.used)), client_id, now_ms
+        )
+        raise NonceError("nonce refused")  # pragma: no cover - _check_nonce raised already
+
+    def purge_nonces(self, now_ms: int) -> int:
+        with self._txn() as conn:
+            return int(conn.execute(sa.delete(nonces_t).where(nonces_t.c.expires_ms < now_ms)).rowcount)
+
+    def add_request(self, record: RequestRecord) -> RequestRecord:
+        def run(conn: Connection) -> RequestRecord:
+            if conn.execute(
+                sa.select(requests_t.c.request_id).where(requests_t.c.request_id == record.request_id)
+            ).first():
+                raise ConflictError(f"request id {record.request_id!r} already exists")
+            if (
+                conn.execute(
+                    sa.select(clients_t.c.client_id).where(clients_t.c.client_id == record.client_id)
+                ).first()
+                is None
+            ):
+                raise NotFoundError(f"unknown client {record.client_id!r}")
+            top = conn.execute(
+                sa.select(sa.func.max(requests_t.c.cursor)).where(requests_t.c.client_id == record.client_id)
+            ).scalar()
+            stored = dataclasses.replace(record, cursor=int(top or 0) + 1, accepted_submission_id=None)
+            conn.execute(sa.insert(requests_t).values(**dataclasses.asdict(stored)))
+            return stored
+
+        result: RequestRecord = self._retrying(run)
+        return result
+
+    def get_request(self, request_id: str) -> RequestRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(requests_t).where(requests_t.c.request_id == request_id)).first()
+        return None if row is None else _request_row(row)
+
+    def requests_after(self, client_id: str, cursor: int, limit: int) -> list[RequestRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(requests_t)
+                .where(requests_t.c.client_id == client_id, requests_t.c.cursor > cursor)
+                .order_by(requests_t.c.cursor)
+                .limit(limit)
+            ).all()
+        return [_request_row(r) for r in rows]
+
+    def add_submission(self, record: SubmissionRecord) -> tuple[SubmissionRecord, bool]:
+        def run(conn: Connection) -> tuple[SubmissionRecord, bool]:
+            req = conn.execute(
+                sa.select(requests_t).where(requests_t.c.request_id == record.request_id)
+            ).first()
+            if req is None:
+                raise NotFoundError(f"unknown request {record.request_id!r}")
+            old = conn.execute(
+                sa.select(submissions_t).where(
+                    submissions_t.c.request_id == record.request_id,
+                    submissions_t.c.content_digest == record.content_digest,
+                )
+            ).first()
+            if old is not None:
+                return _submission_row(old), False
+            if req.accepted_submission_id is not None:
+                raise AlreadyAcceptedError(
+                    f"request {record.request_id!r} was already answered by submission "
+                    f"{req.accepted_submission_id!r}; a different submission is refused"
+                )
+            conn.execute(sa.insert(submissions_t).values(**dataclasses.asdict(record)))
+            return record, True
+
+        result: tuple[SubmissionRecord, bool] = self._retrying(run)
+        return result
+
+    def get_submission(self, submission_id: str) -> SubmissionRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                sa.select(submissions_t).where(submissions_t.c.submission_id == submission_id)
+            ).first()
+        return None if row is None else _submission_row(row)
+
+    def submissions_for(self, request_id: str) -> list[SubmissionRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(submissions_t)
+                .where(submissions_t.c.request_id == request_id)
+                .order_by(submissions_t.c.created_ms)
+            ).all()
+        return [_submission_row(r) for r in rows]
+
+    def pending_submissions(self) -> list[SubmissionRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(submissions_t)
+                .where(submissions_t.c.verdict == VERDICT_PENDING)
+                .order_by(submissions_t.c.created_ms)
+            ).all()
+        return [_submission_row(r) for r in rows]
+
+    def finish_submission(
+        self, submission_id: str, verdict: int, reason: str, leaf: LeafRecord
+    ) -> tuple[SubmissionRecord, LeafRecord]:
+        _check_verdict(verdict)
+
+        def run(conn: Connection) -> tuple[SubmissionRecord, LeafRecord]:
+            row = conn.execute(
+                sa.select(submissions_t).where(submissions_t.c.submission_id == submission_id)
+            ).first()
+            if row is None:
+                raise NotFoundError(f"unknown submission {submission_id!r}")
+            sub = _submission_row(row)
+            if sub.verdict != VERDICT_PENDING:
+                stored = conn.execute(
+                    sa.select(leaves_t).where(leaves_t.c.leaf_index == sub.leaf_index)
+                ).one()
+                return sub, _leaf_row(stored)
+            size = int(conn.execute(sa.select(sa.func.count()).select_from(leaves_t)).scalar_one())
+            stored_leaf = dataclasses.replace(leaf, index=size, submission_id=submission_id)
+            conn.execute(
+                sa.insert(leaves_t).values(
+                    leaf_index=stored_leaf.index,
+                    leaf_hash=stored_leaf.leaf_hash,
+                    canonical=stored_leaf.canonical,
+                    signature=stored_leaf.signature,
+                    submission_id=stored_leaf.submission_id,
+                    request_id=stored_leaf.request_id,
+                )
+            )
+            self._fault("leaf-appended")
+            conn.execute(
+                sa.update(submissions_t)
+                .where(submissions_t.c.submission_id == submission_id)
+                .values(verdict=verdict, reason=reason, leaf_index=stored_leaf.index)
+            )
+            self._fault("submission-updated")
+            if verdict == VERDICT_ACCEPTED:
+                done = conn.execute(
+                    sa.update(requests_t)
+                    .where(
+                        requests_t.c.request_id == sub.request_id,
+                        requests_t.c.accepted_submission_id.is_(None),
+                    )
+                    .values(accepted_submission_id=submission_id)
+                )
+                if done.rowcount != 1:
+                    raise AlreadyAcceptedError(
+                        f"request {sub.request_id!r} already has an accepted submission"
+                    )
+                conn.execute(
+                    sa.update(clients_t)
+                    .where(clients_t.c.client_id == sub.client_id)
+                    .values(current_commitments=sub.after_commitments)
+                )
+                self._fault("request-updated")
+            return dataclasses.replace(
+                sub, verdict=verdict, reason=reason, leaf_index=stored_leaf.index
+            ), stored_leaf
+
+        result: tuple[SubmissionRecord, LeafRecord] = self._retrying(run)
+        return result
+
+    def ledger_size(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(leaves_t)).scalar_one())
+
+    def leaf_hashes(self, size: int | None = None) -> list[bytes]:
+        query = sa.select(leaves_t.c.leaf_hash).order_by(leaves_t.c.leaf_index)
+        if size is not None:
+            query = query.where(leaves_t.c.leaf_index < size)
+        with self._engine.connect() as conn:
+            return [bytes(h) for h in conn.execute(query).scalars()]
+
+    def get_leaf(self, index: int) -> LeafRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(leaves_t).where(leaves_t.c.leaf_index == index)).first()
+        return None if row is None else _leaf_row(row)
+
+    def add_tree_head(self, record: TreeHeadRecord) -> TreeHeadRecord:
+        def run(conn: Connection) -> TreeHeadRecord:
+            row = conn.execute(sa.select(heads_t).where(heads_t.c.tree_size == record.size)).first()
+            if row is not None:
+                return _head_row(row)
+            conn.execute(
+                sa.insert(heads_t).values(
+                    tree_size=record.size,
+                    root_hash=record.root_hash,
+                    canonical=record.canonical,
+                    signature=record.signature,
+                )
+            )
+            return record
+
+        result: TreeHeadRecord = self._retrying(run)
+        return result
+
+    def get_tree_head(self, size: int) -> TreeHeadRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(heads_t).where(heads_t.c.tree_size == size)).first()
+        return None if row is None else _head_row(row)
+
+
+def open_state(url: str | None) -> ProviderState:
+    """``None`` or ``"memory"`` gives the in-memory backend; a path gives SQLite; anything else is a URL."""
+    if url is None or url == "memory":
+        return InMemoryState()
+    if "://" not in url:
+        return SqlState.sqlite(url)
+    return SqlState(url)
