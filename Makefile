@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test lint typecheck protos protos-check clean
+.PHONY: demo demo-quick test lint typecheck protos protos-check system-deps clean
 
 # Reinstall only when the dependency list changes; the package itself is an editable install.
 $(STAMP): pyproject.toml setup.py
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and exactly: the CPU wheel lies on disk, anything else would pull a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench,postgres]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,7 +34,14 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(BIN)/python tools/protogen.py --check
 
-test: lint typecheck protos-check
+# The state layer's tests run against a real PostgreSQL server started on loopback by the tests.
+system-deps:
+	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "PostgreSQL server binaries are missing: install the postgresql package" >&2; exit 1; fi
+
+test: system-deps lint typecheck protos-check
 	$(BIN)/python -m pytest
 
 clean:
