@@ -168,7 +168,7 @@ def solve_block(theta: npt.ArrayLike, G: npt.ArrayLike, masked: npt.ArrayLike, l
     th = np.asarray(theta, dtype=np.float64)
     g = np.asarray(G, dtype=np.float64)
     if th.ndim != 1 or g.ndim != 2 or g.shape[1] != th.shape[0]:
-        raise GroupObsError(f"theta must be (B,) and G (m, B); got {th.shape} and {g.shape}")
+        raise GroupObsError(f"shape mismatch: theta must be (B,) and G (m, B); got {th.shape} and {g.shape}")
     s = _masked_indicator(masked, th.shape[0])
     after, delta, w = solve_blocks(th[None], g[None], s[None], lam)
     return BlockUpdate(theta_after=after[0], delta=delta[0], w=w[0])
