@@ -1,0 +1,311 @@
+"""The proving backend: one protocol, one ezkl/Halo2 implementation.
+
+Why a protocol: sumcheck/GKR provers are 17-150x faster on matrix work than Halo2; keeping the
+pipeline (settings, compile, setup, witness, prove, verify, commit) behind :class:`ProvingBackend`
+lets one be added without touching the verifier's binding logic.
+
+Settings are always written with EXPLICIT visibilities (ezkl's Python default input visibility is
+``public``, which would publish the weights): committed inputs are ``polycommit``, the residual
+maxima are ``public``, constants are ``fixed``.
+
+Cost work (Group-OBS check, B=16, m=8, 2 blocks per proof; ``num_rows`` from the compiled settings,
+times on the shared 2-core machine):
+
+===========================================  ======  ========  =====================
+configuration                                rows    logrows   setup / prove
+===========================================  ======  ========  =====================
+scale 13, decomp 16384x2, gen_settings'       10207   17        ~180 s / --  (pk 1.36 GB;
+default logrows (lookup_range +-32768)                          the default range sets k)
+same, logrows set from rows (15)             10207   15        44 s / 40 s (loaded machine)
+ignore_range_check_inputs_outputs            8203    15        (not used: see below)
+input scale 10 instead of 13                 10207   15        no change: rows do not depend on scale
+num_inner_cols 1 / 4                         20414 / 5781      more columns cost as much as rows
+decomp base 1024 x 3 legs                    12907   14        range table 1024 rows lets k drop to 14
+scale_rebase_multiplier 2 (fewer rescales)   7647    15        outputs at scale 26
+**decomp 1024x3 + rebase 2 (default here)**  9675    14        5.5 s / 6.5 s, RSS 0.74 GB
+===========================================  ======  ========  =====================
+
+So at small shapes the floor is the range-check table (2**14 rows at base 16384), not the relation:
+a smaller decomposition base plus fewer rescales moved the same relation from k=15 to k=14 (about 4x
+less setup and prove). ``ignore_range_check_inputs_outputs`` would cut 20 % of rows, but nothing else
+bounds the committed inputs (their commitments come from enrollment, with no range proof), so it stays
+off; the out-of-range attack test runs against this configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import ezkl
+
+EZKL_VERSION = "23.0.5"
+
+
+class BackendError(RuntimeError):
+    """A step of the proving pipeline failed."""
+
+
+class ProvingError(BackendError):
+    """Witness generation or proving failed (e.g. an input outside the circuit's range checks)."""
+
+
+class ProofFormatError(BackendError):
+    """A serialised proof is malformed."""
+
+
+@dataclass(frozen=True)
+class CircuitConfig:
+    """Knobs that change the compiled circuit (and therefore its vk and every commitment)."""
+
+    input_scale: int = 13
+    scale_rebase_multiplier: int = 2
+    decomp_base: int = 1024
+    decomp_legs: int = 3
+    num_inner_cols: int = 2
+    ignore_range_check_io: bool = False
+    max_logrows: int = 17
+    row_reserve: int = 64
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Proof:
+    """A proof as it travels: raw transcript bytes plus the public instances (felts)."""
+
+    transcript: bytes
+    instances: tuple[tuple[str, ...], ...]
+
+    def digest(self) -> str:
+        """Replay key: SHA-256 over the transcript and instances."""
+        h = hashlib.sha256(b"zkunlearn/proof/v1")
+        h.update(len(self.transcript).to_bytes(8, "big"))
+        h.update(self.transcript)
+        for row in self.instances:
+            h.update(b"|" + ",".join(row).encode())
+        return h.hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"transcript": self.transcript.hex(), "instances": [list(r) for r in self.instances]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Proof:
+        try:
+            transcript = bytes.fromhex(obj["transcript"])
+            instances = tuple(tuple(str(x) for x in row) for row in obj["instances"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProofFormatError(f"malformed proof object: {exc}") from exc
+        return cls(transcript=transcript, instances=instances)
+
+    def write_ezkl(self, path: Path) -> None:
+        """The proof.json that ezkl's verify/swap read, rebuilt from the raw bytes."""
+        Path(path).write_text(
+            json.dumps(
+                {
+                    "protocol": None,
+                    "instances": [list(r) for r in self.instances],
+                    "proof": list(self.transcript),
+                    "hex_proof": "0x" + self.transcript.hex(),
+                    "split": None,
+                    "pretty_public_inputs": None,
+                    "timestamp": None,
+                    "version": EZKL_VERSION,
+                }
+            )
+        )
+
+
+def compress_point(x_hex: str, y_hex: str) -> str:
+    """ezkl's compressed G1 encoding: x little-endian, bit 7 of the last byte = y is odd."""
+    b = bytearray(bytes.fromhex(x_hex))
+    if bytes.fromhex(y_hex)[0] & 1:
+        b[-1] |= 0x80
+    return b.hex()
+
+
+class ProvingBackend(Protocol):
+    name: str
+
+    def make_settings(self, onnx_path: Path, settings_path: Path, config: CircuitConfig) -> dict[str, Any]: ...
+
+    def compile(self, onnx_path: Path, settings_path: Path, compiled_path: Path) -> None: ...
+
+    def setup(self, compiled_path: Path, srs_path: Path, vk_path: Path, pk_path: Path) -> None: ...
+
+    def witness(
+        self, inputs: Sequence[Sequence[float | str]], compiled_path: Path, vk_path: Path, srs_path: Path
+    ) -> dict[str, Any]: ...
+
+    def prove(
+        self, witness: dict[str, Any], compiled_path: Path, pk_path: Path, srs_path: Path
+    ) -> Proof: ...
+
+    def verify(
+        self,
+        proof: Proof,
+        settings_path: Path,
+        vk_path: Path,
+        srs_path: Path,
+        expected_commitments: Sequence[str] | None,
+    ) -> bool: ...
+
+    def commit(self, felts: Sequence[str], vk_path: Path, settings_path: Path, srs_path: Path) -> str: ...
+
+
+class EzklBackend:
+    """ezkl 23 (Halo2 + KZG) implementation of :class:`ProvingBackend`."""
+
+    name = "ezkl"
+
+    def make_settings(self, onnx_path: Path, settings_path: Path, config: CircuitConfig) -> dict[str, Any]:
+        """Settings with explicit visibilities and the smallest logrows that fits rows + range table."""
+        ra = ezkl.PyRunArgs()
+        ra.input_visibility = "polycommit"
+        ra.output_visibility = "public"
+        ra.param_visibility = "fixed"
+        ra.input_scale = config.input_scale
+        ra.param_scale = config.input_scale
+        ra.scale_rebase_multiplier = config.scale_rebase_multiplier
+        ra.decomp_base = config.decomp_base
+        ra.decomp_legs = config.decomp_legs
+        ra.num_inner_cols = config.num_inner_cols
+        ra.ignore_range_check_inputs_outputs = config.ignore_range_check_io
+        ra.lookup_range = (-2, 2)
+        ra.logrows = config.max_logrows
+        self._gen_settings(onnx_path, settings_path, ra)
+        first = json.loads(Path(settings_path).read_text())
+        if first.get("required_lookups"):
+            raise BackendError(
+                f"{onnx_path}: circuit needs lookups {first['required_lookups']}; "
+                "the check relations are designed to need range checks only"
+            )
+        table = max((hi - lo + 1 for lo, hi in first.get("required_range_checks", [])), default=0)
+        needed = max(int(first["num_rows"]), table) + config.row_reserve
+        logrows = max(math.ceil(math.log2(needed)), 10)
+        if logrows > config.max_logrows:
+            raise BackendError(f"{onnx_path}: needs logrows {logrows} > max {config.max_logrows}")
+        ra.logrows = logrows
+        self._gen_settings(onnx_path, settings_path, ra)
+        settings: dict[str, Any] = json.loads(Path(settings_path).read_text())
+        if settings["run_args"]["input_visibility"] != "KZGCommit":
+            raise BackendError("input visibility did not stick: refusing to build a circuit with public weights")
+        return settings
+
+    @staticmethod
+    def _gen_settings(onnx_path: Path, settings_path: Path, ra: Any) -> None:
+        if not ezkl.gen_settings(str(onnx_path), str(settings_path), py_run_args=ra):
+            raise BackendError(f"gen_settings failed for {onnx_path}")
+
+    def compile(self, onnx_path: Path, settings_path: Path, compiled_path: Path) -> None:
+        if not ezkl.compile_circuit(str(onnx_path), str(compiled_path), str(settings_path)):
+            raise BackendError(f"compile_circuit failed for {onnx_path}")
+
+    def setup(self, compiled_path: Path, srs_path: Path, vk_path: Path, pk_path: Path) -> None:
+        if not ezkl.setup(str(compiled_path), str(vk_path), str(pk_path), srs_path=str(srs_path)):
+            raise BackendError("setup failed")
+
+    def witness(
+        self, inputs: Sequence[Sequence[float | str]], compiled_path: Path, vk_path: Path, srs_path: Path
+    ) -> dict[str, Any]:
+        """Witness for flattened inputs; an entry may be a float or a raw felt (hex string)."""
+        with tempfile.TemporaryDirectory(prefix="zkw-") as tmp:
+            data = Path(tmp) / "input.json"
+            out = Path(tmp) / "witness.json"
+            data.write_text(json.dumps({"input_data": [list(x) for x in inputs]}))
+            try:
+                ezkl.gen_witness(
+                    str(data), str(compiled_path), str(out), vk_path=str(vk_path), srs_path=str(srs_path)
+                )
+            except BaseException as exc:  # pyo3 panics derive from BaseException
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise ProvingError(f"witness generation failed: {exc}") from exc
+            result: dict[str, Any] = json.loads(out.read_text())
+            return result
+
+    def prove(
+        self, witness: dict[str, Any], compiled_path: Path, pk_path: Path, srs_path: Path
+    ) -> Proof:
+        with tempfile.TemporaryDirectory(prefix="zkp-") as tmp:
+            wpath = Path(tmp) / "witness.json"
+            ppath = Path(tmp) / "proof.json"
+            wpath.write_text(json.dumps(witness))
+            try:
+                ezkl.prove(str(wpath), str(compiled_path), str(pk_path), str(ppath), srs_path=str(srs_path))
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise ProvingError(f"proving failed: {exc}") from exc
+            obj = json.loads(ppath.read_text())
+        return Proof(
+            transcript=bytes(obj["proof"]),
+            instances=tuple(tuple(str(x) for x in row) for row in obj["instances"]),
+        )
+
+    def verify(
+        self,
+        proof: Proof,
+        settings_path: Path,
+        vk_path: Path,
+        srs_path: Path,
+        expected_commitments: Sequence[str] | None,
+    ) -> bool:
+        """Verify; with ``expected_commitments`` the proof's input commitments are replaced first.
+
+        Swapping replaces the committed-input points in the transcript by the ones the verifier
+        expects, so a proof made over other data no longer satisfies the constraint system.
+        """
+        with tempfile.TemporaryDirectory(prefix="zkv-") as tmp:
+            ppath = Path(tmp) / "proof.json"
+            proof.write_ezkl(ppath)
+            try:
+                if expected_commitments is not None:
+                    wpath = Path(tmp) / "expected.json"
+                    wpath.write_text(json.dumps(self._commitment_witness(expected_commitments)))
+                    ezkl.swap_proof_commitments(str(ppath), str(wpath))
+                return bool(ezkl.verify(str(ppath), str(settings_path), str(vk_path), srs_path=str(srs_path)))
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                return False
+
+    @staticmethod
+    def _commitment_witness(commitments: Sequence[str]) -> dict[str, Any]:
+        return {
+            "inputs": [],
+            "pretty_elements": None,
+            "outputs": [],
+            "processed_inputs": {"poseidon_hash": None, "polycommit": [[c] for c in commitments]},
+            "processed_params": None,
+            "processed_outputs": None,
+            "max_lookup_inputs": 0,
+            "min_lookup_inputs": 0,
+            "max_range_size": 0,
+            "version": EZKL_VERSION,
+        }
+
+    def commit(self, felts: Sequence[str], vk_path: Path, settings_path: Path, srs_path: Path) -> str:
+        """The compressed KZG commitment ezkl puts in a witness for a ``polycommit`` input."""
+        points = ezkl.kzg_commit(list(felts), str(vk_path), str(settings_path), str(srs_path))
+        if len(points) != 1:
+            raise BackendError(f"expected one commitment point, got {len(points)}")
+        return compress_point(points[0].x, points[0].y)
+
+
+def witness_commitments(witness: dict[str, Any]) -> list[str]:
+    """The per-input polycommit commitments a witness carries (one per input tensor)."""
+    pc = (witness.get("processed_inputs") or {}).get("polycommit") or []
+    out = []
+    for entry in pc:
+        if len(entry) != 1:
+            raise BackendError(f"input committed as {len(entry)} points; expected one")
+        out.append(str(entry[0]))
+    return out
