@@ -47,7 +47,8 @@ class _Tiny(nn.Module):
         self.fc2 = nn.Linear(24, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+        out: torch.Tensor = self.fc2(torch.relu(self.fc1(x)))
+        return out
 
 
 def _torch_factors(B: int, m: int, seed: int) -> tuple[np.ndarray, BlockFactors]:

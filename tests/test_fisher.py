@@ -1,0 +1,97 @@
+"""Per-sample gradients and block factors of the client's Fisher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from zkunlearn.client.fisher import FisherError, block_factors, factors_from_gradients, per_sample_gradients
+
+LOSS = nn.functional.cross_entropy
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc2(self.drop(torch.tanh(self.fc1(x))))
+        return out
+
+
+def _setup(n: int = 12) -> tuple[_Net, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _Net().double()
+    return model, torch.randn(n, 6, dtype=torch.float64), torch.randint(0, 3, (n,))
+
+
+def _loop_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+    model.eval()
+    param = dict(model.named_parameters())[name]
+    out = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        LOSS(model(x[i : i + 1]), y[i : i + 1]).backward()  # type: ignore[no-untyped-call]
+        assert param.grad is not None
+        out.append(param.grad.detach().clone())
+    return torch.stack(out)
+
+
+def test_vmap_gradients_equal_per_sample_backward() -> None:
+    model, x, y = _setup()
+    model.train()  # per_sample_gradients must evaluate in eval mode and restore the flag
+    got = per_sample_gradients(model, ["fc1.weight", "fc2.bias"], x, y, LOSS, chunk_size=5)
+    assert model.training
+    for name in ("fc1.weight", "fc2.bias"):
+        ref = _loop_gradients(model, x, y, name)
+        assert got[name].shape == ref.shape
+        assert torch.allclose(got[name], ref, atol=1e-12, rtol=0)
+
+
+def test_block_factors_layout_normalisation_and_exclusion() -> None:
+    model, x, y = _setup(n=16)
+    B = 16  # fc1.weight has 60 weights: 4 blocks, the last one 12 long
+    exclude = torch.zeros(16, dtype=torch.bool)
+    exclude[[1, 4, 9]] = True
+    bf = block_factors(model, "fc1.weight", x, y, LOSS, B, exclude=exclude)
+    assert bf.factors.shape == (4, 13, 16)
+    assert bf.factors.dtype == np.float64
+    assert bf.shape == (10, 6)
+    assert np.all(bf.factors[3][:, 12:] == 0)  # padding past numel carries no gradient
+    raw = _loop_gradients(model, x[~exclude], y[~exclude], "fc1.weight").reshape(13, -1).numpy()
+    # The factors are the kept samples' gradients, normalised: mean diag of G^T G / m is 1 ...
+    diag = np.concatenate([(bf.factors[k] ** 2).sum(0) / bf.m for k in range(4)])[:60]
+    assert diag.mean() == pytest.approx(1.0, rel=1e-12)
+    # ... and `scale` is that mean diagonal before normalising.
+    assert bf.scale == pytest.approx(float(np.mean((raw**2).sum(0) / 13)), rel=1e-12)
+    flat = bf.factors.transpose(1, 0, 2).reshape(13, -1)[:, :60]
+    assert np.allclose(flat * np.sqrt(bf.scale), raw, atol=1e-12)
+    # Excluded samples really are left out: including them changes the factors.
+    full = block_factors(model, "fc1.weight", x, y, LOSS, B)
+    assert full.m == 16
+    assert bf.fisher(0, 0.1).shape == (16, 16)
+    assert not np.allclose(full.fisher(0, 0.1), bf.fisher(0, 0.1))
+
+
+def test_refusals() -> None:
+    model, x, y = _setup()
+    with pytest.raises(FisherError, match="no parameters"):
+        per_sample_gradients(model, ["nope.weight"], x, y, LOSS)
+    with pytest.raises(FisherError, match="targets"):
+        per_sample_gradients(model, ["fc1.weight"], x, y[:-1], LOSS)
+    with pytest.raises(FisherError, match="no samples"):
+        block_factors(model, "fc1.weight", x, y, LOSS, 16, exclude=torch.ones(12, dtype=torch.bool))
+    with pytest.raises(FisherError, match="entries"):
+        block_factors(model, "fc1.weight", x, y, LOSS, 16, exclude=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(FisherError, match="block size"):
+        block_factors(model, "fc1.weight", x, y, LOSS, 0)
+    with pytest.raises(FisherError, match="all zero"):
+        factors_from_gradients("w", np.zeros((4, 8)), 4)
+    bad = np.ones((4, 8))
+    bad[0, 0] = np.nan
+    with pytest.raises(FisherError, match="NaN"):
+        factors_from_gradients("w", bad, 4)

@@ -1,0 +1,185 @@
+"""Mask scores find the unit that only serves the forget class; selection respects budget and structure."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from zkunlearn.provider.masks import (
+    MaskSelectionError,
+    compute_mask,
+    neuron_scores,
+    select_blocks,
+    select_neurons,
+    select_unstructured,
+    weight_scores,
+)
+
+LOSS = nn.functional.cross_entropy
+SPECIAL = 5  # the hidden unit that fires only for class 0 (the forget class)
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc2(torch.relu(self.fc1(x)))
+        return out
+
+
+def _problem(
+    n: int = 64,
+) -> tuple[_MLP, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = _MLP().double()
+    with torch.no_grad():
+        # Every other unit is always on (positive bias, small weights) and serves all classes alike.
+        model.fc1.weight.normal_(0, 0.1)
+        model.fc1.bias.fill_(1.0)
+        # The special unit: on only when input feature 0 is high, i.e. only for class-0 samples.
+        model.fc1.weight[SPECIAL] = 0.0
+        model.fc1.weight[SPECIAL, 0] = 3.0
+        model.fc1.bias[SPECIAL] = -1.5
+        model.fc2.weight.normal_(0, 0.3)
+        model.fc2.weight[:, SPECIAL] = torch.tensor([2.0, -1.0, -1.0, -1.0], dtype=torch.float64)
+
+    def samples(cls: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = 0.1 * torch.randn(n, 8, dtype=torch.float64)
+        x[:, cls] += 1.0
+        return x, torch.full((n,), cls)
+
+    forget = samples(0)
+    parts = [samples(c) for c in (1, 2, 3)]
+    retain = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return model, forget, retain
+
+
+def test_the_synthetic_unit_really_is_forget_only() -> None:
+    model, forget, retain = _problem()
+    with torch.no_grad():
+        on_forget = torch.relu(model.fc1(forget[0]))[:, SPECIAL]
+        on_retain = torch.relu(model.fc1(retain[0]))[:, SPECIAL]
+    assert bool((on_forget > 0.5).all())
+    assert bool((on_retain == 0).all())
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "block"])
+def test_fisher_ratio_selects_the_forget_unit(structure: str) -> None:
+    model, forget, retain = _problem()
+    # Budget of exactly one row of fc1 (8 of 128 weights); B = 8 makes the row one block.
+    mask = compute_mask(
+        model,
+        ["fc1.weight"],
+        forget,
+        retain,
+        LOSS,
+        "fisher-ratio",
+        fraction=8 / 128,
+        block_size=8,
+        structure=structure,
+    )
+    dense = mask.dense("fc1.weight")
+    assert dense.sum() == 8
+    assert dense[SPECIAL].all()
+
+
+def test_fisher_ratio_scores_rank_the_unit_first() -> None:
+    model, forget, retain = _problem()
+    s = weight_scores(model, ["fc1.weight", "fc2.weight"], forget, retain, LOSS, "fisher-ratio")
+    assert s["fc1.weight"].shape == (16, 8)
+    assert s["fc2.weight"].shape == (4, 16)
+    row_best = s["fc1.weight"].max(axis=1)
+    assert int(np.argmax(row_best)) == SPECIAL
+    others = np.delete(s["fc1.weight"], SPECIAL, axis=0)
+    assert s["fc1.weight"][SPECIAL].min() > 100 * others.max()
+
+
+def test_neuron_mask_selects_the_unit() -> None:
+    model, forget, retain = _problem()
+    rows = neuron_scores(model, ["fc1.weight"], forget, retain)["fc1.weight"]
+    assert int(np.argmax(rows)) == SPECIAL
+    mask = compute_mask(
+        model, ["fc1.weight"], forget, retain, LOSS, fraction=1 / 16, block_size=8, structure="neuron"
+    )
+    dense = mask.dense("fc1.weight")
+    assert dense[SPECIAL].all()
+    assert dense.sum() == 8
+
+
+@pytest.mark.parametrize("score", ["zkapex", "fisher-ratio", "salun", "random"])
+@pytest.mark.parametrize("fraction", [0.04, 0.3])
+def test_every_score_respects_the_budget(score: str, fraction: float) -> None:
+    model, forget, retain = _problem(n=24)
+    layers = ["fc1.weight", "fc2.weight"]
+    total = 128 + 64
+    for structure in ("unstructured", "block"):
+        mask = compute_mask(model, layers, forget, retain, LOSS, score, fraction, 16, structure, seed=1)
+        assert mask.masked_count() == round(fraction * total)
+        mask.validate_against({"fc1.weight": (16, 8), "fc2.weight": (4, 16)}, 16)
+
+
+def test_random_score_is_seeded() -> None:
+    model, forget, retain = _problem(n=8)
+    a = compute_mask(model, ["fc1.weight"], forget, retain, LOSS, "random", 0.3, seed=1)
+    b = compute_mask(model, ["fc1.weight"], forget, retain, LOSS, "random", 0.3, seed=1)
+    c = compute_mask(model, ["fc1.weight"], forget, retain, LOSS, "random", 0.3, seed=2)
+    assert a.digest() == b.digest() != c.digest()
+
+
+def test_block_structure_touches_fewer_blocks_at_the_same_budget() -> None:
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.random((32, 64)), "b": rng.random((16, 40))}
+    B, fraction = 64, 0.1
+    total = 32 * 64 + 16 * 40
+    loose = select_unstructured(scores, fraction, B)
+    packed = select_blocks(scores, fraction, B)
+    k = round(fraction * total)
+    assert loose.masked_count() == packed.masked_count() == k
+    n_loose = sum(len(lm.blocks) for lm in loose.layers)
+    n_packed = sum(len(lm.blocks) for lm in packed.layers)
+    assert n_packed == math.ceil(k / B)
+    assert n_packed < n_loose
+
+
+def test_block_selection_prefers_the_block_of_high_ranks_over_one_outlier() -> None:
+    scores = np.zeros(32)
+    scores[3] = 1e12  # one outlier in block 0
+    scores[16:32] = np.linspace(1, 2, 16)  # block 1: uniformly high
+    mask = select_blocks({"w": scores}, 16 / 32, 16)
+    assert mask.touched_blocks("w") == [1]
+
+
+def test_unstructured_selection_is_exact_top_k_with_deterministic_ties() -> None:
+    scores = {"w": np.array([[0.5, 3.0, 1.0], [3.0, np.nan, 2.0]])}
+    mask = select_unstructured(scores, 3 / 6, 4)
+    assert np.array_equal(mask.dense("w"), np.array([[False, True, False], [True, False, True]]))
+    assert select_unstructured(scores, 0.0, 4).masked_count() == 0
+    assert select_unstructured(scores, 1e-6, 4).masked_count() == 1  # a positive budget masks something
+
+
+def test_refusals() -> None:
+    model, forget, retain = _problem(n=8)
+    with pytest.raises(MaskSelectionError, match="unknown score"):
+        compute_mask(model, ["fc1.weight"], forget, retain, LOSS, "magic")
+    with pytest.raises(MaskSelectionError, match="unknown structure"):
+        compute_mask(model, ["fc1.weight"], forget, retain, LOSS, structure="diagonal")
+    with pytest.raises(MaskSelectionError, match="fraction"):
+        compute_mask(model, ["fc1.weight"], forget, retain, LOSS, fraction=1.5)
+    with pytest.raises(MaskSelectionError, match="no parameters"):
+        compute_mask(model, ["fc9.weight"], forget, retain, LOSS)
+    with pytest.raises(MaskSelectionError, match="no layers"):
+        compute_mask(model, [], forget, retain, LOSS)
+    with pytest.raises(MaskSelectionError, match="block size"):
+        select_unstructured({"w": np.ones(4)}, 0.5, 0)
+    with pytest.raises(MaskSelectionError, match=">= 2-D"):
+        neuron_scores(model, ["fc1.bias"], forget, retain)
+    with pytest.raises(MaskSelectionError, match="row scores"):
+        select_neurons({"w": np.ones(3)}, {"w": (4, 2)}, 0.5, 4)
+    with pytest.raises(MaskSelectionError, match="non-empty"):
+        weight_scores(model, ["fc1.weight"], (forget[0][:0], forget[1][:0]), retain, LOSS)
