@@ -1,0 +1,602 @@
+"""The edge client: enroll, receive deletion requests, check them, prove the update, submit, keep receipts.
+
+A request is acted on only after the client has checked, offline, everything it will be held to:
+the provider's signature (with the key pinned at enrollment, so a later key swap is noticed), that
+the request is addressed to this client and model, that it has not expired, and that the mask and
+forget data it received are the ones the signature covers. Only then is the pluggable
+:class:`UpdateProver` called, its output saved durably before upload, and the signed receipt checked
+against what was submitted before it is stored. A request id is never proved twice: a restart finds
+it applied (skip) or pending (resubmit the saved proof).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from zkunlearn.circuits.mask import Mask, MaskError
+from zkunlearn.proofs.statements import (
+    DOMAIN_DELETION_REQUEST,
+    DOMAIN_ENROLLMENT,
+    DOMAIN_RECEIPT,
+    DOMAIN_RPC_AUTH,
+    StatementError,
+    StatementSigner,
+    StatementVerifier,
+    check_tree_head,
+)
+from zkunlearn.proofs.transparency import MerkleProofError, leaf_hash, verify_consistency, verify_inclusion
+from zkunlearn.v1 import provider_pb2 as pb
+
+from .store import AppliedRecord, ClientStore, PendingUpdate, StoreError
+from .transport import ChannelConfig, Transport, is_retryable
+
+__all__ = [
+    "CHUNK_BYTES",
+    "Commitment",
+    "EdgeClient",
+    "ExpiredRequestError",
+    "ForgedRequestError",
+    "Outcome",
+    "ReceiptError",
+    "RequestRefusedError",
+    "UpdateProver",
+    "UpdateResult",
+    "VerifiedRequest",
+]
+
+log = logging.getLogger(__name__)
+CHUNK_BYTES = 1024 * 1024
+PROTOCOL_VERSION = 1
+_UPDATE_KIND = {1: pb.UPDATE_KIND_GROUP_OBS, 2: pb.UPDATE_KIND_ANALYTIC}
+_VERDICTS = {pb.VERDICT_ACCEPTED: "accepted", pb.VERDICT_REJECTED: "rejected"}
+
+
+class RequestRefusedError(Exception):
+    """The client refuses to act on a delivered request; the message says why."""
+
+
+class ForgedRequestError(RequestRefusedError):
+    """Bad provider signature, or delivered fields that the signature does not cover."""
+
+
+class ExpiredRequestError(RequestRefusedError):
+    """The request's signed expiry time has passed."""
+
+
+class ReceiptError(Exception):
+    """A receipt or a log proof from the provider does not check out."""
+
+
+@dataclass(frozen=True)
+class Commitment:
+    name: str
+    block: int
+    point_hex: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "block": self.block, "point_hex": self.point_hex}
+
+    @staticmethod
+    def from_json(value: Mapping[str, Any]) -> Commitment:
+        return Commitment(str(value["name"]), int(value["block"]), str(value["point_hex"]))
+
+    def to_pb(self) -> pb.Commitment:
+        return pb.Commitment(name=self.name, block=self.block, point_hex=self.point_hex)
+
+
+@dataclass(frozen=True)
+class VerifiedRequest:
+    """A deletion request whose signature, addressee, expiry and attached data have all been checked."""
+
+    request_id: str
+    client_id: str
+    model_id: str
+    update_kind: int  # 1 group_obs, 2 analytic
+    layers: tuple[str, ...]
+    mask: Mask
+    mask_bytes: bytes
+    forget_features: npt.NDArray[np.float64] | None
+    forget_labels: npt.NDArray[np.float64] | None
+    issued_ms: int
+    expires_ms: int
+    cursor: int
+    before_commitments: tuple[Commitment, ...]
+    payload: Mapping[str, Any]
+    canonical: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    after_commitments: Sequence[Commitment]
+    proofs: Sequence[bytes]
+
+
+@runtime_checkable
+class UpdateProver(Protocol):
+    """Applies the unlearning update on the device and proves it (Group-OBS or analytic + ezkl).
+
+    Called at most once per request id by a client that finishes normally; after a crash *between*
+    the update and the durable save of its result it can be called again for the same request, so it
+    must derive the update from the state it committed to (``before_commitments``), not re-apply it
+    on top of an already updated model.
+    """
+
+    def prove(self, request: VerifiedRequest) -> UpdateResult: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    request_id: str
+    status: str  # "accepted", "rejected", "skipped" (already done), "refused" (not acted on)
+    reason: str = ""
+    leaf_index: int | None = None
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _tensor(t: pb.Tensor, what: str) -> npt.NDArray[np.float64]:
+    shape = tuple(int(d) for d in t.shape)
+    if any(d < 0 for d in shape) or int(np.prod(shape)) * 8 != len(t.float64_le):
+        raise ForgedRequestError(f"{what}: shape {list(shape)} does not match {len(t.float64_le)} bytes")
+    return np.frombuffer(t.float64_le, dtype="<f8").reshape(shape).astype(np.float64)
+
+
+class EdgeClient:
+    """One device's protocol driver. ``store`` keeps identity and progress across restarts."""
+
+    def __init__(
+        self,
+        transport: Transport | ChannelConfig | str,
+        store: ClientStore,
+        prover: UpdateProver,
+        *,
+        provider_public_key: bytes | None = None,
+        clock_ms: Any = _now_ms,
+        receipt_wait_s: float = 120.0,
+    ) -> None:
+        self.transport = transport if isinstance(transport, Transport) else Transport(transport)
+        self.store = store
+        self.prover = prover
+        self.clock_ms = clock_ms
+        self.receipt_wait_s = receipt_wait_s
+        if provider_public_key is not None:
+            pinned = self.store.put_if_absent("provider_public_key", provider_public_key)
+            if pinned != provider_public_key:
+                raise StoreError("the store pins another provider key than the one given")
+
+    # -- identity -----------------------------------------------------------------------------------
+
+    @property
+    def client_id(self) -> str:
+        raw = self.store.get("client_id")
+        if raw is None:
+            raise StoreError("client is not enrolled (no client id in the store)")
+        return raw.decode()
+
+    def _signer(self) -> StatementSigner:
+        raw = self.store.get("private_key")
+        if raw is None:
+            raise StoreError("client has no signing key (enroll first)")
+        return StatementSigner.from_private_bytes(raw)
+
+    def _provider(self) -> StatementVerifier:
+        raw = self.store.get("provider_public_key")
+        if raw is None:
+            info = self.transport.call(
+                lambda: self.transport.stub.GetInfo(pb.GetInfoRequest(), timeout=self.transport.timeout)
+            )
+            # Trust on first use: pinned from here on; pass provider_public_key to pin out of band.
+            raw = self.store.put_if_absent("provider_public_key", bytes(info.provider_public_key))
+        return StatementVerifier.from_public_bytes(raw)
+
+    @property
+    def commitments(self) -> list[Commitment]:
+        value = self.store.get_json("commitments")
+        return [Commitment.from_json(v) for v in value] if isinstance(value, list) else []
+
+    def enroll(
+        self,
+        client_id: str,
+        model_id: str,
+        layers: Sequence[str],
+        update_kind: int,
+        commitments: Sequence[Commitment],
+    ) -> pb.EnrollResponse:
+        """Create (or reuse) the device key and enroll it with its commitments; safe to repeat."""
+        stored_id = self.store.put_if_absent("client_id", client_id.encode()).decode()
+        if stored_id != client_id:
+            raise StoreError(f"this store belongs to client {stored_id!r}, not {client_id!r}")
+        signer = StatementSigner.from_private_bytes(
+            self.store.put_if_absent("private_key", StatementSigner.generate().private_bytes())
+        )
+        self._provider()
+        payload = {
+            "client_id": client_id,
+            "public_key": signer.public_bytes().hex(),
+            "model_id": model_id,
+            "layers": list(layers),
+            "update_kind": update_kind,
+            "commitments": [c.to_json() for c in commitments],
+        }
+        statement = signer.sign(DOMAIN_ENROLLMENT, payload)
+        request = pb.EnrollRequest(
+            version=PROTOCOL_VERSION,
+            client_id=client_id,
+            public_key=signer.public_bytes(),
+            model_id=model_id,
+            layers=list(layers),
+            update_kind=_UPDATE_KIND[update_kind],
+            commitments=[c.to_pb() for c in commitments],
+            proof_of_possession=statement.signature,
+            canonical=statement.canonical,
+        )
+        response: pb.EnrollResponse = self.transport.call(
+            lambda: self.transport.stub.Enroll(request, timeout=self.transport.timeout)
+        )
+        self.store.put_json(
+            "enrollment", {"model_id": model_id, "layers": list(layers), "update_kind": update_kind}
+        )
+        if self.store.get("commitments") is None:
+            self.store.put_json("commitments", [c.to_json() for c in commitments])
+        return response
+
+    def auth(self, rpc: str, fields: Mapping[str, Any]) -> pb.ClientAuth:
+        """A fresh nonce from the provider, signed together with the RPC name and the call's fields."""
+        challenge = self.transport.stub.Challenge(
+            pb.ChallengeRequest(client_id=self.client_id), timeout=self.transport.timeout
+        )
+        statement = self._signer().sign(
+            DOMAIN_RPC_AUTH,
+            {"client_id": self.client_id, "rpc": rpc, "nonce": bytes(challenge.nonce).hex(), **fields},
+        )
+        return pb.ClientAuth(
+            client_id=self.client_id,
+            nonce=challenge.nonce,
+            signature=statement.signature,
+            canonical=statement.canonical,
+        )
+
+    # -- receiving requests -------------------------------------------------------------------------
+
+    def poll(self, max_items: int = 100) -> list[Outcome]:
+        """Fetch and process everything after the stored cursor (one round)."""
+
+        def attempt() -> pb.PollResponse:
+            cursor = self.store.cursor
+            auth = self.auth("PollRequests", {"after_cursor": cursor, "max_items": max_items})
+            response: pb.PollResponse = self.transport.stub.PollRequests(
+                pb.PollRequest(auth=auth, after_cursor=cursor, max_items=max_items),
+                timeout=self.transport.timeout,
+            )
+            return response
+
+        return [self.process(item) for item in self.transport.call(attempt).requests]
+
+    def watch(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        max_requests: int | None = None,
+        reconnect_budget_s: float = 60.0,
+    ) -> list[Outcome]:
+        """Follow the server stream, reconnecting (from the stored cursor) when the provider goes away.
+
+        Returns after ``max_requests`` outcomes, when ``stop`` is set, or when the provider stays
+        unreachable for ``reconnect_budget_s``.
+        """
+        outcomes: list[Outcome] = []
+        stop = stop or threading.Event()
+        down_since: float | None = None
+        while not stop.is_set() and (max_requests is None or len(outcomes) < max_requests):
+            try:
+                for item in self._stream(stop):
+                    down_since = None
+                    outcomes.append(self.process(item))
+                    if max_requests is not None and len(outcomes) >= max_requests:
+                        break
+            except grpc.RpcError as exc:
+                if not is_retryable(exc) and exc.code() != grpc.StatusCode.CANCELLED:
+                    raise
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since > reconnect_budget_s:
+                    raise
+                log.info("watch stream interrupted (%s); reconnecting", exc.code())
+                stop.wait(0.2)
+        return outcomes
+
+    def _stream(self, stop: threading.Event) -> Iterator[pb.SignedDeletionRequest]:
+        cursor = self.store.cursor
+        auth = self.auth("WatchRequests", {"after_cursor": cursor})
+        call = self.transport.stub.WatchRequests(pb.WatchRequest(auth=auth, after_cursor=cursor))
+        canceller = threading.Thread(target=lambda: (stop.wait(), call.cancel()), daemon=True)
+        canceller.start()
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    # -- acting on a request ------------------------------------------------------------------------
+
+    def verify_request(self, msg: pb.SignedDeletionRequest) -> VerifiedRequest:
+        """Check everything the request claims before anything is done with it."""
+        try:
+            payload = self._provider().verify(
+                (bytes(msg.canonical), bytes(msg.signature)), DOMAIN_DELETION_REQUEST
+            )
+        except StatementError as exc:
+            raise ForgedRequestError(
+                f"request {msg.request_id!r}: provider signature refused: {exc}"
+            ) from exc
+        if payload.get("request_id") != msg.request_id:
+            raise ForgedRequestError("delivered request id differs from the signed one")
+        if payload.get("client_id") != self.client_id:
+            raise ForgedRequestError(
+                f"request is addressed to {payload.get('client_id')!r}, not to this client"
+            )
+        enrollment = self.store.get_json("enrollment")
+        if isinstance(enrollment, dict):
+            if payload.get("model_id") != enrollment["model_id"]:
+                raise ForgedRequestError(f"request targets model {payload.get('model_id')!r}, not ours")
+            if payload.get("update_kind") != enrollment["update_kind"]:
+                raise ForgedRequestError("request asks for another update kind than this client enrolled")
+        expires = payload.get("expires_ms")
+        if not isinstance(expires, int) or expires < self.clock_ms():
+            raise ExpiredRequestError(f"request {msg.request_id!r} expired at {expires} (unix ms)")
+        mask_bytes = bytes(msg.mask)
+        if hashlib.sha256(mask_bytes).hexdigest() != payload.get("mask_sha256"):
+            raise ForgedRequestError("delivered mask bytes do not match the signed mask digest")
+        try:
+            mask = Mask.from_bytes(mask_bytes)
+        except MaskError as exc:
+            raise ForgedRequestError(f"mask does not decode: {exc}") from exc
+        if list(mask.layer_names) != list(payload.get("layers", [])):
+            raise ForgedRequestError("mask layers differ from the signed layer list")
+        features = labels = None
+        forget = payload.get("forget")
+        if forget is not None:
+            if not msg.HasField("forget_features") or not msg.HasField("forget_labels"):
+                raise ForgedRequestError("the signed request has forget data but none was delivered")
+            for name, tensor in (("features", msg.forget_features), ("labels", msg.forget_labels)):
+                signed = forget[name]
+                if (
+                    list(tensor.shape) != signed["shape"]
+                    or hashlib.sha256(tensor.float64_le).hexdigest() != signed["sha256"]
+                ):
+                    raise ForgedRequestError(f"delivered forget {name} differ from the signed digest")
+            features = _tensor(msg.forget_features, "forget features")
+            labels = _tensor(msg.forget_labels, "forget labels")
+        return VerifiedRequest(
+            request_id=msg.request_id,
+            client_id=self.client_id,
+            model_id=str(payload.get("model_id")),
+            update_kind=int(payload["update_kind"]),
+            layers=tuple(mask.layer_names),
+            mask=mask,
+            mask_bytes=mask_bytes,
+            forget_features=features,
+            forget_labels=labels,
+            issued_ms=int(payload["issued_ms"]),
+            expires_ms=expires,
+            cursor=int(msg.cursor),
+            before_commitments=tuple(self.commitments),
+            payload=payload,
+            canonical=bytes(msg.canonical),
+            signature=bytes(msg.signature),
+        )
+
+    def process(self, msg: pb.SignedDeletionRequest) -> Outcome:
+        """Verify, prove (once), submit, check and store the receipt; refusals advance the cursor."""
+        if self.store.applied(msg.request_id) is not None:
+            self.store.advance_cursor(int(msg.cursor))
+            return Outcome(msg.request_id, "skipped", "already applied")
+        try:
+            request = self.verify_request(msg)
+        except RequestRefusedError as exc:
+            log.warning("refusing request %r: %s", msg.request_id, exc)
+            self.store.advance_cursor(int(msg.cursor))
+            return Outcome(msg.request_id, "refused", str(exc))
+        pending = self.store.pending(request.request_id)
+        if pending is None:
+            result = self.prover.prove(request)
+            pending = self.store.save_pending(
+                PendingUpdate(
+                    request.request_id,
+                    request.cursor,
+                    [c.to_json() for c in result.after_commitments],
+                    [bytes(p) for p in result.proofs],
+                ),
+                self.clock_ms(),
+            )
+        return self._submit(request, pending)
+
+    def resume(self) -> list[Outcome]:
+        """Resubmit proofs saved before a crash, then catch up by polling."""
+        outcomes: list[Outcome] = []
+        if self.store.pending_ids():
+            outcomes.extend(self.poll_all(from_cursor=0))
+        outcomes.extend(self.poll_all())
+        return outcomes
+
+    def poll_all(self, from_cursor: int | None = None) -> list[Outcome]:
+        """Poll until the provider has nothing newer than the cursor."""
+        if from_cursor is not None and from_cursor < self.store.cursor:
+            # Re-deliveries of applied requests are skipped; pending ones get their saved proofs resubmitted.
+            saved = self.store.cursor
+            self.store.put("cursor", str(from_cursor).encode())
+            try:
+                return self.poll_all()
+            finally:
+                self.store.advance_cursor(saved)
+        outcomes: list[Outcome] = []
+        while True:
+            batch = self.poll()
+            outcomes.extend(batch)
+            if not batch:
+                return outcomes
+
+    def _submit(self, request: VerifiedRequest, pending: PendingUpdate) -> Outcome:
+        proof = b"".join(pending.proofs)
+        sizes = [len(p) for p in pending.proofs]
+        digest = hashlib.sha256(proof).hexdigest()
+        after = [Commitment.from_json(c) for c in pending.after_commitments]
+
+        def chunks(auth: pb.ClientAuth) -> Iterator[pb.ProofChunk]:
+            yield pb.ProofChunk(
+                header=pb.ProofHeader(
+                    version=PROTOCOL_VERSION,
+                    request_id=request.request_id,
+                    client_id=self.client_id,
+                    update_kind=_UPDATE_KIND[request.update_kind],
+                    after_commitments=[c.to_pb() for c in after],
+                    proof_count=len(sizes),
+                    total_bytes=len(proof),
+                    sha256=digest,
+                    auth=auth,
+                    proof_sizes=sizes,
+                )
+            )
+            for offset in range(0, len(proof), CHUNK_BYTES):
+                yield pb.ProofChunk(data=proof[offset : offset + CHUNK_BYTES])
+
+        def attempt() -> pb.SubmitProofResponse:
+            auth = self.auth(
+                "SubmitProof",
+                {
+                    "request_id": request.request_id,
+                    "update_kind": request.update_kind,
+                    "sha256": digest,
+                    "total_bytes": len(proof),
+                    "proof_sizes": sizes,
+                    "after_commitments": [c.to_json() for c in after],
+                },
+            )
+            response: pb.SubmitProofResponse = self.transport.stub.SubmitProof(
+                chunks(auth), timeout=self.transport.timeout
+            )
+            return response
+
+        response = self.transport.call(attempt)
+        verdict, reason, receipt = response.verdict, response.reason, response.receipt
+        if verdict == pb.VERDICT_PENDING or not response.HasField("receipt"):
+            verdict, reason, receipt = self._wait_receipt(request.request_id)
+        payload = self.check_receipt(receipt, request, digest, after)
+        record = AppliedRecord(
+            request_id=request.request_id,
+            cursor=request.cursor,
+            verdict=_VERDICTS[verdict],
+            reason=reason,
+            submission_id=str(payload["submission_id"]),
+            receipt_canonical=bytes(receipt.canonical),
+            receipt_signature=bytes(receipt.signature),
+            leaf_index=int(receipt.leaf_index),
+        )
+        accepted = verdict == pb.VERDICT_ACCEPTED
+        self.store.finish(record, self.clock_ms(), [c.to_json() for c in after] if accepted else None)
+        return Outcome(request.request_id, record.verdict, reason, record.leaf_index)
+
+    def _wait_receipt(self, request_id: str) -> tuple[pb.Verdict.ValueType, str, pb.SignedReceipt]:
+        retrying = Retrying(
+            retry=retry_if_exception(lambda e: is_retryable(e) or isinstance(e, _StillPendingError)),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.receipt_wait_s),
+            reraise=True,
+        )
+
+        def attempt() -> tuple[pb.Verdict.ValueType, str, pb.SignedReceipt]:
+            response = self.transport.stub.GetReceipt(
+                pb.GetReceiptRequest(request_id=request_id, client_id=self.client_id),
+                timeout=self.transport.timeout,
+            )
+            if response.verdict == pb.VERDICT_PENDING or not response.HasField("receipt"):
+                raise _StillPendingError(f"request {request_id!r} still pending")
+            return response.verdict, response.reason, response.receipt
+
+        return retrying(attempt)
+
+    def check_receipt(
+        self,
+        receipt: pb.SignedReceipt,
+        request: VerifiedRequest,
+        proof_sha256: str,
+        after: Sequence[Commitment],
+    ) -> dict[str, Any]:
+        """The receipt must be signed by the provider and speak of exactly what this client submitted."""
+        try:
+            payload = self._provider().verify(
+                (bytes(receipt.canonical), bytes(receipt.signature)), DOMAIN_RECEIPT
+            )
+        except StatementError as exc:
+            raise ReceiptError(f"receipt signature refused: {exc}") from exc
+        expected = {
+            "request_id": request.request_id,
+            "request_sha256": hashlib.sha256(request.canonical).hexdigest(),
+            "client_id": self.client_id,
+            "proof_sha256": proof_sha256,
+            "after_commitments": [c.to_json() for c in after],
+        }
+        for key, value in expected.items():
+            if payload.get(key) != value:
+                raise ReceiptError(f"receipt field {key!r} does not match the submission")
+        return payload
+
+    # -- ledger -------------------------------------------------------------------------------------
+
+    def verify_log(self) -> int:
+        """Check every stored receipt is in the provider's log and the log only grew since last time.
+
+        Returns the verified tree size. The last verified signed head is kept in the store, so a
+        provider that rewrites history is caught on the next call (consistency proof fails).
+        """
+        provider = self._provider()
+        head_pb = self.transport.call(
+            lambda: self.transport.stub.GetTreeHead(pb.GetTreeHeadRequest(), timeout=self.transport.timeout)
+        )
+        try:
+            head = check_tree_head(provider, (bytes(head_pb.canonical), bytes(head_pb.signature)))
+        except StatementError as exc:
+            raise ReceiptError(f"tree head refused: {exc}") from exc
+        last = self.store.get_json("tree_head")
+        try:
+            if isinstance(last, dict) and 0 < last["size"] <= head.size:
+                proof = self.transport.stub.GetConsistencyProof(
+                    pb.ConsistencyProofRequest(first_size=last["size"], second_size=head.size),
+                    timeout=self.transport.timeout,
+                )
+                verify_consistency(
+                    last["size"], head.size, bytes.fromhex(last["root"]), head.root, list(proof.hashes)
+                )
+            elif isinstance(last, dict) and last["size"] > head.size:
+                raise ReceiptError(f"log shrank from {last['size']} to {head.size} leaves")
+            for rec in self.store.receipts():
+                proof = self.transport.stub.GetInclusionProof(
+                    pb.InclusionProofRequest(leaf_index=rec.leaf_index, tree_size=head.size),
+                    timeout=self.transport.timeout,
+                )
+                verify_inclusion(
+                    leaf_hash(rec.receipt_canonical), rec.leaf_index, head.size, list(proof.hashes), head.root
+                )
+        except MerkleProofError as exc:
+            raise ReceiptError(f"log proof refused: {exc}") from exc
+        self.store.put_json("tree_head", {"size": head.size, "root": head.root.hex()})
+        return head.size
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class _StillPendingError(Exception):
+    pass

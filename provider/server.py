@@ -1,0 +1,361 @@
+"""Build, start and stop the provider's gRPC server from a TOML config.
+
+Transport security is configuration, not code: TLS from PEM files, mTLS when a client CA is given
+(the per-RPC signatures authenticate clients either way; mTLS adds a channel-level gate). Health
+checking and reflection are always on, so load balancers and grpcurl work without extra setup, and a
+shutdown first marks the health service NOT_SERVING so balancers drain the instance before its
+streams are cut.
+
+Example config (every key optional)::
+
+    listen = "127.0.0.1:50551"
+    state = "provider.db"               # SQLite path, "memory", or an SQLAlchemy URL
+    key_file = "provider.key"           # provider signing key, created (0600) if missing
+    verifier = "zkunlearn.proofs.verifier:make_verifier"   # "module:factory", factory(config) -> ProofVerifier
+    model_ids = ["mnist-vit"]
+    submit_wait_s = 30.0
+    grace_s = 5.0
+    [tls]
+    cert_file = "server.pem"
+    key_file = "server.key"
+    client_ca_file = "clients-ca.pem"   # enables mTLS
+    [limits]
+    max_message_bytes = 16777216
+    max_proof_bytes = 268435456
+    nonce_ttl_s = 120.0
+    request_ttl_s = 604800.0
+    verify_workers = 2
+    [keepalive]
+    time_ms = 30000
+    timeout_ms = 10000
+    [artifacts.group_obs_b64]
+    vk = "artifacts/group_obs_b64/vk.key"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from zkunlearn.proofs.statements import StatementSigner
+from zkunlearn.v1 import provider_pb2 as pb
+from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
+
+from .service import ProofVerifier, ProviderService, ServiceConfig
+from .servicer import ProviderServicer
+from .state import ProviderState, open_state
+
+__all__ = ["ConfigError", "ProviderConfig", "ProviderServer", "build_server", "load_signer", "main", "serve"]
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Provider"].full_name
+
+
+class ConfigError(ValueError):
+    """The provider config is malformed or names files that cannot be used."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""  # non-empty: require and verify client certificates (mTLS)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_proof_bytes: int = 256 * 1024 * 1024
+    nonce_ttl_s: float = 120.0
+    request_ttl_s: float = 7 * 24 * 3600.0
+    verify_workers: int = 2
+    max_workers: int = 16  # RPC threads; each open WatchRequests stream holds one
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    time_ms: int = 30_000
+    timeout_ms: int = 10_000
+    min_ping_interval_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    listen: str = "127.0.0.1:50551"
+    state: str = "provider.db"
+    key_file: str = "provider.key"
+    verifier: str = ""
+    model_ids: tuple[str, ...] = ()
+    submit_wait_s: float = 30.0
+    watch_poll_s: float = 0.5
+    grace_s: float = 5.0
+    srs_digest: str = ""
+    srs_insecure: bool = True
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+    artifacts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ProviderConfig:
+        return _build(cls, data, "")
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> ProviderConfig:
+        """Read a TOML file (optional) and apply dotted overrides such as ``{"tls.cert_file": "x.pem"}``."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read provider config {path}: {exc}") from exc
+        for dotted, value in (overrides or {}).items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return cls.from_mapping(data)
+
+    def service_config(self) -> ServiceConfig:
+        return ServiceConfig(
+            model_ids=tuple(self.model_ids),
+            nonce_ttl_s=self.limits.nonce_ttl_s,
+            request_ttl_s=self.limits.request_ttl_s,
+            max_proof_bytes=self.limits.max_proof_bytes,
+            verify_workers=self.limits.verify_workers,
+            srs_digest=self.srs_digest,
+            srs_insecure=self.srs_insecure,
+        )
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section {prefix or '<root>'} must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config keys in {prefix or '<root>'}: {unknown} (known: {sorted(fields)})")
+    kwargs: dict[str, Any] = {}
+    nested = {"tls": TlsConfig, "limits": LimitsConfig, "keepalive": KeepaliveConfig}
+    for name, value in data.items():
+        if prefix == "" and name in nested:
+            kwargs[name] = _build(nested[name], value, name)
+        elif name == "model_ids":
+            kwargs[name] = tuple(str(v) for v in value)
+        elif name == "artifacts":
+            kwargs[name] = {str(k): {str(a): str(p) for a, p in v.items()} for k, v in value.items()}
+        else:
+            default = fields[name].default
+            if (
+                default is not dataclasses.MISSING
+                and default is not None
+                and not isinstance(value, type(default))
+            ):
+                if isinstance(default, float) and isinstance(value, int):
+                    value = float(value)
+                else:
+                    raise ConfigError(
+                        f"config key {prefix + '.' if prefix else ''}{name} must be {type(default).__name__}, "
+                        f"got {type(value).__name__}"
+                    )
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_signer(path: str | Path) -> StatementSigner:
+    """The provider's long-term signing key; created with mode 0600 on first start."""
+    key_path = Path(path)
+    if key_path.exists():
+        return StatementSigner.load(key_path)
+    signer = StatementSigner.generate()
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    signer.save(key_path)
+    return signer
+
+
+def load_verifier(spec: str, config: ProviderConfig) -> ProofVerifier:
+    """Import ``module:factory`` and call ``factory(config)``; no default, so nothing is accepted unverified."""
+    if not spec or ":" not in spec:
+        raise ConfigError("config key 'verifier' must be 'module:factory' naming a ProofVerifier factory")
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory: Callable[[ProviderConfig], ProofVerifier] = getattr(
+            importlib.import_module(module_name), attr
+        )
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load verifier {spec!r}: {exc}") from exc
+    verifier = factory(config)
+    if not isinstance(verifier, ProofVerifier):
+        raise ConfigError(
+            f"verifier factory {spec!r} returned {type(verifier).__name__}, which has no verify()"
+        )
+    return verifier
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
+    if not tls.cert_file and not tls.key_file:
+        if tls.client_ca_file:
+            raise ConfigError("tls.client_ca_file (mTLS) needs tls.cert_file and tls.key_file")
+        return None
+    if not (tls.cert_file and tls.key_file):
+        raise ConfigError("TLS needs both tls.cert_file and tls.key_file")
+    pair = [(_read(tls.key_file, "TLS key"), _read(tls.cert_file, "TLS certificate"))]
+    if tls.client_ca_file:
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=_read(tls.client_ca_file, "client CA"), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials(pair)
+
+
+class ProviderServer:
+    """A started server plus what it owns; ``stop()`` is graceful and idempotent."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        service: ProviderService,
+        health_servicer: health.HealthServicer,
+        state: ProviderState,
+        grace_s: float,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.service = service
+        self.health = health_servicer
+        self.state = state
+        self.grace_s = grace_s
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            # Drain first: balancers see NOT_SERVING while in-flight calls finish.
+            self.health.enter_graceful_shutdown()
+            self.service.close(wait=False)
+            self.server.stop(self.grace_s if grace_s is None else grace_s).wait()
+            self.state.close()
+            self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def build_server(
+    config: ProviderConfig,
+    *,
+    verifier: ProofVerifier | None = None,
+    state: ProviderState | None = None,
+    signer: StatementSigner | None = None,
+) -> ProviderServer:
+    """Create and start the server (port 0 in ``listen`` picks a free port; see ``.port``)."""
+    state = state or open_state(config.state)
+    signer = signer or load_signer(config.key_file)
+    verifier = verifier or load_verifier(config.verifier, config)
+    service = ProviderService(state, signer, verifier, config.service_config())
+    limits, ka = config.limits, config.keepalive
+    options = [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.keepalive_time_ms", ka.time_ms),
+        ("grpc.keepalive_timeout_ms", ka.timeout_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", ka.min_ping_interval_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers), options=options)
+    artifacts = {cid: {name: Path(p) for name, p in arts.items()} for cid, arts in config.artifacts.items()}
+    servicer = ProviderServicer(
+        service, submit_wait_s=config.submit_wait_s, watch_poll_s=config.watch_poll_s, artifacts=artifacts
+    )
+    pb_grpc.add_ProviderServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    creds = server_credentials(config.tls)
+    port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
+    if port == 0:
+        raise ConfigError(f"cannot listen on {config.listen}")
+    recovered = service.recover()
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "provider listening on port %d (%s), %d pending submissions re-queued", port, config.listen, recovered
+    )
+    return ProviderServer(server, port, service, health_servicer, state, config.grace_s)
+
+
+def serve(config: ProviderConfig, *, ready: Callable[[ProviderServer], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully. ``zkunlearn provider serve`` calls this."""
+    running = build_server(config)
+    if ready is not None:
+        ready(running)
+    if threading.current_thread() is threading.main_thread():
+
+        def _on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %d: shutting down", signum)
+            threading.Thread(target=running.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    running.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m zkunlearn.provider.server --config provider.toml [--set key=value ...]``."""
+    parser = argparse.ArgumentParser(description="zkunlearn provider gRPC server")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--listen", default=None)
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"listen": options.listen} if options.listen else {}
+    try:
+        config = ProviderConfig.load(options.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def _ready(running: ProviderServer) -> None:
+        if options.port_file is not None:
+            tmp = options.port_file.with_suffix(".tmp")
+            tmp.write_text(str(running.port))
+            os.replace(tmp, options.port_file)
+
+    serve(config, ready=_ready)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,908 @@
+"""The provider's protocol logic, free of any transport: the gRPC servicer only decodes and encodes.
+
+Everything a client can send is checked here against signed statements and the durable state:
+
+- enrollment carries a proof of possession (the client's key signs the enrollment statement);
+- every other client call carries an RPC-auth statement signed by the enrolled key over a fresh,
+  single-use, server-issued nonce, the RPC name and the call's own fields, so a captured call cannot
+  be replayed, redirected to another RPC, or altered;
+- a deletion request is a provider-signed statement binding the client, model, layers, mask digest,
+  forget-data digests, issue and expiry times and a nonce, so a client can refuse forgeries offline;
+- proof uploads are size-limited while streaming and checked against the declared SHA-256 before
+  anything is stored; identical resubmissions are idempotent, different answers to an answered
+  request are refused;
+- verification runs in a worker pool so a slow (minutes-long) ezkl verification never holds an RPC
+  thread, and every verdict becomes a signed receipt appended to the ledger in the same transaction.
+
+Pending submissions survive a crash: :meth:`ProviderService.recover` re-queues them at start-up.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from zkunlearn.circuits.mask import Mask, MaskError
+from zkunlearn.proofs.statements import (
+    DOMAIN_DELETION_REQUEST,
+    DOMAIN_ENROLLMENT,
+    DOMAIN_RECEIPT,
+    DOMAIN_RPC_AUTH,
+    SignedStatement,
+    StatementError,
+    StatementSigner,
+    StatementVerifier,
+    canonical_json,
+    key_id_for,
+)
+
+from .ledger import Ledger, LedgerError, TreeHead
+from .state import (
+    VERDICT_ACCEPTED,
+    VERDICT_PENDING,
+    VERDICT_REJECTED,
+    AlreadyAcceptedError,
+    ClientRecord,
+    ConflictError,
+    LeafRecord,
+    NonceError,
+    NotFoundError,
+    ProviderState,
+    RequestRecord,
+    SubmissionRecord,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "UPDATE_KINDS",
+    "AlreadyExistsError",
+    "AuthInput",
+    "CommitmentRef",
+    "EnrollmentInput",
+    "FailedPreconditionError",
+    "InvalidInputError",
+    "NotFoundServiceError",
+    "PermissionDeniedError",
+    "ProofVerifier",
+    "ProviderInfo",
+    "ProviderService",
+    "ReceiptView",
+    "ResourceExhaustedError",
+    "ServiceConfig",
+    "ServiceError",
+    "SubmissionHeader",
+    "TensorData",
+    "UnauthenticatedError",
+    "VerificationJob",
+    "VerificationResult",
+]
+
+PROTOCOL_VERSION = 1
+UPDATE_KIND_GROUP_OBS = 1
+UPDATE_KIND_ANALYTIC = 2
+UPDATE_KINDS = {UPDATE_KIND_GROUP_OBS: "group_obs", UPDATE_KIND_ANALYTIC: "analytic"}
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+_MAX_ID = 128
+_NONCE_BYTES = 32
+_VERDICT_NAMES = {VERDICT_ACCEPTED: "accepted", VERDICT_REJECTED: "rejected", VERDICT_PENDING: "pending"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: one class per gRPC status the servicer maps them to; messages go to the client verbatim.
+
+
+class ServiceError(Exception):
+    """A refused call; subclasses name the status, the message names what was wrong."""
+
+
+class InvalidInputError(ServiceError):
+    pass
+
+
+class UnauthenticatedError(ServiceError):
+    pass
+
+
+class PermissionDeniedError(ServiceError):
+    pass
+
+
+class NotFoundServiceError(ServiceError):
+    pass
+
+
+class AlreadyExistsError(ServiceError):
+    pass
+
+
+class FailedPreconditionError(ServiceError):
+    pass
+
+
+class ResourceExhaustedError(ServiceError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value types
+
+
+@dataclass(frozen=True)
+class CommitmentRef:
+    """A KZG commitment to one committed circuit input (see the proto's ``Commitment``)."""
+
+    name: str
+    block: int
+    point_hex: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "block": self.block, "point_hex": self.point_hex}
+
+    @staticmethod
+    def from_json(value: Any) -> CommitmentRef:
+        if not isinstance(value, Mapping) or set(value) != {"name", "block", "point_hex"}:
+            raise InvalidInputError("a commitment must be an object with exactly name, block and point_hex")
+        return CommitmentRef(str(value["name"]), int(value["block"]), str(value["point_hex"]))
+
+
+def _check_commitments(items: Sequence[CommitmentRef], what: str) -> list[CommitmentRef]:
+    out: list[CommitmentRef] = []
+    seen: set[tuple[str, int]] = set()
+    if len(items) > 100_000:
+        raise ResourceExhaustedError(f"{what}: {len(items)} commitments exceed the limit of 100000")
+    for c in items:
+        if not c.name or len(c.name) > 64:
+            raise InvalidInputError(f"{what}: commitment name must be 1..64 characters, got {c.name!r}")
+        if not 0 <= c.block < 2**32:
+            raise InvalidInputError(f"{what}: commitment block out of range: {c.block}")
+        if (
+            len(c.point_hex) > 4096
+            or any(ch not in "0123456789abcdef" for ch in c.point_hex)
+            or not c.point_hex
+        ):
+            raise InvalidInputError(
+                f"{what}: commitment {c.name}/{c.block} point must be lower-case hex (at most 4096 chars)"
+            )
+        if (c.name, c.block) in seen:
+            raise InvalidInputError(f"{what}: duplicate commitment {c.name}/{c.block}")
+        seen.add((c.name, c.block))
+        out.append(c)
+    return out
+
+
+def commitments_json(items: Sequence[CommitmentRef]) -> str:
+    return json.dumps([c.to_json() for c in items], sort_keys=True, separators=(",", ":"))
+
+
+def commitments_from_json(text: str) -> list[CommitmentRef]:
+    return [CommitmentRef.from_json(v) for v in json.loads(text)]
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """Shape plus little-endian float64 bytes, validated so the two agree."""
+
+    shape: tuple[int, ...]
+    float64_le: bytes
+
+    def validate(self, what: str, max_bytes: int) -> None:
+        if not self.shape or len(self.shape) > 8 or any(d < 0 for d in self.shape):
+            raise InvalidInputError(
+                f"{what}: shape must have 1..8 non-negative dimensions, got {list(self.shape)}"
+            )
+        need = math.prod(self.shape) * 8
+        if need > max_bytes:
+            raise ResourceExhaustedError(f"{what}: {need} bytes exceed the limit of {max_bytes}")
+        if len(self.float64_le) != need:
+            raise InvalidInputError(
+                f"{what}: shape {list(self.shape)} needs {need} bytes of float64 but {len(self.float64_le)} were sent"
+            )
+
+    def digest_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "sha256": hashlib.sha256(self.float64_le).hexdigest()}
+
+
+@dataclass(frozen=True)
+class AuthInput:
+    client_id: str
+    nonce: bytes
+    canonical: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class EnrollmentInput:
+    version: int
+    client_id: str
+    public_key: bytes
+    model_id: str
+    layers: tuple[str, ...]
+    update_kind: int
+    commitments: tuple[CommitmentRef, ...]
+    canonical: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class SubmissionHeader:
+    version: int
+    request_id: str
+    client_id: str
+    update_kind: int
+    after_commitments: tuple[CommitmentRef, ...]
+    proof_sizes: tuple[int, ...]
+    total_bytes: int
+    sha256: str
+    auth: AuthInput
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    protocol_version: int
+    key_id: str
+    public_key: bytes
+    model_ids: tuple[str, ...]
+    srs_digest: str
+    srs_insecure: bool
+
+
+@dataclass(frozen=True)
+class ReceiptView:
+    submission_id: str
+    verdict: int
+    reason: str
+    leaf: LeafRecord | None
+
+
+@dataclass(frozen=True)
+class DeliveredRequest:
+    record: RequestRecord
+    forget_features: TensorData | None
+    forget_labels: TensorData | None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verification interface
+
+
+@dataclass(frozen=True)
+class VerificationJob:
+    """Everything a verifier may rely on, all of it from the provider's own records.
+
+    ``before_commitments`` are the client's commitments as the provider holds them (enrollment, or
+    the last accepted update), never values supplied with the proof.
+    """
+
+    request_id: str
+    client_id: str
+    model_id: str
+    update_kind: int
+    layers: tuple[str, ...]
+    request_payload: Mapping[str, Any]
+    request_canonical: bytes
+    mask: bytes
+    forget_features: TensorData | None
+    forget_labels: TensorData | None
+    before_commitments: tuple[CommitmentRef, ...]
+    after_commitments: tuple[CommitmentRef, ...]
+    proofs: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    accepted: bool
+    reason: str = ""
+
+
+@runtime_checkable
+class ProofVerifier(Protocol):
+    """Checks a submission's proofs; the real one runs ezkl against the provider's verifying keys.
+
+    Must be thread-safe: the service calls it from its worker pool. Raising counts as a rejection
+    whose reason is the exception's message.
+    """
+
+    def verify(self, job: VerificationJob) -> VerificationResult: ...
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model_ids: tuple[str, ...] = ()  # empty: any model id is accepted at enrollment
+    nonce_ttl_s: float = 120.0
+    request_ttl_s: float = 7 * 24 * 3600.0
+    max_proof_bytes: int = 256 * 1024 * 1024
+    max_proofs: int = 4096
+    max_forget_bytes: int = 64 * 1024 * 1024
+    max_layers: int = 256
+    verify_workers: int = 2
+    srs_digest: str = ""
+    srs_insecure: bool = True
+    layer_allowlist: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _check_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"{what} is empty")
+    if len(value) > _MAX_ID:
+        raise InvalidInputError(f"{what} is longer than {_MAX_ID} characters")
+    if not set(value) <= _ID_CHARS:
+        raise InvalidInputError(f"{what} {value!r} may only contain letters, digits and -_.:")
+    return value
+
+
+def _check_layer(name: str) -> str:
+    if not name or len(name) > 256 or "\n" in name:
+        raise InvalidInputError(f"layer name must be 1..256 characters without newlines, got {name[:40]!r}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class ProviderService:
+    """The provider: enrollment, authentication, deletion requests, submissions, receipts, ledger."""
+
+    def __init__(
+        self,
+        state: ProviderState,
+        signer: StatementSigner,
+        verifier: ProofVerifier,
+        config: ServiceConfig | None = None,
+        *,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.state = state
+        self.signer = signer
+        self.verifier = verifier
+        self.config = config or ServiceConfig()
+        self.clock_ms = clock_ms
+        self.ledger = Ledger(state, signer, clock_ms)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, self.config.verify_workers), thread_name_prefix="zku-verify"
+        )
+        self._futures: dict[str, concurrent.futures.Future[SubmissionRecord]] = {}
+        self._futures_lock = threading.RLock()
+        self._new_requests = threading.Condition()
+        self._closed = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Re-queue submissions that were pending when the provider last stopped (or crashed)."""
+        pending = self.state.pending_submissions()
+        for sub in pending:
+            self._schedule(sub.submission_id)
+        return len(pending)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop accepting work, wake watchers so their streams end, and drain (or drop) verification."""
+        self._closed.set()
+        with self._new_requests:
+            self._new_requests.notify_all()
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def info(self) -> ProviderInfo:
+        return ProviderInfo(
+            protocol_version=PROTOCOL_VERSION,
+            key_id=self.signer.key_id,
+            public_key=self.signer.public_bytes(),
+            model_ids=self.config.model_ids,
+            srs_digest=self.config.srs_digest,
+            srs_insecure=self.config.srs_insecure,
+        )
+
+    # -- enrollment and authentication --------------------------------------------------------------
+
+    def enroll(self, enrollment: EnrollmentInput) -> ClientRecord:
+        """Register a client key; repeating an identical enrollment is idempotent."""
+        if enrollment.version != PROTOCOL_VERSION:
+            raise InvalidInputError(f"protocol version {enrollment.version} unsupported (provider speaks 1)")
+        client_id = _check_id(enrollment.client_id, "client id")
+        if len(enrollment.public_key) != 32:
+            raise InvalidInputError(
+                f"public key must be 32 raw Ed25519 bytes, got {len(enrollment.public_key)}"
+            )
+        _check_id(enrollment.model_id, "model id")
+        if self.config.model_ids and enrollment.model_id not in self.config.model_ids:
+            raise NotFoundServiceError(
+                f"unknown model id {enrollment.model_id!r} (provider serves {list(self.config.model_ids)})"
+            )
+        if enrollment.update_kind not in UPDATE_KINDS:
+            raise InvalidInputError(
+                f"update kind must be GROUP_OBS (1) or ANALYTIC (2), got {enrollment.update_kind}"
+            )
+        if not enrollment.layers or len(enrollment.layers) > self.config.max_layers:
+            raise InvalidInputError(f"enrollment must name 1..{self.config.max_layers} layers")
+        layers = tuple(_check_layer(n) for n in enrollment.layers)
+        if len(set(layers)) != len(layers):
+            raise InvalidInputError("enrollment names a layer twice")
+        commitments = _check_commitments(enrollment.commitments, "enrollment")
+        payload = self._open(
+            enrollment.canonical, enrollment.signature, enrollment.public_key, DOMAIN_ENROLLMENT, "enrollment"
+        )
+        expected = {
+            "version": PROTOCOL_VERSION,
+            "key_id": key_id_for(enrollment.public_key),
+            "client_id": client_id,
+            "public_key": enrollment.public_key.hex(),
+            "model_id": enrollment.model_id,
+            "layers": list(layers),
+            "update_kind": enrollment.update_kind,
+            "commitments": [c.to_json() for c in commitments],
+        }
+        _require_payload(payload, expected, "enrollment", InvalidInputError)
+        record = ClientRecord(
+            client_id=client_id,
+            public_key=enrollment.public_key,
+            model_id=enrollment.model_id,
+            layers=layers,
+            update_kind=enrollment.update_kind,
+            enrolled_commitments=commitments_json(commitments),
+            current_commitments=commitments_json(commitments),
+            enrollment_canonical=enrollment.canonical,
+            enrollment_signature=enrollment.signature,
+            enrolled_ms=self.clock_ms(),
+        )
+        try:
+            stored, _ = self.state.add_client(record)
+        except ConflictError as exc:
+            raise AlreadyExistsError(str(exc)) from exc
+        return stored
+
+    def challenge(self, client_id: str) -> tuple[bytes, int]:
+        """Issue a single-use nonce for the client's next authenticated call."""
+        _check_id(client_id, "client id")
+        if self.state.get_client(client_id) is None:
+            raise NotFoundServiceError(f"unknown client {client_id!r}: enroll first")
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        expires = self.clock_ms() + int(self.config.nonce_ttl_s * 1000)
+        self.state.add_nonce(client_id, nonce, expires)
+        return nonce, expires
+
+    def authenticate(self, auth: AuthInput, rpc: str, fields: Mapping[str, Any]) -> ClientRecord:
+        """Check an RPC-auth statement against the enrolled key, then consume its nonce.
+
+        The statement must name this client, this nonce, this RPC and exactly these call fields, so
+        a signature cannot be lifted onto another call.
+        """
+        if not auth.client_id:
+            raise UnauthenticatedError(f"{rpc} needs client authentication (auth.client_id is empty)")
+        client = self.state.get_client(auth.client_id)
+        if client is None:
+            raise UnauthenticatedError(f"unknown client {auth.client_id[:_MAX_ID]!r}: enroll first")
+        try:
+            payload = self._open(
+                auth.canonical, auth.signature, client.public_key, DOMAIN_RPC_AUTH, "rpc auth"
+            )
+        except InvalidInputError as exc:
+            raise UnauthenticatedError(
+                f"{exc} (checked with the key enrolled for {client.client_id!r})"
+            ) from exc
+        if payload.get("client_id") != client.client_id:
+            raise PermissionDeniedError("the signed auth names another client than the call")
+        if payload.get("rpc") != rpc:
+            raise PermissionDeniedError(f"the signed auth is for {payload.get('rpc')!r}, not {rpc!r}")
+        if payload.get("nonce") != auth.nonce.hex():
+            raise UnauthenticatedError("the signed auth covers another nonce than the one presented")
+        _require_payload(
+            payload,
+            {
+                "version": PROTOCOL_VERSION,
+                "key_id": key_id_for(client.public_key),
+                "client_id": client.client_id,
+                "rpc": rpc,
+                "nonce": auth.nonce.hex(),
+                **fields,
+            },
+            "rpc auth",
+            PermissionDeniedError,
+        )
+        try:
+            self.state.consume_nonce(client.client_id, auth.nonce, self.clock_ms())
+        except NonceError as exc:
+            raise UnauthenticatedError(str(exc)) from exc
+        return client
+
+    def _open(
+        self, canonical: bytes, signature: bytes, public_key: bytes, domain: str, what: str
+    ) -> dict[str, Any]:
+        try:
+            payload = StatementVerifier.from_public_bytes(public_key).verify((canonical, signature), domain)
+        except StatementError as exc:
+            raise InvalidInputError(f"{what}: {exc}") from exc
+        return payload
+
+    # -- deletion requests --------------------------------------------------------------------------
+
+    def create_request(
+        self,
+        client_id: str,
+        mask: Mask | bytes,
+        *,
+        forget_features: TensorData | None = None,
+        forget_labels: TensorData | None = None,
+        ttl_s: float | None = None,
+        request_id: str | None = None,
+    ) -> RequestRecord:
+        """Sign and queue a deletion request for one enrolled client (an operator action, not an RPC)."""
+        client = self.state.get_client(client_id)
+        if client is None:
+            raise NotFoundServiceError(f"unknown client {client_id!r}")
+        try:
+            parsed = Mask.from_bytes(mask) if isinstance(mask, bytes | bytearray) else mask
+        except MaskError as exc:
+            raise InvalidInputError(f"mask: {exc}") from exc
+        unknown = sorted(set(parsed.layer_names) - set(client.layers))
+        if unknown:
+            raise InvalidInputError(f"mask names layers the client did not enroll: {unknown}")
+        if (forget_features is None) != (forget_labels is None):
+            raise InvalidInputError("forget features and labels come together or not at all")
+        if client.update_kind == UPDATE_KIND_ANALYTIC and forget_features is None:
+            raise InvalidInputError("an analytic client needs the forget samples' features and labels")
+        forget: dict[str, Any] | None = None
+        if forget_features is not None and forget_labels is not None:
+            forget_features.validate("forget features", self.config.max_forget_bytes)
+            forget_labels.validate("forget labels", self.config.max_forget_bytes)
+            forget = {"features": forget_features.digest_json(), "labels": forget_labels.digest_json()}
+        rid = _check_id(request_id, "request id") if request_id else uuid.uuid4().hex
+        issued = self.clock_ms()
+        expires = issued + int((self.config.request_ttl_s if ttl_s is None else ttl_s) * 1000)
+        mask_bytes = parsed.to_bytes()
+        payload = {
+            "version": PROTOCOL_VERSION,
+            "request_id": rid,
+            "client_id": client.client_id,
+            "model_id": client.model_id,
+            "update_kind": client.update_kind,
+            "layers": parsed.layer_names,
+            "mask_sha256": parsed.digest(),
+            "mask_bytes": len(mask_bytes),
+            "forget": forget,
+            "issued_ms": issued,
+            "expires_ms": expires,
+            "nonce": secrets.token_hex(16),
+        }
+        statement = self.signer.sign(DOMAIN_DELETION_REQUEST, payload)
+        record = RequestRecord(
+            request_id=rid,
+            client_id=client.client_id,
+            canonical=statement.canonical,
+            signature=statement.signature,
+            mask=mask_bytes,
+            forget=_encode_forget(forget_features, forget_labels),
+            issued_ms=issued,
+            expires_ms=expires,
+        )
+        try:
+            stored = self.state.add_request(record)
+        except ConflictError as exc:
+            raise AlreadyExistsError(str(exc)) from exc
+        with self._new_requests:
+            self._new_requests.notify_all()
+        return stored
+
+    def _delivered(self, record: RequestRecord) -> DeliveredRequest:
+        features, labels = _decode_forget(record.forget)
+        return DeliveredRequest(record, features, labels)
+
+    def requests_after(self, client: ClientRecord, cursor: int, limit: int) -> list[DeliveredRequest]:
+        if cursor < 0:
+            raise InvalidInputError(f"cursor must be >= 0, got {cursor}")
+        limit = max(1, min(limit or 100, 1000))
+        return [self._delivered(r) for r in self.state.requests_after(client.client_id, cursor, limit)]
+
+    def wait_for_requests(
+        self, client: ClientRecord, cursor: int, timeout_s: float, limit: int = 100
+    ) -> list[DeliveredRequest]:
+        """Block until requests after ``cursor`` exist, the timeout passes, or the service closes.
+
+        The state is re-read after every wake-up and timeout, so requests written by another provider
+        process sharing the database are delivered too (within one timeout).
+        """
+        found = self.requests_after(client, cursor, limit)
+        if found or self._closed.is_set():
+            return found
+        with self._new_requests:
+            self._new_requests.wait(timeout_s)
+        return self.requests_after(client, cursor, limit)
+
+    # -- submissions --------------------------------------------------------------------------------
+
+    def submit(self, header: SubmissionHeader, chunks: Iterable[bytes]) -> SubmissionRecord:
+        """Authenticate, receive and store a proof upload, and queue it for verification.
+
+        Returns the stored submission (PENDING, or the earlier result for an identical resubmission).
+        """
+        if self._closed.is_set():
+            raise FailedPreconditionError("provider is shutting down; retry shortly")
+        if header.version != PROTOCOL_VERSION:
+            raise InvalidInputError(f"protocol version {header.version} unsupported (provider speaks 1)")
+        _check_id(header.request_id, "request id")
+        if header.total_bytes > self.config.max_proof_bytes:
+            raise ResourceExhaustedError(
+                f"declared proof size {header.total_bytes} exceeds the limit of {self.config.max_proof_bytes} bytes"
+            )
+        if not header.proof_sizes:
+            raise InvalidInputError("proof_sizes is empty: a submission carries at least one proof")
+        if len(header.proof_sizes) > self.config.max_proofs:
+            raise ResourceExhaustedError(
+                f"{len(header.proof_sizes)} proofs exceed the limit of {self.config.max_proofs}"
+            )
+        if any(s <= 0 for s in header.proof_sizes) or sum(header.proof_sizes) != header.total_bytes:
+            raise InvalidInputError(
+                f"proof sizes must be positive and sum to total_bytes ({sum(header.proof_sizes)} != {header.total_bytes})"
+            )
+        if len(header.sha256) != 64 or any(ch not in "0123456789abcdef" for ch in header.sha256):
+            raise InvalidInputError("sha256 must be 64 lower-case hex characters")
+        after = _check_commitments(header.after_commitments, "after commitments")
+        if not after:
+            raise InvalidInputError(
+                "after_commitments is empty: the proof must commit to the updated weights"
+            )
+        client = self.authenticate(
+            header.auth,
+            "SubmitProof",
+            {
+                "request_id": header.request_id,
+                "update_kind": header.update_kind,
+                "sha256": header.sha256,
+                "total_bytes": header.total_bytes,
+                "proof_sizes": list(header.proof_sizes),
+                "after_commitments": [c.to_json() for c in after],
+            },
+        )
+        if header.client_id and header.client_id != client.client_id:
+            raise PermissionDeniedError("the header names another client than the authenticated one")
+        request = self.state.get_request(header.request_id)
+        if request is None:
+            raise NotFoundServiceError(f"unknown request {header.request_id!r}")
+        if request.client_id != client.client_id:
+            raise PermissionDeniedError(f"request {header.request_id!r} was issued to another client")
+        if header.update_kind != client.update_kind:
+            raise InvalidInputError(
+                f"update kind {header.update_kind} does not match the client's enrolled kind {client.update_kind}"
+            )
+        proof = _receive(chunks, header.total_bytes, header.sha256)
+        content = hashlib.sha256(
+            canonical_json(
+                {
+                    "request_id": request.request_id,
+                    "client_id": client.client_id,
+                    "update_kind": header.update_kind,
+                    "proof_sha256": header.sha256,
+                    "proof_sizes": list(header.proof_sizes),
+                    "after_commitments": [c.to_json() for c in after],
+                }
+            )
+        ).hexdigest()
+        existing = [s for s in self.state.submissions_for(request.request_id) if s.content_digest == content]
+        if not existing and request.expires_ms < self.clock_ms():
+            raise FailedPreconditionError(
+                f"request {request.request_id!r} expired at {request.expires_ms} (unix ms)"
+            )
+        record = SubmissionRecord(
+            submission_id=uuid.uuid4().hex,
+            request_id=request.request_id,
+            client_id=client.client_id,
+            content_digest=content,
+            proof_sha256=header.sha256,
+            proof_sizes=json.dumps(list(header.proof_sizes)),
+            proof=proof,
+            after_commitments=commitments_json(after),
+            created_ms=self.clock_ms(),
+        )
+        try:
+            stored, created = self.state.add_submission(record)
+        except AlreadyAcceptedError as exc:
+            raise AlreadyExistsError(str(exc)) from exc
+        except NotFoundError as exc:
+            raise NotFoundServiceError(str(exc)) from exc
+        if created or stored.verdict == VERDICT_PENDING:
+            self._schedule(stored.submission_id)
+        return stored
+
+    def _schedule(self, submission_id: str) -> concurrent.futures.Future[SubmissionRecord]:
+        with self._futures_lock:
+            fut = self._futures.get(submission_id)
+            if fut is None:
+                fut = self._pool.submit(self._verify, submission_id)
+                self._futures[submission_id] = fut
+                fut.add_done_callback(lambda _f: self._forget_future(submission_id))
+            return fut
+
+    def _forget_future(self, submission_id: str) -> None:
+        with self._futures_lock:
+            self._futures.pop(submission_id, None)
+
+    def wait(self, submission_id: str, timeout_s: float) -> SubmissionRecord:
+        """The submission after waiting up to ``timeout_s`` for its verdict (still PENDING on timeout)."""
+        with self._futures_lock:
+            fut = self._futures.get(submission_id)
+        if fut is not None:
+            try:
+                return fut.result(timeout=timeout_s)
+            except concurrent.futures.TimeoutError:
+                pass
+            except concurrent.futures.CancelledError:
+                pass
+        sub = self.state.get_submission(submission_id)
+        if sub is None:
+            raise NotFoundServiceError(f"unknown submission {submission_id!r}")
+        return sub
+
+    def _verify(self, submission_id: str) -> SubmissionRecord:
+        sub = self.state.get_submission(submission_id)
+        if sub is None:
+            raise NotFoundError(f"unknown submission {submission_id!r}")
+        if sub.verdict != VERDICT_PENDING:
+            return sub
+        request = self.state.get_request(sub.request_id)
+        client = self.state.get_client(sub.client_id)
+        assert request is not None and client is not None  # foreign keys guarantee both
+        before = tuple(commitments_from_json(client.current_commitments))
+        after = tuple(commitments_from_json(sub.after_commitments))
+        payload = SignedStatement.from_wire(request.canonical, request.signature).payload
+        features, labels = _decode_forget(request.forget)
+        if request.accepted_submission_id is not None:
+            result = VerificationResult(
+                False, f"request already answered by {request.accepted_submission_id}"
+            )
+        else:
+            sizes = [int(s) for s in json.loads(sub.proof_sizes)]
+            proofs, offset = [], 0
+            for s in sizes:
+                proofs.append(sub.proof[offset : offset + s])
+                offset += s
+            job = VerificationJob(
+                request_id=request.request_id,
+                client_id=client.client_id,
+                model_id=client.model_id,
+                update_kind=client.update_kind,
+                layers=tuple(payload.get("layers", ())),
+                request_payload=payload,
+                request_canonical=request.canonical,
+                mask=request.mask,
+                forget_features=features,
+                forget_labels=labels,
+                before_commitments=before,
+                after_commitments=after,
+                proofs=tuple(proofs),
+            )
+            try:
+                result = self.verifier.verify(job)
+            except Exception as exc:  # a verifier crash is a rejection with a reason, never a lost submission
+                result = VerificationResult(False, f"verifier error: {type(exc).__name__}: {exc}")
+        verdict = VERDICT_ACCEPTED if result.accepted else VERDICT_REJECTED
+        receipt = self.signer.sign(
+            DOMAIN_RECEIPT,
+            {
+                "version": PROTOCOL_VERSION,
+                "request_id": request.request_id,
+                "request_sha256": hashlib.sha256(request.canonical).hexdigest(),
+                "client_id": client.client_id,
+                "model_id": client.model_id,
+                "submission_id": sub.submission_id,
+                "update_kind": client.update_kind,
+                "verdict": _VERDICT_NAMES[verdict],
+                "reason": result.reason,
+                "mask_sha256": payload.get("mask_sha256"),
+                "proof_sha256": sub.proof_sha256,
+                "before_commitments": [c.to_json() for c in before],
+                "after_commitments": [c.to_json() for c in after],
+                "verified_ms": self.clock_ms(),
+            },
+        )
+        try:
+            done, _leaf = self.ledger.append(sub.submission_id, verdict, result.reason, receipt)
+        except AlreadyAcceptedError:
+            # Another submission for the same request won the race; this one is recorded as rejected.
+            loser = self.signer.sign(
+                DOMAIN_RECEIPT,
+                {**receipt.payload, "verdict": "rejected", "reason": "request already answered"},
+            )
+            done, _leaf = self.ledger.append(
+                sub.submission_id, VERDICT_REJECTED, "request already answered", loser
+            )
+        return done
+
+    # -- receipts and ledger ------------------------------------------------------------------------
+
+    def receipt(self, request_id: str, client_id: str) -> ReceiptView:
+        """The accepted submission's receipt, else the latest one's (PENDING without a leaf)."""
+        _check_id(request_id, "request id")
+        request = self.state.get_request(request_id)
+        if request is None:
+            raise NotFoundServiceError(f"unknown request {request_id!r}")
+        if client_id and request.client_id != client_id:
+            raise NotFoundServiceError(f"request {request_id!r} does not belong to client {client_id!r}")
+        subs = self.state.submissions_for(request_id)
+        if not subs:
+            raise NotFoundServiceError(f"no submission yet for request {request_id!r}")
+        chosen = next((s for s in subs if s.submission_id == request.accepted_submission_id), subs[-1])
+        return self.view(chosen)
+
+    def view(self, sub: SubmissionRecord) -> ReceiptView:
+        leaf = None if sub.leaf_index is None else self.state.get_leaf(sub.leaf_index)
+        return ReceiptView(sub.submission_id, sub.verdict, sub.reason, leaf)
+
+    def tree_head(self) -> TreeHead:
+        return self.ledger.tree_head()
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        try:
+            return self.ledger.inclusion_proof(index, size or None)
+        except LedgerError as exc:
+            raise InvalidInputError(str(exc)) from exc
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        try:
+            return self.ledger.consistency_proof(first, second or None)
+        except LedgerError as exc:
+            raise InvalidInputError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _require_payload(
+    payload: Mapping[str, Any], expected: Mapping[str, Any], what: str, error: type[ServiceError]
+) -> None:
+    """The signed payload must say exactly what the message says: no extra, missing or differing field."""
+    extra = sorted(set(payload) - set(expected))
+    missing = sorted(set(expected) - set(payload))
+    if extra or missing:
+        raise error(f"{what}: signed statement has fields {sorted(payload)}; expected {sorted(expected)}")
+    for key, value in expected.items():
+        if payload[key] != value:
+            raise error(f"{what}: signed field {key!r} does not match the message")
+
+
+def _receive(chunks: Iterable[bytes], total: int, sha256: str) -> bytes:
+    digest = hashlib.sha256()
+    buf = bytearray()
+    for chunk in chunks:
+        if len(buf) + len(chunk) > total:
+            raise InvalidInputError(f"upload is longer than the declared {total} bytes")
+        buf += chunk
+        digest.update(chunk)
+    if len(buf) < total:
+        raise InvalidInputError(f"truncated upload: got {len(buf)} of the declared {total} bytes")
+    if digest.hexdigest() != sha256:
+        raise InvalidInputError("uploaded bytes do not match the declared sha256")
+    return bytes(buf)
+
+
+def _encode_forget(features: TensorData | None, labels: TensorData | None) -> bytes:
+    """A self-describing, pickle-free encoding: a JSON header line, then the raw float64 bytes."""
+    if features is None or labels is None:
+        return b""
+    header = canonical_json({"features": list(features.shape), "labels": list(labels.shape)})
+    return header + b"\n" + features.float64_le + labels.float64_le
+
+
+def _decode_forget(blob: bytes) -> tuple[TensorData | None, TensorData | None]:
+    if not blob:
+        return None, None
+    head, _, rest = blob.partition(b"\n")
+    shapes = json.loads(head)
+    fshape, lshape = tuple(shapes["features"]), tuple(shapes["labels"])
+    n = math.prod(fshape) * 8
+    return TensorData(fshape, rest[:n]), TensorData(lshape, rest[n:])

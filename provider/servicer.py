@@ -1,0 +1,299 @@
+"""The gRPC face of :class:`ProviderService`: decode, call, encode, and map refusals to status codes.
+
+No protocol decision is taken here. Each domain error class maps to one status code and its message
+goes to the client unchanged; anything unexpected is logged and answered INTERNAL without details, so
+a bad input can never take the server down or leak a stack trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from zkunlearn.v1 import provider_pb2 as pb
+from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
+
+from .service import (
+    AlreadyExistsError,
+    AuthInput,
+    CommitmentRef,
+    DeliveredRequest,
+    EnrollmentInput,
+    FailedPreconditionError,
+    InvalidInputError,
+    NotFoundServiceError,
+    PermissionDeniedError,
+    ProviderService,
+    ReceiptView,
+    ResourceExhaustedError,
+    ServiceError,
+    SubmissionHeader,
+    TensorData,
+    UnauthenticatedError,
+)
+from .state import VERDICT_PENDING
+
+__all__ = ["ARTIFACT_CHUNK", "ProviderServicer", "status_for"]
+
+log = logging.getLogger(__name__)
+ARTIFACT_CHUNK = 1024 * 1024
+_STATUS: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    NotFoundServiceError: grpc.StatusCode.NOT_FOUND,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_for(exc: ServiceError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, rpc: str) -> None:
+    if isinstance(exc, ServiceError):
+        context.abort(status_for(exc), f"{rpc}: {exc}")
+    log.exception("internal error in %s", rpc)
+    context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error (logged on the provider)")
+
+
+def _unary(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: ProviderServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:
+            _abort(context, exc, fn.__name__)
+            raise  # pragma: no cover - abort raises
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _stream(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: ProviderServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as exc:
+            _abort(context, exc, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _auth(msg: pb.ClientAuth) -> AuthInput:
+    return AuthInput(msg.client_id, bytes(msg.nonce), bytes(msg.canonical), bytes(msg.signature))
+
+
+def _commitments(items: Iterable[pb.Commitment]) -> tuple[CommitmentRef, ...]:
+    return tuple(CommitmentRef(c.name, int(c.block), c.point_hex) for c in items)
+
+
+def _tensor_out(t: TensorData | None) -> pb.Tensor | None:
+    return None if t is None else pb.Tensor(shape=list(t.shape), float64_le=t.float64_le)
+
+
+def delivered_to_pb(item: DeliveredRequest) -> pb.SignedDeletionRequest:
+    r = item.record
+    return pb.SignedDeletionRequest(
+        version=1,
+        request_id=r.request_id,
+        canonical=r.canonical,
+        signature=r.signature,
+        mask=r.mask,
+        forget_features=_tensor_out(item.forget_features),
+        forget_labels=_tensor_out(item.forget_labels),
+        cursor=r.cursor,
+    )
+
+
+def _receipt_pb(view: ReceiptView) -> pb.SignedReceipt | None:
+    if view.leaf is None:
+        return None
+    return pb.SignedReceipt(
+        version=1, canonical=view.leaf.canonical, signature=view.leaf.signature, leaf_index=view.leaf.index
+    )
+
+
+class ProviderServicer(pb_grpc.ProviderServicer):
+    """Thin adapter; ``submit_wait_s`` bounds how long SubmitProof waits for a verdict before PENDING."""
+
+    def __init__(
+        self,
+        service: ProviderService,
+        *,
+        submit_wait_s: float = 30.0,
+        watch_poll_s: float = 0.5,
+        artifacts: dict[str, dict[str, Path]] | None = None,
+    ) -> None:
+        self.service = service
+        self.submit_wait_s = submit_wait_s
+        self.watch_poll_s = watch_poll_s
+        self.artifacts = artifacts or {}
+
+    @_unary
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
+        info = self.service.info()
+        return pb.GetInfoResponse(
+            protocol_version=info.protocol_version,
+            provider_key_id=info.key_id,
+            provider_public_key=info.public_key,
+            model_ids=list(info.model_ids),
+            srs_digest=info.srs_digest,
+            srs_insecure=info.srs_insecure,
+        )
+
+    @_unary
+    def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeResponse:
+        nonce, expires = self.service.challenge(request.client_id)
+        return pb.ChallengeResponse(nonce=nonce, expires_unix_ms=expires)
+
+    @_unary
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        record = self.service.enroll(
+            EnrollmentInput(
+                version=request.version,
+                client_id=request.client_id,
+                public_key=bytes(request.public_key),
+                model_id=request.model_id,
+                layers=tuple(request.layers),
+                update_kind=int(request.update_kind),
+                commitments=_commitments(request.commitments),
+                canonical=bytes(request.canonical),
+                signature=bytes(request.proof_of_possession),
+            )
+        )
+        return pb.EnrollResponse(version=1, client_id=record.client_id, enrolled_unix_ms=record.enrolled_ms)
+
+    @_stream
+    def GetArtifact(
+        self, request: pb.GetArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ArtifactChunk]:
+        path = self.artifacts.get(request.circuit_id, {}).get(request.artifact)
+        if path is None:
+            raise NotFoundServiceError(f"no artifact {request.artifact!r} for circuit {request.circuit_id!r}")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        total = path.stat().st_size
+        with path.open("rb") as fh:
+            first = True
+            while True:
+                data = fh.read(ARTIFACT_CHUNK)
+                if not data and not first:
+                    return
+                yield pb.ArtifactChunk(
+                    circuit_id=request.circuit_id,
+                    artifact=request.artifact,
+                    total_bytes=total,
+                    sha256=digest if first else "",
+                    data=data,
+                )
+                first = False
+                if not data:
+                    return
+
+    @_stream
+    def WatchRequests(
+        self, request: pb.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SignedDeletionRequest]:
+        client = self.service.authenticate(
+            _auth(request.auth), "WatchRequests", {"after_cursor": int(request.after_cursor)}
+        )
+        cursor = int(request.after_cursor)
+        while context.is_active() and not self.service.closed:
+            for item in self.service.wait_for_requests(client, cursor, self.watch_poll_s):
+                yield delivered_to_pb(item)
+                cursor = item.record.cursor
+
+    @_unary
+    def PollRequests(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollResponse:
+        client = self.service.authenticate(
+            _auth(request.auth),
+            "PollRequests",
+            {"after_cursor": int(request.after_cursor), "max_items": int(request.max_items)},
+        )
+        items = self.service.requests_after(client, int(request.after_cursor), int(request.max_items))
+        return pb.PollResponse(requests=[delivered_to_pb(i) for i in items])
+
+    @_unary
+    def SubmitProof(
+        self, request_iterator: Iterator[pb.ProofChunk], context: grpc.ServicerContext
+    ) -> pb.SubmitProofResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidInputError("the first message of an upload must be the header")
+        h = first.header
+        header = SubmissionHeader(
+            version=h.version,
+            request_id=h.request_id,
+            client_id=h.client_id,
+            update_kind=int(h.update_kind),
+            after_commitments=_commitments(h.after_commitments),
+            proof_sizes=tuple(int(s) for s in h.proof_sizes),
+            total_bytes=int(h.total_bytes),
+            sha256=h.sha256,
+            auth=_auth(h.auth),
+        )
+
+        def chunks() -> Iterator[bytes]:
+            for msg in request_iterator:
+                if msg.WhichOneof("part") != "data":
+                    raise InvalidInputError("only data chunks may follow the header")
+                yield bytes(msg.data)
+
+        sub = self.service.submit(header, chunks())
+        if sub.verdict == VERDICT_PENDING:
+            remaining = context.time_remaining()
+            budget = (
+                self.submit_wait_s
+                if remaining is None
+                else min(self.submit_wait_s, max(0.0, remaining - 1.0))
+            )
+            sub = self.service.wait(sub.submission_id, budget)
+        view = self.service.view(sub)
+        return pb.SubmitProofResponse(
+            version=1,
+            submission_id=sub.submission_id,
+            verdict=pb.Verdict.ValueType(sub.verdict),
+            reason=sub.reason,
+            receipt=_receipt_pb(view),
+        )
+
+    @_unary
+    def GetReceipt(
+        self, request: pb.GetReceiptRequest, context: grpc.ServicerContext
+    ) -> pb.GetReceiptResponse:
+        view = self.service.receipt(request.request_id, request.client_id)
+        return pb.GetReceiptResponse(
+            verdict=pb.Verdict.ValueType(view.verdict), reason=view.reason, receipt=_receipt_pb(view)
+        )
+
+    @_unary
+    def GetTreeHead(self, request: pb.GetTreeHeadRequest, context: grpc.ServicerContext) -> pb.SignedTreeHead:
+        head = self.service.tree_head()
+        return pb.SignedTreeHead(version=1, canonical=head.canonical, signature=head.signature)
+
+    @_unary
+    def GetInclusionProof(
+        self, request: pb.InclusionProofRequest, context: grpc.ServicerContext
+    ) -> pb.AuditPath:
+        return pb.AuditPath(
+            hashes=self.service.inclusion_proof(int(request.leaf_index), int(request.tree_size))
+        )
+
+    @_unary
+    def GetConsistencyProof(
+        self, request: pb.ConsistencyProofRequest, context: grpc.ServicerContext
+    ) -> pb.AuditPath:
+        return pb.AuditPath(
+            hashes=self.service.consistency_proof(int(request.first_size), int(request.second_size))
+        )

@@ -1,0 +1,380 @@
+"""The provider's protocol logic without a network: enrollment, per-RPC auth, requests, submissions."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from zkunlearn.circuits.mask import Mask
+from zkunlearn.proofs.statements import (
+    DOMAIN_ENROLLMENT,
+    DOMAIN_RECEIPT,
+    DOMAIN_RPC_AUTH,
+    StatementSigner,
+    check_tree_head,
+)
+from zkunlearn.proofs.transparency import leaf_hash, verify_consistency, verify_inclusion
+from zkunlearn.provider.service import (
+    AlreadyExistsError,
+    AuthInput,
+    CommitmentRef,
+    EnrollmentInput,
+    FailedPreconditionError,
+    InvalidInputError,
+    NotFoundServiceError,
+    PermissionDeniedError,
+    ProviderService,
+    ResourceExhaustedError,
+    ServiceConfig,
+    SubmissionHeader,
+    TensorData,
+    UnauthenticatedError,
+)
+from zkunlearn.provider.state import (
+    VERDICT_ACCEPTED,
+    VERDICT_REJECTED,
+    InMemoryState,
+    ProviderState,
+    SqlState,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.fakes import BLOCKS, FakeVerifier, _transcript, after_for
+
+BEFORE = [CommitmentRef("theta", 0, "ab" * 32), CommitmentRef("gradient_factor", 0, "cd" * 32)]
+
+
+def mask() -> Mask:
+    dense = np.zeros((4, 8), dtype=bool)
+    dense[1, 2] = dense[3, 7] = True
+    return Mask.from_dense({"fc1": dense}, block_size=16)
+
+
+class Device:
+    """What a client does, written against the service API directly."""
+
+    def __init__(self, service: ProviderService, client_id: str = "dev-1", kind: int = 1) -> None:
+        self.service = service
+        self.client_id = client_id
+        self.kind = kind
+        self.signer = StatementSigner.generate()
+
+    def enrollment(self, **change: Any) -> EnrollmentInput:
+        fields: dict[str, Any] = {
+            "client_id": self.client_id,
+            "public_key": self.signer.public_bytes().hex(),
+            "model_id": "m1",
+            "layers": ["fc1"],
+            "update_kind": self.kind,
+            "commitments": [c.to_json() for c in BEFORE],
+        }
+        st = self.signer.sign(DOMAIN_ENROLLMENT, fields)
+        values: dict[str, Any] = {
+            "version": 1,
+            "client_id": self.client_id,
+            "public_key": self.signer.public_bytes(),
+            "model_id": "m1",
+            "layers": ("fc1",),
+            "update_kind": self.kind,
+            "commitments": tuple(BEFORE),
+            "canonical": st.canonical,
+            "signature": st.signature,
+        }
+        values.update(change)
+        return EnrollmentInput(**values)
+
+    def enroll(self) -> None:
+        self.service.enroll(self.enrollment())
+
+    def auth(
+        self, rpc: str, fields: dict[str, Any], signer: StatementSigner | None = None, as_id: str = ""
+    ) -> AuthInput:
+        nonce, _ = self.service.challenge(self.client_id)
+        claimed = as_id or self.client_id
+        st = (signer or self.signer).sign(
+            DOMAIN_RPC_AUTH, {"client_id": claimed, "rpc": rpc, "nonce": nonce.hex(), **fields}
+        )
+        return AuthInput(claimed, nonce, st.canonical, st.signature)
+
+    def proof(self, request_id: str, tamper: bool = False) -> tuple[list[CommitmentRef], list[bytes]]:
+        req = self.service.state.get_request(request_id)
+        assert req is not None
+        client = self.service.state.get_client(self.client_id)
+        assert client is not None
+        import json
+
+        before = json.loads(client.current_commitments)
+        after = after_for(before, request_id)
+        proofs = [_transcript(req.canonical, req.mask, before, after, i) for i in range(BLOCKS)]
+        if tamper:
+            proofs[1] = proofs[1][::-1]
+        return [CommitmentRef(**c) for c in after], proofs
+
+    def header(
+        self, request_id: str, after: list[CommitmentRef], proofs: list[bytes], **change: Any
+    ) -> SubmissionHeader:
+        blob = b"".join(proofs)
+        fields = {
+            "request_id": request_id,
+            "update_kind": self.kind,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "total_bytes": len(blob),
+            "proof_sizes": [len(p) for p in proofs],
+            "after_commitments": [c.to_json() for c in after],
+        }
+        auth = change.pop("auth", None) or self.auth("SubmitProof", fields)
+        values: dict[str, Any] = {
+            "version": 1,
+            "request_id": request_id,
+            "client_id": self.client_id,
+            "update_kind": self.kind,
+            "after_commitments": tuple(after),
+            "proof_sizes": tuple(len(p) for p in proofs),
+            "total_bytes": len(blob),
+            "sha256": fields["sha256"],
+            "auth": auth,
+        }
+        values.update(change)
+        return SubmissionHeader(**values)
+
+    def submit(self, request_id: str, tamper: bool = False) -> Any:
+        after, proofs = self.proof(request_id, tamper)
+        sub = self.service.submit(self.header(request_id, after, proofs), iter([b"".join(proofs)]))
+        return self.service.wait(sub.submission_id, 10)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProviderState]:
+    st: ProviderState = InMemoryState() if request.param == "memory" else SqlState.sqlite(tmp_path / "p.db")
+    yield st
+
+
+@pytest.fixture
+def service(state: ProviderState) -> Iterator[ProviderService]:
+    svc = ProviderService(
+        state,
+        StatementSigner.generate(),
+        FakeVerifier(),
+        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096),
+    )
+    yield svc
+    svc.close()
+
+
+def test_full_cycle_gives_a_signed_receipt_in_a_verifiable_log(service: ProviderService) -> None:
+    dev = Device(service)
+    dev.enroll()
+    r1 = service.create_request(dev.client_id, mask())
+    done = dev.submit(r1.request_id)
+    assert done.verdict == VERDICT_ACCEPTED
+    view = service.receipt(r1.request_id, dev.client_id)
+    assert view.leaf is not None
+    payload = service.signer.verifier().verify((view.leaf.canonical, view.leaf.signature), DOMAIN_RECEIPT)
+    assert payload["verdict"] == "accepted"
+    assert payload["before_commitments"] == [c.to_json() for c in BEFORE]
+    head1 = check_tree_head(
+        service.signer.verifier(), (service.tree_head().canonical, service.tree_head().signature)
+    )
+    # Second request starts from the first one's after-commitments.
+    r2 = service.create_request(dev.client_id, mask())
+    assert dev.submit(r2.request_id).verdict == VERDICT_ACCEPTED
+    th = service.tree_head()
+    head2 = check_tree_head(service.signer.verifier(), (th.canonical, th.signature))
+    assert head2.size == 2
+    verify_consistency(1, 2, head1.root, head2.root, service.consistency_proof(1, 2))
+    leaf = service.receipt(r2.request_id, dev.client_id).leaf
+    assert leaf is not None
+    verify_inclusion(
+        leaf_hash(leaf.canonical), leaf.index, 2, service.inclusion_proof(leaf.index, 2), head2.root
+    )
+
+
+def test_tampered_proof_is_rejected_with_a_receipt_and_a_retry_can_succeed(service: ProviderService) -> None:
+    dev = Device(service)
+    dev.enroll()
+    r = service.create_request(dev.client_id, mask())
+    bad = dev.submit(r.request_id, tamper=True)
+    assert bad.verdict == VERDICT_REJECTED
+    assert "block 1" in bad.reason
+    client = service.state.get_client(dev.client_id)
+    assert client is not None
+    assert client.current_commitments == client.enrolled_commitments
+    assert dev.submit(r.request_id).verdict == VERDICT_ACCEPTED
+    assert service.ledger.size == 2
+
+
+def test_identical_resubmission_is_idempotent_and_a_different_one_is_refused(
+    service: ProviderService,
+) -> None:
+    dev = Device(service)
+    dev.enroll()
+    r = service.create_request(dev.client_id, mask())
+    after, proofs = dev.proof(r.request_id)
+    first = service.wait(
+        service.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)])).submission_id, 10
+    )
+    assert first.verdict == VERDICT_ACCEPTED
+    # Same content under a fresh nonce (a client retrying after a lost response): the same submission.
+    again = service.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+    assert again.submission_id == first.submission_id
+    assert again.leaf_index == first.leaf_index
+    assert service.ledger.size == 1
+    # A different answer to an already answered request is refused.
+    other = [p[::-1] for p in proofs]
+    with pytest.raises(AlreadyExistsError, match="already answered"):
+        service.submit(dev.header(r.request_id, after, other), iter([b"".join(other)]))
+
+
+def test_replayed_auth_nonce_is_refused(service: ProviderService) -> None:
+    dev = Device(service)
+    dev.enroll()
+    r = service.create_request(dev.client_id, mask())
+    after, proofs = dev.proof(r.request_id)
+    header = dev.header(r.request_id, after, proofs)
+    service.submit(header, iter([b"".join(proofs)]))
+    with pytest.raises(UnauthenticatedError, match="already used"):
+        service.submit(header, iter([b"".join(proofs)]))
+
+
+def test_auth_with_wrong_key_or_other_clients_id_is_refused(service: ProviderService) -> None:
+    alice, mallory = Device(service, "alice"), Device(service, "mallory")
+    alice.enroll()
+    mallory.enroll()
+    r = service.create_request("alice", mask())
+    fields = {"after_cursor": 0}
+    client = service.authenticate(alice.auth("WatchRequests", fields), "WatchRequests", fields)
+    assert client.client_id == "alice"
+    with pytest.raises(UnauthenticatedError, match="enrolled for .alice"):
+        service.authenticate(
+            alice.auth("WatchRequests", fields, signer=mallory.signer), "WatchRequests", fields
+        )
+    # Mallory signs as herself but presents Alice's nonce under Alice's name: the signature is Mallory's.
+    nonce, _ = service.challenge("alice")
+    st = mallory.signer.sign(
+        DOMAIN_RPC_AUTH, {"client_id": "alice", "rpc": "WatchRequests", "nonce": nonce.hex(), **fields}
+    )
+    with pytest.raises(UnauthenticatedError):
+        service.authenticate(AuthInput("alice", nonce, st.canonical, st.signature), "WatchRequests", fields)
+    # Mallory authenticates as herself and submits for Alice's request.
+    after, proofs = mallory.proof(r.request_id)
+    with pytest.raises(PermissionDeniedError, match="another client"):
+        service.submit(mallory.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+    # Auth for one RPC cannot be used on another, nor with other call fields.
+    with pytest.raises(PermissionDeniedError, match="not 'PollRequests'"):
+        service.authenticate(alice.auth("WatchRequests", fields), "PollRequests", fields)
+    with pytest.raises(PermissionDeniedError, match="after_cursor"):
+        service.authenticate(alice.auth("WatchRequests", fields), "WatchRequests", {"after_cursor": 5})
+
+
+def test_expired_request_cannot_be_answered(service: ProviderService) -> None:
+    dev = Device(service)
+    dev.enroll()
+    r = service.create_request(dev.client_id, mask(), ttl_s=-1)
+    after, proofs = dev.proof(r.request_id)
+    with pytest.raises(FailedPreconditionError, match="expired"):
+        service.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+
+
+def test_upload_limits_and_integrity(service: ProviderService) -> None:
+    dev = Device(service)
+    dev.enroll()
+    r = service.create_request(dev.client_id, mask())
+    after, proofs = dev.proof(r.request_id)
+    blob = b"".join(proofs)
+    with pytest.raises(InvalidInputError, match="truncated"):
+        service.submit(dev.header(r.request_id, after, proofs), iter([blob[:10]]))
+    with pytest.raises(InvalidInputError, match="longer than"):
+        service.submit(dev.header(r.request_id, after, proofs), iter([blob, b"x"]))
+    with pytest.raises(InvalidInputError, match="sha256"):
+        service.submit(dev.header(r.request_id, after, proofs), iter([bytes(len(blob))]))
+    big = [b"x" * 5000]
+    with pytest.raises(ResourceExhaustedError, match="exceeds the limit"):
+        service.submit(dev.header(r.request_id, after, big), iter(big))
+    with pytest.raises(InvalidInputError, match="sum to total_bytes"):
+        service.submit(dev.header(r.request_id, after, proofs, proof_sizes=(1, 2)), iter([blob]))
+    with pytest.raises(NotFoundServiceError, match="unknown request"):
+        service.submit(dev.header("nope", after, proofs), iter([blob]))
+    with pytest.raises(InvalidInputError, match="point must be lower-case hex"):
+        service.submit(
+            dev.header(r.request_id, [CommitmentRef("theta_after", 0, "XYZ")], proofs), iter([blob])
+        )
+    assert service.state.submissions_for(r.request_id) == []
+    assert dev.submit(r.request_id).verdict == VERDICT_ACCEPTED
+
+
+def test_enrollment_checks(service: ProviderService) -> None:
+    dev = Device(service)
+    with pytest.raises(InvalidInputError, match="does not match"):
+        service.enroll(dev.enrollment(model_id="m1", layers=("fc2",)))
+    with pytest.raises(NotFoundServiceError, match="unknown model"):
+        service.enroll(dev.enrollment(model_id="other"))
+    with pytest.raises(InvalidInputError, match="32 raw Ed25519 bytes"):
+        service.enroll(dev.enrollment(public_key=b"short"))
+    with pytest.raises(InvalidInputError, match="enrollment"):
+        service.enroll(dev.enrollment(signature=bytes(64)))
+    with pytest.raises(InvalidInputError, match="enrollment"):
+        service.enroll(dev.enrollment(canonical=b"garbage"))
+    dev.enroll()
+    dev.enroll()  # idempotent
+    thief = Device(service, dev.client_id)
+    with pytest.raises(AlreadyExistsError, match="already enrolled"):
+        thief.enroll()
+    with pytest.raises(NotFoundServiceError, match="enroll first"):
+        service.challenge("stranger")
+
+
+def test_analytic_request_carries_forget_data(service: ProviderService) -> None:
+    dev = Device(service, "an-1", kind=2)
+    dev.enroll()
+    with pytest.raises(InvalidInputError, match="needs the forget"):
+        service.create_request(dev.client_id, mask())
+    x = np.arange(6, dtype="<f8").reshape(2, 3)
+    y = np.ones((2, 1), dtype="<f8")
+    with pytest.raises(InvalidInputError, match="needs 48 bytes"):
+        service.create_request(
+            dev.client_id,
+            mask(),
+            forget_features=TensorData((2, 3), b"x"),
+            forget_labels=TensorData((2, 1), y.tobytes()),
+        )
+    r = service.create_request(
+        dev.client_id,
+        mask(),
+        forget_features=TensorData((2, 3), x.tobytes()),
+        forget_labels=TensorData((2, 1), y.tobytes()),
+    )
+    delivered = service.requests_after(service.state.get_client("an-1"), 0, 10)  # type: ignore[arg-type]
+    assert delivered[0].forget_features == TensorData((2, 3), x.tobytes())
+    assert dev.submit(r.request_id).verdict == VERDICT_ACCEPTED
+
+
+def test_pending_submission_is_verified_after_a_restart(tmp_path: Path) -> None:
+    signer = StatementSigner.generate()
+    first = ProviderService(SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier())
+    dev = Device(first)
+    dev.enroll()
+    r = first.create_request(dev.client_id, mask())
+    after, proofs = dev.proof(r.request_id)
+    first._pool.shutdown()  # the verification worker never runs: simulates dying right after the upload
+    first._pool = _NeverRuns()  # type: ignore[assignment]
+    sub = first.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+    first.state.close()
+    second = ProviderService(SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier())
+    assert second.recover() == 1
+    assert second.wait(sub.submission_id, 10).verdict == VERDICT_ACCEPTED
+    second.close()
+
+
+class _NeverRuns:
+    def submit(self, *_: Any, **__: Any) -> Any:
+        import concurrent.futures
+
+        return concurrent.futures.Future()
+
+    def shutdown(self, **_: Any) -> None:
+        return None
