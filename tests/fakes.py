@@ -74,6 +74,9 @@ class FakeVerifier:
             Path(self.marker).write_text(job.request_id)
         if self.delay_s:
             time.sleep(self.delay_s)
+        slow = os.environ.get("ZKU_FAKE_VERIFY_SLOW_FILE", "")
+        if slow and Path(slow).exists():
+            time.sleep(60)  # the test SIGKILLs the provider during this sleep
         before = [c.to_json() for c in job.before_commitments]
         after = [c.to_json() for c in job.after_commitments]
         if after != after_for(before, job.request_id):

@@ -1,0 +1,608 @@
+"""The deletion workflow over real gRPC on loopback: happy paths, attacks, restarts and a SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from zkunlearn.circuits.mask import Mask
+from zkunlearn.client.sdk import Commitment, EdgeClient
+from zkunlearn.client.store import ClientStore
+from zkunlearn.client.transport import ChannelConfig, Transport
+from zkunlearn.proofs.statements import DOMAIN_DELETION_REQUEST, DOMAIN_RPC_AUTH, StatementSigner
+from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server, load_signer
+from zkunlearn.provider.service import ProviderService, TensorData
+from zkunlearn.provider.state import SqlState
+from zkunlearn.v1 import provider_pb2 as pb
+from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.fakes import FakeProver, FakeVerifier  # noqa: E402
+
+pytestmark = pytest.mark.grpc
+BEFORE = [Commitment("theta", 0, "ab" * 32), Commitment("gradient_factor", 0, "cd" * 32)]
+
+
+def mask() -> Mask:
+    dense = np.zeros((4, 8), dtype=bool)
+    dense[0, 1] = dense[2, 5] = True
+    return Mask.from_dense({"fc1": dense}, block_size=16)
+
+
+def start(tmp: Path, port: int = 0, **config: Any) -> ProviderServer:
+    cfg = ProviderConfig.load(
+        None,
+        {
+            "listen": f"127.0.0.1:{port}",
+            "state": str(tmp / "provider.db"),
+            "key_file": str(tmp / "provider.key"),
+            "submit_wait_s": 10.0,
+            "watch_poll_s": 0.2,
+            "grace_s": 0.5,
+            "limits.max_message_bytes": 2 * 1024 * 1024,
+            "limits.max_proof_bytes": 1024 * 1024,
+            **config,
+        },
+    )
+    return build_server(cfg, verifier=FakeVerifier())
+
+
+def channel(port: int) -> ChannelConfig:
+    return ChannelConfig(f"127.0.0.1:{port}", call_timeout_s=15.0, retry_attempts=30, retry_max_s=0.5)
+
+
+def edge(tmp: Path, port: int, name: str = "c", prover: FakeProver | None = None, **kw: Any) -> EdgeClient:
+    return EdgeClient(channel(port), ClientStore(tmp / f"{name}.db"), prover or FakeProver(), **kw)
+
+
+@pytest.fixture
+def provider(tmp_path: Path) -> Iterator[ProviderServer]:
+    server = start(tmp_path)
+    yield server
+    server.stop(0)
+
+
+def enroll(client: EdgeClient, client_id: str = "dev-1", kind: int = 1) -> None:
+    client.enroll(client_id, "m1", ["fc1"], kind, BEFORE)
+
+
+@pytest.mark.parametrize("kind", [1, 2])
+def test_enroll_request_apply_submit_receipt_over_grpc(
+    provider: ProviderServer, tmp_path: Path, kind: int
+) -> None:
+    prover = FakeProver()
+    client = edge(tmp_path, provider.port, prover=prover)
+    enroll(client, kind=kind)
+    extra: dict[str, Any] = {}
+    if kind == 2:
+        x = np.random.default_rng(0).normal(size=(3, 5))
+        extra = {
+            "forget_features": TensorData((3, 5), x.astype("<f8").tobytes()),
+            "forget_labels": TensorData((3, 2), np.zeros((3, 2), "<f8").tobytes()),
+        }
+    r1 = provider.service.create_request("dev-1", mask(), **extra)
+    outcomes = client.poll()
+    assert [(o.request_id, o.status) for o in outcomes] == [(r1.request_id, "accepted")]
+    # The watch stream delivers the next one.
+    r2 = provider.service.create_request("dev-1", mask(), **extra)
+    watched = client.watch(max_requests=1)
+    assert [(o.request_id, o.status) for o in watched] == [(r2.request_id, "accepted")]
+    assert prover.calls == [r1.request_id, r2.request_id]
+    assert [r.leaf_index for r in client.store.receipts()] == [0, 1]
+    assert client.commitments != BEFORE  # advanced to the accepted after-commitments
+    assert client.verify_log() == 2
+    # Nothing is proved twice: re-polling from the start skips applied requests.
+    assert {o.status for o in client.poll_all(from_cursor=0)} == {"skipped"}
+    assert len(prover.calls) == 2
+    client.close()
+
+
+def test_client_refuses_forged_and_expired_requests(provider: ProviderServer, tmp_path: Path) -> None:
+    prover = FakeProver()
+    client = edge(tmp_path, provider.port, prover=prover)
+    enroll(client)
+    real = provider.service.create_request("dev-1", mask())
+    msg = client.transport.stub.PollRequests(
+        pb.PollRequest(auth=client.auth("PollRequests", {"after_cursor": 0, "max_items": 1}), max_items=1)
+    ).requests[0]
+    bad_sig = pb.SignedDeletionRequest()
+    bad_sig.CopyFrom(msg)
+    bad_sig.signature = bytes(64)
+    assert client.process(bad_sig).status == "refused"
+    other_mask = pb.SignedDeletionRequest()
+    other_mask.CopyFrom(msg)
+    dense = np.ones((4, 8), dtype=bool)
+    other_mask.mask = Mask.from_dense({"fc1": dense}, 16).to_bytes()
+    out = client.process(other_mask)
+    assert out.status == "refused"
+    assert "mask" in out.reason
+    garbage_mask = pb.SignedDeletionRequest()
+    garbage_mask.CopyFrom(msg)
+    garbage_mask.mask = b"\xff" * 40
+    assert client.process(garbage_mask).status == "refused"
+    # A well-formed request signed by someone else's key.
+    impostor = StatementSigner.generate()
+    st = impostor.sign(DOMAIN_DELETION_REQUEST, {"request_id": "evil", "client_id": "dev-1"})
+    forged = pb.SignedDeletionRequest(
+        request_id="evil", canonical=st.canonical, signature=st.signature, cursor=1
+    )
+    assert "signature refused" in client.process(forged).reason
+    assert prover.calls == []
+    expired = provider.service.create_request("dev-1", mask(), ttl_s=-1)
+    client.store.put("cursor", b"1")
+    out = client.poll()[0]
+    assert out.request_id == expired.request_id
+    assert out.status == "refused"
+    assert "expired" in out.reason
+    assert prover.calls == []
+    # The real request is still answered correctly.
+    client.store.put("cursor", b"0")
+    assert client.poll()[0].status == "accepted"
+    assert prover.calls == [real.request_id]
+    client.close()
+
+
+def _submission(client: EdgeClient, provider: ProviderServer, request_id: str) -> tuple[pb.ProofChunk, bytes]:
+    """A hand-built SubmitProof header + payload, as the SDK would send it."""
+    msg = client.transport.stub.PollRequests(
+        pb.PollRequest(auth=client.auth("PollRequests", {"after_cursor": 0, "max_items": 10}), max_items=10)
+    ).requests
+    req = client.verify_request(next(m for m in msg if m.request_id == request_id))
+    result = FakeProver().prove(req)
+    blob = b"".join(result.proofs)
+    fields = {
+        "request_id": request_id,
+        "update_kind": 1,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "total_bytes": len(blob),
+        "proof_sizes": [len(p) for p in result.proofs],
+        "after_commitments": [c.to_json() for c in result.after_commitments],
+    }
+    header = pb.ProofHeader(
+        version=1,
+        request_id=request_id,
+        client_id=client.client_id,
+        update_kind=pb.UPDATE_KIND_GROUP_OBS,
+        after_commitments=[c.to_pb() for c in result.after_commitments],
+        proof_count=len(result.proofs),
+        total_bytes=len(blob),
+        sha256=fields["sha256"],
+        auth=client.auth("SubmitProof", fields),
+        proof_sizes=fields["proof_sizes"],
+    )
+    return pb.ProofChunk(header=header), blob
+
+
+def test_replayed_submission_is_refused_and_identical_resubmission_is_idempotent(
+    provider: ProviderServer, tmp_path: Path
+) -> None:
+    client = edge(tmp_path, provider.port)
+    enroll(client)
+    r = provider.service.create_request("dev-1", mask())
+    head, blob = _submission(client, provider, r.request_id)
+    stub = client.transport.stub
+    first = stub.SubmitProof(iter([head, pb.ProofChunk(data=blob)]), timeout=10)
+    assert first.verdict == pb.VERDICT_ACCEPTED
+    # A captured upload replayed byte for byte: its nonce is spent.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SubmitProof(iter([head, pb.ProofChunk(data=blob)]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "already used" in (err.value.details() or "")
+    # The client retrying the same content with a fresh nonce gets the same receipt.
+    head2, blob2 = _submission(client, provider, r.request_id)
+    again = stub.SubmitProof(iter([head2, pb.ProofChunk(data=blob2)]), timeout=10)
+    assert again.submission_id == first.submission_id
+    assert again.receipt.canonical == first.receipt.canonical
+    assert provider.service.ledger.size == 1
+    client.close()
+
+
+def test_rpc_auth_refuses_reused_nonce_wrong_key_and_other_clients_id(
+    provider: ProviderServer, tmp_path: Path
+) -> None:
+    alice = edge(tmp_path, provider.port, "alice")
+    mallory = edge(tmp_path, provider.port, "mallory")
+    enroll(alice, "alice")
+    enroll(mallory, "mallory")
+    r = provider.service.create_request("alice", mask())
+    stub = alice.transport.stub
+    auth = alice.auth("PollRequests", {"after_cursor": 0, "max_items": 5})
+    assert len(stub.PollRequests(pb.PollRequest(auth=auth, max_items=5)).requests) == 1
+    cases: list[tuple[str, pb.ClientAuth, grpc.StatusCode]] = [
+        ("reused nonce", auth, grpc.StatusCode.UNAUTHENTICATED)
+    ]
+    # Wrong key: Alice's id and nonce, Mallory's signature.
+    challenge = stub.Challenge(pb.ChallengeRequest(client_id="alice"))
+    st = mallory._signer().sign(
+        DOMAIN_RPC_AUTH,
+        {
+            "client_id": "alice",
+            "rpc": "PollRequests",
+            "nonce": challenge.nonce.hex(),
+            "after_cursor": 0,
+            "max_items": 5,
+        },
+    )
+    cases.append(
+        (
+            "wrong key",
+            pb.ClientAuth(
+                client_id="alice", nonce=challenge.nonce, signature=st.signature, canonical=st.canonical
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+    )
+    # Mallory's valid auth, but signed for Alice's id while presented as Mallory's.
+    challenge = stub.Challenge(pb.ChallengeRequest(client_id="mallory"))
+    st = mallory._signer().sign(
+        DOMAIN_RPC_AUTH,
+        {
+            "client_id": "alice",
+            "rpc": "PollRequests",
+            "nonce": challenge.nonce.hex(),
+            "after_cursor": 0,
+            "max_items": 5,
+        },
+    )
+    cases.append(
+        (
+            "other client's id",
+            pb.ClientAuth(
+                client_id="mallory", nonce=challenge.nonce, signature=st.signature, canonical=st.canonical
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+    )
+    for what, bad, code in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PollRequests(pb.PollRequest(auth=bad, max_items=5))
+        assert err.value.code() == code, what
+    # Mallory, correctly authenticated as herself, answering Alice's request.
+    head, blob = _submission(alice, provider, r.request_id)
+    fields = {
+        "request_id": r.request_id,
+        "update_kind": 1,
+        "sha256": head.header.sha256,
+        "total_bytes": head.header.total_bytes,
+        "proof_sizes": list(head.header.proof_sizes),
+        "after_commitments": [
+            Commitment(c.name, c.block, c.point_hex).to_json() for c in head.header.after_commitments
+        ],
+    }
+    head.header.client_id = "mallory"
+    head.header.auth.CopyFrom(mallory.auth("SubmitProof", fields))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SubmitProof(iter([head, pb.ProofChunk(data=blob)]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "another client" in (err.value.details() or "")
+    alice.close()
+    mallory.close()
+
+
+def test_bad_input_on_every_rpc_gets_a_status_and_the_server_stays_up(
+    provider: ProviderServer, tmp_path: Path
+) -> None:
+    client = edge(tmp_path, provider.port)
+    enroll(client)
+    r = provider.service.create_request("dev-1", mask())
+    stub = client.transport.stub
+    head, blob = _submission(client, provider, r.request_id)
+    junk_auth = pb.ClientAuth(
+        client_id="dev-1", nonce=b"\x00" * 3, signature=b"\x01" * 7, canonical=b"\xff\xfe garbage"
+    )
+    calls: list[tuple[str, Any, set[grpc.StatusCode]]] = [
+        (
+            "Challenge empty",
+            lambda: stub.Challenge(pb.ChallengeRequest()),
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+        (
+            "Challenge huge id",
+            lambda: stub.Challenge(pb.ChallengeRequest(client_id="x" * 5000)),
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+        (
+            "Challenge unknown",
+            lambda: stub.Challenge(pb.ChallengeRequest(client_id="ghost")),
+            {grpc.StatusCode.NOT_FOUND},
+        ),
+        (
+            "Enroll garbage",
+            lambda: stub.Enroll(
+                pb.EnrollRequest(
+                    version=1,
+                    client_id="z",
+                    public_key=b"\x00" * 32,
+                    model_id="m",
+                    layers=["a"],
+                    update_kind=1,
+                    canonical=b"\x00junk",
+                    proof_of_possession=b"1",
+                )
+            ),
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+        (
+            "Enroll bad key",
+            lambda: stub.Enroll(pb.EnrollRequest(version=1, client_id="z", public_key=b"\x01")),
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+        (
+            "Enroll kind 99",
+            lambda: stub.Enroll(
+                pb.EnrollRequest(
+                    version=1, client_id="z", public_key=bytes(32), model_id="m", layers=["a"], update_kind=99
+                )
+            ),  # type: ignore[arg-type]
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+        (
+            "GetArtifact unknown",
+            lambda: list(stub.GetArtifact(pb.GetArtifactRequest(circuit_id="c", artifact="vk"))),
+            {grpc.StatusCode.NOT_FOUND},
+        ),
+        (
+            "Watch no auth",
+            lambda: list(stub.WatchRequests(pb.WatchRequest(), timeout=5)),
+            {grpc.StatusCode.UNAUTHENTICATED},
+        ),
+        (
+            "Watch junk auth",
+            lambda: list(stub.WatchRequests(pb.WatchRequest(auth=junk_auth), timeout=5)),
+            {grpc.StatusCode.UNAUTHENTICATED},
+        ),
+        (
+            "Poll junk auth",
+            lambda: stub.PollRequests(pb.PollRequest(auth=junk_auth)),
+            {grpc.StatusCode.UNAUTHENTICATED},
+        ),
+        ("Submit empty stream", lambda: stub.SubmitProof(iter([])), {grpc.StatusCode.INVALID_ARGUMENT}),
+        (
+            "Submit data first",
+            lambda: stub.SubmitProof(iter([pb.ProofChunk(data=b"x")])),
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+        (
+            "Submit truncated",
+            lambda: stub.SubmitProof(iter([head, pb.ProofChunk(data=blob[:5])])),
+            {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED},
+        ),
+        (
+            "Submit two headers",
+            lambda: stub.SubmitProof(iter([head, head])),
+            {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED},
+        ),
+        (
+            "Submit oversized chunk",
+            lambda: stub.SubmitProof(iter([head, pb.ProofChunk(data=b"x" * (3 * 1024 * 1024))])),
+            {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED},
+        ),
+        (
+            "Submit junk header",
+            lambda: stub.SubmitProof(
+                iter(
+                    [
+                        pb.ProofChunk(
+                            header=pb.ProofHeader(
+                                version=1,
+                                request_id="r",
+                                total_bytes=10**12,
+                                proof_sizes=[10**12],
+                                sha256="zz",
+                                auth=junk_auth,
+                            )
+                        )
+                    ]
+                )
+            ),
+            {grpc.StatusCode.RESOURCE_EXHAUSTED},
+        ),
+        (
+            "Receipt unknown",
+            lambda: stub.GetReceipt(pb.GetReceiptRequest(request_id="nope")),
+            {grpc.StatusCode.NOT_FOUND},
+        ),
+        (
+            "Receipt bad id",
+            lambda: stub.GetReceipt(pb.GetReceiptRequest(request_id="../etc\x00")),
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+        (
+            "Inclusion out of range",
+            lambda: stub.GetInclusionProof(pb.InclusionProofRequest(leaf_index=9, tree_size=99)),
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+        (
+            "Consistency reversed",
+            lambda: stub.GetConsistencyProof(pb.ConsistencyProofRequest(first_size=5, second_size=2)),
+            {grpc.StatusCode.INVALID_ARGUMENT},
+        ),
+    ]
+    for what, call, codes in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() in codes, f"{what}: {err.value.code()} {err.value.details()}"
+        assert err.value.details(), what
+        assert "Traceback" not in (err.value.details() or ""), what
+    # Raw garbage that is not even a protobuf message.
+    raw = grpc.insecure_channel(f"127.0.0.1:{provider.port}")
+    for method in ("GetInfo", "Enroll", "PollRequests", "GetReceipt"):
+        fn = raw.unary_unary(
+            f"/zkunlearn.v1.Provider/{method}", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            fn(b"\xff\xff\xff\xff\x0f garbage", timeout=5)
+        assert err.value.code() != grpc.StatusCode.UNAVAILABLE
+    raw.close()
+    # Still serving, and a valid call succeeds.
+    assert stub.GetInfo(pb.GetInfoRequest()).protocol_version == 1
+    assert client.poll()[0].status == "accepted"
+    client.close()
+
+
+def test_health_and_reflection_are_served(provider: ProviderServer) -> None:
+    ch = grpc.insecure_channel(f"127.0.0.1:{provider.port}")
+    health = health_pb2_grpc.HealthStub(ch)
+    resp = health.Check(health_pb2.HealthCheckRequest(service="zkunlearn.v1.Provider"), timeout=5)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    answers = list(
+        refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    )
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert "zkunlearn.v1.Provider" in names
+    provider.health.enter_graceful_shutdown()
+    resp = health.Check(health_pb2.HealthCheckRequest(service="zkunlearn.v1.Provider"), timeout=5)
+    assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    ch.close()
+
+
+def test_client_reconnects_after_provider_restart_and_finishes(tmp_path: Path) -> None:
+    first = start(tmp_path)
+    port = first.port
+    prover = FakeProver()
+    client = edge(tmp_path, port, prover=prover)
+    enroll(client)
+    r1 = first.service.create_request("dev-1", mask())
+    results: list[Any] = []
+    watcher = threading.Thread(
+        target=lambda: results.extend(client.watch(max_requests=2, reconnect_budget_s=30))
+    )
+    watcher.start()
+    deadline = time.monotonic() + 20
+    while client.store.applied(r1.request_id) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.store.applied(r1.request_id) is not None
+    first.stop(0)
+    second = start(tmp_path, port)  # same SQLite file, same key, same port
+    r2 = second.service.create_request("dev-1", mask())
+    watcher.join(30)
+    assert not watcher.is_alive()
+    assert [(o.request_id, o.status) for o in results] == [
+        (r1.request_id, "accepted"),
+        (r2.request_id, "accepted"),
+    ]
+    assert prover.calls == [r1.request_id, r2.request_id]
+    assert client.verify_log() == 2
+    client.close()
+    second.stop(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "ZKU_FAKE_VERIFY_MARKER": str(tmp / "verifying"),
+        "ZKU_FAKE_VERIFY_SLOW_FILE": str(tmp / "slow"),
+    }
+    port_file = tmp / "port"
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zkunlearn.provider.server",
+            "--config",
+            str(tmp / "provider.toml"),
+            "--port-file",
+            str(port_file),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(
+                f"provider did not start: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+        time.sleep(0.05)
+    assert int(port_file.read_text()) == port
+    return proc
+
+
+def test_sigkill_mid_submission_loses_no_receipt_and_the_retry_succeeds(tmp_path: Path) -> None:
+    port = _free_port()
+    (tmp_path / "provider.toml").write_text(
+        f'listen = "127.0.0.1:{port}"\nstate = "{tmp_path / "provider.db"}"\nkey_file = "{tmp_path / "provider.key"}"\n'
+        'verifier = "tests.fakes:make_verifier"\nsubmit_wait_s = 30.0\ngrace_s = 0.5\n'
+    )
+    proc = _spawn(tmp_path, port)
+    # The operator side: another process (this one) writing requests into the same database.
+    operator = ProviderService(
+        SqlState.sqlite(tmp_path / "provider.db"), load_signer(tmp_path / "provider.key"), FakeVerifier()
+    )
+    prover = FakeProver()
+    client = edge(tmp_path, port, prover=prover)
+    try:
+        enroll(client)
+        r1 = operator.create_request("dev-1", mask())
+        assert client.poll()[0].status == "accepted"
+        (tmp_path / "slow").touch()
+        r2 = operator.create_request("dev-1", mask())
+        outcome: list[Any] = []
+        worker = threading.Thread(target=lambda: outcome.extend(client.poll()))
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "verifying").exists() or (tmp_path / "verifying").read_text() != r2.request_id:
+            assert time.monotonic() < deadline, "verification of r2 never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)  # mid-verification: SubmitProof is still waiting for the verdict
+        proc.wait(10)
+        (tmp_path / "slow").unlink()
+        proc = _spawn(tmp_path, port)
+        worker.join(60)
+        assert not worker.is_alive()
+        assert [(o.request_id, o.status) for o in outcome] == [(r2.request_id, "accepted")]
+        assert prover.calls == [
+            r1.request_id,
+            r2.request_id,
+        ]  # r2 was not re-proved, its saved proof was resent
+        assert [r.request_id for r in client.store.receipts()] == [r1.request_id, r2.request_id]
+        assert client.verify_log() == 2
+        leaf0 = operator.state.get_leaf(0)
+        assert leaf0 is not None
+        assert leaf0.request_id == r1.request_id
+    finally:
+        client.close()
+        operator.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_transport_config_refuses_half_tls(tmp_path: Path) -> None:
+    from zkunlearn.client.transport import TransportError
+
+    with pytest.raises(TransportError, match="root_certs_file"):
+        Transport(ChannelConfig("127.0.0.1:1", client_cert_file="a.pem", client_key_file="b.pem"))
+    with pytest.raises(TransportError, match="cannot read"):
+        Transport(ChannelConfig("127.0.0.1:1", root_certs_file=str(tmp_path / "missing.pem")))
+    assert replace(ChannelConfig("x"), target="y").target == "y"
+    _ = pb_grpc  # the generated stub module is what the SDK uses
