@@ -145,7 +145,8 @@ class ClientStore:
             if row is None or int(row[0]) < cursor:
                 value = str(cursor).encode()
                 cur.execute(
-                    "INSERT INTO meta(key, value) VALUES('cursor', ?) ON CONFLICT(key) DO UPDATE SET value = ?",
+                    "INSERT INTO meta(key, value) VALUES('cursor', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = ?",
                     (value, value),
                 )
 
@@ -159,7 +160,8 @@ class ClientStore:
             ).fetchone()
             if row is None:
                 cur.execute(
-                    "INSERT INTO pending(request_id, cursor, after_commitments, proofs, created_ms) VALUES(?,?,?,?,?)",
+                    "INSERT INTO pending(request_id, cursor, after_commitments, proofs, created_ms) "
+                    "VALUES(?,?,?,?,?)",
                     (
                         update.request_id,
                         update.cursor,
@@ -214,20 +216,23 @@ class ClientStore:
             if row is None or int(row[0]) < record.cursor:
                 value = str(record.cursor).encode()
                 cur.execute(
-                    "INSERT INTO meta(key, value) VALUES('cursor', ?) ON CONFLICT(key) DO UPDATE SET value = ?",
+                    "INSERT INTO meta(key, value) VALUES('cursor', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = ?",
                     (value, value),
                 )
             if new_commitments is not None:
                 value = json.dumps(new_commitments, sort_keys=True, separators=(",", ":")).encode()
                 cur.execute(
-                    "INSERT INTO meta(key, value) VALUES('commitments', ?) ON CONFLICT(key) DO UPDATE SET value = ?",
+                    "INSERT INTO meta(key, value) VALUES('commitments', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = ?",
                     (value, value),
                 )
 
     def applied(self, request_id: str) -> AppliedRecord | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT request_id, cursor, verdict, reason, submission_id, receipt_canonical, receipt_signature, "
+                "SELECT request_id, cursor, verdict, reason, submission_id, receipt_canonical, "
+                "receipt_signature, "
                 "leaf_index FROM applied WHERE request_id = ?",
                 (request_id,),
             ).fetchone()
@@ -236,7 +241,8 @@ class ClientStore:
     def receipts(self) -> list[AppliedRecord]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT request_id, cursor, verdict, reason, submission_id, receipt_canonical, receipt_signature, "
+                "SELECT request_id, cursor, verdict, reason, submission_id, receipt_canonical, "
+                "receipt_signature, "
                 "leaf_index FROM applied ORDER BY cursor"
             ).fetchall()
         return [_applied(r) for r in rows]

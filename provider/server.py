@@ -11,7 +11,7 @@ Example config (every key optional)::
     listen = "127.0.0.1:50551"
     state = "provider.db"               # SQLite path, "memory", or an SQLAlchemy URL
     key_file = "provider.key"           # provider signing key, created (0600) if missing
-    verifier = "zkunlearn.proofs.verifier:make_verifier"   # "module:factory", factory(config) -> ProofVerifier
+    verifier = "zkunlearn.proofs.verifier:make_verifier"   # factory(config) -> ProofVerifier
     model_ids = ["mnist-vit"]
     submit_wait_s = 30.0
     grace_s = 5.0
@@ -113,7 +113,8 @@ class ProviderConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ProviderConfig:
-        return _build(cls, data, "")
+        config: ProviderConfig = _build(cls, data, "")
+        return config
 
     @classmethod
     def load(
@@ -173,7 +174,8 @@ def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
                     value = float(value)
                 else:
                     raise ConfigError(
-                        f"config key {prefix + '.' if prefix else ''}{name} must be {type(default).__name__}, "
+                        f"config key {prefix + '.' if prefix else ''}{name} must be "
+                        f"{type(default).__name__}, "
                         f"got {type(value).__name__}"
                     )
             kwargs[name] = value
@@ -192,7 +194,10 @@ def load_signer(path: str | Path) -> StatementSigner:
 
 
 def load_verifier(spec: str, config: ProviderConfig) -> ProofVerifier:
-    """Import ``module:factory`` and call ``factory(config)``; no default, so nothing is accepted unverified."""
+    """Import ``module:factory`` and call ``factory(config)``.
+
+    There is no default: a provider that silently accepted proofs unverified would be worse than none.
+    """
     if not spec or ":" not in spec:
         raise ConfigError("config key 'verifier' must be 'module:factory' naming a ProofVerifier factory")
     module_name, _, attr = spec.partition(":")

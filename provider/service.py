@@ -204,7 +204,8 @@ class TensorData:
             raise ResourceExhaustedError(f"{what}: {need} bytes exceed the limit of {max_bytes}")
         if len(self.float64_le) != need:
             raise InvalidInputError(
-                f"{what}: shape {list(self.shape)} needs {need} bytes of float64 but {len(self.float64_le)} were sent"
+                f"{what}: shape {list(self.shape)} needs {need} bytes of float64 "
+                f"but {len(self.float64_le)} were sent"
             )
 
     def digest_json(self) -> dict[str, Any]:
@@ -637,7 +638,8 @@ class ProviderService:
         _check_id(header.request_id, "request id")
         if header.total_bytes > self.config.max_proof_bytes:
             raise ResourceExhaustedError(
-                f"declared proof size {header.total_bytes} exceeds the limit of {self.config.max_proof_bytes} bytes"
+                f"declared proof size {header.total_bytes} exceeds the limit of "
+                f"{self.config.max_proof_bytes} bytes"
             )
         if not header.proof_sizes:
             raise InvalidInputError("proof_sizes is empty: a submission carries at least one proof")
@@ -647,7 +649,8 @@ class ProviderService:
             )
         if any(s <= 0 for s in header.proof_sizes) or sum(header.proof_sizes) != header.total_bytes:
             raise InvalidInputError(
-                f"proof sizes must be positive and sum to total_bytes ({sum(header.proof_sizes)} != {header.total_bytes})"
+                "proof sizes must be positive and sum to total_bytes "
+                f"({sum(header.proof_sizes)} != {header.total_bytes})"
             )
         if len(header.sha256) != 64 or any(ch not in "0123456789abcdef" for ch in header.sha256):
             raise InvalidInputError("sha256 must be 64 lower-case hex characters")
@@ -677,7 +680,8 @@ class ProviderService:
             raise PermissionDeniedError(f"request {header.request_id!r} was issued to another client")
         if header.update_kind != client.update_kind:
             raise InvalidInputError(
-                f"update kind {header.update_kind} does not match the client's enrolled kind {client.update_kind}"
+                f"update kind {header.update_kind} does not match the client's "
+                f"enrolled kind {client.update_kind}"
             )
         proof = _receive(chunks, header.total_bytes, header.sha256)
         content = hashlib.sha256(
@@ -755,7 +759,8 @@ class ProviderService:
             return sub
         request = self.state.get_request(sub.request_id)
         client = self.state.get_client(sub.client_id)
-        assert request is not None and client is not None  # foreign keys guarantee both
+        if request is None or client is None:  # foreign keys make this unreachable
+            raise NotFoundError(f"submission {submission_id!r} names a missing request or client")
         before = tuple(commitments_from_json(client.current_commitments))
         after = tuple(commitments_from_json(sub.after_commitments))
         payload = SignedStatement.from_wire(request.canonical, request.signature).payload

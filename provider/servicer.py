@@ -142,7 +142,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
         self.artifacts = artifacts or {}
 
     @_unary
-    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:  # noqa: N802
         info = self.service.info()
         return pb.GetInfoResponse(
             protocol_version=info.protocol_version,
@@ -154,12 +154,12 @@ class ProviderServicer(pb_grpc.ProviderServicer):
         )
 
     @_unary
-    def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeResponse:
+    def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeResponse:  # noqa: N802
         nonce, expires = self.service.challenge(request.client_id)
         return pb.ChallengeResponse(nonce=nonce, expires_unix_ms=expires)
 
     @_unary
-    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:  # noqa: N802
         record = self.service.enroll(
             EnrollmentInput(
                 version=request.version,
@@ -176,7 +176,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
         return pb.EnrollResponse(version=1, client_id=record.client_id, enrolled_unix_ms=record.enrolled_ms)
 
     @_stream
-    def GetArtifact(
+    def GetArtifact(  # noqa: N802
         self, request: pb.GetArtifactRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ArtifactChunk]:
         path = self.artifacts.get(request.circuit_id, {}).get(request.artifact)
@@ -202,7 +202,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
                     return
 
     @_stream
-    def WatchRequests(
+    def WatchRequests(  # noqa: N802
         self, request: pb.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SignedDeletionRequest]:
         client = self.service.authenticate(
@@ -215,7 +215,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
                 cursor = item.record.cursor
 
     @_unary
-    def PollRequests(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollResponse:
+    def PollRequests(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollResponse:  # noqa: N802
         client = self.service.authenticate(
             _auth(request.auth),
             "PollRequests",
@@ -225,7 +225,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
         return pb.PollResponse(requests=[delivered_to_pb(i) for i in items])
 
     @_unary
-    def SubmitProof(
+    def SubmitProof(  # noqa: N802
         self, request_iterator: Iterator[pb.ProofChunk], context: grpc.ServicerContext
     ) -> pb.SubmitProofResponse:
         first = next(request_iterator, None)
@@ -269,7 +269,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
         )
 
     @_unary
-    def GetReceipt(
+    def GetReceipt(  # noqa: N802
         self, request: pb.GetReceiptRequest, context: grpc.ServicerContext
     ) -> pb.GetReceiptResponse:
         view = self.service.receipt(request.request_id, request.client_id)
@@ -278,12 +278,12 @@ class ProviderServicer(pb_grpc.ProviderServicer):
         )
 
     @_unary
-    def GetTreeHead(self, request: pb.GetTreeHeadRequest, context: grpc.ServicerContext) -> pb.SignedTreeHead:
+    def GetTreeHead(self, request: pb.GetTreeHeadRequest, context: grpc.ServicerContext) -> pb.SignedTreeHead:  # noqa: N802
         head = self.service.tree_head()
         return pb.SignedTreeHead(version=1, canonical=head.canonical, signature=head.signature)
 
     @_unary
-    def GetInclusionProof(
+    def GetInclusionProof(  # noqa: N802
         self, request: pb.InclusionProofRequest, context: grpc.ServicerContext
     ) -> pb.AuditPath:
         return pb.AuditPath(
@@ -291,7 +291,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
         )
 
     @_unary
-    def GetConsistencyProof(
+    def GetConsistencyProof(  # noqa: N802
         self, request: pb.ConsistencyProofRequest, context: grpc.ServicerContext
     ) -> pb.AuditPath:
         return pb.AuditPath(

@@ -548,7 +548,8 @@ def _spawn(tmp: Path, port: int) -> subprocess.Popen[bytes]:
 def test_sigkill_mid_submission_loses_no_receipt_and_the_retry_succeeds(tmp_path: Path) -> None:
     port = _free_port()
     (tmp_path / "provider.toml").write_text(
-        f'listen = "127.0.0.1:{port}"\nstate = "{tmp_path / "provider.db"}"\nkey_file = "{tmp_path / "provider.key"}"\n'
+        f'listen = "127.0.0.1:{port}"\nstate = "{tmp_path / "provider.db"}"\n'
+        f'key_file = "{tmp_path / "provider.key"}"\n'
         'verifier = "tests.fakes:make_verifier"\nsubmit_wait_s = 30.0\ngrace_s = 0.5\n'
     )
     proc = _spawn(tmp_path, port)

@@ -152,6 +152,7 @@ class Device:
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProviderState]:
     st: ProviderState = InMemoryState() if request.param == "memory" else SqlState.sqlite(tmp_path / "p.db")
     yield st
+    st.close()
 
 
 @pytest.fixture
@@ -249,7 +250,7 @@ def test_auth_with_wrong_key_or_other_clients_id_is_refused(service: ProviderSer
     fields = {"after_cursor": 0}
     client = service.authenticate(alice.auth("WatchRequests", fields), "WatchRequests", fields)
     assert client.client_id == "alice"
-    with pytest.raises(UnauthenticatedError, match="enrolled for .alice"):
+    with pytest.raises(UnauthenticatedError, match=r"enrolled for .alice"):
         service.authenticate(
             alice.auth("WatchRequests", fields, signer=mallory.signer), "WatchRequests", fields
         )
