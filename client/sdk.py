@@ -322,11 +322,20 @@ class EdgeClient:
         cursor = self.store.cursor
         auth = self.auth("WatchRequests", {"after_cursor": cursor})
         call = self.transport.stub.WatchRequests(pb.WatchRequest(auth=auth, after_cursor=cursor))
-        canceller = threading.Thread(target=lambda: (stop.wait(), call.cancel()), daemon=True)
-        canceller.start()
+        done = threading.Event()
+
+        def cancel_on_stop() -> None:
+            # Ends with the stream: a watcher that reconnects often must not leave a thread per stream.
+            while not done.is_set():
+                if stop.wait(0.2):
+                    call.cancel()
+                    return
+
+        threading.Thread(target=cancel_on_stop, daemon=True, name="zku-watch-cancel").start()
         try:
             yield from call
         finally:
+            done.set()
             call.cancel()
 
     # -- acting on a request ------------------------------------------------------------------------

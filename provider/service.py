@@ -378,6 +378,7 @@ class ProviderService:
         self._futures_lock = threading.RLock()
         self._new_requests = threading.Condition()
         self._closed = threading.Event()
+        self._last_purge_ms = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -472,8 +473,13 @@ class ProviderService:
         _check_id(client_id, "client id")
         if self.state.get_client(client_id) is None:
             raise NotFoundServiceError(f"unknown client {client_id!r}: enroll first")
+        now = self.clock_ms()
+        if now - self._last_purge_ms > 60_000:
+            # Expired nonces are refused either way; dropping them only keeps the table small.
+            self._last_purge_ms = now
+            self.state.purge_nonces(now)
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        expires = self.clock_ms() + int(self.config.nonce_ttl_s * 1000)
+        expires = now + int(self.config.nonce_ttl_s * 1000)
         self.state.add_nonce(client_id, nonce, expires)
         return nonce, expires
 

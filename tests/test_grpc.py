@@ -588,14 +588,15 @@ def test_sigkill_mid_submission_loses_no_receipt_and_the_retry_succeeds(tmp_path
         leaf0 = operator.state.get_leaf(0)
         assert leaf0 is not None
         assert leaf0.request_id == r1.request_id
+        # SIGTERM is a graceful stop: health goes NOT_SERVING, streams end, exit status 0.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
     finally:
         client.close()
         operator.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
 
 
 def test_transport_config_refuses_half_tls(tmp_path: Path) -> None:
@@ -607,3 +608,150 @@ def test_transport_config_refuses_half_tls(tmp_path: Path) -> None:
         Transport(ChannelConfig("127.0.0.1:1", root_certs_file=str(tmp_path / "missing.pem")))
     assert replace(ChannelConfig("x"), target="y").target == "y"
     _ = pb_grpc  # the generated stub module is what the SDK uses
+
+
+def _pki(tmp: Path) -> dict[str, str]:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        (tmp / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test-ca"))
+        .issuer_name(name("test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    write("ca", ca, ca_key)
+    for stem, usage, san in (
+        (
+            "server",
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        ),
+        ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("dev-1")]),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(stem))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write(stem, cert, key)
+    return {k: str(tmp / k) for k in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_tls_and_mutual_tls(tmp_path: Path) -> None:
+    pki = _pki(tmp_path)
+    tls = start(tmp_path, **{"tls.cert_file": pki["server.pem"], "tls.key_file": pki["server.key"]})
+    try:
+        cfg = replace(channel(tls.port), root_certs_file=pki["ca.pem"], server_name_override="localhost")
+        client = EdgeClient(cfg, ClientStore(tmp_path / "tls.db"), FakeProver())
+        enroll(client)
+        tls.service.create_request("dev-1", mask())
+        assert client.poll()[0].status == "accepted"
+        client.close()
+        plain = Transport(replace(channel(tls.port), retry_attempts=2))
+        with pytest.raises(grpc.RpcError) as err:
+            plain.stub.GetInfo(pb.GetInfoRequest(), timeout=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        plain.close()
+    finally:
+        tls.stop(0)
+    mtls_dir = tmp_path / "mtls"
+    mtls_dir.mkdir()
+    mtls = start(
+        mtls_dir,
+        **{
+            "tls.cert_file": pki["server.pem"],
+            "tls.key_file": pki["server.key"],
+            "tls.client_ca_file": pki["ca.pem"],
+        },
+    )
+    try:
+        tls_only = Transport(replace(channel(mtls.port), root_certs_file=pki["ca.pem"], retry_attempts=1))
+        with pytest.raises(grpc.RpcError) as err:
+            tls_only.stub.GetInfo(pb.GetInfoRequest(), timeout=3)
+        assert (
+            err.value.code() == grpc.StatusCode.UNAVAILABLE
+        )  # handshake refused without a client certificate
+        tls_only.close()
+        mutual = Transport(
+            replace(
+                channel(mtls.port),
+                root_certs_file=pki["ca.pem"],
+                client_cert_file=pki["client.pem"],
+                client_key_file=pki["client.key"],
+            )
+        )
+        assert mutual.stub.GetInfo(pb.GetInfoRequest(), timeout=5).protocol_version == 1
+        mutual.close()
+    finally:
+        mtls.stop(0)
+
+
+def test_provider_config_is_strict(tmp_path: Path) -> None:
+    from zkunlearn.provider.server import ConfigError
+
+    (tmp_path / "p.toml").write_text(
+        'listen = "127.0.0.1:0"\nsubmit_wait_s = 3\n[limits]\nverify_workers = 4\n'
+    )
+    cfg = ProviderConfig.load(tmp_path / "p.toml", {"tls.cert_file": "x.pem"})
+    assert cfg.submit_wait_s == 3.0
+    assert cfg.limits.verify_workers == 4
+    assert cfg.tls.cert_file == "x.pem"
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        ProviderConfig.load(None, {"listne": "x"})
+    with pytest.raises(ConfigError, match="must be int"):
+        ProviderConfig.load(None, {"limits.verify_workers": "two"})
+    with pytest.raises(ConfigError, match="cannot read provider config"):
+        ProviderConfig.load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="module:factory"):
+        build_server(
+            ProviderConfig.load(
+                None, {"listen": "127.0.0.1:0", "state": "memory", "key_file": str(tmp_path / "k")}
+            )
+        )
+    with pytest.raises(ConfigError, match=r"both tls\.cert_file and tls\.key_file"):
+        build_server(
+            ProviderConfig.load(
+                None,
+                {
+                    "listen": "127.0.0.1:0",
+                    "state": "memory",
+                    "key_file": str(tmp_path / "k"),
+                    "tls.cert_file": "x.pem",
+                },
+            ),
+            verifier=FakeVerifier(),
+        )
