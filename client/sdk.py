@@ -414,6 +414,11 @@ class EdgeClient:
             return Outcome(msg.request_id, "skipped", "already applied")
         try:
             request = self.verify_request(msg)
+        except ForgedRequestError as exc:
+            # The cursor is not covered by the signature: a forged message must not move it, or a
+            # forger could make the client skip genuine requests by claiming a huge cursor.
+            log.warning("refusing forged request %r: %s", msg.request_id, exc)
+            return Outcome(msg.request_id, "refused", str(exc))
         except RequestRefusedError as exc:
             log.warning("refusing request %r: %s", msg.request_id, exc)
             self.store.advance_cursor(int(msg.cursor))

@@ -544,6 +544,9 @@ heads_t = sa.Table(
 )
 
 
+_WRITE = "zkunlearn_write"
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     """WAL for concurrent readers, FULL sync so a commit survives a power cut, and BEGIN IMMEDIATE.
 
@@ -563,7 +566,8 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers take a WAL snapshot without blocking writers; only writers take the lock up front.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
 
 def _client_row(row: Any) -> ClientRecord:
@@ -640,6 +644,7 @@ class SqlState(ProviderState):
         self.url = url
         self._engine = sa.create_engine(url, **engine_options)
         self._is_sqlite = self._engine.dialect.name == "sqlite"
+        self._writer = self._engine.execution_options(**{_WRITE: True})
         if self._is_sqlite:
             _sqlite_pragmas(self._engine)
         if create:
@@ -654,7 +659,7 @@ class SqlState(ProviderState):
 
     @contextlib.contextmanager
     def _txn(self) -> Iterator[Connection]:
-        with self._engine.begin() as conn:
+        with self._writer.begin() as conn:
             yield conn
 
     def _retrying(self, fn: Callable[[Connection], Any], attempts: int = 5) -> Any:

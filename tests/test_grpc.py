@@ -139,9 +139,10 @@ def test_client_refuses_forged_and_expired_requests(provider: ProviderServer, tm
     impostor = StatementSigner.generate()
     st = impostor.sign(DOMAIN_DELETION_REQUEST, {"request_id": "evil", "client_id": "dev-1"})
     forged = pb.SignedDeletionRequest(
-        request_id="evil", canonical=st.canonical, signature=st.signature, cursor=1
+        request_id="evil", canonical=st.canonical, signature=st.signature, cursor=10**9
     )
     assert "signature refused" in client.process(forged).reason
+    assert client.store.cursor == 0  # a forged message cannot make the client skip genuine requests
     assert prover.calls == []
     expired = provider.service.create_request("dev-1", mask(), ttl_s=-1)
     client.store.put("cursor", b"1")
