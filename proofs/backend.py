@@ -131,10 +131,40 @@ def compress_point(x_hex: str, y_hex: str) -> str:
     return b.hex()
 
 
+BN254_BASE_FIELD = 21888242871839275222246405745257275088696311157297823662689037894645226208583
+
+
+def transcript_point(compressed_hex: str) -> bytes:
+    """The 64-byte form (x then y, big-endian) in which a Halo2 transcript carries a G1 point.
+
+    ezkl's witness stores commitments compressed (x little-endian, y-parity in bit 7 of the last
+    byte); the transcript starts with the committed-input points uncompressed. Decompressing lets
+    the verifier compare every byte, not only what a swap would overwrite.
+    """
+    b = bytearray(bytes.fromhex(compressed_hex))
+    if len(b) != 32:
+        raise ProofFormatError(f"compressed point must be 32 bytes, got {len(b)}")
+    odd = bool(b[-1] & 0x80)
+    b[-1] &= 0x7F
+    x = int.from_bytes(b, "little")
+    q = BN254_BASE_FIELD
+    if x >= q:
+        raise ProofFormatError("point x-coordinate is not a field element")
+    rhs = (pow(x, 3, q) + 3) % q
+    y = pow(rhs, (q + 1) // 4, q)
+    if y * y % q != rhs:
+        raise ProofFormatError("compressed point is not on the BN254 curve")
+    if (y & 1) != odd:
+        y = q - y
+    return x.to_bytes(32, "big") + y.to_bytes(32, "big")
+
+
 class ProvingBackend(Protocol):
     name: str
 
-    def make_settings(self, onnx_path: Path, settings_path: Path, config: CircuitConfig) -> dict[str, Any]: ...
+    def make_settings(
+        self, onnx_path: Path, settings_path: Path, config: CircuitConfig
+    ) -> dict[str, Any]: ...
 
     def compile(self, onnx_path: Path, settings_path: Path, compiled_path: Path) -> None: ...
 
@@ -144,9 +174,7 @@ class ProvingBackend(Protocol):
         self, inputs: Sequence[Sequence[float | str]], compiled_path: Path, vk_path: Path, srs_path: Path
     ) -> dict[str, Any]: ...
 
-    def prove(
-        self, witness: dict[str, Any], compiled_path: Path, pk_path: Path, srs_path: Path
-    ) -> Proof: ...
+    def prove(self, witness: dict[str, Any], compiled_path: Path, pk_path: Path, srs_path: Path) -> Proof: ...
 
     def verify(
         self,
@@ -196,7 +224,9 @@ class EzklBackend:
         self._gen_settings(onnx_path, settings_path, ra)
         settings: dict[str, Any] = json.loads(Path(settings_path).read_text())
         if settings["run_args"]["input_visibility"] != "KZGCommit":
-            raise BackendError("input visibility did not stick: refusing to build a circuit with public weights")
+            raise BackendError(
+                "input visibility did not stick: refusing to build a circuit with public weights"
+            )
         return settings
 
     @staticmethod
@@ -231,9 +261,7 @@ class EzklBackend:
             result: dict[str, Any] = json.loads(out.read_text())
             return result
 
-    def prove(
-        self, witness: dict[str, Any], compiled_path: Path, pk_path: Path, srs_path: Path
-    ) -> Proof:
+    def prove(self, witness: dict[str, Any], compiled_path: Path, pk_path: Path, srs_path: Path) -> Proof:
         with tempfile.TemporaryDirectory(prefix="zkp-") as tmp:
             wpath = Path(tmp) / "witness.json"
             ppath = Path(tmp) / "proof.json"
@@ -268,6 +296,10 @@ class EzklBackend:
             proof.write_ezkl(ppath)
             try:
                 if expected_commitments is not None:
+                    # Byte-exact check first: a swap alone would silently repair a tampered point.
+                    for i, com in enumerate(expected_commitments):
+                        if proof.transcript[64 * i : 64 * i + 64] != transcript_point(com):
+                            return False
                     wpath = Path(tmp) / "expected.json"
                     wpath.write_text(json.dumps(self._commitment_witness(expected_commitments)))
                     ezkl.swap_proof_commitments(str(ppath), str(wpath))

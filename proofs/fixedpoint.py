@@ -121,44 +121,84 @@ def group_obs_tolerance(
     g_bound: float,
     w_bound: float,
     safety: float = 2.0,
+    worst_case: bool = False,
 ) -> GroupObsTolerance:
-    """Worst-case honest residuals from rounding, times ``safety``.
+    """Honest residuals from rounding, times ``safety``.
 
     Every input is rounded to ``q = 2**-input_scale`` (error <= q/2); each rescale adds q/2. With
     ``|theta|, |theta'| <= theta_bound``, ``|G| <= g_bound``, ``|w| <= w_bound``:
     ``e_delta = q``; ``e_Gd = B (g e_delta + 2 theta_bound q/2) + q``; ``|G delta| <= 2 B g theta_bound``;
     ``e_kkt = lam e_delta + g e_Gd + |G delta| q/2 + q`` (the ``1/m`` cancels the sum over m rows);
     ``e_row = e_delta + m (g q/2 + w q/2) + q``. ``r_mask`` is exact: its tolerance is 0.
+
+    A sum of ``L`` independent roundings bounded by ``c q/2`` is at most ``L c q/2`` (``worst_case``)
+    but, being uniform, exceeds six standard deviations ``= 2 sqrt(3L) c q/2`` with probability
+    below 1e-9; by default ``L`` is replaced by ``min(L, 2 sqrt(3L))``. This keeps the tolerance
+    growing like ``sqrt(B)`` rather than ``B``, so a large block does not hide an attack.
     """
     if min(theta_bound, g_bound, w_bound) <= 0:
         raise FixedPointError("magnitude bounds must be positive")
     q = 2.0**-input_scale
     d_bound = 2.0 * theta_bound
+
+    def terms(n: int) -> float:
+        return float(n) if worst_case else min(float(n), 2.0 * math.sqrt(3.0 * n))
+
     e_delta = q
-    e_gd = block * (g_bound * e_delta + d_bound * q / 2) + q
+    e_gd = terms(block) * (g_bound * e_delta + d_bound * q / 2) + q
     gd_bound = block * g_bound * d_bound
     e_kkt = lam * e_delta + g_bound * e_gd + gd_bound * q / 2 + q
-    e_row = e_delta + m * (g_bound * q / 2 + w_bound * q / 2) + q
+    e_row = e_delta + terms(m) * (g_bound * q / 2 + w_bound * q / 2) + q
     return GroupObsTolerance(mask=0.0, kkt=safety * e_kkt, row=safety * e_row)
 
 
-def analytic_tolerance(
-    d: int, k: int, n_u: int, input_scale: int, *, bound: float, safety: float = 2.0
-) -> tuple[float, float]:
-    """Worst-case honest residuals ``(r_w, r_r)`` for the analytic relation, all magnitudes <= ``bound``.
+def _terms(n: int, worst_case: bool) -> float:
+    """Effective count of independent roundings in a length-``n`` sum (see group_obs_tolerance)."""
+    return float(n) if worst_case else min(float(n), 2.0 * math.sqrt(3.0 * n))
 
-    Each factor of a triple product carries rounding q/2; a product of length-L sums multiplies the
-    error by ``L * bound``. ``r_w`` and ``r_r`` both have the form ``A - B - C X^T (X D)``.
+
+def analytic_tolerance(
+    d: int,
+    k: int,
+    n_u: int,
+    input_scale: int,
+    *,
+    r_bound: float,
+    x_bound: float,
+    w_bound: float,
+    inner_bound: float,
+    safety: float = 2.0,
+    worst_case: bool = False,
+) -> tuple[float, float]:
+    """Honest residual bounds ``(r_w, r_r)`` of the analytic relation from rounding, times ``safety``.
+
+    Entries: ``|R|, |R'| <= r_bound``, ``|X_u|, |Y_u| <= x_bound``, ``|W|, |W'| <= w_bound``, and the
+    intermediates ``|X_u W' - Y_u|``, ``|X_u^T (.)|`` (and the ``R`` analogues) ``<= inner_bound``
+    (declared with the enrolment). Both residuals have the form ``A - B - C X^T (X D)``; rounding
+    errors propagate through the three products. ``worst_case``:
+    ``e1 = d (x q/2 + v q/2) + q``; ``e2 = n_u (x e1 + inner q/2) + q``; ``e3 = d (r e2 + inner q/2) + q``.
+    Default: the same recursion on variances (each rounding uniform, variance ``q^2/12``), and
+    ``e3`` = six standard deviations. Tolerance ``safety (2 q + e3)``. Since ``r_w`` is ``(I + R X_u^T X_u) (W' - W'_honest)``, a head off by
+    more than about this tolerance in any entry is refused; raise ``input_scale`` to tighten it.
     """
+    if min(r_bound, x_bound, w_bound, inner_bound) <= 0:
+        raise FixedPointError("magnitude bounds must be positive")
     q = 2.0**-input_scale
-    inner = max(d, k)
-    e1 = inner * (2 * bound * q / 2) + q  # X W' (or X R)
-    v1 = inner * bound * bound + bound  # |X W' - Y|
-    e2 = n_u * (bound * e1 + v1 * q / 2) + q  # X^T (.)
-    v2 = n_u * bound * v1
-    e3 = d * (bound * e2 + v2 * q / 2) + q  # R (.)
-    tol = safety * (2 * q + e3)
-    return tol, tol
+    out = []
+    for v_bound in (w_bound, r_bound):
+        if worst_case:
+            e1 = d * (x_bound * q / 2 + v_bound * q / 2) + q
+            e2 = n_u * (x_bound * e1 + inner_bound * q / 2) + q
+            e3 = d * (r_bound * e2 + inner_bound * q / 2) + q
+        else:
+            # Propagate variances of independent uniform roundings (q^2/12 each), then take 6 sigma.
+            u = q * q / 12.0
+            v1 = d * (x_bound**2 + v_bound**2) * u + u
+            v2 = n_u * (x_bound**2 * v1 + inner_bound**2 * u) + u
+            v3 = d * (r_bound**2 * v2 + inner_bound**2 * u) + u
+            e3 = 6.0 * math.sqrt(v3)
+        out.append(safety * (2 * q + e3))
+    return out[0], out[1]
 
 
 def group_obs_mask_rows(mask: npt.ArrayLike, request_digest: bytes, n_blind: int, scale: int) -> FloatArray:

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from rich.progress import Progress
-
 from zkunlearn.proofs.backend import EzklBackend, Proof, ProvingError
 from zkunlearn.proofs.fixedpoint import (
-    FloatArray,
     FixedPointError,
+    FloatArray,
     felts,
     group_obs_mask_rows,
     random_blinding,

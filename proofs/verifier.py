@@ -135,7 +135,11 @@ class _BaseVerifier:
         if replay.proof_used(digest):
             return Verdict(False, Reason.REPLAYED_PROOF, "proof already accepted", digest), proof, []
         if replay.request_used(request_id):
-            return Verdict(False, Reason.REPLAYED_REQUEST, f"request {request_id} already settled", digest), proof, []
+            return (
+                Verdict(False, Reason.REPLAYED_REQUEST, f"request {request_id} already settled", digest),
+                proof,
+                [],
+            )
         try:
             values = _instances_to_floats(proof, n_outputs, self._out_scale)
         except (ProofFormatError, FixedPointError, ValueError) as exc:
@@ -143,7 +147,12 @@ class _BaseVerifier:
         ok = self._backend.verify(proof, self._arts.settings, self._arts.vk, self._arts.srs.path, expected)
         if not ok:
             return (
-                Verdict(False, Reason.BINDING_OR_INVALID, "proof does not verify against expected commitments", digest),
+                Verdict(
+                    False,
+                    Reason.BINDING_OR_INVALID,
+                    "proof does not verify against expected commitments",
+                    digest,
+                ),
                 proof,
                 values,
             )
@@ -191,7 +200,9 @@ class GroupObsVerifier(_BaseVerifier):
         tol = self.tolerance
         for i, (r_mask, r_kkt, r_row) in enumerate(rows):
             if r_mask != 0.0:
-                return Verdict(False, Reason.MASK_NOT_ZERO, f"block {i}: max|r_mask| = {r_mask:.3g}", digest, rows)
+                return Verdict(
+                    False, Reason.MASK_NOT_ZERO, f"block {i}: max|r_mask| = {r_mask:.3g}", digest, rows
+                )
             if r_kkt > tol.kkt:
                 return Verdict(
                     False, Reason.KKT_VIOLATED, f"block {i}: {r_kkt:.3g} > {tol.kkt:.3g}", digest, rows
@@ -240,7 +251,11 @@ class AnalyticVerifier(_BaseVerifier):
         tol_w, tol_r = self.tolerance
         for i, (r_w, r_r) in enumerate(rows):
             if r_w > tol_w:
-                return Verdict(False, Reason.ANALYTIC_W_WRONG, f"row {i}: {r_w:.3g} > {tol_w:.3g}", digest, rows)
+                return Verdict(
+                    False, Reason.ANALYTIC_W_WRONG, f"row {i}: {r_w:.3g} > {tol_w:.3g}", digest, rows
+                )
             if r_r > tol_r:
-                return Verdict(False, Reason.ANALYTIC_R_WRONG, f"row {i}: {r_r:.3g} > {tol_r:.3g}", digest, rows)
+                return Verdict(
+                    False, Reason.ANALYTIC_R_WRONG, f"row {i}: {r_r:.3g} > {tol_r:.3g}", digest, rows
+                )
         return Verdict(True, Reason.OK, "", digest, rows)
