@@ -379,3 +379,47 @@ class _NeverRuns:
 
     def shutdown(self, **_: Any) -> None:
         return None
+
+
+def test_concurrent_identical_submissions_make_one_submission_and_one_leaf(tmp_path: Path) -> None:
+    import threading
+
+    svc = ProviderService(SqlState.sqlite(tmp_path / "p.db"), StatementSigner.generate(), FakeVerifier())
+    dev = Device(svc)
+    dev.enroll()
+    r = svc.create_request(dev.client_id, mask())
+    after, proofs = dev.proof(r.request_id)
+    headers = [dev.header(r.request_id, after, proofs) for _ in range(4)]  # four fresh nonces
+    ids: list[str] = []
+    barrier = threading.Barrier(len(headers))
+
+    def go(h: SubmissionHeader) -> None:
+        barrier.wait()
+        ids.append(svc.submit(h, iter([b"".join(proofs)])).submission_id)
+
+    threads = [threading.Thread(target=go, args=(h,)) for h in headers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1
+    assert svc.wait(ids[0], 10).verdict == VERDICT_ACCEPTED
+    assert svc.ledger.size == 1
+    svc.close()
+
+
+def test_verification_runs_off_the_calling_thread(tmp_path: Path) -> None:
+    import time
+
+    svc = ProviderService(InMemoryState(), StatementSigner.generate(), FakeVerifier(delay_s=1.0))
+    dev = Device(svc)
+    dev.enroll()
+    r = svc.create_request(dev.client_id, mask())
+    after, proofs = dev.proof(r.request_id)
+    started = time.monotonic()
+    sub = svc.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+    assert time.monotonic() - started < 0.5  # the RPC thread is not held by the 1 s verification
+    assert sub.verdict == 1  # PENDING
+    assert svc.receipt(r.request_id, dev.client_id).leaf is None
+    assert svc.wait(sub.submission_id, 10).verdict == VERDICT_ACCEPTED
+    svc.close()
