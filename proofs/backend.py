@@ -43,7 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import ezkl
+import ezkl as _ezkl
+
+# ezkl's bundled stubs lag its runtime (PyRunArgs fields, optional arguments): use it untyped.
+ezkl: Any = _ezkl
 
 EZKL_VERSION = "23.0.5"
 

@@ -178,8 +178,9 @@ def analytic_tolerance(
     errors propagate through the three products. ``worst_case``:
     ``e1 = d (x q/2 + v q/2) + q``; ``e2 = n_u (x e1 + inner q/2) + q``; ``e3 = d (r e2 + inner q/2) + q``.
     Default: the same recursion on variances (each rounding uniform, variance ``q^2/12``), and
-    ``e3`` = six standard deviations. Tolerance ``safety (2 q + e3)``. Since ``r_w`` is ``(I + R X_u^T X_u) (W' - W'_honest)``, a head off by
-    more than about this tolerance in any entry is refused; raise ``input_scale`` to tighten it.
+    ``e3`` = six standard deviations. Tolerance ``safety (2 q + e3)``.
+    Since ``r_w`` is ``(I + R X_u^T X_u) (W' - W'_honest)``, a head off by more than about this
+    tolerance in any entry is refused; raise ``input_scale`` to tighten it.
     """
     if min(r_bound, x_bound, w_bound, inner_bound) <= 0:
         raise FixedPointError("magnitude bounds must be positive")

@@ -13,8 +13,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import ezkl
+import ezkl as _ezkl
+
+# ezkl's bundled stubs lag its runtime (PyRunArgs fields, optional arguments): use it untyped.
+ezkl: Any = _ezkl
 
 log = logging.getLogger(__name__)
 

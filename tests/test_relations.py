@@ -33,7 +33,6 @@ from zkunlearn.proofs.fixedpoint import (
 )
 
 B, M, LAM, SCALE = 32, 8, 0.05, 13
-AN_BOUNDS = {"r_bound": 1.0, "x_bound": 3.0, "w_bound": 2.0, "inner_bound": 4.0}
 TOL = group_obs_tolerance(B, M, LAM, SCALE, theta_bound=4.0, g_bound=4.0, w_bound=4.0)
 
 
@@ -154,9 +153,12 @@ def test_analytic_residuals() -> None:
             return _q(np.vstack([a, np.zeros((1, a.shape[1]))]))
 
         out = rel(pad(r), pad(r_after), pad(w), pad(w_after), pad(x[:n_u]), pad(y[:n_u]))
-        return np.asarray(out.detach().numpy()).max(axis=0)
+        res: np.ndarray = np.asarray(out.detach().numpy()).max(axis=0)
+        return res
 
-    tol_w, tol_r = analytic_tolerance(d, k, n_u, SCALE, **AN_BOUNDS)
+    tol_w, tol_r = analytic_tolerance(
+        d, k, n_u, SCALE, r_bound=1.0, x_bound=3.0, w_bound=2.0, inner_bound=4.0
+    )
     honest = run(head.W, head.R)
     assert honest[0] < tol_w / 4
     assert honest[1] < tol_r / 4
@@ -173,6 +175,6 @@ def test_felt_round_trip_and_mask_binding() -> None:
     b = group_obs_mask_rows(mask, b"\x02" * 32, 4, SCALE)
     assert np.array_equal(a[:, :4], b[:, :4])
     assert not np.array_equal(a, b)
-    assert np.array_equal(request_binding(b"\x01" * 32, 4, SCALE), a[0, 4:])
+    assert np.array_equal(request_binding(b"\x01" * 32 + bytes(4), 4, SCALE), a[0, 4:])
     with pytest.raises(FixedPointError, match="0 or 1"):
         group_obs_mask_rows(np.array([[0.5, 1.0]]), b"\x01" * 32, 4, SCALE)
