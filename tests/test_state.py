@@ -31,9 +31,16 @@ from zkunlearn.provider.state import (
 )
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProviderState]:
-    st: ProviderState = InMemoryState() if request.param == "memory" else SqlState.sqlite(tmp_path / "p.db")
+    """One suite for every backend: a real PostgreSQL server on loopback for the `postgres` case."""
+    st: ProviderState
+    if request.param == "memory":
+        st = InMemoryState()
+    elif request.param == "sqlite":
+        st = SqlState.sqlite(tmp_path / "p.db")
+    else:
+        st = SqlState(request.getfixturevalue("postgres_db_url"))
     yield st
     st.close()
 
