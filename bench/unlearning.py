@@ -1,0 +1,699 @@
+"""Unlearning benchmark: Group-OBS against mask-only, mask + fine-tune, analytic and retrain-from-scratch.
+
+For each task and seed: train the provider's global model (and the gold model without the forget set),
+compute the provider's deletion mask on the global model, personalize both on the client's data, then
+apply every method to the client's personalized model and measure forgetting, utility and MIA. Seeds
+run as separate single-threaded processes, so the wall time shrinks with the cores available while the
+CPU time stays what one thread would spend.
+
+    python -m bench.unlearning --seeds 3 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = ("vit", "mlp", "code-lm")
+METHODS = ("personalized", "mask-only", "group-obs", "mask-finetune", "analytic", "retrain")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    score: str
+    fraction: float
+    structure: str = "unstructured"
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Training budgets and unlearning hyperparameters of one task (chosen by measurement, see docs)."""
+
+    epochs: int
+    lr: float
+    personal_epochs: int
+    personal_lr: float
+    finetune_epochs: int
+    block_size: int
+    lam: float
+    mask: MaskSpec
+    batch_size: int = 128
+    fisher_samples: int = 1024
+    mask_samples: int = 512
+    quick_epochs: int = 2
+    # Masked besides the model's own targets: the image classifiers' head, whose forget-class row is
+    # what lets any mask remove the class (fc1-only masks do not; see the mask sweep).
+    extra_layers: tuple[str, ...] = ()
+
+
+SETTINGS: dict[str, TaskSettings] = {
+    "vit": TaskSettings(
+        epochs=40,
+        lr=2e-3,
+        personal_epochs=40,
+        personal_lr=1e-3,
+        finetune_epochs=5,
+        block_size=128,
+        lam=0.05,
+        mask=MaskSpec("fisher-ratio", 0.32),
+        extra_layers=("head.weight",),
+    ),
+    "mlp": TaskSettings(
+        epochs=30,
+        lr=1e-3,
+        personal_epochs=10,
+        personal_lr=3e-4,
+        finetune_epochs=5,
+        block_size=128,
+        lam=0.05,
+        mask=MaskSpec("fisher-ratio", 0.32),
+        extra_layers=("head.weight",),
+    ),
+    "code-lm": TaskSettings(
+        epochs=8,
+        lr=3e-3,
+        personal_epochs=6,
+        personal_lr=1e-3,
+        finetune_epochs=2,
+        block_size=256,
+        lam=0.1,
+        mask=MaskSpec("fisher-ratio", 0.16),
+        batch_size=64,
+        fisher_samples=1024,
+        mask_samples=256,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@contextmanager
+def measured() -> Iterator[dict[str, float]]:
+    """Wall time and peak process RSS (sampled every 5 ms) of the enclosed block."""
+    import psutil
+
+    proc = psutil.Process()
+    out = {"seconds": 0.0, "peak_rss_mb": proc.memory_info().rss / 2**20}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            out["peak_rss_mb"] = max(out["peak_rss_mb"], proc.memory_info().rss / 2**20)
+            stop.wait(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - start
+        stop.set()
+        thread.join()
+        out["peak_rss_mb"] = max(out["peak_rss_mb"], proc.memory_info().rss / 2**20)
+
+
+@dataclass
+class Views:
+    """What the metrics look at, in one shape for image and code tasks."""
+
+    forget_test: tuple[Tensor, Tensor]  # forget class/slice, held out, provider domain (the deleted data's)
+    forget_client: tuple[Tensor, Tensor]  # forget class, held out, client domain (the prose slice for code)
+    retain_test: tuple[Tensor, Tensor]  # provider domain, other classes / code
+    personal_test: tuple[Tensor, Tensor]  # client domain, other classes / tkinter
+    mia_members: tuple[Tensor, Tensor]
+    mia_nonmembers: tuple[Tensor, Tensor]
+    mia_forget: tuple[Tensor, Tensor]
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    from zkunlearn.tasks.train import predict
+
+    return predict(model, x, batch_size=256)
+
+
+def evaluate(model: nn.Module, views: Views, seed: int) -> dict[str, float]:
+    from zkunlearn.tasks.metrics import accuracy, mia_efficacy
+
+    out = {
+        "forget_acc": accuracy(_logits(model, views.forget_test[0]), views.forget_test[1]),
+        "forget_acc_client": accuracy(_logits(model, views.forget_client[0]), views.forget_client[1]),
+        "retain_acc": accuracy(_logits(model, views.retain_test[0]), views.retain_test[1]),
+        "personal_acc": accuracy(_logits(model, views.personal_test[0]), views.personal_test[1]),
+    }
+    pairs = [
+        (_logits(model, v[0]), v[1]) for v in (views.mia_members, views.mia_nonmembers, views.mia_forget)
+    ]
+    mia = mia_efficacy(pairs[0], pairs[1], pairs[2], seed=seed)
+    out["mia"] = mia.loss_lr
+    out["mia_svc"] = mia.conf_svc
+    return out
+
+
+@dataclass
+class Prepared:
+    """One (task, seed): data, models and their training budgets, independent of the variant."""
+
+    task: str
+    seed: int
+    make: Callable[[], nn.Module]
+    layers: tuple[str, ...]  # parameter names of the masked weights
+    global_model: nn.Module
+    gold_global: nn.Module
+    global_train_s: float
+    gold_train_s: float
+    provider_forget: tuple[Tensor, Tensor]
+    provider_retain: tuple[Tensor, Tensor]
+    variants: dict[str, dict[str, Any]]
+
+
+def _timed_train(
+    make: Callable[[], nn.Module],
+    spec: Mapping[str, Any],
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch_size: int,
+    start_from: nn.Module | None = None,
+) -> tuple[nn.Module, float]:
+    """Train through the cache; the time is the recorded training time even on a cache hit."""
+    from zkunlearn.tasks.train import cache_dir, cache_key, train_cached
+
+    full = {**spec, "epochs": epochs, "lr": lr, "seed": seed, "batch_size": batch_size}
+    meta = cache_dir() / f"{cache_key(full)}.json"
+    start = time.perf_counter()
+    model = train_cached(
+        make, spec, x, y, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, start_from=start_from
+    )
+    took = time.perf_counter() - start
+    if meta.exists():
+        took = float(json.loads(meta.read_text())["train_s"])
+    else:
+        meta.write_text(json.dumps({"train_s": took}))
+    return model, took
+
+
+def prepare(task: str, seed: int, quick: bool) -> Prepared:
+    from zkunlearn.tasks import models
+    from zkunlearn.tasks.code import make_code_task
+    from zkunlearn.tasks.data import make_image_task
+
+    s = SETTINGS[task]
+    epochs = s.quick_epochs if quick else s.epochs
+    pepochs = s.quick_epochs if quick else s.personal_epochs
+    make: Callable[[], nn.Module]
+    if task in ("vit", "mlp"):
+        disjoint = make_image_task(seed, "disjoint")
+        overlap = make_image_task(seed, "overlap")
+        if task == "vit":
+            cfg_v = models.ViTConfig()
+            make, cfg = (lambda: models.ViT(cfg_v)), cfg_v.as_dict()
+        else:
+            cfg_m = models.MLPConfig()
+            make, cfg = (lambda: models.MLP(cfg_m)), cfg_m.as_dict()
+        data_spec = {"data": "mnist5k", "split_seed": seed, "forget_class": disjoint.forget_class}
+        fc = disjoint.forget_class
+        provider = disjoint.provider_train
+        retain = disjoint.retain
+        forget = disjoint.forget
+        variants_src: dict[str, Any] = {"disjoint": disjoint, "overlap": overlap}
+    elif task == "code-lm":
+        import sys
+
+        cfg_c = models.CodeLMConfig()
+        make, cfg = (lambda: models.CodeLM(cfg_c)), cfg_c.as_dict()
+        disjoint_c = make_code_task(seed, "disjoint", context=cfg_c.context)
+        overlap_c = make_code_task(seed, "overlap", context=cfg_c.context)
+        data_spec = {"data": "stdlib", "python": list(sys.version_info[:2]), "split_seed": seed}
+        provider_seq = disjoint_c.provider_train
+        provider = provider_seq
+        retain = disjoint_c.retain
+        forget = disjoint_c.forget
+        variants_src = {"disjoint": disjoint_c, "overlap": overlap_c}
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    base = {"model": cfg, **data_spec, "quick": quick}
+    global_model, global_s = _timed_train(
+        make, {**base, "role": "global"}, provider.x, provider.y,
+        epochs=epochs, lr=s.lr, seed=seed, batch_size=s.batch_size,
+    )  # fmt: skip
+    gold_global, gold_s = _timed_train(
+        make, {**base, "role": "retrain"}, retain.x, retain.y,
+        epochs=epochs, lr=s.lr, seed=seed, batch_size=s.batch_size,
+    )  # fmt: skip
+    own = tuple(f"{name}.weight" for name in global_model.masked_layers)  # type: ignore[union-attr]
+    layers = own + s.extra_layers
+    variants: dict[str, dict[str, Any]] = {}
+    for variant, src in variants_src.items():
+        if task == "code-lm":
+            client_train = (src.client_train.x, src.client_train.y)
+            client_forget_mask = src.client_is_forget
+            after = (src.client_after_request.x, src.client_after_request.y)
+            views = Views(
+                forget_test=(src.forget_test.x, src.forget_test.y),
+                forget_client=(src.forget_test.x, src.forget_test.y),
+                retain_test=(src.code_test.x, src.code_test.y),
+                personal_test=(src.client_test.x, src.client_test.y),
+                mia_members=(src.retain.x[:500], src.retain.y[:500]),
+                mia_nonmembers=(src.code_test.x, src.code_test.y),
+                mia_forget=(src.forget.x[:500], src.forget.y[:500]),
+            )
+        else:
+            client_train = (src.client_train.x, src.client_train.y)
+            client_forget_mask = src.client_train.y == fc
+            after = (src.client_after_request.x, src.client_after_request.y)
+            ptest, ctest = src.provider_test, src.client_test
+            views = Views(
+                forget_test=(ptest.of_class(fc).x, ptest.of_class(fc).y),
+                forget_client=(ctest.of_class(fc).x, ctest.of_class(fc).y),
+                retain_test=(ptest.without_class(fc).x, ptest.without_class(fc).y),
+                personal_test=(ctest.without_class(fc).x, ctest.without_class(fc).y),
+                mia_members=(src.retain.x, src.retain.y),
+                mia_nonmembers=(ptest.without_class(fc).x, ptest.without_class(fc).y),
+                mia_forget=(src.forget.x, src.forget.y),
+            )
+        personalized, _ = _timed_train(
+            make, {**base, "role": "personalized", "variant": variant}, *client_train,
+            epochs=pepochs, lr=s.personal_lr, seed=seed, batch_size=64, start_from=global_model,
+        )  # fmt: skip
+        gold, gold_personal_s = _timed_train(
+            make, {**base, "role": "retrain-personalized", "variant": variant}, *after,
+            epochs=pepochs, lr=s.personal_lr, seed=seed, batch_size=64, start_from=gold_global,
+        )  # fmt: skip
+        variants[variant] = {
+            "src": src,
+            "views": views,
+            "client_train": client_train,
+            "client_forget_mask": client_forget_mask,
+            "after": after,
+            "personalized": personalized,
+            "gold": gold,
+            "gold_s": gold_s + gold_personal_s,
+        }
+    return Prepared(
+        task=task,
+        seed=seed,
+        make=make,
+        layers=layers,
+        global_model=global_model,
+        gold_global=gold_global,
+        global_train_s=global_s,
+        gold_train_s=gold_s,
+        provider_forget=(forget.x, forget.y),
+        provider_retain=(retain.x, retain.y),
+        variants=variants,
+    )
+
+
+def _subsample(pair: tuple[Tensor, Tensor], n: int, seed: int) -> tuple[Tensor, Tensor]:
+    if pair[0].shape[0] <= n:
+        return pair
+    idx = torch.randperm(pair[0].shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return pair[0][idx], pair[1][idx]
+
+
+def make_mask(prep: Prepared, spec: MaskSpec, block_size: int, n_samples: int) -> Any:
+    """The provider's deletion mask, computed on the global model from the forget set and a retain proxy."""
+    from zkunlearn.provider.masks import compute_mask
+
+    from zkunlearn.tasks.train import cross_entropy
+
+    return compute_mask(
+        prep.global_model,
+        list(prep.layers),
+        forget=_subsample(prep.provider_forget, n_samples, prep.seed),
+        retain=_subsample(prep.provider_retain, n_samples, prep.seed + 1),
+        loss_fn=cross_entropy,
+        score=spec.score,
+        fraction=spec.fraction,
+        block_size=block_size,
+        structure=spec.structure,
+        seed=prep.seed,
+    )
+
+
+def dense_masks(mask: Any, layers: Sequence[str]) -> dict[str, Tensor]:
+    return {name: torch.as_tensor(mask.dense(name)) for name in layers}
+
+
+def masked_forget_acc(model: nn.Module, dense: Mapping[str, Tensor], views: Views) -> float:
+    from zkunlearn.tasks.metrics import accuracy
+    from zkunlearn.tasks.train import masked_copy
+
+    return accuracy(_logits(masked_copy(model, dense), views.forget_test[0]), views.forget_test[1])
+
+
+def group_obs(
+    model: nn.Module,
+    mask: Any,
+    layers: Sequence[str],
+    data: tuple[Tensor, Tensor],
+    exclude: Tensor,
+    lam: float,
+    block_size: int,
+    *,
+    compare_naive: bool = True,
+) -> tuple[nn.Module, dict[str, float]]:
+    """Client-side compensation: Fisher factors without the forget-class samples, then batched solves."""
+    from zkunlearn.client.fisher import block_factors
+    from zkunlearn.client.group_obs import apply_group_obs
+    from zkunlearn.client.reference import naive_group_obs_explicit_inverse
+
+    from zkunlearn.tasks.train import cross_entropy
+
+    out = copy.deepcopy(model)
+    named = dict(out.named_parameters())
+    info = {"fisher_s": 0.0, "solve_s": 0.0, "naive_s": 0.0, "naive_max_diff": 0.0}
+    factors = {}
+    with measured() as m:
+        for name in layers:
+            t0 = time.perf_counter()
+            factors[name] = block_factors(model, name, data[0], data[1], cross_entropy, block_size, exclude)
+            t1 = time.perf_counter()
+            new, _ = apply_group_obs(named[name].detach(), factors[name], mask.layer(name), lam)
+            info["fisher_s"] += t1 - t0
+            info["solve_s"] += time.perf_counter() - t1
+            with torch.no_grad():
+                named[name].copy_(torch.from_numpy(new).to(named[name].dtype))
+    info["update_s"] = m["seconds"]
+    info["peak_rss_mb"] = m["peak_rss_mb"]
+    if compare_naive:
+        for name in layers:
+            t0 = time.perf_counter()
+            ref = naive_group_obs_explicit_inverse(
+                model.get_parameter(name).detach(), factors[name], mask.layer(name), lam
+            )
+            info["naive_s"] += time.perf_counter() - t0
+            diff = float(np.max(np.abs(ref - named[name].detach().double().numpy())))
+            info["naive_max_diff"] = max(info["naive_max_diff"], diff)
+    return out, info
+
+
+def analytic_unlearn(
+    prep: Prepared, variant: dict[str, Any], gamma: float = 1.0
+) -> tuple[nn.Module, dict[str, float]]:
+    """ACU-style exact unlearning of a ridge head on the frozen global backbone.
+
+    The head is learned on the provider's training set and the client's data, then the forget set (and,
+    in the overlap variant, the client's forget-class samples) is unlearned in closed form. The backbone
+    still carries whatever it learned from the forget set: only the head's unlearning is exact.
+    """
+    from zkunlearn.client.analytic import AnalyticHead
+
+    backbone = copy.deepcopy(prep.global_model).eval()
+    n_classes = int(backbone.head.out_features)  # type: ignore[union-attr]
+
+    def feats(x: Tensor) -> np.ndarray[Any, Any]:
+        with torch.no_grad():
+            f = torch.cat([backbone.features(x[i : i + 512]) for i in range(0, x.shape[0], 512)])  # type: ignore[operator]
+        return np.concatenate([f.double().numpy(), np.ones((f.shape[0], 1))], axis=1)
+
+    def onehot(y: Tensor) -> np.ndarray[Any, Any]:
+        return np.eye(n_classes)[y.numpy()]
+
+    client_x, client_y = variant["client_train"]
+    cf = variant["client_forget_mask"]
+    px, py = prep.provider_retain
+    fx, fy = prep.provider_forget
+    head = AnalyticHead(feats(px[:1]).shape[1], n_classes, gamma)
+    head.learn(feats(px), onehot(py))
+    head.learn(feats(fx), onehot(fy))
+    head.learn(feats(client_x), onehot(client_y))
+    with measured() as m:
+        head.unlearn(feats(fx), onehot(fy))
+        if bool(cf.any()):
+            head.unlearn(feats(client_x[cf]), onehot(client_y[cf]))
+
+    weight = torch.from_numpy(head.W.T.copy()).float()
+
+    class Headed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, x: Tensor) -> Tensor:
+            f = self.backbone.features(x)  # type: ignore[operator]
+            return torch.as_tensor(f @ weight[:, :-1].T + weight[:, -1])
+
+    return Headed(), {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
+
+
+# ------------------------------------------------------------------------------------------ one job
+def run_job(
+    task: str, seed: int, quick: bool, mask_spec: MaskSpec | None = None, lam: float | None = None
+) -> list[dict[str, Any]]:
+    """Every method on both variants for one (task, seed); returns per-seed rows."""
+    from zkunlearn.tasks.metrics import recovery
+    from zkunlearn.tasks.train import finetune_masked, masked_copy
+
+    torch.set_num_threads(1)
+    s = SETTINGS[task]
+    spec = mask_spec or s.mask
+    lam = s.lam if lam is None else lam
+    prep = prepare(task, seed, quick)
+    mask = make_mask(prep, spec, s.block_size, s.mask_samples)
+    dense = dense_masks(mask, prep.layers)
+    n_weights = sum(int(d.numel()) for d in dense.values())
+    sparsity = sum(int(d.sum()) for d in dense.values()) / n_weights
+    any_views = next(iter(prep.variants.values()))["views"]
+    efficacy = {
+        "global_forget_acc": masked_forget_acc(prep.global_model, {}, any_views),
+        "masked_global_forget_acc": masked_forget_acc(prep.global_model, dense, any_views),
+        "retrain_global_forget_acc": masked_forget_acc(prep.gold_global, {}, any_views),
+    }
+    efficacy["gap_to_retrain"] = efficacy["masked_global_forget_acc"] - efficacy["retrain_global_forget_acc"]
+    rows: list[dict[str, Any]] = []
+    for variant, v in prep.variants.items():
+        views: Views = v["views"]
+        results: dict[str, tuple[dict[str, float], dict[str, Any]]] = {}
+        results["personalized"] = (evaluate(v["personalized"], views, seed), {})
+        masked = masked_copy(v["personalized"], dense)
+        results["mask-only"] = (evaluate(masked, views, seed), {"update_s": 0.0})
+        obs_model, info = group_obs(
+            v["personalized"],
+            mask,
+            prep.layers,
+            v["client_train"],
+            v["client_forget_mask"],
+            lam,
+            s.block_size,
+        )
+        info["naive_over_ours"] = info["naive_s"] / max(info["solve_s"], 1e-9)
+        results["group-obs"] = (evaluate(obs_model, views, seed), info)
+        after = v["after"]
+        with measured() as m:
+            ft = finetune_masked(
+                v["personalized"], dense, after[0], after[1],
+                epochs=1 if quick else s.finetune_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
+            )  # fmt: skip
+        results["mask-finetune"] = (
+            evaluate(ft, views, seed),
+            {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
+        )
+        if task != "code-lm":
+            head_model, hinfo = analytic_unlearn(prep, v)
+            results["analytic"] = (evaluate(head_model, views, seed), hinfo)
+        results["retrain"] = (evaluate(v["gold"], views, seed), {"update_s": v["gold_s"]})
+        base_p = results["personalized"][0]["personal_acc"]
+        base_m = results["mask-only"][0]["personal_acc"]
+        gold_f = results["retrain"][0]["forget_acc"]
+        for method, (metrics, extra) in results.items():
+            rec = None
+            if method in ("group-obs", "mask-finetune"):
+                rec = recovery(base_p, base_m, metrics["personal_acc"])
+            rows.append(
+                {
+                    "task": task,
+                    "variant": variant,
+                    "method": method,
+                    "seed": seed,
+                    "mask_score": spec.score,
+                    "mask_fraction": spec.fraction,
+                    "mask_structure": spec.structure,
+                    "sparsity": sparsity,
+                    "block_size": s.block_size,
+                    "lam": lam,
+                    "mask_efficacy": efficacy,
+                    **metrics,
+                    "forget_gap_vs_retrain": metrics["forget_acc"] - gold_f,
+                    "recovery": rec,
+                    **{
+                        k: extra[k]
+                        for k in ("update_s", "peak_rss_mb", "naive_over_ours", "naive_max_diff")
+                        if k in extra
+                    },
+                    "train_s": {"global": prep.global_train_s, "retrain": prep.gold_train_s},
+                }
+            )
+    return rows
+
+
+# ------------------------------------------------------------------------------------- aggregation
+_STAT_FIELDS = (
+    "forget_acc", "forget_acc_client", "retain_acc", "personal_acc", "mia", "mia_svc",
+    "forget_gap_vs_retrain", "recovery", "update_s", "peak_rss_mb", "naive_over_ours", "sparsity",
+)  # fmt: skip
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (task, variant, method); fields a method lacks are null."""
+    from zkunlearn.tasks.metrics import mean_std
+
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["variant"], row["method"]), []).append(row)
+    out: list[dict[str, Any]] = []
+    for (task, variant, method), group in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], METHODS.index(kv[0][2]))
+    ):
+        first = group[0]
+        rec: dict[str, Any] = {
+            "task": task,
+            "variant": variant,
+            "method": method,
+            "mask_score": first["mask_score"],
+            "mask_fraction": first["mask_fraction"],
+            "mask_structure": first["mask_structure"],
+            "block_size": first["block_size"],
+            "lam": first["lam"],
+            "seeds": sorted(r["seed"] for r in group),
+        }
+        for key in _STAT_FIELDS:
+            vals = [r.get(key) for r in group]
+            stat = mean_std(vals)
+            rec[key] = None if stat["n"] == 0 else stat
+        rec["mask_efficacy"] = {
+            k: mean_std([r["mask_efficacy"][k] for r in group]) for k in first["mask_efficacy"]
+        }
+        out.append(rec)
+    return out
+
+
+def _fmt(stat: Any, pct: bool = True, digits: int = 1) -> str:
+    if stat is None or stat.get("mean") is None:
+        return "–"
+    scale = 100.0 if pct else 1.0
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def render_markdown(records: Sequence[Mapping[str, Any]]) -> str:
+    """The table for docs/benchmarks.md: accuracies in %, recovery in %, times in seconds."""
+    lines = [
+        "| task | variant | method | mask | forget acc | Δ forget vs retrain | personal acc | retain acc "
+        "| MIA (LR) | recovery | update s | peak RSS MB | naive/ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        mask = f"{r['mask_score']} {r['mask_structure']} {r['mask_fraction']:.0%}"
+        lines.append(
+            f"| {r['task']} | {r['variant']} | {r['method']} | {mask} | {_fmt(r['forget_acc'])} "
+            f"| {_fmt(r['forget_gap_vs_retrain'])} | {_fmt(r['personal_acc'])} | {_fmt(r['retain_acc'])} "
+            f"| {_fmt(r['mia'])} | {_fmt(r['recovery'])} | {_fmt(r['update_s'], False, 2)} "
+            f"| {_fmt(r['peak_rss_mb'], False, 0)} | {_fmt(r['naive_over_ours'], False, 1)} |"
+        )
+    eff = {}
+    for r in records:
+        eff.setdefault(r["task"], r["mask_efficacy"])
+    lines.append("")
+    lines.append("| task | global forget acc | after mask | retrain from scratch |")
+    lines.append("|---|---|---|---|")
+    for task, e in eff.items():
+        lines.append(
+            f"| {task} | {_fmt(e['global_forget_acc'])} | {_fmt(e['masked_global_forget_acc'])} "
+            f"| {_fmt(e['retrain_global_forget_acc'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Forget accuracy against personalization accuracy per method (disjoint variant), one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in records if r["variant"] == "disjoint"]
+    tasks = sorted({r["task"] for r in chosen})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        for r in (r for r in chosen if r["task"] == task):
+            fx, px = r["forget_acc"], r["personal_acc"]
+            ax.errorbar(
+                px["mean"], fx["mean"], xerr=px["std"], yerr=fx["std"], fmt="o", capsize=3, label=r["method"]
+            )
+        ax.set_title(f"{task} (disjoint)")
+        ax.set_xlabel("personalization accuracy")
+        ax.set_ylabel("forget accuracy (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_unlearning_bench(
+    out_path: Path | str = RESULTS / "unlearning.json",
+    tasks: Sequence[str] = TASKS,
+    seeds: int = 3,
+    quick: bool = False,
+    workers: int | None = None,
+) -> list[dict[str, Any]]:
+    """Run every (task, seed) job, aggregate over seeds and write JSON, markdown and a plot beside it."""
+    from tqdm import tqdm
+
+    for t in tasks:
+        if t not in SETTINGS:
+            raise ValueError(f"unknown task {t!r}; expected some of {TASKS}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    jobs = [(t, seed) for t in tasks for seed in range(seeds)]
+    workers = workers or max(1, min(len(jobs), (os.cpu_count() or 1)))
+    rows: list[dict[str, Any]] = []
+    if workers == 1:
+        for t, seed in tqdm(jobs, desc="unlearning bench"):
+            rows.extend(run_job(t, seed, quick))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(run_job, t, seed, quick): (t, seed) for t, seed in jobs}
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="unlearning bench"):
+                rows.extend(fut.result())
+    records = aggregate(rows)
+    out_path.write_text(json.dumps(records, indent=2) + "\n")
+    out_path.with_name(out_path.stem + "_seeds.json").write_text(json.dumps(rows, indent=2) + "\n")
+    out_path.with_suffix(".md").write_text(render_markdown(records))
+    render_plot(records, out_path.with_suffix(".png"))
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--out", default=str(RESULTS / "unlearning.json"))
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    records = run_unlearning_bench(args.out, args.tasks.split(","), args.seeds, args.quick, args.workers)
+    print(render_markdown(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
