@@ -196,9 +196,10 @@ def prove_parallel(
                     raise ProvingError(
                         f"job {jobs[i].label or i} exceeded the {memory_limit_mb} MB memory cap"
                     ) from exc
-                except ProvingError:
-                    raise
                 except Exception as exc:
-                    raise ProvingError(f"job {jobs[i].label or i} failed: {exc}") from exc
+                    # Under a cap, allocation failures surface as thread-pool or allocator errors.
+                    raise ProvingError(
+                        f"job {jobs[i].label or i} failed (memory cap {memory_limit_mb} MB): {exc}"
+                    ) from exc
                 bar.update(task, advance=1)
     return [results[i] for i in range(len(jobs))]

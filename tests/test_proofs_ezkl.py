@@ -33,7 +33,14 @@ from zkunlearn.proofs.fixedpoint import (
     random_blinding,
     request_binding,
 )
-from zkunlearn.proofs.prover import GroupObsBatch, ProveJob, group_obs_tensors, new_group_obs_batch, run_job
+from zkunlearn.proofs.prover import (
+    GroupObsBatch,
+    ProveJob,
+    group_obs_tensors,
+    new_group_obs_batch,
+    prove_parallel,
+    run_job,
+)
 from zkunlearn.proofs.srs import SrsError, SrsInfo, dev_srs, load_srs
 from zkunlearn.proofs.verifier import (
     AnalyticVerifier,
@@ -463,3 +470,11 @@ def test_analytic_honest_and_wrong_head(an_setup: Any) -> None:
     wrong["w_after"] = data["w_after"] + np.eye(D, K) * 0.25
     v = check(_analytic_tensors(wrong, blind, request))
     assert v.reason is Reason.ANALYTIC_W_WRONG, v
+
+
+def test_prover_memory_cap_fails_cleanly(go_arts: CircuitArtifacts, scenario: Scenario) -> None:
+    """A worker over its address-space cap is reported as a ProvingError naming the job, not a hang."""
+    tensors = group_obs_tensors(scenario.batch, scenario.request, SCALE, go.N_BLIND)
+    job = ProveJob(tensors, go_arts.compiled, go_arts.vk, go_arts.pk, go_arts.srs.path, label="capped")
+    with pytest.raises(ProvingError, match="capped"):
+        prove_parallel([job], workers=1, memory_limit_mb=64, progress=False)
