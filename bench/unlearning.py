@@ -68,8 +68,8 @@ SETTINGS: dict[str, TaskSettings] = {
         personal_epochs=40,
         personal_lr=1e-3,
         finetune_epochs=5,
-        block_size=128,
-        lam=0.05,
+        block_size=64,
+        lam=0.02,
         mask=MaskSpec("fisher-ratio", 0.32),
         extra_layers=("head.weight",),
     ),
@@ -80,12 +80,12 @@ SETTINGS: dict[str, TaskSettings] = {
         personal_lr=3e-4,
         finetune_epochs=5,
         block_size=128,
-        lam=0.05,
+        lam=0.02,
         mask=MaskSpec("fisher-ratio", 0.32),
         extra_layers=("head.weight",),
     ),
     "code-lm": TaskSettings(
-        epochs=8,
+        epochs=6,
         lr=3e-3,
         personal_epochs=6,
         personal_lr=1e-3,
@@ -230,9 +230,9 @@ def prepare(task: str, seed: int, quick: bool) -> Prepared:
             make, cfg = (lambda: models.MLP(cfg_m)), cfg_m.as_dict()
         data_spec = {"data": "mnist5k", "split_seed": seed, "forget_class": disjoint.forget_class}
         fc = disjoint.forget_class
-        provider = disjoint.provider_train
-        retain = disjoint.retain
-        forget = disjoint.forget
+        provider = (disjoint.provider_train.x, disjoint.provider_train.y)
+        retain = (disjoint.retain.x, disjoint.retain.y)
+        forget = (disjoint.forget.x, disjoint.forget.y)
         variants_src: dict[str, Any] = {"disjoint": disjoint, "overlap": overlap}
     elif task == "code-lm":
         import sys
@@ -242,20 +242,19 @@ def prepare(task: str, seed: int, quick: bool) -> Prepared:
         disjoint_c = make_code_task(seed, "disjoint", context=cfg_c.context)
         overlap_c = make_code_task(seed, "overlap", context=cfg_c.context)
         data_spec = {"data": "stdlib", "python": list(sys.version_info[:2]), "split_seed": seed}
-        provider_seq = disjoint_c.provider_train
-        provider = provider_seq
-        retain = disjoint_c.retain
-        forget = disjoint_c.forget
+        provider = (disjoint_c.provider_train.x, disjoint_c.provider_train.y)
+        retain = (disjoint_c.retain.x, disjoint_c.retain.y)
+        forget = (disjoint_c.forget.x, disjoint_c.forget.y)
         variants_src = {"disjoint": disjoint_c, "overlap": overlap_c}
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     base = {"model": cfg, **data_spec, "quick": quick}
     global_model, global_s = _timed_train(
-        make, {**base, "role": "global"}, provider.x, provider.y,
+        make, {**base, "role": "global"}, *provider,
         epochs=epochs, lr=s.lr, seed=seed, batch_size=s.batch_size,
     )  # fmt: skip
     gold_global, gold_s = _timed_train(
-        make, {**base, "role": "retrain"}, retain.x, retain.y,
+        make, {**base, "role": "retrain"}, *retain,
         epochs=epochs, lr=s.lr, seed=seed, batch_size=s.batch_size,
     )  # fmt: skip
     own = tuple(f"{name}.weight" for name in global_model.masked_layers)  # type: ignore[union-attr]
@@ -316,8 +315,8 @@ def prepare(task: str, seed: int, quick: bool) -> Prepared:
         gold_global=gold_global,
         global_train_s=global_s,
         gold_train_s=gold_s,
-        provider_forget=(forget.x, forget.y),
-        provider_retain=(retain.x, retain.y),
+        provider_forget=forget,
+        provider_retain=retain,
         variants=variants,
     )
 
@@ -369,6 +368,7 @@ def group_obs(
     lam: float,
     block_size: int,
     *,
+    n_samples: int = 1024,
     compare_naive: bool = True,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Client-side compensation: Fisher factors without the forget-class samples, then batched solves."""
@@ -378,6 +378,10 @@ def group_obs(
 
     from zkunlearn.tasks.train import cross_entropy
 
+    if data[0].shape[0] > n_samples + int(exclude.sum()):
+        pick = torch.randperm(data[0].shape[0], generator=torch.Generator().manual_seed(0))
+        pick = pick[: n_samples + int(exclude.sum())]
+        data, exclude = (data[0][pick], data[1][pick]), exclude[pick]
     out = copy.deepcopy(model)
     named = dict(out.named_parameters())
     info = {"fisher_s": 0.0, "solve_s": 0.0, "naive_s": 0.0, "naive_max_diff": 0.0}
@@ -418,7 +422,10 @@ def analytic_unlearn(
     from zkunlearn.client.analytic import AnalyticHead
 
     backbone = copy.deepcopy(prep.global_model).eval()
-    n_classes = int(backbone.head.out_features)  # type: ignore[union-attr]
+    head_layer = backbone.get_submodule("head")
+    if not isinstance(head_layer, nn.Linear):
+        raise TypeError("the analytic baseline needs a model with a linear `head`")
+    n_classes = head_layer.out_features
 
     def feats(x: Tensor) -> np.ndarray[Any, Any]:
         with torch.no_grad():
@@ -426,7 +433,8 @@ def analytic_unlearn(
         return np.concatenate([f.double().numpy(), np.ones((f.shape[0], 1))], axis=1)
 
     def onehot(y: Tensor) -> np.ndarray[Any, Any]:
-        return np.eye(n_classes)[y.numpy()]
+        out: np.ndarray[Any, Any] = np.eye(n_classes)[y.numpy()]
+        return out
 
     client_x, client_y = variant["client_train"]
     cf = variant["client_forget_mask"]
@@ -455,11 +463,70 @@ def analytic_unlearn(
     return Headed(), {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
 
 
+SWEEP: tuple[MaskSpec, ...] = tuple(
+    MaskSpec(score, fraction, structure)
+    for score, structure in (
+        ("zkapex", "unstructured"),
+        ("fisher-ratio", "unstructured"),
+        ("fisher-ratio", "block"),
+        ("fisher-ratio", "neuron"),
+        ("salun", "unstructured"),
+        ("random", "unstructured"),
+    )
+    for fraction in (0.04, 0.16, 0.32)
+)
+
+
+def mask_sweep(prep: Prepared, block_size: int, n_samples: int) -> list[dict[str, Any]]:
+    """How much each mask recipe makes the *global* model forget, with and without the head.
+
+    This is the measurement behind the default mask: a mask must bring the global model's forget
+    accuracy near the retrained model's before compensation quality means anything.
+    """
+    from zkunlearn.tasks.metrics import accuracy
+    from zkunlearn.tasks.train import masked_copy
+
+    views: Views = next(iter(prep.variants.values()))["views"]
+    retrain_forget = masked_forget_acc(prep.gold_global, {}, views)
+    own = tuple(n for n in prep.layers if n not in SETTINGS[prep.task].extra_layers)
+    layer_sets = {"own": own, "own+extra": prep.layers} if own != prep.layers else {"own": own}
+    rows = []
+    for label, layers in layer_sets.items():
+        sub = copy.copy(prep)
+        sub.layers = layers
+        for spec in SWEEP:
+            dense = dense_masks(make_mask(sub, spec, block_size, n_samples), layers)
+            masked = masked_copy(prep.global_model, dense)
+            rows.append(
+                {
+                    "task": prep.task,
+                    "seed": prep.seed,
+                    "layers": label,
+                    "score": spec.score,
+                    "structure": spec.structure,
+                    "fraction": spec.fraction,
+                    "masked_forget_acc": accuracy(
+                        _logits(masked, views.forget_test[0]), views.forget_test[1]
+                    ),
+                    "masked_retain_acc": accuracy(
+                        _logits(masked, views.retain_test[0]), views.retain_test[1]
+                    ),
+                    "retrain_forget_acc": retrain_forget,
+                }
+            )
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ one job
 def run_job(
-    task: str, seed: int, quick: bool, mask_spec: MaskSpec | None = None, lam: float | None = None
-) -> list[dict[str, Any]]:
-    """Every method on both variants for one (task, seed); returns per-seed rows."""
+    task: str,
+    seed: int,
+    quick: bool,
+    mask_spec: MaskSpec | None = None,
+    lam: float | None = None,
+    sweep: bool = True,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every method on both variants for one (task, seed); returns per-seed rows and mask-sweep rows."""
     from zkunlearn.tasks.metrics import recovery
     from zkunlearn.tasks.train import finetune_masked, masked_copy
 
@@ -479,6 +546,7 @@ def run_job(
         "retrain_global_forget_acc": masked_forget_acc(prep.gold_global, {}, any_views),
     }
     efficacy["gap_to_retrain"] = efficacy["masked_global_forget_acc"] - efficacy["retrain_global_forget_acc"]
+    sweep_rows = mask_sweep(prep, s.block_size, s.mask_samples) if sweep else []
     rows: list[dict[str, Any]] = []
     for variant, v in prep.variants.items():
         views: Views = v["views"]
@@ -494,6 +562,7 @@ def run_job(
             v["client_forget_mask"],
             lam,
             s.block_size,
+            n_samples=s.fisher_samples,
         )
         info["naive_over_ours"] = info["naive_s"] / max(info["solve_s"], 1e-9)
         results["group-obs"] = (evaluate(obs_model, views, seed), info)
@@ -542,7 +611,7 @@ def run_job(
                     "train_s": {"global": prep.global_train_s, "retrain": prep.gold_train_s},
                 }
             )
-    return rows
+    return rows, sweep_rows
 
 
 # ------------------------------------------------------------------------------------- aggregation
@@ -608,7 +677,7 @@ def render_markdown(records: Sequence[Mapping[str, Any]]) -> str:
             f"| {_fmt(r['mia'])} | {_fmt(r['recovery'])} | {_fmt(r['update_s'], False, 2)} "
             f"| {_fmt(r['peak_rss_mb'], False, 0)} | {_fmt(r['naive_over_ours'], False, 1)} |"
         )
-    eff = {}
+    eff: dict[str, Any] = {}
     for r in records:
         eff.setdefault(r["task"], r["mask_efficacy"])
     lines.append("")
@@ -648,38 +717,99 @@ def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def aggregate_sweep(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    from zkunlearn.tasks.metrics import mean_std
+
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["layers"], r["score"], r["structure"], r["fraction"]), []).append(r)
+    return [
+        {
+            "task": k[0],
+            "layers": k[1],
+            "score": k[2],
+            "structure": k[3],
+            "fraction": k[4],
+            "seeds": sorted(r["seed"] for r in g),
+            **{
+                f: mean_std([r[f] for r in g])
+                for f in ("masked_forget_acc", "masked_retain_acc", "retrain_forget_acc")
+            },
+        }
+        for k, g in sorted(groups.items())
+    ]
+
+
+def render_sweep_markdown(records: Sequence[Mapping[str, Any]]) -> str:
+    lines = [
+        "| task | layers | score | structure | fraction | global forget acc after mask | retain acc "
+        "| retrain forget acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['task']} | {r['layers']} | {r['score']} | {r['structure']} | {r['fraction']:.0%} "
+            f"| {_fmt(r['masked_forget_acc'])} | {_fmt(r['masked_retain_acc'])} "
+            f"| {_fmt(r['retrain_forget_acc'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def finalize(
+    rows: Sequence[Mapping[str, Any]], sweep_rows: Sequence[Mapping[str, Any]], out_path: Path
+) -> list[dict[str, Any]]:
+    """Aggregate per-seed rows and write the JSON, the markdown tables and the plot."""
+    records = aggregate(rows)
+    out_path.write_text(json.dumps(records, indent=2) + "\n")
+    out_path.with_suffix(".md").write_text(render_markdown(records))
+    render_plot(records, out_path.with_suffix(".png"))
+    if sweep_rows:
+        sweep = aggregate_sweep(sweep_rows)
+        out_path.with_name(out_path.stem + "_masks.json").write_text(json.dumps(sweep, indent=2) + "\n")
+        out_path.with_name(out_path.stem + "_masks.md").write_text(render_sweep_markdown(sweep))
+    return records
+
+
 def run_unlearning_bench(
     out_path: Path | str = RESULTS / "unlearning.json",
     tasks: Sequence[str] = TASKS,
     seeds: int = 3,
     quick: bool = False,
     workers: int | None = None,
+    sweep: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every (task, seed) job, aggregate over seeds and write JSON, markdown and a plot beside it."""
-    from tqdm import tqdm
+    """Run every (task, seed) job, aggregate over seeds and write JSON, markdown and a plot beside it.
+
+    Per-seed rows are written after every finished job (``<stem>_seeds.json``), so an interrupted run
+    keeps what it measured; ``finalize`` rebuilds the tables from that file.
+    """
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     for t in tasks:
         if t not in SETTINGS:
             raise ValueError(f"unknown task {t!r}; expected some of {TASKS}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    seeds_path = out_path.with_name(out_path.stem + "_seeds.json")
     jobs = [(t, seed) for t in tasks for seed in range(seeds)]
     workers = workers or max(1, min(len(jobs), (os.cpu_count() or 1)))
     rows: list[dict[str, Any]] = []
+    sweep_rows: list[dict[str, Any]] = []
+
+    def keep(result: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> None:
+        rows.extend(result[0])
+        sweep_rows.extend(result[1])
+        seeds_path.write_text(json.dumps({"rows": rows, "sweep": sweep_rows}, indent=1) + "\n")
+
     if workers == 1:
         for t, seed in tqdm(jobs, desc="unlearning bench"):
-            rows.extend(run_job(t, seed, quick))
+            keep(run_job(t, seed, quick, sweep=sweep))
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(run_job, t, seed, quick): (t, seed) for t, seed in jobs}
+            futures = {pool.submit(run_job, t, seed, quick, sweep=sweep): (t, seed) for t, seed in jobs}
             for fut in tqdm(as_completed(futures), total=len(futures), desc="unlearning bench"):
-                rows.extend(fut.result())
-    records = aggregate(rows)
-    out_path.write_text(json.dumps(records, indent=2) + "\n")
-    out_path.with_name(out_path.stem + "_seeds.json").write_text(json.dumps(rows, indent=2) + "\n")
-    out_path.with_suffix(".md").write_text(render_markdown(records))
-    render_plot(records, out_path.with_suffix(".png"))
-    return records
+                keep(fut.result())
+    return finalize(rows, sweep_rows, out_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -689,8 +819,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the mask-recipe sweep")
+    parser.add_argument("--finalize", help="rebuild the tables from a <stem>_seeds.json file and exit")
     args = parser.parse_args(argv)
-    records = run_unlearning_bench(args.out, args.tasks.split(","), args.seeds, args.quick, args.workers)
+    if args.finalize:
+        blob = json.loads(Path(args.finalize).read_text())
+        records = finalize(blob["rows"], blob["sweep"], Path(args.out))
+    else:
+        records = run_unlearning_bench(
+            args.out, args.tasks.split(","), args.seeds, args.quick, args.workers, not args.no_sweep
+        )
     print(render_markdown(records))
     return 0
 

@@ -51,10 +51,12 @@ class MLP(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.fc1(x.flatten(1)))
-        return self.act(self.fc2(h))
+        out: Tensor = self.act(self.fc2(h))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        out: Tensor = self.head(self.features(x))
+        return out
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
         x = x + self.proj((att @ v).transpose(1, 2).reshape(n, t, d))
-        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+        out: Tensor = x + self.fc2(self.act(self.fc1(self.norm2(x))))
+        return out
 
 
 class ViT(nn.Module):
@@ -133,7 +136,8 @@ class ViT(nn.Module):
         return torch.as_tensor(self.norm(tokens[:, 0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        out: Tensor = self.head(self.features(x))
+        return out
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,6 @@ class CodeLM(nn.Module):
             eos_token_id=EOS,
             dropout=0.0,
             attention_dropout=0.0,
-            activation_dropout=0.0,
             layerdrop=0.0,
             enable_bias=True,
             do_layer_norm_before=True,

@@ -105,7 +105,7 @@ def fit(
             idx = order[start : start + batch_size]
             loss = loss_fn(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             for param, keep_zero in frozen.values():
                 if param.grad is not None:
                     param.grad[keep_zero] = 0.0
