@@ -1,0 +1,275 @@
+"""Write the provider's audit bundle: everything an offline auditor needs to re-check the receipt log.
+
+The bundle is a plain directory (format described in :mod:`zkunlearn.proofs.audit`, which reads it).
+Three choices matter for what an audit can prove:
+
+- **One snapshot size.** The log may grow while we export; every inclusion proof, the latest head
+  and the consistency chain are taken against the size read once at the start, so the bundle is
+  internally consistent instead of mixing two log states.
+- **Raw signed bytes.** Statements are exported as the exact bytes that were signed, never
+  re-serialised, so the auditor checks the provider's signatures rather than ours.
+- **Atomic.** The bundle is written into a temporary sibling directory and renamed into place, so a
+  crash or a full disk never leaves a half bundle that an auditor would report as tampering.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from zkunlearn.proofs.statements import SignedStatement, StatementError, StatementSigner, key_id_for
+
+from .ledger import Ledger, TreeHead
+from .server import ProviderConfig
+from .service import TensorData, _decode_forget
+from .state import ProviderState, open_state
+
+__all__ = ["BUNDLE_FORMAT", "ExportError", "export_bundle", "export_from_config"]
+
+BUNDLE_FORMAT = "zkunlearn-audit-bundle/v1"
+
+
+class ExportError(RuntimeError):
+    """The bundle cannot be written: the target exists, the state is inconsistent, or a file is missing."""
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+
+
+def _tensor_json(tensor: TensorData | None) -> dict[str, Any] | None:
+    if tensor is None:
+        return None
+    return {"shape": list(tensor.shape), "float64_le": tensor.float64_le.hex()}
+
+
+def _head_json(head: TreeHead) -> dict[str, Any]:
+    return SignedStatement.from_wire(head.canonical, head.signature).to_dict()
+
+
+def _stored_heads(state: ProviderState, ledger: Ledger, size: int) -> list[TreeHead]:
+    """Every head the provider ever signed up to ``size``, plus the one for ``size`` itself.
+
+    Size 0 is left out when the log is non-empty: consistency with the empty tree proves nothing.
+    """
+    heads: list[TreeHead] = []
+    for n in range(1, size):
+        rec = state.get_tree_head(n)
+        if rec is not None:
+            heads.append(TreeHead(rec.size, rec.root_hash, rec.canonical, rec.signature))
+    heads.append(ledger.tree_head(size))
+    return heads
+
+
+def _write_bundle(
+    root: Path,
+    state: ProviderState,
+    ledger: Ledger,
+    signer_public_key: bytes,
+    circuits: Mapping[str, Path],
+    srs_sha256: str,
+    srs_insecure: bool,
+) -> None:
+    size = ledger.size
+    heads = _stored_heads(state, ledger, size)
+    _write_json(
+        root / "manifest.json",
+        {
+            "format": BUNDLE_FORMAT,
+            "provider_public_key": signer_public_key.hex(),
+            "key_id": key_id_for(signer_public_key),
+            "srs": {"sha256": srs_sha256, "insecure": srs_insecure},
+            "created_ms": time.time_ns() // 1_000_000,
+            "tree_size": size,
+        },
+    )
+    _write_json(root / "tree_heads.json", [_head_json(h) for h in heads])
+    _write_json(
+        root / "consistency.json",
+        [
+            {
+                "first_size": a.size,
+                "second_size": b.size,
+                "proof": [node.hex() for node in ledger.consistency_proof(a.size, b.size)],
+            }
+            for a, b in itertools.pairwise(heads)
+        ],
+    )
+    log: list[dict[str, Any]] = []
+    request_ids: dict[str, None] = {}
+    submission_ids: dict[str, None] = {}
+    for index in range(size):
+        leaf = ledger.leaf(index)
+        log.append(
+            {
+                "index": index,
+                "canonical": leaf.canonical.hex(),
+                "signature": leaf.signature.hex(),
+                "inclusion_proof": [node.hex() for node in ledger.inclusion_proof(index, size)],
+            }
+        )
+        request_ids[leaf.request_id] = None
+        submission_ids[leaf.submission_id] = None
+    _write_json(root / "log.json", log)
+
+    (root / "requests").mkdir()
+    client_ids: dict[str, None] = {}
+    for request_id in request_ids:
+        request = state.get_request(request_id)
+        if request is None:
+            raise ExportError(f"log leaf names request {request_id!r}, which the state does not hold")
+        features, labels = _decode_forget(request.forget)
+        _write_json(
+            root / "requests" / f"{request_id}.json",
+            {
+                "canonical": request.canonical.hex(),
+                "signature": request.signature.hex(),
+                "mask": request.mask.hex(),
+                "forget_features": _tensor_json(features),
+                "forget_labels": _tensor_json(labels),
+            },
+        )
+        client_ids[request.client_id] = None
+
+    (root / "enrollments").mkdir()
+    for client_id in client_ids:
+        client = state.get_client(client_id)
+        if client is None:
+            raise ExportError(f"request names client {client_id!r}, which the state does not hold")
+        _write_json(
+            root / "enrollments" / f"{client_id}.json",
+            {
+                "canonical": client.enrollment_canonical.hex(),
+                "signature": client.enrollment_signature.hex(),
+                "public_key": client.public_key.hex(),
+                "commitments": json.loads(client.enrolled_commitments),
+            },
+        )
+
+    (root / "submissions").mkdir()
+    for submission_id in submission_ids:
+        sub = state.get_submission(submission_id)
+        if sub is None:
+            raise ExportError(f"log leaf names submission {submission_id!r}, which the state does not hold")
+        _write_json(
+            root / "submissions" / f"{submission_id}.json",
+            {
+                "request_id": sub.request_id,
+                "client_id": sub.client_id,
+                "proof_sha256": sub.proof_sha256,
+                "proof_sizes": json.loads(sub.proof_sizes),
+                "after_commitments": json.loads(sub.after_commitments),
+            },
+        )
+        (root / "submissions" / f"{submission_id}.bin").write_bytes(sub.proof)
+
+    if circuits:
+        target = root / "circuits"
+        target.mkdir()
+        for name, source in circuits.items():
+            if source.is_dir():
+                shutil.copytree(source, target / name)
+            elif source.is_file():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target / name)
+            else:
+                raise ExportError(f"circuit artifact {source} does not exist")
+
+
+def _export(
+    out_dir: Path,
+    state: ProviderState,
+    ledger: Ledger,
+    signer_public_key: bytes,
+    circuits: Mapping[str, Path],
+    srs_sha256: str,
+    srs_insecure: bool,
+) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ExportError(f"{out_dir} already exists; export writes a fresh bundle folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        _write_bundle(tmp, state, ledger, signer_public_key, circuits, srs_sha256, srs_insecure)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_bundle(
+    state: ProviderState,
+    ledger: Ledger,
+    signer_public_key: bytes,
+    out_dir: Path,
+    *,
+    circuits_dir: Path | None = None,
+    srs_sha256: str = "",
+    srs_insecure: bool = True,
+) -> Path:
+    """Write the bundle for the log as it is now into ``out_dir`` (which must not exist); returns it.
+
+    ``circuits_dir`` (the provider's settings, verifying keys and circuit specs) is copied verbatim to
+    ``circuits/`` so an auditor verifies against the same keys the provider used.
+    """
+    return _export(
+        Path(out_dir),
+        state,
+        ledger,
+        signer_public_key,
+        _dir_entries(circuits_dir),
+        srs_sha256,
+        srs_insecure,
+    )
+
+
+def _dir_entries(circuits_dir: Path | None) -> dict[str, Path]:
+    if circuits_dir is None:
+        return {}
+    if not Path(circuits_dir).is_dir():
+        raise ExportError(f"circuits dir {circuits_dir} is not a directory")
+    return {entry.name: entry for entry in sorted(Path(circuits_dir).iterdir())}
+
+
+def export_from_config(
+    config: str | Path | ProviderConfig, out_dir: Path, *, circuits_dir: Path | None = None
+) -> Path:
+    """Export from a provider's config (TOML path or loaded config): its state, key, SRS and artifacts.
+
+    The key file must already exist: unlike the server, export never creates a key, because a fresh
+    key could not have signed anything in the log. Without ``circuits_dir``, the config's
+    ``[artifacts.<circuit>]`` files are copied to ``circuits/<circuit>/<file name>``.
+    """
+    cfg = config if isinstance(config, ProviderConfig) else ProviderConfig.load(config)
+    key_path = Path(cfg.key_file)
+    if not key_path.exists():
+        raise ExportError(f"provider key file {key_path} does not exist")
+    try:
+        signer = StatementSigner.load(key_path)
+    except StatementError as exc:
+        raise ExportError(str(exc)) from exc
+    circuits = _dir_entries(circuits_dir)
+    if circuits_dir is None:
+        for circuit_id, files in cfg.artifacts.items():
+            for _name, file in files.items():
+                dest = f"{circuit_id}/{Path(file).name}"
+                if dest in circuits:
+                    raise ExportError(f"two artifacts of circuit {circuit_id!r} share the file name {dest}")
+                circuits[dest] = Path(file)
+    state = open_state(cfg.state)
+    try:
+        ledger = Ledger(state, signer)
+        return _export(
+            Path(out_dir), state, ledger, signer.public_bytes(), circuits, cfg.srs_digest, cfg.srs_insecure
+        )
+    finally:
+        state.close()
