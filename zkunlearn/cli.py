@@ -6,6 +6,7 @@ runs where only the proofs package is usable.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -37,12 +38,16 @@ def _not_yet(what: str, issue: int) -> None:
 
 @provider_app.command("serve")
 def provider_serve(
-    config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
-    listen: Annotated[str, typer.Option(help="host:port to listen on")] = "127.0.0.1:50551",
+    config: Annotated[Path | None, typer.Option(help="TOML config file (see docs/protocol.md)")] = None,
+    listen: Annotated[str | None, typer.Option(help="host:port to listen on (overrides the config)")] = None,
+    port_file: Annotated[Path | None, typer.Option(help="write the bound port here once serving")] = None,
 ) -> None:
-    """Start the provider's gRPC server."""
-    _not_yet("provider serve", 3)
-    raise typer.Exit(code=1)
+    """Start the provider's gRPC server; SIGINT/SIGTERM shut it down gracefully."""
+    from zkunlearn.provider.server import main as server_main
+
+    args = [*(["--config", str(config)] if config else []), *(["--listen", listen] if listen else [])]
+    args += ["--port-file", str(port_file)] if port_file else []
+    raise typer.Exit(code=server_main(args))
 
 
 @provider_app.command("export")
@@ -108,4 +113,17 @@ def bench_load() -> None:
 
 
 def main() -> None:
-    app()
+    """Entry point: a failure is one clear line naming what went wrong, never a traceback.
+
+    Set ZKUNLEARN_DEBUG=1 to see the traceback when reporting a bug.
+    """
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        raise SystemExit(130) from None
+    except Exception as error:
+        if os.environ.get("ZKUNLEARN_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] {type(error).__name__}: {error}")
+        raise SystemExit(2) from None

@@ -1,0 +1,445 @@
+"""The edge client's provers: apply the unlearning update and prove it, from committed state.
+
+Each prover keeps a durable *committed state* on disk (``state.npz`` + ``state.json``): exactly the
+tensors (on the fixed-point grid) and the blinding elements behind the commitments the provider holds.
+``prove`` always derives the update from that state, never from the live model, so a crash between
+updating and submitting cannot make the client prove an update on top of an update. The live model is
+written from the committed state after each accepted-to-be update.
+
+Group-OBS: per targeted layer, weights are scaled by ``2**e`` (unit spread), G is normalised to unit
+mean diagonal (:mod:`zkunlearn.client.fisher`), blocks are solved in float64
+(:mod:`zkunlearn.client.group_obs`), then rounded to the circuit's grid; only the batches the mask
+touches are proved. Analytic: the RLS head is unlearned exactly (:mod:`zkunlearn.client.analytic`)
+and one proof shows ``W'`` and ``R'`` are the downdated ridge solution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+from zkunlearn.circuits.mask import LayerMask
+from zkunlearn.client.analytic import AnalyticHead
+from zkunlearn.client.fisher import block_factors
+from zkunlearn.client.group_obs import apply_group_obs
+from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
+from zkunlearn.proofs.artifacts import ClientCircuit
+from zkunlearn.proofs.backend import EzklBackend
+from zkunlearn.proofs.deletion import (
+    ANALYTIC_LAYER,
+    AnalyticSpec,
+    GroupObsSpec,
+    analytic_forget_tensors,
+    commitment_name,
+    encode_proof,
+    layer_batches,
+    request_digest,
+    touched_batches,
+)
+from zkunlearn.proofs.fixedpoint import felts, random_blinding, theta_exponent
+from zkunlearn.proofs.prover import (
+    ProveJob,
+    ProveResult,
+    group_obs_tensors,
+    new_group_obs_batch,
+    prove_parallel,
+)
+
+F64 = npt.NDArray[np.float64]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class UnlearningError(RuntimeError):
+    """The committed state and a request or circuit disagree; nothing was changed."""
+
+
+def _input_scale(circuit: ClientCircuit) -> int:
+    return int(json.loads(circuit.settings.read_text())["run_args"]["input_scale"])
+
+
+def _on_grid(x: F64, scale: int) -> F64:
+    step = float(2**scale)
+    out: F64 = np.rint(np.asarray(x, dtype=np.float64) * step) / step
+    return out
+
+
+def _atomic_save(directory: Path, arrays: dict[str, F64], meta: dict[str, Any]) -> None:
+    """Both files replaced by rename: a crash leaves the old state or the new one, never a mix."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz", delete=False) as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp_meta = directory / "state.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, sort_keys=True))
+    os.replace(handle.name, directory / "state.npz")
+    os.replace(tmp_meta, directory / "state.json")
+
+
+def _load(directory: Path) -> tuple[dict[str, F64], dict[str, Any]]:
+    try:
+        with np.load(directory / "state.npz") as data:
+            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in data.files}
+        meta = json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UnlearningError(f"cannot read committed state in {directory}: {exc}") from exc
+    return arrays, meta
+
+
+def _commit(circuit: ClientCircuit, tensor: F64, scale: int) -> str:
+    return EzklBackend().commit(felts(tensor, scale), circuit.vk, circuit.settings, circuit.srs.path)
+
+
+def _param(model: nn.Module, name: str) -> nn.Parameter:
+    params = dict(model.named_parameters())
+    if name not in params:
+        raise UnlearningError(f"model has no parameter {name!r}")
+    return params[name]
+
+
+@dataclass(frozen=True)
+class ProveOptions:
+    workers: int = 1
+    memory_limit_mb: int | None = 4096
+    progress: bool = True
+
+
+class GroupObsUnlearner:
+    """Group-OBS update + proof for the targeted layers of one model (an ``UpdateProver``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: GroupObsSpec,
+        circuit: ClientCircuit,
+        state_dir: Path,
+        options: ProveOptions | None = None,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.circuit = circuit
+        self.state_dir = Path(state_dir)
+        self.options = options or ProveOptions()
+        self.scale = _input_scale(circuit)
+
+    # -- enrollment --------------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        layers: Sequence[str],
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn,
+        exclude: Tensor | None = None,
+    ) -> list[Commitment]:
+        """Fix the committed state (weights on the grid, Fisher factors, blinding) and commit to it.
+
+        ``exclude`` marks client samples left out of the Fisher (e.g. of a kind the provider may ask to
+        forget): the factor is committed now, before any request, so it must already leave them out.
+        """
+        spec, scale = self.spec, self.scale
+        if inputs.shape[0] < 1:
+            raise UnlearningError("enrollment needs client samples for the Fisher factor")
+        arrays: dict[str, F64] = {}
+        meta: dict[str, Any] = {"layers": {}, "last_request": None}
+        commitments: list[Commitment] = []
+        for layer in layers:
+            param = _param(self.model, layer)
+            numel = param.numel()
+            if numel % spec.batch_weights:
+                raise UnlearningError(f"{layer}: {numel} weights are not a multiple of {spec.batch_weights}")
+            n_batches = numel // spec.batch_weights
+            factors = block_factors(self.model, layer, inputs, targets, loss_fn, spec.block, exclude=exclude)
+            g = _fit_rows(factors.factors, spec.m)  # (n_blocks, m, B), unit mean diagonal
+            weight = param.detach().double().cpu().numpy().reshape(-1)
+            exponent = theta_exponent(weight)
+            theta = _on_grid(weight * 2.0**exponent, scale).reshape(n_batches, spec.batch, spec.block)
+            g = _on_grid(g, scale).reshape(n_batches, spec.batch, spec.m, spec.block)
+            theta_blind = np.stack(
+                [
+                    np.stack([random_blinding(spec.n_blind, scale) for _ in range(spec.batch)])
+                    for _ in range(n_batches)
+                ]
+            )
+            g_blind = np.stack(
+                [
+                    np.stack([random_blinding(spec.block, scale) for _ in range(spec.batch)])
+                    for _ in range(n_batches)
+                ]
+            )
+            for b in range(n_batches):
+                commitments.append(
+                    Commitment(
+                        commitment_name("theta", layer),
+                        b,
+                        _commit(self.circuit, np.concatenate([theta[b], theta_blind[b]], axis=1), scale),
+                    )
+                )
+                g_tensor = np.concatenate([g[b], g_blind[b][:, None, :]], axis=1)
+                commitments.append(
+                    Commitment(commitment_name("g", layer), b, _commit(self.circuit, g_tensor, scale))
+                )
+            arrays |= {
+                f"{layer}/theta": theta,
+                f"{layer}/g": g,
+                f"{layer}/theta_blind": theta_blind,
+                f"{layer}/g_blind": g_blind,
+            }
+            meta["layers"][layer] = {
+                "exponent": exponent,
+                "g_scale": factors.scale,
+                "shape": list(param.shape),
+            }
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(theta.reshape(param.shape) / 2.0**exponent).to(param.dtype))
+        meta["commitments"] = [c.to_json() for c in commitments]
+        _atomic_save(self.state_dir, arrays, meta)
+        return commitments
+
+    # -- deletion ----------------------------------------------------------------------------------
+
+    def compensate(self, theta: F64, g: F64, layer_mask: LayerMask, lam: float) -> tuple[F64, F64]:
+        """The Group-OBS update of one layer (scaled units): new weights and the per-block witnesses."""
+        flat = theta.reshape(-1)
+        n_blocks = flat.size // self.spec.block
+        from zkunlearn.client.fisher import BlockFactors
+
+        factors = BlockFactors(
+            layer_mask.layer, self.spec.block, g.reshape(n_blocks, self.spec.m, self.spec.block), 1.0
+        )
+        new, updates = apply_group_obs(flat.reshape(layer_mask.shape), factors, layer_mask, lam)
+        w = np.zeros((n_blocks, self.spec.m))
+        for block, update in updates.items():
+            w[block] = update.w
+        return np.asarray(new, dtype=np.float64).reshape(theta.shape), w
+
+    def prove(self, request: VerifiedRequest) -> UpdateResult:
+        arrays, meta = _load(self.state_dir)
+        last = meta.get("last_request")
+        if last and last["request_id"] == request.request_id:
+            # Crash after the state advanced but before the SDK saved the result: hand back the same answer.
+            return UpdateResult(
+                [Commitment.from_json(c) for c in last["after"]], [bytes.fromhex(p) for p in last["proofs"]]
+            )
+        mine = {(c["name"], c["block"]): c["point_hex"] for c in meta["commitments"]}
+        theirs = {(c.name, c.block): c.point_hex for c in request.before_commitments}
+        if theirs and theirs != mine:
+            raise UnlearningError("the provider's record of our commitments differs from our committed state")
+        spec, scale = self.spec, self.scale
+        batches = touched_batches(request.mask, spec)
+        if not batches:
+            raise UnlearningError("the request's mask touches no weights")
+        digest = request_digest(request.canonical)
+        jobs: list[ProveJob] = []
+        pending: list[tuple[str, int, Any]] = []
+        new_theta: dict[str, F64] = {}
+        for layer_mask in request.mask.layers:
+            name = layer_mask.layer
+            if name not in meta["layers"]:
+                raise UnlearningError(f"the mask names {name!r}, which this client did not enroll")
+            layer_batches(layer_mask, spec)
+            theta, g = arrays[f"{name}/theta"], arrays[f"{name}/g"]
+            after, w = self.compensate(theta, g, layer_mask, spec.lam)
+            after = _on_grid(after, scale)
+            dense = layer_mask.dense().reshape(theta.shape).astype(bool)
+            after[dense] = 0.0  # exactly zero: r_mask has no tolerance
+            new_theta[name] = after
+            w = w.reshape(theta.shape[0], spec.batch, spec.m)
+            for layer_name, b in batches:
+                if layer_name != name:
+                    continue
+                batch = new_group_obs_batch(
+                    theta[b],
+                    after[b],
+                    g[b],
+                    dense[b],
+                    w[b],
+                    scale=scale,
+                    n_blind=spec.n_blind,
+                    theta_blind=arrays[f"{name}/theta_blind"][b],
+                    g_blind=arrays[f"{name}/g_blind"][b],
+                )
+                tensors = group_obs_tensors(batch, digest, scale, spec.n_blind)
+                c = self.circuit
+                jobs.append(ProveJob(tensors, c.compiled, c.vk, c.pk, c.srs.path, label=f"{name}#{b}"))
+                pending.append((name, b, batch))
+        results: list[ProveResult] = prove_parallel(
+            jobs,
+            workers=self.options.workers,
+            memory_limit_mb=self.options.memory_limit_mb,
+            progress=self.options.progress,
+        )
+        after_commitments = dict(mine)
+        for (name, b, batch), result in zip(pending, results, strict=True):
+            if result.commitments[0] != mine[(commitment_name("theta", name), b)]:
+                raise UnlearningError(f"{name} batch {b}: the proof's theta is not our committed theta")
+            after_commitments[(commitment_name("theta", name), b)] = result.commitments[1]
+            arrays[f"{name}/theta_blind"][b] = batch.theta_after_blind
+        for name, after in new_theta.items():
+            arrays[f"{name}/theta"] = after
+        after_list = [Commitment(n, b, p) for (n, b), p in after_commitments.items()]
+        proofs = [encode_proof(r.proof) for r in results]
+        meta["commitments"] = [c.to_json() for c in after_list]
+        meta["last_request"] = {
+            "request_id": request.request_id,
+            "after": [c.to_json() for c in after_list],
+            "proofs": [p.hex() for p in proofs],
+            "prove_s": [r.prove_s for r in results],
+            "peak_rss_mb": [r.peak_rss_mb for r in results],
+        }
+        _atomic_save(self.state_dir, arrays, meta)
+        self.load_model()
+        return UpdateResult(after_list, proofs)
+
+    def load_model(self) -> None:
+        """Write the committed weights into the live model (e.g. after a restart)."""
+        arrays, meta = _load(self.state_dir)
+        for name, info in meta["layers"].items():
+            param = _param(self.model, name)
+            value = arrays[f"{name}/theta"].reshape(info["shape"]) / 2.0 ** int(info["exponent"])
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(value).to(param.dtype))
+
+    def last_proof_stats(self) -> dict[str, Any]:
+        _arrays, meta = _load(self.state_dir)
+        last = meta.get("last_request") or {}
+        return {k: last.get(k) for k in ("request_id", "prove_s", "peak_rss_mb")} | {
+            "proof_bytes": sum(len(bytes.fromhex(p)) for p in last.get("proofs", []))
+        }
+
+
+def _fit_rows(factors: F64, m: int) -> F64:
+    """Exactly ``m`` rows per block: keep the first ``m`` samples, or pad with zero rows.
+
+    Zero rows add nothing to ``G^T G``; the circuit's ``1/m`` is a fixed rescaling of ``lam`` that the
+    unit-mean-diagonal normalisation (recomputed here) absorbs.
+    """
+    n_blocks, rows, block = factors.shape
+    out = np.zeros((n_blocks, m, block))
+    out[:, : min(rows, m)] = factors[:, :m]
+    mean_diag = float(np.mean(np.sum(out * out, axis=1)) / m)
+    if not mean_diag > 0:
+        raise UnlearningError("the Fisher factor is zero: no gradient information on the targeted layers")
+    fitted: F64 = out / np.sqrt(mean_diag)
+    return fitted
+
+
+class AnalyticUnlearner:
+    """Exact unlearning of an analytic (ridge/RLS) head + its proof (an ``UpdateProver``)."""
+
+    def __init__(
+        self,
+        head: AnalyticHead,
+        spec: AnalyticSpec,
+        circuit: ClientCircuit,
+        state_dir: Path,
+        options: ProveOptions | None = None,
+    ) -> None:
+        if (head.d, head.c) != (spec.d, spec.k):
+            raise UnlearningError(f"head is {head.d}x{head.c}, the circuit expects {spec.d}x{spec.k}")
+        self.head = head
+        self.spec = spec
+        self.circuit = circuit
+        self.state_dir = Path(state_dir)
+        self.options = options or ProveOptions()
+        self.scale = _input_scale(circuit)
+
+    def _tensor(self, value: F64, blind: F64) -> F64:
+        return np.vstack([value, blind[None, :]])
+
+    def enroll(self) -> list[Commitment]:
+        scale = self.scale
+        r, w = _on_grid(self.head.R, scale), _on_grid(self.head.W, scale)
+        blind_r, blind_w = random_blinding(self.spec.d, scale), random_blinding(self.spec.k, scale)
+        commitments = [
+            Commitment(
+                commitment_name("r", ANALYTIC_LAYER),
+                0,
+                _commit(self.circuit, self._tensor(r, blind_r), scale),
+            ),
+            Commitment(
+                commitment_name("w", ANALYTIC_LAYER),
+                0,
+                _commit(self.circuit, self._tensor(w, blind_w), scale),
+            ),
+        ]
+        meta = {
+            "commitments": [c.to_json() for c in commitments],
+            "last_request": None,
+            "n_learned": self.head.n_learned,
+        }
+        _atomic_save(self.state_dir, {"r": r, "w": w, "blind_r": blind_r, "blind_w": blind_w}, meta)
+        self.head.R, self.head.W = r.copy(), w.copy()
+        return commitments
+
+    def prove(self, request: VerifiedRequest) -> UpdateResult:
+        arrays, meta = _load(self.state_dir)
+        last = meta.get("last_request")
+        if last and last["request_id"] == request.request_id:
+            return UpdateResult(
+                [Commitment.from_json(c) for c in last["after"]], [bytes.fromhex(p) for p in last["proofs"]]
+            )
+        if request.forget_features is None or request.forget_labels is None:
+            raise UnlearningError("an analytic deletion request must carry the forget features and labels")
+        scale, spec = self.scale, self.spec
+        x_u, y_u = request.forget_features, request.forget_labels
+        head = AnalyticHead(spec.d, spec.k, self.head.gamma)
+        head.R, head.W, head.n_learned = arrays["r"].copy(), arrays["w"].copy(), int(meta["n_learned"])
+        targets = np.eye(spec.k)[y_u.astype(np.int64)] if y_u.ndim == 1 else y_u
+        head.unlearn(x_u, targets)
+        r_after, w_after = _on_grid(head.R, scale), _on_grid(head.W, scale)
+        blind_r2, blind_w2 = random_blinding(spec.d, scale), random_blinding(spec.k, scale)
+        digest = request_digest(request.canonical)
+        fx, fy = analytic_forget_tensors(spec, x_u, y_u, digest, scale)
+        tensors = [
+            felts(self._tensor(arrays["r"], arrays["blind_r"]), scale),
+            felts(self._tensor(r_after, blind_r2), scale),
+            felts(self._tensor(arrays["w"], arrays["blind_w"]), scale),
+            felts(self._tensor(w_after, blind_w2), scale),
+            fx,
+            fy,
+        ]
+        c = self.circuit
+        (result,) = prove_parallel(
+            [ProveJob(tensors, c.compiled, c.vk, c.pk, c.srs.path, label="analytic head")],
+            workers=1,
+            memory_limit_mb=self.options.memory_limit_mb,
+            progress=self.options.progress,
+        )
+        after = [
+            Commitment(commitment_name("r", ANALYTIC_LAYER), 0, result.commitments[1]),
+            Commitment(commitment_name("w", ANALYTIC_LAYER), 0, result.commitments[3]),
+        ]
+        proofs = [encode_proof(result.proof)]
+        meta.update(
+            commitments=[x.to_json() for x in after],
+            n_learned=head.n_learned,
+            last_request={
+                "request_id": request.request_id,
+                "after": [x.to_json() for x in after],
+                "proofs": [p.hex() for p in proofs],
+                "prove_s": [result.prove_s],
+                "peak_rss_mb": [result.peak_rss_mb],
+            },
+        )
+        _atomic_save(
+            self.state_dir, {"r": r_after, "w": w_after, "blind_r": blind_r2, "blind_w": blind_w2}, meta
+        )
+        self.head.R, self.head.W, self.head.n_learned = r_after.copy(), w_after.copy(), head.n_learned
+        return UpdateResult(after, proofs)
+
+    def last_proof_stats(self) -> dict[str, Any]:
+        _arrays, meta = _load(self.state_dir)
+        last = meta.get("last_request") or {}
+        return {k: last.get(k) for k in ("request_id", "prove_s", "peak_rss_mb")} | {
+            "proof_bytes": sum(len(bytes.fromhex(p)) for p in last.get("proofs", []))
+        }

@@ -1,0 +1,580 @@
+"""The statement of a whole deletion: which batches are proven and against which commitments.
+
+One deletion request touches a set of Fisher blocks (Group-OBS) or the analytic head. This module
+is the one place that decides how those map onto proofs, so that the client (building them), the
+provider (verifying) and the auditor (re-verifying offline) cannot disagree:
+
+* **Group-OBS.** A targeted layer of ``numel`` weights is cut into blocks of ``B`` (row-major) and the
+  blocks into fixed *batches* of ``batch`` consecutive blocks; one proof per touched batch. The client
+  commits at enrollment, per batch, to ``theta`` and ``G`` (each with its blinding), named
+  ``theta:<layer>`` / ``g:<layer>`` with ``block`` = the batch index. After an accepted deletion the
+  ``theta`` commitments of touched batches are replaced by the proofs' ``theta'`` commitments; every
+  other commitment (all ``G``, untouched ``theta``) must be carried over unchanged.
+* **Analytic.** One proof; the client commits to ``R`` and ``W`` (names ``r:head``, ``w:head``); the
+  forget features and labels travel with the request, zero-padded to the circuit's ``n_u`` rows
+  (zero rows change neither residual), and their commitments are computed by the verifier itself.
+
+Verification always uses the provider's own circuits (:class:`DeletionCircuits`), never keys or
+settings from the submission. Proof bytes are the JSON of :class:`~zkunlearn.proofs.backend.Proof`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from zkunlearn.circuits import analytic as analytic_relation
+from zkunlearn.circuits import group_obs as group_obs_relation
+from zkunlearn.circuits.export import export_relation
+from zkunlearn.circuits.mask import LayerMask, Mask, MaskError
+from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts
+from zkunlearn.proofs.backend import CircuitConfig, Proof, ProofFormatError
+from zkunlearn.proofs.fixedpoint import (
+    FixedPointError,
+    FloatArray,
+    GroupObsTolerance,
+    analytic_tolerance,
+    felts,
+    group_obs_tolerance,
+    request_binding,
+)
+from zkunlearn.proofs.srs import SrsInfo, dev_srs, file_sha256
+from zkunlearn.proofs.verifier import AnalyticVerifier, GroupObsVerifier, Verdict
+
+UPDATE_KIND_GROUP_OBS = 1
+UPDATE_KIND_ANALYTIC = 2
+ANALYTIC_LAYER = "head"
+
+
+class DeletionError(ValueError):
+    """A deletion's inputs do not fit the published circuits (wrong shapes, missing commitments)."""
+
+
+class CommitmentLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def block(self) -> int: ...
+    @property
+    def point_hex(self) -> str: ...
+
+
+def commitment_name(kind: str, layer: str) -> str:
+    return f"{kind}:{layer}"
+
+
+def request_digest(request_canonical: bytes) -> bytes:
+    """What binds the mask (and forget data) commitments to one signed request."""
+    return hashlib.sha256(b"zkunlearn/request/v1" + request_canonical).digest()
+
+
+@dataclass(frozen=True)
+class GroupObsSpec:
+    """Circuit shape and fixed-point parameters the provider publishes for Group-OBS clients."""
+
+    block: int
+    m: int
+    batch: int
+    lam: float
+    theta_bound: float = 4.0
+    g_bound: float = 8.0
+    w_bound: float = 64.0
+    n_blind: int = group_obs_relation.N_BLIND
+
+    def tolerance(self, scale: int) -> GroupObsTolerance:
+        return group_obs_tolerance(
+            self.block,
+            self.m,
+            self.lam,
+            scale,
+            theta_bound=self.theta_bound,
+            g_bound=self.g_bound,
+            w_bound=self.w_bound,
+        )
+
+    @property
+    def batch_weights(self) -> int:
+        return self.batch * self.block
+
+
+@dataclass(frozen=True)
+class AnalyticSpec:
+    """Shape of the analytic head circuit: ``d`` features, ``k`` outputs, up to ``n_u`` forget samples."""
+
+    d: int
+    k: int
+    n_u: int
+    r_bound: float = 1.0
+    x_bound: float = 4.0
+    w_bound: float = 4.0
+    inner_bound: float = 16.0
+
+    def tolerance(self, scale: int) -> tuple[float, float]:
+        return analytic_tolerance(
+            self.d,
+            self.k,
+            self.n_u,
+            scale,
+            r_bound=self.r_bound,
+            x_bound=self.x_bound,
+            w_bound=self.w_bound,
+            inner_bound=self.inner_bound,
+        )
+
+
+@dataclass(frozen=True)
+class DeletionCircuits:
+    """The provider's compiled circuits for one model, as a directory it can publish and audit.
+
+    Layout: ``circuits.json`` (specs, artifact keys, SRS digest), one folder per artifact key
+    (``settings.json``, ``model.compiled``, ``vk.key``, ``model.onnx``; the provider also keeps
+    ``pk.key``, which an export leaves out) and ``srs/`` with the SRS files.
+    """
+
+    directory: Path
+    group_obs: tuple[GroupObsSpec, CircuitArtifacts] | None
+    analytic: tuple[AnalyticSpec, CircuitArtifacts] | None
+
+    @classmethod
+    def build(
+        cls,
+        directory: Path,
+        *,
+        group_obs: GroupObsSpec | None,
+        analytic: AnalyticSpec | None,
+        config: CircuitConfig | None = None,
+        srs: SrsInfo | None = None,
+    ) -> DeletionCircuits:
+        """Export, compile and set up each relation with the provider's own keys (cached by content).
+
+        Without ``srs`` a development SRS is generated: INSECURE, and recorded as such.
+        """
+        directory = Path(directory)
+        srs_dir = directory / "srs"
+
+        def srs_for(logrows: int) -> SrsInfo:
+            if srs is not None:
+                if srs.logrows < logrows:
+                    raise DeletionError(f"SRS has logrows {srs.logrows}, the circuit needs {logrows}")
+                return srs
+            return dev_srs(srs_dir, logrows)
+
+        built_go = built_an = None
+        record: dict[str, Any] = {"format": "zkunlearn-circuits/v1"}
+        if group_obs is not None:
+            module = group_obs_relation.GroupObsCheck(
+                group_obs.block, group_obs.m, group_obs.lam, group_obs.n_blind
+            )
+            onnx = export_relation(
+                module,
+                group_obs_relation.example_inputs(
+                    group_obs.batch, group_obs.block, group_obs.m, group_obs.n_blind
+                ),
+                directory / "staging" / "group_obs.onnx",
+                group_obs_relation.INPUT_NAMES,
+                group_obs_relation.OUTPUT_NAMES,
+            )
+            arts = build_provider_artifacts(onnx, directory, srs_for, config)
+            built_go = (group_obs, arts)
+            record["group_obs"] = {
+                "spec": asdict(group_obs),
+                "key": arts.key,
+                **_srs_record(arts.srs, directory),
+            }
+        if analytic is not None:
+            module_an = analytic_relation.AnalyticCheck(analytic.d, analytic.k, analytic.n_u)
+            onnx = export_relation(
+                module_an,
+                analytic_relation.example_inputs(analytic.d, analytic.k, analytic.n_u),
+                directory / "staging" / "analytic.onnx",
+                analytic_relation.INPUT_NAMES,
+                analytic_relation.OUTPUT_NAMES,
+            )
+            arts = build_provider_artifacts(onnx, directory, srs_for, config)
+            built_an = (analytic, arts)
+            record["analytic"] = {
+                "spec": asdict(analytic),
+                "key": arts.key,
+                **_srs_record(arts.srs, directory),
+            }
+        (directory / "circuits.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return cls(directory, built_go, built_an)
+
+    @classmethod
+    def load(cls, directory: Path) -> DeletionCircuits:
+        """Open a circuits directory, re-checking every SRS file against its recorded digest."""
+        directory = Path(directory)
+        try:
+            record = json.loads((directory / "circuits.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise DeletionError(f"cannot read {directory / 'circuits.json'}: {exc}") from exc
+        go = an = None
+        if "group_obs" in record:
+            go = (GroupObsSpec(**record["group_obs"]["spec"]), _artifacts(directory, record["group_obs"]))
+        if "analytic" in record:
+            an = (AnalyticSpec(**record["analytic"]["spec"]), _artifacts(directory, record["analytic"]))
+        return cls(directory, go, an)
+
+    def group_obs_verifier(self) -> tuple[GroupObsSpec, GroupObsVerifier]:
+        if self.group_obs is None:
+            raise DeletionError("this model publishes no Group-OBS circuit")
+        spec, arts = self.group_obs
+        tol = spec.tolerance(_input_scale(arts))
+        return spec, GroupObsVerifier(arts, n_blocks=spec.batch, n_blind=spec.n_blind, tolerance=tol)
+
+    def analytic_verifier(self) -> tuple[AnalyticSpec, AnalyticVerifier]:
+        if self.analytic is None:
+            raise DeletionError("this model publishes no analytic circuit")
+        spec, arts = self.analytic
+        return spec, AnalyticVerifier(arts, d=spec.d, tolerance=spec.tolerance(_input_scale(arts)))
+
+
+def _srs_record(srs: SrsInfo, directory: Path) -> dict[str, Any]:
+    return {
+        "srs": {
+            "file": str(srs.path.relative_to(directory))
+            if srs.path.is_relative_to(directory)
+            else str(srs.path),
+            "sha256": srs.sha256,
+            "logrows": srs.logrows,
+            "insecure": srs.insecure,
+            "source": srs.source,
+        }
+    }
+
+
+def _artifacts(directory: Path, entry: Mapping[str, Any]) -> CircuitArtifacts:
+    key = str(entry["key"])
+    srs_entry = entry["srs"]
+    srs_path = Path(srs_entry["file"])
+    srs_path = srs_path if srs_path.is_absolute() else directory / srs_path
+    if not srs_path.is_file() or file_sha256(srs_path) != srs_entry["sha256"]:
+        raise DeletionError(f"SRS {srs_path} is missing or does not match its recorded digest")
+    srs = SrsInfo(
+        srs_path,
+        int(srs_entry["logrows"]),
+        str(srs_entry["sha256"]),
+        bool(srs_entry["insecure"]),
+        str(srs_entry["source"]),
+    )
+    folder = directory / key
+    return CircuitArtifacts(
+        key=key,
+        directory=folder,
+        onnx=folder / "model.onnx",
+        settings=folder / "settings.json",
+        compiled=folder / "model.compiled",
+        vk=folder / "vk.key",
+        pk=folder / "pk.key",
+        srs=srs,
+    )
+
+
+def _input_scale(arts: CircuitArtifacts) -> int:
+    return int(arts.settings_dict["run_args"]["input_scale"])
+
+
+# ---- Group-OBS layout ---------------------------------------------------------------------------
+
+
+def layer_batches(layer: LayerMask, spec: GroupObsSpec) -> int:
+    numel = int(np.prod(layer.shape))
+    if layer.block_size != spec.block:
+        raise DeletionError(
+            f"mask block size {layer.block_size} != circuit block {spec.block} ({layer.layer})"
+        )
+    if numel % spec.batch_weights:
+        raise DeletionError(
+            f"layer {layer.layer} has {numel} weights, not a multiple of batch x block = {spec.batch_weights}"
+        )
+    return numel // spec.batch_weights
+
+
+def touched_batches(mask: Mask, spec: GroupObsSpec) -> list[tuple[str, int]]:
+    """(layer, batch) pairs with at least one masked weight, in the order proofs must come in."""
+    out: list[tuple[str, int]] = []
+    for layer in mask.layers:
+        layer_batches(layer, spec)
+        out.extend(
+            (layer.layer, b) for b in sorted({blk // spec.batch for blk in mask.touched_blocks(layer.layer)})
+        )
+    return out
+
+
+def batch_mask_rows(layer: LayerMask, batch: int, spec: GroupObsSpec) -> npt.NDArray[np.bool_]:
+    """The (batch, B) 0/1 mask of one batch."""
+    rows = np.zeros((spec.batch, spec.block), dtype=bool)
+    for i in range(spec.batch):
+        offsets = layer.blocks.get(batch * spec.batch + i, ())
+        rows[i, list(offsets)] = True
+    return rows
+
+
+def _by_key(items: Sequence[CommitmentLike], what: str) -> dict[tuple[str, int], str]:
+    out: dict[tuple[str, int], str] = {}
+    for c in items:
+        key = (c.name, int(c.block))
+        if key in out:
+            raise DeletionError(f"{what}: duplicate commitment {c.name}#{c.block}")
+        out[key] = c.point_hex
+    return out
+
+
+def _parse_proof(raw: bytes, index: int) -> Proof:
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict) or set(obj) != {"transcript", "instances"}:
+            raise ProofFormatError(
+                "a proof is exactly {transcript, instances}; keys and settings are never accepted"
+            )
+        return Proof.from_json(obj)
+    except (ValueError, ProofFormatError) as exc:
+        raise DeletionError(f"proof {index} is malformed: {exc}") from exc
+
+
+def encode_proof(proof: Proof) -> bytes:
+    return json.dumps(proof.to_json(), separators=(",", ":")).encode()
+
+
+class _NoReplay:
+    """The provider state refuses replays (one accepted submission per request); the auditor re-checks
+    decided receipts, so here a proof is judged on its own."""
+
+    def proof_used(self, digest: str) -> bool:
+        return False
+
+    def request_used(self, request_id: str) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class DeletionVerdict:
+    ok: bool
+    reason: str
+    verdicts: tuple[Verdict, ...] = ()
+
+
+def verify_group_obs(
+    circuits: DeletionCircuits,
+    *,
+    request_id: str,
+    request_canonical: bytes,
+    mask: Mask,
+    before: Sequence[CommitmentLike],
+    after: Sequence[CommitmentLike],
+    proofs: Sequence[bytes],
+) -> DeletionVerdict:
+    spec, verifier = circuits.group_obs_verifier()
+    digest = request_digest(request_canonical)
+    old, new = _by_key(before, "before"), _by_key(after, "after")
+    batches = touched_batches(mask, spec)
+    if not batches:
+        return DeletionVerdict(False, "the mask touches no weights")
+    if len(proofs) != len(batches):
+        return DeletionVerdict(
+            False, f"expected {len(batches)} proofs (one per touched batch), got {len(proofs)}"
+        )
+    touched_theta = {(commitment_name("theta", layer), b) for layer, b in batches}
+    if set(new) != set(old):
+        return DeletionVerdict(False, "after-commitments must name exactly the enrolled tensors")
+    for key, point in old.items():
+        if key not in touched_theta and new[key] != point:
+            return DeletionVerdict(
+                False, f"commitment {key[0]}#{key[1]} changed but its batch is not in the mask"
+            )
+    layers = {layer.layer: layer for layer in mask.layers}
+    verdicts: list[Verdict] = []
+    for index, ((layer_name, b), raw) in enumerate(zip(batches, proofs, strict=True)):
+        theta_key, g_key = (commitment_name("theta", layer_name), b), (commitment_name("g", layer_name), b)
+        if theta_key not in old or g_key not in old:
+            return DeletionVerdict(False, f"no enrolled commitment for {layer_name} batch {b}")
+        try:
+            proof = _parse_proof(raw, index)
+            mask_commitment = verifier.mask_commitment(batch_mask_rows(layers[layer_name], b, spec), digest)
+        except (DeletionError, FixedPointError) as exc:
+            return DeletionVerdict(False, str(exc), tuple(verdicts))
+        verdict = verifier.verify(
+            proof,
+            request_id=request_id,
+            enrolled_theta=old[theta_key],
+            enrolled_g=old[g_key],
+            mask_commitment=mask_commitment,
+            claimed_theta_after=new[theta_key],
+            replay=_NoReplay(),
+        )
+        verdicts.append(verdict)
+        if not verdict.ok:
+            return DeletionVerdict(
+                False,
+                f"{layer_name} batch {b}: {verdict.reason.value} {verdict.detail}".strip(),
+                tuple(verdicts),
+            )
+    return DeletionVerdict(True, "ok", tuple(verdicts))
+
+
+# ---- analytic layout ----------------------------------------------------------------------------
+
+
+def pad_forget(
+    spec: AnalyticSpec, features: npt.ArrayLike, labels: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray]:
+    """Forget features (n, d) and targets (n, k) zero-padded to the circuit's ``n_u`` rows."""
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if y.ndim == 1:  # class indices become one-hot regression targets, as the head was trained
+        if not np.all((y == np.round(y)) & (y >= 0) & (y < spec.k)):
+            raise DeletionError(f"1-D forget labels must be class indices in [0, {spec.k})")
+        y = np.eye(spec.k)[y.astype(np.int64)]
+    if x.ndim != 2 or x.shape[1] != spec.d or y.shape != (x.shape[0], spec.k):
+        raise DeletionError(
+            f"forget data must be ({spec.n_u} max, {spec.d}) and (n, {spec.k}); got {x.shape}, {y.shape}"
+        )
+    if x.shape[0] > spec.n_u:
+        raise DeletionError(f"{x.shape[0]} forget samples exceed the circuit's n_u = {spec.n_u}")
+    pad = spec.n_u - x.shape[0]
+    return np.vstack([x, np.zeros((pad, spec.d))]), np.vstack([y, np.zeros((pad, spec.k))])
+
+
+def analytic_forget_tensors(
+    spec: AnalyticSpec, features: npt.ArrayLike, labels: npt.ArrayLike, digest: bytes, scale: int
+) -> tuple[list[str], list[str]]:
+    """The committed X_u and Y_u (padded, plus a request-bound trailing row) as felts."""
+    x, y = pad_forget(spec, features, labels)
+    rows = []
+    for name, v in (("x_u", x), ("y_u", y)):
+        rows.append(
+            felts(np.vstack([v, request_binding(digest + name.encode(), v.shape[1], scale)[None, :]]), scale)
+        )
+    return rows[0], rows[1]
+
+
+def verify_analytic(
+    circuits: DeletionCircuits,
+    *,
+    request_id: str,
+    request_canonical: bytes,
+    forget_features: npt.ArrayLike | None,
+    forget_labels: npt.ArrayLike | None,
+    before: Sequence[CommitmentLike],
+    after: Sequence[CommitmentLike],
+    proofs: Sequence[bytes],
+) -> DeletionVerdict:
+    spec, verifier = circuits.analytic_verifier()
+    if forget_features is None or forget_labels is None:
+        return DeletionVerdict(False, "an analytic deletion needs the forget features and labels")
+    if len(proofs) != 1:
+        return DeletionVerdict(False, f"an analytic deletion has exactly one proof, got {len(proofs)}")
+    old, new = _by_key(before, "before"), _by_key(after, "after")
+    r_key, w_key = (commitment_name("r", ANALYTIC_LAYER), 0), (commitment_name("w", ANALYTIC_LAYER), 0)
+    if set(old) != {r_key, w_key} or set(new) != {r_key, w_key}:
+        return DeletionVerdict(False, "analytic commitments must be exactly r:head#0 and w:head#0")
+    scale = _input_scale(circuits.analytic[1]) if circuits.analytic else 0
+    try:
+        x_u, y_u = analytic_forget_tensors(
+            spec, forget_features, forget_labels, request_digest(request_canonical), scale
+        )
+        proof = _parse_proof(proofs[0], 0)
+    except (DeletionError, FixedPointError) as exc:
+        return DeletionVerdict(False, str(exc))
+    verdict = verifier.verify(
+        proof,
+        request_id=request_id,
+        enrolled_r=old[r_key],
+        claimed_r_after=new[r_key],
+        enrolled_w=old[w_key],
+        claimed_w_after=new[w_key],
+        forget_x=verifier.commit(x_u),
+        forget_y=verifier.commit(y_u),
+        replay=_NoReplay(),
+    )
+    reason = "ok" if verdict.ok else f"{verdict.reason.value} {verdict.detail}".strip()
+    return DeletionVerdict(verdict.ok, reason, (verdict,))
+
+
+def verify_deletion(
+    circuits: DeletionCircuits,
+    *,
+    update_kind: int,
+    request_id: str,
+    request_canonical: bytes,
+    mask_bytes: bytes,
+    forget_features: npt.ArrayLike | None,
+    forget_labels: npt.ArrayLike | None,
+    before: Sequence[CommitmentLike],
+    after: Sequence[CommitmentLike],
+    proofs: Sequence[bytes],
+) -> DeletionVerdict:
+    """Judge one submission with the provider's own circuits; every refusal names its reason."""
+    try:
+        if update_kind == UPDATE_KIND_GROUP_OBS:
+            return verify_group_obs(
+                circuits,
+                request_id=request_id,
+                request_canonical=request_canonical,
+                mask=Mask.from_bytes(mask_bytes),
+                before=before,
+                after=after,
+                proofs=proofs,
+            )
+        if update_kind == UPDATE_KIND_ANALYTIC:
+            return verify_analytic(
+                circuits,
+                request_id=request_id,
+                request_canonical=request_canonical,
+                forget_features=forget_features,
+                forget_labels=forget_labels,
+                before=before,
+                after=after,
+                proofs=proofs,
+            )
+    except (DeletionError, MaskError) as exc:
+        return DeletionVerdict(False, str(exc))
+    return DeletionVerdict(False, f"unknown update kind {update_kind}")
+
+
+@dataclass(frozen=True)
+class _Commitment:
+    name: str
+    block: int
+    point_hex: str
+
+
+def verify_bundle_submission(
+    request_payload: Mapping[str, Any],
+    request_canonical: bytes,
+    mask_bytes: bytes,
+    forget_features: npt.ArrayLike | None,
+    forget_labels: npt.ArrayLike | None,
+    before_commitments: Sequence[Mapping[str, Any]],
+    after_commitments: Sequence[Mapping[str, Any]],
+    proofs: Sequence[bytes],
+    circuits_dir: Path,
+) -> tuple[bool, str]:
+    """The auditor's proof check: the same judgement as the provider's, from an exported bundle."""
+    try:
+        circuits = DeletionCircuits.load(circuits_dir)
+        before = [
+            _Commitment(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in before_commitments
+        ]
+        after = [_Commitment(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in after_commitments]
+    except (DeletionError, KeyError, TypeError, ValueError) as exc:
+        return False, f"cannot load circuits or commitments: {exc}"
+    verdict = verify_deletion(
+        circuits,
+        update_kind=int(request_payload.get("update_kind", 0)),
+        request_id=str(request_payload.get("request_id", "")),
+        request_canonical=request_canonical,
+        mask_bytes=mask_bytes,
+        forget_features=forget_features,
+        forget_labels=forget_labels,
+        before=before,
+        after=after,
+        proofs=proofs,
+    )
+    return verdict.ok, verdict.reason
