@@ -12,7 +12,8 @@ Bundle format ``zkunlearn-audit-bundle/v1`` (a directory; all bytes are lowercas
     "key_id", "srs": {"sha256", "insecure": bool}, "created_ms", "tree_size"}``.
 ``tree_heads.json``
     Signed tree heads (``SignedStatement.to_dict()``) in strictly increasing size; at least the
-    latest, whose size is the number of leaves in ``log.json``.
+    latest, whose size is the number of leaves in ``log.json``. Size 0 appears only for an empty log
+    (consistency with the empty tree proves nothing).
 ``consistency.json``
     ``[{"first_size", "second_size", "proof": [hex]}]``, one per consecutive pair of heads.
 ``log.json``
@@ -270,7 +271,6 @@ class _Auditor:
         self.latest: TreeHead | None = None
         self.leaves: list[_Leaf] = []
         self.leaf_hashes: list[bytes] = []
-        self.log_ok = True
 
     def record(self, item: str, check: Callable[[], str]) -> bool:
         """Run one check; ``check`` returns an OK note or raises. Unexpected errors are FAILs too."""
@@ -301,9 +301,7 @@ class _Auditor:
         if srs.get("insecure", True):
             note += " (INSECURE dev SRS)"
         if self.pinned is not None:
-            self.verifier = StatementVerifier.from_public_bytes(self.pinned)
-            self.report.key_pinned = True
-            self.report.provider_key_id = self.verifier.key_id
+            assert self.verifier is not None  # set from the pinned key before the manifest is read
             if key != self.pinned:
                 raise _CheckError(
                     f"manifest.json provider_public_key: key {key_id_for(key)} is not the pinned key "
@@ -347,7 +345,7 @@ class _Auditor:
 
             if not self.record(f"tree_heads.json[{i}]", one) and len(heads) <= i:
                 heads.append(TreeHead(-1, b"", 0, ""))  # keeps positions aligned; never trusted
-        if all(h.size >= 0 for h in heads):
+        if heads and heads[-1].size >= 0:
             self.latest = heads[-1]
             self.report.tree_size = heads[-1].size
         self.consistency(heads)
@@ -402,14 +400,14 @@ class _Auditor:
             raw = _list(_load_json(self.bundle, "log.json"), "log.json")
         except _CheckError as exc:
             self.report.items.append(AuditItem("log.json", False, str(exc)))
-            self.log_ok = False
             return
         for i, entry in enumerate(raw):
 
             def one(i: int = i, entry: Any = entry) -> str:
                 where = f"log.json[{i}]"
                 obj = _obj(entry, where)
-                if _get(obj, "index", where) != i:
+                index = _get(obj, "index", where)
+                if type(index) is not int or index != i:
                     raise _CheckError(f"{where} index: {obj.get('index')!r}, expected {i}")
                 canonical = _hex(_get(obj, "canonical", where), f"{where} canonical")
                 self.leaf_hashes.append(leaf_hash(canonical))
@@ -431,10 +429,8 @@ class _Auditor:
                     raise _CheckError(f"{where} inclusion_proof: {exc}") from None
                 return f"{payload['verdict']} receipt for request {payload.get('request_id')}"
 
-            if not self.record(f"log.json[{i}]", one):
-                self.log_ok = False
-                if len(self.leaf_hashes) <= i:
-                    self.leaf_hashes.append(b"")
+            if not self.record(f"log.json[{i}]", one) and len(self.leaf_hashes) <= i:
+                self.leaf_hashes.append(b"")
 
         def root() -> str:
             if self.latest is None:
@@ -540,7 +536,7 @@ class _Auditor:
 
     # (4) commitment chains ------------------------------------------------------------------------
 
-    def enrollment(self, client_id: str) -> list[Any]:
+    def enrollment(self, client_id: str) -> dict[str, Any]:
         rel = f"enrollments/{client_id}.json"
         enr = _obj(_load_json(self.bundle, rel), rel)
         key = _hex(_get(enr, "public_key", rel), f"{rel} public_key", 32)
@@ -558,7 +554,7 @@ class _Auditor:
         commitments = _list(_get(enr, "commitments", rel), f"{rel} commitments")
         if payload.get("commitments") != commitments:
             raise _CheckError(f"{rel} commitments: differ from the signed enrollment's commitments")
-        return commitments
+        return payload
 
     def chains(self) -> None:
         by_client: dict[str, list[_Leaf]] = {}
@@ -568,14 +564,20 @@ class _Auditor:
 
             def one(client_id: str = client_id, leaves: list[_Leaf] = leaves) -> str:
                 _safe_id(client_id, "receipt client_id")
-                current: Any = self.enrollment(client_id)
+                enrolled = self.enrollment(client_id)
+                current: Any = enrolled["commitments"]
                 answered: dict[str, int] = {}
                 accepted = 0
                 for leaf in leaves:
                     r = leaf.payload
+                    where = f"log.json[{leaf.index}]"
+                    for key in ("model_id", "update_kind"):
+                        if r.get(key) != enrolled.get(key):
+                            raise _CheckError(
+                                f"{where} receipt {key}: {r.get(key)!r}, enrolled {enrolled.get(key)!r}"
+                            )
                     if r.get("verdict") != "accepted":
                         continue
-                    where = f"log.json[{leaf.index}]"
                     rid = str(r.get("request_id"))
                     if rid in answered:
                         raise _CheckError(
@@ -621,6 +623,11 @@ class _Auditor:
         if not self.bundle.is_dir():
             self.report.items.append(AuditItem("bundle", False, f"{self.bundle} is not a directory"))
             return
+        if self.pinned is not None:
+            # A pinned key does not depend on the manifest: a broken manifest still gets a full audit.
+            self.verifier = StatementVerifier.from_public_bytes(self.pinned)
+            self.report.key_pinned = True
+            self.report.provider_key_id = self.verifier.key_id
         if not self.record("manifest.json", self.manifest) and self.verifier is None:
             return
         self.heads()

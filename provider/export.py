@@ -34,6 +34,8 @@ from .state import ProviderState, open_state
 __all__ = ["BUNDLE_FORMAT", "ExportError", "export_bundle", "export_from_config"]
 
 BUNDLE_FORMAT = "zkunlearn-audit-bundle/v1"
+# Proving keys are large and verification never needs them; an auditor gets verifying keys only.
+_LEFT_OUT = ("pk.key",)
 
 
 class ExportError(RuntimeError):
@@ -174,8 +176,10 @@ def _write_bundle(
         target = root / "circuits"
         target.mkdir()
         for name, source in circuits.items():
+            if source.name in _LEFT_OUT:
+                continue
             if source.is_dir():
-                shutil.copytree(source, target / name)
+                shutil.copytree(source, target / name, ignore=shutil.ignore_patterns(*_LEFT_OUT))
             elif source.is_file():
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target / name)

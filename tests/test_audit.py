@@ -122,6 +122,9 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Provider:
         circuits = base / "circuits-src"
         circuits.mkdir()
         (circuits / "settings.json").write_text('{"run_args": {}}')
+        (circuits / "c1").mkdir()
+        (circuits / "c1" / "vk.key").write_bytes(b"vk")
+        (circuits / "c1" / "pk.key").write_bytes(b"proving key: large, never exported")
         bundle = export_bundle(
             state,
             service.ledger,
@@ -211,6 +214,8 @@ def test_clean_export_audits_ok_with_every_check_counted(provider: Provider) -> 
     assert report.key_pinned
     assert report.tree_size == 5
     assert (provider.bundle / "circuits" / "settings.json").exists()
+    assert (provider.bundle / "circuits" / "c1" / "vk.key").read_bytes() == b"vk"
+    assert not (provider.bundle / "circuits" / "c1" / "pk.key").exists()
     body = report_json(report)
     assert body["ok"] is True
     assert body["items_checked"] == report.items_checked
@@ -450,7 +455,12 @@ def _forged_proof(payloads: list[dict[str, Any]], bundle: Path, provider: Provid
     payloads[i]["proof_sha256"] = digest
 
 
+def _other_model(payloads: list[dict[str, Any]], bundle: Path, provider: Provider) -> None:
+    payloads[leaf_of(bundle, "bob-1")]["model_id"] = "m2"
+
+
 SWAPS = {
+    "receipt for another model": (_other_model, "", "chain bob"),
     "submission of another request": (_swap_submission, "alice-1", "cross-check"),
     "request hash of another request": (_other_request_hash, "alice-1", "cross-check"),
     "receipt for another request": (_receipt_for_other_request, "alice-2", "cross-check"),
@@ -554,3 +564,19 @@ def test_export_refuses_existing_target_and_from_config_matches(provider: Provid
     )
     out4 = export_from_config(with_artifacts, tmp_path / "b4")
     assert (out4 / "circuits" / "c1" / "settings.json").read_bytes() == settings.read_bytes()
+
+
+def test_pinned_key_audits_everything_even_without_a_manifest(provider: Provider, copy: Path) -> None:
+    (copy / "manifest.json").unlink()
+    report = audit(copy, provider)
+    assert failed_items(report) == ["manifest.json"]
+    assert report.items_checked > 20
+
+
+def test_a_broken_old_head_does_not_hide_the_rest(provider: Provider, copy: Path) -> None:
+    heads = load(copy / "tree_heads.json")
+    heads[1]["signature"] = _flip_hex(heads[1]["signature"], 3)
+    dump(copy / "tree_heads.json", heads)
+    report = audit(copy, provider)
+    # The head and the two consistency proofs that link it fail; the log under the latest head holds.
+    assert failed_items(report) == ["tree_heads.json[1]", "consistency.json[0]", "consistency.json[1]"]
