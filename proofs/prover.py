@@ -149,6 +149,18 @@ def _cap_memory(limit_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
+    spawned worker would report its (large) parent's peak instead of its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def run_job(job: ProveJob) -> ProveResult:
     """Witness + prove one batch in this process."""
     from zkunlearn.proofs.backend import witness_commitments
@@ -158,7 +170,7 @@ def run_job(job: ProveJob) -> ProveResult:
     witness = backend.witness(job.inputs, job.compiled, job.vk, job.srs)
     proof = backend.prove(witness, job.compiled, job.pk, job.srs)
     elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = peak_rss_mb()
     return ProveResult(job.label, proof, witness_commitments(witness), elapsed, peak)
 
 
