@@ -203,6 +203,7 @@ def _export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         _write_bundle(tmp, state, ledger, signer_public_key, circuits, srs_sha256, srs_insecure)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be handed to auditors
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -580,3 +580,17 @@ def test_a_broken_old_head_does_not_hide_the_rest(provider: Provider, copy: Path
     report = audit(copy, provider)
     # The head and the two consistency proofs that link it fail; the log under the latest head holds.
     assert failed_items(report) == ["tree_heads.json[1]", "consistency.json[0]", "consistency.json[1]"]
+
+
+def test_empty_log_exports_and_audits(tmp_path: Path) -> None:
+    signer = StatementSigner.generate()
+    state = SqlState.sqlite(tmp_path / "empty.db")
+    service = ProviderService(state, signer, FakeVerifier())
+    try:
+        out = export_bundle(state, service.ledger, signer.public_bytes(), tmp_path / "b")
+    finally:
+        service.close()
+        state.close()
+    report = audit_bundle(out, provider_public_key=signer.public_bytes(), proof_checker=fake_checker)
+    assert report.ok, report.failures
+    assert report.tree_size == 0
