@@ -26,9 +26,12 @@ are zeroed in ``G_U`` (and unmasked ones in ``G_S``), so blocks with different `
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -42,13 +45,32 @@ __all__ = [
     "GroupObsError",
     "apply_group_obs",
     "apply_mask_only",
+    "single_threaded_blas",
     "solve_block",
     "solve_blocks",
 ]
 
 F64 = npt.NDArray[np.float64]
-# Blocks per batched factorisation: bounds peak memory at ~chunk * max(m, B)^2 * 8 bytes.
-_CHUNK = 256
+# float64 entries per batched chunk of blocks (~64 MB per temporary): bounds peak memory for any m, B.
+_CHUNK_ENTRIES = 1 << 23
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run NumPy's BLAS on one thread for the duration.
+
+    The solver issues thousands of tiny stacked products; OpenBLAS's threads cannot speed those up, and on
+    a loaded machine (an edge device, a shared CI box) they thrash: a 64x128x64 product measured 70x
+    slower with 2 threads under load than with 1. threadpoolctl ships with scikit-learn; without it this
+    is a no-op.
+    """
+    try:
+        tpc: Any = importlib.import_module("threadpoolctl")
+    except ImportError:  # pragma: no cover - scikit-learn always brings it
+        yield
+        return
+    with tpc.threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 class GroupObsError(ValueError):
@@ -92,11 +114,7 @@ def _masked_indicator(masked: npt.ArrayLike, size: int) -> npt.NDArray[np.bool_]
 def solve_blocks(
     theta: npt.ArrayLike, G: npt.ArrayLike, masked: npt.ArrayLike, lam: float
 ) -> tuple[F64, F64, F64]:
-    """Batched core: ``theta`` (n, B), ``G`` (n, m, B), boolean ``masked`` (n, B) -> (theta_after, delta, w).
-
-    Picks the ``m x m`` witness system when ``m <= B`` and the ``B x B`` one on ``U`` otherwise (masked
-    rows replaced by identity rows so all blocks share one shape); both give the same ``delta``.
-    """
+    """Batched core: ``theta`` (n, B), ``G`` (n, m, B), boolean ``masked`` (n, B) -> (after, delta, w)."""
     lam = _check_lam(lam)
     th = np.asarray(theta, dtype=np.float64)
     g = np.asarray(G, dtype=np.float64)
@@ -105,23 +123,39 @@ def solve_blocks(
         raise GroupObsError(
             f"shape mismatch: theta {th.shape}, G {g.shape}, masked {s.shape} (want (n,B), (n,m,B), (n,B))"
         )
+    return _solve_rows(th, g, np.arange(g.shape[0]), s, lam)
+
+
+def _solve_rows(
+    th: F64, g_all: F64, rows: npt.NDArray[np.int64], s: npt.NDArray[np.bool_], lam: float
+) -> tuple[F64, F64, F64]:
+    """Solve blocks ``g_all[rows]`` without copying all of them at once (the factors can be GBs).
+
+    Blocks are processed in order of their unmasked count so each chunk gathers only
+    ``max |U|`` columns: a 90 %-masked block costs a tenth of a dense one, a fully masked block nothing.
+    """
     if s.dtype != np.bool_:
         raise GroupObsError(f"batched mask must be boolean, got {s.dtype}")
-    if g.shape[1] == 0:
+    n, m, B = rows.size, g_all.shape[1], g_all.shape[2]
+    if m == 0:
         raise GroupObsError("G has no samples (m = 0)")
     if not np.isfinite(th).all():
         raise GroupObsError("weights contain NaN or inf")
-    if not np.isfinite(g).all():
-        raise GroupObsError("gradient factors contain NaN or inf")
-    n, m = g.shape[0], g.shape[1]
     theta_after = th.copy()
     delta = np.zeros_like(th)
     w = np.zeros((n, m), dtype=np.float64)
-    for lo in range(0, n, _CHUNK):
-        sl = slice(lo, min(lo + _CHUNK, n))
-        d, wk = _solve_chunk(th[sl], g[sl], s[sl], lam)
-        delta[sl] = d
-        w[sl] = wk
+    order = np.argsort((~s).sum(axis=1), kind="stable")
+    d_sys = min(m, B)
+    chunk = max(1, _CHUNK_ENTRIES // max(d_sys * d_sys, m * B))
+    with single_threaded_blas():
+        for lo in range(0, n, chunk):
+            sel = order[lo : lo + chunk]
+            g = g_all[rows[sel]]
+            if not np.isfinite(g).all():
+                raise GroupObsError("gradient factors contain NaN or inf")
+            d, wk = _solve_chunk(th[sel], g, s[sel], lam)
+            delta[sel] = d
+            w[sel] = wk
     theta_after += delta
     # delta_S = -theta_S is exact in floating point already (negation), this only makes it explicit.
     theta_after[s] = 0.0
@@ -129,38 +163,55 @@ def solve_blocks(
 
 
 def _solve_chunk(th: F64, g: F64, s: npt.NDArray[np.bool_], lam: float) -> tuple[F64, F64]:
-    _, m, B = g.shape
-    u = ~s
-    tg = torch.from_numpy(g)
-    tu = torch.from_numpy(u.astype(np.float64))
-    ts = torch.from_numpy(s.astype(np.float64))
-    tth = torch.from_numpy(th)
-    gu = tg * tu[:, None, :]  # G_U with masked columns zeroed
-    rhs = torch.einsum("nmb,nb->nm", tg, ts * tth)  # G_S theta_S, (n, m)
-    if m <= B:
-        K = torch.bmm(gu, gu.transpose(1, 2))
-        K.diagonal(dim1=1, dim2=2).add_(m * lam)
+    n, m, B = g.shape
+    sf = s.astype(np.float64)
+    rhs = (g @ (sf * th)[:, :, None])[:, :, 0]  # G_S theta_S, (n, m)
+    n_u = (~s).sum(axis=1)
+    wu = int(n_u.max())
+    d = -sf * th
+    if wu == 0:  # every weight of these blocks is masked: nothing to compensate with
+        return d, rhs / (m * lam)
+    # Column indices of U first (stable, so increasing), padded with masked columns that `valid` zeroes.
+    uidx = np.argsort(s, axis=1, kind="stable")[:, :wu]
+    valid = (np.arange(wu)[None, :] < n_u[:, None]).astype(np.float64)
+    gu = np.take_along_axis(g, uidx[:, None, :], axis=2) * valid[:, None, :]  # (n, m, wu)
+    wk: F64 | None
+    if m <= wu:
+        K = gu @ gu.transpose(0, 2, 1)
+        K[:, np.arange(m), np.arange(m)] += m * lam
         wk = _spd_solve(K, rhs)
-        d_u = torch.einsum("nmb,nm->nb", gu, wk)
+        d_u = (wk[:, None, :] @ gu)[:, 0, :]
     else:
-        # F_UU on U, identity rows on S: (lam I + G_U^T G_U / m) restricted to U, decoupled elsewhere.
-        A = torch.bmm(gu.transpose(1, 2), gu) / m
-        A.diagonal(dim1=1, dim2=2).add_(lam * tu + ts)
-        b = torch.einsum("nmb,nm->nb", gu, rhs) / m
-        d_u = _spd_solve(A, b) * tu
+        # F_UU (lam I + G_U^T G_U / m); padded columns get identity rows so they decouple and solve to 0.
+        A = gu.transpose(0, 2, 1) @ gu / m
+        A[:, np.arange(wu), np.arange(wu)] += lam * valid + (1.0 - valid)
+        b = (rhs[:, None, :] @ gu)[:, 0, :] / m
+        d_u = _spd_solve(A, b) * valid
         wk = None
-    d = d_u - ts * tth
+    # uidx rows are distinct columns; padded slots point at masked columns and carry 0, added to -theta_S
+    # there would be wrong, so scatter into a zero array first.
+    scattered = np.zeros((n, B))
+    np.put_along_axis(scattered, uidx, d_u, axis=1)
+    d = d + scattered
     if wk is None:
-        wk = -torch.einsum("nmb,nb->nm", tg, d) / (m * lam)
-    return cast(F64, d.numpy()), cast(F64, wk.numpy())
+        wk = -(g @ d[:, :, None])[:, :, 0] / (m * lam)
+    return d, wk
 
 
-def _spd_solve(A: Tensor, b: Tensor) -> Tensor:
-    L, info = torch.linalg.cholesky_ex(A)
-    if bool((info != 0).any()):
-        bad = int(torch.nonzero(info)[0, 0])
-        raise GroupObsError(f"block system {bad} is not positive definite (lam too small for float64?)")
-    return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+def _spd_solve(A: F64, b: F64) -> F64:
+    """Batched SPD solve: numpy's stacked Cholesky, then two batched triangular solves (no inverse)."""
+    try:
+        L = np.linalg.cholesky(A)
+    except np.linalg.LinAlgError:
+        _, info = torch.linalg.cholesky_ex(torch.from_numpy(A))
+        bad = int(torch.nonzero(info)[0, 0]) if bool((info != 0).any()) else -1
+        raise GroupObsError(
+            f"block system {bad} of the batch is not positive definite (lam too small for float64?)"
+        ) from None
+    tL = torch.from_numpy(L)
+    y = torch.linalg.solve_triangular(tL, torch.from_numpy(b)[:, :, None], upper=False)
+    x = torch.linalg.solve_triangular(tL.mT, y, upper=True)
+    return cast(F64, x[:, :, 0].numpy())
 
 
 def solve_block(theta: npt.ArrayLike, G: npt.ArrayLike, masked: npt.ArrayLike, lam: float) -> BlockUpdate:
@@ -201,20 +252,46 @@ def apply_group_obs(
     numel = mask.numel
     flat = np.zeros(mask.n_blocks * B, dtype=np.float64)
     flat[:numel] = W.reshape(-1)
-    blocks = np.asarray(mask.touched_blocks(), dtype=np.int64)
+    blocks, s = _block_indicators(mask)
     out = flat.copy()
     updates: dict[int, BlockUpdate] = {}
     if blocks.size:
         theta = flat.reshape(-1, B)[blocks]
-        s = np.zeros((blocks.size, B), dtype=bool)
-        for i, k in enumerate(blocks):
-            s[i, list(mask.blocks[int(k)])] = True
-        after, delta, w = solve_blocks(theta, fa[blocks], s, lam)
+        after, delta, w = _solve_rows(theta, fa, blocks, s, lam)
         out.reshape(-1, B)[blocks] = after
         for i, k in enumerate(blocks):
             n_real = mask.block_length(int(k))
             updates[int(k)] = BlockUpdate(theta_after=after[i, :n_real], delta=delta[i, :n_real], w=w[i])
     return out[:numel].reshape(mask.shape), updates
+
+
+def _block_indicators(mask: LayerMask) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """Touched block indices and their (n, B) masked indicators, re-checked here.
+
+    ``LayerMask`` validates on construction, but its ``blocks`` dict is mutable; an offset past the
+    block's end would silently land in the next block (or in the zero padding), so it is refused here.
+    """
+    B = mask.block_size
+    keys = np.fromiter((int(k) for k in mask.blocks), dtype=np.int64, count=len(mask.blocks))
+    if keys.size == 0:
+        return keys, np.zeros((0, B), dtype=bool)
+    if np.any(np.diff(keys) <= 0) or keys[0] < 0 or keys[-1] >= mask.n_blocks:
+        raise GroupObsError(
+            f"layer {mask.layer!r}: block indices must be sorted, unique and < {mask.n_blocks}"
+        )
+    counts = np.fromiter((len(mask.blocks[int(k)]) for k in keys), dtype=np.int64, count=keys.size)
+    offs = np.fromiter(
+        (int(o) for k in keys for o in mask.blocks[int(k)]), dtype=np.int64, count=int(counts.sum())
+    )
+    rows = np.repeat(np.arange(keys.size), counts)
+    lengths = np.minimum(B, mask.numel - keys * B)
+    if np.any(counts == 0) or np.any(offs < 0) or np.any(offs >= lengths[rows]):
+        raise GroupObsError(f"layer {mask.layer!r}: masked offset out of range (or an empty block)")
+    s = np.zeros((keys.size, B), dtype=bool)
+    s[rows, offs] = True
+    if int(s.sum()) != offs.size:
+        raise GroupObsError(f"layer {mask.layer!r}: duplicate masked offsets")
+    return keys, s
 
 
 def apply_mask_only(weight: npt.ArrayLike | Tensor, mask: LayerMask) -> F64:

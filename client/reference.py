@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.fisher import BlockFactors
+from zkunlearn.client.group_obs import single_threaded_blas
 
 __all__ = [
     "naive_group_obs_explicit_inverse",
@@ -65,6 +66,12 @@ def naive_group_obs_explicit_inverse(
     """
     W = _as_f64(weight)
     flat = W.reshape(-1).copy()
+    with single_threaded_blas():  # the same BLAS setting as the fast path: compare algorithms, not threads
+        _naive_blocks(flat, factors, mask, lam)
+    return flat.reshape(W.shape)
+
+
+def _naive_blocks(flat: F64, factors: BlockFactors, mask: LayerMask, lam: float) -> None:
     B = mask.block_size
     for k, offsets in mask.blocks.items():
         n = mask.block_length(k)
@@ -77,7 +84,6 @@ def naive_group_obs_explicit_inverse(
         theta = theta + delta
         theta[S] = 0.0
         flat[lo : lo + n] = theta
-    return flat.reshape(W.shape)
 
 
 def reference_ridge(X: npt.ArrayLike, Y: npt.ArrayLike, gamma: float) -> F64:
