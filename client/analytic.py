@@ -69,8 +69,13 @@ class AnalyticHead:
     def learn(self, X: npt.ArrayLike, Y: npt.ArrayLike) -> None:
         x, y = self._check(X, Y, "learn")
         assert y is not None
-        if x.shape[0] == 0:
-            return
+        # The k x k system costs k^3: split a big batch into chunks of <= max(d, 256) rows. The recursion
+        # is exact, so chunking changes nothing but the cost.
+        step = max(self.d, 256)
+        for lo in range(0, x.shape[0], step):
+            self._learn(x[lo : lo + step], y[lo : lo + step])
+
+    def _learn(self, x: F64, y: F64) -> None:
         RXt = self.R @ x.T  # (d, k)
         M = np.eye(x.shape[0]) + x @ RXt  # I + X R X^T, SPD
         # R X^T M^{-1} X R = Z^T Z with Z = L^{-1} X R: symmetric by construction, no inverse formed.
@@ -80,13 +85,25 @@ class AnalyticHead:
         self.n_learned += x.shape[0]
 
     def unlearn(self, X_u: npt.ArrayLike, Y_u: npt.ArrayLike) -> None:
+        """Remove rows exactly; all or nothing (a refused request leaves the head as it was)."""
         x, y = self._check(X_u, Y_u, "unlearn")
         assert y is not None
         k = x.shape[0]
-        if k == 0:
-            return
         if k > self.n_learned:
             raise AnalyticError(f"cannot unlearn {k} rows: only {self.n_learned} were learned")
+        saved = (self.R, self.W, self.n_learned)
+        step = max(self.d, 256)
+        try:
+            # Removing a subset of removable rows never breaks positive definiteness, so chunks fail
+            # exactly when the whole request would.
+            for lo in range(0, k, step):
+                self._unlearn(x[lo : lo + step], y[lo : lo + step])
+        except AnalyticError:
+            self.R, self.W, self.n_learned = saved
+            raise
+
+    def _unlearn(self, x: F64, y: F64) -> None:
+        k = x.shape[0]
         RXt = self.R @ x.T
         M = np.eye(k) - x @ RXt  # I - S
         M = (M + M.T) / 2

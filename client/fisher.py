@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -132,14 +133,16 @@ def block_factors(
         inputs, targets = inputs[keep], targets[keep]
     grads = per_sample_gradients(model, [layer], inputs, targets, loss_fn)[layer]
     shape = tuple(int(d) for d in grads.shape[1:])
-    flat = grads.reshape(grads.shape[0], -1).to(torch.float64).numpy()
+    if grads.dtype not in (torch.float32, torch.float64):
+        grads = grads.to(torch.float64)  # numpy has no bfloat16
+    flat = grads.reshape(grads.shape[0], -1).numpy()  # cast to float64 while writing the factors
     return factors_from_gradients(layer, flat, block_size, shape)
 
 
 def factors_from_gradients(
-    layer: str, flat: npt.NDArray[np.float64], block_size: int, shape: tuple[int, ...] | None = None
+    layer: str, flat: npt.NDArray[np.floating[Any]], block_size: int, shape: tuple[int, ...] | None = None
 ) -> BlockFactors:
-    """Split ``(m, numel)`` per-sample gradients into normalised ``(n_blocks, m, B)`` block factors."""
+    """Split ``(m, numel)`` per-sample gradients (float32 or float64) into normalised float64 factors."""
     if flat.ndim != 2 or flat.shape[0] == 0 or flat.shape[1] == 0:
         raise FisherError(f"gradients must be a non-empty (m, numel) array, got shape {flat.shape}")
     if block_size <= 0:
@@ -147,13 +150,17 @@ def factors_from_gradients(
     if not np.isfinite(flat).all():
         raise FisherError(f"per-sample gradients of {layer!r} contain NaN or inf")
     m, numel = flat.shape
-    scale = float(np.mean(np.sum(flat * flat, axis=0)) / m)
+    scale = float(np.einsum("ij,ij->", flat, flat, dtype=np.float64) / (m * numel))
     if not scale > 0.0 or not math.isfinite(scale):
         raise FisherError(f"per-sample gradients of {layer!r} are all zero: the Fisher is degenerate")
-    n_blocks = -(-numel // block_size)
-    padded = np.zeros((m, n_blocks * block_size), dtype=np.float64)
-    padded[:, :numel] = flat / math.sqrt(scale)
-    factors = np.ascontiguousarray(padded.reshape(m, n_blocks, block_size).transpose(1, 0, 2))
+    n_blocks, n_full = -(-numel // block_size), numel // block_size
+    # Written straight into the (n_blocks, m, B) layout: one float64 copy of G, not three.
+    factors = np.zeros((n_blocks, m, block_size), dtype=np.float64)
+    inv = 1.0 / math.sqrt(scale)
+    view = factors.transpose(1, 0, 2)  # (m, n_blocks, B), a view
+    np.multiply(flat[:, : n_full * block_size].reshape(m, n_full, block_size), inv, out=view[:, :n_full, :])
+    if n_full < n_blocks:
+        np.multiply(flat[:, n_full * block_size :], inv, out=view[:, n_full, : numel - n_full * block_size])
     return BlockFactors(
         layer=layer, block_size=block_size, factors=factors, scale=scale, shape=shape or (numel,)
     )

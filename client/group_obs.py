@@ -150,7 +150,7 @@ def _solve_rows(
     with single_threaded_blas():
         for lo in range(0, n, chunk):
             sel = order[lo : lo + chunk]
-            g = g_all[rows[sel]]
+            g = np.asarray(g_all[rows[sel]], dtype=np.float64)  # float32 factors are solved in float64
             if not np.isfinite(g).all():
                 raise GroupObsError("gradient factors contain NaN or inf")
             d, wk = _solve_chunk(th[sel], g, s[sel], lam)

@@ -57,6 +57,23 @@ def test_several_learn_and_unlearn_batches() -> None:
     assert np.allclose(head.predict(X[:3]), X[:3] @ head.W)
 
 
+def test_large_batches_are_chunked_exactly_and_refusal_is_atomic() -> None:
+    X, Y = _data(n=700, d=8, c=2, seed=5)
+    head = AnalyticHead(8, 2, 1.0)
+    head.learn(X, Y)  # 700 rows > 256: three chunks
+    assert np.max(np.abs(head.W - reference_ridge(X, Y, 1.0))) < 1e-9
+    W, R = head.W.copy(), head.R.copy()
+    # 600 genuine rows, then one never learned: the first two chunks would succeed, the request must not.
+    rows = np.vstack([X[:600], 1e3 * X[:1]])
+    with pytest.raises(AnalyticError, match="never learned"):
+        head.unlearn(rows, np.zeros((601, 2)))
+    assert np.array_equal(head.W, W)
+    assert np.array_equal(head.R, R)
+    assert head.n_learned == 700
+    head.unlearn(X[:600], Y[:600])
+    assert np.max(np.abs(head.W - reference_ridge(X[600:], Y[600:], 1.0))) < 1e-9
+
+
 def test_unlearning_everything_returns_to_init() -> None:
     X, Y = _data(n=60, seed=3)
     head = AnalyticHead(16, 4, 2.0)

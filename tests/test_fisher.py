@@ -77,6 +77,15 @@ def test_block_factors_layout_normalisation_and_exclusion() -> None:
     assert not np.allclose(full.fisher(0, 0.1), bf.fisher(0, 0.1))
 
 
+def test_float32_model_gives_float64_factors_close_to_float64_model() -> None:
+    model, x, y = _setup(n=10)
+    f64 = block_factors(model, "fc2.weight", x, y, LOSS, 8)
+    f32 = block_factors(model.float(), "fc2.weight", x.float(), y, LOSS, 8)
+    assert f32.factors.dtype == np.float64
+    assert np.allclose(f32.factors, f64.factors, atol=1e-5)
+    assert f32.scale == pytest.approx(f64.scale, rel=1e-5)
+
+
 def test_refusals() -> None:
     model, x, y = _setup()
     with pytest.raises(FisherError, match="no parameters"):
