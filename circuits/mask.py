@@ -97,6 +97,9 @@ class LayerMask:
             blocks[key] = offsets
         object.__setattr__(self, "blocks", blocks)
 
+    def __hash__(self) -> int:
+        return hash((self.layer, self.shape, self.block_size, tuple(self.blocks.items())))
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -175,6 +178,9 @@ class Mask:
             if a.layer == b.layer:
                 raise MaskError(f"duplicate layer {a.layer!r} in mask")
         object.__setattr__(self, "layers", ordered)
+
+    def __hash__(self) -> int:
+        return hash((self.layers, self.version))
 
     # -- queries -------------------------------------------------------------------------------------------
     def layer(self, name: str) -> LayerMask:

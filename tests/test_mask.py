@@ -68,6 +68,8 @@ def test_round_trip_and_digest_are_canonical() -> None:
     b = Mask.from_bytes(a.to_bytes())
     assert a == b
     assert a.to_bytes() == b.to_bytes()
+    assert hash(a) == hash(b)
+    assert len({a, b}) == 1
     assert a.digest() == hashlib.sha256(a.to_bytes()).hexdigest()
     # Layer order given by the caller does not matter: equal masks, equal bytes.
     c = Mask(layers=tuple(reversed(a.layers)))

@@ -19,6 +19,7 @@ from zkunlearn.provider.masks import (
 )
 
 LOSS = nn.functional.cross_entropy
+Data = tuple[torch.Tensor, torch.Tensor]
 SPECIAL = 5  # the hidden unit that fires only for class 0 (the forget class)
 
 
@@ -98,6 +99,53 @@ def test_fisher_ratio_scores_rank_the_unit_first() -> None:
     assert int(np.argmax(row_best)) == SPECIAL
     others = np.delete(s["fc1.weight"], SPECIAL, axis=0)
     assert s["fc1.weight"][SPECIAL].min() > 100 * others.max()
+
+
+def _loop_moments(model: nn.Module, data: Data, name: str) -> tuple[np.ndarray, np.ndarray]:
+    param = dict(model.named_parameters())[name]
+    grads = []
+    for i in range(data[0].shape[0]):
+        model.zero_grad()
+        LOSS(model(data[0][i : i + 1]), data[1][i : i + 1]).backward()  # type: ignore[no-untyped-call]
+        assert param.grad is not None
+        grads.append(param.grad.detach().double().numpy().copy())
+    g = np.stack(grads)
+    return g.mean(0), (g**2).mean(0)
+
+
+def test_scores_equal_their_formulas_on_per_sample_loops() -> None:
+    model, forget, retain = _problem(n=10)
+    name = "fc2.weight"
+    gf, ff = _loop_moments(model, forget, name)
+    gr, fr = _loop_moments(model, retain, name)
+    w = model.fc2.weight.detach().numpy()
+    got = {
+        sc: weight_scores(model, [name], forget, retain, LOSS, sc)[name]
+        for sc in ("zkapex", "fisher-ratio", "salun")
+    }
+    assert np.allclose(got["fisher-ratio"], ff / (2.0 * fr + 1e-12), rtol=1e-9)
+    assert np.allclose(got["salun"], np.abs(gf), rtol=1e-9, atol=1e-15)
+    s_f = gf * w - 0.45 * (1e-8 + ff) * w**2
+    s_r = gr * w - 0.45 * (1e-8 + fr) * w**2
+    assert np.allclose(got["zkapex"], s_f / (2.0 * s_r + 1e-12), rtol=1e-7)
+
+
+def test_neuron_scores_on_a_conv_layer_use_channels() -> None:
+    torch.manual_seed(0)
+    first = nn.Conv2d(1, 4, 3)
+    conv = nn.Sequential(first, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        first.bias.copy_(torch.tensor([-100.0, 0.0, 0.0, 0.0]))  # type: ignore[union-attr]  # channel 0 never fires
+    f = (x, torch.zeros(6, dtype=torch.long))
+    scores = neuron_scores(conv, ["0.weight"], f, f)["0.weight"]
+    assert scores.shape == (4,)
+    assert scores[0] == 0.0
+    assert np.allclose(scores[1:], 1.0)
+    mask = select_neurons({"0.weight": scores}, {"0.weight": (4, 1, 3, 3)}, 0.5, 9)
+    dense = mask.dense("0.weight")
+    assert not dense[0].any()
+    assert dense.sum() == 2 * 9
 
 
 def test_neuron_mask_selects_the_unit() -> None:
