@@ -114,7 +114,7 @@ def block_factors(
     targets: Tensor,
     loss_fn: LossFn,
     block_size: int,
-    exclude: Tensor | None = None,
+    exclude: Tensor | npt.NDArray[np.bool_] | None = None,
 ) -> BlockFactors:
     """Per-block factors of the empirical Fisher of parameter ``layer`` on the client's samples.
 
@@ -125,7 +125,7 @@ def block_factors(
     if block_size <= 0:
         raise FisherError(f"block size must be positive, got {block_size}")
     if exclude is not None:
-        keep = ~exclude.to(torch.bool).reshape(-1)
+        keep = ~torch.as_tensor(exclude).to(torch.bool).reshape(-1)
         if keep.shape[0] != inputs.shape[0]:
             raise FisherError(f"exclude has {keep.shape[0]} entries for {inputs.shape[0]} samples")
         if not bool(keep.any()):

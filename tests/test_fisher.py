@@ -70,6 +70,9 @@ def test_block_factors_layout_normalisation_and_exclusion() -> None:
     assert bf.scale == pytest.approx(float(np.mean((raw**2).sum(0) / 13)), rel=1e-12)
     flat = bf.factors.transpose(1, 0, 2).reshape(13, -1)[:, :60]
     assert np.allclose(flat * np.sqrt(bf.scale), raw, atol=1e-12)
+    # A numpy exclusion mask means the same.
+    same = block_factors(model, "fc1.weight", x, y, LOSS, B, exclude=exclude.numpy())
+    assert np.array_equal(same.factors, bf.factors)
     # Excluded samples really are left out: including them changes the factors.
     full = block_factors(model, "fc1.weight", x, y, LOSS, B)
     assert full.m == 16
