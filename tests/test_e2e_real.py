@@ -127,7 +127,7 @@ class SkipsCompensation(GroupObsUnlearner):
 
 
 def test_honest_group_obs_accepted_dishonest_rejected(world: World) -> None:
-    honest, unlearner, model = group_obs_client(world, "honest")
+    honest, _unlearner, model = group_obs_client(world, "honest")
     cheat, _, _ = group_obs_client(world, "cheat", SkipsCompensation)
     before = model.fc1.weight.detach().clone()
     mask = mask_for(model)
@@ -155,6 +155,8 @@ def test_honest_group_obs_accepted_dishonest_rejected(world: World) -> None:
 
 class ProvesAnotherModel(GroupObsUnlearner):
     """Dishonest: swaps in other weights (e.g. the global model) after committing to its own."""
+
+    self_check = False
 
     def prove(self, request):  # type: ignore[no-untyped-def]
         arrays_path = self.state_dir / "state.npz"
@@ -184,7 +186,7 @@ def test_analytic_client_accepted(world: World) -> None:
         head, AN_SPEC, client_circuit(world, "analytic", "ana"), world.tmp / "ana" / "state", OPTIONS
     )
     client = edge(world, "ana", unlearner)
-    client.enroll("ana", MODEL, [], 2, unlearner.enroll())
+    client.enroll("ana", MODEL, ["head"], 2, unlearner.enroll())
     forget_x, forget_y = x[:3], y[:3].astype(np.float64)
     world.server.service.create_request(
         "ana",
