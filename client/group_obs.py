@@ -14,14 +14,16 @@ With the push-through identity ``(lam I + G_U^T G_U/m)^{-1} G_U^T = G_U^T (lam I
 
     w = (m*lam*I + G_U G_U^T)^{-1} G_S theta_S     (m x m, SPD),     delta_U = G_U^T w.
 
-So the update is one SPD solve of size ``min(m, |U|)`` per block, ``delta_S = -theta_S`` holds exactly
-(bit for bit, ``theta_after_S == 0``), and ``w`` is the row-space witness a circuit can check cheaply:
-``delta_U = G_U^T w`` and ``w = -(G delta) / (m*lam)``. The explicit-inverse formula of the paper
-squares the condition number (``F^{-1}[S,S]`` is inverted after ``F``); this form does not.
+So the update is one SPD solve of size ``min(m, |U|)`` per block (Woodbury when ``m < |U|``, ``F_UU``
+itself otherwise), ``delta_S = -theta_S`` holds exactly (bit for bit, ``theta_after_S == 0``), and ``w``
+is the row-space witness a circuit can check cheaply: ``delta_U = G_U^T w`` and
+``w = -(G delta) / (m*lam)`` (one holds by construction, the other to float64 round-off). The paper's
+formula inverts ``F`` and then a block of the inverse, compounding the first inverse's error; here no
+inverse is formed.
 
-Blocks are solved in batches: every touched block becomes one slice of a stacked SPD system and
-``torch.linalg.cholesky`` / ``torch.cholesky_solve`` factor them all at once in float64. Masked columns
-are zeroed in ``G_U`` (and unmasked ones in ``G_S``), so blocks with different ``S`` share one shape.
+Blocks are solved in batches: touched blocks are sorted by ``|U|``, chunked, their ``U`` columns gathered
+(zero-padded to the chunk's largest ``|U|``; padded rows of the system are identity rows), and each
+chunk is one stacked Cholesky plus two batched triangular solves in float64.
 """
 
 from __future__ import annotations
