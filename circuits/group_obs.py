@@ -8,6 +8,12 @@ Group-OBS solution for the masked set ``S`` given by ``mask``:
 * ``r_kkt  = (1 - mask) * (lam*delta + G^T (G delta) / m)``  -- the KKT stationarity on unmasked weights;
 * ``r_row  = (1 - mask) * (delta - G^T w)``       -- the edit lies in the row space of ``G_U``.
 
+``form="dual"`` replaces ``r_kkt`` by the m-sized ``r_w = m*lam*w + G delta``. With ``r_row = 0`` it
+implies the KKT condition exactly (``(F delta)_U = G_U^T (lam w + G delta/m) = 0``) and additionally
+pins ``w``; it costs ~30 % fewer circuit rows (B=16, m=8, 2 blocks: 6339 vs 9675 rows, k 13 vs 14;
+B=64, m=16: 32339 vs 46947, k 15 vs 16). The default stays the stationarity form above, which is the
+one exercised by the real-proof attack tests.
+
 ``r_row`` closes the null-space gap: an edit ``p`` with ``G_U p = 0`` changes ``r_kkt`` only by
 ``lam * p``, which is below tolerance in fixed point when ``lam`` is small, but it cannot be written
 as ``G_U^T w``. ``w`` is the client's row-space witness (``w = -(G delta)/(m lam)`` when honest).
@@ -37,11 +43,15 @@ class GroupObsCheck(nn.Module):
     Inputs (all ``float``; the trailing ``n_blind`` entries along the last axis are ignored):
     ``theta`` and ``theta_after`` ``(n, B + n_blind)``; ``g`` ``(n, m + 1, B)`` (last row = blinding);
     ``mask`` ``(n, B + n_blind)`` with 0/1 entries; ``w`` ``(n, m + n_blind)``.
-    Output: ``(n, 3)`` = ``max|r_mask|, max|r_kkt|, max|r_row|`` per block.
+    Output: ``(n, 3)`` = ``max|r_mask|, max|r_kkt|, max|r_row|`` per block (``r_w`` in the middle
+    column when ``form="dual"``).
     """
 
-    def __init__(self, block: int, m: int, lam: float, n_blind: int = N_BLIND) -> None:
+    def __init__(self, block: int, m: int, lam: float, n_blind: int = N_BLIND, form: str = "kkt") -> None:
         super().__init__()
+        if form not in ("kkt", "dual"):
+            raise ValueError(f"form must be 'kkt' or 'dual', got {form!r}")
+        self.form = form
         if block < 1 or m < 1 or n_blind < 0:
             raise ValueError(f"block, m must be >= 1 and n_blind >= 0 (got {block}, {m}, {n_blind})")
         if not lam > 0:
@@ -69,10 +79,13 @@ class GroupObsCheck(nn.Module):
         keep = 1.0 - mk
         delta = th2 - th
         g_delta = torch.matmul(gm, delta.unsqueeze(-1))  # (n, m, 1)
-        gt_g_delta = torch.matmul(gm.transpose(1, 2), g_delta).squeeze(-1)  # (n, B)
         gt_w = torch.matmul(gm.transpose(1, 2), wv.unsqueeze(-1)).squeeze(-1)  # (n, B)
         r_mask = mk * th2
-        r_kkt = keep * (self.lam * delta + gt_g_delta * (1.0 / m))
+        if self.form == "dual":
+            r_kkt = (m * self.lam) * wv + g_delta.squeeze(-1)
+        else:
+            gt_g_delta = torch.matmul(gm.transpose(1, 2), g_delta).squeeze(-1)  # (n, B)
+            r_kkt = keep * (self.lam * delta + gt_g_delta * (1.0 / m))
         r_row = keep * (delta - gt_w)
         return r_mask, r_kkt, r_row
 

@@ -30,6 +30,25 @@ a smaller decomposition base plus fewer rescales moved the same relation from k=
 less setup and prove). ``ignore_range_check_inputs_outputs`` would cut 20 % of rows, but nothing else
 bounds the committed inputs (their commitments come from enrollment, with no range proof), so it stays
 off; the out-of-range attack test runs against this configuration.
+
+Fusing residuals: the ``form="dual"`` Group-OBS relation (``r_w = m lam w + G delta``, m-sized, in
+place of the B-sized stationarity residual; see :mod:`zkunlearn.circuits.group_obs`) cuts rows by
+~30 % (B=16, m=8, 2 blocks: 6339 rows, k=13; B=64, m=16: 32339 vs 46947, k=15 vs 16) and tightens
+the derived tolerance ~7x (0.039 vs 0.28 at B=32, m=8).
+
+Measured by ``bench/proofs.py`` (one proof, 2 blocks per Group-OBS proof; machine shared, load 4-5 on
+2 cores, so times are ~3-4x those of an idle machine, where k=14 took 5.5 s setup / 6.5 s prove):
+
+=====================  =======  ======  =======  =======  ========  =======  =====
+relation, shape         k       rows    setup s  prove s  verify s  RSS MB   proof
+=====================  =======  ======  =======  =======  ========  =======  =====
+Group-OBS B16 m8 x2     14      9675    55       25       0.12      451      4832 B
+Group-OBS B32 m16 x2    15      23715   69       32       0.22      862      4832 B
+analytic d8 k3 n_u4     14      9135    20       22       0.08      631      7424 B
+=====================  =======  ======  =======  =======  ========  =======  =====
+
+Rows per covered weight: ~300 (B=16) to ~370 (B=32), about 1.45x the prototype's
+``6.4 m B + 155 B`` because of the extra ``r_row`` products and mask multiplications.
 """
 
 from __future__ import annotations

@@ -122,6 +122,7 @@ def group_obs_tolerance(
     w_bound: float,
     safety: float = 2.0,
     worst_case: bool = False,
+    form: str = "kkt",
 ) -> GroupObsTolerance:
     """Honest residuals from rounding, times ``safety``.
 
@@ -130,6 +131,7 @@ def group_obs_tolerance(
     ``e_delta = q``; ``e_Gd = B (g e_delta + 2 theta_bound q/2) + q``; ``|G delta| <= 2 B g theta_bound``;
     ``e_kkt = lam e_delta + g e_Gd + |G delta| q/2 + q`` (the ``1/m`` cancels the sum over m rows);
     ``e_row = e_delta + m (g q/2 + w q/2) + q``. ``r_mask`` is exact: its tolerance is 0.
+    For ``form="dual"`` the middle residual is ``r_w = m lam w + G delta``: ``e = m lam q/2 + e_Gd``.
 
     A sum of ``L`` independent roundings bounded by ``c q/2`` is at most ``L c q/2`` (``worst_case``)
     but, being uniform, exceeds six standard deviations ``= 2 sqrt(3L) c q/2`` with probability
@@ -149,6 +151,10 @@ def group_obs_tolerance(
     gd_bound = block * g_bound * d_bound
     e_kkt = lam * e_delta + g_bound * e_gd + gd_bound * q / 2 + q
     e_row = e_delta + terms(m) * (g_bound * q / 2 + w_bound * q / 2) + q
+    if form == "dual":  # r_w = m lam w + G delta: one product, no second pass through G^T
+        e_kkt = m * lam * q / 2 + e_gd
+    elif form != "kkt":
+        raise FixedPointError(f"form must be 'kkt' or 'dual', got {form!r}")
     return GroupObsTolerance(mask=0.0, kkt=safety * e_kkt, row=safety * e_row)
 
 

@@ -478,3 +478,27 @@ def test_prover_memory_cap_fails_cleanly(go_arts: CircuitArtifacts, scenario: Sc
     job = ProveJob(tensors, go_arts.compiled, go_arts.vk, go_arts.pk, go_arts.srs.path, label="capped")
     with pytest.raises(ProvingError, match="capped"):
         prove_parallel([job], workers=1, memory_limit_mb=64, progress=False)
+
+
+def test_dual_form_proofs(workdir: Path, srs_factory: Any, scenario: Scenario) -> None:
+    """The cheaper dual relation: fewer rows, honest verifies, no-compensation is refused."""
+    onnx = export_relation(
+        go.GroupObsCheck(B, M, LAM, form="dual"),
+        go.example_inputs(NB, B, M),
+        workdir / "dual.onnx",
+        go.INPUT_NAMES,
+        go.OUTPUT_NAMES,
+    )
+    arts = build_provider_artifacts(onnx, workdir / "cache", srs_factory)
+    assert arts.settings_dict["num_rows"] < 0.8 * 9675
+    tol = group_obs_tolerance(B, M, LAM, SCALE, theta_bound=4.0, g_bound=4.0, w_bound=4.0, form="dual")
+    v = GroupObsVerifier(arts, n_blocks=NB, n_blind=go.N_BLIND, tolerance=tol)
+    tensors = group_obs_tensors(scenario.batch, scenario.request, SCALE, go.N_BLIND)
+    sc = Scenario(scenario.batch, scenario.request, "req-dual", v.commit(tensors[0]), v.commit(tensors[2]))
+    proof, commits = _prove(arts, sc.batch, sc.request)
+    honest = _verify(v, sc, proof, commits[1])
+    assert honest.ok, honest
+    b = sc.batch
+    bad = b.with_theta_after(np.where(b.mask, 0.0, b.theta), np.zeros_like(b.w))
+    proof, commits = _prove(arts, bad, sc.request)
+    assert _verify(v, sc, proof, commits[1]).reason is Reason.KKT_VIOLATED

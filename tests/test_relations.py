@@ -178,3 +178,29 @@ def test_felt_round_trip_and_mask_binding() -> None:
     assert np.array_equal(request_binding(b"\x01" * 32 + bytes(4), 4, SCALE), a[0, 4:])
     with pytest.raises(FixedPointError, match="0 or 1"):
         group_obs_mask_rows(np.array([[0.5, 1.0]]), b"\x01" * 32, 4, SCALE)
+
+
+def test_dual_form_residuals() -> None:
+    """The m-sized dual residual: honest stays tiny, the KKT attacks exceed its tolerance."""
+    tol = group_obs_tolerance(B, M, LAM, SCALE, theta_bound=4.0, g_bound=4.0, w_bound=4.0, form="dual")
+    rel = go.GroupObsCheck(B, M, LAM, n_blind=0, form="dual").double()
+
+    def run(
+        theta: np.ndarray, after: np.ndarray, g: np.ndarray, mask: np.ndarray, w: np.ndarray
+    ) -> np.ndarray:
+        out = rel(
+            _q(theta[None]),
+            _q(after[None]),
+            _q(np.vstack([g, np.zeros(B)])[None]),
+            _q(mask[None] * 1.0),
+            _q(w[None]),
+        )
+        res: np.ndarray = np.asarray(out[0].detach().numpy())
+        return res
+
+    theta, after, g, mask, w = _block(3)
+    honest = run(theta, after, g, mask, w)
+    assert honest[1] < tol.kkt / 10
+    assert run(theta, np.where(mask, 0.0, theta), g, mask, np.zeros(M))[1] > 10 * tol.kkt
+    with pytest.raises(ValueError, match="form"):
+        go.GroupObsCheck(B, M, LAM, form="other")
