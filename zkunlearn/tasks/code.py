@@ -4,7 +4,8 @@ The provider's corpus is stdlib Python code plus a slice of English prose (the r
 topic texts shipped in ``pydoc_data/topics.py``); the deletion request names the prose. methods.md:
 a forget slice in the same language as the rest (email/http code) is not isolated in any set of weights,
 so a mask lowers it no more than a random mask; a different register is what a mask can remove.
-The client personalizes on ``tkinter`` sources, which the provider never trains on.
+The client personalizes on ``tkinter`` sources (``idlelib``/``asyncio`` where an interpreter
+ships without tkinter), which the provider never trains on.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from torch import Tensor
 
 from zkunlearn.tasks.data import DataError, Variant
 
-# Folders never used as provider code: the forget slice, the client's slice and huge test suites.
-_EXCLUDED = ("pydoc_data", "tkinter", "idlelib", "test", "site-packages", "lib2to3", "turtledemo")
+# The client's slice: the first of these packages the interpreter ships (some builds drop tkinter).
+CLIENT_CANDIDATES = ("tkinter", "idlelib", "asyncio")
+# Folders never used as provider code: the forget slice, the client candidates and huge test suites.
+_EXCLUDED = ("pydoc_data", *CLIENT_CANDIDATES, "test", "site-packages", "lib2to3", "turtledemo")
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,15 @@ def make_code_task(
     root = stdlib_dir()
     gen = torch.Generator().manual_seed(seed)
     length = context + 1
-    code, prose, client = _code_text(root, None), _prose_text(root), _code_text(root, ("tkinter",))
+    code, prose = _code_text(root, None), _prose_text(root)
+    client = b""
+    for name in CLIENT_CANDIDATES:
+        if (root / name).is_dir():
+            client = _code_text(root, (name,))
+            if len(client) > 100_000:
+                break
+    if len(client) <= 100_000:
+        raise DataError(f"none of {CLIENT_CANDIDATES} under {root} has enough source for the client slice")
 
     def halves(blob: bytes) -> tuple[bytes, bytes]:
         cut = int(len(blob) * 0.8)
