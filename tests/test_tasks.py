@@ -230,3 +230,27 @@ def test_model_cache_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         torch.equal(a, b)
         for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
     )
+
+
+def test_code_task_slices_and_overlap_flags() -> None:
+    from zkunlearn.tasks.code import make_code_task
+
+    kw = {"n_retain": 200, "n_forget": 100, "n_client": 100, "n_test": 50, "n_client_forget": 30}
+    disjoint = make_code_task(0, "disjoint", context=32, **kw)
+    again = make_code_task(0, "disjoint", context=32, **kw)
+    assert torch.equal(disjoint.retain.tokens, again.retain.tokens)
+    assert disjoint.retain.x.shape == (200, 32)
+    assert torch.equal(disjoint.retain.x[:, 1:], disjoint.retain.y[:, :-1])  # next-byte targets
+    assert int(disjoint.client_is_forget.sum()) == 0
+    overlap = make_code_task(0, "overlap", context=32, **kw)
+    assert int(overlap.client_is_forget.sum()) == 30
+    assert len(overlap.client_after_request) == 100
+
+    # The forget slice is English prose, the rest is code (whose comments hold some English too).
+    def the_rate(seq: torch.Tensor) -> float:
+        return bytes(seq.flatten().tolist()).count(b" the ") / seq.numel()
+
+    assert the_rate(disjoint.forget.tokens) > 2 * the_rate(disjoint.retain.tokens)
+    assert the_rate(disjoint.forget.tokens) > 2 * the_rate(disjoint.client_train.tokens)
+    with pytest.raises(DataError, match="variant"):
+        make_code_task(0, "both", **kw)  # type: ignore[arg-type]
