@@ -61,27 +61,35 @@ def provider_export(
 
 @client_app.command("run")
 def client_run(
-    provider: Annotated[str, typer.Option(help="provider address host:port")] = "127.0.0.1:50551",
-    state_dir: Annotated[Path, typer.Option(help="durable client state folder")] = Path("client-state"),
+    profile: Annotated[Path, typer.Option(help="client profile JSON (scenario, provider, key, method)")],
 ) -> None:
-    """Enroll, watch for deletion requests, apply, prove and submit."""
-    _not_yet("client run", 3)
-    raise typer.Exit(code=1)
+    """Personalize, enroll, wait for a deletion request, apply it, prove and submit (demo scenario models).
+
+    Your own model and data plug into the SDK directly: see docs/sdk.md.
+    """
+    from zkunlearn.edge import main as edge_main
+
+    raise typer.Exit(code=edge_main(profile))
 
 
 @audit_app.command("verify")
 def audit_verify(
     bundle: Annotated[Path, typer.Argument(help="exported bundle folder")],
     json_output: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    provider_key: Annotated[
+        str | None,
+        typer.Option(help="pin the provider's Ed25519 public key (hex); else the bundle's is used"),
+    ] = None,
 ) -> None:
-    """Re-verify every proof, receipt and log proof in a bundle; exit 0 only if all hold."""
-    _not_yet("audit verify", 4)
-    raise typer.Exit(code=1)
+    """Re-verify every proof, receipt and log proof in a bundle offline; exit 0 only if all hold."""
+    from zkunlearn.proofs.audit import main as audit_main
+
+    raise typer.Exit(code=audit_main(bundle, json_output, provider_key))
 
 
 @app.command()
 def demo(
-    clients: Annotated[int, typer.Option(help="number of edge clients")] = 3,
+    clients: Annotated[int, typer.Option(help="edge clients: honest Group-OBS, analytic, then cheats")] = 4,
     quick: Annotated[bool, typer.Option(help="smallest shapes, for CI")] = False,
     report: Annotated[Path, typer.Option(help="report folder")] = Path("demo-report"),
 ) -> None:
@@ -127,3 +135,7 @@ def main() -> None:
             raise
         console.print(f"[red]error:[/red] {type(error).__name__}: {error}")
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

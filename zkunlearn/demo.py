@@ -1,37 +1,397 @@
 """The end-to-end demo: the main job a newcomer runs (`make demo`).
 
-Each stage reports honestly whether it ran; stages owned by unfinished issues say so and are skipped.
+A provider process and several edge-client processes talk real gRPC over loopback. The provider
+trains (or loads from cache) the global model, compiles its circuits and generates its own keys on a
+development SRS (INSECURE, labelled so), computes a deletion mask concentrated into a proof budget,
+and signs one request per client. Honest Group-OBS and analytic clients apply, prove and get
+accepted; a client that skips the compensation and one that proves from another model are
+rejected. The provider's log is then exported and audited offline. Everything lands in
+``demo-report/``: ``report.json``, ``report.png`` and the audit bundle.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from zkunlearn.edge import Profile
+from zkunlearn.proofs.deletion import DeletionCircuits
+from zkunlearn.scenario import Scenario
 
-def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -> dict[str, object]:
-    stages = [
-        ("start provider and edge clients over gRPC", "not implemented yet (issue #3)"),
-        ("personalize, mask, Group-OBS / analytic updates", "not implemented yet (issue #7)"),
-        ("prove updates with ezkl and verify against enrolled commitments", "not implemented yet (issue #6)"),
-        ("audit the exported bundle", "not implemented yet (issue #4)"),
-    ]
-    table = Table(title=f"zkunlearn demo ({clients} clients{', quick' if quick else ''})")
-    table.add_column("stage")
-    table.add_column("status")
-    for stage, status in stages:
-        table.add_row(stage, status)
-    console.print(table)
-    report: dict[str, object] = {
-        "complete": False,
-        "stages": [{"stage": s, "status": st} for s, st in stages],
-        "clients": [],
-        "audit": None,
+CLIENT_KINDS: list[tuple[str, str]] = [
+    ("group-obs", "honest"),
+    ("analytic", "honest"),
+    ("group-obs", "partial-compensation"),
+    ("group-obs", "other-model"),
+    ("group-obs", "honest"),
+]
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen[bytes], what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with status {process.returncode}; see its log in the report folder"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not get ready within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _mask(scenario: Scenario) -> Any:
+    """The provider's side: score the global model on the forget set against a retain proxy."""
+    from zkunlearn.provider.masks import weight_scores
+    from zkunlearn.provider.proof_budget import select_within_budget
+    from zkunlearn.tasks.train import cross_entropy
+
+    task = scenario.task
+    forget, retain = task.forget, task.retain
+    spec = scenario.group_obs_spec
+    scores = weight_scores(
+        scenario.global_model(),
+        list(scenario.layers),
+        (forget.x, forget.y),
+        (retain.x[:960], retain.y[:960]),
+        cross_entropy,
+        "fisher-ratio",
+    )
+    return select_within_budget(
+        scores,
+        block_size=spec.block,
+        batch=spec.batch,
+        max_batches=scenario.max_batches,
+        density=scenario.mask_density,
+    )
+
+
+def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -> dict[str, Any]:
+    if clients < 2:
+        raise ValueError("the demo needs at least 2 clients (one honest Group-OBS and one dishonest)")
+    started = time.monotonic()
+    scenario = Scenario(quick=quick)
+    report_dir = Path(report_dir)
+    work = report_dir / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    # Honest clients first, then the cheats; --clients 3 already includes one dishonest client.
+    kinds = [CLIENT_KINDS[i % len(CLIENT_KINDS)] for i in range(clients)]
+    kinds = sorted(kinds, key=lambda k: (k[1] != "honest", k[0] != "group-obs"))
+    processes: list[subprocess.Popen[bytes]] = []
+    provider: subprocess.Popen[bytes] | None = None
+    try:
+        with _progress(console) as progress:
+            step = progress.add_task("training or loading the global model", total=None)
+            scenario.global_model()
+            progress.update(step, description="global model ready", total=1, completed=1)
+            step = progress.add_task("computing the deletion mask (fisher-ratio, proof budget)", total=None)
+            mask = _mask(scenario)
+            progress.update(step, description=f"mask: {mask.masked_count()} weights", total=1, completed=1)
+            step = progress.add_task("compiling circuits and generating keys (dev SRS: INSECURE)", total=None)
+            circuits = DeletionCircuits.build(
+                work / "circuits", group_obs=scenario.group_obs_spec, analytic=scenario.analytic_spec
+            )
+            progress.update(step, description="circuits and verifying keys ready", total=1, completed=1)
+
+            provider, public_key = _start_provider(work, scenario, circuits.directory)
+            step = progress.add_task("personalizing and enrolling edge clients", total=len(kinds))
+            profiles = []
+            for i, (method, behaviour) in enumerate(kinds):
+                profile = Profile(
+                    client_id=f"c{i}-{behaviour}",
+                    method=method,
+                    behaviour=behaviour,
+                    client_seed=100 + i,
+                    provider=f"127.0.0.1:{(work / 'provider.port').read_text().strip()}",
+                    provider_public_key=public_key.hex(),
+                    circuits_dir=str(circuits.directory),
+                    state_dir=str(work / "clients" / f"c{i}"),
+                    result_file=str(work / "clients" / f"c{i}.json"),
+                    quick=quick,
+                )
+                Path(profile.state_dir).mkdir(parents=True, exist_ok=True)
+                profile.save(work / "clients" / f"c{i}.profile.json")
+                profiles.append(profile)
+            for i in range(len(profiles)):
+                log = (work / "clients" / f"c{i}.log").open("wb")
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "zkunlearn.cli",
+                            "client",
+                            "run",
+                            "--profile",
+                            str(work / "clients" / f"c{i}.profile.json"),
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=_env(),
+                    )
+                )
+            for profile, process in zip(profiles, processes, strict=True):
+                _wait_for(Path(profile.state_dir) / "enrolled", process, profile.client_id, 900)
+                progress.advance(step)
+
+            _issue_requests(work, scenario, mask, profiles)
+            step = progress.add_task(
+                "clients apply, prove and submit; provider verifies", total=len(profiles)
+            )
+            for profile, process in zip(profiles, processes, strict=True):
+                _wait_for(Path(profile.result_file), process, profile.client_id, 1800)
+                process.wait(timeout=120)
+                progress.advance(step)
+            _stop(provider)
+            provider = None
+            step = progress.add_task("exporting the log and auditing it offline", total=None)
+            audit = _export_and_audit(work, circuits.directory, public_key, report_dir)
+            progress.update(step, total=1, completed=1)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        if provider is not None:
+            _stop(provider)
+    results = [json.loads(Path(p.result_file).read_text()) for p in profiles]
+    report = {
+        "complete": True,
+        "quick": quick,
+        "model_id": scenario.model_id,
+        "srs": "development SRS generated locally (INSECURE: proofs could be forged by whoever made it)",
+        "mask": {
+            "masked_weights": mask.masked_count(),
+            "proofs_per_group_obs_client": len(_touched(scenario, mask)),
+        },
+        "clients": [_client_row(r) for r in results],
+        "audit": audit,
+        "wall_s": round(time.monotonic() - started, 1),
     }
-    report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"report written to {report_dir / 'report.json'}")
+    _plot(report, report_dir / "report.png")
+    console.print(_table(report))
+    verdict = "OK" if audit["ok"] else "FAIL"
+    console.print(f"audit: {verdict} ({audit['items_checked']} items, {len(audit['failures'])} failures)")
+    console.print(f"report in {report_dir / 'report.json'}, plot in {report_dir / 'report.png'}")
+    _check_outcome(report)
     return report
+
+
+def _touched(scenario: Scenario, mask: Any) -> list[tuple[str, int]]:
+    from zkunlearn.proofs.deletion import touched_batches
+
+    return touched_batches(mask, scenario.group_obs_spec)
+
+
+def _env() -> dict[str, str]:
+    # One BLAS thread per process: the provider and every client share the machine's cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _start_provider(
+    work: Path, scenario: Scenario, circuits_dir: Path
+) -> tuple[subprocess.Popen[bytes], bytes]:
+    from zkunlearn.provider.server import load_signer
+
+    signer = load_signer(work / "provider.key")
+    config = work / "provider.toml"
+    config.write_text(
+        "\n".join(
+            [
+                'listen = "127.0.0.1:0"',
+                f'state = "{work / "provider.db"}"',
+                f'key_file = "{work / "provider.key"}"',
+                'verifier = "zkunlearn.provider.verification:from_config"',
+                "submit_wait_s = 0.0",
+                "watch_poll_s = 0.3",
+                "srs_insecure = true",
+                f"[artifacts.{json.dumps(scenario.model_id)}]",
+                f'circuits_dir = "{circuits_dir}"',
+                "",
+            ]
+        )
+    )
+    log = (work / "provider.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zkunlearn.cli",
+            "provider",
+            "serve",
+            "--config",
+            str(config),
+            "--port-file",
+            str(work / "provider.port"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )
+    _wait_for(work / "provider.port", process, "provider", 120)
+    return process, signer.public_bytes()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _issue_requests(work: Path, scenario: Scenario, mask: Any, profiles: list[Profile]) -> None:
+    """The operator's action: open the provider's state beside the running server and sign requests."""
+    from zkunlearn.circuits.mask import Mask
+    from zkunlearn.provider.server import ProviderConfig, load_signer
+    from zkunlearn.provider.service import ProviderService, TensorData
+    from zkunlearn.provider.state import open_state
+
+    config = ProviderConfig.load(work / "provider.toml")
+    service = ProviderService(open_state(config.state), load_signer(config.key_file), _NeverVerifies())
+    contributed = scenario.contributed_forget_samples()
+    features = scenario.features(contributed.x)
+    labels = contributed.y.numpy().astype(np.float64)
+    for profile in profiles:
+        if profile.method == "analytic":
+            service.create_request(
+                profile.client_id,
+                Mask(()),
+                forget_features=TensorData(features.shape, features.astype("<f8").tobytes()),
+                forget_labels=TensorData(labels.shape, labels.astype("<f8").tobytes()),
+            )
+        else:
+            service.create_request(profile.client_id, mask)
+    service.state.close()
+
+
+class _NeverVerifies:
+    """The operator's service only signs requests; verification happens in the server process."""
+
+    def verify(self, job: Any) -> Any:
+        raise RuntimeError("the operator process does not verify proofs")
+
+
+def _export_and_audit(work: Path, circuits_dir: Path, public_key: bytes, report_dir: Path) -> dict[str, Any]:
+    from zkunlearn.proofs.audit import audit_bundle, report_json
+    from zkunlearn.provider.export import export_from_config
+
+    bundle = report_dir / "audit-bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    export_from_config(work / "provider.toml", bundle, circuits_dir=circuits_dir)
+    report = audit_bundle(bundle, provider_public_key=public_key)
+    data = report_json(report)
+    return {
+        "ok": bool(data["ok"]),
+        "items_checked": int(data["items_checked"]),
+        "failures": list(data["failures"]),
+        "bundle": str(bundle),
+    }
+
+
+def _client_row(result: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "client_id",
+        "method",
+        "honest",
+        "verdict",
+        "reason",
+        "forget_acc_before",
+        "forget_acc_after",
+        "personal_acc_before",
+        "personal_acc_after",
+        "retain_acc_before",
+        "retain_acc_after",
+        "prove_s",
+        "proofs",
+        "proof_bytes",
+        "peak_rss_mb",
+    )
+    return {k: result.get(k) for k in keys}
+
+
+def _table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"zkunlearn demo: {report['model_id']} ({report['wall_s']} s)")
+    for column in (
+        "client",
+        "method",
+        "honest",
+        "forget acc",
+        "personal acc",
+        "prove s",
+        "proof KB",
+        "verdict",
+    ):
+        table.add_column(column)
+    for c in report["clients"]:
+        verdict = c["verdict"]
+        colour = "green" if verdict == "accepted" else "red"
+        table.add_row(
+            c["client_id"],
+            c["method"],
+            "yes" if c["honest"] else "no",
+            f"{c['forget_acc_before']:.2f} → {c['forget_acc_after']:.2f}",
+            f"{c['personal_acc_before']:.2f} → {c['personal_acc_after']:.2f}",
+            f"{c['prove_s']:.1f}",
+            f"{c['proof_bytes'] / 1024:.1f}",
+            f"[{colour}]{verdict}[/{colour}]"
+            + (f": {c['reason'].split(':')[-1].split()[0]}" if verdict != "accepted" else ""),
+        )
+    return table
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = report["clients"]
+    names = [c["client_id"] for c in clients]
+    x = np.arange(len(clients))
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for offset, key, label in ((-0.3, "forget_acc", "forget"), (0.0, "personal_acc", "personal")):
+        ax_acc.bar(x + offset, [c[f"{key}_before"] for c in clients], 0.15, label=f"{label} before")
+        ax_acc.bar(x + offset + 0.15, [c[f"{key}_after"] for c in clients], 0.15, label=f"{label} after")
+    ax_acc.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax_acc.set_ylabel("accuracy (client domain)")
+    ax_acc.set_title("accuracy before / after the deletion")
+    ax_acc.legend(fontsize=7)
+    colours = ["tab:green" if c["verdict"] == "accepted" else "tab:red" for c in clients]
+    ax_time.bar(x, [c["prove_s"] for c in clients], color=colours)
+    ax_time.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax_time.set_ylabel("proving time (s)")
+    ax_time.set_title("proof time (green: accepted, red: rejected)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _check_outcome(report: dict[str, Any]) -> None:
+    """The demo's promise: honest accepted, dishonest rejected, audit OK. Anything else is a failure."""
+    wrong = [c["client_id"] for c in report["clients"] if (c["verdict"] == "accepted") != bool(c["honest"])]
+    if wrong or not report["audit"]["ok"]:
+        raise RuntimeError(
+            f"demo outcome wrong: unexpected verdicts for {wrong}; audit ok={report['audit']['ok']}"
+        )

@@ -1,0 +1,68 @@
+"""Masks whose proof cost fits a budget: concentrate the deletion in few proof batches.
+
+Proving cost grows with the weights of every *touched* batch (a batch is the fixed group of Fisher
+blocks one proof covers, see :mod:`zkunlearn.proofs.deletion`), not with the number of masked
+weights. An unstructured mask over a 64k-weight layer touches every block; this selection ranks
+batches by their total score, keeps the best ``max_batches``, and masks the top ``density`` of each
+block inside them, so every masked block keeps unmasked weights for Group-OBS to compensate with
+(a fully masked block has nothing left to compensate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+from zkunlearn.circuits.mask import LayerMask, Mask
+
+__all__ = ["BudgetError", "select_within_budget"]
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met with the given layer shapes."""
+
+
+def select_within_budget(
+    scores: Mapping[str, npt.ArrayLike],
+    *,
+    block_size: int,
+    batch: int,
+    max_batches: int,
+    density: float,
+) -> Mask:
+    """Top ``max_batches`` batches by total score; inside them the top ``density`` of each block."""
+    if max_batches < 1 or batch < 1 or block_size < 1:
+        raise BudgetError("block_size, batch and max_batches must be >= 1")
+    if not 0.0 < density < 1.0:
+        raise BudgetError(
+            f"density must be in (0, 1) so blocks keep weights to compensate with, got {density}"
+        )
+    per_block = max(1, math.floor(density * block_size))
+    candidates: list[tuple[float, str, int]] = []
+    flat_scores: dict[str, npt.NDArray[np.float64]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    span = block_size * batch
+    for name, value in scores.items():
+        arr = np.asarray(value, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise BudgetError(f"scores of {name} are not all finite")
+        if arr.size % span:
+            raise BudgetError(f"{name}: {arr.size} weights are not a multiple of batch x block = {span}")
+        flat_scores[name], shapes[name] = arr.reshape(-1), tuple(arr.shape)
+        blocks = arr.reshape(-1, block_size)
+        top = -np.sort(-blocks, axis=1)[:, :per_block].sum(axis=1)  # what masking inside the block removes
+        for b, total in enumerate(top.reshape(-1, batch).sum(axis=1)):
+            candidates.append((float(total), name, b))
+    candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
+    chosen: dict[str, dict[int, tuple[int, ...]]] = {name: {} for name in scores}
+    for _total, name, b in candidates[:max_batches]:
+        for blk in range(b * batch, (b + 1) * batch):
+            values = flat_scores[name][blk * block_size : (blk + 1) * block_size]
+            offsets = np.argsort(-values, kind="stable")[:per_block]
+            chosen[name][blk] = tuple(sorted(int(o) for o in offsets))
+    layers = tuple(
+        LayerMask(name, shapes[name], block_size, blocks) for name, blocks in chosen.items() if blocks
+    )
+    return Mask(layers)

@@ -1,0 +1,220 @@
+"""One edge client as its own process: personalize, enroll, wait for a deletion, apply, prove, submit.
+
+``zkunlearn client run --profile profile.json`` runs this. The profile names the scenario (so the
+process rebuilds the same models as the provider from the cache), the provider's address and pinned
+key, the update method, and, for the demo's dishonest clients, how it cheats. Results are written as
+JSON for the demo's report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from rich.console import Console
+from torch import nn
+
+from zkunlearn.circuits.mask import LayerMask
+from zkunlearn.client.analytic import AnalyticHead
+from zkunlearn.client.sdk import EdgeClient, Outcome, UpdateResult, VerifiedRequest
+from zkunlearn.client.store import ClientStore
+from zkunlearn.client.transport import ChannelConfig
+from zkunlearn.client.unlearning import AnalyticUnlearner, GroupObsUnlearner, ProveOptions
+from zkunlearn.proofs.artifacts import ClientCircuit, client_artifacts
+from zkunlearn.proofs.deletion import DeletionCircuits
+from zkunlearn.scenario import Scenario
+from zkunlearn.tasks.train import cross_entropy
+
+F64 = npt.NDArray[np.float64]
+BEHAVIOURS = ("honest", "partial-compensation", "other-model")
+
+
+@dataclass(frozen=True)
+class Profile:
+    client_id: str
+    method: str  # "group-obs" or "analytic"
+    behaviour: str  # one of BEHAVIOURS
+    client_seed: int
+    provider: str
+    provider_public_key: str  # hex; pinned, never learned on first use in the demo
+    circuits_dir: str  # the provider's published circuits (compiled circuit, settings, SRS)
+    state_dir: str
+    result_file: str
+    quick: bool = False
+    timeout_s: float = 900.0
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+
+class PartialCompensation(GroupObsUnlearner):
+    """Dishonest: applies only 90 % of the compensation, as an early-stopped or cheaper solver would.
+
+    (Skipping the compensation entirely, or using a wildly wrong Fisher, does not even yield a witness
+    at realistic sizes: the residuals overflow the circuit's range checks. This cheat stays in range,
+    keeps the row-space witness consistent, and must be refused by the KKT residual.)
+    """
+
+    self_check = False
+    fraction = 0.9
+
+    def compensate(self, theta: F64, g: F64, layer_mask: LayerMask, lam: float) -> tuple[F64, F64]:
+        after, w = super().compensate(theta, g, layer_mask, lam)
+        dense = layer_mask.dense().reshape(theta.shape)
+        partial = np.where(dense, after, theta + self.fraction * (after - theta))
+        return partial, self.fraction * w
+
+
+class ProvesAnotherModel(GroupObsUnlearner):
+    """Dishonest: proves the update on other weights (the global model's) than the ones it enrolled."""
+
+    self_check = False
+
+    def __init__(self, *args: Any, other: nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.other = dict(other.named_parameters())
+
+    def prove(self, request: VerifiedRequest) -> UpdateResult:
+        path = self.state_dir / "state.npz"
+        with np.load(path) as stored:
+            arrays = {k: np.asarray(stored[k]) for k in stored.files}
+        meta = json.loads((self.state_dir / "state.json").read_text())
+        for layer, info in meta["layers"].items():
+            theta = self.other[layer].detach().double().numpy().reshape(arrays[f"{layer}/theta"].shape)
+            step = 2.0**self.scale
+            arrays[f"{layer}/theta"] = np.rint(theta * 2.0 ** int(info["exponent"]) * step) / step
+        np.savez(path, **arrays)  # type: ignore[arg-type]
+        return super().prove(request)
+
+
+def _circuit(profile: Profile, kind: str) -> ClientCircuit:
+    """What a device does with the published artifacts: regenerate its own proving key from the SRS."""
+    circuits = DeletionCircuits.load(Path(profile.circuits_dir))
+    entry = circuits.group_obs if kind == "group_obs" else circuits.analytic
+    if entry is None:
+        raise RuntimeError(f"the provider publishes no {kind} circuit")
+    _spec, arts = entry
+    return client_artifacts(
+        arts.compiled.read_bytes(), arts.settings.read_bytes(), arts.srs, Path(profile.state_dir) / "circuit"
+    )
+
+
+def run_client(profile: Profile, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console(stderr=True)
+    scenario = Scenario(quick=profile.quick)
+    state = Path(profile.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    options = ProveOptions(workers=1, memory_limit_mb=None, progress=False)
+    result: dict[str, Any] = {
+        "client_id": profile.client_id,
+        "method": profile.method,
+        "honest": profile.behaviour == "honest",
+    }
+    with console.status(f"[{profile.client_id}] personalizing and enrolling"):
+        if profile.method == "group-obs":
+            model = scenario.personalized(profile.client_seed)
+            before = scenario.client_metrics(model)
+            circuit = _circuit(profile, "group_obs")
+            spec = scenario.group_obs_spec
+            unlearner: GroupObsUnlearner | AnalyticUnlearner
+            if profile.behaviour == "partial-compensation":
+                unlearner = PartialCompensation(model, spec, circuit, state / "unlearn", options)
+            elif profile.behaviour == "other-model":
+                unlearner = ProvesAnotherModel(
+                    model, spec, circuit, state / "unlearn", options, other=scenario.global_model()
+                )
+            else:
+                unlearner = GroupObsUnlearner(model, spec, circuit, state / "unlearn", options)
+            data = scenario.task.client_after_request
+            commitments = unlearner.enroll(list(scenario.layers), data.x, data.y, cross_entropy)
+            layers, kind = list(scenario.layers), 1
+        else:
+            model = scenario.global_model()
+            spec_an = scenario.analytic_spec
+            head = AnalyticHead(spec_an.d, spec_an.k, gamma=1.0)
+            learned = scenario.task.client_train
+            contributed = scenario.contributed_forget_samples()
+            x = np.vstack([scenario.features(learned.x), scenario.features(contributed.x)])
+            y = np.concatenate([learned.y.numpy(), contributed.y.numpy()])
+            head.learn(x, np.eye(spec_an.k)[y])
+            before = _head_metrics(scenario, head)
+            unlearner = AnalyticUnlearner(
+                head, spec_an, _circuit(profile, "analytic"), state / "unlearn", options
+            )
+            commitments = unlearner.enroll()
+            layers, kind = ["head"], 2
+        client = EdgeClient(
+            ChannelConfig(profile.provider, call_timeout_s=300.0, retry_attempts=20, retry_budget_s=120.0),
+            ClientStore(state / "client.db"),
+            unlearner,
+            provider_public_key=bytes.fromhex(profile.provider_public_key),
+            receipt_wait_s=600.0,
+        )
+        client.enroll(profile.client_id, scenario.model_id, layers, kind, commitments)
+    (state / "enrolled").write_text("ok")
+    console.print(f"[{profile.client_id}] enrolled; waiting for a deletion request")
+    outcome = _wait_for_decision(client, profile.timeout_s)
+    if isinstance(unlearner, AnalyticUnlearner):
+        after = _head_metrics(scenario, unlearner.head)
+    else:
+        after = scenario.client_metrics(model)
+    stats = unlearner.last_proof_stats()
+    result.update(
+        verdict=outcome.status,
+        reason=outcome.reason,
+        request_id=outcome.request_id,
+        forget_acc_before=before["forget_acc"],
+        forget_acc_after=after["forget_acc"],
+        personal_acc_before=before["personal_acc"],
+        personal_acc_after=after["personal_acc"],
+        retain_acc_before=before["retain_acc"],
+        retain_acc_after=after["retain_acc"],
+        prove_s=float(sum(stats.get("prove_s") or [0.0])),
+        proofs=len(stats.get("prove_s") or []),
+        peak_rss_mb=float(max(stats.get("peak_rss_mb") or [0.0])),
+        proof_bytes=int(stats.get("proof_bytes") or 0),
+        log_size_verified=client.verify_log(),
+    )
+    client.close()
+    Path(profile.result_file).write_text(json.dumps(result, indent=2))
+    console.print(f"[{profile.client_id}] {outcome.status}: {outcome.reason or 'ok'}")
+    return result
+
+
+def _head_metrics(scenario: Scenario, head: AnalyticHead) -> dict[str, float]:
+    task = scenario.task
+
+    def acc(split: Any) -> float:
+        if len(split) == 0:
+            return float("nan")
+        return float(np.mean(head.predict(scenario.features(split.x)).argmax(1) == split.y.numpy()))
+
+    return {
+        "forget_acc": acc(task.client_test.of_class(task.forget_class)),
+        "personal_acc": acc(task.client_test.without_class(task.forget_class)),
+        "retain_acc": acc(task.provider_test.without_class(task.forget_class)),
+    }
+
+
+def _wait_for_decision(client: EdgeClient, timeout_s: float) -> Outcome:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for outcome in client.poll():
+            if outcome.status in ("accepted", "rejected", "refused"):
+                return outcome
+        time.sleep(0.5)
+    raise TimeoutError(f"no deletion request was decided within {timeout_s:.0f} s")
+
+
+def main(profile_path: Path) -> int:
+    run_client(Profile.load(profile_path))
+    return 0

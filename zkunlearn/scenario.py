@@ -1,0 +1,142 @@
+"""The demo's world, shared by the provider's and the clients' processes so that all agree on it.
+
+Everything is derived from ``(quick, seed)``: the data split, the global model (trained once and
+cached by content), each client's personalization, the circuit shapes, and the analytic clients'
+feature map. Two processes that build the same scenario get bit-identical models from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec
+from zkunlearn.tasks.data import ImageTask, Split, make_image_task
+from zkunlearn.tasks.models import MLP, MLPConfig, ViT, ViTConfig
+from zkunlearn.tasks.train import predict, train_cached
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """``quick``: a small MLP and tiny circuits (CI); otherwise the ViT headline task."""
+
+    quick: bool = False
+    seed: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return "mlp-quick" if self.quick else "vit-mnist"
+
+    @cached_property
+    def task(self) -> ImageTask:
+        return make_image_task(self.seed, "disjoint")
+
+    def _make(self) -> nn.Module:
+        return MLP(MLPConfig(hidden=32)) if self.quick else ViT(ViTConfig())
+
+    @property
+    def _spec(self) -> dict[str, object]:
+        config = MLPConfig(hidden=32).as_dict() if self.quick else ViTConfig().as_dict()
+        return {"scenario": "demo", "model": config, "task_seed": self.seed, "data": "mnist5k-disjoint"}
+
+    def global_model(self) -> nn.Module:
+        task = self.task
+        x, y = task.provider_train.x, task.provider_train.y
+        return train_cached(
+            self._make, self._spec, x, y, epochs=12 if self.quick else 40, lr=2e-3, seed=self.seed
+        )
+
+    def personalized(self, client_seed: int) -> nn.Module:
+        task, base = self.task, self.global_model()
+        data = task.client_train
+        spec = {**self._spec, "personalized_from": "global", "client_seed": client_seed}
+        return train_cached(
+            self._make,
+            spec,
+            data.x,
+            data.y,
+            epochs=10 if self.quick else 40,
+            lr=1e-3,
+            seed=client_seed,
+            start_from=base,
+        )
+
+    # -- circuits ----------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return ("fc2.weight",) if self.quick else tuple(f"blocks.{i}.fc1.weight" for i in range(4))
+
+    @property
+    def group_obs_spec(self) -> GroupObsSpec:
+        if self.quick:
+            return GroupObsSpec(block=16, m=8, batch=1, lam=0.1)
+        return GroupObsSpec(block=64, m=32, batch=1, lam=0.1)
+
+    @property
+    def analytic_spec(self) -> AnalyticSpec:
+        return AnalyticSpec(d=8, k=10, n_u=4) if self.quick else AnalyticSpec(d=24, k=10, n_u=12)
+
+    @property
+    def max_batches(self) -> int:
+        """Proofs per Group-OBS deletion: the proof budget the mask is concentrated into."""
+        return 2 if self.quick else 12
+
+    mask_density: float = 0.5
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def accuracy(self, model: nn.Module, split: Split) -> float:
+        if len(split) == 0:
+            return float("nan")
+        return float((predict(model, split.x).argmax(1) == split.y).float().mean())
+
+    def client_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Forgetting is measured in the client's own domain; retain on the provider's test data."""
+        task = self.task
+        return {
+            "forget_acc": self.accuracy(model, task.client_test.of_class(task.forget_class)),
+            "personal_acc": self.accuracy(model, task.client_test.without_class(task.forget_class)),
+            "retain_acc": self.accuracy(model, task.provider_test.without_class(task.forget_class)),
+        }
+
+    # -- analytic clients --------------------------------------------------------------------------
+
+    def _raw_features(self, x: torch.Tensor) -> F64:
+        backbone = self.global_model()
+        with torch.no_grad():
+            raw: F64 = backbone.features(x).double().numpy()  # type: ignore[operator]
+        return raw
+
+    @cached_property
+    def _feature_map(self) -> tuple[F64, float]:
+        """A seeded projection to ``d`` and one fixed scale, so learn- and forget-time features agree."""
+        spec = self.analytic_spec
+        reference = self._raw_features(self.task.provider_train.x[:512])
+        rng = np.random.default_rng(1000 + self.seed)
+        projection: F64 = rng.normal(size=(reference.shape[1], spec.d)) / np.sqrt(reference.shape[1])
+        spread = float(np.quantile(np.abs(reference @ projection), 0.99))
+        return projection, (spec.x_bound / 4.0) / max(spread, 1e-12)
+
+    def features(self, x: torch.Tensor) -> F64:
+        """Frozen global backbone -> fixed projection -> scaled and clipped inside the circuit's bound.
+
+        The projection is part of the published scenario (seeded), as ACU's random expansion is; the
+        provider computes the forget samples' features with the same map.
+        """
+        projection, scale = self._feature_map
+        bound = self.analytic_spec.x_bound / 2.0
+        out: F64 = np.clip(self._raw_features(x) @ projection * scale, -bound, bound)
+        return out
+
+    def contributed_forget_samples(self) -> Split:
+        """The provider training samples an analytic client learned and a deletion then names."""
+        forget = self.task.forget
+        return Split(forget.x[: self.analytic_spec.n_u], forget.y[: self.analytic_spec.n_u])
