@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -359,6 +360,12 @@ def _table(report: dict[str, Any]) -> Table:
             + (f": {c['reason'].split(':')[-1].split()[0]}" if verdict != "accepted" else ""),
         )
     return table
+
+
+def _short_reason(reason: str) -> str:
+    """The verifier's reason code (e.g. kkt_residual_above_tolerance) out of a longer explanation."""
+    found = re.search(r"[a-z]+(?:_[a-z]+)+", reason)
+    return found.group(0) if found else reason[:40]
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
