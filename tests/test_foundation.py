@@ -95,18 +95,6 @@ def test_import_checker_sees_a_violation(tmp_path: Path) -> None:
     assert _imports(bad) == {"zkunlearn.provider", "zkunlearn.client.sdk"}
 
 
-def test_demo_exits_zero_and_writes_report(tmp_path: Path) -> None:
-    exe = Path(sys.executable).parent / "zkunlearn"
-    result = subprocess.run(
-        [str(exe), "demo", "--quick", "--report", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "r" / "report.json").exists()
-
-
 def test_non_editable_wheel_ships_every_part(tmp_path: Path) -> None:
     """The wheel, not just the editable install, must carry every mapped folder and the generated stubs."""
     subprocess.run(
