@@ -100,17 +100,26 @@ def demo(
 
 
 @bench_app.command("proofs")
-def bench_proofs() -> None:
-    """Proof cost per circuit shape and for the ViT task's whole deletion."""
-    _not_yet("bench proofs", 6)
-    raise typer.Exit(code=1)
+def bench_proofs(
+    out: Annotated[Path, typer.Option(help="results JSON")] = Path("bench/results/proofs.json"),
+    workers: Annotated[int, typer.Option(help="parallel proving processes")] = 2,
+    memory_limit_mb: Annotated[int, typer.Option(help="address-space cap per proving worker")] = 8192,
+) -> None:
+    """Proof cost per circuit shape (setup, prove, verify, RSS, bytes) and one real multi-proof deletion."""
+    import json
+
+    from zkunlearn.bench.proofs import run_proofs_bench
+
+    result = run_proofs_bench(out, workers=workers, memory_limit_mb=memory_limit_mb)
+    console.print_json(json.dumps(result))
 
 
-@bench_app.command("unlearning")
-def bench_unlearning() -> None:
-    """Unlearning quality and update cost on the offline tasks."""
-    _not_yet("bench unlearning", 7)
-    raise typer.Exit(code=1)
+@bench_app.command("unlearning", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_unlearning(ctx: typer.Context) -> None:
+    """Unlearning quality and update cost on the offline tasks (options: --tasks, --seeds, --quick, ...)."""
+    from zkunlearn.bench.unlearning import main as unlearning_main
+
+    raise typer.Exit(code=unlearning_main(list(ctx.args)))
 
 
 @bench_app.command("load")
