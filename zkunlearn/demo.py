@@ -60,6 +60,7 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], what: str, timeout_s
 
 def _mask(scenario: Scenario) -> Any:
     """The provider's side: score the global model on the forget set against a retain proxy."""
+    from zkunlearn.circuits.mask import LayerMask, Mask
     from zkunlearn.provider.masks import weight_scores
     from zkunlearn.provider.proof_budget import select_within_budget
     from zkunlearn.tasks.train import cross_entropy
@@ -75,13 +76,24 @@ def _mask(scenario: Scenario) -> Any:
         cross_entropy,
         "fisher-ratio",
     )
-    return select_within_budget(
-        scores,
+    hidden = select_within_budget(
+        {layer: scores[layer] for layer in scenario.hidden_layers},
         block_size=spec.block,
         batch=spec.batch,
         max_batches=scenario.max_batches,
         density=scenario.mask_density,
     )
+    # In the head, zero the highest-scoring row's worth of blocks outright (nothing to compensate there).
+    head_scores = np.asarray(scores[scenario.head_layer])
+    row_blocks = max(1, head_scores.shape[1] // spec.block)
+    ranked = np.argsort(-head_scores.reshape(-1, spec.block).sum(axis=1), kind="stable")[:row_blocks]
+    head = LayerMask(
+        scenario.head_layer,
+        tuple(head_scores.shape),
+        spec.block,
+        {int(b): tuple(range(spec.block)) for b in sorted(ranked)},
+    )
+    return Mask((*hidden.layers, head))
 
 
 def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -> dict[str, Any]:
@@ -375,14 +387,14 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     clients = report["clients"]
-    names = [c["client_id"] for c in clients]
+    names = [f"{c['client_id']}\n({c['method']})" for c in clients]
     x = np.arange(len(clients))
     fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(13, 4.5))
     for offset, key, label in ((-0.3, "forget_acc", "forget"), (0.0, "personal_acc", "personal")):
         ax_acc.bar(x + offset, [c[f"{key}_before"] for c in clients], 0.15, label=f"{label} before")
         ax_acc.bar(x + offset + 0.15, [c[f"{key}_after"] for c in clients], 0.15, label=f"{label} after")
     ax_acc.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
-    ax_acc.set_ylabel("accuracy (client domain)")
+    ax_acc.set_ylabel("accuracy (forget: provider domain; personal: client domain)")
     ax_acc.set_title("accuracy before / after the deletion")
     ax_acc.legend(fontsize=7)
     colours = ["tab:green" if c["verdict"] == "accepted" else "tab:red" for c in clients]
