@@ -136,7 +136,6 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
                     client_seed=100 + i,
                     provider=f"127.0.0.1:{(work / 'provider.port').read_text().strip()}",
                     provider_public_key=public_key.hex(),
-                    circuits_dir=str(circuits.directory),
                     state_dir=str(work / "clients" / f"c{i}"),
                     result_file=str(work / "clients" / f"c{i}.json"),
                     quick=quick,
@@ -239,6 +238,7 @@ def _start_provider(
                 "srs_insecure = true",
                 f"[artifacts.{json.dumps(scenario.model_id)}]",
                 f'circuits_dir = "{circuits_dir}"',
+                *_publication(scenario.model_id, circuits_dir),
                 "",
             ]
         )
@@ -262,6 +262,24 @@ def _start_provider(
     )
     _wait_for(work / "provider.port", process, "provider", 120)
     return process, signer.public_bytes()
+
+
+def _publication(model_id: str, circuits_dir: Path) -> list[str]:
+    """Config lines that publish each circuit's index, compiled circuit, settings and SRS over GetArtifact."""
+    circuits = DeletionCircuits.load(circuits_dir)
+    lines: list[str] = []
+    for kind, entry in (("group_obs", circuits.group_obs), ("analytic", circuits.analytic)):
+        if entry is None:
+            continue
+        arts = entry[1]
+        lines += [
+            f"[artifacts.{json.dumps(model_id + '/' + kind)}]",
+            f'index = "{circuits_dir / "circuits.json"}"',
+            f'compiled = "{arts.compiled}"',
+            f'settings = "{arts.settings}"',
+            f'srs = "{arts.srs.path}"',
+        ]
+    return lines
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -21,17 +21,21 @@ from torch import nn
 
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.analytic import AnalyticHead
+from zkunlearn.client.artifacts import fetch_artifact
 from zkunlearn.client.sdk import EdgeClient, Outcome, UpdateResult, VerifiedRequest
 from zkunlearn.client.store import ClientStore
-from zkunlearn.client.transport import ChannelConfig
+from zkunlearn.client.transport import ChannelConfig, Transport
 from zkunlearn.client.unlearning import AnalyticUnlearner, GroupObsUnlearner, ProveOptions
 from zkunlearn.proofs.artifacts import ClientCircuit, client_artifacts
-from zkunlearn.proofs.deletion import DeletionCircuits
+from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec
+from zkunlearn.proofs.srs import SrsInfo
 from zkunlearn.scenario import Scenario
 from zkunlearn.tasks.train import cross_entropy
 
 F64 = npt.NDArray[np.float64]
 BEHAVIOURS = ("honest", "partial-compensation", "other-model")
+#: What the provider publishes per circuit (see DeletionCircuits.publication); never the proving key.
+ARTIFACT_NAMES = ("index", "compiled", "settings", "srs")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,6 @@ class Profile:
     client_seed: int
     provider: str
     provider_public_key: str  # hex; pinned, never learned on first use in the demo
-    circuits_dir: str  # the provider's published circuits (compiled circuit, settings, SRS)
     state_dir: str
     result_file: str
     quick: bool = False
@@ -96,16 +99,31 @@ class ProvesAnotherModel(GroupObsUnlearner):
         return super().prove(request)
 
 
-def _circuit(profile: Profile, kind: str) -> ClientCircuit:
-    """What a device does with the published artifacts: regenerate its own proving key from the SRS."""
-    circuits = DeletionCircuits.load(Path(profile.circuits_dir))
-    entry = circuits.group_obs if kind == "group_obs" else circuits.analytic
-    if entry is None:
-        raise RuntimeError(f"the provider publishes no {kind} circuit")
-    _spec, arts = entry
-    return client_artifacts(
-        arts.compiled.read_bytes(), arts.settings.read_bytes(), arts.srs, Path(profile.state_dir) / "circuit"
+def _published_circuit(
+    profile: Profile, transport: Transport, model_id: str, kind: str
+) -> tuple[Any, ClientCircuit]:
+    """What a device does: download the compiled circuit, settings and SRS (never a proving key) over
+    gRPC, check the SRS against the published digest, and regenerate its own proving key."""
+    folder = Path(profile.state_dir) / "published" / kind
+    circuit_id = f"{model_id}/{kind}"
+    files = {name: fetch_artifact(transport, circuit_id, name, folder / name) for name in ARTIFACT_NAMES}
+    record = json.loads(files["index"].read_text())[kind]
+    spec = GroupObsSpec(**record["spec"]) if kind == "group_obs" else AnalyticSpec(**record["spec"])
+    srs_record = record["srs"]
+    srs = SrsInfo(
+        files["srs"],
+        int(srs_record["logrows"]),
+        str(srs_record["sha256"]),
+        bool(srs_record["insecure"]),
+        str(srs_record["source"]),
     )
+    circuit = client_artifacts(
+        files["compiled"].read_bytes(),
+        files["settings"].read_bytes(),
+        srs,
+        Path(profile.state_dir) / "circuit" / kind,
+    )
+    return spec, circuit
 
 
 def run_client(profile: Profile, console: Console | None = None) -> dict[str, Any]:
@@ -119,12 +137,14 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
         "method": profile.method,
         "honest": profile.behaviour == "honest",
     }
+    transport = Transport(
+        ChannelConfig(profile.provider, call_timeout_s=300.0, retry_attempts=20, retry_budget_s=120.0)
+    )
     with console.status(f"[{profile.client_id}] personalizing and enrolling"):
         if profile.method == "group-obs":
             model = scenario.personalized(profile.client_seed)
             before = scenario.client_metrics(model)
-            circuit = _circuit(profile, "group_obs")
-            spec = scenario.group_obs_spec
+            spec, circuit = _published_circuit(profile, transport, scenario.model_id, "group_obs")
             unlearner: GroupObsUnlearner | AnalyticUnlearner
             if profile.behaviour == "partial-compensation":
                 unlearner = PartialCompensation(model, spec, circuit, state / "unlearn", options)
@@ -139,7 +159,7 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
             layers, kind = list(scenario.layers), 1
         else:
             model = scenario.global_model()
-            spec_an = scenario.analytic_spec
+            spec_an, an_circuit = _published_circuit(profile, transport, scenario.model_id, "analytic")
             head = AnalyticHead(spec_an.d, spec_an.k, gamma=1.0)
             learned = scenario.task.client_train
             contributed = scenario.contributed_forget_samples()
@@ -147,13 +167,11 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
             y = np.concatenate([learned.y.numpy(), contributed.y.numpy()])
             head.learn(x, np.eye(spec_an.k)[y])
             before = _head_metrics(scenario, head)
-            unlearner = AnalyticUnlearner(
-                head, spec_an, _circuit(profile, "analytic"), state / "unlearn", options
-            )
+            unlearner = AnalyticUnlearner(head, spec_an, an_circuit, state / "unlearn", options)
             commitments = unlearner.enroll()
             layers, kind = ["head"], 2
         client = EdgeClient(
-            ChannelConfig(profile.provider, call_timeout_s=300.0, retry_attempts=20, retry_budget_s=120.0),
+            transport,
             ClientStore(state / "client.db"),
             unlearner,
             provider_public_key=bytes.fromhex(profile.provider_public_key),
