@@ -387,7 +387,7 @@ def _table(report: dict[str, Any]) -> Table:
             f"{c['prove_s']:.1f}",
             f"{c['proof_bytes'] / 1024:.1f}",
             f"[{colour}]{verdict}[/{colour}]"
-            + (f": {c['reason'].split(':')[-1].split()[0]}" if verdict != "accepted" else ""),
+            + (f": {_short_reason(c['reason'])}" if verdict != "accepted" else ""),
         )
     return table
 
