@@ -106,6 +106,29 @@ def _param(model: nn.Module, name: str) -> nn.Parameter:
     return params[name]
 
 
+def _already_answered(meta: dict[str, Any], request_id: str) -> UpdateResult | None:
+    """A crash after the state advanced but before the SDK saved the result: hand back the same answer."""
+    last = meta.get("last_request")
+    if not last or last["request_id"] != request_id:
+        return None
+    return UpdateResult(
+        [Commitment.from_json(c) for c in last["after"]], [bytes.fromhex(p) for p in last["proofs"]]
+    )
+
+
+class _CommittedStateProver:
+    """What both provers share: a committed-state folder and the statistics of their last proof."""
+
+    state_dir: Path
+
+    def last_proof_stats(self) -> dict[str, Any]:
+        _arrays, meta = _load(self.state_dir)
+        last = meta.get("last_request") or {}
+        return {k: last.get(k) for k in ("request_id", "prove_s", "peak_rss_mb")} | {
+            "proof_bytes": sum(len(bytes.fromhex(p)) for p in last.get("proofs", []))
+        }
+
+
 @dataclass(frozen=True)
 class ProveOptions:
     workers: int = 1
@@ -113,7 +136,7 @@ class ProveOptions:
     progress: bool = True
 
 
-class GroupObsUnlearner:
+class GroupObsUnlearner(_CommittedStateProver):
     """Group-OBS update + proof for the targeted layers of one model (an ``UpdateProver``)."""
 
     #: Refuse to submit a proof whose input commitment is not the committed one (a corrupted state
@@ -228,12 +251,9 @@ class GroupObsUnlearner:
 
     def prove(self, request: VerifiedRequest) -> UpdateResult:
         arrays, meta = _load(self.state_dir)
-        last = meta.get("last_request")
-        if last and last["request_id"] == request.request_id:
-            # Crash after the state advanced but before the SDK saved the result: hand back the same answer.
-            return UpdateResult(
-                [Commitment.from_json(c) for c in last["after"]], [bytes.fromhex(p) for p in last["proofs"]]
-            )
+        done = _already_answered(meta, request.request_id)
+        if done is not None:
+            return done
         mine = {(c["name"], c["block"]): c["point_hex"] for c in meta["commitments"]}
         theirs = {(c.name, c.block): c.point_hex for c in request.before_commitments}
         if theirs and theirs != mine:
@@ -313,13 +333,6 @@ class GroupObsUnlearner:
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value).to(param.dtype))
 
-    def last_proof_stats(self) -> dict[str, Any]:
-        _arrays, meta = _load(self.state_dir)
-        last = meta.get("last_request") or {}
-        return {k: last.get(k) for k in ("request_id", "prove_s", "peak_rss_mb")} | {
-            "proof_bytes": sum(len(bytes.fromhex(p)) for p in last.get("proofs", []))
-        }
-
 
 def _fit_rows(factors: F64, m: int) -> F64:
     """Exactly ``m`` rows per block: keep the first ``m`` samples, or pad with zero rows.
@@ -337,7 +350,7 @@ def _fit_rows(factors: F64, m: int) -> F64:
     return fitted
 
 
-class AnalyticUnlearner:
+class AnalyticUnlearner(_CommittedStateProver):
     """Exact unlearning of an analytic (ridge/RLS) head + its proof (an ``UpdateProver``)."""
 
     def __init__(
@@ -387,11 +400,9 @@ class AnalyticUnlearner:
 
     def prove(self, request: VerifiedRequest) -> UpdateResult:
         arrays, meta = _load(self.state_dir)
-        last = meta.get("last_request")
-        if last and last["request_id"] == request.request_id:
-            return UpdateResult(
-                [Commitment.from_json(c) for c in last["after"]], [bytes.fromhex(p) for p in last["proofs"]]
-            )
+        done = _already_answered(meta, request.request_id)
+        if done is not None:
+            return done
         if request.forget_features is None or request.forget_labels is None:
             raise UnlearningError("an analytic deletion request must carry the forget features and labels")
         scale, spec = self.scale, self.spec
@@ -440,10 +451,3 @@ class AnalyticUnlearner:
         )
         self.head.R, self.head.W, self.head.n_learned = r_after.copy(), w_after.copy(), head.n_learned
         return UpdateResult(after, proofs)
-
-    def last_proof_stats(self) -> dict[str, Any]:
-        _arrays, meta = _load(self.state_dir)
-        last = meta.get("last_request") or {}
-        return {k: last.get(k) for k in ("request_id", "prove_s", "peak_rss_mb")} | {
-            "proof_bytes": sum(len(bytes.fromhex(p)) for p in last.get("proofs", []))
-        }
