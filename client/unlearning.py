@@ -335,14 +335,23 @@ class GroupObsUnlearner(_CommittedStateProver):
 
 
 def _fit_rows(factors: F64, m: int) -> F64:
-    """Exactly ``m`` rows per block: keep the first ``m`` samples, or pad with zero rows.
+    """Exactly ``m`` rows per block, as the circuit's shape fixes.
 
-    Zero rows add nothing to ``G^T G``; the circuit's ``1/m`` is a fixed rescaling of ``lam`` that the
-    unit-mean-diagonal normalisation (recomputed here) absorbs.
+    With more samples than rows, each block's factor is replaced by its best rank-``m`` approximation
+    in the sense that matters, ``G^T G`` (truncated SVD: ``Sigma_m V_m^T``): the top-``m`` curvature
+    directions of *all* the client's samples, where keeping the first ``m`` samples would discard most
+    of them. With fewer samples, zero rows are added (they add nothing to ``G^T G``). The relation's
+    ``1/m`` is a fixed rescaling that the unit-mean-diagonal normalisation (recomputed here) absorbs.
     """
     n_blocks, rows, block = factors.shape
-    out = np.zeros((n_blocks, m, block))
-    out[:, : min(rows, m)] = factors[:, :m]
+    if rows > m:
+        _u, sigma, vt = np.linalg.svd(factors, full_matrices=False)  # batched over blocks
+        out = np.zeros((n_blocks, m, block))
+        keep = min(m, sigma.shape[1])
+        out[:, :keep] = sigma[:, :keep, None] * vt[:, :keep, :]
+    else:
+        out = np.zeros((n_blocks, m, block))
+        out[:, :rows] = factors
     mean_diag = float(np.mean(np.sum(out * out, axis=1)) / m)
     if not mean_diag > 0:
         raise UnlearningError("the Fisher factor is zero: no gradient information on the targeted layers")

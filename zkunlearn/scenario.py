@@ -93,11 +93,11 @@ class Scenario:
     def group_obs_spec(self) -> GroupObsSpec:
         if self.quick:
             return GroupObsSpec(block=16, m=8, batch=1, lam=0.1)
-        return GroupObsSpec(block=64, m=32, batch=1, lam=0.1)
+        return GroupObsSpec(block=64, m=16, batch=1, lam=0.1)
 
     @property
     def analytic_spec(self) -> AnalyticSpec:
-        return AnalyticSpec(d=8, k=10, n_u=4) if self.quick else AnalyticSpec(d=24, k=10, n_u=12)
+        return AnalyticSpec(d=8, k=10, n_u=4) if self.quick else AnalyticSpec(d=16, k=10, n_u=8)
 
     @property
     def max_batches(self) -> int:
