@@ -91,7 +91,12 @@ def audit_verify(
 
 @app.command()
 def demo(
-    clients: Annotated[int, typer.Option(help="edge clients: honest Group-OBS, analytic, then cheats")] = 4,
+    clients: Annotated[
+        int,
+        typer.Option(
+            help="edge clients: honest Group-OBS, analytic, other-model cheat, extra-edit cheat, ..."
+        ),
+    ] = 3,
     quick: Annotated[bool, typer.Option(help="smallest shapes, for CI")] = False,
     report: Annotated[Path, typer.Option(help="report folder")] = Path("demo-report"),
 ) -> None:

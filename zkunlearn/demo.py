@@ -34,8 +34,8 @@ from zkunlearn.scenario import Scenario
 CLIENT_KINDS: list[tuple[str, str]] = [
     ("group-obs", "honest"),
     ("analytic", "honest"),
-    ("group-obs", "partial-compensation"),
     ("group-obs", "other-model"),
+    ("group-obs", "extra-edit"),
     ("group-obs", "honest"),
 ]
 
@@ -108,7 +108,7 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
     work.mkdir(parents=True)
     # Honest clients first, then the cheats; --clients 3 already includes one dishonest client.
     kinds = [CLIENT_KINDS[i % len(CLIENT_KINDS)] for i in range(clients)]
-    kinds = sorted(kinds, key=lambda k: (k[1] != "honest", k[0] != "group-obs"))
+    kinds = sorted(kinds, key=lambda k: (k[1] != "honest", k[0] != "group-obs", CLIENT_KINDS.index(k)))
     processes: list[subprocess.Popen[bytes]] = []
     provider: subprocess.Popen[bytes] | None = None
     try:

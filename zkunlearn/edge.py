@@ -33,7 +33,7 @@ from zkunlearn.scenario import Scenario
 from zkunlearn.tasks.train import cross_entropy
 
 F64 = npt.NDArray[np.float64]
-BEHAVIOURS = ("honest", "partial-compensation", "other-model")
+BEHAVIOURS = ("honest", "other-model", "extra-edit")
 #: What the provider publishes per circuit (see DeletionCircuits.publication); never the proving key.
 ARTIFACT_NAMES = ("index", "compiled", "settings", "srs")
 
@@ -59,22 +59,27 @@ class Profile:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
-class PartialCompensation(GroupObsUnlearner):
-    """Dishonest: applies only 90 % of the compensation, as an early-stopped or cheaper solver would.
+class ExtraEdit(GroupObsUnlearner):
+    """Dishonest: applies the honest update plus a small edit of its own to one unmasked weight per
+    touched block (e.g. slipping in a backdoor while "unlearning").
 
-    (Skipping the compensation entirely, or using a wildly wrong Fisher, does not even yield a witness
-    at realistic sizes: the residuals overflow the circuit's range checks. This cheat stays in range,
-    keeps the row-space witness consistent, and must be refused by the KKT residual.)
+    The edit is not in the row space of the committed ``G``, so the ``r_row`` (and usually ``r_kkt``)
+    residual exceeds its tolerance. (Cruder cheats, such as skipping the compensation at realistic
+    sizes, do not even yield a witness: their residuals overflow the circuit's range checks.)
     """
 
     self_check = False
-    fraction = 0.9
+    edit = 0.25  # in the circuit's scaled units (weights have about unit spread there)
 
     def compensate(self, theta: F64, g: F64, layer_mask: LayerMask, lam: float) -> tuple[F64, F64]:
         after, w = super().compensate(theta, g, layer_mask, lam)
-        dense = layer_mask.dense().reshape(theta.shape)
-        partial = np.where(dense, after, theta + self.fraction * (after - theta))
-        return partial, self.fraction * w
+        flat, dense = after.reshape(-1), layer_mask.dense().reshape(-1)
+        for block in layer_mask.touched_blocks():
+            lo = block * layer_mask.block_size
+            free = np.flatnonzero(~dense[lo : lo + layer_mask.block_size])
+            if free.size:
+                flat[lo + free[0]] += self.edit
+        return flat.reshape(after.shape), w
 
 
 class ProvesAnotherModel(GroupObsUnlearner):
@@ -146,8 +151,8 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
             before = scenario.client_metrics(model)
             spec, circuit = _published_circuit(profile, transport, scenario.model_id, "group_obs")
             unlearner: GroupObsUnlearner | AnalyticUnlearner
-            if profile.behaviour == "partial-compensation":
-                unlearner = PartialCompensation(model, spec, circuit, state / "unlearn", options)
+            if profile.behaviour == "extra-edit":
+                unlearner = ExtraEdit(model, spec, circuit, state / "unlearn", options)
             elif profile.behaviour == "other-model":
                 unlearner = ProvesAnotherModel(
                     model, spec, circuit, state / "unlearn", options, other=scenario.global_model()
