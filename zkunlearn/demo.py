@@ -58,44 +58,6 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], what: str, timeout_s
         time.sleep(0.2)
 
 
-def _mask(scenario: Scenario) -> Any:
-    """The provider's side: score the global model on the forget set against a retain proxy."""
-    from zkunlearn.circuits.mask import LayerMask, Mask
-    from zkunlearn.provider.masks import weight_scores
-    from zkunlearn.provider.proof_budget import select_within_budget
-    from zkunlearn.tasks.train import cross_entropy
-
-    task = scenario.task
-    forget, retain = task.forget, task.retain
-    spec = scenario.group_obs_spec
-    scores = weight_scores(
-        scenario.global_model(),
-        list(scenario.layers),
-        (forget.x, forget.y),
-        (retain.x[:960], retain.y[:960]),
-        cross_entropy,
-        "fisher-ratio",
-    )
-    hidden = select_within_budget(
-        {layer: scores[layer] for layer in scenario.hidden_layers},
-        block_size=spec.block,
-        batch=spec.batch,
-        max_batches=scenario.max_batches,
-        density=scenario.mask_density,
-    )
-    # In the head, zero the highest-scoring row's worth of blocks outright (nothing to compensate there).
-    head_scores = np.asarray(scores[scenario.head_layer])
-    row_blocks = max(1, head_scores.shape[1] // spec.block)
-    ranked = np.argsort(-head_scores.reshape(-1, spec.block).sum(axis=1), kind="stable")[:row_blocks]
-    head = LayerMask(
-        scenario.head_layer,
-        tuple(head_scores.shape),
-        spec.block,
-        {int(b): tuple(range(spec.block)) for b in sorted(ranked)},
-    )
-    return Mask((*hidden.layers, head))
-
-
 def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -> dict[str, Any]:
     if clients < 2:
         raise ValueError("the demo needs at least 2 clients (one honest Group-OBS and one dishonest)")
@@ -117,7 +79,7 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
             scenario.global_model()
             progress.update(step, description="global model ready", total=1, completed=1)
             step = progress.add_task("computing the deletion mask (fisher-ratio, proof budget)", total=None)
-            mask = _mask(scenario)
+            mask = scenario.deletion_mask()
             progress.update(step, description=f"mask: {mask.masked_count()} weights", total=1, completed=1)
             step = progress.add_task("compiling circuits and generating keys (dev SRS: INSECURE)", total=None)
             circuits = DeletionCircuits.build(

@@ -15,10 +15,11 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec
 from zkunlearn.tasks.data import ImageTask, Split, make_image_task
 from zkunlearn.tasks.models import MLP, MLPConfig, ViT, ViTConfig
-from zkunlearn.tasks.train import predict, train_cached
+from zkunlearn.tasks.train import cross_entropy, predict, train_cached
 
 F64 = npt.NDArray[np.float64]
 
@@ -106,6 +107,42 @@ class Scenario:
         return 2 if self.quick else 6
 
     mask_density: float = 0.5
+
+    def deletion_mask(self) -> Mask:
+        """The provider's side: score the global model on the forget set against a retain proxy
+        (fisher-ratio), concentrate the hidden-layer mask into the proof budget, and zero the
+        highest-scoring row's worth of head blocks outright (nothing to compensate inside them)."""
+        from zkunlearn.provider.masks import weight_scores
+        from zkunlearn.provider.proof_budget import select_within_budget
+
+        task = self.task
+        forget, retain = task.forget, task.retain
+        spec = self.group_obs_spec
+        scores = weight_scores(
+            self.global_model(),
+            list(self.layers),
+            (forget.x, forget.y),
+            (retain.x[:960], retain.y[:960]),
+            cross_entropy,
+            "fisher-ratio",
+        )
+        hidden = select_within_budget(
+            {layer: scores[layer] for layer in self.hidden_layers},
+            block_size=spec.block,
+            batch=spec.batch,
+            max_batches=self.max_batches,
+            density=self.mask_density,
+        )
+        head_scores = np.asarray(scores[self.head_layer])
+        row_blocks = max(1, head_scores.shape[1] // spec.block)
+        ranked = np.argsort(-head_scores.reshape(-1, spec.block).sum(axis=1), kind="stable")[:row_blocks]
+        head = LayerMask(
+            self.head_layer,
+            tuple(head_scores.shape),
+            spec.block,
+            {int(b): tuple(range(spec.block)) for b in sorted(ranked)},
+        )
+        return Mask((*hidden.layers, head))
 
     # -- metrics -----------------------------------------------------------------------------------
 
