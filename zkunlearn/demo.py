@@ -4,9 +4,10 @@ A provider process and several edge-client processes talk real gRPC over loopbac
 trains (or loads from cache) the global model, compiles its circuits and generates its own keys on a
 development SRS (INSECURE, labelled so), computes a deletion mask concentrated into a proof budget,
 and signs one request per client. Honest Group-OBS and analytic clients apply, prove and get
-accepted; a client that skips the compensation and one that proves from another model are
-rejected. The provider's log is then exported and audited offline. Everything lands in
-``demo-report/``: ``report.json``, ``report.png`` and the audit bundle.
+accepted; a client that proves from another model than it enrolled (and, from the fourth client on,
+one that slips an extra edit into the unmasked weights) is rejected. The provider's log is then
+exported and audited offline. Everything lands in ``demo-report/``: ``report.json``, ``report.png``
+and the audit bundle.
 """
 
 from __future__ import annotations
