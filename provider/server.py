@@ -54,10 +54,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from zkunlearn.proofs.statements import StatementSigner
 from zkunlearn.v1 import provider_pb2 as pb
-from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
 
 from .service import ProofVerifier, ProviderService, ServiceConfig
-from .servicer import ProviderServicer
+from .servicer import ProviderServicer, add_to_server
 from .state import ProviderState, open_state
 
 __all__ = ["ConfigError", "ProviderConfig", "ProviderServer", "build_server", "load_signer", "main", "serve"]
@@ -300,7 +299,7 @@ def build_server(
     servicer = ProviderServicer(
         service, submit_wait_s=config.submit_wait_s, watch_poll_s=config.watch_poll_s, artifacts=artifacts
     )
-    pb_grpc.add_ProviderServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

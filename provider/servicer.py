@@ -11,10 +11,12 @@ import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from zkunlearn.v1 import provider_pb2 as pb
 from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
 
@@ -68,11 +70,47 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, rpc: str) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error (logged on the provider)")
 
 
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """What the tolerant deserializer hands over instead of raising: grpcio would answer INTERNAL."""
+
+    message_type: str
+
+    def error(self) -> InvalidInputError:
+        return InvalidInputError(f"request bytes are not a valid {self.message_type} message")
+
+
+def _tolerant(message_cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError:
+            return UndecodableRequest(message_cls.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    """Refuse an undecodable request, or each undecodable item of a client stream, as INVALID_ARGUMENT."""
+    if isinstance(request, UndecodableRequest):
+        raise request.error()
+    if isinstance(request, Iterator):
+
+        def items() -> Iterator[Any]:
+            for item in request:
+                if isinstance(item, UndecodableRequest):
+                    raise item.error()
+                yield item
+
+        return items()
+    return request
+
+
 def _unary(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: ProviderServicer, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return fn(self, request, context)
+            return fn(self, _checked(request), context)
         except Exception as exc:
             _abort(context, exc, fn.__name__)
             raise  # pragma: no cover - abort raises
@@ -84,11 +122,32 @@ def _stream(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: ProviderServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from fn(self, request, context)
+            yield from fn(self, _checked(request), context)
         except Exception as exc:
             _abort(context, exc, fn.__name__)
 
     return wrapper  # type: ignore[return-value]
+
+
+def add_to_server(servicer: ProviderServicer, server: grpc.Server) -> None:
+    """Register the servicer like the generated ``add_ProviderServicer_to_server``, but with tolerant
+    request deserializers, so malformed bytes get INVALID_ARGUMENT naming the message type."""
+    service = pb.DESCRIPTOR.services_by_name["Provider"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: kinds[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def _auth(msg: pb.ClientAuth) -> AuthInput:
