@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.analytic import AnalyticHead
-from zkunlearn.client.fisher import block_factors
+from zkunlearn.client.fisher import BlockFactors, block_factors
 from zkunlearn.client.group_obs import apply_group_obs
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.proofs.artifacts import ClientCircuit
@@ -238,8 +238,6 @@ class GroupObsUnlearner(_CommittedStateProver):
         """The Group-OBS update of one layer (scaled units): new weights and the per-block witnesses."""
         flat = theta.reshape(-1)
         n_blocks = flat.size // self.spec.block
-        from zkunlearn.client.fisher import BlockFactors
-
         factors = BlockFactors(
             layer_mask.layer, self.spec.block, g.reshape(n_blocks, self.spec.m, self.spec.block), 1.0
         )
