@@ -54,9 +54,9 @@ class Ledger:
     def _sync(self) -> MerkleTree:
         """Extend the mirror with leaves other writers appended; leaves never change once written."""
         with self._lock:
-            if self._state.ledger_size() != self._tree.size:
-                hashes = self._state.leaf_hashes()
-                for h in hashes[self._tree.size :]:
+            size = self._state.ledger_size()
+            if size != self._tree.size:
+                for h in self._state.leaf_hashes(size, start=self._tree.size):
                     self._tree.append(h)
             return self._tree
 

@@ -40,6 +40,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import tomllib
@@ -82,7 +83,10 @@ class LimitsConfig:
     max_proof_bytes: int = 256 * 1024 * 1024
     nonce_ttl_s: float = 120.0
     request_ttl_s: float = 7 * 24 * 3600.0
-    verify_workers: int = 2
+    verify_workers: int = 2  # 0: verify nothing here (stand-alone `zkunlearn provider worker`s do)
+    verify_lease_s: float = 300.0
+    verify_poll_s: float = 0.25
+    verify_max_attempts: int = 3
     max_workers: int = 16  # RPC threads; each open WatchRequests stream holds one
 
 
@@ -96,6 +100,8 @@ class KeepaliveConfig:
 @dataclass(frozen=True)
 class ProviderConfig:
     listen: str = "127.0.0.1:50551"
+    # Names this replica's verification leases; keep it stable across restarts (default: host:listen).
+    replica_id: str = ""
     state: str = "provider.db"
     key_file: str = "provider.key"
     verifier: str = ""
@@ -141,9 +147,19 @@ class ProviderConfig:
             request_ttl_s=self.limits.request_ttl_s,
             max_proof_bytes=self.limits.max_proof_bytes,
             verify_workers=self.limits.verify_workers,
+            verify_lease_s=self.limits.verify_lease_s,
+            verify_poll_s=self.limits.verify_poll_s,
+            verify_max_attempts=self.limits.verify_max_attempts,
+            replica_id=self.replica_id or _default_replica_id(self.listen),
             srs_digest=self.srs_digest,
             srs_insecure=self.srs_insecure,
         )
+
+
+def _default_replica_id(listen: str) -> str:
+    """Host plus listen address: stable across restarts, distinct for replicas sharing a host."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_.:" else "-" for ch in f"{socket.gethostname()}:{listen}")
+    return safe[:100]
 
 
 def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:

@@ -11,19 +11,22 @@ Everything a client can send is checked here against signed statements and the d
 - proof uploads are size-limited while streaming and checked against the declared SHA-256 before
   anything is stored; identical resubmissions are idempotent, different answers to an answered
   request are refused;
-- verification runs in a worker pool so a slow (minutes-long) ezkl verification never holds an RPC
-  thread, and every verdict becomes a signed receipt appended to the ledger in the same transaction.
+- verification runs in worker threads that claim jobs from the shared state (see :mod:`.jobs`), so a
+  slow (minutes-long) ezkl verification never holds an RPC thread, several replicas and stand-alone
+  workers share the work, and every verdict becomes a signed receipt appended to the ledger in the
+  same transaction that finishes the job.
 
-Pending submissions survive a crash: :meth:`ProviderService.recover` re-queues them at start-up.
+Pending submissions survive a crash: they stay jobs in the database; :meth:`ProviderService.recover`
+frees the leases this replica held before it restarted so they are taken again at once.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import math
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -45,6 +48,7 @@ from zkunlearn.proofs.statements import (
     key_id_for,
 )
 
+from .jobs import JobSettings, VerificationWorkers
 from .ledger import Ledger, LedgerError, TreeHead
 from .state import (
     VERDICT_ACCEPTED,
@@ -324,7 +328,12 @@ class ServiceConfig:
     max_proofs: int = 4096
     max_forget_bytes: int = 64 * 1024 * 1024
     max_layers: int = 256
-    verify_workers: int = 2
+    verify_workers: int = 2  # 0: this process verifies nothing (stand-alone workers do)
+    verify_lease_s: float = 300.0
+    verify_poll_s: float = 0.25
+    verify_max_attempts: int = 3
+    # Names this replica's job leases; a restart under the same name frees them at once.
+    replica_id: str = field(default_factory=socket.gethostname)
     srs_digest: str = ""
     srs_insecure: bool = True
     layer_allowlist: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -371,30 +380,47 @@ class ProviderService:
         self.config = config or ServiceConfig()
         self.clock_ms = clock_ms
         self.ledger = Ledger(state, signer, clock_ms)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, self.config.verify_workers), thread_name_prefix="zku-verify"
+        self.workers = VerificationWorkers(
+            state,
+            self._verify,
+            self._give_up,
+            replica_id=_check_id(self.config.replica_id, "replica id"),
+            settings=JobSettings(
+                workers=self.config.verify_workers,
+                lease_s=self.config.verify_lease_s,
+                poll_s=self.config.verify_poll_s,
+                max_attempts=self.config.verify_max_attempts,
+            ),
+            clock_ms=clock_ms,
         )
-        self._futures: dict[str, concurrent.futures.Future[SubmissionRecord]] = {}
-        self._futures_lock = threading.RLock()
         self._new_requests = threading.Condition()
         self._closed = threading.Event()
         self._last_purge_ms = 0
+        self.workers.start()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Re-queue submissions that were pending when the provider last stopped (or crashed)."""
-        pending = self.state.pending_submissions()
-        for sub in pending:
-            self._schedule(sub.submission_id)
-        return len(pending)
+        """Free the job leases this replica held before a restart; returns how many jobs are pending.
+
+        Pending submissions never leave the database, so nothing needs re-queueing: jobs held by a
+        previous life of this replica are released for immediate pickup, those of other (possibly
+        live) replicas are left to their leases.
+        """
+        self.state.release_claims(self.workers.replica_id + "/")
+        self.workers.nudge()
+        return len(self.state.pending_submissions())
 
     def close(self, wait: bool = True) -> None:
-        """Stop accepting work, wake watchers so their streams end, and drain (or drop) verification."""
+        """Stop accepting work, wake watchers so their streams end, and drain (or abandon) verification.
+
+        An abandoned job keeps its lease until it expires (or this replica restarts), then another
+        worker takes it: nothing is lost either way.
+        """
         self._closed.set()
         with self._new_requests:
             self._new_requests.notify_all()
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        self.workers.stop(wait=wait)
 
     @property
     def closed(self) -> bool:
@@ -725,44 +751,40 @@ class ProviderService:
         except NotFoundError as exc:
             raise NotFoundServiceError(str(exc)) from exc
         if created or stored.verdict == VERDICT_PENDING:
-            self._schedule(stored.submission_id)
+            self.workers.nudge()
         return stored
 
-    def _schedule(self, submission_id: str) -> concurrent.futures.Future[SubmissionRecord]:
-        with self._futures_lock:
-            fut = self._futures.get(submission_id)
-            if fut is None:
-                fut = self._pool.submit(self._verify, submission_id)
-                self._futures[submission_id] = fut
-                fut.add_done_callback(lambda _f: self._forget_future(submission_id))
-            return fut
-
-    def _forget_future(self, submission_id: str) -> None:
-        with self._futures_lock:
-            self._futures.pop(submission_id, None)
-
     def wait(self, submission_id: str, timeout_s: float) -> SubmissionRecord:
-        """The submission after waiting up to ``timeout_s`` for its verdict (still PENDING on timeout)."""
-        with self._futures_lock:
-            fut = self._futures.get(submission_id)
-        if fut is not None:
-            try:
-                return fut.result(timeout=timeout_s)
-            except concurrent.futures.TimeoutError:
-                pass
-            except concurrent.futures.CancelledError:
-                pass
-        sub = self.state.get_submission(submission_id)
-        if sub is None:
-            raise NotFoundServiceError(f"unknown submission {submission_id!r}")
-        return sub
+        """The submission after waiting up to ``timeout_s`` for its verdict (still PENDING on timeout).
 
-    def _verify(self, submission_id: str) -> SubmissionRecord:
-        sub = self.state.get_submission(submission_id)
+        Wakes when a local worker finishes a job and otherwise re-reads the state every poll period,
+        so a verdict reached by another replica or a stand-alone worker is seen too.
+        """
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        poll = max(0.05, 2 * self.config.verify_poll_s)
+        while True:
+            sub = self.state.get_submission(submission_id)
+            if sub is None:
+                raise NotFoundServiceError(f"unknown submission {submission_id!r}")
+            left = deadline - time.monotonic()
+            if sub.verdict != VERDICT_PENDING or left <= 0 or self._closed.is_set():
+                return sub
+            with self.workers.finished:
+                self.workers.finished.wait(min(poll, left))
+
+    def _give_up(self, sub: SubmissionRecord, reason: str) -> SubmissionRecord:
+        return self._verify(sub, forced=VerificationResult(False, reason))
+
+    def _verify(
+        self, claimed: SubmissionRecord, forced: VerificationResult | None = None
+    ) -> SubmissionRecord:
+        """Verify one claimed job and finish it: verdict, receipt and ledger leaf in one transaction."""
+        sub = self.state.get_submission(claimed.submission_id)
         if sub is None:
-            raise NotFoundError(f"unknown submission {submission_id!r}")
+            raise NotFoundError(f"unknown submission {claimed.submission_id!r}")
         if sub.verdict != VERDICT_PENDING:
             return sub
+        submission_id = sub.submission_id
         request = self.state.get_request(sub.request_id)
         client = self.state.get_client(sub.client_id)
         if request is None or client is None:  # foreign keys make this unreachable
@@ -771,7 +793,9 @@ class ProviderService:
         after = tuple(commitments_from_json(sub.after_commitments))
         payload = SignedStatement.from_wire(request.canonical, request.signature).payload
         features, labels = _decode_forget(request.forget)
-        if request.accepted_submission_id is not None:
+        if forced is not None:
+            result = forced
+        elif request.accepted_submission_id is not None:
             result = VerificationResult(
                 False, f"request already answered by {request.accepted_submission_id}"
             )

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import tenacity
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -121,6 +122,11 @@ class SubmissionRecord:
     verdict: int = VERDICT_PENDING
     reason: str = ""
     leaf_index: int | None = None
+    # Job-queue bookkeeping: which worker holds the verification lease, until when, and how many
+    # times the job was claimed (a job that keeps killing its workers is finished as rejected).
+    claimed_by: str | None = None
+    lease_expires_ms: int | None = None
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,26 @@ class ProviderState(abc.ABC):
     def pending_submissions(self) -> list[SubmissionRecord]: ...
 
     @abc.abstractmethod
+    def claim_submissions(
+        self, worker_id: str, now_ms: int, lease_ms: int, limit: int = 1
+    ) -> list[SubmissionRecord]:
+        """Claim up to ``limit`` pending submissions whose lease is free or expired, oldest first.
+
+        This is the verification job queue: any number of workers in any number of processes may
+        call it at once and no job is handed to two of them while its lease runs (PostgreSQL:
+        ``FOR UPDATE SKIP LOCKED``; SQLite: the write lock taken at BEGIN). A worker that dies
+        leaves its lease to expire, and the job is claimed again (``attempts`` counts claims).
+        """
+
+    @abc.abstractmethod
+    def release_claims(self, worker_prefix: str) -> int:
+        """Free the leases of pending jobs held by workers whose id starts with ``worker_prefix``.
+
+        A replica restarting under the same name calls this so the jobs its previous life held
+        are picked up at once instead of after their leases expire.
+        """
+
+    @abc.abstractmethod
     def finish_submission(
         self,
         submission_id: str,
@@ -231,7 +257,8 @@ class ProviderState(abc.ABC):
     def ledger_size(self) -> int: ...
 
     @abc.abstractmethod
-    def leaf_hashes(self, size: int | None = None) -> list[bytes]: ...
+    def leaf_hashes(self, size: int | None = None, start: int = 0) -> list[bytes]:
+        """Leaf hashes with index in ``[start, size)``: a mirror extends itself with only the new ones."""
 
     @abc.abstractmethod
     def get_leaf(self, index: int) -> LeafRecord | None: ...
@@ -385,6 +412,39 @@ class InMemoryState(ProviderState):
                 key=lambda s: s.created_ms,
             )
 
+    def claim_submissions(
+        self, worker_id: str, now_ms: int, lease_ms: int, limit: int = 1
+    ) -> list[SubmissionRecord]:
+        with self._txn():
+            free = sorted(
+                (
+                    s
+                    for s in self._submissions.values()
+                    if s.verdict == VERDICT_PENDING
+                    and (s.lease_expires_ms is None or s.lease_expires_ms < now_ms)
+                ),
+                key=lambda s: s.created_ms,
+            )[: max(0, limit)]
+            claimed = []
+            for s in free:
+                taken = dataclasses.replace(
+                    s, claimed_by=worker_id, lease_expires_ms=now_ms + lease_ms, attempts=s.attempts + 1
+                )
+                self._submissions[s.submission_id] = taken
+                claimed.append(taken)
+            return claimed
+
+    def release_claims(self, worker_prefix: str) -> int:
+        with self._txn():
+            held = [
+                s
+                for s in self._submissions.values()
+                if s.verdict == VERDICT_PENDING and (s.claimed_by or "").startswith(worker_prefix)
+            ]
+            for s in held:
+                self._submissions[s.submission_id] = dataclasses.replace(s, lease_expires_ms=None)
+            return len(held)
+
     def finish_submission(
         self, submission_id: str, verdict: int, reason: str, leaf: LeafRecord
     ) -> tuple[SubmissionRecord, LeafRecord]:
@@ -422,9 +482,9 @@ class InMemoryState(ProviderState):
         with self._lock:
             return len(self._leaves)
 
-    def leaf_hashes(self, size: int | None = None) -> list[bytes]:
+    def leaf_hashes(self, size: int | None = None, start: int = 0) -> list[bytes]:
         with self._lock:
-            leaves = self._leaves if size is None else self._leaves[:size]
+            leaves = self._leaves[start:] if size is None else self._leaves[start:size]
             return [leaf.leaf_hash for leaf in leaves]
 
     def get_leaf(self, index: int) -> LeafRecord | None:
@@ -520,6 +580,9 @@ submissions_t = sa.Table(
     sa.Column("verdict", sa.Integer, nullable=False, index=True),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("leaf_index", sa.BigInteger, nullable=True),
+    sa.Column("claimed_by", sa.String(128), nullable=True),
+    sa.Column("lease_expires_ms", sa.BigInteger, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("request_id", "content_digest", name="uq_submissions_request_content"),
 )
 
@@ -534,6 +597,14 @@ leaves_t = sa.Table(
     sa.Column("request_id", sa.String(128), nullable=False),
 )
 
+# One row; every append locks it first, so concurrent replicas append in one order (the commit order).
+tip_t = sa.Table(
+    "ledger_tip",
+    _meta,
+    sa.Column("tip_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+)
+
 heads_t = sa.Table(
     "tree_heads",
     _meta,
@@ -545,6 +616,36 @@ heads_t = sa.Table(
 
 
 _WRITE = "zkunlearn_write"
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Any fixed 64-bit key: PostgreSQL advisory lock held while one replica migrates the schema.
+_MIGRATION_LOCK = 0x7A6B_756E_6C72_6E01
+
+
+def upgrade_schema(engine: Engine) -> str:
+    """Bring the database to the newest schema revision; returns that revision.
+
+    Runs in one transaction under a lock (PostgreSQL: an advisory lock; SQLite: the write lock of
+    BEGIN IMMEDIATE), so replicas started together migrate once. A database created before
+    migrations existed (tables present, no ``alembic_version``) is stamped at the first revision,
+    which is exactly the schema it has, and then upgraded.
+    """
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    with engine.execution_options(**{_WRITE: True}).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        tables = set(sa.inspect(conn).get_table_names())
+        cfg.attributes["connection"] = conn
+        if "alembic_version" not in tables and "clients" in tables:
+            command.stamp(cfg, "0001")
+        command.upgrade(cfg, "head")
+    return head
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -614,6 +715,9 @@ def _submission_row(row: Any) -> SubmissionRecord:
         verdict=row.verdict,
         reason=row.reason,
         leaf_index=row.leaf_index,
+        claimed_by=row.claimed_by,
+        lease_expires_ms=row.lease_expires_ms,
+        attempts=row.attempts,
     )
 
 
@@ -648,7 +752,7 @@ class SqlState(ProviderState):
         if self._is_sqlite:
             _sqlite_pragmas(self._engine)
         if create:
-            _meta.create_all(self._engine)
+            upgrade_schema(self._engine)
 
     @classmethod
     def sqlite(cls, path: str | Path) -> SqlState:
@@ -662,16 +766,23 @@ class SqlState(ProviderState):
         with self._writer.begin() as conn:
             yield conn
 
-    def _retrying(self, fn: Callable[[Connection], Any], attempts: int = 5) -> Any:
-        """Retry a transaction that lost a race on a unique key or a lock; the loser re-reads and decides."""
-        for attempt in range(attempts):
-            try:
-                with self._txn() as conn:
-                    return fn(conn)
-            except (IntegrityError, OperationalError):
-                if attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
+    def _retrying(self, fn: Callable[[Connection], Any], attempts: int = 8) -> Any:
+        """Retry a transaction that lost a race on a unique key, a lock or a dropped connection.
+
+        Each attempt is a fresh transaction on a fresh pooled connection (a dropped one is
+        invalidated by SQLAlchemy), so the loser re-reads what the winner wrote and decides again;
+        jittered backoff keeps replicas that collided from colliding again in lockstep.
+        """
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type((IntegrityError, OperationalError)),
+            stop=tenacity.stop_after_attempt(attempts),
+            wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.25),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt, self._txn() as conn:
+                return fn(conn)
+        raise AssertionError("unreachable")  # pragma: no cover - reraise=True raises the last error
 
     def add_client(self, record: ClientRecord) -> tuple[ClientRecord, bool]:
         def run(conn: Connection) -> tuple[ClientRecord, bool]:
@@ -820,14 +931,69 @@ class SqlState(ProviderState):
             ).all()
         return [_submission_row(r) for r in rows]
 
+    def claim_submissions(
+        self, worker_id: str, now_ms: int, lease_ms: int, limit: int = 1
+    ) -> list[SubmissionRecord]:
+        def run(conn: Connection) -> list[SubmissionRecord]:
+            ids = list(
+                conn.execute(
+                    sa.select(submissions_t.c.submission_id)
+                    .where(
+                        submissions_t.c.verdict == VERDICT_PENDING,
+                        sa.or_(
+                            submissions_t.c.lease_expires_ms.is_(None),
+                            submissions_t.c.lease_expires_ms < now_ms,
+                        ),
+                    )
+                    .order_by(submissions_t.c.created_ms)
+                    .limit(max(0, limit))
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if not ids:
+                return []
+            conn.execute(
+                sa.update(submissions_t)
+                .where(submissions_t.c.submission_id.in_(ids))
+                .values(
+                    claimed_by=worker_id,
+                    lease_expires_ms=now_ms + lease_ms,
+                    attempts=submissions_t.c.attempts + 1,
+                )
+            )
+            rows = conn.execute(
+                sa.select(submissions_t)
+                .where(submissions_t.c.submission_id.in_(ids))
+                .order_by(submissions_t.c.created_ms)
+            ).all()
+            return [_submission_row(r) for r in rows]
+
+        result: list[SubmissionRecord] = self._retrying(run)
+        return result
+
+    def release_claims(self, worker_prefix: str) -> int:
+        with self._txn() as conn:
+            done = conn.execute(
+                sa.update(submissions_t)
+                .where(
+                    submissions_t.c.verdict == VERDICT_PENDING,
+                    sa.func.substr(submissions_t.c.claimed_by, 1, len(worker_prefix)) == worker_prefix,
+                )
+                .values(lease_expires_ms=None)
+            )
+            return int(done.rowcount)
+
     def finish_submission(
         self, submission_id: str, verdict: int, reason: str, leaf: LeafRecord
     ) -> tuple[SubmissionRecord, LeafRecord]:
         _check_verdict(verdict)
 
         def run(conn: Connection) -> tuple[SubmissionRecord, LeafRecord]:
+            # Row lock: a second worker finishing the same job waits here and then sees it finished.
             row = conn.execute(
-                sa.select(submissions_t).where(submissions_t.c.submission_id == submission_id)
+                sa.select(submissions_t)
+                .where(submissions_t.c.submission_id == submission_id)
+                .with_for_update()
             ).first()
             if row is None:
                 raise NotFoundError(f"unknown submission {submission_id!r}")
@@ -837,7 +1003,13 @@ class SqlState(ProviderState):
                     sa.select(leaves_t).where(leaves_t.c.leaf_index == sub.leaf_index)
                 ).one()
                 return sub, _leaf_row(stored)
-            size = int(conn.execute(sa.select(sa.func.count()).select_from(leaves_t)).scalar_one())
+            # Locking the tip row serialises appenders across replicas: one writer order, no forks.
+            size = int(
+                conn.execute(
+                    sa.select(tip_t.c.size).where(tip_t.c.tip_id == 1).with_for_update()
+                ).scalar_one()
+            )
+            conn.execute(sa.update(tip_t).where(tip_t.c.tip_id == 1).values(size=size + 1))
             stored_leaf = dataclasses.replace(leaf, index=size, submission_id=submission_id)
             conn.execute(
                 sa.insert(leaves_t).values(
@@ -853,7 +1025,7 @@ class SqlState(ProviderState):
             conn.execute(
                 sa.update(submissions_t)
                 .where(submissions_t.c.submission_id == submission_id)
-                .values(verdict=verdict, reason=reason, leaf_index=stored_leaf.index)
+                .values(verdict=verdict, reason=reason, leaf_index=stored_leaf.index, lease_expires_ms=None)
             )
             self._fault("submission-updated")
             if verdict == VERDICT_ACCEPTED:
@@ -876,7 +1048,7 @@ class SqlState(ProviderState):
                 )
                 self._fault("request-updated")
             return dataclasses.replace(
-                sub, verdict=verdict, reason=reason, leaf_index=stored_leaf.index
+                sub, verdict=verdict, reason=reason, leaf_index=stored_leaf.index, lease_expires_ms=None
             ), stored_leaf
 
         result: tuple[SubmissionRecord, LeafRecord] = self._retrying(run)
@@ -884,10 +1056,14 @@ class SqlState(ProviderState):
 
     def ledger_size(self) -> int:
         with self._engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(leaves_t)).scalar_one())
+            return int(conn.execute(sa.select(tip_t.c.size).where(tip_t.c.tip_id == 1)).scalar_one())
 
-    def leaf_hashes(self, size: int | None = None) -> list[bytes]:
-        query = sa.select(leaves_t.c.leaf_hash).order_by(leaves_t.c.leaf_index)
+    def leaf_hashes(self, size: int | None = None, start: int = 0) -> list[bytes]:
+        query = (
+            sa.select(leaves_t.c.leaf_hash)
+            .where(leaves_t.c.leaf_index >= start)
+            .order_by(leaves_t.c.leaf_index)
+        )
         if size is not None:
             query = query.where(leaves_t.c.leaf_index < size)
         with self._engine.connect() as conn:

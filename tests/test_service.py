@@ -37,6 +37,7 @@ from zkunlearn.provider.service import (
 )
 from zkunlearn.provider.state import (
     VERDICT_ACCEPTED,
+    VERDICT_PENDING,
     VERDICT_REJECTED,
     InMemoryState,
     ProviderState,
@@ -356,29 +357,21 @@ def test_analytic_request_carries_forget_data(service: ProviderService) -> None:
 
 def test_pending_submission_is_verified_after_a_restart(tmp_path: Path) -> None:
     signer = StatementSigner.generate()
-    first = ProviderService(SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier())
+    # No verification workers: simulates a provider dying right after storing the upload.
+    first = ProviderService(
+        SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier(), ServiceConfig(verify_workers=0)
+    )
     dev = Device(first)
     dev.enroll()
     r = first.create_request(dev.client_id, mask())
     after, proofs = dev.proof(r.request_id)
-    first._pool.shutdown()  # the verification worker never runs: simulates dying right after the upload
-    first._pool = _NeverRuns()  # type: ignore[assignment]
     sub = first.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+    assert first.wait(sub.submission_id, 0.3).verdict == VERDICT_PENDING
     first.state.close()
     second = ProviderService(SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier())
     assert second.recover() == 1
     assert second.wait(sub.submission_id, 10).verdict == VERDICT_ACCEPTED
     second.close()
-
-
-class _NeverRuns:
-    def submit(self, *_: Any, **__: Any) -> Any:
-        import concurrent.futures
-
-        return concurrent.futures.Future()
-
-    def shutdown(self, **_: Any) -> None:
-        return None
 
 
 def test_concurrent_identical_submissions_make_one_submission_and_one_leaf(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -323,3 +324,179 @@ def test_sigkill_inside_a_sqlite_transaction_leaves_no_half_written_state(tmp_pa
     assert done.verdict == VERDICT_ACCEPTED
     st.close()
     assert os.path.exists(db)
+
+
+# ------------------------------------------------------------------------------ verification job queue
+
+
+def _pending(state: ProviderState, n: int) -> list[str]:
+    _setup_request(state)
+    ids = []
+    for i in range(n):
+        if i:
+            state.add_request(req(f"r{i + 1}"))
+        s = dataclasses.replace(sub(f"s{i}", f"r{i + 1}", f"d{i}"), created_ms=100 + i)
+        state.add_submission(s)
+        ids.append(s.submission_id)
+    return ids
+
+
+def test_claims_oldest_first_and_never_hands_a_leased_job_out_twice(state: ProviderState) -> None:
+    ids = _pending(state, 3)
+    first = state.claim_submissions("w1/", now_ms=1_000, lease_ms=500, limit=2)
+    assert [s.submission_id for s in first] == ids[:2]
+    assert all(s.claimed_by == "w1/" and s.lease_expires_ms == 1_500 and s.attempts == 1 for s in first)
+    second = state.claim_submissions("w2/", now_ms=1_100, lease_ms=500, limit=5)
+    assert [s.submission_id for s in second] == ids[2:]
+    assert state.claim_submissions("w3/", now_ms=1_200, lease_ms=500, limit=5) == []
+
+
+def test_an_expired_lease_is_claimed_again_and_counts_the_attempt(state: ProviderState) -> None:
+    (sid,) = _pending(state, 1)
+    assert state.claim_submissions("dead/", now_ms=1_000, lease_ms=100)[0].attempts == 1
+    assert state.claim_submissions("w2/", now_ms=1_050, lease_ms=100) == []  # lease still running
+    again = state.claim_submissions("w2/", now_ms=1_101, lease_ms=100)
+    assert [(s.submission_id, s.claimed_by, s.attempts) for s in again] == [(sid, "w2/", 2)]
+
+
+def test_finished_jobs_are_not_claimed(state: ProviderState) -> None:
+    (sid,) = _pending(state, 1)
+    state.claim_submissions("w1/", now_ms=1_000, lease_ms=100)
+    state.finish_submission(sid, VERDICT_ACCEPTED, "", leaf("r1"))
+    assert state.claim_submissions("w2/", now_ms=10_000, lease_ms=100) == []
+    assert state.pending_submissions() == []
+
+
+def test_release_claims_frees_only_the_named_replicas_leases(state: ProviderState) -> None:
+    a, b = _pending(state, 2)
+    state.claim_submissions("replica-1/0/", now_ms=1_000, lease_ms=10_000, limit=1)
+    state.claim_submissions("replica-10/0/", now_ms=1_000, lease_ms=10_000, limit=1)
+    assert state.release_claims("replica-1/") == 1  # not replica-10's: prefixes end at the separator
+    again = state.claim_submissions("w/", now_ms=1_001, lease_ms=10_000, limit=5)
+    assert [s.submission_id for s in again] == [a]
+
+
+def test_concurrent_workers_claim_disjoint_jobs(state: ProviderState) -> None:
+    """Eight threads race to claim 40 jobs one at a time: every job is handed out exactly once."""
+    ids = _pending(state, 40)
+    got: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        while True:
+            jobs = state.claim_submissions(f"w{n}/", now_ms=1_000, lease_ms=60_000, limit=1)
+            if not jobs:
+                return
+            with lock:
+                got.extend(j.submission_id for j in jobs)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == sorted(ids)
+
+
+def test_concurrent_finishes_append_one_dense_log(state: ProviderState) -> None:
+    """Many writers finishing different jobs at once: leaf indexes 0..n-1, each exactly once."""
+    ids = _pending(state, 30)
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def writer(chunk: list[str]) -> None:
+        barrier.wait()
+        try:
+            for sid in chunk:
+                s = state.get_submission(sid)
+                assert s is not None
+                state.finish_submission(sid, VERDICT_REJECTED, "x", leaf(s.request_id))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(ids[n::6],)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert state.ledger_size() == 30
+    indexes = sorted(s.leaf_index for s in (state.get_submission(i) for i in ids) if s is not None)
+    assert indexes == list(range(30))
+    assert [state.get_leaf(i).submission_id for i in range(30)]  # type: ignore[union-attr]
+    assert len(state.leaf_hashes(30, start=10)) == 20
+
+
+def test_dropped_database_connection_mid_transaction_leaves_nothing(postgres_db_url: str) -> None:
+    """The server kills the writer's connection between two writes of the verdict transaction.
+
+    PostgreSQL rolls the whole transaction back; the state must show no leaf, no verdict, no tip
+    move, and the same call must then succeed on a fresh connection.
+    """
+    import sqlalchemy as sa
+
+    st = SqlState(postgres_db_url, pool_pre_ping=True)
+    _setup_request(st)
+    st.add_submission(sub("s1", "r1", "d1"))
+    killer = sa.create_engine(postgres_db_url)
+    killed: list[int] = []
+
+    def drop_connection(step: str) -> None:
+        if step == "leaf-appended" and not killed:
+            with killer.connect() as conn:
+                pids = conn.execute(
+                    sa.text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'"
+                    )
+                ).scalars()
+                for pid in pids:
+                    conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                    killed.append(pid)
+
+    st.fault_hook = drop_connection
+    done, lf = st.finish_submission("s1", VERDICT_ACCEPTED, "", leaf("r1"))
+    assert killed, "the fault was not injected"
+    # The retried transaction is the only one that landed: exactly one leaf, at index 0.
+    assert (lf.index, done.verdict) == (0, VERDICT_ACCEPTED)
+    assert st.ledger_size() == 1
+    assert st.get_request("r1").accepted_submission_id == "s1"  # type: ignore[union-attr]
+    st.close()
+    killer.dispose()
+
+
+def test_dropped_connection_without_retry_leaves_no_partial_state(postgres_db_url: str) -> None:
+    """Same drop, but every attempt is killed: the call fails cleanly and nothing was written."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import DBAPIError
+
+    st = SqlState(postgres_db_url, pool_pre_ping=True)
+    _setup_request(st)
+    st.add_submission(sub("s1", "r1", "d1"))
+    killer = sa.create_engine(postgres_db_url)
+
+    def drop_connection(step: str) -> None:
+        if step == "submission-updated":
+            with killer.connect() as conn:
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND state LIKE 'idle in transaction%'"
+                    )
+                )
+
+    st.fault_hook = drop_connection
+    with pytest.raises(DBAPIError):
+        st.finish_submission("s1", VERDICT_ACCEPTED, "", leaf("r1"))
+    st.fault_hook = None
+    assert st.ledger_size() == 0
+    assert st.get_leaf(0) is None
+    s1 = st.get_submission("s1")
+    assert s1 is not None
+    assert (s1.verdict, s1.leaf_index) == (VERDICT_PENDING, None)
+    assert st.get_request("r1").accepted_submission_id is None  # type: ignore[union-attr]
+    st.close()
+    killer.dispose()

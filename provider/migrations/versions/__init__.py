@@ -1,0 +1,1 @@
+"""Revisions, oldest first; their ids are ordinal so the history reads in order."""
