@@ -368,7 +368,7 @@ def test_finished_jobs_are_not_claimed(state: ProviderState) -> None:
 
 
 def test_release_claims_frees_only_the_named_replicas_leases(state: ProviderState) -> None:
-    a, b = _pending(state, 2)
+    a, _b = _pending(state, 2)
     state.claim_submissions("replica-1/0/", now_ms=1_000, lease_ms=10_000, limit=1)
     state.claim_submissions("replica-10/0/", now_ms=1_000, lease_ms=10_000, limit=1)
     assert state.release_claims("replica-1/") == 1  # not replica-10's: prefixes end at the separator
