@@ -60,7 +60,17 @@ from .service import ProofVerifier, ProviderService, ServiceConfig
 from .servicer import ProviderServicer, add_to_server
 from .state import ProviderState, open_state
 
-__all__ = ["ConfigError", "ProviderConfig", "ProviderServer", "build_server", "load_signer", "main", "serve"]
+__all__ = [
+    "ConfigError",
+    "ProviderConfig",
+    "ProviderServer",
+    "build_server",
+    "load_signer",
+    "main",
+    "run_worker",
+    "serve",
+    "worker_main",
+]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Provider"].full_name
@@ -350,6 +360,49 @@ def serve(config: ProviderConfig, *, ready: Callable[[ProviderServer], None] | N
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
     running.wait()
+
+
+def run_worker(config: ProviderConfig, *, stop: threading.Event | None = None) -> int:
+    """A verification-only process: claims jobs from the shared state until SIGINT/SIGTERM.
+
+    It serves no RPCs. Start as many as the verification load needs, on any machine that reaches
+    the database and holds the provider's key, verifier and artifacts; replicas may then run with
+    ``limits.verify_workers = 0`` and only take uploads. Returns the number of jobs it processed.
+    """
+    if config.limits.verify_workers < 1:
+        raise ConfigError("a verification worker needs limits.verify_workers >= 1")
+    state = open_state(config.state)
+    service = ProviderService(
+        state, load_signer(config.key_file), load_verifier(config.verifier, config), config.service_config()
+    )
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    threads = config.limits.verify_workers
+    log.info("verification worker %s started (%d threads)", service.workers.replica_id, threads)
+    service.recover()
+    stop.wait()
+    service.close(wait=True)
+    state.close()
+    return service.workers.processed
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """``zkunlearn provider worker --config provider.toml``."""
+    parser = argparse.ArgumentParser(description="zkunlearn verification worker")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--replica-id", default=None)
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"replica_id": options.replica_id} if options.replica_id else {}
+    try:
+        config = ProviderConfig.load(options.config, overrides)
+        run_worker(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -594,3 +594,25 @@ def test_empty_log_exports_and_audits(tmp_path: Path) -> None:
     report = audit_bundle(out, provider_public_key=signer.public_bytes(), proof_checker=fake_checker)
     assert report.ok, report.failures
     assert report.tree_size == 0
+
+
+def test_cli_export_writes_a_bundle_that_audits_and_refuses_a_missing_key(
+    provider: Provider, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from zkunlearn.cli import app
+
+    cfg = tmp_path / "provider.toml"
+    cfg.write_text(f'state = "{provider.db}"\nkey_file = "{provider.key_file}"\nsrs_digest = "{"cd" * 32}"\n')
+    circuits = provider.bundle.parent / "circuits-src"
+    args = ["provider", "export", "--config", str(cfg), "--circuits-dir", str(circuits)]
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert done.exit_code == 0, done.output
+    assert audit(tmp_path / "b", provider).ok
+    cfg.write_text(f'state = "{provider.db}"\nkey_file = "{tmp_path / "missing.key"}"\n')
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c")])
+    assert refused.exit_code == 2
+    assert "does not exist" in refused.output
+    assert "Traceback" not in refused.output
+    assert not (tmp_path / "c").exists()

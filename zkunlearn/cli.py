@@ -52,13 +52,37 @@ def provider_serve(
     raise typer.Exit(code=server_main(args))
 
 
+@provider_app.command("worker")
+def provider_worker(
+    config: Annotated[Path | None, typer.Option(help="the provider's TOML config (same database)")] = None,
+    replica_id: Annotated[str | None, typer.Option(help="stable name of this worker's leases")] = None,
+) -> None:
+    """Verify submissions from the shared database without serving RPCs; scale verification out."""
+    from zkunlearn.provider.server import worker_main
+
+    args = ["--config", str(config)] if config else []
+    args += ["--replica-id", replica_id] if replica_id else []
+    raise typer.Exit(code=worker_main(args))
+
+
 @provider_app.command("export")
 def provider_export(
+    config: Annotated[Path, typer.Option(help="the provider's TOML config")] = Path("provider.toml"),
     out: Annotated[Path, typer.Option(help="bundle folder to write")] = Path("audit-bundle"),
+    circuits_dir: Annotated[
+        Path | None, typer.Option(help="circuit artifacts folder (default: the config's [artifacts])")
+    ] = None,
 ) -> None:
-    """Write an audit bundle (log, tree heads, receipts, proofs, keys)."""
-    _not_yet("provider export", 4)
-    raise typer.Exit(code=1)
+    """Write an audit bundle (log, tree heads, receipts, proofs, keys) for `zkunlearn audit verify`."""
+    from zkunlearn.provider.export import ExportError, export_from_config
+    from zkunlearn.provider.server import ConfigError
+
+    try:
+        written = export_from_config(config, out, circuits_dir=circuits_dir)
+    except (ExportError, ConfigError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    console.print(f"audit bundle written to {written}")
 
 
 @client_app.command("run")
