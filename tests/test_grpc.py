@@ -25,7 +25,7 @@ from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig, Transport
 from zkunlearn.proofs.statements import DOMAIN_DELETION_REQUEST, DOMAIN_RPC_AUTH, StatementSigner
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server, load_signer
-from zkunlearn.provider.service import ProviderService, TensorData
+from zkunlearn.provider.service import ProviderService, ServiceConfig, TensorData
 from zkunlearn.provider.state import SqlState
 from zkunlearn.v1 import provider_pb2 as pb
 from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
@@ -555,8 +555,11 @@ def test_sigkill_mid_submission_loses_no_receipt_and_the_retry_succeeds(tmp_path
     )
     proc = _spawn(tmp_path, port)
     # The operator side: another process (this one) writing requests into the same database.
-    operator = ProviderService(
-        SqlState.sqlite(tmp_path / "provider.db"), load_signer(tmp_path / "provider.key"), FakeVerifier()
+    operator = ProviderService(  # signs requests only: it must not claim the server's jobs
+        SqlState.sqlite(tmp_path / "provider.db"),
+        load_signer(tmp_path / "provider.key"),
+        FakeVerifier(),
+        ServiceConfig(verify_workers=0),
     )
     prover = FakeProver()
     client = edge(tmp_path, port, prover=prover)

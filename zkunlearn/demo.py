@@ -258,11 +258,17 @@ def _issue_requests(work: Path, scenario: Scenario, mask: Any, profiles: list[Pr
     """The operator's action: open the provider's state beside the running server and sign requests."""
     from zkunlearn.circuits.mask import Mask
     from zkunlearn.provider.server import ProviderConfig, load_signer
-    from zkunlearn.provider.service import ProviderService, TensorData
+    from zkunlearn.provider.service import ProviderService, ServiceConfig, TensorData
     from zkunlearn.provider.state import open_state
 
     config = ProviderConfig.load(work / "provider.toml")
-    service = ProviderService(open_state(config.state), load_signer(config.key_file), _NeverVerifies())
+    # verify_workers=0: this process only signs requests; it must not claim the server's verification jobs.
+    service = ProviderService(
+        open_state(config.state),
+        load_signer(config.key_file),
+        _NeverVerifies(),
+        ServiceConfig(verify_workers=0),
+    )
     contributed = scenario.contributed_forget_samples()
     features = scenario.features(contributed.x)
     labels = contributed.y.numpy().astype(np.float64)
@@ -276,6 +282,7 @@ def _issue_requests(work: Path, scenario: Scenario, mask: Any, profiles: list[Pr
             )
         else:
             service.create_request(profile.client_id, mask)
+    service.close()
     service.state.close()
 
 
