@@ -165,6 +165,8 @@ def _load_json(bundle: Path, rel: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise _CheckError(f"{rel}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _CheckError(f"{rel}: JSON nested too deeply") from None
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:

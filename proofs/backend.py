@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ import ezkl as _ezkl
 ezkl: Any = _ezkl
 
 EZKL_VERSION = "23.0.5"
+_HEX_BYTES = re.compile(r"(?:[0-9a-fA-F]{2})*")
+_FELT = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class BackendError(RuntimeError):
@@ -119,13 +122,29 @@ class Proof:
         return {"transcript": self.transcript.hex(), "instances": [list(r) for r in self.instances]}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Proof:
-        try:
-            transcript = bytes.fromhex(obj["transcript"])
-            instances = tuple(tuple(str(x) for x in row) for row in obj["instances"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProofFormatError(f"malformed proof object: {exc}") from exc
-        return cls(transcript=transcript, instances=instances)
+    def from_json(cls, obj: Any) -> Proof:
+        """Parse untrusted proof JSON; anything but ``{transcript: hex, instances: [[felt hex]]}`` is a
+        :class:`ProofFormatError` (a wrong type must not be coerced into a plausible-looking proof)."""
+        if not isinstance(obj, dict):
+            raise ProofFormatError(
+                f"malformed proof object: expected a JSON object, got {type(obj).__name__}"
+            )
+        for key in ("transcript", "instances"):
+            if key not in obj:
+                raise ProofFormatError(f"malformed proof object: field {key!r} is missing")
+        raw = obj["transcript"]
+        if not isinstance(raw, str) or not _HEX_BYTES.fullmatch(raw):
+            raise ProofFormatError("malformed proof object: transcript must be a string of hex byte pairs")
+        rows = obj["instances"]
+        if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+            raise ProofFormatError("malformed proof object: instances must be a list of lists of felts")
+        for i, row in enumerate(rows):
+            for j, felt in enumerate(row):
+                if not isinstance(felt, str) or not _FELT.fullmatch(felt):
+                    raise ProofFormatError(
+                        f"malformed proof object: instances[{i}][{j}] is not a felt (64 hex digits)"
+                    )
+        return cls(transcript=bytes.fromhex(raw), instances=tuple(tuple(row) for row in rows))
 
     def write_ezkl(self, path: Path) -> None:
         """The proof.json that ezkl's verify/swap read, rebuilt from the raw bytes."""

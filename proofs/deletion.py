@@ -334,6 +334,8 @@ def _parse_proof(raw: bytes, index: int) -> Proof:
                 "a proof is exactly {transcript, instances}; keys and settings are never accepted"
             )
         return Proof.from_json(obj)
+    except RecursionError:
+        raise DeletionError(f"proof {index} is malformed: JSON nested too deeply") from None
     except (ValueError, ProofFormatError) as exc:
         raise DeletionError(f"proof {index} is malformed: {exc}") from exc
 
