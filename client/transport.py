@@ -8,7 +8,7 @@ else (a refused signature, a bad input) is final and surfaces at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -86,9 +86,15 @@ def open_channel(config: ChannelConfig) -> grpc.Channel:
 class Transport:
     """One channel and its stub; :meth:`call` runs a whole attempt (challenge + call) under retries."""
 
-    def __init__(self, config: ChannelConfig | str) -> None:
+    def __init__(
+        self, config: ChannelConfig | str, interceptors: Sequence[grpc.ClientInterceptor] = ()
+    ) -> None:
+        """``interceptors`` wrap every call (metrics, tracing); the load benchmark times RPCs with one."""
         self.config = ChannelConfig(config) if isinstance(config, str) else config
-        self.channel = open_channel(self.config)
+        self._raw_channel = open_channel(self.config)
+        self.channel = (
+            grpc.intercept_channel(self._raw_channel, *interceptors) if interceptors else self._raw_channel
+        )
         self.stub = pb_grpc.ProviderStub(self.channel)
 
     def call(self, attempt: Callable[[], T]) -> T:
@@ -107,7 +113,7 @@ class Transport:
         return self.config.call_timeout_s
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> Transport:
         return self

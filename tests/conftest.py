@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from postgres_server import postgres_server
+from zkunlearn.bench.postgres import create_database, postgres_server
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +26,8 @@ def postgres_db_url(postgres_url: str) -> Iterator[str]:
     import sqlalchemy as sa
 
     name = f"t_{uuid.uuid4().hex[:16]}"
+    yield create_database(postgres_url, name)
     admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
     with admin.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()

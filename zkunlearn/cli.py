@@ -154,10 +154,52 @@ def bench_unlearning(ctx: typer.Context) -> None:
 
 
 @bench_app.command("load")
-def bench_load() -> None:
-    """Many simulated edge clients against one provider on loopback."""
-    _not_yet("bench load", 5)
-    raise typer.Exit(code=1)
+def bench_load(
+    clients: Annotated[int, typer.Option(help="simulated edge clients per run")] = 1000,
+    replicas: Annotated[str, typer.Option(help="comma-separated replica counts, one run each")] = "1",
+    backend: Annotated[str, typer.Option(help="comma-separated backends (sqlite, postgres), one per run")] = (
+        "sqlite"
+    ),
+    mode: Annotated[str, typer.Option(help="real (ezkl proofs) or synthetic (digest proofs)")] = "real",
+    concurrency: Annotated[int, typer.Option(help="clients in flight at once")] = 48,
+    invalid_fraction: Annotated[float, typer.Option(help="share of clients submitting invalid proofs")] = 0.1,
+    verify_workers: Annotated[int, typer.Option(help="verification threads per replica")] = 2,
+    kill_every_s: Annotated[float, typer.Option(help="SIGKILL a random replica this often (0: never)")] = 0.0,
+    time_limit_s: Annotated[float, typer.Option(help="stop issuing new sessions after this long")] = 1800.0,
+    out: Annotated[Path, typer.Option(help="results JSON (a .md table is written beside it)")] = Path(
+        "bench/results/load.json"
+    ),
+    append: Annotated[bool, typer.Option(help="add to the runs already in --out")] = False,
+) -> None:
+    """Drive simulated edge clients (real SDK, real gRPC, replayed proofs) against provider replicas."""
+    import json
+
+    from zkunlearn.bench.load import LoadSettings, render_markdown, run_load, write_results
+
+    counts, backends = [int(r) for r in replicas.split(",")], backend.split(",")
+    if len(backends) == 1:
+        backends = backends * len(counts)
+    if len(backends) != len(counts):
+        console.print("[red]error:[/red] give one backend, or one per replica count")
+        raise typer.Exit(code=2)
+    records = json.loads(out.read_text()) if append and out.exists() else []
+    for count, name in zip(counts, backends, strict=True):
+        settings = LoadSettings(
+            clients=clients,
+            replicas=count,
+            backend=name,
+            mode=mode,
+            concurrency=concurrency,
+            invalid_fraction=invalid_fraction,
+            verify_workers=verify_workers,
+            kill_every_s=kill_every_s,
+            time_limit_s=time_limit_s,
+        )
+        records.append(run_load(settings))
+        write_results(records, out)
+    console.print(render_markdown(records))
+    bad = [r for r in records if r["lost"] or r["duplicated"] or not r.get("audit", {}).get("ok", True)]
+    raise typer.Exit(code=1 if bad else 0)
 
 
 def main() -> None:

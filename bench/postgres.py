@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server on loopback for the state-layer tests.
+"""A throwaway PostgreSQL server on loopback for the state-layer tests and the load benchmark.
 
 The provider's SQL backend must behave the same on PostgreSQL as on SQLite, so its test suite runs
 against a real server: initdb into a temporary folder, listen on 127.0.0.1 with a free port, trust
@@ -114,3 +114,14 @@ def postgres_server() -> Iterator[str]:
             capture_output=True,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create an empty database on the server and return its URL."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"

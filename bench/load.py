@@ -1,0 +1,653 @@
+"""Load benchmark: many simulated edge clients against real provider processes over loopback gRPC.
+
+Each simulated client is the real edge SDK (``EdgeClient`` with its own key and SQLite store) that
+enrolls, watches for its deletion request, submits, waits for its signed receipt and checks the
+log (inclusion and consistency proofs). Only the proving is replayed: clients submit precomputed
+proofs, so what is measured is the provider side (RPC handling, authentication, storage, proof
+verification, receipts, the log). Two kinds of proofs are replayed:
+
+- ``real`` (default): genuine ezkl proofs made by the quick demo's honest Group-OBS and analytic
+  clients (run once and cached), verified by the provider with ezkl against its own keys; an
+  ``invalid`` client submits the same proofs with a tampered after-commitment, which ezkl rejects.
+- ``synthetic``: a digest "proof" checked by :class:`DigestVerifier`, for tests of the harness.
+
+Every request the operator issues must end with exactly one receipt in the log and every receipt a
+client acknowledged must be found there afterwards, also when ``kill_every_s`` SIGKILLs a random
+provider replica during the run and restarts it; the log is then exported and audited offline.
+
+    zkunlearn bench load --clients 1000 --replicas 1 --backend sqlite
+    zkunlearn bench load --clients 1000 --replicas 2 --backend postgres
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KINDS = {"group_obs": 1, "analytic": 2}
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+
+@dataclass(frozen=True)
+class Template:
+    """What every simulated client of one update kind replays: its enrollment and its answer."""
+
+    kind: str
+    model_id: str
+    layers: tuple[str, ...]
+    commitments: tuple[dict[str, Any], ...]
+    mask: bytes
+    forget: bytes  # the provider's encoding of forget features and labels (analytic requests)
+    after: tuple[dict[str, Any], ...]
+    proofs: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class World:
+    templates: tuple[Template, ...]
+    key_file: Path
+    config_top: tuple[str, ...]  # top-level TOML lines of the provider config (verifier, SRS flag)
+    config_tables: tuple[str, ...]  # TOML tables (artifacts published over GetArtifact)
+    mode: str
+
+
+def _digest_proof(
+    before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]], mask: bytes
+) -> bytes:
+    blob = json.dumps({"before": list(before), "after": list(after), "mask": mask.hex()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).digest()
+
+
+class DigestVerifier:
+    """Synthetic verifier for harness tests: the proof must be the digest of before, after and mask.
+
+    Not a proof system: it only lets the harness tell valid from invalid submissions without ezkl.
+    """
+
+    def verify(self, job: Any) -> Any:
+        from zkunlearn.provider.service import VerificationResult
+
+        before = [c.to_json() for c in job.before_commitments]
+        after = [c.to_json() for c in job.after_commitments]
+        ok = list(job.proofs) == [_digest_proof(before, after, job.mask)]
+        return VerificationResult(ok, "" if ok else "digest proof does not match")
+
+
+def digest_verifier(_config: object) -> DigestVerifier:
+    """Verifier factory for the provider config (``verifier = "zkunlearn.bench.load:digest_verifier"``)."""
+    return DigestVerifier()
+
+
+def synthetic_world(work: Path) -> World:
+    from zkunlearn.circuits.mask import LayerMask, Mask
+    from zkunlearn.proofs.statements import StatementSigner
+
+    key = work / "provider.key"
+    StatementSigner.generate().save(key)
+    mask = Mask((LayerMask("fc1", (4, 4), 4, {0: (1, 2)}),)).to_bytes()
+    before = ({"name": "theta:fc1", "block": 0, "point_hex": "ab" * 32},)
+    after = ({"name": "theta:fc1", "block": 0, "point_hex": "cd" * 32},)
+    template = Template(
+        "group_obs", "synthetic", ("fc1",), before, mask, b"", after, (_digest_proof(before, after, mask),)
+    )
+    return World((template,), key, ('verifier = "zkunlearn.bench.load:digest_verifier"',), (), "synthetic")
+
+
+def real_world(work: Path, cache: Path | None = None) -> World:
+    """Genuine proofs and keys from one quick demo run (made once, then cached)."""
+    from rich.console import Console
+    from zkunlearn.provider.state import VERDICT_ACCEPTED, SqlState
+
+    from zkunlearn.tasks.data import cache_root
+
+    cache = cache or cache_root() / "load-template"
+    source = cache / "work"
+    if not (source / "provider.db").exists():
+        from zkunlearn.demo import run_demo
+
+        run_demo(clients=2, quick=True, report_dir=cache, console=Console(stderr=True))
+    state = SqlState.sqlite(source / "provider.db")
+    templates: dict[str, Template] = {}
+    try:
+        for sub in _finished(state):
+            client, request = state.get_client(sub.client_id), state.get_request(sub.request_id)
+            if sub.verdict != VERDICT_ACCEPTED or client is None or request is None:
+                continue
+            kind = {v: k for k, v in KINDS.items()}[client.update_kind]
+            sizes = json.loads(sub.proof_sizes)
+            proofs, offset = [], 0
+            for size in sizes:
+                proofs.append(sub.proof[offset : offset + size])
+                offset += size
+            templates.setdefault(
+                kind,
+                Template(
+                    kind,
+                    client.model_id,
+                    client.layers,
+                    tuple(json.loads(client.enrolled_commitments)),
+                    request.mask,
+                    request.forget,
+                    tuple(json.loads(sub.after_commitments)),
+                    tuple(proofs),
+                ),
+            )
+    finally:
+        state.close()
+    if set(templates) != set(KINDS):
+        raise RuntimeError(
+            f"the cached demo run in {cache} lacks accepted {sorted(set(KINDS) - set(templates))}"
+        )
+    import tomllib
+
+    demo_config = tomllib.loads((source / "provider.toml").read_text())
+    top = (f"verifier = {json.dumps(demo_config['verifier'])}", "srs_insecure = true")
+    tables: list[str] = []
+    for circuit, files in demo_config.get("artifacts", {}).items():
+        tables.append(f"[artifacts.{json.dumps(circuit)}]")
+        tables += [f"{name} = {json.dumps(path)}" for name, path in files.items()]
+    return World(tuple(templates[k] for k in KINDS), source / "provider.key", top, tuple(tables), "real")
+
+
+def _finished(state: Any) -> list[Any]:
+    """Every finished submission, found through the log (the state has no 'all submissions' query)."""
+    out = []
+    for index in range(state.ledger_size()):
+        leaf = state.get_leaf(index)
+        sub = state.get_submission(leaf.submission_id) if leaf else None
+        if sub is not None:
+            out.append(sub)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+class RpcTimer(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]  # grpc ships no stubs for these bases
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Times every RPC on a channel (server streams: until the first message) and counts statuses."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ms: dict[str, list[float]] = defaultdict(list)
+        self.codes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def record(self, method: str, started: float, code: grpc.StatusCode | None) -> None:
+        name = method.rsplit("/", 1)[-1]
+        with self.lock:
+            if code is None or code == grpc.StatusCode.OK:
+                self.ms[name].append((time.perf_counter() - started) * 1000)
+            self.codes[name]["OK" if code is None else code.name] += 1
+
+    def _unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        started = time.perf_counter()
+        call = continuation(details, request)
+        try:
+            call.result()
+            self.record(details.method, started, None)
+        except grpc.RpcError as exc:
+            self.record(details.method, started, exc.code())
+        return call
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return self._unary(continuation, client_call_details, request)
+
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return self._unary(continuation, client_call_details, request_iterator)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return _FirstMessageTimer(
+            continuation(client_call_details, request), self, client_call_details.method
+        )
+
+
+class _FirstMessageTimer:
+    """Wraps a server-stream call: records the time to its first message, delegates everything else."""
+
+    def __init__(self, call: Any, timer: RpcTimer, method: str) -> None:
+        self._call, self._timer, self._method = call, timer, method
+        self._started: float | None = time.perf_counter()
+
+    def __iter__(self) -> _FirstMessageTimer:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            item = next(self._call)
+        except grpc.RpcError as exc:
+            if self._started is not None:
+                self._timer.record(self._method, self._started, exc.code())
+                self._started = None
+            raise
+        if self._started is not None:
+            self._timer.record(self._method, self._started, None)
+            self._started = None
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0, "p50": float("nan"), "p99": float("nan")}
+    arr = np.asarray(values)
+    return {
+        "n": len(values),
+        "p50": round(float(np.percentile(arr, 50)), 2),
+        "p99": round(float(np.percentile(arr, 99)), 2),
+    }
+
+
+# ------------------------------------------------------------------------------------------ providers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Replica:
+    name: str
+    port: int
+    config: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        port_file = self.config.with_suffix(".port")
+        port_file.unlink(missing_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "zkunlearn.cli", "provider", "serve"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*command, "--config", str(self.config), "--port-file", str(port_file)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"provider {self.name} did not start; see {self.log}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _replicas(work: Path, world: World, state_url: str, count: int, verify_workers: int) -> list[Replica]:
+    out = []
+    for i in range(count):
+        port = _free_port()
+        config = work / f"replica-{i}.toml"
+        config.write_text(
+            "\n".join(
+                [
+                    f'listen = "127.0.0.1:{port}"',
+                    f'replica_id = "replica-{i}"',
+                    f"state = {json.dumps(state_url)}",
+                    f"key_file = {json.dumps(str(world.key_file))}",
+                    "submit_wait_s = 0.0",
+                    "watch_poll_s = 0.2",
+                    "grace_s = 2.0",
+                    *world.config_top,
+                    "[limits]",
+                    f"verify_workers = {verify_workers}",
+                    "verify_lease_s = 60.0",
+                    "verify_poll_s = 0.2",
+                    "max_workers = 96",
+                    *world.config_tables,
+                    "",
+                ]
+            )
+        )
+        out.append(Replica(f"replica-{i}", port, config, work / f"replica-{i}.log"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ clients
+
+
+@dataclass
+class SessionResult:
+    client_id: str
+    request_id: str = ""
+    expected: str = ""
+    verdict: str = ""
+    leaf_index: int = -1
+    receipt: bytes = b""
+    log_size_checked: int = 0
+    error: str = ""
+    seconds: float = 0.0
+
+
+class _ReplayProver:
+    def __init__(self, template: Template, invalid: bool) -> None:
+        self.template, self.invalid = template, invalid
+
+    def prove(self, request: Any) -> Any:
+        from zkunlearn.client.sdk import Commitment, UpdateResult
+
+        after = [dict(c) for c in self.template.after]
+        if self.invalid:  # claim another updated state than the one proven: ezkl must refuse it
+            point = after[0]["point_hex"]
+            after[0] = {**after[0], "point_hex": point[:-2] + ("00" if point[-2:] != "00" else "01")}
+        return UpdateResult([Commitment.from_json(c) for c in after], list(self.template.proofs))
+
+
+@dataclass
+class LoadSettings:
+    clients: int = 1000
+    replicas: int = 1
+    backend: str = "sqlite"
+    mode: str = "real"
+    concurrency: int = 48
+    invalid_fraction: float = 0.1
+    verify_workers: int = 2
+    kill_every_s: float = 0.0
+    time_limit_s: float = 1800.0
+    seed: int = 0
+    audit: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run one load test and return its record (see the module docstring for what is checked)."""
+    from rich.progress import Progress
+    from zkunlearn.circuits.mask import Mask
+    from zkunlearn.client.sdk import Commitment, EdgeClient
+    from zkunlearn.client.store import ClientStore
+    from zkunlearn.client.transport import ChannelConfig, Transport
+    from zkunlearn.provider.server import load_signer
+    from zkunlearn.provider.service import ProviderService, ServiceConfig, _decode_forget
+    from zkunlearn.provider.state import open_state
+
+    rng = random.Random(settings.seed)
+    with ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zku-load-")))
+        work.mkdir(parents=True, exist_ok=True)
+        world = synthetic_world(work) if settings.mode == "synthetic" else real_world(work)
+        if settings.backend == "postgres":
+            from .postgres import create_database, postgres_server
+
+            server_url = stack.enter_context(postgres_server())
+            state_url = create_database(server_url, "zkunlearn_load")
+        elif settings.backend == "sqlite":
+            state_url = str(work / "provider.db")
+        else:
+            raise ValueError(f"backend must be sqlite or postgres, got {settings.backend!r}")
+        replicas = _replicas(work, world, state_url, settings.replicas, settings.verify_workers)
+        for r in replicas:
+            r.start()
+            stack.callback(r.stop)
+        signer = load_signer(world.key_file)
+        operator = ProviderService(
+            open_state(state_url), signer, _Refuse(), ServiceConfig(verify_workers=0, replica_id="operator")
+        )
+        stack.callback(operator.state.close)
+        timer = RpcTimer()
+        kills: list[dict[str, Any]] = []
+        stop_faults = threading.Event()
+
+        def faults() -> None:
+            while not stop_faults.wait(settings.kill_every_s * rng.uniform(0.5, 1.5)):
+                victim = rng.choice(replicas)
+                victim.kill()
+                kills.append({"replica": victim.name, "at_s": round(time.monotonic() - started, 2)})
+                victim.start()
+
+        def session(i: int) -> SessionResult:
+            template = world.templates[i % len(world.templates)]
+            invalid = rng.random() < settings.invalid_fraction
+            cid = f"load-{i:05d}"
+            result = SessionResult(cid, expected="rejected" if invalid else "accepted")
+            t0 = time.perf_counter()
+            target = f"127.0.0.1:{replicas[i % len(replicas)].port}"
+            transport = Transport(ChannelConfig(target, call_timeout_s=120, retry_budget_s=300), [timer])
+            client = EdgeClient(
+                transport,
+                ClientStore(work / "clients" / f"{cid}.db"),
+                _ReplayProver(template, invalid),
+                provider_public_key=signer.public_bytes(),
+                receipt_wait_s=600,
+            )
+            try:
+                commitments = [Commitment.from_json(c) for c in template.commitments]
+                client.enroll(cid, template.model_id, template.layers, KINDS[template.kind], commitments)
+                features, labels = _decode_forget(template.forget)
+                request = operator.create_request(
+                    cid, Mask.from_bytes(template.mask), forget_features=features, forget_labels=labels
+                )
+                result.request_id = request.request_id
+                outcomes = client.watch(max_requests=1, reconnect_budget_s=300)
+                if outcomes:
+                    result.verdict = outcomes[0].status
+                    result.leaf_index = -1 if outcomes[0].leaf_index is None else outcomes[0].leaf_index
+                    applied = client.store.applied(request.request_id)
+                    result.receipt = applied.receipt_canonical if applied else b""
+                result.log_size_checked = client.verify_log()
+            except Exception as exc:  # counted and reported: a failed session is a finding, not a crash
+                result.error = f"{type(exc).__name__}: {exc}"[:300]
+            finally:
+                client.close()
+                client.store.close()
+                result.seconds = time.perf_counter() - t0
+            return result
+
+        started = time.monotonic()
+        fault_thread = None
+        if settings.kill_every_s > 0:
+            fault_thread = threading.Thread(target=faults, daemon=True)
+            fault_thread.start()
+        results: list[SessionResult] = []
+        with (
+            Progress(disable=not progress) as bar,
+            ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="sim") as pool,
+        ):
+            task = bar.add_task(
+                f"{settings.clients} clients -> {settings.replicas} replica(s) on {settings.backend}",
+                total=settings.clients,
+            )
+            futures = [pool.submit(session, i) for i in range(settings.clients)]
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.advance(task)
+                if time.monotonic() - started > settings.time_limit_s:
+                    for f in futures:
+                        f.cancel()
+                    break
+        wall = time.monotonic() - started
+        stop_faults.set()
+        if fault_thread is not None:
+            fault_thread.join(60)
+        for r in replicas:
+            r.stop()
+        record = _tally(settings, results, operator.state, timer, wall, kills)
+        if settings.audit:
+            record["audit"] = _audit(work, replicas[0].config, signer.public_bytes(), world.mode)
+        operator.close()
+        return record
+
+
+class _Refuse:
+    def verify(self, job: Any) -> Any:
+        raise RuntimeError("the load generator's operator does not verify proofs")
+
+
+def _tally(
+    settings: LoadSettings,
+    results: Sequence[SessionResult],
+    state: Any,
+    timer: RpcTimer,
+    wall: float,
+    kills: list[dict[str, Any]],
+) -> dict[str, Any]:
+    from zkunlearn.proofs.statements import SignedStatement
+    from zkunlearn.provider.state import VERDICT_PENDING
+
+    requests = [r for r in results if r.request_id]
+    acked = [r for r in results if r.verdict in ("accepted", "rejected") and r.receipt]
+    found = 0
+    for r in acked:
+        leaf = state.get_leaf(r.leaf_index)
+        found += leaf is not None and leaf.canonical == r.receipt
+    leaves_per_request: dict[str, int] = defaultdict(int)
+    verified_ms, created_ms = [], []
+    for index in range(state.ledger_size()):
+        leaf = state.get_leaf(index)
+        leaves_per_request[leaf.request_id] += 1
+        verified_ms.append(
+            int(SignedStatement.from_wire(leaf.canonical, leaf.signature).payload["verified_ms"])
+        )
+        sub = state.get_submission(leaf.submission_id)
+        if sub is not None:
+            created_ms.append(sub.created_ms)
+    unanswered = 0
+    for r in requests:
+        subs = state.submissions_for(r.request_id)
+        if not subs or all(s.verdict == VERDICT_PENDING for s in subs):
+            unanswered += 1
+    lost = (len(acked) - found) + unanswered
+    duplicated = sum(n - 1 for n in leaves_per_request.values() if n > 1)
+    verdict_span_s = (max(verified_ms) - min(created_ms)) / 1000 if verified_ms and created_ms else 0.0
+    wrong = [r for r in acked if r.verdict != r.expected]
+    return {
+        "clients": settings.clients,
+        "replicas": settings.replicas,
+        "backend": settings.backend,
+        "mode": settings.mode,
+        "concurrency": settings.concurrency,
+        "verify_workers_per_replica": settings.verify_workers,
+        "requests": len(requests),
+        "receipts_acked": len(acked),
+        "receipts_found": found,
+        "lost": lost,
+        "duplicated": duplicated,
+        "wrong_verdicts": len(wrong),
+        "session_errors": sorted({r.error for r in results if r.error})[:10],
+        "sessions_failed": sum(bool(r.error) for r in results),
+        "ledger_size": state.ledger_size(),
+        "rpc_latency_ms": {name: _percentiles(v) for name, v in sorted(timer.ms.items())},
+        "rpc_status_counts": {name: dict(codes) for name, codes in sorted(timer.codes.items())},
+        "verifications": len(verified_ms),
+        "verifications_per_s": round(len(verified_ms) / verdict_span_s, 2) if verdict_span_s else None,
+        "session_s": _percentiles([r.seconds for r in results]),
+        "wall_s": round(wall, 1),
+        "kills": kills,
+        "log_checked_by_clients": sum(r.log_size_checked > 0 for r in results),
+    }
+
+
+def _audit(work: Path, config: Path, public_key: bytes, mode: str) -> dict[str, Any]:
+    """Export the log and audit it offline (real mode: every proof re-verified with ezkl)."""
+    from zkunlearn.proofs.audit import audit_bundle, report_json
+    from zkunlearn.provider.export import export_from_config
+
+    bundle = work / "audit-bundle"
+    export_from_config(config, bundle)
+    kwargs: dict[str, Any] = {}
+    if mode == "synthetic":
+        kwargs["proof_checker"] = _digest_checker
+    started = time.monotonic()
+    report = report_json(audit_bundle(bundle, provider_public_key=public_key, **kwargs))
+    return {
+        "ok": bool(report["ok"]),
+        "items_checked": report.get("items_checked"),
+        "failures": report.get("failures", [])[:5],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _digest_checker(
+    payload: Mapping[str, Any],
+    canonical: bytes,
+    mask_bytes: bytes,
+    features: Any,
+    labels: Any,
+    before: list[dict[str, Any]],
+    after: list[dict[str, Any]],
+    proofs: list[bytes],
+    circuits_dir: Path,
+) -> tuple[bool, str]:
+    """The auditor's side of :class:`DigestVerifier` (synthetic mode only)."""
+    ok = list(proofs) == [_digest_proof(before, after, mask_bytes)]
+    return ok, "ok" if ok else "digest proof does not match"
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def write_results(records: Sequence[Mapping[str, Any]], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(list(records), indent=2) + "\n")
+    out.with_suffix(".md").write_text(render_markdown(records))
+
+
+def render_markdown(records: Sequence[Mapping[str, Any]]) -> str:
+    rpcs = sorted({name for r in records for name in r["rpc_latency_ms"]})
+    head = (
+        "| clients | replicas | backend | kills | requests | acked | found | lost | dup | wrong | "
+        "verif/s | wall s | audit |\n|" + "---|" * 13 + "\n"
+    )
+    rows = "".join(
+        f"| {r['clients']} | {r['replicas']} | {r['backend']} | {len(r['kills'])} | {r['requests']} | "
+        f"{r['receipts_acked']} | {r['receipts_found']} | {r['lost']} | {r['duplicated']} | "
+        f"{r['wrong_verdicts']} | {r['verifications_per_s']} | {r['wall_s']} | "
+        f"{'OK' if r.get('audit', {}).get('ok') else 'FAIL' if 'audit' in r else '–'} |\n"
+        for r in records
+    )
+    lat_head = (
+        "\n| run | " + " | ".join(f"{n} p50/p99 ms" for n in rpcs) + " |\n|---|" + "---|" * len(rpcs) + "\n"
+    )
+    lat_rows = ""
+    for r in records:
+        cells = []
+        for n in rpcs:
+            p = r["rpc_latency_ms"].get(n)
+            cells.append(f"{p['p50']:.1f} / {p['p99']:.1f}" if p and p["n"] else "–")
+        label = f"{r['clients']}c {r['replicas']}r {r['backend']}{' +kills' if r['kills'] else ''}"
+        lat_rows += f"| {label} | " + " | ".join(cells) + " |\n"
+    return head + rows + lat_head + lat_rows
