@@ -446,7 +446,9 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
             result = SessionResult(cid, expected="rejected" if invalid else "accepted")
             t0 = time.perf_counter()
             target = f"127.0.0.1:{replicas[i % len(replicas)].port}"
-            transport = Transport(ChannelConfig(target, call_timeout_s=120, retry_budget_s=300), [timer])
+            # Devices retry for minutes (budget, not attempt count): a replica restarts in seconds under load.
+            channel = ChannelConfig(target, call_timeout_s=120, retry_attempts=10_000, retry_budget_s=300)
+            transport = Transport(channel, [timer])
             client = EdgeClient(
                 transport,
                 ClientStore(work / "clients" / f"{cid}.db"),

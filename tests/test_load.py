@@ -1,0 +1,72 @@
+"""The load harness end to end at small scale, with SIGKILLed replicas (synthetic proofs, real otherwise).
+
+Real provider processes, real gRPC, the real edge SDK with its own stores, a real SQLite file or
+PostgreSQL server; only the proofs are digests (``DigestVerifier``) so the harness runs in seconds.
+The headline figures with genuine ezkl proofs come from ``zkunlearn bench load`` (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+from zkunlearn.bench.load import LoadSettings, render_markdown, run_load
+
+from zkunlearn.cli import app
+
+pytestmark = pytest.mark.grpc
+
+
+def _check(record: dict[str, object], clients: int) -> None:
+    assert record["requests"] == clients
+    assert record["receipts_acked"] == clients, record["session_errors"]
+    assert record["receipts_found"] == clients
+    assert record["lost"] == 0
+    assert record["duplicated"] == 0
+    assert record["wrong_verdicts"] == 0
+    assert record["sessions_failed"] == 0, record["session_errors"]
+    assert record["ledger_size"] == clients
+    assert record["log_checked_by_clients"] == clients
+    assert record["audit"]["ok"], record["audit"]  # type: ignore[index]
+
+
+def test_two_replicas_on_postgres_survive_sigkills_without_losing_a_receipt(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    settings = LoadSettings(
+        clients=40, replicas=2, backend="postgres", mode="synthetic", concurrency=12, kill_every_s=2.0, seed=3
+    )
+    record = run_load(settings, work=tmp_path, progress=False)
+    _check(record, 40)
+    assert len(record["kills"]) >= 2  # type: ignore[arg-type]
+    assert record["rpc_latency_ms"]["SubmitProof"]["n"] >= 40  # type: ignore[index]
+    assert "UNAVAILABLE" in json.dumps(record["rpc_status_counts"])  # the kills were felt, and retried
+
+
+def test_one_replica_on_sqlite_killed_and_restarted(tmp_path: Path) -> None:
+    settings = LoadSettings(
+        clients=30, replicas=1, backend="sqlite", mode="synthetic", concurrency=10, kill_every_s=1.5, seed=1
+    )
+    record = run_load(settings, work=tmp_path, progress=False)
+    _check(record, 30)
+    assert record["kills"]
+    table = render_markdown([record])
+    assert "| 30 | 1 | sqlite |" in table
+
+
+def test_cli_writes_results_and_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    args = ["bench", "load", "--clients", "12", "--mode", "synthetic", "--concurrency", "6"]
+    args += ["--out", str(out)]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    (record,) = json.loads(out.read_text())
+    for key in ("clients", "replicas", "backend", "requests", "receipts_acked", "receipts_found", "lost",
+                "duplicated", "rpc_latency_ms", "verifications_per_s"):  # fmt: skip
+        assert key in record
+    assert record["rpc_latency_ms"]["Enroll"]["p99"] >= record["rpc_latency_ms"]["Enroll"]["p50"] > 0
+    assert out.with_suffix(".md").read_text().startswith("| clients |")
+    refused = CliRunner().invoke(app, [*args, "--replicas", "1,2", "--backend", "a,b,c"])
+    assert refused.exit_code == 2
