@@ -49,28 +49,36 @@ class FuzzTally:
         self.inputs: Counter[str] = Counter()
         self.statuses: dict[str, Counter[str]] = {}
         self.seconds: dict[str, float] = {}
+        self.slowest: dict[str, float] = {}
 
-    def hit(self, target: str, status: str) -> None:
+    def hit(self, target: str, status: str, call_seconds: float | None = None) -> None:
+        """Count one input; ``call_seconds`` (one call's latency) keeps the slowest, the hang evidence."""
         self.inputs[target] += 1
         self.statuses.setdefault(target, Counter())[status] += 1
+        if call_seconds is not None:
+            self.slowest[target] = max(self.slowest.get(target, 0.0), call_seconds)
 
     def timed(self, target: str, seconds: float) -> None:
         self.seconds[target] = self.seconds.get(target, 0.0) + seconds
 
     def as_json(self) -> dict[str, dict[str, Any]]:
-        return {
-            t: {
+        out: dict[str, dict[str, Any]] = {}
+        for t in sorted(self.inputs):
+            out[t] = {
                 "inputs": self.inputs[t],
                 "statuses": dict(sorted(self.statuses.get(t, Counter()).items())),
                 "seconds": round(self.seconds.get(t, 0.0), 2),
             }
-            for t in sorted(self.inputs)
-        }
+            if t in self.slowest:
+                out[t]["slowest_call_s"] = round(self.slowest[t], 3)
+        return out
 
     def summary(self) -> str:
         lines = [f"fuzz counts (scale {fuzz_scale()}):"]
         for target, row in self.as_json().items():
-            lines.append(f"  {target}: {row['inputs']} inputs in {row['seconds']} s, {row['statuses']}")
+            slowest = f", slowest call {row['slowest_call_s']} s" if "slowest_call_s" in row else ""
+            head = f"  {target}: {row['inputs']} inputs in {row['seconds']} s"
+            lines.append(f"{head}{slowest}, {row['statuses']}")
         return "\n".join(lines)
 
     def flush(self) -> None:

@@ -152,8 +152,9 @@ def test_fuzzed_rpc_gets_clean_errors(server: ProviderServer, method_name: str) 
     )
     @given(_inputs(method_name))
     def fuzz(payload: bytes) -> None:
+        began = time.monotonic()
         code, details = _outcome(channel, method, payload)
-        TALLY.hit(target, code.name)
+        TALLY.hit(target, code.name, time.monotonic() - began)
         assert _is_clean(code, details), f"{method_name}: {code} {details}"
 
     start = time.monotonic()
