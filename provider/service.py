@@ -862,6 +862,8 @@ class ProviderService:
     def receipt(self, request_id: str, client_id: str) -> ReceiptView:
         """The accepted submission's receipt, else the latest one's (PENDING without a leaf)."""
         _check_id(request_id, "request id")
+        if client_id:
+            _check_id(client_id, "client id")
         request = self.state.get_request(request_id)
         if request is None:
             raise NotFoundServiceError(f"unknown request {request_id!r}")

@@ -63,9 +63,17 @@ def status_for(exc: ServiceError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
+# gRPC refuses status details above its metadata limit (16 KiB) and the client then sees
+# RESOURCE_EXHAUSTED "Stream removed" instead of our message: messages that echo hostile input are cut.
+_MAX_DETAILS = 1024
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException, rpc: str) -> None:
     if isinstance(exc, ServiceError):
-        context.abort(status_for(exc), f"{rpc}: {exc}")
+        details = f"{rpc}: {exc}"
+        if len(details) > _MAX_DETAILS:
+            details = details[: _MAX_DETAILS - 20] + " ... (truncated)"
+        context.abort(status_for(exc), details)
     log.exception("internal error in %s", rpc)
     context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error (logged on the provider)")
 
@@ -240,7 +248,9 @@ class ProviderServicer(pb_grpc.ProviderServicer):
     ) -> Iterator[pb.ArtifactChunk]:
         path = self.artifacts.get(request.circuit_id, {}).get(request.artifact)
         if path is None:
-            raise NotFoundServiceError(f"no artifact {request.artifact!r} for circuit {request.circuit_id!r}")
+            raise NotFoundServiceError(
+                f"no artifact {request.artifact[:128]!r} for circuit {request.circuit_id[:128]!r}"
+            )
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         total = path.stat().st_size
         with path.open("rb") as fh:

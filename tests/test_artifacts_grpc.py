@@ -56,3 +56,27 @@ def test_unknown_artifact_is_not_found_and_leaves_no_file(
         fetch_artifact(transport, "m/group_obs", "pk", tmp_path / "got" / "pk")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert not any((tmp_path / "got").iterdir())
+
+
+def test_hostile_ids_get_our_own_error_not_a_grpc_trailer_overflow(
+    served: tuple[ProviderServer, bytes],
+) -> None:
+    """Found by fuzzing: echoing a 100 kB id in the status overflowed gRPC's 16 KiB metadata limit."""
+    from zkunlearn.v1 import provider_pb2 as pb
+
+    server, _ = served
+    with Transport(ChannelConfig(f"127.0.0.1:{server.port}")) as transport:
+        huge = "y" * 100_000
+        calls = [
+            lambda: list(
+                transport.stub.GetArtifact(pb.GetArtifactRequest(circuit_id=huge, artifact="compiled"))
+            ),
+            lambda: transport.stub.GetReceipt(pb.GetReceiptRequest(request_id="r1", client_id=huge)),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            err = caught.value
+            assert err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), err.details()
+            assert err.details().startswith(("GetArtifact:", "GetReceipt:"))
+            assert len(err.details()) <= 1024
