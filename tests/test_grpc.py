@@ -759,3 +759,43 @@ def test_provider_config_is_strict(tmp_path: Path) -> None:
             ),
             verifier=FakeVerifier(),
         )
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "injected: provider restarting"
+
+
+class _FailFirst(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Fails the first call of one RPC as a restarting provider would, then lets calls through."""
+
+    def __init__(self, rpc: str) -> None:
+        self.rpc, self.failed = rpc, 0
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.method.endswith("/" + self.rpc) and not self.failed:
+            self.failed += 1
+            raise _Unavailable()
+        return continuation(details, request)
+
+
+@pytest.mark.parametrize("rpc", ["GetTreeHead", "GetInclusionProof", "GetConsistencyProof"])
+def test_log_check_survives_a_provider_restart_between_its_calls(
+    provider: ProviderServer, tmp_path: Path, rpc: str
+) -> None:
+    """Found by the load benchmark's SIGKILL runs: only the tree-head call used to be retried."""
+    client = edge(tmp_path, provider.port)
+    enroll(client)
+    provider.service.create_request("dev-1", mask())
+    client.poll()
+    assert client.verify_log() == 1  # stores the head, so the next check asks for consistency too
+    provider.service.create_request("dev-1", mask())
+    client.poll()
+    failing = _FailFirst(rpc)
+    retrying = EdgeClient(Transport(channel(provider.port), [failing]), client.store, FakeProver())
+    assert retrying.verify_log() == 2
+    assert failing.failed == 1
+    retrying.close()
