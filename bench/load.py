@@ -652,7 +652,7 @@ def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rpcs = sorted({name for r in records for name in r["rpc_latency_ms"]})
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.4 * len(rpcs)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(10.0, 1.8 * len(rpcs)), 4.5))
     width = 0.8 / max(1, len(records))
     for k, r in enumerate(records):
         p50 = [r["rpc_latency_ms"].get(n, {}).get("p50", float("nan")) for n in rpcs]
@@ -667,7 +667,7 @@ def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("latency ms (bar p50, whisker p99)")
     ax.set_title("zkunlearn bench load: RPC latency seen by simulated edge clients")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
