@@ -367,9 +367,11 @@ def test_pending_submission_is_verified_after_a_restart(tmp_path: Path) -> None:
     after, proofs = dev.proof(r.request_id)
     sub = first.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
     assert first.wait(sub.submission_id, 0.3).verdict == VERDICT_PENDING
+    assert [s.submission_id for s in first.state.pending_submissions()] == [sub.submission_id]
     first.state.close()
+    # The job never left the database: the next process's workers take it without being told.
     second = ProviderService(SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier())
-    assert second.recover() == 1
+    assert second.recover() in (0, 1)  # 0 when a worker already took it during start-up
     assert second.wait(sub.submission_id, 10).verdict == VERDICT_ACCEPTED
     second.close()
 
