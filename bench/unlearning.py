@@ -14,12 +14,12 @@ CPU time stays what one thread would spend.
 Hyperparameters (``SETTINGS``) were tuned on ``TUNING_SEEDS`` only, with ``tuning_sweep`` (grid and
 choice in ``bench/results/unlearning_tuning.md``); the per-seed table in ``unlearning.md`` marks those
 seeds and gives the mean recovery over the held-out ones separately. The committed ``unlearning*.json``
-merge per-task runs (``--finalize`` over their seeds files): ViT seeds 0-5 (0-2 tuning, 3-5 held out),
-one single-threaded ``--no-sweep`` run on the shared 2-core box (Python 3.11, torch CPU, heavily loaded:
-update and training times are pessimistic); code LM and MLP seeds 0-2 from the earlier run (16-core
-machine, Python 3.12, torch 2.11, code LM then at B = 256, lam = 0.1, m = 1,024; that interpreter ships
-no tkinter sources, so its client slice is the next package of ``CLIENT_CANDIDATES``).
-``unlearning_masks.*`` is that earlier run's mask-recipe sweep.
+merge per-task single-threaded ``--no-sweep`` runs on the shared 2-core box (Python 3.11, torch CPU,
+heavily loaded by other work, so update and training times are pessimistic), via ``--finalize``:
+ViT seeds 0-5 (0-2 tuning, 3-5 held out) and code LM seeds 0-3 (0 tuning; seed 3 from a second run with
+``--seed-offset 3``; client slice tkinter). The MLP rows (seeds 0-2, settings unchanged) are kept from
+the earlier run on a 16-core machine (Python 3.12, torch 2.11), as is ``unlearning_masks.*``, that
+run's mask-recipe sweep.
 """
 
 from __future__ import annotations
@@ -980,6 +980,7 @@ def run_unlearning_bench(
     quick: bool = False,
     workers: int | None = None,
     sweep: bool = True,
+    seed_offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Run every (task, seed) job, aggregate over seeds and write JSON, markdown and a plot beside it.
 
@@ -994,7 +995,7 @@ def run_unlearning_bench(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds_path = out_path.with_name(out_path.stem + "_seeds.json")
-    jobs = [(t, seed) for t in tasks for seed in range(seeds)]
+    jobs = [(t, seed) for t in tasks for seed in range(seed_offset, seed_offset + seeds)]
     workers = workers or max(1, min(len(jobs), (os.cpu_count() or 1)))
     rows: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []
@@ -1029,6 +1030,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "unlearning.json"))
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="first seed (e.g. only held-out seeds past the tuning ones)",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--no-sweep", action="store_true", help="skip the mask-recipe sweep")
@@ -1048,7 +1055,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = finalize(rows, sweep_rows, Path(args.out))
     else:
         records = run_unlearning_bench(
-            args.out, args.tasks.split(","), args.seeds, args.quick, args.workers, not args.no_sweep
+            args.out,
+            args.tasks.split(","),
+            args.seeds,
+            args.quick,
+            args.workers,
+            not args.no_sweep,
+            seed_offset=args.seed_offset,
         )
     print(render_markdown(records))
     return 0
