@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class JobSettings:
     workers: int = 2
-    lease_s: float = 300.0  # longer than any verification; a dead worker's job waits this long
+    lease_s: float = 300.0  # extended while verifying; a dead worker's job waits at most this long
     poll_s: float = 0.25  # how soon a job submitted through another replica is noticed
     max_attempts: int = 3
 
@@ -120,7 +120,22 @@ class VerificationWorkers:
             for job in jobs:
                 self._finish(worker_id, job)
 
+    def _heartbeat(self, worker_id: str, job: SubmissionRecord, done: threading.Event) -> None:
+        """Extend the lease every third of its length until the job is finished (or lost)."""
+        lease_ms = int(self.settings.lease_s * 1000)
+        while not done.wait(self.settings.lease_s / 3):
+            try:
+                held = self.state.extend_lease(job.submission_id, worker_id, self._clock_ms() + lease_ms)
+            except Exception:  # the lease may then expire: at worst the job is verified twice
+                log.exception("could not extend the lease of job %s", job.submission_id)
+                continue
+            if not held:
+                return
+
     def _finish(self, worker_id: str, job: SubmissionRecord) -> None:
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(worker_id, job, done), daemon=True)
+        beat.start()
         try:
             if job.attempts > self.settings.max_attempts:
                 self._give_up(
@@ -138,6 +153,7 @@ class VerificationWorkers:
                 log.exception("could not release the lease of job %s", job.submission_id)
             self._stop.wait(0.5)
         finally:
+            done.set()
             with self.finished:
                 self.processed += 1
                 self.finished.notify_all()

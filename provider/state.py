@@ -230,6 +230,14 @@ class ProviderState(abc.ABC):
         """
 
     @abc.abstractmethod
+    def extend_lease(self, submission_id: str, worker_id: str, until_ms: int) -> bool:
+        """Push the lease of a job this worker still holds; ``False`` if it lost it or the job is done.
+
+        Workers call it periodically while verifying, so a verification longer than one lease is
+        not taken (and done a second time) by another worker.
+        """
+
+    @abc.abstractmethod
     def release_claims(self, worker_prefix: str) -> int:
         """Free the leases of pending jobs held by workers whose id starts with ``worker_prefix``.
 
@@ -433,6 +441,14 @@ class InMemoryState(ProviderState):
                 self._submissions[s.submission_id] = taken
                 claimed.append(taken)
             return claimed
+
+    def extend_lease(self, submission_id: str, worker_id: str, until_ms: int) -> bool:
+        with self._txn():
+            s = self._submissions.get(submission_id)
+            if s is None or s.verdict != VERDICT_PENDING or s.claimed_by != worker_id:
+                return False
+            self._submissions[submission_id] = dataclasses.replace(s, lease_expires_ms=until_ms)
+            return True
 
     def release_claims(self, worker_prefix: str) -> int:
         with self._txn():
@@ -970,6 +986,19 @@ class SqlState(ProviderState):
 
         result: list[SubmissionRecord] = self._retrying(run)
         return result
+
+    def extend_lease(self, submission_id: str, worker_id: str, until_ms: int) -> bool:
+        with self._txn() as conn:
+            done = conn.execute(
+                sa.update(submissions_t)
+                .where(
+                    submissions_t.c.submission_id == submission_id,
+                    submissions_t.c.claimed_by == worker_id,
+                    submissions_t.c.verdict == VERDICT_PENDING,
+                )
+                .values(lease_expires_ms=until_ms)
+            )
+            return bool(done.rowcount == 1)
 
     def release_claims(self, worker_prefix: str) -> int:
         with self._txn() as conn:

@@ -204,3 +204,28 @@ def test_a_job_that_keeps_killing_its_workers_is_finished_as_rejected(tmp_path: 
     for x in (front, back):
         x.close()
         x.state.close()
+
+
+def test_a_verification_longer_than_the_lease_is_not_taken_twice(tmp_path: Path) -> None:
+    """The worker extends its lease while verifying, so an idle replica never steals the job."""
+    signer = StatementSigner.generate()
+    url = f"sqlite+pysqlite:///{tmp_path / 'p.db'}"
+    config = ServiceConfig(replica_id="slow", verify_workers=1, verify_poll_s=0.05, verify_lease_s=0.3)
+    slow = ProviderService(SqlState(url), signer, FakeVerifier(delay_s=1.5), config)
+    d = Device(slow)
+    d.enroll()
+    r = slow.create_request(d.client_id, mask())
+    after, proofs = d.proof(r.request_id)
+    s = slow.submit(d.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+    deadline = time.monotonic() + 20
+    while not slow.verifier.jobs and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.02)
+    thief_config = ServiceConfig(replica_id="idle", verify_workers=2, verify_poll_s=0.05, verify_lease_s=0.3)
+    thief = ProviderService(SqlState(url), signer, FakeVerifier(), thief_config)
+    done = thief.wait(s.submission_id, 20)
+    assert done.verdict == VERDICT_ACCEPTED
+    assert (done.claimed_by, done.attempts) == ("slow/0/", 1)
+    assert thief.verifier.jobs == []  # type: ignore[attr-defined]
+    for x in (slow, thief):
+        x.close()
+        x.state.close()

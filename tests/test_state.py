@@ -500,3 +500,13 @@ def test_dropped_connection_without_retry_leaves_no_partial_state(postgres_db_ur
     assert st.get_request("r1").accepted_submission_id is None  # type: ignore[union-attr]
     st.close()
     killer.dispose()
+
+
+def test_a_lease_is_extended_only_by_the_worker_holding_it(state: ProviderState) -> None:
+    (sid,) = _pending(state, 1)
+    state.claim_submissions("w1/", now_ms=1_000, lease_ms=100)
+    assert not state.extend_lease(sid, "w2/", until_ms=10_000)  # not its job
+    assert state.extend_lease(sid, "w1/", until_ms=10_000)
+    assert state.claim_submissions("w2/", now_ms=5_000, lease_ms=100) == []  # still held
+    state.finish_submission(sid, VERDICT_ACCEPTED, "", leaf("r1"))
+    assert not state.extend_lease(sid, "w1/", until_ms=20_000)  # finished: nothing to hold
