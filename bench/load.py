@@ -32,7 +32,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,12 +41,14 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+
+from .postgres import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = {"group_obs": 1, "analytic": 2}
@@ -275,12 +276,6 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ providers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Replica:
     name: str
@@ -315,18 +310,16 @@ class Replica:
             self.process.wait(30)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        from zkunlearn.demo import stop_process
+
+        if self.process is not None:
+            stop_process(self.process, timeout_s=60)
 
 
 def _replicas(work: Path, world: World, state_url: str, count: int, verify_workers: int) -> list[Replica]:
     out = []
     for i in range(count):
-        port = _free_port()
+        port = free_port()
         config = work / f"replica-{i}.toml"
         config.write_text(
             "\n".join(
@@ -396,7 +389,6 @@ class LoadSettings:
     time_limit_s: float = 1800.0
     seed: int = 0
     audit: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = True) -> dict[str, Any]:

@@ -39,7 +39,8 @@ def _bin_dir() -> Path:
     return versions[-1].parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the caller binds it next)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -66,7 +67,7 @@ def postgres_server() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(sockets, "postgres")
-    port = _free_port()
+    port = free_port()
     try:
         subprocess.run(
             _as_server_user(

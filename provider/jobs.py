@@ -81,10 +81,6 @@ class VerificationWorkers:
             thread.start()
             self._threads.append(thread)
 
-    @property
-    def running(self) -> bool:
-        return bool(self._threads) and not self._stop.is_set()
-
     def nudge(self) -> None:
         with self._wake:
             self._pending_nudges += 1

@@ -65,6 +65,7 @@ __all__ = [
     "ProviderConfig",
     "ProviderServer",
     "build_server",
+    "build_service",
     "load_signer",
     "main",
     "run_worker",
@@ -298,6 +299,20 @@ class ProviderServer:
         self._stopped.wait()
 
 
+def build_service(
+    config: ProviderConfig,
+    *,
+    verifier: ProofVerifier | None = None,
+    state: ProviderState | None = None,
+    signer: StatementSigner | None = None,
+) -> ProviderService:
+    """The provider's logic from its config; its verification workers start with it."""
+    state = state or open_state(config.state)
+    signer = signer or load_signer(config.key_file)
+    verifier = verifier or load_verifier(config.verifier, config)
+    return ProviderService(state, signer, verifier, config.service_config())
+
+
 def build_server(
     config: ProviderConfig,
     *,
@@ -306,10 +321,8 @@ def build_server(
     signer: StatementSigner | None = None,
 ) -> ProviderServer:
     """Create and start the server (port 0 in ``listen`` picks a free port; see ``.port``)."""
-    state = state or open_state(config.state)
-    signer = signer or load_signer(config.key_file)
-    verifier = verifier or load_verifier(config.verifier, config)
-    service = ProviderService(state, signer, verifier, config.service_config())
+    service = build_service(config, verifier=verifier, state=state, signer=signer)
+    state = service.state
     limits, ka = config.limits, config.keepalive
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -371,10 +384,7 @@ def run_worker(config: ProviderConfig, *, stop: threading.Event | None = None) -
     """
     if config.limits.verify_workers < 1:
         raise ConfigError("a verification worker needs limits.verify_workers >= 1")
-    state = open_state(config.state)
-    service = ProviderService(
-        state, load_signer(config.key_file), load_verifier(config.verifier, config), config.service_config()
-    )
+    service = build_service(config)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -384,7 +394,7 @@ def run_worker(config: ProviderConfig, *, stop: threading.Event | None = None) -
     service.recover()
     stop.wait()
     service.close(wait=True)
-    state.close()
+    service.state.close()
     return service.workers.processed
 
 

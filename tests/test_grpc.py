@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from zkunlearn.bench.postgres import free_port
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.client.sdk import Commitment, EdgeClient
 from zkunlearn.client.store import ClientStore
@@ -506,12 +506,6 @@ def test_client_reconnects_after_provider_restart_and_finishes(tmp_path: Path) -
     second.stop(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _spawn(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -547,7 +541,7 @@ def _spawn(tmp: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def test_sigkill_mid_submission_loses_no_receipt_and_the_retry_succeeds(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     (tmp_path / "provider.toml").write_text(
         f'listen = "127.0.0.1:{port}"\nstate = "{tmp_path / "provider.db"}"\n'
         f'key_file = "{tmp_path / "provider.key"}"\n'

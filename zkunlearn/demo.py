@@ -136,7 +136,7 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
                 _wait_for(Path(profile.result_file), process, profile.client_id, 1800)
                 process.wait(timeout=120)
                 progress.advance(step)
-            _stop(provider)
+            stop_process(provider)
             provider = None
             step = progress.add_task("exporting the log and auditing it offline", total=None)
             audit = _export_and_audit(work, circuits.directory, public_key, report_dir)
@@ -146,7 +146,7 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
             if process.poll() is None:
                 process.kill()
         if provider is not None:
-            _stop(provider)
+            stop_process(provider)
     results = [json.loads(Path(p.result_file).read_text()) for p in profiles]
     report = {
         "complete": True,
@@ -245,11 +245,12 @@ def _publication(model_id: str, circuits_dir: Path) -> list[str]:
     return lines
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """SIGTERM (a graceful provider stop), then SIGKILL if it has not exited within ``timeout_s``."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
 
