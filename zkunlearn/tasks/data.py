@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -95,11 +96,26 @@ def load_images(source: Literal["mnist", "digits"] = "mnist") -> Split:
         blob = torch.load(path, weights_only=True)
         return Split(blob["x"], blob["y"])
     split = _parse_images(source)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"x": split.x, "y": split.y}, tmp)
-    tmp.replace(path)
+    save_atomically({"x": split.x, "y": split.y}, path)
     return split
+
+
+def save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file of its own, then rename.
+
+    Parallel benchmark workers fill the cache at the same time; a fixed temporary name let one worker's
+    rename steal the other's file (seen: FileNotFoundError on ``mnist.tmp``). Readers see the old file
+    or the whole new one, and two writers of the same entry write the same content.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _parse_images(source: str) -> Split:

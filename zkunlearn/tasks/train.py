@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zkunlearn.tasks.data import cache_root
+from zkunlearn.tasks.data import cache_root, save_atomically
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -55,9 +55,7 @@ def cached(model: nn.Module, spec: Mapping[str, Any], build: Callable[[nn.Module
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
     build(model)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    save_atomically(model.state_dict(), path)
     return model
 
 
