@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.fisher import FisherError, block_factors, factors_from_gradients, per_sample_gradients
+from zkunlearn.client.group_obs import apply_group_obs
 
 LOSS = nn.functional.cross_entropy
 
@@ -81,12 +83,79 @@ def test_block_factors_layout_normalisation_and_exclusion() -> None:
 
 
 def test_float32_model_gives_float64_factors_close_to_float64_model() -> None:
-    model, x, y = _setup(n=10)
+    model, x, y = _setup(n=6)
     f64 = block_factors(model, "fc2.weight", x, y, LOSS, 8)
     f32 = block_factors(model.float(), "fc2.weight", x.float(), y, LOSS, 8)
     assert f32.factors.dtype == np.float64
     assert np.allclose(f32.factors, f64.factors, atol=1e-5)
     assert f32.scale == pytest.approx(f64.scale, rel=1e-5)
+
+
+@pytest.mark.parametrize("block", [7, 16, 64])
+def test_more_rows_than_block_are_compressed_to_the_same_fisher(block: int) -> None:
+    """Past B rows the factor is B x B from the Gram matrix; F, and so the OBS update, are unchanged."""
+    model, x, y = _setup(n=300)  # 300 rows > B: compressed, across three 128-sample chunks
+    compressed = block_factors(model, "fc1.weight", x, y, LOSS, block)
+    flat = per_sample_gradients(model, ["fc1.weight"], x, y, LOSS)["fc1.weight"].reshape(300, -1).numpy()
+    rows = factors_from_gradients("fc1.weight", flat, block)
+    assert compressed.factors.shape == (rows.n_blocks, block, block)
+    assert compressed.scale == pytest.approx(rows.scale, rel=1e-12)
+    for k in range(rows.n_blocks):
+        assert np.allclose(compressed.fisher(k, 0.05), rows.fisher(k, 0.05), atol=1e-12, rtol=0)
+    tail = 60 - (rows.n_blocks - 1) * block
+    assert np.all(compressed.factors[-1][:, tail:] == 0)
+    mask = LayerMask.from_dense("fc1.weight", np.random.default_rng(0).random((10, 6)) < 0.3, block)
+    weight = dict(model.named_parameters())["fc1.weight"].detach()
+    a, _ = apply_group_obs(weight, compressed, mask, 0.05)
+    b, _ = apply_group_obs(weight, rows, mask, 0.05)
+    assert np.allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_ggn_factors_equal_the_gauss_newton_matrix() -> None:
+    """``J^T (diag p - p p^T) J`` per sample from autograd Jacobians, against the C-rows-per-sample factor."""
+    model, x, y = _setup(n=40)
+    model.eval()
+    weight = dict(model.named_parameters())["fc1.weight"].detach()
+    ggn = np.zeros((60, 60))
+    for i in range(40):
+
+        def logits(w: torch.Tensor, i: int = i) -> torch.Tensor:
+            out: torch.Tensor = torch.func.functional_call(model, {"fc1.weight": w}, (x[i : i + 1],))[0]
+            return out
+
+        J = torch.autograd.functional.jacobian(logits, weight).reshape(3, -1).numpy()
+        p = torch.softmax(model(x[i : i + 1]), -1)[0].detach().numpy()
+        ggn += J.T @ (np.diag(p) - np.outer(p, p)) @ J
+    ggn /= 40 * 3  # the factor's rows are (sample, class) pairs
+    zeros = torch.zeros(40, dtype=torch.long)
+    for block in (64, 256):  # 120 rows: gram path for B = 64, plain rows for B = 256
+        bf = block_factors(model, "fc1.weight", x, zeros, LOSS, block, curvature="ggn")
+        got = bf.factors[0].T @ bf.factors[0] / bf.m * bf.scale
+        assert np.allclose(got[:60, :60], ggn, atol=1e-12, rtol=0)
+    # Labels play no part in the GGN, and it differs from the empirical Fisher.
+    with_labels = block_factors(model, "fc1.weight", x, y, LOSS, 256, curvature="ggn")
+    assert np.array_equal(with_labels.factors, bf.factors)
+    empirical = block_factors(model, "fc1.weight", x, y, LOSS, 256)
+    assert not np.allclose(empirical.fisher(0, 0.1), bf.fisher(0, 0.1))
+
+
+def test_ggn_refusals() -> None:
+    model, x, y = _setup()
+    with pytest.raises(FisherError, match="unknown curvature"):
+        block_factors(model, "fc1.weight", x, y, LOSS, 16, curvature="hessian")  # type: ignore[arg-type]
+
+    class _Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.fc(x).unsqueeze(1).expand(-1, 4, -1)
+            return out
+
+    seq = _Seq().double()
+    with pytest.raises(FisherError, match=r"\(N, C\) logits"):
+        block_factors(seq, "fc.weight", x, y, LOSS, 16, curvature="ggn")
 
 
 def test_refusals() -> None:
