@@ -43,7 +43,12 @@ from torch import Tensor, nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("vit", "mlp", "code-lm")
-METHODS = ("personalized", "mask-only", "group-obs", "mask-finetune", "analytic", "retrain")
+METHODS = (
+    "personalized", "mask-only", "group-obs", "support-finetune", "mask-finetune", "analytic", "retrain",
+)  # fmt: skip
+# Methods whose recovery is reported: the provable one, the fine-tune restricted to the weights it may
+# change (its ceiling), and the unrestricted fine-tune (the utility reference).
+RECOVERING = ("group-obs", "support-finetune", "mask-finetune")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,11 @@ class TaskSettings:
     # Masked besides the model's own targets: the image classifiers' head, whose forget-class row is
     # what lets any mask remove the class (fc1-only masks do not; see the mask sweep).
     extra_layers: tuple[str, ...] = ()
+    # The client's curvature (client/fisher.py): "ggn" for classifiers, "empirical" where the exact GGN
+    # is out of reach (the LM's 64 positions x 260 classes per window).
+    curvature: str = "empirical"
+    # Epochs of the support-restricted fine-tune (enough for it to level off; see the docs' table).
+    support_epochs: int = 20
 
 
 # Seeds the hyperparameters in SETTINGS were chosen on; every other seed is held out. The per-seed table
@@ -390,9 +400,10 @@ def group_obs(
     *,
     n_samples: int = 1024,
     compare_naive: bool = True,
+    curvature: str = "empirical",
 ) -> tuple[nn.Module, dict[str, float]]:
     """Client-side compensation: Fisher factors without the forget-class samples, then batched solves."""
-    from zkunlearn.client.fisher import block_factors
+    from zkunlearn.client.fisher import layer_factors
     from zkunlearn.client.group_obs import apply_group_obs
     from zkunlearn.client.reference import naive_group_obs_explicit_inverse
 
@@ -405,17 +416,19 @@ def group_obs(
     out = copy.deepcopy(model)
     named = dict(out.named_parameters())
     info = {"fisher_s": 0.0, "solve_s": 0.0, "naive_s": 0.0, "naive_max_diff": 0.0}
-    factors = {}
     with measured() as m:
+        t0 = time.perf_counter()
+        factors = layer_factors(
+            model, list(layers), data[0], data[1], cross_entropy, block_size, exclude,
+            curvature=curvature,  # type: ignore[arg-type]
+        )  # fmt: skip
+        t1 = time.perf_counter()
+        info["fisher_s"] = t1 - t0
         for name in layers:
-            t0 = time.perf_counter()
-            factors[name] = block_factors(model, name, data[0], data[1], cross_entropy, block_size, exclude)
-            t1 = time.perf_counter()
             new, _ = apply_group_obs(named[name].detach(), factors[name], mask.layer(name), lam)
-            info["fisher_s"] += t1 - t0
-            info["solve_s"] += time.perf_counter() - t1
             with torch.no_grad():
                 named[name].copy_(torch.from_numpy(new).to(named[name].dtype))
+        info["solve_s"] = time.perf_counter() - t1
     info["update_s"] = m["seconds"]
     info["peak_rss_mb"] = m["peak_rss_mb"]
     if compare_naive:
@@ -554,10 +567,12 @@ def run_job(
     *,
     block_size: int | None = None,
     fisher_samples: int | None = None,
+    curvature: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every method on both variants for one (task, seed); returns per-seed rows and mask-sweep rows.
 
-    ``mask_spec``, ``lam``, ``block_size`` and ``fisher_samples`` override ``SETTINGS[task]`` for sweeps.
+    ``mask_spec``, ``lam``, ``block_size``, ``fisher_samples`` and ``curvature`` override
+    ``SETTINGS[task]`` for sweeps.
     """
     from zkunlearn.tasks.metrics import recovery
     from zkunlearn.tasks.train import finetune_masked, masked_copy
@@ -568,6 +583,7 @@ def run_job(
     lam = s.lam if lam is None else lam
     block = s.block_size if block_size is None else block_size
     m_fisher = s.fisher_samples if fisher_samples is None else fisher_samples
+    curve = s.curvature if curvature is None else curvature
     prep = prepare(task, seed, quick)
     mask = make_mask(prep, spec, block, s.mask_samples)
     dense = dense_masks(mask, prep.layers)
@@ -599,6 +615,7 @@ def run_job(
             lam,
             block,
             n_samples=m_fisher,
+            curvature=curve,
         )
         info["naive_over_ours"] = info["naive_s"] / max(info["solve_s"], 1e-9)
         results["group-obs"] = (evaluate(obs_model, views, seed), info)
@@ -612,6 +629,16 @@ def run_job(
             evaluate(ft, views, seed),
             {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
         )
+        with measured() as m:
+            support = finetune_masked(
+                v["personalized"], dense, after[0], after[1],
+                epochs=1 if quick else s.support_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
+                trainable=prep.layers,
+            )  # fmt: skip
+        results["support-finetune"] = (
+            evaluate(support, views, seed),
+            {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
+        )
         if task != "code-lm":
             head_model, hinfo = analytic_unlearn(prep, v)
             results["analytic"] = (evaluate(head_model, views, seed), hinfo)
@@ -621,7 +648,7 @@ def run_job(
         gold_f = results["retrain"][0]["forget_acc"]
         for method, (metrics, extra) in results.items():
             rec = None
-            if method in ("group-obs", "mask-finetune"):
+            if method in RECOVERING:
                 rec = recovery(base_p, base_m, metrics["personal_acc"])
             rows.append(
                 {
@@ -635,6 +662,7 @@ def run_job(
                     "sparsity": sparsity,
                     "block_size": block,
                     "fisher_samples": m_fisher,
+                    "curvature": curve,
                     "lam": lam,
                     "mask_efficacy": efficacy,
                     **metrics,
@@ -694,7 +722,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     # points, so the per-seed mean can rest on one seed; the pooled ratio uses them all.
     means = {(r["task"], r["variant"], r["method"]): r["personal_acc"]["mean"] for r in out}
     for rec_row in out:
-        if rec_row["method"] in ("group-obs", "mask-finetune"):
+        if rec_row["method"] in RECOVERING:
             tv = (rec_row["task"], rec_row["variant"])
             pers, mask = means.get((*tv, "personalized")), means.get((*tv, "mask-only"))
             if pers is not None and mask is not None:
@@ -825,8 +853,8 @@ def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         by.setdefault((r["task"], r["variant"], r["seed"]), {})[r["method"]] = r
     lines = [
         "| task | variant | seed | tuning seed | mask cost (points) | masked global forget / retrain "
-        "| personalized | mask-only | group-obs | recovery group-obs | recovery mask-finetune |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| personalized | mask-only | group-obs | " + " | ".join(f"recovery {m}" for m in RECOVERING) + " |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(RECOVERING),
     ]
     held: dict[tuple[str, str], dict[str, list[float | None]]] = {}
     for (task, variant, seed), meth in sorted(by.items()):
@@ -835,22 +863,25 @@ def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         pers, mask, obs = (meth[k]["personal_acc"] for k in ("personalized", "mask-only", "group-obs"))
         eff = meth["group-obs"]["mask_efficacy"]
         tuned = seed in TUNING_SEEDS.get(task, ())
-        rec_o = meth["group-obs"]["recovery"]
-        rec_f = meth["mask-finetune"]["recovery"] if "mask-finetune" in meth else None
+        recs = {m: meth[m]["recovery"] if m in meth else None for m in RECOVERING}
         if not tuned:
-            h = held.setdefault((task, variant), {"obs": [], "ft": []})
-            h["obs"].append(rec_o)
-            h["ft"].append(rec_f)
+            h = held.setdefault((task, variant), {m: [] for m in RECOVERING})
+            for m in RECOVERING:
+                h[m].append(recs[m])
         lines.append(
             f"| {task} | {variant} | {seed} | {'yes' if tuned else 'no'} | {(pers - mask) * 100:.1f} "
             f"| {eff['masked_global_forget_acc'] * 100:.1f} / {eff['retrain_global_forget_acc'] * 100:.1f} "
-            f"| {pers * 100:.1f} | {mask * 100:.1f} | {obs * 100:.1f} "
-            f"| {_pooled(rec_o)} | {_pooled(rec_f)} |"
+            f"| {pers * 100:.1f} | {mask * 100:.1f} | {obs * 100:.1f} | "
+            + " | ".join(_pooled(recs[m]) for m in RECOVERING)
+            + " |"
         )
-    lines += ["", "| task | variant | held-out seeds: recovery group-obs (n) | recovery mask-finetune (n) |"]
-    lines.append("|---|---|---|---|")
+    lines += [
+        "",
+        "| task | variant | " + " | ".join(f"held-out seeds: recovery {m} (n)" for m in RECOVERING) + " |",
+        "|---|---|" + "---|" * len(RECOVERING),
+    ]
     for (task, variant), h in sorted(held.items()):
-        lines.append(f"| {task} | {variant} | {_rec(mean_std(h['obs']))} | {_rec(mean_std(h['ft']))} |")
+        lines.append(f"| {task} | {variant} | " + " | ".join(_rec(mean_std(h[m])) for m in RECOVERING) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -877,15 +908,16 @@ def tuning_sweep(
     lams: Sequence[float],
     fisher_samples: Sequence[int] | None = None,
     variant: str = "disjoint",
+    curvatures: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Group-OBS recovery over a grid of mask fraction x block size x damping x Fisher samples.
+    """Group-OBS recovery over a grid of curvature x mask fraction x block size x damping x Fisher samples.
 
     This is how ``SETTINGS`` were chosen (on ``TUNING_SEEDS`` only). It reuses one trained (cached) set
     of models per seed, one set of Fisher factors per (m, B) and one mask per (B, fraction), so a grid of
     a hundred points costs minutes, not a hundred benchmark jobs. Rows carry the mask cost, so a reader
     can apply the >= 5-point rule.
     """
-    from zkunlearn.client.fisher import block_factors
+    from zkunlearn.client.fisher import layer_factors
     from zkunlearn.client.group_obs import apply_group_obs
 
     from zkunlearn.tasks.metrics import accuracy
@@ -894,7 +926,9 @@ def tuning_sweep(
     torch.set_num_threads(1)
     s = SETTINGS[task]
     rows: list[dict[str, Any]] = []
-    for seed in seeds:
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    for seed in tqdm(seeds, desc=f"tuning {task}"):
         prep = prepare(task, seed, quick=False)
         v = prep.variants[variant]
         views: Views = v["views"]
@@ -910,11 +944,11 @@ def tuning_sweep(
                 pick = torch.randperm(data[0].shape[0], generator=torch.Generator().manual_seed(0))
                 pick = pick[: m + int(excl.sum())]
                 data, excl = (data[0][pick], data[1][pick]), excl[pick]
-            for block in block_sizes:
-                factors = {
-                    n: block_factors(pers, n, data[0], data[1], cross_entropy, block, excl)
-                    for n in prep.layers
-                }
+            for curvature, block in ((c, b) for c in curvatures or (s.curvature,) for b in block_sizes):
+                factors = layer_factors(
+                    pers, list(prep.layers), data[0], data[1], cross_entropy, block, excl,
+                    curvature=curvature,  # type: ignore[arg-type]
+                )  # fmt: skip
                 for fraction in fractions:
                     mask = make_mask(
                         prep, MaskSpec(s.mask.score, fraction, s.mask.structure), block, s.mask_samples
@@ -934,7 +968,7 @@ def tuning_sweep(
                         rows.append(
                             {
                                 "task": task, "variant": variant, "seed": seed, "fraction": fraction,
-                                "block_size": block, "lam": lam, "fisher_samples": m,
+                                "block_size": block, "lam": lam, "fisher_samples": m, "curvature": curvature,
                                 "fisher_rows": int((~excl).sum()),
                                 "personalized": p_acc, "mask_only": m_acc, "group_obs": obs,
                                 "mask_cost": cost,
@@ -953,19 +987,23 @@ def render_tuning_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for r in rows:
-        key = (r["task"], r["fisher_samples"], r["block_size"], r["fraction"], r["lam"])
+        key = (
+            r["task"], r.get("curvature", "empirical"), r["fisher_samples"], r["block_size"], r["fraction"],
+            r["lam"],
+        )  # fmt: skip
         groups.setdefault(key, []).append(r)
     lines = [
-        "| task | m | B | fraction | lam | seeds | mask cost per seed (points) | recovery per seed "
-        "| mean recovery, cost >= 5 (n) | pooled recovery |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | curvature | m | B | fraction | lam | seeds | mask cost per seed (points) "
+        "| recovery per seed | mean recovery, cost >= 5 (n) | pooled recovery |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (task, m, block, fraction, lam), g in sorted(groups.items()):
+    for (task, curvature, m, block, fraction, lam), g in sorted(groups.items()):
         ok = [r["recovery"] for r in g if r["mask_cost"] >= RECOVERY_MIN_GAP]
         pers, mask, obs = (sum(r[k] for r in g) / len(g) for k in ("personalized", "mask_only", "group_obs"))
         pooled = (obs - mask) / (pers - mask) if pers > mask else None
         lines.append(
-            f"| {task} | {m} | {block} | {fraction:.2f} | {lam:g} | {','.join(str(r['seed']) for r in g)} "
+            f"| {task} | {curvature} | {m} | {block} | {fraction:.2f} | {lam:g} "
+            f"| {','.join(str(r['seed']) for r in g)} "
             f"| {' '.join('%.1f' % (r['mask_cost'] * 100) for r in g)} "
             f"| {' '.join(_pooled(r['recovery']) for r in g)} "
             f"| {(_pooled(sum(ok) / len(ok)) + f' ({len(ok)})') if ok else '–'} | {_pooled(pooled)} |"
@@ -1044,7 +1082,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         help="rebuild the tables from <stem>_seeds.json files (merged, e.g. one run per task) and exit",
     )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="run the tuning grid (tuning_sweep) on the tuning seeds instead; writes <stem>_tuning.{json,md}",
+    )
+    parser.add_argument("--curvatures", default="empirical,ggn", help="tuning grid: curvatures")
+    parser.add_argument("--lams", default="0.001,0.005,0.02,0.1", help="tuning grid: damping")
+    parser.add_argument("--fractions", default=None, help="tuning grid: mask fractions (default: setting)")
+    parser.add_argument("--blocks", default=None, help="tuning grid: block sizes (default: setting)")
     args = parser.parse_args(argv)
+    if args.tune:
+        tuning_rows: list[dict[str, Any]] = []
+        for task in args.tasks.split(","):
+            st = SETTINGS[task]
+
+            def floats(text: str | None, default: float) -> list[float]:
+                return [float(v) for v in text.split(",")] if text else [default]
+
+            tuning_rows += tuning_sweep(
+                task,
+                TUNING_SEEDS[task],
+                floats(args.fractions, st.mask.fraction),
+                [int(b) for b in floats(args.blocks, st.block_size)],
+                floats(args.lams, st.lam),
+                curvatures=args.curvatures.split(","),
+            )
+        stem = Path(args.out).with_suffix("")
+        Path(f"{stem}_tuning.json").write_text(json.dumps(tuning_rows, indent=1) + "\n")
+        Path(f"{stem}_tuning.md").write_text(render_tuning_markdown(tuning_rows))
+        print(render_tuning_markdown(tuning_rows))
+        return 0
     if args.finalize:
         rows: list[dict[str, Any]] = []
         sweep_rows: list[dict[str, Any]] = []

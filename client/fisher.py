@@ -48,6 +48,7 @@ __all__ = [
     "FisherError",
     "block_factors",
     "factors_from_gram",
+    "layer_factors",
     "per_sample_gradients",
 ]
 
@@ -156,6 +157,24 @@ def block_factors(
     ``curvature="ggn"`` ignores ``targets`` and ``loss_fn`` (the model's outputs are taken as the
     logits of a categorical cross-entropy) and needs ``(N, C)`` outputs.
     """
+    return layer_factors(model, [layer], inputs, targets, loss_fn, block_size, exclude, curvature=curvature)[
+        layer
+    ]
+
+
+def layer_factors(
+    model: nn.Module,
+    layers: Sequence[str],
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    block_size: int,
+    exclude: Tensor | npt.NDArray[np.bool_] | None = None,
+    *,
+    curvature: Curvature = "empirical",
+) -> dict[str, BlockFactors]:
+    """``block_factors`` of several layers from one pass of per-sample gradients (the GGN's C passes
+    through the network are the cost, not the per-layer Gram products)."""
     if block_size <= 0:
         raise FisherError(f"block size must be positive, got {block_size}")
     if curvature not in CURVATURES:
@@ -171,22 +190,23 @@ def block_factors(
         raise FisherError("no samples")
     rows_per_sample = 1 if curvature == "empirical" else _ggn_classes(model, inputs[:1])
     if inputs.shape[0] * rows_per_sample <= block_size:
-        flat, shape = _curvature_rows(model, layer, inputs, targets, loss_fn, curvature)
-        return factors_from_gradients(layer, flat, block_size, shape)
-    gram: npt.NDArray[np.float64] | None = None
-    shape: tuple[int, ...] = ()
-    rows = 0
+        rows = _curvature_rows(model, layers, inputs, targets, loss_fn, curvature)
+        return {n: factors_from_gradients(n, flat, block_size, shape) for n, (flat, shape) in rows.items()}
+    grams: dict[str, npt.NDArray[np.float64]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    n_rows = 0
     for start in range(0, inputs.shape[0], _GRAM_CHUNK):
         chunk = slice(start, start + _GRAM_CHUNK)
-        flat, shape = _curvature_rows(model, layer, inputs[chunk], targets[chunk], loss_fn, curvature)
-        if not np.isfinite(flat).all():
-            raise FisherError(f"per-sample gradients of {layer!r} contain NaN or inf")
-        blocks = _blocked(flat, block_size)
-        part = np.einsum("rkb,rkc->kbc", blocks, blocks, optimize=True)
-        gram = part if gram is None else gram + part
-        rows += flat.shape[0]
-    assert gram is not None
-    return factors_from_gram(layer, gram, rows, shape)
+        rows = _curvature_rows(model, layers, inputs[chunk], targets[chunk], loss_fn, curvature)
+        for name, (flat, shape) in rows.items():
+            if not np.isfinite(flat).all():
+                raise FisherError(f"per-sample gradients of {name!r} contain NaN or inf")
+            blocks = _blocked(flat, block_size)
+            part = np.einsum("rkb,rkc->kbc", blocks, blocks, optimize=True)
+            grams[name] = grams[name] + part if name in grams else part
+            shapes[name] = shape
+        n_rows += next(iter(rows.values()))[0].shape[0]
+    return {n: factors_from_gram(n, grams[n], n_rows, shapes[n]) for n in layers}
 
 
 def _ggn_classes(model: nn.Module, probe: Tensor) -> int:
@@ -215,19 +235,23 @@ def _ggn_row_loss(out: Tensor, cls: Tensor) -> Tensor:
 
 
 def _curvature_rows(
-    model: nn.Module, layer: str, inputs: Tensor, targets: Tensor, loss_fn: LossFn, curvature: str
-) -> tuple[npt.NDArray[np.floating[Any]], tuple[int, ...]]:
-    """The factor's rows for these samples as ``(rows, numel)``, and the parameter's shape."""
+    model: nn.Module, layers: Sequence[str], inputs: Tensor, targets: Tensor, loss_fn: LossFn, curvature: str
+) -> dict[str, tuple[npt.NDArray[np.floating[Any]], tuple[int, ...]]]:
+    """Per layer: the factor's rows for these samples as ``(rows, numel)``, and the parameter's shape."""
     if curvature == "ggn":
         n_classes = _ggn_classes(model, inputs[:1])
         inputs = inputs.repeat_interleave(n_classes, dim=0)
         targets = torch.arange(n_classes).repeat(inputs.shape[0] // n_classes)
         loss_fn = _ggn_row_loss
-    grads = per_sample_gradients(model, [layer], inputs, targets, loss_fn)[layer]
-    shape = tuple(int(d) for d in grads.shape[1:])
-    if grads.dtype not in (torch.float32, torch.float64):
-        grads = grads.to(torch.float64)  # numpy has no bfloat16
-    return grads.reshape(grads.shape[0], -1).numpy(), shape
+    grads = per_sample_gradients(model, list(layers), inputs, targets, loss_fn)
+    out = {}
+    for name in layers:
+        g = grads.pop(name)
+        shape = tuple(int(d) for d in g.shape[1:])
+        if g.dtype not in (torch.float32, torch.float64):
+            g = g.to(torch.float64)  # numpy has no bfloat16
+        out[name] = (g.reshape(g.shape[0], -1).numpy(), shape)
+    return out
 
 
 def _blocked(flat: npt.NDArray[np.floating[Any]], block_size: int) -> npt.NDArray[np.float64]:

@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 from zkunlearn.circuits.mask import LayerMask
-from zkunlearn.client.fisher import FisherError, block_factors, factors_from_gradients, per_sample_gradients
+from zkunlearn.client.fisher import (
+    FisherError,
+    block_factors,
+    factors_from_gradients,
+    layer_factors,
+    per_sample_gradients,
+)
 from zkunlearn.client.group_obs import apply_group_obs
 
 LOSS = nn.functional.cross_entropy
@@ -176,3 +182,13 @@ def test_refusals() -> None:
     bad[0, 0] = np.nan
     with pytest.raises(FisherError, match="NaN"):
         factors_from_gradients("w", bad, 4)
+
+
+@pytest.mark.parametrize("curvature", ["empirical", "ggn"])
+def test_one_pass_over_several_layers_equals_one_layer_at_a_time(curvature: str) -> None:
+    model, x, y = _setup(n=150)
+    together = layer_factors(model, ["fc1.weight", "fc2.weight"], x, y, LOSS, 8, curvature=curvature)  # type: ignore[arg-type]
+    for name in ("fc1.weight", "fc2.weight"):
+        alone = block_factors(model, name, x, y, LOSS, 8, curvature=curvature)  # type: ignore[arg-type]
+        assert together[name].shape == alone.shape
+        assert np.allclose(together[name].factors, alone.factors, atol=1e-12, rtol=0)

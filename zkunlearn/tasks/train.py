@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +71,14 @@ def fit(
     weight_decay: float = 1e-4,
     loss_fn: LossFn = cross_entropy,
     frozen_zero: Mapping[str, Tensor] | None = None,
+    trainable: Sequence[str] | None = None,
 ) -> list[float]:
     """AdamW with a cosine schedule; returns the mean loss of each epoch.
 
     ``frozen_zero`` maps parameter names to boolean masks of weights that must stay exactly zero (the
     deletion mask kept during fine-tuning): their gradients are dropped and they are re-zeroed after
-    every step, since AdamW's weight decay and momentum would otherwise move them.
+    every step, since AdamW's weight decay and momentum would otherwise move them. ``trainable`` names
+    the only parameters the optimizer may move (default: all).
     """
     if x.shape[0] != y.shape[0]:
         raise TrainError(f"{x.shape[0]} inputs but {y.shape[0]} targets")
@@ -90,8 +92,12 @@ def fit(
         if name not in named:
             raise TrainError(f"frozen mask names unknown parameter {name!r}")
         frozen[name] = (named[name], torch.as_tensor(keep_zero, dtype=torch.bool))
+    unknown = sorted(set(trainable or ()) - named.keys())
+    if unknown:
+        raise TrainError(f"trainable names unknown parameters {unknown}")
+    params = list(model.parameters()) if trainable is None else [named[n] for n in trainable]
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = max(1, epochs * ((x.shape[0] + batch_size - 1) // batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     history: list[float] = []
@@ -178,8 +184,16 @@ def finetune_masked(
     lr: float,
     seed: int,
     batch_size: int = 64,
+    trainable: Sequence[str] | None = None,
 ) -> nn.Module:
-    """Mask, then fine-tune on the client's remaining data with the masked weights held at zero."""
+    """Mask, then fine-tune on the client's remaining data with the masked weights held at zero.
+
+    ``trainable`` limits the fine-tune to those parameters: restricted to the masked layers, it is the
+    best a gradient method finds on the support Group-OBS itself may change (its ceiling).
+    """
     out = masked_copy(model, dense)
-    fit(out, x, y, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, frozen_zero=dense)
+    fit(
+        out, x, y, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, frozen_zero=dense,
+        trainable=trainable,
+    )  # fmt: skip
     return out
