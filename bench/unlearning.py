@@ -909,6 +909,7 @@ def tuning_sweep(
     fisher_samples: Sequence[int] | None = None,
     variant: str = "disjoint",
     curvatures: Sequence[str] | None = None,
+    ranks: Sequence[int] = (0,),
 ) -> list[dict[str, Any]]:
     """Group-OBS recovery over a grid of curvature x mask fraction x block size x damping x Fisher samples.
 
@@ -917,7 +918,7 @@ def tuning_sweep(
     a hundred points costs minutes, not a hundred benchmark jobs. Rows carry the mask cost, so a reader
     can apply the >= 5-point rule.
     """
-    from zkunlearn.client.fisher import layer_factors
+    from zkunlearn.client.fisher import BlockFactors, fit_rows, layer_factors
     from zkunlearn.client.group_obs import apply_group_obs
 
     from zkunlearn.tasks.metrics import accuracy
@@ -945,11 +946,17 @@ def tuning_sweep(
                 pick = pick[: m + int(excl.sum())]
                 data, excl = (data[0][pick], data[1][pick]), excl[pick]
             for curvature, block in ((c, b) for c in curvatures or (s.curvature,) for b in block_sizes):
-                factors = layer_factors(
+                full = layer_factors(
                     pers, list(prep.layers), data[0], data[1], cross_entropy, block, excl,
                     curvature=curvature,  # type: ignore[arg-type]
                 )  # fmt: skip
-                for fraction in fractions:
+                for rank, fraction in ((r, f) for r in ranks for f in fractions):
+                    # rank 0: the whole factor; otherwise its rank-r truncation, as a proof with m = r
+                    # commits it (client/unlearning.py enroll).
+                    factors = full if not rank else {
+                        n: BlockFactors(n, block, fit_rows(f.factors, rank), f.scale, f.shape)
+                        for n, f in full.items()
+                    }  # fmt: skip
                     mask = make_mask(
                         prep, MaskSpec(s.mask.score, fraction, s.mask.structure), block, s.mask_samples
                     )
@@ -969,6 +976,7 @@ def tuning_sweep(
                             {
                                 "task": task, "variant": variant, "seed": seed, "fraction": fraction,
                                 "block_size": block, "lam": lam, "fisher_samples": m, "curvature": curvature,
+                                "rank": rank or None,
                                 "fisher_rows": int((~excl).sum()),
                                 "personalized": p_acc, "mask_only": m_acc, "group_obs": obs,
                                 "mask_cost": cost,
@@ -988,21 +996,21 @@ def render_tuning_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for r in rows:
         key = (
-            r["task"], r.get("curvature", "empirical"), r["fisher_samples"], r["block_size"], r["fraction"],
-            r["lam"],
+            r["task"], r.get("curvature", "empirical"), r.get("rank") or 0, r["fisher_samples"],
+            r["block_size"], r["fraction"], r["lam"],
         )  # fmt: skip
         groups.setdefault(key, []).append(r)
     lines = [
-        "| task | curvature | m | B | fraction | lam | seeds | mask cost per seed (points) "
+        "| task | curvature | factor rank | m | B | fraction | lam | seeds | mask cost per seed (points) "
         "| recovery per seed | mean recovery, cost >= 5 (n) | pooled recovery |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (task, curvature, m, block, fraction, lam), g in sorted(groups.items()):
+    for (task, curvature, rank, m, block, fraction, lam), g in sorted(groups.items()):
         ok = [r["recovery"] for r in g if r["mask_cost"] >= RECOVERY_MIN_GAP]
         pers, mask, obs = (sum(r[k] for r in g) / len(g) for k in ("personalized", "mask_only", "group_obs"))
         pooled = (obs - mask) / (pers - mask) if pers > mask else None
         lines.append(
-            f"| {task} | {curvature} | {m} | {block} | {fraction:.2f} | {lam:g} "
+            f"| {task} | {curvature} | {rank or 'full'} | {m} | {block} | {fraction:.2f} | {lam:g} "
             f"| {','.join(str(r['seed']) for r in g)} "
             f"| {' '.join('%.1f' % (r['mask_cost'] * 100) for r in g)} "
             f"| {' '.join(_pooled(r['recovery']) for r in g)} "
@@ -1025,7 +1033,7 @@ def run_unlearning_bench(
     Per-seed rows are written after every finished job (``<stem>_seeds.json``), so an interrupted run
     keeps what it measured; ``finalize`` rebuilds the tables from that file.
     """
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     for t in tasks:
         if t not in SETTINGS:
@@ -1091,6 +1099,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lams", default="0.001,0.005,0.02,0.1", help="tuning grid: damping")
     parser.add_argument("--fractions", default=None, help="tuning grid: mask fractions (default: setting)")
     parser.add_argument("--blocks", default=None, help="tuning grid: block sizes (default: setting)")
+    parser.add_argument(
+        "--ranks", default="0", help="tuning grid: factor ranks as proven (0: the whole factor)"
+    )
     args = parser.parse_args(argv)
     if args.tune:
         tuning_rows: list[dict[str, Any]] = []
@@ -1107,6 +1118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [int(b) for b in floats(args.blocks, st.block_size)],
                 floats(args.lams, st.lam),
                 curvatures=args.curvatures.split(","),
+                ranks=[int(r) for r in args.ranks.split(",")],
             )
         stem = Path(args.out).with_suffix("")
         Path(f"{stem}_tuning.json").write_text(json.dumps(tuning_rows, indent=1) + "\n")

@@ -48,6 +48,7 @@ __all__ = [
     "FisherError",
     "block_factors",
     "factors_from_gram",
+    "fit_rows",
     "layer_factors",
     "per_sample_gradients",
 ]
@@ -312,3 +313,28 @@ def factors_from_gradients(
     return BlockFactors(
         layer=layer, block_size=block_size, factors=factors, scale=scale, shape=shape or (numel,)
     )
+
+
+def fit_rows(factors: npt.NDArray[np.float64], m: int) -> npt.NDArray[np.float64]:
+    """Exactly ``m`` rows per block, as the circuit's shape fixes.
+
+    With more samples than rows, each block's factor is replaced by its best rank-``m`` approximation
+    in the sense that matters, ``G^T G`` (truncated SVD: ``Sigma_m V_m^T``): the top-``m`` curvature
+    directions of *all* the client's samples, where keeping the first ``m`` samples would discard most
+    of them. With fewer samples, zero rows are added (they add nothing to ``G^T G``). The relation's
+    ``1/m`` is a fixed rescaling that the unit-mean-diagonal normalisation (recomputed here) absorbs.
+    """
+    n_blocks, rows, block = factors.shape
+    if rows > m:
+        _u, sigma, vt = np.linalg.svd(factors, full_matrices=False)  # batched over blocks
+        out = np.zeros((n_blocks, m, block))
+        keep = min(m, sigma.shape[1])
+        out[:, :keep] = sigma[:, :keep, None] * vt[:, :keep, :]
+    else:
+        out = np.zeros((n_blocks, m, block))
+        out[:, :rows] = factors
+    mean_diag = float(np.mean(np.sum(out * out, axis=1)) / m)
+    if not mean_diag > 0:
+        raise FisherError("the Fisher factor is zero: no gradient information on the targeted layers")
+    fitted: npt.NDArray[np.float64] = out / np.sqrt(mean_diag)
+    return fitted

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.analytic import AnalyticHead
-from zkunlearn.client.fisher import BlockFactors, block_factors
+from zkunlearn.client.fisher import BlockFactors, Curvature, fit_rows, layer_factors
 from zkunlearn.client.group_obs import apply_group_obs
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.proofs.artifacts import ClientCircuit
@@ -167,26 +167,34 @@ class GroupObsUnlearner(_CommittedStateProver):
         targets: Tensor,
         loss_fn: LossFn,
         exclude: Tensor | None = None,
+        curvature: Curvature = "ggn",
     ) -> list[Commitment]:
         """Fix the committed state (weights on the grid, Fisher factors, blinding) and commit to it.
 
         ``exclude`` marks client samples left out of the Fisher (e.g. of a kind the provider may ask to
         forget): the factor is committed now, before any request, so it must already leave them out.
+        ``curvature`` (:mod:`zkunlearn.client.fisher`): the default Gauss-Newton factor recovers more
+        accuracy than the empirical Fisher on classifiers; models with sequence outputs need
+        ``"empirical"``. The circuit checks the update against whichever factor is committed.
         """
         spec, scale = self.spec, self.scale
         if inputs.shape[0] < 1:
             raise UnlearningError("enrollment needs client samples for the Fisher factor")
         arrays: dict[str, F64] = {}
-        meta: dict[str, Any] = {"layers": {}, "last_request": None}
+        meta: dict[str, Any] = {"layers": {}, "last_request": None, "curvature": curvature}
         commitments: list[Commitment] = []
         for layer in layers:
-            param = _param(self.model, layer)
-            numel = param.numel()
+            numel = _param(self.model, layer).numel()
             if numel % spec.batch_weights:
                 raise UnlearningError(f"{layer}: {numel} weights are not a multiple of {spec.batch_weights}")
-            n_batches = numel // spec.batch_weights
-            factors = block_factors(self.model, layer, inputs, targets, loss_fn, spec.block, exclude=exclude)
-            g = _fit_rows(factors.factors, spec.m)  # (n_blocks, m, B), unit mean diagonal
+        all_factors = layer_factors(
+            self.model, list(layers), inputs, targets, loss_fn, spec.block, exclude, curvature=curvature
+        )
+        for layer in layers:
+            param = _param(self.model, layer)
+            n_batches = param.numel() // spec.batch_weights
+            factors = all_factors[layer]
+            g = fit_rows(factors.factors, spec.m)  # (n_blocks, m, B), unit mean diagonal
             weight = param.detach().double().cpu().numpy().reshape(-1)
             exponent = theta_exponent(weight)
             theta = _on_grid(weight * 2.0**exponent, scale).reshape(n_batches, spec.batch, spec.block)
@@ -330,31 +338,6 @@ class GroupObsUnlearner(_CommittedStateProver):
             value = arrays[f"{name}/theta"].reshape(info["shape"]) / 2.0 ** int(info["exponent"])
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value).to(param.dtype))
-
-
-def _fit_rows(factors: F64, m: int) -> F64:
-    """Exactly ``m`` rows per block, as the circuit's shape fixes.
-
-    With more samples than rows, each block's factor is replaced by its best rank-``m`` approximation
-    in the sense that matters, ``G^T G`` (truncated SVD: ``Sigma_m V_m^T``): the top-``m`` curvature
-    directions of *all* the client's samples, where keeping the first ``m`` samples would discard most
-    of them. With fewer samples, zero rows are added (they add nothing to ``G^T G``). The relation's
-    ``1/m`` is a fixed rescaling that the unit-mean-diagonal normalisation (recomputed here) absorbs.
-    """
-    n_blocks, rows, block = factors.shape
-    if rows > m:
-        _u, sigma, vt = np.linalg.svd(factors, full_matrices=False)  # batched over blocks
-        out = np.zeros((n_blocks, m, block))
-        keep = min(m, sigma.shape[1])
-        out[:, :keep] = sigma[:, :keep, None] * vt[:, :keep, :]
-    else:
-        out = np.zeros((n_blocks, m, block))
-        out[:, :rows] = factors
-    mean_diag = float(np.mean(np.sum(out * out, axis=1)) / m)
-    if not mean_diag > 0:
-        raise UnlearningError("the Fisher factor is zero: no gradient information on the targeted layers")
-    fitted: F64 = out / np.sqrt(mean_diag)
-    return fitted
 
 
 class AnalyticUnlearner(_CommittedStateProver):
