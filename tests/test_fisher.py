@@ -192,3 +192,40 @@ def test_one_pass_over_several_layers_equals_one_layer_at_a_time(curvature: str)
         alone = block_factors(model, name, x, y, LOSS, 8, curvature=curvature)  # type: ignore[arg-type]
         assert together[name].shape == alone.shape
         assert np.allclose(together[name].factors, alone.factors, atol=1e-12, rtol=0)
+
+
+def test_sampled_label_fisher_is_reproducible_and_estimates_the_ggn() -> None:
+    """Labels drawn from the model: seeded draws repeat, and their average approaches the exact GGN."""
+    model, x, y = _setup(n=4)
+    many = x.repeat(1500, 1)  # 6,000 draws over 4 inputs
+    labels = torch.zeros(many.shape[0], dtype=torch.long)
+    sampled = block_factors(model, "fc1.weight", many, labels, LOSS, 64, curvature="fisher")
+    exact = block_factors(model, "fc1.weight", x, y, LOSS, 64, curvature="ggn")
+    f_s, f_e = (f.factors[0].T @ f.factors[0] * f.scale / f.m for f in (sampled, exact))
+    f_e *= 3  # the exact factor averages over (sample, class) rows, the sampled one over samples
+    assert np.linalg.norm(f_s - f_e) / np.linalg.norm(f_e) < 0.1
+    again = block_factors(model, "fc1.weight", many, labels, LOSS, 64, curvature="fisher")
+    assert np.array_equal(again.factors, sampled.factors)
+    other = layer_factors(model, ["fc1.weight"], many, labels, LOSS, 64, curvature="fisher", seed=1)
+    assert not np.array_equal(other["fc1.weight"].factors, sampled.factors)
+
+
+def test_sampled_label_fisher_handles_sequence_outputs() -> None:
+    """Where the exact GGN is refused (a row per position and class), the sampled Fisher works."""
+
+    class _Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.fc(x).unsqueeze(1).expand(-1, 4, -1)
+            return out
+
+    torch.manual_seed(0)
+    seq = _Seq().double()
+    x = torch.randn(30, 6, dtype=torch.float64)
+    bf = block_factors(seq, "fc.weight", x, torch.zeros(30, 4, dtype=torch.long), LOSS, 6, curvature="fisher")
+    assert bf.factors.shape == (3, 6, 6)
+    assert np.isfinite(bf.factors).all()
+    assert bf.scale > 0
