@@ -254,3 +254,21 @@ def test_code_task_slices_and_overlap_flags() -> None:
     assert the_rate(disjoint.forget.tokens) > 2 * the_rate(disjoint.client_train.tokens)
     with pytest.raises(DataError, match="variant"):
         make_code_task(0, "both", **kw)  # type: ignore[arg-type]
+
+
+def test_finetune_restricted_to_trainable_layers_keeps_the_rest_and_the_mask() -> None:
+    from zkunlearn.tasks.models import MLP, MLPConfig
+    from zkunlearn.tasks.train import TrainError, finetune_masked
+
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(in_dim=8, hidden=16, n_classes=3))
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    dense = {"fc2.weight": torch.rand(16, 16) < 0.3}
+    out = finetune_masked(model, dense, x, y, epochs=3, lr=1e-2, seed=0, trainable=["fc2.weight"])
+    before, after = dict(model.named_parameters()), dict(out.named_parameters())
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == (name == "fc2.weight"), name
+    assert bool((after["fc2.weight"][dense["fc2.weight"]] == 0).all())
+    with pytest.raises(TrainError, match="unknown parameters"):
+        finetune_masked(model, dense, x, y, epochs=1, lr=1e-2, seed=0, trainable=["nope"])

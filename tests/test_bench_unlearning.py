@@ -1,0 +1,54 @@
+"""The unlearning benchmark end to end on the quick MLP task: every method, the tables, the plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from zkunlearn.bench.unlearning import METHODS, RECOVERING, SETTINGS, finalize, run_job
+
+
+@pytest.fixture(scope="module")
+def quick_rows() -> list[dict[str, object]]:
+    rows, sweep = run_job("mlp", 0, quick=True, sweep=False)
+    assert sweep == []
+    return rows
+
+
+def test_every_method_on_both_variants(quick_rows: list[dict[str, object]]) -> None:
+    got = {(r["variant"], r["method"]) for r in quick_rows}
+    assert got == {(v, m) for v in ("disjoint", "overlap") for m in METHODS}
+    for r in quick_rows:
+        assert r["curvature"] == SETTINGS["mlp"].curvature
+        # recovery is reported for the recovering methods only (and null where the mask cost < 5 points)
+        if r["method"] not in RECOVERING:
+            assert r["recovery"] is None
+
+
+def test_group_obs_agrees_with_the_naive_solver(quick_rows: list[dict[str, object]]) -> None:
+    obs = [r for r in quick_rows if r["method"] == "group-obs"]
+    assert len(obs) == 2
+    for r in obs:
+        assert isinstance(r["naive_max_diff"], float)
+        assert r["naive_max_diff"] < 1e-6
+        assert r["forget_acc"] <= 0.1  # type: ignore[operator]
+
+
+def test_support_finetune_trains(quick_rows: list[dict[str, object]]) -> None:
+    """The ceiling baseline must have moved away from the plain mask."""
+    by = {(r["variant"], r["method"]): r for r in quick_rows}
+    for variant in ("disjoint", "overlap"):
+        support, masked = by[(variant, "support-finetune")], by[(variant, "mask-only")]
+        assert support["personal_acc"] != masked["personal_acc"]
+
+
+def test_finalize_writes_json_tables_and_plot(quick_rows: list[dict[str, object]], tmp_path: Path) -> None:
+    out = tmp_path / "unlearning.json"
+    records = finalize(quick_rows, [], out)
+    assert json.loads(out.read_text()) == records
+    assert {r["method"] for r in records} == set(METHODS)
+    table = out.with_suffix(".md").read_text()
+    for method in RECOVERING:
+        assert f"recovery {method}" in table
+    assert out.with_suffix(".png").stat().st_size > 0
