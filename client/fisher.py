@@ -17,7 +17,7 @@ Which curvature (``curvature=``):
 * ``"ggn"``: the Gauss-Newton matrix of the cross-entropy, ``J^T (diag p - p p^T) J``, factored
   exactly with ``C`` rows per sample, ``sqrt(p_c) (dz_c - sum_k p_k dz_k)``. It is the Hessian of the
   loss minus the part that needs second derivatives of the network, it needs no labels, and it does
-  not degenerate at an interpolating model. Measured on the ViT task (bench/results/unlearning_fisher.md):
+  not degenerate at an interpolating model. Measured on the ViT task (bench/results/unlearning_fisher_tuning.md):
   5-7 points more recovery than the empirical Fisher at the benchmark's mask.
 * ``"fisher"``: the model's own Fisher, one row per sample with labels drawn from its predictive
   distribution (every position of a sequence gets its own draw; seeded, so enrollment is
