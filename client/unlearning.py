@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.analytic import AnalyticHead
-from zkunlearn.client.fisher import BlockFactors, Curvature, fit_rows, layer_factors
+from zkunlearn.client.fisher import BlockFactors, Curvature, FisherError, fit_rows, layer_factors
 from zkunlearn.client.group_obs import apply_group_obs
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.proofs.artifacts import ClientCircuit
@@ -174,8 +174,9 @@ class GroupObsUnlearner(_CommittedStateProver):
         ``exclude`` marks client samples left out of the Fisher (e.g. of a kind the provider may ask to
         forget): the factor is committed now, before any request, so it must already leave them out.
         ``curvature`` (:mod:`zkunlearn.client.fisher`): the default Gauss-Newton factor recovers more
-        accuracy than the empirical Fisher on classifiers; models with sequence outputs need
-        ``"empirical"``. The circuit checks the update against whichever factor is committed.
+        accuracy than the empirical Fisher on classifiers; models with sequence outputs use ``"fisher"``
+        (sampled labels) or ``"empirical"``. The circuit checks the update against whichever factor
+        is committed.
         """
         spec, scale = self.spec, self.scale
         if inputs.shape[0] < 1:
@@ -187,14 +188,18 @@ class GroupObsUnlearner(_CommittedStateProver):
             numel = _param(self.model, layer).numel()
             if numel % spec.batch_weights:
                 raise UnlearningError(f"{layer}: {numel} weights are not a multiple of {spec.batch_weights}")
-        all_factors = layer_factors(
-            self.model, list(layers), inputs, targets, loss_fn, spec.block, exclude, curvature=curvature
-        )
+        try:
+            all_factors = layer_factors(
+                self.model, list(layers), inputs, targets, loss_fn, spec.block, exclude, curvature=curvature
+            )
+            fitted = {n: fit_rows(f.factors, spec.m) for n, f in all_factors.items()}
+        except FisherError as exc:
+            raise UnlearningError(f"cannot build the Fisher factor: {exc}") from exc
         for layer in layers:
             param = _param(self.model, layer)
             n_batches = param.numel() // spec.batch_weights
             factors = all_factors[layer]
-            g = fit_rows(factors.factors, spec.m)  # (n_blocks, m, B), unit mean diagonal
+            g = fitted[layer]  # (n_blocks, m, B), unit mean diagonal
             weight = param.detach().double().cpu().numpy().reshape(-1)
             exponent = theta_exponent(weight)
             theta = _on_grid(weight * 2.0**exponent, scale).reshape(n_batches, spec.batch, spec.block)
