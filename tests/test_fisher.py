@@ -31,6 +31,18 @@ class _Net(nn.Module):
         return out
 
 
+class _Seq(nn.Module):
+    """Sequence-shaped outputs (N, T, C), like a language model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(x).unsqueeze(1).expand(-1, 4, -1)
+        return out
+
+
 def _setup(n: int = 12) -> tuple[_Net, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = _Net().double()
@@ -150,15 +162,6 @@ def test_ggn_refusals() -> None:
     with pytest.raises(FisherError, match="unknown curvature"):
         block_factors(model, "fc1.weight", x, y, LOSS, 16, curvature="hessian")  # type: ignore[arg-type]
 
-    class _Seq(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(6, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = self.fc(x).unsqueeze(1).expand(-1, 4, -1)
-            return out
-
     seq = _Seq().double()
     with pytest.raises(FisherError, match=r"\(N, C\) logits"):
         block_factors(seq, "fc.weight", x, y, LOSS, 16, curvature="ggn")
@@ -212,15 +215,6 @@ def test_sampled_label_fisher_is_reproducible_and_estimates_the_ggn() -> None:
 
 def test_sampled_label_fisher_handles_sequence_outputs() -> None:
     """Where the exact GGN is refused (a row per position and class), the sampled Fisher works."""
-
-    class _Seq(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(6, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = self.fc(x).unsqueeze(1).expand(-1, 4, -1)
-            return out
 
     torch.manual_seed(0)
     seq = _Seq().double()
