@@ -11,15 +11,18 @@ CPU time stays what one thread would spend.
     python -m bench.unlearning --tasks vit --seeds 6 --no-sweep --out a/vit.json   # one run per task ...
     python -m bench.unlearning --finalize a/vit_seeds.json a/lm_seeds.json      # ... merged into one table
 
-Hyperparameters (``SETTINGS``) were tuned on ``TUNING_SEEDS`` only, with ``tuning_sweep`` (grid and
-choice in ``bench/results/unlearning_tuning.md``); the per-seed table in ``unlearning.md`` marks those
-seeds and gives the mean recovery over the held-out ones separately. The committed ``unlearning*.json``
-merge per-task single-threaded ``--no-sweep`` runs on the shared 2-core box (Python 3.11, torch CPU,
-heavily loaded by other work, so update and training times are pessimistic), via ``--finalize``:
-ViT seeds 0-5 (0-2 tuning, 3-5 held out) and code LM seeds 0-3 (0 tuning; seed 3 from a second run with
-``--seed-offset 3``; client slice tkinter). The MLP rows (seeds 0-2, settings unchanged) are kept from
-the earlier run on a 16-core machine (Python 3.12, torch 2.11), as is ``unlearning_masks.*``, that
-run's mask-recipe sweep.
+    python -m bench.unlearning --tune --tasks vit --curvatures empirical,ggn --fractions 0.24,0.32,0.40
+
+Hyperparameters (``SETTINGS``) were tuned on ``TUNING_SEEDS`` only, with ``tuning_sweep`` (``--tune``;
+the curvature x damping x mask-fraction grid in ``bench/results/unlearning_fisher_tuning.md`` and
+``unlearning_fisher_lm_tuning.md``, the earlier block-size / sample-count grid in
+``unlearning_tuning.md``); the per-seed table in ``unlearning.md`` marks those seeds and gives the
+mean recovery over the held-out ones separately. The committed ``unlearning*.json`` merge three
+single-threaded ``--no-sweep`` runs made side by side on the shared 2-core box (Python 3.11, torch CPU,
+two jobs at once, so update and training times are pessimistic), via ``--finalize``: ViT seeds 0-5
+(0-2 tuning, 3-5 held out), code LM seeds 0-3 (0 tuning; client slice tkinter) and MLP seeds 0-2 (not
+tuned). ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run on a 16-core machine
+(it measures the global model only, which nothing here changed).
 """
 
 from __future__ import annotations
