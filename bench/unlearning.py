@@ -921,6 +921,7 @@ def tuning_sweep(
     variant: str = "disjoint",
     curvatures: Sequence[str] | None = None,
     ranks: Sequence[int] = (0,),
+    quick: bool = False,
 ) -> list[dict[str, Any]]:
     """Group-OBS recovery over a grid of curvature x mask fraction x block size x damping x Fisher samples.
 
@@ -941,7 +942,7 @@ def tuning_sweep(
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     for seed in tqdm(seeds, desc=f"tuning {task}"):
-        prep = prepare(task, seed, quick=False)
+        prep = prepare(task, seed, quick=quick)
         v = prep.variants[variant]
         views: Views = v["views"]
         pers = v["personalized"]
@@ -961,42 +962,46 @@ def tuning_sweep(
                     pers, list(prep.layers), data[0], data[1], cross_entropy, block, excl,
                     curvature=curvature,  # type: ignore[arg-type]
                 )  # fmt: skip
-                for rank, fraction in ((r, f) for r in ranks for f in fractions):
-                    # rank 0: the whole factor; otherwise its rank-r truncation, as a proof with m = r
-                    # commits it (client/unlearning.py enroll).
-                    factors = full if not rank else {
+                # rank 0: the whole factor; otherwise its rank-r truncation, as a proof with m = r
+                # commits it (client/unlearning.py enroll).
+                truncated = {
+                    rank: full if not rank else {
                         n: BlockFactors(n, block, fit_rows(f.factors, rank), f.scale, f.shape)
                         for n, f in full.items()
-                    }  # fmt: skip
+                    }
+                    for rank in ranks
+                }  # fmt: skip
+                for fraction in fractions:
                     mask = make_mask(
                         prep, MaskSpec(s.mask.score, fraction, s.mask.structure), block, s.mask_samples
                     )
                     dense = dense_masks(mask, prep.layers)
                     efficacy = acc(masked_copy(prep.global_model, dense), views.forget_test)
                     m_acc = acc(masked_copy(pers, dense), views.personal_test)
-                    for lam in lams:
-                        model = copy.deepcopy(pers)
-                        named = dict(model.named_parameters())
-                        for n in prep.layers:
-                            new, _ = apply_group_obs(named[n].detach(), factors[n], mask.layer(n), lam)
-                            with torch.no_grad():
-                                named[n].copy_(torch.from_numpy(new).to(named[n].dtype))
-                        obs = acc(model, views.personal_test)
-                        cost = p_acc - m_acc
-                        rows.append(
-                            {
-                                "task": task, "variant": variant, "seed": seed, "fraction": fraction,
-                                "block_size": block, "lam": lam, "fisher_samples": m, "curvature": curvature,
-                                "rank": rank or None,
-                                "fisher_rows": int((~excl).sum()),
-                                "personalized": p_acc, "mask_only": m_acc, "group_obs": obs,
-                                "mask_cost": cost,
-                                "recovery": (obs - m_acc) / cost if cost > 0 else None,
-                                "group_obs_forget_acc": acc(model, views.forget_test),
-                                "masked_global_forget_acc": efficacy,
-                                "retrain_forget_acc": acc(prep.gold_global, views.forget_test),
-                            }
-                        )  # fmt: skip
+                    for rank, factors in truncated.items():
+                        for lam in lams:
+                            model = copy.deepcopy(pers)
+                            named = dict(model.named_parameters())
+                            for n in prep.layers:
+                                new, _ = apply_group_obs(named[n].detach(), factors[n], mask.layer(n), lam)
+                                with torch.no_grad():
+                                    named[n].copy_(torch.from_numpy(new).to(named[n].dtype))
+                            obs = acc(model, views.personal_test)
+                            cost = p_acc - m_acc
+                            rows.append(
+                                {
+                                    "task": task, "variant": variant, "seed": seed, "fraction": fraction,
+                                    "block_size": block, "lam": lam, "fisher_samples": m,
+                                    "curvature": curvature, "rank": rank or None,
+                                    "fisher_rows": int((~excl).sum()),
+                                    "personalized": p_acc, "mask_only": m_acc, "group_obs": obs,
+                                    "mask_cost": cost,
+                                    "recovery": (obs - m_acc) / cost if cost > 0 else None,
+                                    "group_obs_forget_acc": acc(model, views.forget_test),
+                                    "masked_global_forget_acc": efficacy,
+                                    "retrain_forget_acc": acc(prep.gold_global, views.forget_test),
+                                }
+                            )  # fmt: skip
     return rows
 
 

@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from zkunlearn.bench.unlearning import METHODS, RECOVERING, SETTINGS, finalize, run_job
+from zkunlearn.bench.unlearning import (
+    METHODS,
+    RECOVERING,
+    SETTINGS,
+    finalize,
+    render_tuning_markdown,
+    run_job,
+    tuning_sweep,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +60,16 @@ def test_finalize_writes_json_tables_and_plot(quick_rows: list[dict[str, object]
     for method in RECOVERING:
         assert f"recovery {method}" in table
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_tuning_sweep_grid_and_table() -> None:
+    """One row per grid point (curvature x rank x damping), and the table names every rank."""
+    rows = tuning_sweep("mlp", [0], [0.32], [128], [0.02, 0.1], curvatures=["ggn"], ranks=[0, 4], quick=True)
+    assert len(rows) == 4
+    assert {(r["rank"], r["lam"]) for r in rows} == {(None, 0.02), (None, 0.1), (4, 0.02), (4, 0.1)}
+    for r in rows:
+        assert r["curvature"] == "ggn"
+        assert r["mask_only"] < r["personalized"]
+    table = render_tuning_markdown(rows)
+    assert "| mlp | ggn | full |" in table
+    assert "| mlp | ggn | 4 |" in table
