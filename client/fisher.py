@@ -199,14 +199,16 @@ def layer_factors(
     rows_per_sample = _ggn_classes(model, inputs[:1]) if curvature == "ggn" else 1
     draws = torch.Generator().manual_seed(seed)
     if inputs.shape[0] * rows_per_sample <= block_size:
-        rows = _curvature_rows(model, layers, inputs, targets, loss_fn, curvature, draws)
+        rows = _curvature_rows(model, layers, inputs, targets, loss_fn, curvature, draws, rows_per_sample)
         return {n: factors_from_gradients(n, flat, block_size, shape) for n, (flat, shape) in rows.items()}
     grams: dict[str, npt.NDArray[np.float64]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     n_rows = 0
     for start in range(0, inputs.shape[0], _GRAM_CHUNK):
         chunk = slice(start, start + _GRAM_CHUNK)
-        rows = _curvature_rows(model, layers, inputs[chunk], targets[chunk], loss_fn, curvature, draws)
+        rows = _curvature_rows(
+            model, layers, inputs[chunk], targets[chunk], loss_fn, curvature, draws, rows_per_sample
+        )
         for name, (flat, shape) in rows.items():
             if not np.isfinite(flat).all():
                 raise FisherError(f"per-sample gradients of {name!r} contain NaN or inf")
@@ -218,15 +220,21 @@ def layer_factors(
     return {n: factors_from_gram(n, grams[n], n_rows, shapes[n]) for n in layers}
 
 
-def _ggn_classes(model: nn.Module, probe: Tensor) -> int:
-    """The number of classes of a classifier's ``(N, C)`` logits (the GGN's rows per sample)."""
+def _eval_logits(model: nn.Module, inputs: Tensor) -> Tensor:
+    """The deployed function's outputs (eval mode, no graph), restoring the model's mode."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(probe)
+            out: Tensor = model(inputs)
     finally:
         model.train(was_training)
+    return out
+
+
+def _ggn_classes(model: nn.Module, probe: Tensor) -> int:
+    """The number of classes of a classifier's ``(N, C)`` logits (the GGN's rows per sample)."""
+    out = _eval_logits(model, probe)
     if out.dim() != 2:
         raise FisherError(
             f"curvature 'ggn' factors (N, C) logits with C rows per sample; the model gives shape "
@@ -255,21 +263,18 @@ def _curvature_rows(
     loss_fn: LossFn,
     curvature: str,
     draws: torch.Generator,
+    n_classes: int,
 ) -> dict[str, tuple[npt.NDArray[np.floating[Any]], tuple[int, ...]]]:
-    """Per layer: the factor's rows for these samples as ``(rows, numel)``, and the parameter's shape."""
+    """Per layer: the factor's rows for these samples as ``(rows, numel)``, and the parameter's shape.
+
+    ``n_classes`` is the GGN's rows per sample (found once by the caller; unused by the others).
+    """
     if curvature == "fisher":
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                logits = model(inputs).double()
-        finally:
-            model.train(was_training)
+        logits = _eval_logits(model, inputs).double()
         probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
         targets = torch.multinomial(probs, 1, generator=draws).reshape(logits.shape[:-1])
         loss_fn = _sampled_cross_entropy
     elif curvature == "ggn":
-        n_classes = _ggn_classes(model, inputs[:1])
         inputs = inputs.repeat_interleave(n_classes, dim=0)
         targets = torch.arange(n_classes).repeat(inputs.shape[0] // n_classes)
         loss_fn = _ggn_row_loss
