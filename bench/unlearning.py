@@ -1111,6 +1111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run the tuning grid (tuning_sweep) on the tuning seeds instead; writes <stem>_tuning.{json,md}",
     )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="per-layer losses and curvature upper bounds (bench/unlearning_diagnosis.py) for --seeds seeds "
+        "from --seed-offset; writes <out dir>/unlearning_diagnosis.{json,md}",
+    )
     parser.add_argument("--curvatures", default="empirical,ggn", help="tuning grid: curvatures")
     parser.add_argument("--lams", default="0.001,0.005,0.02,0.1", help="tuning grid: damping")
     parser.add_argument("--fractions", default=None, help="tuning grid: mask fractions (default: setting)")
@@ -1119,6 +1125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ranks", default="0", help="tuning grid: factor ranks as proven (0: the whole factor)"
     )
     args = parser.parse_args(argv)
+    if args.diagnose:
+        from zkunlearn.bench.unlearning_diagnosis import render_diagnosis_markdown, run_diagnosis
+
+        diag_rows = run_diagnosis(
+            args.tasks.split(","),
+            range(args.seed_offset, args.seed_offset + args.seeds),
+            Path(args.out).with_name("unlearning_diagnosis.json"),
+            quick=args.quick,
+            workers=args.workers,
+        )
+        print(render_diagnosis_markdown(diag_rows))
+        return 0
     if args.tune:
         tuning_rows: list[dict[str, Any]] = []
         for task in args.tasks.split(","):

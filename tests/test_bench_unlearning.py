@@ -73,3 +73,32 @@ def test_tuning_sweep_grid_and_table() -> None:
     table = render_tuning_markdown(rows)
     assert "| mlp | ggn | full |" in table
     assert "| mlp | ggn | 4 |" in table
+
+
+def test_diagnosis_rows_and_tables() -> None:
+    """Each masked layer alone, each curvature variant; one round of re-linearising is plain Group-OBS."""
+    from zkunlearn.bench.unlearning_diagnosis import CURVATURE_VARIANTS, diagnose, render_diagnosis_markdown
+
+    rows = diagnose("mlp", 0, quick=True, rounds=1)
+    layers = {r["layer"] for r in rows if r["kind"] == "layer"}
+    assert layers == {"all", "fc2.weight", "head.weight"}
+    curves = {r["curvature_variant"]: r for r in rows if r["kind"] == "curvature"}
+    assert set(curves) == set(CURVATURE_VARIANTS)
+    # With one round the re-linearised update is the benchmark's update, and the whole-mask layer row too.
+    assert curves["ggn-relinearised"]["group_obs"] == curves["ggn"]["group_obs"]
+    whole = next(r for r in rows if r["kind"] == "layer" and r["layer"] == "all")
+    assert whole["group_obs"] == curves["ggn"]["group_obs"]
+    for r in rows:
+        assert r["mask_only"] < r["personalized"] or r["layer"] != "all"
+        if r["kind"] == "layer":
+            assert 0.0 < r["masked_share"] <= 1.0
+    table = render_diagnosis_markdown(rows)
+    for name in (*CURVATURE_VARIANTS, "fc2.weight", "head.weight"):
+        assert name in table
+
+
+def test_diagnosis_refuses_zero_rounds() -> None:
+    from zkunlearn.bench.unlearning_diagnosis import diagnose
+
+    with pytest.raises(ValueError, match="rounds"):
+        diagnose("mlp", 0, quick=True, rounds=0)

@@ -1,0 +1,238 @@
+"""Where Group-OBS loses the personalization accuracy it does not recover, and what would not help.
+
+The unlearning benchmark reports one recovery number per task. Below the target it cannot say whether
+the client's curvature is the limit (then a better G, more data or re-linearising would help) or the
+relation itself (a block-diagonal, one-layer-at-a-time update). This diagnosis separates the two on the
+same cached models and masks as the benchmark (``bench.unlearning.prepare`` / ``make_mask``):
+
+* **per layer**: the mask restricted to one targeted layer, the other layers left as personalized. For
+  each: what masking costs, what Group-OBS leaves lost, and what a fine-tune of *that layer's* unmasked
+  weights leaves lost (the same support as Group-OBS on that layer: the best any update confined to it
+  finds by gradient descent on the real loss). Points of personal accuracy, not recovery: per-layer
+  costs are often below the 5 points where recovery means anything.
+* **curvature variants** on the whole mask, every one of them more than a client could commit before a
+  request, so each is an upper bound on what a better G could give:
+  ``ggn`` (the benchmark's setting), ``ggn-at-masked-point`` (the curvature where the masked model
+  lands, i.e. after the request), ``ggn-relinearised`` (the mask applied in ``rounds`` random parts,
+  the curvature recomputed on the updated model before each: multi-round OBS), and
+  ``ggn-plus-test-images`` (the client's test images added to the label-free curvature: an upper bound
+  on more unlabelled client data).
+
+    python -m bench.unlearning --diagnose --tasks vit --seeds 6 --workers 2
+    # -> bench/results/unlearning_diagnosis.{json,md}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from zkunlearn.bench.unlearning import (
+    RESULTS,
+    SETTINGS,
+    Views,
+    _logits,
+    dense_masks,
+    make_mask,
+    prepare,
+)
+
+CURVATURE_VARIANTS = ("ggn", "ggn-at-masked-point", "ggn-relinearised", "ggn-plus-test-images")
+
+
+def _accuracy(model: nn.Module, split: tuple[Tensor, Tensor]) -> float:
+    from zkunlearn.tasks.metrics import accuracy
+
+    return accuracy(_logits(model, split[0]), split[1])
+
+
+def _compensated(
+    model: nn.Module, factors: Mapping[str, Any], masks: Mapping[str, Any], lam: float
+) -> nn.Module:
+    """A copy of ``model`` with Group-OBS applied to each layer in ``masks`` (``LayerMask`` per name)."""
+    from zkunlearn.client.group_obs import apply_group_obs
+
+    out = copy.deepcopy(model)
+    named = dict(out.named_parameters())
+    for name, layer_mask in masks.items():
+        new, _ = apply_group_obs(named[name].detach(), factors[name], layer_mask, lam)
+        with torch.no_grad():
+            named[name].copy_(torch.from_numpy(new).to(named[name].dtype))
+    return out
+
+
+def diagnose(
+    task: str, seed: int, *, quick: bool = False, variant: str = "disjoint", rounds: int = 3
+) -> list[dict[str, Any]]:
+    """Per-layer and curvature-variant rows for one (task, seed); see the module docstring."""
+    from zkunlearn.circuits.mask import Mask
+    from zkunlearn.client.fisher import layer_factors
+
+    from zkunlearn.tasks.train import cross_entropy, finetune_masked, masked_copy
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    torch.set_num_threads(1)
+    s = SETTINGS[task]
+    prep = prepare(task, seed, quick)
+    v = prep.variants[variant]
+    views: Views = v["views"]
+    pers: nn.Module = v["personalized"]
+    layers = list(prep.layers)
+    mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
+    dense = dense_masks(mask, layers)
+    x, y = v["client_train"]
+    keep = ~v["client_forget_mask"]
+    x, y = x[keep], y[keep]
+    curvature: Any = s.curvature
+
+    def factors_at(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Any]:
+        return layer_factors(model, layers, inputs, targets, cross_entropy, s.block_size, curvature=curvature)
+
+    base = {"task": task, "variant": variant, "seed": seed, "curvature": s.curvature, "lam": s.lam}
+    personal = _accuracy(pers, views.personal_test)
+    factors = factors_at(pers, x, y)
+    rows: list[dict[str, Any]] = []
+    after = v["after"]
+    epochs = 1 if quick else s.support_epochs
+    for label, subset in [("all", layers), *((name, [name]) for name in layers)]:
+        sub_dense = {n: dense[n] for n in subset}
+        masked = _accuracy(masked_copy(pers, sub_dense), views.personal_test)
+        obs = _accuracy(
+            _compensated(pers, factors, {n: mask.layer(n) for n in subset}, s.lam), views.personal_test
+        )
+        tuned = finetune_masked(
+            pers, sub_dense, after[0], after[1],
+            epochs=epochs, lr=s.personal_lr, seed=seed, batch_size=64, trainable=tuple(subset),
+        )  # fmt: skip
+        rows.append(
+            {
+                **base, "kind": "layer", "layer": label,
+                "masked_share": sum(int(sub_dense[n].sum()) for n in subset)
+                / sum(int(sub_dense[n].numel()) for n in subset),
+                "personalized": personal, "mask_only": masked, "group_obs": obs,
+                "support_finetune": _accuracy(tuned, views.personal_test),
+            }
+        )  # fmt: skip
+    masked_all = rows[0]["mask_only"]
+    variants: dict[str, nn.Module] = {}
+    variants["ggn"] = _compensated(pers, factors, {n: mask.layer(n) for n in layers}, s.lam)
+    at_masked = factors_at(masked_copy(pers, dense), x, y)
+    variants["ggn-at-masked-point"] = _compensated(pers, at_masked, {n: mask.layer(n) for n in layers}, s.lam)
+    # Multi-round OBS: each coordinate of the mask is assigned one of `rounds` parts; before each round
+    # the curvature is recomputed on the current model, and the round's mask is every part so far (the
+    # earlier parts are already zero and stay so).
+    rng = np.random.default_rng(seed)
+    parts = {n: rng.integers(0, rounds, size=tuple(dense[n].shape)) for n in layers}
+    model = copy.deepcopy(pers)
+    for r in range(rounds):
+        current = factors_at(model, x, y)
+        so_far = {
+            n: Mask.from_dense({n: dense[n].numpy() & (parts[n] <= r)}, s.block_size).layer(n) for n in layers
+        }
+        model = _compensated(model, current, so_far, s.lam)
+    variants["ggn-relinearised"] = model
+    test_x, test_y = views.personal_test
+    plus_test = factors_at(pers, torch.cat([x, test_x]), torch.cat([y, test_y]))
+    whole = {n: mask.layer(n) for n in layers}
+    variants["ggn-plus-test-images"] = _compensated(pers, plus_test, whole, s.lam)
+    for name, compensated in variants.items():
+        rows.append(
+            {
+                **base, "kind": "curvature", "layer": "all", "curvature_variant": name,
+                "rounds": rounds if name == "ggn-relinearised" else 1,
+                "personalized": personal, "mask_only": masked_all,
+                "group_obs": _accuracy(compensated, views.personal_test),
+                "forget_acc": _accuracy(compensated, views.forget_test),
+            }
+        )  # fmt: skip
+    return rows
+
+
+def run_diagnosis(
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    out_path: Path | str = RESULTS / "unlearning_diagnosis.json",
+    *,
+    quick: bool = False,
+    workers: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every (task, seed) in its own single-threaded process; writes the rows and the markdown."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    jobs = [(t, seed) for t in tasks for seed in seeds]
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    rows: list[dict[str, Any]] = []
+    if workers == 1:
+        for t, seed in tqdm(jobs, desc="diagnosis"):
+            rows += diagnose(t, seed, quick=quick)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(diagnose, t, seed, quick=quick) for t, seed in jobs]
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="diagnosis"):
+                rows += fut.result()
+    rows.sort(key=lambda r: (r["task"], r["seed"], r["kind"], r["layer"], r.get("curvature_variant", "")))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(rows, indent=1) + "\n")
+    out_path.with_suffix(".md").write_text(render_diagnosis_markdown(rows))
+    return rows
+
+
+def _points(values: Sequence[float]) -> str:
+    arr = np.asarray(values, dtype=np.float64) * 100.0
+    return f"{arr.mean():.2f} ± {arr.std():.2f}"
+
+
+def render_diagnosis_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Points lost per masked layer, and recovery per curvature variant (mean ± std over seeds)."""
+    from zkunlearn.tasks.metrics import mean_std, recovery
+
+    lines = [
+        "| task | mask on | seeds | share of the layer masked | mask-only cost (points) "
+        "| lost after group-obs (points) | lost after a fine-tune of that support (points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    layer_groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["kind"] == "layer":
+            layer_groups.setdefault((r["task"], r["layer"]), []).append(r)
+    ordered = sorted(layer_groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "all", kv[0][1]))
+    for (task, layer), g in ordered:
+        lines.append(
+            f"| {task} | {layer} | {len(g)} | {_points([r['masked_share'] for r in g])} % "
+            f"| {_points([r['personalized'] - r['mask_only'] for r in g])} "
+            f"| {_points([r['personalized'] - r['group_obs'] for r in g])} "
+            f"| {_points([r['personalized'] - r['support_finetune'] for r in g])} |"
+        )
+    lines += [
+        "",
+        "| task | curvature | seeds | recovery per seed | mean recovery, cost >= 5 (n) "
+        "| lost after group-obs (points) | forget acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    curve_groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["kind"] == "curvature":
+            curve_groups.setdefault((r["task"], r["curvature_variant"]), []).append(r)
+    order = {name: i for i, name in enumerate(CURVATURE_VARIANTS)}
+    for (task, name), g in sorted(curve_groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+        recs = [recovery(r["personalized"], r["mask_only"], r["group_obs"]) for r in g]
+        stat = mean_std(recs)
+        mean = "–" if stat["n"] == 0 else f"{stat['mean'] * 100:.1f} ± {stat['std'] * 100:.1f} ({stat['n']})"  # type: ignore[operator]
+        label = name + (f" ({g[0]['rounds']} rounds)" if g[0]["rounds"] > 1 else "")
+        lines.append(
+            f"| {task} | {label} | {','.join(str(r['seed']) for r in g)} "
+            f"| {' '.join('–' if x is None else f'{x * 100:.1f}' for x in recs)} | {mean} "
+            f"| {_points([r['personalized'] - r['group_obs'] for r in g])} "
+            f"| {_points([r['forget_acc'] for r in g])} |"
+        )
+    return "\n".join(lines) + "\n"
