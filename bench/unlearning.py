@@ -22,7 +22,9 @@ single-threaded ``--no-sweep`` runs made side by side on the shared 2-core box (
 two jobs at once, so update and training times are pessimistic), via ``--finalize``: ViT seeds 0-5
 (0-2 tuning, 3-5 held out), code LM seeds 0-3 (0 tuning; client slice tkinter) and MLP seeds 0-2 (not
 tuned). ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run on a 16-core machine
-(it measures the global model only, which nothing here changed).
+(it measures the global model only, which nothing here changed). ``--diagnose`` runs
+``bench/unlearning_diagnosis.py``: where the unrecovered accuracy is lost, layer by layer, and what
+curvatures no client could commit before a request would give (upper bounds for a better G).
 """
 
 from __future__ import annotations
