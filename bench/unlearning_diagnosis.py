@@ -184,7 +184,48 @@ def run_diagnosis(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(rows, indent=1) + "\n")
     out_path.with_suffix(".md").write_text(render_diagnosis_markdown(rows))
+    render_diagnosis_plot(rows, out_path.with_suffix(".png"))
     return rows
+
+
+def render_diagnosis_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Points of personal accuracy lost per masked layer: mask only, Group-OBS, support fine-tune."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows if r["kind"] == "layer"})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7 * max(1, len(tasks)), 4), squeeze=False)
+    series = (
+        ("mask_only", "mask only"),
+        ("group_obs", "group-obs"),
+        ("support_finetune", "fine-tune of that support"),
+    )
+    for ax, task in zip(axes[0], tasks, strict=False):
+        mine = [r for r in rows if r["kind"] == "layer" and r["task"] == task]
+        layers = ["all", *sorted({r["layer"] for r in mine} - {"all"})]
+        for i, (key, label) in enumerate(series):
+            lost = [
+                [100.0 * (r["personalized"] - r[key]) for r in mine if r["layer"] == layer]
+                for layer in layers
+            ]
+            ax.bar(
+                np.arange(len(layers)) + (i - 1) * 0.27,
+                [float(np.mean(v)) for v in lost],
+                width=0.27,
+                yerr=[float(np.std(v)) for v in lost],
+                capsize=2,
+                label=label,
+            )
+        ax.set_xticks(np.arange(len(layers)), [name.removesuffix(".weight") for name in layers], fontsize=8)
+        ax.set_ylabel("personal accuracy lost (points)")
+        ax.set_title(f"{task}: mask on one layer at a time (seeds: {len({r['seed'] for r in mine})})")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _points(values: Sequence[float]) -> str:

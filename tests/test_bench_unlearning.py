@@ -75,9 +75,14 @@ def test_tuning_sweep_grid_and_table() -> None:
     assert "| mlp | ggn | 4 |" in table
 
 
-def test_diagnosis_rows_and_tables() -> None:
+def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
     """Each masked layer alone, each curvature variant; one round of re-linearising is plain Group-OBS."""
-    from zkunlearn.bench.unlearning_diagnosis import CURVATURE_VARIANTS, diagnose, render_diagnosis_markdown
+    from zkunlearn.bench.unlearning_diagnosis import (
+        CURVATURE_VARIANTS,
+        diagnose,
+        render_diagnosis_markdown,
+        render_diagnosis_plot,
+    )
 
     rows = diagnose("mlp", 0, quick=True, rounds=1)
     layers = {r["layer"] for r in rows if r["kind"] == "layer"}
@@ -95,6 +100,8 @@ def test_diagnosis_rows_and_tables() -> None:
     table = render_diagnosis_markdown(rows)
     for name in (*CURVATURE_VARIANTS, "fc2.weight", "head.weight"):
         assert name in table
+    render_diagnosis_plot(rows, tmp_path / "diagnosis.png")
+    assert (tmp_path / "diagnosis.png").stat().st_size > 0
 
 
 def test_diagnosis_refuses_zero_rounds() -> None:
