@@ -402,6 +402,27 @@ def masked_forget_acc(model: nn.Module, dense: Mapping[str, Tensor], views: View
     return accuracy(_logits(masked_copy(model, dense), views.forget_test[0]), views.forget_test[1])
 
 
+def split_accuracy(model: nn.Module, split: tuple[Tensor, Tensor]) -> float:
+    from zkunlearn.tasks.metrics import accuracy
+
+    return accuracy(_logits(model, split[0]), split[1])
+
+
+def compensated_copy(
+    model: nn.Module, factors: Mapping[str, Any], masks: Mapping[str, Any], lam: float
+) -> nn.Module:
+    """A copy of ``model`` with Group-OBS applied to each layer in ``masks`` (a ``LayerMask`` per name)."""
+    from zkunlearn.client.group_obs import apply_group_obs
+
+    out = copy.deepcopy(model)
+    named = dict(out.named_parameters())
+    for name, layer_mask in masks.items():
+        new, _ = apply_group_obs(named[name].detach(), factors[name], layer_mask, lam)
+        with torch.no_grad():
+            named[name].copy_(torch.from_numpy(new).to(named[name].dtype))
+    return out
+
+
 def group_obs(
     model: nn.Module,
     mask: Any,
@@ -933,9 +954,7 @@ def tuning_sweep(
     can apply the >= 5-point rule.
     """
     from zkunlearn.client.fisher import BlockFactors, fit_rows, layer_factors
-    from zkunlearn.client.group_obs import apply_group_obs
 
-    from zkunlearn.tasks.metrics import accuracy
     from zkunlearn.tasks.train import cross_entropy, masked_copy
 
     torch.set_num_threads(1)
@@ -949,10 +968,7 @@ def tuning_sweep(
         views: Views = v["views"]
         pers = v["personalized"]
 
-        def acc(model: nn.Module, split: tuple[Tensor, Tensor]) -> float:
-            return accuracy(_logits(model, split[0]), split[1])
-
-        p_acc = acc(pers, views.personal_test)
+        p_acc = split_accuracy(pers, views.personal_test)
         for m in fisher_samples or (s.fisher_samples,):
             data, excl = v["client_train"], v["client_forget_mask"]
             if data[0].shape[0] > m + int(excl.sum()):
@@ -978,17 +994,14 @@ def tuning_sweep(
                         prep, MaskSpec(s.mask.score, fraction, s.mask.structure), block, s.mask_samples
                     )
                     dense = dense_masks(mask, prep.layers)
-                    efficacy = acc(masked_copy(prep.global_model, dense), views.forget_test)
-                    m_acc = acc(masked_copy(pers, dense), views.personal_test)
+                    efficacy = split_accuracy(masked_copy(prep.global_model, dense), views.forget_test)
+                    m_acc = split_accuracy(masked_copy(pers, dense), views.personal_test)
                     for rank, factors in truncated.items():
                         for lam in lams:
-                            model = copy.deepcopy(pers)
-                            named = dict(model.named_parameters())
-                            for n in prep.layers:
-                                new, _ = apply_group_obs(named[n].detach(), factors[n], mask.layer(n), lam)
-                                with torch.no_grad():
-                                    named[n].copy_(torch.from_numpy(new).to(named[n].dtype))
-                            obs = acc(model, views.personal_test)
+                            model = compensated_copy(
+                                pers, factors, {n: mask.layer(n) for n in prep.layers}, lam
+                            )
+                            obs = split_accuracy(model, views.personal_test)
                             cost = p_acc - m_acc
                             rows.append(
                                 {
@@ -999,9 +1012,9 @@ def tuning_sweep(
                                     "personalized": p_acc, "mask_only": m_acc, "group_obs": obs,
                                     "mask_cost": cost,
                                     "recovery": (obs - m_acc) / cost if cost > 0 else None,
-                                    "group_obs_forget_acc": acc(model, views.forget_test),
+                                    "group_obs_forget_acc": split_accuracy(model, views.forget_test),
                                     "masked_global_forget_acc": efficacy,
-                                    "retrain_forget_acc": acc(prep.gold_global, views.forget_test),
+                                    "retrain_forget_acc": split_accuracy(prep.gold_global, views.forget_test),
                                 }
                             )  # fmt: skip
     return rows

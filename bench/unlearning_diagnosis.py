@@ -39,34 +39,14 @@ from zkunlearn.bench.unlearning import (
     RESULTS,
     SETTINGS,
     Views,
-    _logits,
+    compensated_copy,
     dense_masks,
     make_mask,
     prepare,
+    split_accuracy,
 )
 
 CURVATURE_VARIANTS = ("ggn", "ggn-at-masked-point", "ggn-relinearised", "ggn-plus-test-images")
-
-
-def _accuracy(model: nn.Module, split: tuple[Tensor, Tensor]) -> float:
-    from zkunlearn.tasks.metrics import accuracy
-
-    return accuracy(_logits(model, split[0]), split[1])
-
-
-def _compensated(
-    model: nn.Module, factors: Mapping[str, Any], masks: Mapping[str, Any], lam: float
-) -> nn.Module:
-    """A copy of ``model`` with Group-OBS applied to each layer in ``masks`` (``LayerMask`` per name)."""
-    from zkunlearn.client.group_obs import apply_group_obs
-
-    out = copy.deepcopy(model)
-    named = dict(out.named_parameters())
-    for name, layer_mask in masks.items():
-        new, _ = apply_group_obs(named[name].detach(), factors[name], layer_mask, lam)
-        with torch.no_grad():
-            named[name].copy_(torch.from_numpy(new).to(named[name].dtype))
-    return out
 
 
 def diagnose(
@@ -89,6 +69,7 @@ def diagnose(
     layers = list(prep.layers)
     mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
     dense = dense_masks(mask, layers)
+    whole = {n: mask.layer(n) for n in layers}
     x, y = v["client_train"]
     keep = ~v["client_forget_mask"]
     x, y = x[keep], y[keep]
@@ -98,17 +79,19 @@ def diagnose(
         return layer_factors(model, layers, inputs, targets, cross_entropy, s.block_size, curvature=curvature)
 
     base = {"task": task, "variant": variant, "seed": seed, "curvature": s.curvature, "lam": s.lam}
-    personal = _accuracy(pers, views.personal_test)
+    personal = split_accuracy(pers, views.personal_test)
     factors = factors_at(pers, x, y)
     rows: list[dict[str, Any]] = []
     after = v["after"]
     epochs = 1 if quick else s.support_epochs
+    variants: dict[str, nn.Module] = {}
     for label, subset in [("all", layers), *((name, [name]) for name in layers)]:
         sub_dense = {n: dense[n] for n in subset}
-        masked = _accuracy(masked_copy(pers, sub_dense), views.personal_test)
-        obs = _accuracy(
-            _compensated(pers, factors, {n: mask.layer(n) for n in subset}, s.lam), views.personal_test
-        )
+        masked = split_accuracy(masked_copy(pers, sub_dense), views.personal_test)
+        compensated = compensated_copy(pers, factors, {n: whole[n] for n in subset}, s.lam)
+        if label == "all":
+            variants["ggn"] = compensated  # the benchmark's update, the baseline of the curvature variants
+        obs = split_accuracy(compensated, views.personal_test)
         tuned = finetune_masked(
             pers, sub_dense, after[0], after[1],
             epochs=epochs, lr=s.personal_lr, seed=seed, batch_size=64, trainable=tuple(subset),
@@ -119,14 +102,12 @@ def diagnose(
                 "masked_share": sum(int(sub_dense[n].sum()) for n in subset)
                 / sum(int(sub_dense[n].numel()) for n in subset),
                 "personalized": personal, "mask_only": masked, "group_obs": obs,
-                "support_finetune": _accuracy(tuned, views.personal_test),
+                "support_finetune": split_accuracy(tuned, views.personal_test),
             }
         )  # fmt: skip
     masked_all = rows[0]["mask_only"]
-    variants: dict[str, nn.Module] = {}
-    variants["ggn"] = _compensated(pers, factors, {n: mask.layer(n) for n in layers}, s.lam)
     at_masked = factors_at(masked_copy(pers, dense), x, y)
-    variants["ggn-at-masked-point"] = _compensated(pers, at_masked, {n: mask.layer(n) for n in layers}, s.lam)
+    variants["ggn-at-masked-point"] = compensated_copy(pers, at_masked, whole, s.lam)
     # Multi-round OBS: each coordinate of the mask is assigned one of `rounds` parts; before each round
     # the curvature is recomputed on the current model, and the round's mask is every part so far (the
     # earlier parts are already zero and stay so).
@@ -138,20 +119,19 @@ def diagnose(
         so_far = {
             n: Mask.from_dense({n: dense[n].numpy() & (parts[n] <= r)}, s.block_size).layer(n) for n in layers
         }
-        model = _compensated(model, current, so_far, s.lam)
+        model = compensated_copy(model, current, so_far, s.lam)
     variants["ggn-relinearised"] = model
     test_x, test_y = views.personal_test
     plus_test = factors_at(pers, torch.cat([x, test_x]), torch.cat([y, test_y]))
-    whole = {n: mask.layer(n) for n in layers}
-    variants["ggn-plus-test-images"] = _compensated(pers, plus_test, whole, s.lam)
+    variants["ggn-plus-test-images"] = compensated_copy(pers, plus_test, whole, s.lam)
     for name, compensated in variants.items():
         rows.append(
             {
                 **base, "kind": "curvature", "layer": "all", "curvature_variant": name,
                 "rounds": rounds if name == "ggn-relinearised" else 1,
                 "personalized": personal, "mask_only": masked_all,
-                "group_obs": _accuracy(compensated, views.personal_test),
-                "forget_acc": _accuracy(compensated, views.forget_test),
+                "group_obs": split_accuracy(compensated, views.personal_test),
+                "forget_acc": split_accuracy(compensated, views.forget_test),
             }
         )  # fmt: skip
     return rows
@@ -233,6 +213,17 @@ def _points(values: Sequence[float]) -> str:
     return f"{arr.mean():.2f} ± {arr.std():.2f}"
 
 
+def _grouped(
+    rows: Sequence[Mapping[str, Any]], kind: str, field: str
+) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """Rows of one ``kind`` grouped by (task, ``field``), seeds in row order."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["kind"] == kind:
+            groups.setdefault((r["task"], r[field]), []).append(r)
+    return groups
+
+
 def render_diagnosis_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Points lost per masked layer, and recovery per curvature variant (mean ± std over seeds)."""
     from zkunlearn.tasks.metrics import mean_std, recovery
@@ -242,10 +233,7 @@ def render_diagnosis_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         "| lost after group-obs (points) | lost after a fine-tune of that support (points) |",
         "|---|---|---|---|---|---|---|",
     ]
-    layer_groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for r in rows:
-        if r["kind"] == "layer":
-            layer_groups.setdefault((r["task"], r["layer"]), []).append(r)
+    layer_groups = _grouped(rows, "layer", "layer")
     ordered = sorted(layer_groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "all", kv[0][1]))
     for (task, layer), g in ordered:
         lines.append(
@@ -260,10 +248,7 @@ def render_diagnosis_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         "| lost after group-obs (points) | forget acc |",
         "|---|---|---|---|---|---|---|",
     ]
-    curve_groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for r in rows:
-        if r["kind"] == "curvature":
-            curve_groups.setdefault((r["task"], r["curvature_variant"]), []).append(r)
+    curve_groups = _grouped(rows, "curvature", "curvature_variant")
     order = {name: i for i, name in enumerate(CURVATURE_VARIANTS)}
     for (task, name), g in sorted(curve_groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
         recs = [recovery(r["personalized"], r["mask_only"], r["group_obs"]) for r in g]

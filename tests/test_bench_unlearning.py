@@ -11,8 +11,12 @@ from zkunlearn.bench.unlearning import (
     RECOVERING,
     SETTINGS,
     finalize,
+    group_obs,
+    make_mask,
+    prepare,
     render_tuning_markdown,
     run_job,
+    split_accuracy,
     tuning_sweep,
 )
 
@@ -89,10 +93,20 @@ def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
     assert layers == {"all", "fc2.weight", "head.weight"}
     curves = {r["curvature_variant"]: r for r in rows if r["kind"] == "curvature"}
     assert set(curves) == set(CURVATURE_VARIANTS)
-    # With one round the re-linearised update is the benchmark's update, and the whole-mask layer row too.
+    # With one round the re-linearised update is the plain one.
     assert curves["ggn-relinearised"]["group_obs"] == curves["ggn"]["group_obs"]
+    # The diagnosis's whole-mask update is the benchmark's Group-OBS, reached through the benchmark's path.
+    s = SETTINGS["mlp"]
+    prep = prepare("mlp", 0, quick=True)
+    v = prep.variants["disjoint"]
+    mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
+    bench_model, _ = group_obs(
+        v["personalized"], mask, prep.layers, v["client_train"], v["client_forget_mask"], s.lam,
+        s.block_size, n_samples=s.fisher_samples, compare_naive=False, curvature=s.curvature,
+    )  # fmt: skip
     whole = next(r for r in rows if r["kind"] == "layer" and r["layer"] == "all")
     assert whole["group_obs"] == curves["ggn"]["group_obs"]
+    assert whole["group_obs"] == split_accuracy(bench_model, v["views"].personal_test)
     for r in rows:
         assert r["mask_only"] < r["personalized"] or r["layer"] != "all"
         if r["kind"] == "layer":
