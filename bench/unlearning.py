@@ -722,7 +722,7 @@ _STAT_FIELDS = (
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std over seeds per (task, variant, method); fields a method lacks are null."""
-    from zkunlearn.tasks.metrics import mean_std, recovery
+    from zkunlearn.tasks.metrics import mean_interval, mean_std, recovery
 
     groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -748,6 +748,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             stat = mean_std(vals)
             rec[key] = None if stat["n"] == 0 else stat
         rec["recovery_pooled"] = None
+        # The targets are on the mean over seeds; with ~10 points of spread per seed, how sure that mean is.
+        rec["recovery_ci95"] = mean_interval([r.get("recovery") for r in group])
         out.append(rec)
         rec["mask_efficacy"] = {
             k: mean_std([r["mask_efficacy"][k] for r in group]) for k in first["mask_efficacy"]
@@ -779,19 +781,25 @@ def _pooled(value: float | None) -> str:
     return "–" if value is None else f"{value * 100:.1f}"
 
 
+def _interval(ci: Mapping[str, float] | None) -> str:
+    return "–" if ci is None else f"{ci['low'] * 100:.1f} – {ci['high'] * 100:.1f}"
+
+
 def render_markdown(records: Sequence[Mapping[str, Any]]) -> str:
     """The table for docs/benchmarks.md: accuracies in %, recovery in %, times in seconds."""
     lines = [
         "| task | variant | method | mask | forget acc | Δ forget vs retrain | personal acc | retain acc "
-        "| MIA (LR) | recovery per seed (n) | recovery pooled | update s | peak RSS MB | naive/ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MIA (LR) | recovery per seed (n) | recovery 95 % CI | recovery pooled | update s | peak RSS MB "
+        "| naive/ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         mask = f"{r['mask_score']} {r['mask_structure']} {r['mask_fraction']:.0%}"
         lines.append(
             f"| {r['task']} | {r['variant']} | {r['method']} | {mask} | {_fmt(r['forget_acc'])} "
             f"| {_fmt(r['forget_gap_vs_retrain'])} | {_fmt(r['personal_acc'])} | {_fmt(r['retain_acc'])} "
-            f"| {_fmt(r['mia'])} | {_rec(r['recovery'])} | {_pooled(r.get('recovery_pooled'))} "
+            f"| {_fmt(r['mia'])} | {_rec(r['recovery'])} | {_interval(r.get('recovery_ci95'))} "
+            f"| {_pooled(r.get('recovery_pooled'))} "
             f"| {_fmt(r['update_s'], False, 2)} "
             f"| {_fmt(r['peak_rss_mb'], False, 0)} | {_fmt(r['naive_over_ours'], False, 1)} |"
         )
@@ -880,7 +888,7 @@ def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     which seeds those were, so a mean cannot hide a seed, and whether it rests on seeds the settings were
     tuned on (``TUNING_SEEDS``).
     """
-    from zkunlearn.tasks.metrics import mean_std
+    from zkunlearn.tasks.metrics import mean_interval, mean_std
 
     by: dict[tuple[str, str, int], dict[str, Mapping[str, Any]]] = {}
     for r in rows:
@@ -911,11 +919,14 @@ def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         )
     lines += [
         "",
-        "| task | variant | " + " | ".join(f"held-out seeds: recovery {m} (n)" for m in RECOVERING) + " |",
+        "| task | variant | "
+        + " | ".join(f"held-out seeds: recovery {m} (n) [95 % CI]" for m in RECOVERING)
+        + " |",
         "|---|---|" + "---|" * len(RECOVERING),
     ]
     for (task, variant), h in sorted(held.items()):
-        lines.append(f"| {task} | {variant} | " + " | ".join(_rec(mean_std(h[m])) for m in RECOVERING) + " |")
+        cells = (f"{_rec(mean_std(h[m]))} [{_interval(mean_interval(h[m]))}]" for m in RECOVERING)
+        lines.append(f"| {task} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

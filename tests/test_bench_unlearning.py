@@ -66,6 +66,26 @@ def test_finalize_writes_json_tables_and_plot(quick_rows: list[dict[str, object]
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_recovery_interval_over_seeds(quick_rows: list[dict[str, object]], tmp_path: Path) -> None:
+    """The mean recovery carries its 95 % interval once two seeds have one; one seed has none."""
+
+    def with_recovery(seed: int, value: float) -> list[dict[str, object]]:
+        return [
+            {**r, "seed": seed, "recovery": value if r["method"] in RECOVERING else None} for r in quick_rows
+        ]
+
+    one_seed = finalize(with_recovery(0, 0.9), [], tmp_path / "one.json")
+    assert all(r["recovery_ci95"] is None for r in one_seed)
+    records = finalize([*with_recovery(0, 0.9), *with_recovery(1, 0.7)], [], tmp_path / "two.json")
+    obs = next(r for r in records if r["method"] == "group-obs" and r["variant"] == "disjoint")
+    # mean 0.8, sample std 0.1414, t(0.975, 1) = 12.706: half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
+    assert obs["recovery"]["mean"] == pytest.approx(0.8)
+    assert obs["recovery_ci95"]["low"] == pytest.approx(0.8 - 1.2706, abs=1e-3)
+    assert obs["recovery_ci95"]["high"] == pytest.approx(0.8 + 1.2706, abs=1e-3)
+    assert "-47.1 – 207.1" in (tmp_path / "two.md").read_text()
+    assert all(r["recovery_ci95"] is None for r in records if r["method"] not in RECOVERING)
+
+
 def test_tuning_sweep_grid_and_table() -> None:
     """One row per grid point (curvature x rank x damping), and the table names every rank."""
     rows = tuning_sweep("mlp", [0], [0.32], [128], [0.02, 0.1], curvatures=["ggn"], ranks=[0, 4], quick=True)

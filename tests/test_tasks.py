@@ -149,6 +149,24 @@ def test_accuracy_and_recovery_rules() -> None:
     assert metrics.mean_std([None])["mean"] is None
 
 
+def test_mean_interval_is_the_student_t_interval_and_needs_two_seeds() -> None:
+    # Half-width t(0.975, n - 1) * s / sqrt(n), t(0.975, 3) = 3.182446 (tables); None seeds are skipped.
+    vals = [0.8, 0.9, 1.0, 0.95]
+    ci = metrics.mean_interval([*vals, None])
+    assert ci is not None
+    mean, sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
+    half = 3.182446305284263 * sd / 2.0
+    assert ci["low"] == pytest.approx(mean - half)
+    assert ci["high"] == pytest.approx(mean + half)
+    wider = metrics.mean_interval(vals, level=0.99)
+    assert wider is not None
+    assert wider["low"] < ci["low"]
+    assert wider["high"] > ci["high"]
+    assert metrics.mean_interval([0.9, None]) is None
+    with pytest.raises(metrics.MetricError, match="confidence level"):
+        metrics.mean_interval(vals, level=1.0)
+
+
 def _logits_for(conf: np.ndarray, labels: np.ndarray) -> torch.Tensor:
     """Two-class logits whose true-class probability is ``conf``."""
     logit = np.log(conf / (1 - conf))

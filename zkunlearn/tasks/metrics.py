@@ -125,3 +125,22 @@ def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
         return {"mean": None, "std": None, "n": 0}
     arr = np.asarray(vals, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std()), "n": len(vals)}
+
+
+def mean_interval(values: Sequence[float | None], level: float = 0.95) -> dict[str, float] | None:
+    """Student-t confidence interval of the mean over seeds, ignoring None; None below two seeds.
+
+    A target such as "recovery >= 90 % on the mean over seeds" is a statement about the mean, and with
+    a handful of seeds whose per-seed values spread by 10 points the mean itself is uncertain by
+    several: the interval says whether a mean near the target is above it or merely next to it.
+    """
+    if not 0.0 < level < 1.0:
+        raise MetricError(f"confidence level must lie in (0, 1), got {level}")
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if len(vals) < 2:
+        return None
+    from scipy import stats  # type: ignore[import-untyped]
+
+    arr = np.asarray(vals, dtype=np.float64)
+    half = float(stats.t.ppf(0.5 + level / 2.0, len(vals) - 1) * arr.std(ddof=1) / math.sqrt(len(vals)))
+    return {"low": float(arr.mean()) - half, "high": float(arr.mean()) + half, "level": level}
