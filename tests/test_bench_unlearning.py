@@ -102,6 +102,7 @@ def test_tuning_sweep_grid_and_table() -> None:
 def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
     """Each masked layer alone, each curvature variant; one round of re-linearising is plain Group-OBS."""
     from zkunlearn.bench.unlearning_diagnosis import (
+        ALTERNATIVE_CURVATURES,
         CURVATURE_VARIANTS,
         diagnose,
         render_diagnosis_markdown,
@@ -112,7 +113,7 @@ def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
     layers = {r["layer"] for r in rows if r["kind"] == "layer"}
     assert layers == {"all", "fc2.weight", "head.weight"}
     curves = {r["curvature_variant"]: r for r in rows if r["kind"] == "curvature"}
-    assert set(curves) == set(CURVATURE_VARIANTS)
+    assert set(curves) == {*CURVATURE_VARIANTS, *ALTERNATIVE_CURVATURES}
     # With one round the re-linearised update is the plain one.
     assert curves["ggn-relinearised"]["group_obs"] == curves["ggn"]["group_obs"]
     # The diagnosis's whole-mask update is the benchmark's Group-OBS, reached through the benchmark's path.
@@ -132,7 +133,7 @@ def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
         if r["kind"] == "layer":
             assert 0.0 < r["masked_share"] <= 1.0
     table = render_diagnosis_markdown(rows)
-    for name in (*CURVATURE_VARIANTS, "fc2.weight", "head.weight"):
+    for name in (*CURVATURE_VARIANTS, *ALTERNATIVE_CURVATURES, "fc2.weight", "head.weight"):
         assert name in table
     render_diagnosis_plot(rows, tmp_path / "diagnosis.png")
     assert (tmp_path / "diagnosis.png").stat().st_size > 0
@@ -143,3 +144,27 @@ def test_diagnosis_refuses_zero_rounds() -> None:
 
     with pytest.raises(ValueError, match="rounds"):
         diagnose("mlp", 0, quick=True, rounds=0)
+
+
+@pytest.mark.parametrize("block_size", [4, 6])
+def test_layer_output_curvature_is_the_input_covariance_within_each_row(block_size: int) -> None:
+    """Blocks inside one row get E[x x^T] on their columns; weights of different rows do not couple."""
+    import numpy as np
+    import torch
+    from torch import nn
+    from zkunlearn.bench.unlearning_diagnosis import layer_output_factors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    inputs = torch.randn(50, 4)
+    factors = layer_output_factors(model, ["0.weight"], inputs, block_size)["0.weight"]
+    x = inputs.double().numpy()
+    cov = x.T @ x / x.shape[0]
+    expected = np.kron(np.eye(3), cov) / np.trace(cov) * 4  # I_out (x) E[x x^T], unit mean diagonal
+    for k in range(factors.n_blocks):
+        lo, hi = k * block_size, min((k + 1) * block_size, 12)
+        np.testing.assert_allclose(
+            factors.fisher(k, 0.0)[: hi - lo, : hi - lo], expected[lo:hi, lo:hi], rtol=1e-9, atol=1e-12
+        )
+    with pytest.raises(ValueError, match="needs a linear layer"):
+        layer_output_factors(model, ["1.weight"], inputs, block_size)
