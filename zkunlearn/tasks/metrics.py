@@ -118,9 +118,14 @@ def mia_efficacy(
     return MIAResult(loss_lr=lr_nonmember, conf_svc=svc_nonmember)
 
 
+def _counted(values: Sequence[float | None]) -> list[float]:
+    """The seeds that count: a None (recovery undefined there) or NaN is left out, not averaged as 0."""
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
     """Mean and (population) std over seeds, ignoring None; ``n`` says how many seeds counted."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
+    vals = _counted(values)
     if not vals:
         return {"mean": None, "std": None, "n": 0}
     arr = np.asarray(vals, dtype=np.float64)
@@ -136,7 +141,7 @@ def mean_interval(values: Sequence[float | None], level: float = 0.95) -> dict[s
     """
     if not 0.0 < level < 1.0:
         raise MetricError(f"confidence level must lie in (0, 1), got {level}")
-    vals = [v for v in values if v is not None and not math.isnan(v)]
+    vals = _counted(values)
     if len(vals) < 2:
         return None
     from scipy import stats  # type: ignore[import-untyped]
