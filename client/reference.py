@@ -18,6 +18,7 @@ __all__ = [
     "naive_group_obs_explicit_inverse",
     "reference_apply_group_obs",
     "reference_group_obs",
+    "reference_output_refit",
     "reference_ridge",
 ]
 
@@ -94,6 +95,38 @@ def reference_ridge(X: npt.ArrayLike, Y: npt.ArrayLike, gamma: float) -> F64:
         y = y[:, None]
     out = np.linalg.solve(x.T @ x + gamma * np.eye(x.shape[1]), x.T @ y)
     return np.asarray(out, dtype=np.float64)
+
+
+def reference_output_refit(
+    z: npt.ArrayLike,
+    w1_before: npt.ArrayLike,
+    b1: npt.ArrayLike,
+    w1_after: npt.ArrayLike,
+    w2: npt.ArrayLike,
+    b2: npt.ArrayLike,
+    activation: str,
+    rel_lam: float,
+) -> tuple[F64, F64]:
+    """The output refit as one stacked least-squares problem ``[H1/sqrt(n); sqrt(lam) I] V^T =
+    [T/sqrt(n); sqrt(lam) V0^T]`` solved by ``np.linalg.lstsq`` (SVD), activations from scipy's erf."""
+    from scipy.special import erf
+
+    def act(x: F64) -> F64:
+        out: F64 = 0.5 * x * (1.0 + erf(x / np.sqrt(2.0))) if activation == "gelu" else np.maximum(x, 0.0)
+        return out
+
+    zz = np.asarray(z, dtype=np.float64)
+    v0 = np.hstack([np.asarray(w2, dtype=np.float64), np.asarray(b2, dtype=np.float64)[:, None]])
+    bias1 = np.asarray(b1, dtype=np.float64)
+    n = zz.shape[0]
+    h1 = np.hstack([act(zz @ np.asarray(w1_after, dtype=np.float64).T + bias1), np.ones((n, 1))])
+    target = np.hstack([act(zz @ np.asarray(w1_before, dtype=np.float64).T + bias1), np.ones((n, 1))]) @ v0.T
+    lam = rel_lam * float(np.mean(np.sum(h1 * h1, axis=0) / n))
+    k = h1.shape[1]
+    lhs = np.vstack([h1 / np.sqrt(n), np.sqrt(lam) * np.eye(k)])
+    rhs = np.vstack([target / np.sqrt(n), np.sqrt(lam) * v0.T])
+    v = np.linalg.lstsq(lhs, rhs, rcond=None)[0].T
+    return np.asarray(v[:, :-1]), np.asarray(v[:, -1])
 
 
 def _as_f64(weight: npt.ArrayLike | Tensor) -> F64:

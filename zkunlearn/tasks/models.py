@@ -122,6 +122,11 @@ class ViT(nn.Module):
     def masked_layers(self) -> tuple[str, ...]:
         return tuple(f"blocks.{i}.fc1" for i in range(self.config.depth))
 
+    @property
+    def refit_pairs(self) -> tuple[tuple[str, str, str], ...]:
+        """(masked layer, the layer its activations feed, activation) for the client's output refit."""
+        return tuple((f"blocks.{i}.fc1", f"blocks.{i}.fc2", "gelu") for i in range(self.config.depth))
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         p = self.config.patch
         n, c = x.shape[0], x.shape[1]
@@ -193,6 +198,12 @@ class CodeLM(nn.Module):
     @property
     def masked_layers(self) -> tuple[str, ...]:
         return tuple(f"lm.model.decoder.layers.{i}.fc1" for i in range(self.config.layers))
+
+    @property
+    def refit_pairs(self) -> tuple[tuple[str, str, str], ...]:
+        """(masked layer, the layer its activations feed, activation): OPT's MLP is fc1 -> ReLU -> fc2."""
+        prefix = "lm.model.decoder.layers"
+        return tuple((f"{prefix}.{i}.fc1", f"{prefix}.{i}.fc2", "relu") for i in range(self.config.layers))
 
     def forward(self, ids: Tensor) -> Tensor:
         return torch.as_tensor(self.lm(input_ids=ids, use_cache=False).logits)
