@@ -460,7 +460,7 @@ def output_refit(
     from zkunlearn.client.refit import RefitPair, apply_output_refit
 
     (x, _), out = client_fisher_data(data, exclude, n_samples)
-    pairs = [RefitPair(*p) for p in personalized.refit_pairs]  # type: ignore[misc,operator,union-attr]
+    pairs = [RefitPair(*p) for p in personalized.refit_pairs]  # type: ignore[union-attr]
     with measured() as m:
         model, res = apply_output_refit(personalized, compensated, pairs, x[~out], rel_lam, layers)
     info = {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}

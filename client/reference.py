@@ -109,7 +109,7 @@ def reference_output_refit(
 ) -> tuple[F64, F64]:
     """The output refit as one stacked least-squares problem ``[H1/sqrt(n); sqrt(lam) I] V^T =
     [T/sqrt(n); sqrt(lam) V0^T]`` solved by ``np.linalg.lstsq`` (SVD), activations from scipy's erf."""
-    from scipy.special import erf
+    from scipy.special import erf  # type: ignore[import-untyped]
 
     def act(x: F64) -> F64:
         out: F64 = 0.5 * x * (1.0 + erf(x / np.sqrt(2.0))) if activation == "gelu" else np.maximum(x, 0.0)
