@@ -1,0 +1,134 @@
+"""Real ezkl/Halo2 proofs of the output-refit relation at a small ReLU shape.
+
+What this shows: the relation compiles with range checks only (``make_settings`` refuses lookups), an
+honest refit proves and verifies against the commitments the verifier computes itself, its public
+residual maxima stay within a few fixed-point units, and a refit that is not the ridge solution shows
+an unmistakable residual in a proof that still verifies (so the verifier's threshold is what refuses
+it). The protocol does not carry refit proofs yet: the threshold here is the test's, not a derived
+bound like ``group_obs_tolerance``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from zkunlearn.circuits import output_refit as orf
+from zkunlearn.circuits.export import export_relation
+from zkunlearn.client.refit import refit_following_layer
+from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts
+from zkunlearn.proofs.backend import EzklBackend, Proof, witness_commitments
+from zkunlearn.proofs.fixedpoint import felt_to_int
+from zkunlearn.proofs.srs import dev_srs
+
+pytestmark = pytest.mark.ezkl
+
+# The smallest shape that still has a hidden layer wider than its input (logrows 15, ~25 k rows).
+N, D_IN, HIDDEN, D_OUT, REL_LAM = 12, 4, 6, 2, 0.05
+BACKEND = EzklBackend()
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory: pytest.TempPathFactory) -> CircuitArtifacts:
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("refit-ezkl")
+    onnx = export_relation(
+        orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM),
+        orf.example_inputs(N, D_IN, HIDDEN, D_OUT),
+        work / "refit.onnx",
+        orf.INPUT_NAMES,
+        orf.OUTPUT_NAMES,
+        atol=1e-3,
+    )
+    built = build_provider_artifacts(onnx, work / "cache", lambda k: dev_srs(work / "srs", k))
+    assert built.logrows <= 15
+    return built
+
+
+def _values(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(N, D_IN))
+    w1 = rng.normal(size=(HIDDEN, D_IN)) / 2
+    b1 = 0.1 * rng.normal(size=HIDDEN)
+    w1_after = w1 * (rng.random(w1.shape) > 0.4)
+    w2, b2 = rng.normal(size=(D_OUT, HIDDEN)) / 2, 0.1 * rng.normal(size=D_OUT)
+    res = refit_following_layer(z, w1, b1, w1_after, w2, b2, "relu", REL_LAM)
+    return {
+        "z": z,
+        "w1_before": w1,
+        "b1": b1,
+        "w1_after": w1_after,
+        "h_before": np.maximum(z @ w1.T + b1, 0.0),
+        "h_after": np.maximum(z @ w1_after.T + b1, 0.0),
+        "v_before": np.hstack([w2, b2[:, None]]),
+        "v_after": np.hstack([res.weight, res.bias[:, None]]),
+    }
+
+
+def _flat_inputs(values: dict[str, np.ndarray], seed: int) -> list[list[float]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in orf.INPUT_NAMES:
+        v = values[name][None] if values[name].ndim == 1 else values[name]
+        blinded = np.vstack([v, rng.normal(size=(1, v.shape[1]))])  # the blinding row
+        out.append(blinded.reshape(-1).tolist())
+    return out
+
+
+def _prove(arts: CircuitArtifacts, values: dict[str, np.ndarray]) -> tuple[Proof, list[str], dict[str, Any]]:
+    witness = BACKEND.witness(_flat_inputs(values, seed=1), arts.compiled, arts.vk, arts.srs.path)
+    proof = BACKEND.prove(witness, arts.compiled, arts.pk, arts.srs.path)
+    return proof, witness_commitments(witness), witness
+
+
+def _residuals(arts: CircuitArtifacts, proof: Proof) -> np.ndarray:
+    assert len(proof.instances) == 1
+    assert len(proof.instances[0]) == len(orf.RESIDUALS)
+    return np.array([felt_to_int(f) / 2**arts.output_scale for f in proof.instances[0]])
+
+
+def _wrong_refit(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A following layer moved off the ridge solution by 0.05 everywhere (e.g. a smuggled fine-tune)."""
+    return dict(values, v_after=values["v_after"] + 0.05)
+
+
+@pytest.fixture(scope="module")
+def honest(arts: CircuitArtifacts) -> tuple[Proof, list[str]]:
+    proof, commitments, _ = _prove(arts, _values(0))
+    return proof, commitments
+
+
+@pytest.fixture(scope="module")
+def lie(arts: CircuitArtifacts) -> tuple[Proof, list[str]]:
+    proof, commitments, _ = _prove(arts, _wrong_refit(_values(0)))
+    return proof, commitments
+
+
+def test_honest_refit_proves_and_verifies(arts: CircuitArtifacts, honest: tuple[Proof, list[str]]) -> None:
+    proof, commitments = honest
+    assert BACKEND.verify(proof, arts.settings, arts.vk, arts.srs.path, commitments)
+    residuals = _residuals(arts, proof)
+    ulp = 2.0 ** -int(arts.settings_dict["run_args"]["input_scale"])
+    assert np.all(residuals < 32 * ulp), dict(zip(orf.RESIDUALS, residuals, strict=True))
+
+
+def test_wrong_refit_shows_in_its_public_residual(
+    arts: CircuitArtifacts, lie: tuple[Proof, list[str]]
+) -> None:
+    proof, commitments = lie
+    assert BACKEND.verify(proof, arts.settings, arts.vk, arts.srs.path, commitments)
+    residuals = dict(zip(orf.RESIDUALS, _residuals(arts, proof), strict=True))
+    assert residuals["normal_equations"] > 0.02, residuals
+
+
+def test_wrong_refit_cannot_borrow_the_honest_residual_or_commitments(
+    arts: CircuitArtifacts, honest: tuple[Proof, list[str]], lie: tuple[Proof, list[str]]
+) -> None:
+    honest_proof, honest_commitments = honest
+    lie_proof, lie_commitments = lie
+    assert honest_proof.instances[0][0] != lie_proof.instances[0][0]
+    forged = Proof(lie_proof.transcript, ((honest_proof.instances[0][0], *lie_proof.instances[0][1:]),))
+    assert not BACKEND.verify(forged, arts.settings, arts.vk, arts.srs.path, lie_commitments)
+    assert not BACKEND.verify(lie_proof, arts.settings, arts.vk, arts.srs.path, honest_commitments)
