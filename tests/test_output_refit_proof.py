@@ -10,6 +10,8 @@ bound like ``group_obs_tolerance``.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,11 +19,13 @@ import pytest
 import torch
 from zkunlearn.circuits import output_refit as orf
 from zkunlearn.circuits.export import export_relation
-from zkunlearn.client.refit import refit_following_layer
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts
 from zkunlearn.proofs.backend import EzklBackend, Proof, witness_commitments
 from zkunlearn.proofs.fixedpoint import felt_to_int
 from zkunlearn.proofs.srs import dev_srs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.refit_cases import honest_relu_pair
 
 pytestmark = pytest.mark.ezkl
 
@@ -48,23 +52,7 @@ def arts(tmp_path_factory: pytest.TempPathFactory) -> CircuitArtifacts:
 
 
 def _values(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(N, D_IN))
-    w1 = rng.normal(size=(HIDDEN, D_IN)) / 2
-    b1 = 0.1 * rng.normal(size=HIDDEN)
-    w1_after = w1 * (rng.random(w1.shape) > 0.4)
-    w2, b2 = rng.normal(size=(D_OUT, HIDDEN)) / 2, 0.1 * rng.normal(size=D_OUT)
-    res = refit_following_layer(z, w1, b1, w1_after, w2, b2, "relu", REL_LAM)
-    return {
-        "z": z,
-        "w1_before": w1,
-        "b1": b1,
-        "w1_after": w1_after,
-        "h_before": np.maximum(z @ w1.T + b1, 0.0),
-        "h_after": np.maximum(z @ w1_after.T + b1, 0.0),
-        "v_before": np.hstack([w2, b2[:, None]]),
-        "v_after": np.hstack([res.weight, res.bias[:, None]]),
-    }
+    return honest_relu_pair(seed, N, D_IN, HIDDEN, D_OUT, REL_LAM)
 
 
 def _flat_inputs(values: dict[str, np.ndarray], seed: int) -> list[list[float]]:

@@ -3,6 +3,7 @@ relation exports to an ONNX model that matches torch and uses only the checked o
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,30 +12,15 @@ import pytest
 import torch
 from zkunlearn.circuits import output_refit as orf
 from zkunlearn.circuits.export import export_relation
-from zkunlearn.client.refit import refit_following_layer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.refit_cases import honest_relu_pair
 
 N, D_IN, HIDDEN, D_OUT, REL_LAM = 24, 4, 8, 3, 0.05
 
 
 def _honest(seed: int) -> dict[str, np.ndarray]:
-    """A ReLU MLP pair, 40 % of W1 zeroed as Group-OBS would, and the client's refit of W2."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(N, D_IN))
-    w1 = rng.normal(size=(HIDDEN, D_IN)) / 2
-    b1 = 0.1 * rng.normal(size=HIDDEN)
-    w1_after = w1 * (rng.random(w1.shape) > 0.4)
-    w2, b2 = rng.normal(size=(D_OUT, HIDDEN)) / 3, 0.1 * rng.normal(size=D_OUT)
-    res = refit_following_layer(z, w1, b1, w1_after, w2, b2, "relu", REL_LAM)
-    return {
-        "z": z,
-        "w1_before": w1,
-        "b1": b1,
-        "w1_after": w1_after,
-        "h_before": np.maximum(z @ w1.T + b1, 0.0),
-        "h_after": np.maximum(z @ w1_after.T + b1, 0.0),
-        "v_before": np.hstack([w2, b2[:, None]]),
-        "v_after": np.hstack([res.weight, res.bias[:, None]]),
-    }
+    return honest_relu_pair(seed, N, D_IN, HIDDEN, D_OUT, REL_LAM)
 
 
 def _inputs(values: dict[str, np.ndarray], seed: int = 0) -> list[torch.Tensor]:
