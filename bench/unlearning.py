@@ -55,6 +55,17 @@ METHODS = (
 # Methods whose recovery is reported: the provable one, the fine-tune restricted to the weights it may
 # change (its ceiling), and the unrestricted fine-tune (the utility reference).
 RECOVERING = ("group-obs", "group-obs-refit", "support-finetune", "mask-finetune")
+
+
+def task_methods(task: str) -> tuple[str, ...]:
+    """The methods ``run_job`` reports for ``task``: no refit where the task's setting has none (the MLP's
+    masked layer feeds its masked head), no analytic head on the language model."""
+    skip = {"group-obs-refit"} if SETTINGS[task].refit_lam is None else set()
+    if task == "code-lm":
+        skip.add("analytic")
+    return tuple(m for m in METHODS if m not in skip)
+
+
 # What an update reports about itself beside the metrics (absent where it does not apply).
 _UPDATE_FIELDS = ("update_s", "peak_rss_mb", "naive_over_ours", "naive_max_diff", "refit_error_ratio")
 

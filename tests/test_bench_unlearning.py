@@ -10,13 +10,16 @@ from zkunlearn.bench.unlearning import (
     METHODS,
     RECOVERING,
     SETTINGS,
+    client_fisher_data,
     finalize,
     group_obs,
     make_mask,
+    output_refit,
     prepare,
     render_tuning_markdown,
     run_job,
     split_accuracy,
+    task_methods,
     tuning_sweep,
 )
 
@@ -30,7 +33,12 @@ def quick_rows() -> list[dict[str, object]]:
 
 def test_every_method_on_both_variants(quick_rows: list[dict[str, object]]) -> None:
     got = {(r["variant"], r["method"]) for r in quick_rows}
-    assert got == {(v, m) for v in ("disjoint", "overlap") for m in METHODS}
+    assert got == {(v, m) for v in ("disjoint", "overlap") for m in task_methods("mlp")}
+    # The MLP's masked fc2 feeds its masked head: nothing to refit there; the transformers have one.
+    assert "group-obs-refit" not in task_methods("mlp")
+    assert {"group-obs-refit", "analytic"} <= set(task_methods("vit"))
+    assert "group-obs-refit" in task_methods("code-lm")
+    assert set(task_methods("vit")) == set(METHODS)
     for r in quick_rows:
         assert r["curvature"] == SETTINGS["mlp"].curvature
         # recovery is reported for the recovering methods only (and null where the mask cost < 5 points)
@@ -59,7 +67,7 @@ def test_finalize_writes_json_tables_and_plot(quick_rows: list[dict[str, object]
     out = tmp_path / "unlearning.json"
     records = finalize(quick_rows, [], out)
     assert json.loads(out.read_text()) == records
-    assert {r["method"] for r in records} == set(METHODS)
+    assert {r["method"] for r in records} == set(task_methods("mlp"))
     table = out.with_suffix(".md").read_text()
     for method in RECOVERING:
         assert f"recovery {method}" in table
@@ -168,3 +176,31 @@ def test_layer_output_curvature_is_the_input_covariance_within_each_row(block_si
         )
     with pytest.raises(ValueError, match="needs a linear layer"):
         layer_output_factors(model, ["1.weight"], inputs, block_size)
+
+
+def test_output_refit_leaves_out_the_excluded_samples() -> None:
+    """The bench's refit sees the client's retained samples only, the same draw as its curvature."""
+    import torch
+    from zkunlearn.client.refit import RefitPair, apply_output_refit
+
+    from zkunlearn.tasks.models import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(width=16, depth=2, heads=2, mlp_ratio=4))
+    compensated = ViT(ViTConfig(width=16, depth=2, heads=2, mlp_ratio=4))
+    compensated.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for i in range(2):
+            compensated.get_submodule(f"blocks.{i}.fc1").weight[:, ::3] = 0.0
+    x, y = torch.rand(30, 1, 28, 28), torch.randint(0, 10, (30,))
+    exclude = y == 3
+    layers = ["blocks.0.fc1.weight", "blocks.1.fc1.weight", "head.weight"]
+    refit, info = output_refit(model, compensated, layers, (x, y), exclude, 0.03, n_samples=12)
+    assert info["refit_error_ratio"] < 1.0
+    (sx, _), sex = client_fisher_data((x, y), exclude, 12)
+    pairs = [RefitPair(*p) for p in model.refit_pairs]
+    expected, _ = apply_output_refit(model, compensated, pairs, sx[~sex], 0.03, layers)
+    for name, param in refit.named_parameters():
+        assert torch.equal(param, expected.get_parameter(name)), name
+    with_excluded, _ = apply_output_refit(model, compensated, pairs, sx, 0.03, layers)
+    assert not torch.equal(refit.blocks[0].fc2.weight, with_excluded.blocks[0].fc2.weight)
