@@ -1,4 +1,5 @@
-"""Unlearning benchmark: Group-OBS against mask-only, mask + fine-tune, analytic and retrain-from-scratch.
+"""Unlearning benchmark: Group-OBS (alone and with the output refit) against mask-only, mask + fine-tune,
+analytic and retrain-from-scratch.
 
 For each task and seed: train the provider's global model (and the gold model without the forget set),
 compute the provider's deletion mask on the global model, personalize both on the client's data, then
@@ -18,11 +19,12 @@ the curvature x damping x mask-fraction grid in ``bench/results/unlearning_fishe
 ``unlearning_fisher_lm_tuning.md``, the earlier block-size / sample-count grid in
 ``unlearning_tuning.md``); the per-seed table in ``unlearning.md`` marks those seeds and gives the
 mean recovery over the held-out ones separately. The committed ``unlearning*.json`` merge three
-single-threaded ``--no-sweep`` runs made side by side on the shared 2-core box (Python 3.11, torch CPU,
-two jobs at once, so update and training times are pessimistic), via ``--finalize``: ViT seeds 0-5
-(0-2 tuning, 3-5 held out), code LM seeds 0-3 (0 tuning; client slice tkinter) and MLP seeds 0-2 (not
-tuned). ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run on a 16-core machine
-(it measures the global model only, which nothing here changed). ``--diagnose`` runs
+single-threaded ``--no-sweep`` runs made one after the other in one sitting on the shared 2-core box
+(Python 3.11, torch CPU, two jobs at once; tests, proofs among them, ran beside the ViT and code-LM
+runs at times, so their update times are inflated: compare times only within one row), via
+``--finalize``: ViT seeds 0-11 (0-2 tuning), code LM seeds 0-3 (0 tuning; client slice tkinter) and
+MLP seeds 0-2 (not tuned). ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run
+on a 16-core machine (it measures the global model only, which nothing here changed). ``--diagnose`` runs
 ``bench/unlearning_diagnosis.py``: where the unrecovered accuracy is lost, layer by layer, and what
 curvatures no client could commit before a request would give (upper bounds for a better G).
 """
@@ -886,13 +888,15 @@ def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
 
     chosen = [r for r in records if r["variant"] == "disjoint"]
     tasks = sorted({r["task"] for r in chosen})
+    palette = plt.get_cmap("tab10")  # indexed by METHODS: a method keeps its colour in every panel
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=False):
         for r in (r for r in chosen if r["task"] == task):
             fx, px = r["forget_acc"], r["personal_acc"]
             ax.errorbar(
-                px["mean"], fx["mean"], xerr=px["std"], yerr=fx["std"], fmt="o", capsize=3, label=r["method"]
-            )
+                px["mean"], fx["mean"], xerr=px["std"], yerr=fx["std"], fmt="o", capsize=3, label=r["method"],
+                color=palette(METHODS.index(r["method"]) % 10),
+            )  # fmt: skip
         ax.set_title(f"{task} (disjoint)")
         ax.set_xlabel("personalization accuracy")
         ax.set_ylabel("forget accuracy (lower is better)")
