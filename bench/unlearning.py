@@ -54,8 +54,9 @@ METHODS = (
     "personalized", "mask-only", "group-obs", "group-obs-refit", "support-finetune", "mask-finetune",
     "analytic", "retrain",
 )  # fmt: skip
-# Methods whose recovery is reported: the provable one, the fine-tune restricted to the weights it may
-# change (its ceiling), and the unrestricted fine-tune (the utility reference).
+# Methods whose recovery is reported: the provable one, the same followed by the output refit (provable
+# for ReLU layers), the fine-tune restricted to the weights Group-OBS may change (its ceiling), and the
+# unrestricted fine-tune (the utility reference).
 RECOVERING = ("group-obs", "group-obs-refit", "support-finetune", "mask-finetune")
 
 
