@@ -740,7 +740,7 @@ def run_job(
             evaluate(support, views, seed),
             {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
         )
-        if task != "code-lm":
+        if "analytic" in task_methods(task):
             head_model, hinfo = analytic_unlearn(prep, v)
             results["analytic"] = (evaluate(head_model, views, seed), hinfo)
         results["retrain"] = (evaluate(v["gold"], views, seed), {"update_s": v["gold_s"]})

@@ -71,32 +71,18 @@ def layer_output_factors(
     its columns wherever two weights share a row and zero elsewhere.
     """
     from zkunlearn.client.fisher import factors_from_gram
+    from zkunlearn.client.refit import capture_inputs
 
     modules = {name: model.get_submodule(name.removesuffix(".weight")) for name in layers}
-    seen: dict[str, list[Tensor]] = {name: [] for name in layers}
-    hooks = []
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
             raise ValueError(
                 f"layer-output curvature needs a linear layer, {name!r} is {type(module).__name__}"
             )
-
-        def keep(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = name) -> None:
-            seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
-
-        hooks.append(module.register_forward_hook(keep))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+    seen = capture_inputs(model, [name.removesuffix(".weight") for name in layers], inputs)
     out = {}
     for name in modules:
-        x = torch.cat(seen[name])
+        x = seen[name.removesuffix(".weight")]
         cov = (x.T @ x / x.shape[0]).numpy()
         n_in, numel = int(cov.shape[0]), model.get_parameter(name).numel()
         n_out = numel // n_in
