@@ -8,21 +8,18 @@ proven Group-OBS output ``W1'``:
 * ``z`` (``n x d_in``): the masked layer's inputs in the personalized model on the client's retained
   data, committed at enrollment like the curvature factor;
 * ``W1``, ``b1``, ``V0 = [W2 | b2]``: the personalized weights (enrollment commitments);
-* ``W1'``: the weights after Group-OBS (the Group-OBS proof's output commitment);
-* ``h_before``, ``h_after`` (``n x hidden``): the hidden activations, as witnesses.
+* ``W1'``: the weights after Group-OBS (the Group-OBS proof's output commitment).
 
-Residuals (each reduced to its maximum absolute value; nothing else leaves the circuit):
+The hidden activations are *computed* in the circuit, ``h = act(z W^T + b1)`` for ``W1`` and ``W1'``,
+with :mod:`zkunlearn.circuits.activations` (additions, products and ``|x|`` only; no lookup table, no
+witness to bind): ReLU exactly, GELU within a certified ``7e-5``. The client's refit uses the same
+functions, so it solves exactly the regression checked here.
 
-* ``r_normal = V' (A + lam I) - (T^T H1 / n + lam V0)`` with ``H1 = [h_after, 1]``, ``A = H1^T H1 / n``,
-  ``T = [h_before, 1] V0^T`` and ``lam = rel_lam * trace(A) / (hidden + 1)``: the ridge's stationarity,
-  i.e. ``V'`` *is* the refit (``A + lam I`` is SPD, so the solution is unique);
-* activation consistency of both ``h`` against their pre-activations ``p = z W^T + b1``. For ReLU this
-  needs no lookup table: ``h = relu(p)`` iff ``h * (h - p) = 0``, ``|h| - h = 0`` (``h >= 0``) and
-  ``|h - p| - (h - p) = 0`` (``h >= p``). Those three are the remaining outputs.
-
-GELU (the ViT's activation) has no such algebraic characterisation: binding ``h`` to ``z`` there needs
-a lookup argument or a certified polynomial bound, which the range-check-only backend does not have.
-``OutputRefitCheck(activation="gelu")`` therefore refuses to build: its ``h`` would be unbound witnesses.
+One residual, reduced to its maximum absolute value (nothing else leaves the circuit):
+``r_normal = V' (A + lam I) - (T^T H1 / n + lam V0)`` with ``H1 = [h_after, 1]``, ``A = H1^T H1 / n``,
+``T = [h_before, 1] V0^T`` and ``lam = rel_lam * trace(A) / (hidden + 1)``: the ridge's stationarity,
+i.e. ``V'`` *is* the refit (``A + lam I`` is SPD, so the solution is unique). A lie in any input moves
+``A``, ``T`` or ``V'`` and shows here.
 
 Every committed tensor carries one trailing row the relation ignores (blinding, as in
 ``circuits.group_obs``).
@@ -32,35 +29,34 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from zkunlearn.circuits.activations import ACTIVATIONS, Activation, activate
 
-INPUT_NAMES = ("z", "w1_before", "b1", "w1_after", "h_before", "h_after", "v_before", "v_after")
+INPUT_NAMES = ("z", "w1_before", "b1", "w1_after", "v_before", "v_after")
 OUTPUT_NAMES = ("residual_max",)
-RESIDUALS = ("normal_equations", "complementarity", "nonnegative", "above_preactivation")
+RESIDUALS = ("normal_equations",)
 
 
 class OutputRefitCheck(nn.Module):
-    """Residual maxima of the output-refit relation for one (masked, following) layer pair.
+    """Residual maximum of the output-refit relation for one (masked, following) layer pair.
 
     Shapes (the trailing row of each is blinding): ``z`` ``(n + 1, d_in)``, ``w1_before`` and
-    ``w1_after`` ``(hidden + 1, d_in)``, ``b1`` ``(2, hidden)`` (row 0 the bias), ``h_before`` and
-    ``h_after`` ``(n + 1, hidden)``, ``v_before`` and ``v_after`` ``(d_out + 1, hidden + 1)``.
-    Output: ``(1, 4)``, the maxima of ``RESIDUALS`` in that order.
+    ``w1_after`` ``(hidden + 1, d_in)``, ``b1`` ``(2, hidden)`` (row 0 the bias), ``v_before`` and
+    ``v_after`` ``(d_out + 1, hidden + 1)``. Output: ``(1, 1)``, the maximum of ``RESIDUALS``.
     """
 
     def __init__(
-        self, n: int, d_in: int, hidden: int, d_out: int, rel_lam: float, activation: str = "relu"
+        self, n: int, d_in: int, hidden: int, d_out: int, rel_lam: float, activation: Activation = "relu"
     ) -> None:
         super().__init__()
-        if activation != "relu":
-            raise ValueError(
-                f"activation {activation!r} cannot be bound without lookups; only 'relu' is provable here"
-            )
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if min(n, d_in, hidden, d_out) < 1:
             raise ValueError(f"n, d_in, hidden, d_out must be >= 1 (got {n}, {d_in}, {hidden}, {d_out})")
         if not rel_lam > 0:
             raise ValueError(f"rel_lam must be positive (got {rel_lam})")
         self.n, self.d_in, self.hidden, self.d_out = n, d_in, hidden, d_out
         self.rel_lam = float(rel_lam)
+        self.activation: Activation = activation
         # Constants, not ops: a ones column for the bias and ones vectors for sums (ReduceSum is not
         # in the checked op list; MatMul with ones is).
         self.register_buffer("ones_n", torch.ones(n, 1))
@@ -73,37 +69,25 @@ class OutputRefitCheck(nn.Module):
         w1_before: torch.Tensor,
         b1: torch.Tensor,
         w1_after: torch.Tensor,
-        h_before: torch.Tensor,
-        h_after: torch.Tensor,
         v_before: torch.Tensor,
         v_after: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """The residual tensors in ``RESIDUALS`` order (for tests and tolerance analysis)."""
         n, hidden, d_out = self.n, self.hidden, self.d_out
         zz, bias = z[:n], b1[:1]
-        hb, ha = h_before[:n], h_after[:n]
         v0, v1 = v_before[:d_out], v_after[:d_out]
         ones_n: torch.Tensor = self.ones_n  # type: ignore[assignment]
         ones_k: torch.Tensor = self.ones_k  # type: ignore[assignment]
         eye_k: torch.Tensor = self.eye_k  # type: ignore[assignment]
-        h1 = torch.cat([ha, ones_n], dim=1)  # (n, hidden + 1)
-        target = torch.matmul(torch.cat([hb, ones_n], dim=1), v0.transpose(0, 1))  # (n, d_out)
+        h_before = activate(torch.matmul(zz, w1_before[:hidden].transpose(0, 1)) + bias, self.activation)
+        h_after = activate(torch.matmul(zz, w1_after[:hidden].transpose(0, 1)) + bias, self.activation)
+        h1 = torch.cat([h_after, ones_n], dim=1)  # (n, hidden + 1)
+        target = torch.matmul(torch.cat([h_before, ones_n], dim=1), v0.transpose(0, 1))  # (n, d_out)
         gram = torch.matmul(h1.transpose(0, 1), h1) * (1.0 / n)
         trace = torch.matmul(torch.matmul(ones_k.transpose(0, 1), gram * eye_k), ones_k)  # (1, 1)
         lam = trace * (self.rel_lam / (hidden + 1))
         cross = torch.matmul(target.transpose(0, 1), h1) * (1.0 / n)
-        r_normal = torch.matmul(v1, gram) + lam * v1 - cross - lam * v0
-        out = [r_normal]
-        p_before = torch.matmul(zz, w1_before[:hidden].transpose(0, 1)) + bias
-        p_after = torch.matmul(zz, w1_after[:hidden].transpose(0, 1)) + bias
-        comp, nonneg, above = [], [], []
-        for h, p in ((hb, p_before), (ha, p_after)):
-            gap = h - p
-            comp.append(h * gap)
-            nonneg.append(torch.abs(h) - h)
-            above.append(torch.abs(gap) - gap)
-        out += [torch.cat(comp, dim=1), torch.cat(nonneg, dim=1), torch.cat(above, dim=1)]
-        return tuple(out)
+        return (torch.matmul(v1, gram) + lam * v1 - cross - lam * v0,)
 
     def forward(
         self,
@@ -111,12 +95,10 @@ class OutputRefitCheck(nn.Module):
         w1_before: torch.Tensor,
         b1: torch.Tensor,
         w1_after: torch.Tensor,
-        h_before: torch.Tensor,
-        h_after: torch.Tensor,
         v_before: torch.Tensor,
         v_after: torch.Tensor,
     ) -> torch.Tensor:
-        parts = self.residuals(z, w1_before, b1, w1_after, h_before, h_after, v_before, v_after)
+        parts = self.residuals(z, w1_before, b1, w1_after, v_before, v_after)
         # Reduce along axes only: a scalar amax does not export through tract.
         maxima = [torch.abs(r).amax(dim=1).amax(dim=0, keepdim=True) for r in parts]
         return torch.stack(maxima, dim=1)
@@ -129,8 +111,6 @@ def example_inputs(n: int, d_in: int, hidden: int, d_out: int) -> tuple[torch.Te
         torch.zeros(hidden + 1, d_in),
         torch.zeros(2, hidden),
         torch.zeros(hidden + 1, d_in),
-        torch.zeros(n + 1, hidden),
-        torch.zeros(n + 1, hidden),
         torch.zeros(d_out + 1, hidden + 1),
         torch.zeros(d_out + 1, hidden + 1),
     )

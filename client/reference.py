@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor
+from zkunlearn.circuits.activations import GELU_CLAMP, GELU_CORRECTION_COEFFS
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.fisher import BlockFactors
 from zkunlearn.client.group_obs import single_threaded_blas
@@ -108,11 +109,17 @@ def reference_output_refit(
     rel_lam: float,
 ) -> tuple[F64, F64]:
     """The output refit as one stacked least-squares problem ``[H1/sqrt(n); sqrt(lam) I] V^T =
-    [T/sqrt(n); sqrt(lam) V0^T]`` solved by ``np.linalg.lstsq`` (SVD), activations from scipy's erf."""
-    from scipy.special import erf  # type: ignore[import-untyped]
+    [T/sqrt(n); sqrt(lam) V0^T]`` solved by ``np.linalg.lstsq`` (SVD). GELU is the circuit's certified
+    one (the update's definition), evaluated here with numpy's ``chebval`` rather than the circuit's
+    Clenshaw loop in torch."""
+    from numpy.polynomial import chebyshev
 
     def act(x: F64) -> F64:
-        out: F64 = 0.5 * x * (1.0 + erf(x / np.sqrt(2.0))) if activation == "gelu" else np.maximum(x, 0.0)
+        relu: F64 = np.maximum(x, 0.0)
+        if activation == "relu":
+            return relu
+        t = 2.0 * np.minimum(np.abs(x), GELU_CLAMP) / GELU_CLAMP - 1.0
+        out: F64 = relu - chebyshev.chebval(t, GELU_CORRECTION_COEFFS)
         return out
 
     zz = np.asarray(z, dtype=np.float64)

@@ -21,7 +21,9 @@ i.e. the minimiser of ``||H1 V^T - T||^2 / n + lam ||V - [W2 | b2]||^2``. The ri
 personalized weights, not towards zero, so with little data the layer stays where it was. Every
 input is fixed before the request except ``W1'`` (the proven Group-OBS output) and the mask, so the
 refit is a deterministic function of committed values: the client chooses nothing after seeing the
-request. ``zkunlearn.circuits.output_refit`` checks exactly these normal equations.
+request. ``zkunlearn.circuits.output_refit`` checks exactly these normal equations, and ``act`` is the
+circuit's own (``zkunlearn.circuits.activations``: ReLU exactly, GELU within a certified 7e-5 of the erf
+form), so the client solves the very regression the proof checks.
 
 The following layer must not itself be masked: a refit towards the personalized outputs would write
 the masked weights back. ``apply_output_refit`` refuses such a pair.
@@ -33,12 +35,12 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
+from zkunlearn.circuits.activations import ACTIVATIONS, Activation, activate
 
 __all__ = [
     "ACTIVATIONS",
@@ -51,8 +53,6 @@ __all__ = [
 ]
 
 F64 = npt.NDArray[np.float64]
-Activation = Literal["gelu", "relu"]
-ACTIVATIONS: tuple[Activation, ...] = ("gelu", "relu")
 # Rows of z per chunk when accumulating the Gram matrices: bounds peak memory (~chunk x hidden doubles).
 _CHUNK_ROWS = 8192
 
@@ -86,13 +86,6 @@ class RefitResult:
     rows: int  # n, the rows of z
     error_before: float  # ||H1 [W2|b2]^T - T||^2 / (n d_out): the masked layer's damage at the output
     error_after: float  # the same with the refit weights
-
-
-def activate(x: Tensor, activation: Activation) -> Tensor:
-    """The activations the supported models use, in whatever dtype ``x`` has (exact erf GELU)."""
-    if activation == "gelu":
-        return torch.nn.functional.gelu(x)
-    return torch.relu(x)
 
 
 def _f64(t: npt.ArrayLike | Tensor, what: str, ndim: int) -> Tensor:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+from zkunlearn.circuits.activations import Activation
 from zkunlearn.client.refit import refit_following_layer
 
 
-def honest_relu_pair(
-    seed: int, n: int, d_in: int, hidden: int, d_out: int, rel_lam: float
+def honest_pair(
+    seed: int, n: int, d_in: int, hidden: int, d_out: int, rel_lam: float, activation: Activation
 ) -> dict[str, np.ndarray]:
-    """A ReLU MLP pair with 40 % of W1 zeroed (as Group-OBS leaves it) and the client's refit of W2,
+    """An MLP pair with 40 % of W1 zeroed (as Group-OBS leaves it) and the client's refit of W2,
     keyed by ``circuits.output_refit.INPUT_NAMES``."""
     rng = np.random.default_rng(seed)
     z = rng.normal(size=(n, d_in))
@@ -17,14 +18,12 @@ def honest_relu_pair(
     b1 = 0.1 * rng.normal(size=hidden)
     w1_after = w1 * (rng.random(w1.shape) > 0.4)
     w2, b2 = rng.normal(size=(d_out, hidden)) / 2, 0.1 * rng.normal(size=d_out)
-    res = refit_following_layer(z, w1, b1, w1_after, w2, b2, "relu", rel_lam)
+    res = refit_following_layer(z, w1, b1, w1_after, w2, b2, activation, rel_lam)
     return {
         "z": z,
         "w1_before": w1,
         "b1": b1,
         "w1_after": w1_after,
-        "h_before": np.maximum(z @ w1.T + b1, 0.0),
-        "h_after": np.maximum(z @ w1_after.T + b1, 0.0),
         "v_before": np.hstack([w2, b2[:, None]]),
         "v_after": np.hstack([res.weight, res.bias[:, None]]),
     }
