@@ -208,6 +208,79 @@ def analytic_tolerance(
     return out[0], out[1]
 
 
+def output_refit_tolerance(
+    n: int,
+    d_in: int,
+    hidden: int,
+    rel_lam: float,
+    input_scale: int,
+    activation: str,
+    *,
+    z_bound: float,
+    w_bound: float,
+    v_bound: float,
+    h_bound: float,
+    y_bound: float,
+    safety: float = 2.0,
+    worst_case: bool = False,
+) -> float:
+    """Honest bound on the output refit's normal-equation residual from rounding, times ``safety``.
+
+    Entries: ``|z| <= z_bound``, ``|W1|, |W1'|, |b1| <= w_bound``, ``|V0|, |V'| <= v_bound``, hidden
+    activations ``|h| <= h_bound`` and the personalized outputs ``|T| <= y_bound`` (declared with the
+    enrolment, like Group-OBS's bounds). The client
+    solves in float64 with the circuit's own activation, so the polynomial's approximation error does
+    not count; only the circuit's roundings (``q/2`` each, ``q = 2**-input_scale``) do:
+
+    * pre-activations ``e_p = L(d_in) (z + w) q/2 + q``;
+    * ReLU ``(p + |p|) / 2`` is exact: ``e_h = e_p``. GELU adds its correction's error: through the
+      clamp and ``t = 2 a / T - 1`` (``e_t = (2/T)(e_p + q/2) + T q/2 + q/2``, the last two from the
+      rounded constant and the rescale), amplified at most ``T/2 * max|e'| = 1.25`` by the
+      correction's slope, plus Clenshaw's own roundings: the product's at step ``k`` reaches the
+      result through ``U_k(t)``, at most ``k + 1`` times, and each rounded coefficient through
+      ``T_k(t)``, at most once (``sum_k (k + 1) q/2 + (N + 1) q/2``, worst case);
+    * ``A = H1^T H1 / n``: ``e_A = 2 h e_h + q``; targets ``T = [h, 1] V0^T``:
+      ``e_T = L(k) (v e_h + h q/2) + q``; ``C = T^T H1 / n``: ``e_C = y e_h + h e_T + q``;
+      ``lam = rel_lam tr(A) / k``: ``e_lam = rel_lam e_A + q`` (``k = hidden + 1``, ``h >= 1``
+      because of the ones column);
+    * ``r = V' (A + lam I) - C - lam V0``: ``e_r = L(k) (v e_A + h^2 q/2) + 2 (rel_lam h^2 q/2 +
+      v e_lam) + e_C + q``.
+
+    ``L(n)`` is ``n`` when ``worst_case``, else ``min(n, 2 sqrt(3 n))`` (six standard deviations of a
+    sum of uniform roundings, as in :func:`group_obs_tolerance`). The ``1/n`` constant's own rounding
+    scales ``A``, ``C`` and ``lam`` alike, so it only rescales the residual. A refit off the ridge
+    solution by ``D`` shows as ``D (A + lam I)``: with data of unit spread, anything much above this
+    tolerance in any entry is refused.
+    """
+    from zkunlearn.circuits.activations import ACTIVATIONS, GELU_CLAMP, GELU_CORRECTION_COEFFS
+
+    if activation not in ACTIVATIONS:
+        raise FixedPointError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if min(z_bound, w_bound, v_bound, h_bound, y_bound) <= 0:
+        raise FixedPointError("magnitude bounds must be positive")
+    if min(n, d_in, hidden) < 1 or not rel_lam > 0:
+        raise FixedPointError("n, d_in, hidden must be >= 1 and rel_lam positive")
+    q = 2.0**-input_scale
+    k = hidden + 1
+    h = max(h_bound, 1.0)
+    e_p = _terms(d_in, worst_case) * (z_bound + w_bound) * q / 2 + q
+    e_h = e_p
+    if activation == "gelu":
+        clamp, degree = GELU_CLAMP, len(GELU_CORRECTION_COEFFS) - 1
+        e_t = (2.0 / clamp) * (e_p + q / 2) + clamp * q / 2 + q / 2
+        # A rounding of b_k reaches the result through U_k(t) (|U_k| <= k + 1); a rounded coefficient
+        # through T_k(t) (|T_k| <= 1).
+        clenshaw = sum(k + 1 for k in range(1, degree + 1)) * q / 2 + (degree + 1) * q / 2
+        e_h += 1.25 * e_t + clenshaw
+    e_a = 2 * h * e_h + q
+    e_target = _terms(k, worst_case) * (v_bound * e_h + h * q / 2) + q
+    e_c = y_bound * e_h + h * e_target + q
+    e_lam = rel_lam * e_a + q
+    e_r = _terms(k, worst_case) * (v_bound * e_a + h * h * q / 2)
+    e_r += 2 * (rel_lam * h * h * q / 2 + v_bound * e_lam) + e_c + q
+    return safety * e_r
+
+
 def group_obs_mask_rows(mask: npt.ArrayLike, request_digest: bytes, n_blind: int, scale: int) -> FloatArray:
     """The committed mask tensor ``(n, B + n_blind)``: 0/1 entries then the request-binding elements.
 

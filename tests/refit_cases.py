@@ -27,3 +27,24 @@ def honest_pair(
         "v_before": np.hstack([w2, b2[:, None]]),
         "v_after": np.hstack([res.weight, res.bias[:, None]]),
     }
+
+
+def declared_bounds(values: dict[str, np.ndarray], activation: Activation) -> dict[str, float]:
+    """The magnitude bounds a client would declare for these inputs (their maxima: tight, honest)."""
+    import torch
+    from zkunlearn.circuits.activations import activate
+
+    def act(w: np.ndarray) -> np.ndarray:
+        p = torch.from_numpy(values["z"] @ w.T + values["b1"])
+        return activate(p, activation).numpy()
+
+    h_before, h_after = act(values["w1_before"]), act(values["w1_after"])
+    ones = np.ones((h_before.shape[0], 1))
+    target = np.hstack([h_before, ones]) @ values["v_before"].T
+    return {
+        "z_bound": float(np.abs(values["z"]).max()),
+        "w_bound": float(max(np.abs(values[k]).max() for k in ("w1_before", "w1_after", "b1"))),
+        "v_bound": float(max(np.abs(values[k]).max() for k in ("v_before", "v_after"))),
+        "h_bound": float(max(np.abs(h_before).max(), np.abs(h_after).max())),
+        "y_bound": float(np.abs(target).max()),
+    }

@@ -13,12 +13,13 @@ import pytest
 import torch
 from zkunlearn.circuits import output_refit as orf
 from zkunlearn.circuits.export import export_relation
+from zkunlearn.proofs.fixedpoint import FixedPointError, dequantise, output_refit_tolerance, quantise
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scipy.special import ndtr  # type: ignore[import-untyped]
 from zkunlearn.circuits import activations
 
-from tests.refit_cases import honest_pair
+from tests.refit_cases import declared_bounds, honest_pair
 
 N, D_IN, HIDDEN, D_OUT, REL_LAM = 24, 4, 8, 3, 0.05
 
@@ -120,3 +121,31 @@ def test_onnx_matches_torch_with_checked_ops(tmp_path: Path, activation: activat
     )
     outs = onnx.load(str(path)).graph.output
     assert [d.dim_value for d in outs[0].type.tensor_type.shape.dim] == [1, len(orf.RESIDUALS)]
+
+
+@pytest.mark.parametrize("activation", activations.ACTIVATIONS)
+def test_rounded_inputs_stay_within_the_derived_tolerance(activation: activations.Activation) -> None:
+    """Inputs rounded to the circuit's grid (scale 13) move the honest residual far less than the
+    derived bound allows; a refit moved by the bound's size is caught."""
+    scale = 13
+    for seed in range(10):
+        values = _honest(seed, activation)
+        tol = output_refit_tolerance(
+            N, D_IN, HIDDEN, REL_LAM, scale, activation, **declared_bounds(values, activation)
+        )
+        rounded = {k: dequantise(quantise(v, scale), scale) for k, v in values.items()}
+        assert 0 < _maxima(rounded, activation)[0] <= tol / 10
+        moved = dict(values, v_after=values["v_after"] + 2 * tol / REL_LAM)
+        assert _maxima(moved, activation)[0] > tol
+
+
+def test_tolerance_grows_with_scale_and_refuses_bad_arguments() -> None:
+    bounds = {"z_bound": 2.0, "w_bound": 1.0, "v_bound": 1.0, "h_bound": 2.0, "y_bound": 2.0}
+    relu13 = output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "relu", **bounds)
+    assert output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 15, "relu", **bounds) < relu13 / 3
+    assert output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "gelu", **bounds) > relu13
+    assert output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "relu", worst_case=True, **bounds) >= relu13
+    with pytest.raises(FixedPointError, match="activation"):
+        output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "tanh", **bounds)
+    with pytest.raises(FixedPointError, match="bounds"):
+        output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "relu", **dict(bounds, h_bound=0.0))
