@@ -97,6 +97,10 @@ class CircuitConfig:
     ignore_range_check_io: bool = False
     max_logrows: int = 17
     row_reserve: int = 64
+    # A floor on logrows. A polycommit commitment depends on the circuit's domain size, so two circuits
+    # that must accept each other's commitments (Group-OBS's theta' in the output refit) need the same
+    # logrows (and SRS): build both with the larger one as the floor.
+    min_logrows: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -258,7 +262,7 @@ class EzklBackend:
             )
         table = max((hi - lo + 1 for lo, hi in first.get("required_range_checks", [])), default=0)
         needed = max(int(first["num_rows"]), table) + config.row_reserve
-        logrows = max(math.ceil(math.log2(needed)), 10)
+        logrows = max(math.ceil(math.log2(needed)), 10, config.min_logrows)
         if logrows > config.max_logrows:
             raise BackendError(f"{onnx_path}: needs logrows {logrows} > max {config.max_logrows}")
         ra.logrows = logrows

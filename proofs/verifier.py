@@ -44,6 +44,7 @@ class Reason(enum.StrEnum):
     ROW_SPACE_VIOLATED = "edit_outside_row_space"
     ANALYTIC_W_WRONG = "analytic_head_not_retrained_solution"
     ANALYTIC_R_WRONG = "analytic_inverse_not_downdated"
+    REFIT_NOT_SOLUTION = "refit_not_ridge_solution"
 
 
 @dataclass(frozen=True)
@@ -258,4 +259,65 @@ class AnalyticVerifier(_BaseVerifier):
                 return Verdict(
                     False, Reason.ANALYTIC_R_WRONG, f"row {i}: {r_r:.3g} > {tol_r:.3g}", digest, rows
                 )
+        return Verdict(True, Reason.OK, "", digest, rows)
+
+
+class RefitVerifier(_BaseVerifier):
+    """Verifies output-refit proofs (``circuits.output_refit``) for one layer pair's shape.
+
+    The proof's ``theta`` / ``theta'`` inputs are swapped for the *Group-OBS* commitments of the
+    masked layer (the enrolled ``theta`` batches and the ``theta'`` batches the Group-OBS proofs were
+    accepted with; untouched batches keep their ``theta``), so the refit is bound to the proven
+    Group-OBS output, not to weights of the client's choosing. That works because the refit circuit
+    is built with the same logrows and SRS as the Group-OBS circuit (``CircuitConfig.min_logrows``).
+    """
+
+    def __init__(
+        self,
+        artifacts: CircuitArtifacts,
+        *,
+        n_batches: int,
+        tolerance: float,
+        backend: ProvingBackend | None = None,
+    ) -> None:
+        super().__init__(artifacts, backend)
+        if n_batches < 1 or not tolerance > 0:
+            raise ValueError(f"n_batches must be >= 1 and tolerance positive (got {n_batches}, {tolerance})")
+        self.n_batches = n_batches
+        self.tolerance = tolerance
+
+    def verify(
+        self,
+        submission: Proof | dict[str, Any],
+        *,
+        request_id: str,
+        enrolled_z: str,
+        enrolled_theta: Sequence[str],
+        enrolled_b1: str,
+        theta_after: Sequence[str],
+        enrolled_v: str,
+        claimed_v_after: str,
+        replay: ReplayGuard,
+    ) -> Verdict:
+        if len(enrolled_theta) != self.n_batches or len(theta_after) != self.n_batches:
+            return Verdict(
+                False,
+                Reason.MALFORMED,
+                f"expected {self.n_batches} theta and theta' commitments, got "
+                f"{len(enrolled_theta)} and {len(theta_after)}",
+            )
+        expected = [enrolled_z, *enrolled_theta, enrolled_b1, *theta_after, enrolled_v, claimed_v_after]
+        early, proof, values = self._check_proof(submission, request_id, expected, 1, replay)
+        if early is not None:
+            return early
+        digest = proof.digest()
+        rows = (tuple(values),)
+        if values[0] > self.tolerance:
+            return Verdict(
+                False,
+                Reason.REFIT_NOT_SOLUTION,
+                f"max|normal-equation residual| = {values[0]:.3g} > {self.tolerance:.3g}",
+                digest,
+                rows,
+            )
         return Verdict(True, Reason.OK, "", digest, rows)

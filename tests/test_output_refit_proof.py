@@ -1,43 +1,90 @@
-"""Real ezkl/Halo2 proofs of the output-refit relation at a small shape, for both activations.
+"""Real ezkl/Halo2 proofs of the output refit, bound to a real Group-OBS proof of the masked layer.
 
-What this shows: the relation, GELU included (computed in the circuit by the certified polynomial of
-``circuits.activations``), compiles with range checks only (``make_settings`` refuses lookups); an
-honest refit proves and verifies against the commitments the verifier computes itself, its public
-residual stays within a few fixed-point units; and a refit that is not the ridge solution shows an
-unmistakable residual in a proof that still verifies (so the verifier's threshold is what refuses it).
-The threshold is ``proofs.fixedpoint.output_refit_tolerance`` from the values' declared magnitudes: an
-honest proof lands far below it (about one fixed-point unit against a worst-case bound of 0.01-0.25 here),
-and a refit moved by 0.5 lands above it. The protocol does not carry refit proofs yet.
+What this shows, for ReLU and for GELU (computed in the circuit by the certified polynomial of
+``circuits.activations``; range checks only, ``make_settings`` refuses lookups):
+
+* the refit circuit takes ``W1`` and ``W1'`` in Group-OBS's commitment layout, so the provider's
+  :class:`RefitVerifier` swaps in the commitments of a real Group-OBS proof (enrolled ``theta``, proven
+  ``theta'``), which requires both circuits to share logrows and SRS (``CircuitConfig.min_logrows``);
+* an honest refit verifies, with a residual of a few fixed-point units, far below the tolerance derived
+  from the declared magnitudes (``proofs.fixedpoint.output_refit_tolerance``);
+* a refit computed over other weights than the proven ``theta'`` (here: as if nothing had been masked)
+  is refused for its binding, and a following layer moved off the ridge solution is refused for its
+  residual.
+
+The protocol does not carry refit proofs yet (requests, enrollment and the provider's service).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from zkunlearn.circuits import group_obs as go
 from zkunlearn.circuits import output_refit as orf
+from zkunlearn.circuits.activations import ACTIVATIONS, Activation
 from zkunlearn.circuits.export import export_relation
+from zkunlearn.client.group_obs import solve_block
+from zkunlearn.client.refit import refit_following_layer
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts
-from zkunlearn.proofs.backend import EzklBackend, Proof, witness_commitments
-from zkunlearn.proofs.fixedpoint import felt_to_int, output_refit_tolerance
+from zkunlearn.proofs.backend import CircuitConfig, Proof
+from zkunlearn.proofs.fixedpoint import (
+    dequantise,
+    felts,
+    normalise_factor,
+    output_refit_tolerance,
+    quantise,
+    theta_exponent,
+)
+from zkunlearn.proofs.prover import GroupObsBatch, ProveJob, group_obs_tensors, new_group_obs_batch, run_job
 from zkunlearn.proofs.srs import dev_srs
+from zkunlearn.proofs.verifier import InMemoryReplayGuard, Reason, RefitVerifier, Verdict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zkunlearn.circuits.activations import ACTIVATIONS, Activation
-
-from tests.refit_cases import declared_bounds, honest_pair
+from tests.refit_cases import declared_bounds
 
 pytestmark = pytest.mark.ezkl
 
-# A small shape with a hidden layer wider than its input. The GELU polynomial dominates its circuit
-# (~400 rows per activation, two activations per hidden unit and row: ~31 k rows, logrows 15; the
-# ReLU circuit is ~7 k rows).
+# One Group-OBS block holds the whole masked layer (4 x 3 weights), so one batch of one block.
 N, D_IN, HIDDEN, D_OUT, REL_LAM = 8, 3, 4, 2, 0.05
-BACKEND = EzklBackend()
+BLOCK, M, LAM, SCALE = D_IN * HIDDEN, 8, 0.05, 13
+# The GELU refit circuit needs logrows 15 (~31 k rows); the Group-OBS one fits in fewer but must match.
+CONFIG = CircuitConfig(min_logrows=15)
+REQUEST = hashlib.sha256(b"refit-request").digest()
+
+
+def _grid(x: np.ndarray) -> np.ndarray:
+    return dequantise(quantise(x, SCALE), SCALE)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return tmp_path_factory.mktemp("refit-ezkl")
+
+
+def _build(
+    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...], work: Path, tag: str
+) -> CircuitArtifacts:
+    onnx = export_relation(module, inputs, work / f"{tag}.onnx", names, orf.OUTPUT_NAMES, atol=1e-3)
+    return build_provider_artifacts(onnx, work / "cache", lambda k: dev_srs(work / "srs", k), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def go_arts(work: Path) -> CircuitArtifacts:
+    onnx = export_relation(
+        go.GroupObsCheck(BLOCK, M, LAM),
+        go.example_inputs(1, BLOCK, M),
+        work / "go.onnx",
+        go.INPUT_NAMES,
+        go.OUTPUT_NAMES,
+    )
+    return build_provider_artifacts(onnx, work / "cache", lambda k: dev_srs(work / "srs", k), CONFIG)
 
 
 @pytest.fixture(scope="module", params=ACTIVATIONS)
@@ -46,96 +93,172 @@ def activation(request: pytest.FixtureRequest) -> Activation:
 
 
 @pytest.fixture(scope="module")
-def arts(tmp_path_factory: pytest.TempPathFactory, activation: Activation) -> CircuitArtifacts:
-    torch.set_num_threads(1)
-    work = tmp_path_factory.mktemp(f"refit-ezkl-{activation}")
-    onnx = export_relation(
-        orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, activation),
-        orf.example_inputs(N, D_IN, HIDDEN, D_OUT),
-        work / "refit.onnx",
-        orf.INPUT_NAMES,
-        orf.OUTPUT_NAMES,
-        atol=1e-3,
+def refit_arts(work: Path, activation: Activation, go_arts: CircuitArtifacts) -> CircuitArtifacts:
+    check = orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, activation, block=BLOCK)
+    arts = _build(check, check.example_inputs(), check.input_names(), work, f"refit-{activation}")
+    assert arts.logrows == go_arts.logrows == 15
+    return arts
+
+
+@dataclass
+class Deletion:
+    """A masked layer after a real Group-OBS proof, and the client's refit of the layer after it."""
+
+    batch: GroupObsBatch
+    go_commitments: list[str]  # theta, theta', G, mask, w as the Group-OBS proof committed them
+    z_scaled: np.ndarray  # the enrolled layer inputs, pre-scaled by 2**-e
+    b1: np.ndarray
+    v_before: np.ndarray
+    v_after: np.ndarray
+    exponent: int
+    values: dict[str, np.ndarray]  # real-unit values (for declared bounds)
+
+
+@pytest.fixture(scope="module")
+def deletion(go_arts: CircuitArtifacts, activation: Activation) -> Deletion:
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(size=(HIDDEN, D_IN)) / 2
+    exponent = theta_exponent(w1)
+    theta = _grid(w1.reshape(1, -1) * 2.0**exponent)
+    g, _ = normalise_factor(rng.normal(size=(M, BLOCK)))
+    mask = np.zeros(BLOCK, bool)
+    mask[rng.choice(BLOCK, 5, replace=False)] = True
+    upd = solve_block(theta[0], g, mask, LAM)
+    theta_after = _grid(upd.theta_after[None])
+    batch = new_group_obs_batch(
+        theta, theta_after, g[None], mask[None], upd.w[None], scale=SCALE, n_blind=go.N_BLIND
     )
-    built = build_provider_artifacts(onnx, work / "cache", lambda k: dev_srs(work / "srs", k))
-    assert built.logrows <= 15
-    return built
+    res = run_job(
+        ProveJob(
+            group_obs_tensors(batch, REQUEST, SCALE, go.N_BLIND),
+            go_arts.compiled,
+            go_arts.vk,
+            go_arts.pk,
+            go_arts.srs.path,
+        )
+    )
+    # What the client refits from is exactly what it committed: grid values, rescaled.
+    z_scaled = _grid(rng.normal(size=(N, D_IN)) * 2.0**-exponent)
+    b1 = _grid(0.1 * rng.normal(size=HIDDEN))
+    w2, b2 = _grid(rng.normal(size=(D_OUT, HIDDEN)) / 2), _grid(0.1 * rng.normal(size=D_OUT))
+    values = {
+        "z": z_scaled * 2.0**exponent,
+        "w1_before": theta.reshape(HIDDEN, D_IN) * 2.0**-exponent,
+        "b1": b1,
+        "w1_after": theta_after.reshape(HIDDEN, D_IN) * 2.0**-exponent,
+        "v_before": np.hstack([w2, b2[:, None]]),
+    }
+    fit = refit_following_layer(
+        values["z"], values["w1_before"], b1, values["w1_after"], w2, b2, activation, REL_LAM
+    )
+    values["v_after"] = np.hstack([fit.weight, fit.bias[:, None]])
+    return Deletion(
+        batch, res.commitments, z_scaled, b1, values["v_before"], values["v_after"], exponent, values
+    )
 
 
-def _values(seed: int, activation: Activation) -> dict[str, np.ndarray]:
-    return honest_pair(seed, N, D_IN, HIDDEN, D_OUT, REL_LAM, activation)
+def _with_row(x: np.ndarray, seed: int) -> np.ndarray:
+    x = x[None] if x.ndim == 1 else x
+    return np.vstack(
+        [x, dequantise(quantise(np.random.default_rng(seed).normal(size=(1, x.shape[1])), SCALE), SCALE)]
+    )
 
 
-def _flat_inputs(values: dict[str, np.ndarray], seed: int) -> list[list[float]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for name in orf.INPUT_NAMES:
-        v = values[name][None] if values[name].ndim == 1 else values[name]
-        blinded = np.vstack([v, rng.normal(size=(1, v.shape[1]))])  # the blinding row
-        out.append(blinded.reshape(-1).tolist())
-    return out
+def _refit_inputs(
+    d: Deletion, *, theta_after: np.ndarray | None = None, v_after: np.ndarray | None = None
+) -> list[list[str]]:
+    b = d.batch
+    after = np.concatenate(
+        [b.theta_after if theta_after is None else theta_after, b.theta_after_blind], axis=1
+    )
+    tensors = [
+        _with_row(d.z_scaled, 1),
+        np.concatenate([b.theta, b.theta_blind], axis=1),  # byte-identical to the Group-OBS input
+        _with_row(d.b1, 2),
+        after,
+        _with_row(d.v_before, 3),
+        _with_row(d.v_after if v_after is None else v_after, 4),
+    ]
+    return [felts(t, SCALE) for t in tensors]
 
 
-def _prove(arts: CircuitArtifacts, values: dict[str, np.ndarray]) -> tuple[Proof, list[str], dict[str, Any]]:
-    witness = BACKEND.witness(_flat_inputs(values, seed=1), arts.compiled, arts.vk, arts.srs.path)
-    proof = BACKEND.prove(witness, arts.compiled, arts.pk, arts.srs.path)
-    return proof, witness_commitments(witness), witness
+def _prove(arts: CircuitArtifacts, inputs: list[list[str]]) -> tuple[Proof, list[str]]:
+    res = run_job(ProveJob(inputs, arts.compiled, arts.vk, arts.pk, arts.srs.path))
+    return res.proof, res.commitments
 
 
-def _residuals(arts: CircuitArtifacts, proof: Proof) -> np.ndarray:
-    assert len(proof.instances) == 1
-    assert len(proof.instances[0]) == len(orf.RESIDUALS)
-    return np.array([felt_to_int(f) / 2**arts.output_scale for f in proof.instances[0]])
+def _verify(
+    arts: CircuitArtifacts, d: Deletion, activation: Activation, proof: Proof, claimed_v: str
+) -> Verdict:
+    """The provider's check: Group-OBS's theta / theta', and its own commitments of enrolled values."""
+    bounds = declared_bounds(d.values, activation)
+    tol = output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, SCALE, activation, **bounds)
+    verifier = RefitVerifier(arts, n_batches=1, tolerance=tol)
+    enrolled = _refit_inputs(d)
+    return verifier.verify(
+        proof,
+        request_id="req-refit",
+        enrolled_z=verifier.commit(enrolled[0]),
+        enrolled_theta=[d.go_commitments[0]],
+        enrolled_b1=verifier.commit(enrolled[2]),
+        theta_after=[d.go_commitments[1]],
+        enrolled_v=verifier.commit(enrolled[4]),
+        claimed_v_after=claimed_v,
+        replay=InMemoryReplayGuard(),
+    )
 
 
-def _wrong_refit(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A following layer moved off the ridge solution by 0.5 everywhere (e.g. a smuggled fine-tune)."""
-    return dict(values, v_after=values["v_after"] + 0.5)
-
-
-def _tolerance(arts: CircuitArtifacts, activation: Activation) -> float:
-    scale = int(arts.settings_dict["run_args"]["input_scale"])
-    bounds = declared_bounds(_values(0, activation), activation)
-    return output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, scale, activation, **bounds)
-
-
-@pytest.fixture(scope="module")
-def honest(arts: CircuitArtifacts, activation: Activation) -> tuple[Proof, list[str]]:
-    proof, commitments, _ = _prove(arts, _values(0, activation))
-    return proof, commitments
-
-
-@pytest.fixture(scope="module")
-def lie(arts: CircuitArtifacts, activation: Activation) -> tuple[Proof, list[str]]:
-    proof, commitments, _ = _prove(arts, _wrong_refit(_values(0, activation)))
-    return proof, commitments
-
-
-def test_honest_refit_proves_and_verifies(
-    arts: CircuitArtifacts, activation: Activation, honest: tuple[Proof, list[str]]
+def test_honest_refit_verifies_against_the_group_obs_commitments(
+    refit_arts: CircuitArtifacts, deletion: Deletion, activation: Activation
 ) -> None:
-    proof, commitments = honest
-    assert BACKEND.verify(proof, arts.settings, arts.vk, arts.srs.path, commitments)
-    residual = float(_residuals(arts, proof)[0])
-    ulp = 2.0 ** -int(arts.settings_dict["run_args"]["input_scale"])
-    assert residual <= _tolerance(arts, activation)
-    assert residual < 8 * ulp  # what ezkl actually leaves: a few units (exact sums, one rounding each)
+    proof, commitments = _prove(refit_arts, _refit_inputs(deletion))
+    # The same theta / theta' tensors commit to the same points in both circuits.
+    assert commitments[1] == deletion.go_commitments[0]
+    assert commitments[3] == deletion.go_commitments[1]
+    verdict = _verify(refit_arts, deletion, activation, proof, commitments[-1])
+    assert verdict.ok, verdict
+    ulp = 2.0**-SCALE
+    assert verdict.residuals[0][0] < 8 * ulp  # what ezkl leaves: a few units, far below the tolerance
 
 
-def test_wrong_refit_shows_above_the_derived_tolerance(
-    arts: CircuitArtifacts, activation: Activation, lie: tuple[Proof, list[str]]
+def test_refit_over_weights_other_than_the_proven_theta_after_is_refused(
+    refit_arts: CircuitArtifacts, deletion: Deletion, activation: Activation
 ) -> None:
-    proof, commitments = lie
-    assert BACKEND.verify(proof, arts.settings, arts.vk, arts.srs.path, commitments)
-    assert float(_residuals(arts, proof)[0]) > _tolerance(arts, activation)
+    """A client that refits as if Group-OBS had changed nothing (theta' := theta): the refit is
+    internally consistent and its proof valid, but not over the weights the Group-OBS proof fixed."""
+    d = deletion
+    v = d.values
+    w2, b2 = v["v_before"][:, :-1], v["v_before"][:, -1]
+    fit = refit_following_layer(v["z"], v["w1_before"], v["b1"], v["w1_before"], w2, b2, activation, REL_LAM)
+    v_after = np.hstack([fit.weight, fit.bias[:, None]])
+    proof, commitments = _prove(refit_arts, _refit_inputs(d, theta_after=d.batch.theta, v_after=v_after))
+    verdict = _verify(refit_arts, d, activation, proof, commitments[-1])
+    assert not verdict.ok
+    assert verdict.reason is Reason.BINDING_OR_INVALID
 
 
-def test_wrong_refit_cannot_borrow_the_honest_residual_or_commitments(
-    arts: CircuitArtifacts, honest: tuple[Proof, list[str]], lie: tuple[Proof, list[str]]
+def test_refit_off_the_ridge_solution_is_refused(
+    refit_arts: CircuitArtifacts, deletion: Deletion, activation: Activation
 ) -> None:
-    honest_proof, honest_commitments = honest
-    lie_proof, lie_commitments = lie
-    assert honest_proof.instances[0][0] != lie_proof.instances[0][0]
-    forged = Proof(lie_proof.transcript, ((honest_proof.instances[0][0],),))
-    assert not BACKEND.verify(forged, arts.settings, arts.vk, arts.srs.path, lie_commitments)
-    assert not BACKEND.verify(lie_proof, arts.settings, arts.vk, arts.srs.path, honest_commitments)
+    proof, commitments = _prove(refit_arts, _refit_inputs(deletion, v_after=deletion.v_after + 0.5))
+    verdict = _verify(refit_arts, deletion, activation, proof, commitments[-1])
+    assert not verdict.ok
+    assert verdict.reason is Reason.REFIT_NOT_SOLUTION, verdict
+
+
+def test_wrong_number_of_theta_commitments_is_malformed(refit_arts: CircuitArtifacts) -> None:
+    verifier = RefitVerifier(refit_arts, n_batches=1, tolerance=0.1)
+    verdict = verifier.verify(
+        {"transcript": "00", "instances": [["00"]]},
+        request_id="r",
+        enrolled_z="",
+        enrolled_theta=[],
+        enrolled_b1="",
+        theta_after=[],
+        enrolled_v="",
+        claimed_v_after="",
+        replay=InMemoryReplayGuard(),
+    )
+    assert verdict.reason is Reason.MALFORMED
+    with pytest.raises(ValueError, match="tolerance"):
+        RefitVerifier(refit_arts, n_batches=1, tolerance=0.0)

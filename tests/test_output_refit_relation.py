@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scipy.special import ndtr  # type: ignore[import-untyped]
 from zkunlearn.circuits import activations
 
-from tests.refit_cases import declared_bounds, honest_pair
+from tests.refit_cases import declared_bounds, honest_pair, relation_inputs
 
 N, D_IN, HIDDEN, D_OUT, REL_LAM = 24, 4, 8, 3, 0.05
 
@@ -28,21 +28,22 @@ def _honest(seed: int, activation: activations.Activation = "relu") -> dict[str,
     return honest_pair(seed, N, D_IN, HIDDEN, D_OUT, REL_LAM, activation)
 
 
-def _inputs(values: dict[str, np.ndarray], seed: int = 0) -> list[torch.Tensor]:
-    """Each tensor with its trailing blinding row (random: the relation must ignore it)."""
+def _inputs(values: dict[str, np.ndarray], seed: int = 0, block: int = D_IN) -> list[torch.Tensor]:
+    """The committed layout, blinding random (the relation must ignore it)."""
     rng = np.random.default_rng(1000 + seed)
-    out = []
-    for name in orf.INPUT_NAMES:
-        v = values[name]
-        v = v[None] if v.ndim == 1 else v
-        out.append(torch.tensor(np.vstack([v, rng.normal(size=(1, v.shape[1]))]), dtype=torch.float64))
-    return out
+    arrays = relation_inputs(values, block=block, batch=2, n_blind=orf.N_BLIND, rng=rng)
+    return [torch.tensor(a, dtype=torch.float64) for a in arrays]
 
 
-def _maxima(values: dict[str, np.ndarray], activation: activations.Activation = "relu") -> np.ndarray:
-    check = orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, activation).double()
+def _check(activation: activations.Activation = "relu", block: int = D_IN) -> orf.OutputRefitCheck:
+    return orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, activation, block=block, batch=2).double()
+
+
+def _maxima(
+    values: dict[str, np.ndarray], activation: activations.Activation = "relu", block: int = D_IN
+) -> np.ndarray:
     with torch.no_grad():
-        return np.asarray(check(*_inputs(values)).numpy()[0])
+        return np.asarray(_check(activation, block)(*_inputs(values, block=block)).numpy()[0])
 
 
 @pytest.mark.parametrize("activation", activations.ACTIVATIONS)
@@ -54,11 +55,25 @@ def test_honest_refit_satisfies_the_normal_equations(activation: activations.Act
 
 def test_blinding_rows_are_ignored() -> None:
     values = _honest(0)
-    check = orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM).double()
     with torch.no_grad():
-        a = check(*_inputs(values, seed=1))
-        b = check(*_inputs(values, seed=2))
+        a = _check()(*_inputs(values, seed=1))
+        b = _check()(*_inputs(values, seed=2))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block", [2, 8, 16])
+def test_any_group_obs_block_layout_reads_the_same_weights(block: int) -> None:
+    """Half-row, two-row and four-row blocks: the relation reassembles W1 row-major either way."""
+    values = _honest(1, "gelu")
+    assert _maxima(values, "gelu", block)[0] < 1e-12
+    assert _maxima(dict(values, v_after=values["v_after"] + 0.05), "gelu", block)[0] > 1e-4
+
+
+def test_layout_errors_are_refused() -> None:
+    with pytest.raises(ValueError, match="split into batches"):
+        orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, block=3)
+    with pytest.raises(ValueError, match="expected"):
+        _check()(*_inputs(_honest(0))[:-1])
 
 
 @pytest.mark.parametrize("activation", activations.ACTIVATIONS)
@@ -111,11 +126,12 @@ def test_unknown_activation_and_bad_ridge_are_refused() -> None:
 
 @pytest.mark.parametrize("activation", activations.ACTIVATIONS)
 def test_onnx_matches_torch_with_checked_ops(tmp_path: Path, activation: activations.Activation) -> None:
+    check = orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, activation, block=2 * D_IN, batch=2)
     path = export_relation(
-        orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, activation),
-        orf.example_inputs(N, D_IN, HIDDEN, D_OUT),
+        check,
+        check.example_inputs(),
         tmp_path / "refit.onnx",
-        orf.INPUT_NAMES,
+        check.input_names(),
         orf.OUTPUT_NAMES,
         atol=1e-3,
     )
@@ -133,8 +149,10 @@ def test_rounded_inputs_stay_within_the_derived_tolerance(activation: activation
         tol = output_refit_tolerance(
             N, D_IN, HIDDEN, REL_LAM, scale, activation, **declared_bounds(values, activation)
         )
-        rounded = {k: dequantise(quantise(v, scale), scale) for k, v in values.items()}
-        assert 0 < _maxima(rounded, activation)[0] <= tol / 10
+        rounded = [dequantise(quantise(a.numpy(), scale), scale) for a in _inputs(values)]
+        with torch.no_grad():
+            got = float(_check(activation)(*[torch.tensor(a) for a in rounded])[0, 0])
+        assert 0 < got <= tol / 10
         moved = dict(values, v_after=values["v_after"] + 2 * tol / REL_LAM)
         assert _maxima(moved, activation)[0] > tol
 
