@@ -31,6 +31,7 @@ from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.analytic import AnalyticHead
 from zkunlearn.client.fisher import BlockFactors, Curvature, FisherError, fit_rows, layer_factors
 from zkunlearn.client.group_obs import apply_group_obs
+from zkunlearn.client.refit import OutputRefitError, capture_inputs, refit_following_layer
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.proofs.artifacts import ClientCircuit
 from zkunlearn.proofs.backend import EzklBackend
@@ -38,6 +39,7 @@ from zkunlearn.proofs.deletion import (
     ANALYTIC_LAYER,
     AnalyticSpec,
     GroupObsSpec,
+    RefitSpec,
     analytic_forget_tensors,
     commitment_name,
     encode_proof,
@@ -129,6 +131,18 @@ class _CommittedStateProver:
         }
 
 
+def _check_bounds(refit: RefitSpec, **values: float) -> None:
+    """Refuse values above the provider's published magnitudes: its tolerance assumes them, so an
+    honest proof over larger ones could be rejected."""
+    for name, value in values.items():
+        bound = float(getattr(refit, f"{name}_bound"))
+        if value > bound:
+            raise UnlearningError(
+                f"refit of {refit.following}: |{name}| reaches {value:.3g}, above the published "
+                f"{name}_bound {bound:.3g}; the provider must publish larger bounds for this model"
+            )
+
+
 @dataclass(frozen=True)
 class ProveOptions:
     workers: int = 1
@@ -150,6 +164,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         circuit: ClientCircuit,
         state_dir: Path,
         options: ProveOptions | None = None,
+        refits: Sequence[tuple[RefitSpec, ClientCircuit]] = (),
     ) -> None:
         self.model = model
         self.spec = spec
@@ -157,6 +172,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         self.state_dir = Path(state_dir)
         self.options = options or ProveOptions()
         self.scale = _input_scale(circuit)
+        self.refits = tuple(refits)  # in the provider's published order: the proofs follow it
 
     # -- enrollment --------------------------------------------------------------------------------
 
@@ -241,9 +257,101 @@ class GroupObsUnlearner(_CommittedStateProver):
             }
             with torch.no_grad():
                 param.copy_(torch.from_numpy(theta.reshape(param.shape) / 2.0**exponent).to(param.dtype))
+        retained = inputs if exclude is None else inputs[~exclude.to(torch.bool)]
+        for refit, circuit in self.refits:
+            if refit.masked in layers:
+                commitments += self._enroll_refit(refit, circuit, retained, meta, arrays)
         meta["commitments"] = [c.to_json() for c in commitments]
         _atomic_save(self.state_dir, arrays, meta)
         return commitments
+
+    def _enroll_refit(
+        self,
+        refit: RefitSpec,
+        circuit: ClientCircuit,
+        retained: Tensor,
+        meta: dict[str, Any],
+        arrays: dict[str, F64],
+    ) -> list[Commitment]:
+        """Commit the refit's inputs: ``n`` rows of the masked layer's inputs (evenly spaced over the
+        retained data, pre-scaled by the layer's ``2**-e``), its bias and the following layer."""
+        scale, masked_module = self.scale, refit.masked.rsplit(".", 1)[0]
+        try:
+            z = capture_inputs(self.model, [masked_module], retained)[masked_module].numpy()
+            following = self.model.get_submodule(refit.following)
+        except (OutputRefitError, AttributeError) as exc:
+            raise UnlearningError(f"refit {refit.masked} -> {refit.following}: {exc}") from exc
+        if not isinstance(following, nn.Linear) or following.bias is None:
+            raise UnlearningError(f"refit target {refit.following!r} must be an nn.Linear with a bias")
+        if z.shape[0] < refit.n or z.shape[1] != refit.d_in:
+            raise UnlearningError(
+                f"refit of {refit.following} needs {refit.n} rows of width {refit.d_in}; "
+                f"the retained data gives {z.shape[0]} of width {z.shape[1]}"
+            )
+        if tuple(following.weight.shape) != (refit.d_out, refit.hidden):
+            raise UnlearningError(
+                f"{refit.following} is {tuple(following.weight.shape)}, the circuit expects "
+                f"({refit.d_out}, {refit.hidden})"
+            )
+        exponent = int(meta["layers"][refit.masked]["exponent"])
+        rows = np.linspace(0, z.shape[0] - 1, refit.n).round().astype(np.int64)
+        z_scaled = _on_grid(z[rows] * 2.0**-exponent, scale)
+        bias = (
+            _param(self.model, refit.masked_bias).detach() if refit.masked_bias else torch.zeros(refit.hidden)
+        )
+        b1 = _on_grid(bias.double().cpu().numpy().reshape(1, -1), scale)
+        v = np.hstack(
+            [following.weight.detach().double().numpy(), following.bias.detach().double().numpy()[:, None]]
+        )
+        v = _on_grid(v, scale)
+        theta = arrays[f"{refit.masked}/theta"].reshape(refit.hidden, refit.d_in)
+        hidden = np.maximum(z_scaled @ theta.T + b1, 0.0) if refit.activation == "relu" else None
+        if hidden is None:  # GELU: the circuit's own activation
+            from zkunlearn.circuits.activations import gelu_certified
+
+            hidden = gelu_certified(torch.from_numpy(z_scaled @ theta.T + b1)).numpy()
+        outputs = np.hstack([hidden, np.ones((refit.n, 1))]) @ v.T
+        _check_bounds(
+            refit,
+            z=float(np.abs(z_scaled).max()),
+            w=float(max(np.abs(theta).max(), np.abs(b1).max())),
+            v=float(np.abs(v).max()),
+            h=float(np.abs(hidden).max()),
+            y=float(np.abs(outputs).max()),
+        )
+        key = f"refit/{refit.following}"
+        arrays |= {
+            f"{key}/z": z_scaled,
+            f"{key}/z_blind": random_blinding(refit.d_in, scale)[None, :],
+            f"{key}/b1": b1,
+            f"{key}/b1_blind": random_blinding(refit.hidden, scale)[None, :],
+            f"{key}/v": v,
+            f"{key}/v_blind": random_blinding(refit.hidden + 1, scale)[None, :],
+        }
+        meta.setdefault("refits", {})[refit.following] = {"masked": refit.masked, "bias": refit.masked_bias}
+        self._write_refit_params(refit, arrays)
+        return [
+            Commitment(
+                commitment_name(kind, name),
+                0,
+                _commit(circuit, np.vstack([arrays[f"{key}/{kind}"], arrays[f"{key}/{kind}_blind"]]), scale),
+            )
+            for kind, name in (("z", refit.masked), ("b1", refit.masked), ("v", refit.following))
+        ]
+
+    def _write_refit_params(self, refit: RefitSpec, arrays: dict[str, F64]) -> None:
+        """The live model's following layer (and the masked layer's bias) from the committed state."""
+        key = f"refit/{refit.following}"
+        following = self.model.get_submodule(refit.following)
+        if not isinstance(following, nn.Linear) or following.bias is None:
+            raise UnlearningError(f"refit target {refit.following!r} must be an nn.Linear with a bias")
+        v = arrays[f"{key}/v"]
+        with torch.no_grad():
+            following.weight.copy_(torch.from_numpy(v[:, :-1]).to(following.weight.dtype))
+            following.bias.copy_(torch.from_numpy(v[:, -1]).to(following.bias.dtype))
+            if refit.masked_bias:
+                param = _param(self.model, refit.masked_bias)
+                param.copy_(torch.from_numpy(arrays[f"{key}/b1"][0]).to(param.dtype))
 
     # -- deletion ----------------------------------------------------------------------------------
 
@@ -307,6 +415,18 @@ class GroupObsUnlearner(_CommittedStateProver):
                 c = self.circuit
                 jobs.append(ProveJob(tensors, c.compiled, c.vk, c.pk, c.srs.path, label=f"{name}#{b}"))
                 pending.append((name, b, batch))
+        # Refits read theta' with the blinding its Group-OBS proof committed it with.
+        after_blind = {name: arrays[f"{name}/theta_blind"].copy() for name in new_theta}
+        for name, b, batch in pending:
+            after_blind[name][b] = batch.theta_after_blind
+        refit_updates: list[tuple[RefitSpec, F64, F64]] = []
+        for refit, circuit in self.refits:
+            if refit.masked in {name for name, _ in batches}:
+                job, v_new, v_blind = self._refit_job(
+                    refit, circuit, arrays, meta, new_theta[refit.masked], after_blind[refit.masked]
+                )
+                jobs.append(job)
+                refit_updates.append((refit, v_new, v_blind))
         results: list[ProveResult] = prove_parallel(
             jobs,
             workers=self.options.workers,
@@ -314,7 +434,13 @@ class GroupObsUnlearner(_CommittedStateProver):
             progress=self.options.progress,
         )
         after_commitments = dict(mine)
-        for (name, b, batch), result in zip(pending, results, strict=True):
+        for (refit, v_new, v_blind), result in zip(refit_updates, results[len(pending) :], strict=True):
+            if self.self_check and result.commitments[0] != mine[(commitment_name("z", refit.masked), 0)]:
+                raise UnlearningError(f"refit of {refit.following}: the proof's z is not our committed z")
+            after_commitments[(commitment_name("v", refit.following), 0)] = result.commitments[-1]
+            arrays[f"refit/{refit.following}/v"] = v_new
+            arrays[f"refit/{refit.following}/v_blind"] = v_blind
+        for (name, b, batch), result in zip(pending, results[: len(pending)], strict=True):
             if self.self_check and result.commitments[0] != mine[(commitment_name("theta", name), b)]:
                 raise UnlearningError(f"{name} batch {b}: the proof's theta is not our committed theta")
             after_commitments[(commitment_name("theta", name), b)] = result.commitments[1]
@@ -335,6 +461,59 @@ class GroupObsUnlearner(_CommittedStateProver):
         self.load_model()
         return UpdateResult(after_list, proofs)
 
+    def _refit_job(
+        self,
+        refit: RefitSpec,
+        circuit: ClientCircuit,
+        arrays: dict[str, F64],
+        meta: dict[str, Any],
+        theta_after: F64,
+        after_blind: F64,
+    ) -> tuple[ProveJob, F64, F64]:
+        """The refit of one pair from committed values only, and the job that proves it."""
+        scale, key = self.scale, f"refit/{refit.following}"
+        if refit.following not in meta.get("refits", {}):
+            raise UnlearningError(f"the refit of {refit.following} was not enrolled")
+        exponent = int(meta["layers"][refit.masked]["exponent"])
+        theta = arrays[f"{refit.masked}/theta"]  # (n_batches, batch, block), scaled by 2**e
+        shape = (refit.hidden, refit.d_in)
+        v0 = arrays[f"{key}/v"]
+        try:
+            fit = refit_following_layer(
+                arrays[f"{key}/z"] * 2.0**exponent,
+                theta.reshape(shape) * 2.0**-exponent,
+                arrays[f"{key}/b1"][0],
+                theta_after.reshape(shape) * 2.0**-exponent,
+                v0[:, :-1],
+                v0[:, -1],
+                refit.activation,  # type: ignore[arg-type]
+                refit.rel_lam,
+            )
+        except OutputRefitError as exc:
+            raise UnlearningError(f"refit of {refit.following}: {exc}") from exc
+        v_new = _on_grid(np.hstack([fit.weight, fit.bias[:, None]]), scale)
+        _check_bounds(refit, v=float(np.abs(v_new).max()))
+        v_blind = random_blinding(refit.hidden + 1, scale)[None, :]
+        before_blind = arrays[f"{refit.masked}/theta_blind"]
+        n_batches = theta.shape[0]
+        tensors = [
+            np.vstack([arrays[f"{key}/z"], arrays[f"{key}/z_blind"]]),
+            *(np.concatenate([theta[b], before_blind[b]], axis=1) for b in range(n_batches)),
+            np.vstack([arrays[f"{key}/b1"], arrays[f"{key}/b1_blind"]]),
+            *(np.concatenate([theta_after[b], after_blind[b]], axis=1) for b in range(n_batches)),
+            np.vstack([v0, arrays[f"{key}/v_blind"]]),
+            np.vstack([v_new, v_blind]),
+        ]
+        job = ProveJob(
+            [felts(t, scale) for t in tensors],
+            circuit.compiled,
+            circuit.vk,
+            circuit.pk,
+            circuit.srs.path,
+            label=f"refit {refit.following}",
+        )
+        return job, v_new, v_blind
+
     def load_model(self) -> None:
         """Write the committed weights into the live model (e.g. after a restart)."""
         arrays, meta = _load(self.state_dir)
@@ -343,6 +522,9 @@ class GroupObsUnlearner(_CommittedStateProver):
             value = arrays[f"{name}/theta"].reshape(info["shape"]) / 2.0 ** int(info["exponent"])
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value).to(param.dtype))
+        for refit, _circuit in self.refits:
+            if refit.following in meta.get("refits", {}):
+                self._write_refit_params(refit, arrays)
 
 
 class AnalyticUnlearner(_CommittedStateProver):

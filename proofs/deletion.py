@@ -10,6 +10,13 @@ provider (verifying) and the auditor (re-verifying offline) cannot disagree:
   ``theta:<layer>`` / ``g:<layer>`` with ``block`` = the batch index. After an accepted deletion the
   ``theta`` commitments of touched batches are replaced by the proofs' ``theta'`` commitments; every
   other commitment (all ``G``, untouched ``theta``) must be carried over unchanged.
+* **Output refit** (optional, per published layer pair). For a pair whose masked layer the mask
+  touches, one more proof after the Group-OBS ones, in the order the pairs are published: the layer
+  its activations feed, ``V = [W2 | b2]``, is the ridge refit of ``circuits.output_refit``. The client
+  commits at enrollment to the masked layer's inputs (``z:<layer>``, pre-scaled by its theta exponent),
+  its bias (``b1:<layer>``) and ``V`` (``v:<following>``); the proof reads ``W1`` / ``W1'`` through the
+  masked layer's ``theta`` commitments (enrolled, and as accepted by this deletion's Group-OBS proofs),
+  and ``v:<following>`` is replaced by the refit's commitment.
 * **Analytic.** One proof; the client commits to ``R`` and ``W`` (names ``r:head``, ``w:head``); the
   forget features and labels travel with the request, zero-padded to the circuit's ``n_u`` rows
   (zero rows change neither residual), and their commitments are computed by the verifier itself.
@@ -22,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,10 +39,11 @@ import numpy as np
 import numpy.typing as npt
 from zkunlearn.circuits import analytic as analytic_relation
 from zkunlearn.circuits import group_obs as group_obs_relation
+from zkunlearn.circuits import output_refit as refit_relation
 from zkunlearn.circuits.export import export_relation
 from zkunlearn.circuits.mask import LayerMask, Mask, MaskError
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts
-from zkunlearn.proofs.backend import CircuitConfig, Proof, ProofFormatError
+from zkunlearn.proofs.backend import CircuitConfig, EzklBackend, Proof, ProofFormatError
 from zkunlearn.proofs.fixedpoint import (
     FixedPointError,
     FloatArray,
@@ -42,10 +51,17 @@ from zkunlearn.proofs.fixedpoint import (
     analytic_tolerance,
     felts,
     group_obs_tolerance,
+    output_refit_tolerance,
     request_binding,
 )
 from zkunlearn.proofs.srs import SrsInfo, dev_srs, file_sha256
-from zkunlearn.proofs.verifier import AnalyticVerifier, GroupObsVerifier, Verdict
+from zkunlearn.proofs.verifier import AnalyticVerifier, GroupObsVerifier, RefitVerifier, Verdict
+
+REFIT_DECOMP_LEGS = 4
+"""Range-check legs of the refit circuits (base 1024: values below 2**40 at twice the input scale).
+The refit's Gram and cross products sum ``n`` terms before rescaling; with Group-OBS's 3 legs
+(2**30, i.e. 16 in real units at scale 2 x 13) an honest refit over a few dozen rows already
+overflows the decomposition. The legs do not change a commitment, so the circuits still agree."""
 
 UPDATE_KIND_GROUP_OBS = 1
 UPDATE_KIND_ANALYTIC = 2
@@ -129,6 +145,60 @@ class AnalyticSpec:
 
 
 @dataclass(frozen=True)
+class RefitSpec:
+    """One output-refit pair the provider publishes: which layers, the circuit's shape, the ridge and
+    the magnitude bounds its tolerance is derived from (set them from the global model's statistics:
+    the tolerance is only as tight as they are)."""
+
+    masked: str  # the masked weight, a Group-OBS layer, e.g. "fc1.weight"
+    masked_bias: str | None  # its bias parameter ("fc1.bias"), or None for a layer without one
+    following: str  # the linear module its activations feed, e.g. "fc2"
+    n: int  # committed rows of the masked layer's inputs
+    d_in: int
+    hidden: int
+    d_out: int
+    rel_lam: float
+    activation: str
+    z_bound: float = 8.0
+    w_bound: float = 8.0
+    v_bound: float = 4.0
+    h_bound: float = 8.0
+    y_bound: float = 8.0
+
+    def tolerance(self, scale: int) -> float:
+        return output_refit_tolerance(
+            self.n,
+            self.d_in,
+            self.hidden,
+            self.rel_lam,
+            scale,
+            self.activation,
+            z_bound=self.z_bound,
+            w_bound=self.w_bound,
+            v_bound=self.v_bound,
+            h_bound=self.h_bound,
+            y_bound=self.y_bound,
+        )
+
+    def relation(self, group_obs: GroupObsSpec) -> refit_relation.OutputRefitCheck:
+        """The circuit, reading ``W1`` in ``group_obs``'s batch layout."""
+        try:
+            return refit_relation.OutputRefitCheck(
+                self.n,
+                self.d_in,
+                self.hidden,
+                self.d_out,
+                self.rel_lam,
+                self.activation,  # type: ignore[arg-type]
+                block=group_obs.block,
+                batch=group_obs.batch,
+                n_blind=group_obs.n_blind,
+            )
+        except ValueError as exc:
+            raise DeletionError(f"refit {self.masked} -> {self.following}: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class DeletionCircuits:
     """The provider's compiled circuits for one model, as a directory it can publish and audit.
 
@@ -140,6 +210,7 @@ class DeletionCircuits:
     directory: Path
     group_obs: tuple[GroupObsSpec, CircuitArtifacts] | None
     analytic: tuple[AnalyticSpec, CircuitArtifacts] | None
+    refits: tuple[tuple[RefitSpec, CircuitArtifacts], ...] = ()
 
     @classmethod
     def build(
@@ -150,13 +221,38 @@ class DeletionCircuits:
         analytic: AnalyticSpec | None,
         config: CircuitConfig | None = None,
         srs: SrsInfo | None = None,
+        refits: Sequence[RefitSpec] = (),
     ) -> DeletionCircuits:
         """Export, compile and set up each relation with the provider's own keys (cached by content).
 
-        Without ``srs`` a development SRS is generated: INSECURE, and recorded as such.
+        Without ``srs`` a development SRS is generated: INSECURE, and recorded as such. With
+        ``refits``, the Group-OBS and refit circuits are built with one common logrows (the largest
+        any of them needs), so the refit proofs can be checked against Group-OBS's commitments.
         """
         directory = Path(directory)
         srs_dir = directory / "srs"
+        base = config or CircuitConfig()
+        if refits and group_obs is None:
+            raise DeletionError("output refit circuits read Group-OBS's commitments; publish Group-OBS too")
+        # Not ``directory / "staging"``: each artifact build clears that folder.
+        refit_staging = directory / "staging-refit"
+        refit_onnx: list[Path] = []
+        for i, spec in enumerate(refits):
+            refit_module = spec.relation(group_obs)  # type: ignore[arg-type]
+            refit_onnx.append(
+                export_relation(
+                    refit_module,
+                    refit_module.example_inputs(),
+                    refit_staging / f"refit_{i}.onnx",
+                    refit_module.input_names(),
+                    refit_relation.OUTPUT_NAMES,
+                )
+            )
+        shared = base  # Group-OBS and the refits: one logrows, so one commitment per tensor
+        refit_base = replace(base, decomp_legs=max(base.decomp_legs, REFIT_DECOMP_LEGS))
+        if refits:
+            need = max(_logrows(path, refit_base, refit_staging) for path in refit_onnx)
+            shared = replace(base, min_logrows=max(base.min_logrows, need))
 
         def srs_for(logrows: int) -> SrsInfo:
             if srs is not None:
@@ -165,7 +261,8 @@ class DeletionCircuits:
                 return srs
             return dev_srs(srs_dir, logrows)
 
-        built_go = built_an = None
+        built_go: tuple[GroupObsSpec, CircuitArtifacts] | None = None
+        built_an: tuple[AnalyticSpec, CircuitArtifacts] | None = None
         record: dict[str, Any] = {"format": "zkunlearn-circuits/v1"}
         if group_obs is not None:
             module = group_obs_relation.GroupObsCheck(
@@ -180,7 +277,9 @@ class DeletionCircuits:
                 group_obs_relation.INPUT_NAMES,
                 group_obs_relation.OUTPUT_NAMES,
             )
-            arts = build_provider_artifacts(onnx, directory, srs_for, config)
+            arts = build_provider_artifacts(onnx, directory, srs_for, shared)
+            if refits and arts.logrows > shared.min_logrows:  # Group-OBS is the larger: follow it
+                shared = replace(shared, min_logrows=arts.logrows)
             built_go = (group_obs, arts)
             record["group_obs"] = {
                 "spec": asdict(group_obs),
@@ -196,15 +295,31 @@ class DeletionCircuits:
                 analytic_relation.INPUT_NAMES,
                 analytic_relation.OUTPUT_NAMES,
             )
-            arts = build_provider_artifacts(onnx, directory, srs_for, config)
+            arts = build_provider_artifacts(onnx, directory, srs_for, base)
             built_an = (analytic, arts)
             record["analytic"] = {
                 "spec": asdict(analytic),
                 "key": arts.key,
                 **_srs_record(arts.srs, directory),
             }
+        built_refits: list[tuple[RefitSpec, CircuitArtifacts]] = []
+        for spec, onnx in zip(refits, refit_onnx, strict=True):
+            refit_config = replace(refit_base, min_logrows=shared.min_logrows)
+            arts = build_provider_artifacts(onnx, directory, srs_for, refit_config)
+            if built_go is not None and arts.logrows != built_go[1].logrows:
+                raise DeletionError(
+                    f"refit circuit for {spec.masked} has logrows {arts.logrows}, Group-OBS "
+                    f"{built_go[1].logrows}: their commitments would not agree"
+                )
+            built_refits.append((spec, arts))
+        shutil.rmtree(refit_staging, ignore_errors=True)
+        if built_refits:
+            record["refits"] = [
+                {"spec": asdict(spec), "key": arts.key, **_srs_record(arts.srs, directory)}
+                for spec, arts in built_refits
+            ]
         (directory / "circuits.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        return cls(directory, built_go, built_an)
+        return cls(directory, built_go, built_an, tuple(built_refits))
 
     @classmethod
     def load(cls, directory: Path) -> DeletionCircuits:
@@ -219,7 +334,10 @@ class DeletionCircuits:
             go = (GroupObsSpec(**record["group_obs"]["spec"]), _artifacts(directory, record["group_obs"]))
         if "analytic" in record:
             an = (AnalyticSpec(**record["analytic"]["spec"]), _artifacts(directory, record["analytic"]))
-        return cls(directory, go, an)
+        refits = tuple(
+            (RefitSpec(**entry["spec"]), _artifacts(directory, entry)) for entry in record.get("refits", [])
+        )
+        return cls(directory, go, an, refits)
 
     def group_obs_verifier(self) -> tuple[GroupObsSpec, GroupObsVerifier]:
         if self.group_obs is None:
@@ -233,6 +351,12 @@ class DeletionCircuits:
             raise DeletionError("this model publishes no analytic circuit")
         spec, arts = self.analytic
         return spec, AnalyticVerifier(arts, d=spec.d, tolerance=spec.tolerance(_input_scale(arts)))
+
+
+def _logrows(onnx: Path, config: CircuitConfig, staging: Path) -> int:
+    """The logrows a relation needs under ``config`` (settings only: no compile, no setup)."""
+    settings = EzklBackend().make_settings(onnx, staging / f"{onnx.stem}.settings.json", config)
+    return int(settings["run_args"]["logrows"])
 
 
 def _srs_record(srs: SrsInfo, directory: Path) -> dict[str, Any]:
@@ -378,21 +502,26 @@ def verify_group_obs(
     batches = touched_batches(mask, spec)
     if not batches:
         return DeletionVerdict(False, "the mask touches no weights")
-    if len(proofs) != len(batches):
+    touched_layers = {layer for layer, _ in batches}
+    refits = [(r, arts) for r, arts in circuits.refits if r.masked in touched_layers]
+    if len(proofs) != len(batches) + len(refits):
         return DeletionVerdict(
-            False, f"expected {len(batches)} proofs (one per touched batch), got {len(proofs)}"
+            False,
+            f"expected {len(batches) + len(refits)} proofs (one per touched batch"
+            f"{', one per refit pair of a touched layer' if refits else ''}), got {len(proofs)}",
         )
-    touched_theta = {(commitment_name("theta", layer), b) for layer, b in batches}
+    may_change = {(commitment_name("theta", layer), b) for layer, b in batches}
+    may_change |= {(commitment_name("v", r.following), 0) for r, _ in refits}
     if set(new) != set(old):
         return DeletionVerdict(False, "after-commitments must name exactly the enrolled tensors")
     for key, point in old.items():
-        if key not in touched_theta and new[key] != point:
+        if key not in may_change and new[key] != point:
             return DeletionVerdict(
-                False, f"commitment {key[0]}#{key[1]} changed but its batch is not in the mask"
+                False, f"commitment {key[0]}#{key[1]} changed but the request does not touch it"
             )
     layers = {layer.layer: layer for layer in mask.layers}
     verdicts: list[Verdict] = []
-    for index, ((layer_name, b), raw) in enumerate(zip(batches, proofs, strict=True)):
+    for index, ((layer_name, b), raw) in enumerate(zip(batches, proofs[: len(batches)], strict=True)):
         theta_key, g_key = (commitment_name("theta", layer_name), b), (commitment_name("g", layer_name), b)
         if theta_key not in old or g_key not in old:
             return DeletionVerdict(False, f"no enrolled commitment for {layer_name} batch {b}")
@@ -415,6 +544,42 @@ def verify_group_obs(
             return DeletionVerdict(
                 False,
                 f"{layer_name} batch {b}: {verdict.reason.value} {verdict.detail}".strip(),
+                tuple(verdicts),
+            )
+    for index, ((refit, arts), raw) in enumerate(zip(refits, proofs[len(batches) :], strict=True)):
+        n_batches = layer_batches(layers[refit.masked], spec)
+        theta_keys = [(commitment_name("theta", refit.masked), b) for b in range(n_batches)]
+        keys = {
+            "z": (commitment_name("z", refit.masked), 0),
+            "b1": (commitment_name("b1", refit.masked), 0),
+            "v": (commitment_name("v", refit.following), 0),
+        }
+        missing = [f"{k[0]}#{k[1]}" for k in [*theta_keys, *keys.values()] if k not in old]
+        if missing:
+            return DeletionVerdict(False, f"refit of {refit.following}: no enrolled {', '.join(missing)}")
+        try:
+            proof = _parse_proof(raw, len(batches) + index)
+        except DeletionError as exc:
+            return DeletionVerdict(False, str(exc), tuple(verdicts))
+        refit_verifier = RefitVerifier(
+            arts, n_batches=n_batches, tolerance=refit.tolerance(_input_scale(arts))
+        )
+        verdict = refit_verifier.verify(
+            proof,
+            request_id=request_id,
+            enrolled_z=old[keys["z"]],
+            enrolled_theta=[old[k] for k in theta_keys],
+            enrolled_b1=old[keys["b1"]],
+            theta_after=[new[k] for k in theta_keys],
+            enrolled_v=old[keys["v"]],
+            claimed_v_after=new[keys["v"]],
+            replay=_NoReplay(),
+        )
+        verdicts.append(verdict)
+        if not verdict.ok:
+            return DeletionVerdict(
+                False,
+                f"refit of {refit.following}: {verdict.reason.value} {verdict.detail}".strip(),
                 tuple(verdicts),
             )
     return DeletionVerdict(True, "ok", tuple(verdicts))

@@ -1,0 +1,193 @@
+"""The whole deletion with the output refit, with real parts: gRPC on loopback, SQLite, Ed25519 and real
+ezkl proofs for Group-OBS *and* the refit of the layer after the masked one.
+
+The provider publishes a refit pair (``fc1`` masked, ``fc2`` refit, ReLU); its Group-OBS and refit
+circuits share logrows so the refit proof is checked against the Group-OBS ``theta'``. An honest
+client is accepted and its ``fc2`` is the ridge refit; a client that skips the refit, one that
+smuggles another ``fc2`` past it, and one that refits from other weights than the proven ones are
+rejected with specific reasons; the auditor's offline re-check of the exported bundle agrees.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch import nn
+from zkunlearn.client.refit import refit_following_layer
+from zkunlearn.client.unlearning import GroupObsUnlearner
+from zkunlearn.proofs.audit import audit_bundle
+from zkunlearn.proofs.deletion import DeletionCircuits, RefitSpec
+from zkunlearn.provider.export import export_bundle
+from zkunlearn.provider.server import ProviderConfig, build_server
+from zkunlearn.provider.verification import EzklVerifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.test_e2e_real import GO_SPEC, LAYER, OPTIONS, Tiny, World, client_circuit, data, edge, mask_for
+
+pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
+MODEL = "tiny-mlp-refit"
+REFIT = RefitSpec(
+    masked=LAYER,
+    masked_bias=None,
+    following="fc2",
+    n=16,
+    d_in=8,
+    hidden=8,
+    d_out=3,
+    rel_lam=0.05,
+    activation="relu",
+    # Declared from the model's own statistics (inputs / 4 <= 0.84, |theta| <= 1.4, |h| <= 1.8,
+    # |fc2| <= 0.36, outputs <= 0.68): the tolerance is only as tight as these are.
+    z_bound=1.0,
+    w_bound=2.0,
+    v_bound=1.0,
+    h_bound=2.5,
+    y_bound=1.5,
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("e2e-refit")
+    circuits = DeletionCircuits.build(tmp / "circuits", group_obs=GO_SPEC, analytic=None, refits=[REFIT])
+    (_refit, refit_arts) = circuits.refits[0]
+    assert circuits.group_obs is not None
+    assert circuits.group_obs[1].logrows == refit_arts.logrows
+    assert DeletionCircuits.load(tmp / "circuits").refits[0][0] == REFIT
+    config = ProviderConfig.load(
+        None,
+        {
+            "listen": "127.0.0.1:0",
+            "state": str(tmp / "provider.db"),
+            "key_file": str(tmp / "provider.key"),
+            "submit_wait_s": 60.0,
+            "watch_poll_s": 0.2,
+            "grace_s": 0.5,
+        },
+    )
+    server = build_server(config, verifier=EzklVerifier({MODEL: tmp / "circuits"}))
+    yield World(circuits, server, tmp)
+    server.stop(0)
+
+
+def refit_client(world: World, name: str, cls: type[GroupObsUnlearner] = GroupObsUnlearner):  # type: ignore[no-untyped-def]
+    from zkunlearn.proofs.artifacts import client_artifacts
+
+    _spec, arts = world.circuits.refits[0]
+    refit_circuit = client_artifacts(
+        arts.compiled.read_bytes(), arts.settings.read_bytes(), arts.srs, world.tmp / name / "refit"
+    )
+    model = Tiny()
+    unlearner = cls(
+        model,
+        GO_SPEC,
+        client_circuit(world, "group_obs", name),
+        world.tmp / name / "state",
+        OPTIONS,
+        refits=[(REFIT, refit_circuit)],
+    )
+    x, y = data()
+    commitments = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy)
+    assert {c.name for c in commitments} >= {"z:fc1.weight", "b1:fc1.weight", "v:fc2"}
+    client = edge(world, name, unlearner)
+    client.enroll(name, MODEL, [LAYER], 1, commitments)
+    return client, unlearner, model
+
+
+class SkipsRefit(GroupObsUnlearner):
+    """Dishonest: proves Group-OBS but not the refit (as if the provider had not asked for it)."""
+
+    def prove(self, request):  # type: ignore[no-untyped-def]
+        self.refits = ()
+        return super().prove(request)
+
+
+class SmugglesFc2(GroupObsUnlearner):
+    """Dishonest: proves a following layer moved off the ridge solution (e.g. a fine-tune)."""
+
+    self_check = False
+
+    def _refit_job(self, refit, circuit, arrays, meta, theta_after, after_blind):  # type: ignore[no-untyped-def]
+        from zkunlearn.proofs.fixedpoint import felts
+
+        job, v_new, v_blind = super()._refit_job(refit, circuit, arrays, meta, theta_after, after_blind)
+        moved = v_new + 0.25
+        inputs = [*job.inputs[:-1], felts(np.vstack([moved, v_blind]), self.scale)]
+        return type(job)(inputs, job.compiled, job.vk, job.pk, job.srs, job.label), moved, v_blind
+
+
+class RefitsUnmaskedWeights(GroupObsUnlearner):
+    """Dishonest: refits as if Group-OBS had changed nothing (theta' := theta in the refit proof)."""
+
+    self_check = False
+
+    def _refit_job(self, refit, circuit, arrays, meta, theta_after, after_blind):  # type: ignore[no-untyped-def]
+        theta = arrays[f"{refit.masked}/theta"]
+        return super()._refit_job(refit, circuit, arrays, meta, theta, arrays[f"{refit.masked}/theta_blind"])
+
+
+def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None:
+    clients = {
+        "honest": refit_client(world, "honest"),
+        "skips": refit_client(world, "skips", SkipsRefit),
+        "smuggles": refit_client(world, "smuggles", SmugglesFc2),
+        "unmasked": refit_client(world, "unmasked", RefitsUnmaskedWeights),
+    }
+    honest_model = clients["honest"][2]
+    fc1_before = honest_model.fc1.weight.detach().double().numpy().copy()
+    v_before = np.hstack(
+        [
+            honest_model.fc2.weight.detach().double().numpy(),
+            honest_model.fc2.bias.detach().double().numpy()[:, None],
+        ]
+    )
+    mask = mask_for(honest_model)
+    for name in clients:
+        world.server.service.create_request(name, mask)
+    outcomes = {name: client.poll()[0] for name, (client, _u, _m) in clients.items()}
+    got = {name: (o.status, o.reason) for name, o in outcomes.items()}
+    expected = {
+        "honest": ("accepted", ""),
+        "skips": ("rejected", "expected 3 proofs"),
+        "smuggles": ("rejected", "refit of fc2: refit_not_ridge_solution"),
+        "unmasked": ("rejected", "refit of fc2: proof_invalid_for_expected_commitments"),
+    }
+    assert {n: status for n, (status, _r) in got.items()} == {n: s for n, (s, _r) in expected.items()}, got
+    for name, (_status, reason) in expected.items():
+        assert reason in got[name][1], got
+    # The honest client's fc2 is the ridge refit of its committed rows (every other one of its 32
+    # samples: fc1 reads the raw input), to the grid.
+    fc1_after = honest_model.fc1.weight.detach().double().numpy()
+    assert not np.allclose(fc1_after, fc1_before)
+    x, _y = data()
+    fit = refit_following_layer(
+        x.double().numpy()[np.linspace(0, 31, 16).round().astype(int)],
+        fc1_before,
+        np.zeros(8),
+        fc1_after,
+        v_before[:, :-1],
+        v_before[:, -1],
+        "relu",
+        REFIT.rel_lam,
+    )
+    assert np.allclose(honest_model.fc2.weight.detach().double().numpy(), fit.weight, atol=2e-3)
+    assert np.allclose(honest_model.fc2.bias.detach().double().numpy(), fit.bias, atol=2e-3)
+    assert clients["honest"][0].verify_log() == 4
+    for client, _u, _m in clients.values():
+        client.close()
+    # The auditor re-judges every submission offline, refit proofs included, from an exported bundle.
+    service = world.server.service
+    bundle = export_bundle(
+        world.server.state,
+        service.ledger,
+        service.signer.public_bytes(),
+        world.tmp / "bundle",
+        circuits_dir=world.tmp / "circuits",
+    )
+    report = audit_bundle(bundle, provider_public_key=service.signer.public_bytes())
+    assert report.ok, [item for item in report.items if not item.ok]
+    assert report.tree_size == 4
