@@ -61,6 +61,13 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("e2e")
     circuits = DeletionCircuits.build(tmp / "circuits", group_obs=GO_SPEC, analytic=AN_SPEC)
+    server = serve(tmp, MODEL)
+    yield World(circuits, server, tmp)
+    server.stop(0)
+
+
+def serve(tmp: Path, model: str) -> ProviderServer:
+    """A provider on loopback with a SQLite state, verifying ``model`` with ``tmp / "circuits"``."""
     config = ProviderConfig.load(
         None,
         {
@@ -72,9 +79,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "grace_s": 0.5,
         },
     )
-    server = build_server(config, verifier=EzklVerifier({MODEL: tmp / "circuits"}))
-    yield World(circuits, server, tmp)
-    server.stop(0)
+    return build_server(config, verifier=EzklVerifier({model: tmp / "circuits"}))
 
 
 def client_circuit(world: World, kind: str, name: str) -> ClientCircuit:

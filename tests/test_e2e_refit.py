@@ -22,11 +22,20 @@ from zkunlearn.client.unlearning import GroupObsUnlearner
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.deletion import DeletionCircuits, RefitSpec
 from zkunlearn.provider.export import export_bundle
-from zkunlearn.provider.server import ProviderConfig, build_server
-from zkunlearn.provider.verification import EzklVerifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.test_e2e_real import GO_SPEC, LAYER, OPTIONS, Tiny, World, client_circuit, data, edge, mask_for
+from tests.test_e2e_real import (
+    GO_SPEC,
+    LAYER,
+    OPTIONS,
+    Tiny,
+    World,
+    client_circuit,
+    data,
+    edge,
+    mask_for,
+    serve,
+)
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 MODEL = "tiny-mlp-refit"
@@ -58,18 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     assert circuits.group_obs is not None
     assert circuits.group_obs[1].logrows == refit_arts.logrows
     assert DeletionCircuits.load(tmp / "circuits").refits[0][0] == REFIT
-    config = ProviderConfig.load(
-        None,
-        {
-            "listen": "127.0.0.1:0",
-            "state": str(tmp / "provider.db"),
-            "key_file": str(tmp / "provider.key"),
-            "submit_wait_s": 60.0,
-            "watch_poll_s": 0.2,
-            "grace_s": 0.5,
-        },
-    )
-    server = build_server(config, verifier=EzklVerifier({MODEL: tmp / "circuits"}))
+    server = serve(tmp, MODEL)
     yield World(circuits, server, tmp)
     server.stop(0)
 
