@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
+from zkunlearn.circuits.activations import activate
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.analytic import AnalyticHead
 from zkunlearn.client.fisher import BlockFactors, Curvature, FisherError, fit_rows, layer_factors
@@ -304,12 +305,14 @@ class GroupObsUnlearner(_CommittedStateProver):
             [following.weight.detach().double().numpy(), following.bias.detach().double().numpy()[:, None]]
         )
         v = _on_grid(v, scale)
+        if list(meta["layers"][refit.masked]["shape"]) != [refit.hidden, refit.d_in]:
+            raise UnlearningError(
+                f"{refit.masked} is {meta['layers'][refit.masked]['shape']}, the circuit expects "
+                f"[{refit.hidden}, {refit.d_in}]"
+            )
         theta = arrays[f"{refit.masked}/theta"].reshape(refit.hidden, refit.d_in)
-        hidden = np.maximum(z_scaled @ theta.T + b1, 0.0) if refit.activation == "relu" else None
-        if hidden is None:  # GELU: the circuit's own activation
-            from zkunlearn.circuits.activations import gelu_certified
-
-            hidden = gelu_certified(torch.from_numpy(z_scaled @ theta.T + b1)).numpy()
+        # z_scaled theta^T = z W1^T: the pre-activations the circuit computes, with its activation.
+        hidden = activate(torch.from_numpy(z_scaled @ theta.T + b1), refit.activation).numpy()  # type: ignore[arg-type]
         outputs = np.hstack([hidden, np.ones((refit.n, 1))]) @ v.T
         _check_bounds(
             refit,
