@@ -423,8 +423,9 @@ class GroupObsUnlearner(_CommittedStateProver):
         for name, b, batch in pending:
             after_blind[name][b] = batch.theta_after_blind
         refit_updates: list[tuple[RefitSpec, F64, F64]] = []
+        touched_layers = {name for name, _ in batches}  # the provider expects refits for exactly these
         for refit, circuit in self.refits:
-            if refit.masked in {name for name, _ in batches}:
+            if refit.masked in touched_layers:
                 job, v_new, v_blind = self._refit_job(
                     refit, circuit, arrays, meta, new_theta[refit.masked], after_blind[refit.masked]
                 )

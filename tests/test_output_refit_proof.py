@@ -69,22 +69,21 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build(
-    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...], work: Path, tag: str
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    names: tuple[str, ...],
+    outputs: tuple[str, ...],
+    work: Path,
+    tag: str,
 ) -> CircuitArtifacts:
-    onnx = export_relation(module, inputs, work / f"{tag}.onnx", names, orf.OUTPUT_NAMES, atol=1e-3)
+    onnx = export_relation(module, inputs, work / f"{tag}.onnx", names, outputs, atol=1e-3)
     return build_provider_artifacts(onnx, work / "cache", lambda k: dev_srs(work / "srs", k), CONFIG)
 
 
 @pytest.fixture(scope="module")
 def go_arts(work: Path) -> CircuitArtifacts:
-    onnx = export_relation(
-        go.GroupObsCheck(BLOCK, M, LAM),
-        go.example_inputs(1, BLOCK, M),
-        work / "go.onnx",
-        go.INPUT_NAMES,
-        go.OUTPUT_NAMES,
-    )
-    return build_provider_artifacts(onnx, work / "cache", lambda k: dev_srs(work / "srs", k), CONFIG)
+    check = go.GroupObsCheck(BLOCK, M, LAM)
+    return _build(check, go.example_inputs(1, BLOCK, M), go.INPUT_NAMES, go.OUTPUT_NAMES, work, "go")
 
 
 @pytest.fixture(scope="module", params=ACTIVATIONS)
@@ -95,7 +94,8 @@ def activation(request: pytest.FixtureRequest) -> Activation:
 @pytest.fixture(scope="module")
 def refit_arts(work: Path, activation: Activation, go_arts: CircuitArtifacts) -> CircuitArtifacts:
     check = orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, activation, block=BLOCK)
-    arts = _build(check, check.example_inputs(), check.input_names(), work, f"refit-{activation}")
+    names = check.input_names()
+    arts = _build(check, check.example_inputs(), names, orf.OUTPUT_NAMES, work, f"refit-{activation}")
     assert arts.logrows == go_arts.logrows == 15
     return arts
 
