@@ -107,6 +107,9 @@ class TaskSettings:
     # Relative ridge of the output refit after Group-OBS (client/refit.py); None where the layer after
     # the masked one is itself masked (the MLP's fc2 feeds the masked head), so no refit applies.
     refit_lam: float | None = None
+    # Rows of the masked layer's inputs the refit fits: the ``n`` the protocol commits at enrollment
+    # (``client.refit.committed_rows``), so the figure is the one a proof can back; None fits every row.
+    refit_rows: int | None = None
 
 
 # Seeds the hyperparameters in SETTINGS were chosen on; every other seed is held out. The per-seed table
@@ -133,6 +136,9 @@ SETTINGS: dict[str, TaskSettings] = {
         # Chosen on the tuning seeds 0-2 from 0.003 / 0.01 / 0.03 / 0.1 (99.4 / 99.1 / 100.3 / 99.5 %
         # recovery; a scratch grid, docs/benchmarks.md): the result is flat over that range.
         refit_lam=0.03,
+        # 256 committed rows (of ~9,000 tokens): the largest n whose GELU refit of one fc2 stays within
+        # one circuit's 2**26 rows (~55 M, docs/benchmarks.md).
+        refit_rows=256,
     ),
     "mlp": TaskSettings(
         epochs=30,
@@ -469,14 +475,16 @@ def output_refit(
     rel_lam: float,
     *,
     n_samples: int,
+    rows: int | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
-    """Group-OBS's output refit (client/refit.py) on the same retained samples as its curvature."""
+    """Group-OBS's output refit (client/refit.py) on the same retained samples as its curvature, fitting
+    ``rows`` committed rows of them (every row if ``None``)."""
     from zkunlearn.client.refit import RefitPair, apply_output_refit
 
     (x, _), out = client_fisher_data(data, exclude, n_samples)
     pairs = [RefitPair(*p) for p in personalized.refit_pairs]  # type: ignore[union-attr]
     with measured() as m:
-        model, res = apply_output_refit(personalized, compensated, pairs, x[~out], rel_lam, layers)
+        model, res = apply_output_refit(personalized, compensated, pairs, x[~out], rel_lam, layers, rows=rows)
     info = {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
     info["refit_error_ratio"] = float(
         np.mean([r.error_after / max(r.error_before, 1e-30) for r in res.values()])
@@ -714,7 +722,7 @@ def run_job(
         if s.refit_lam is not None:
             refit_model, rinfo = output_refit(
                 v["personalized"], obs_model, prep.layers, v["client_train"], v["client_forget_mask"],
-                s.refit_lam, n_samples=m_fisher,
+                s.refit_lam, n_samples=m_fisher, rows=s.refit_rows,
             )  # fmt: skip
             # The whole client update: Group-OBS (curvature + solves) and then the refit.
             rinfo["update_s"] += info["update_s"]

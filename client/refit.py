@@ -49,6 +49,7 @@ __all__ = [
     "RefitResult",
     "apply_output_refit",
     "capture_inputs",
+    "committed_rows",
     "refit_following_layer",
 ]
 
@@ -203,6 +204,18 @@ def capture_inputs(
     return {name: torch.cat(rows) for name, rows in seen.items()}
 
 
+def committed_rows(total: int, n: int) -> npt.NDArray[np.int64]:
+    """Indices of the ``n`` rows of ``z`` (out of ``total``) that enrollment commits and the proof fits.
+
+    Evenly spaced, so they cover every sample and token position the client saw rather than its first
+    ``n`` tokens; a deterministic function of ``(total, n)``, so the SDK and the benchmark fit the same
+    rows.
+    """
+    if not 1 <= n <= total:
+        raise OutputRefitError(f"cannot commit {n} rows out of {total}: the refit needs 1 <= n <= rows")
+    return np.linspace(0, total - 1, n).round().astype(np.int64)
+
+
 def apply_output_refit(
     personalized: nn.Module,
     compensated: nn.Module,
@@ -210,12 +223,16 @@ def apply_output_refit(
     inputs: Tensor,
     rel_lam: float,
     masked_layers: Sequence[str],
+    *,
+    rows: int | None = None,
 ) -> tuple[nn.Module, Mapping[str, RefitResult]]:
     """A copy of ``compensated`` with each pair's following layer refit; ``masked_layers`` are parameter
     names of the mask (``"blocks.0.fc1.weight"``), checked so no pair refits a masked layer.
 
     ``inputs`` are the client's retained samples (the same ones its curvature was computed on, without
-    the data the request told it to leave out).
+    the data the request told it to leave out). ``rows``: fit only the ``committed_rows`` of each
+    masked layer's inputs, as the protocol does (it commits ``n`` rows, not every token); ``None`` fits
+    all of them.
     """
     masked_modules = {name.removesuffix(".weight").removesuffix(".bias") for name in masked_layers}
     for pair in pairs:
@@ -239,8 +256,11 @@ def apply_output_refit(
             raise OutputRefitError(f"{pair.masked!r} must be an nn.Linear with a bias")
         if after.bias is None or not torch.equal(before.bias, after.bias):
             raise OutputRefitError(f"{pair.masked!r}'s bias changed: the relation keeps b1 as personalized")
+        zz = z[pair.masked]
+        if rows is not None:
+            zz = zz[torch.from_numpy(committed_rows(zz.shape[0], rows))]
         res = refit_following_layer(
-            z[pair.masked], before.weight, before.bias, after.weight,
+            zz, before.weight, before.bias, after.weight,
             following.weight, following.bias, pair.activation, rel_lam,
         )  # fmt: skip
         with torch.no_grad():

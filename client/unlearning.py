@@ -32,7 +32,7 @@ from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.analytic import AnalyticHead
 from zkunlearn.client.fisher import BlockFactors, Curvature, FisherError, fit_rows, layer_factors
 from zkunlearn.client.group_obs import apply_group_obs
-from zkunlearn.client.refit import OutputRefitError, capture_inputs, refit_following_layer
+from zkunlearn.client.refit import OutputRefitError, capture_inputs, committed_rows, refit_following_layer
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.proofs.artifacts import ClientCircuit
 from zkunlearn.proofs.backend import EzklBackend
@@ -295,7 +295,7 @@ class GroupObsUnlearner(_CommittedStateProver):
                 f"({refit.d_out}, {refit.hidden})"
             )
         exponent = int(meta["layers"][refit.masked]["exponent"])
-        rows = np.linspace(0, z.shape[0] - 1, refit.n).round().astype(np.int64)
+        rows = committed_rows(z.shape[0], refit.n)
         z_scaled = _on_grid(z[rows] * 2.0**-exponent, scale)
         bias = (
             _param(self.model, refit.masked_bias).detach() if refit.masked_bias else torch.zeros(refit.hidden)

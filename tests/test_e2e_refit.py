@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from torch import nn
-from zkunlearn.client.refit import refit_following_layer
+from zkunlearn.client.refit import committed_rows, refit_following_layer
 from zkunlearn.client.unlearning import GroupObsUnlearner
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.deletion import DeletionCircuits, RefitSpec
@@ -163,7 +163,7 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
     assert not np.allclose(fc1_after, fc1_before)
     x, _y = data()
     fit = refit_following_layer(
-        x.double().numpy()[np.linspace(0, 31, 16).round().astype(int)],
+        x.double().numpy()[committed_rows(32, 16)],
         fc1_before,
         np.zeros(8),
         fc1_after,

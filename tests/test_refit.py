@@ -15,6 +15,7 @@ from zkunlearn.client.refit import (
     RefitPair,
     apply_output_refit,
     capture_inputs,
+    committed_rows,
     refit_following_layer,
 )
 
@@ -130,6 +131,44 @@ def test_real_models_match_reference_and_touch_only_the_following_layers(kind: s
             assert torch.equal(param, before[name]), name
         else:
             assert not torch.equal(param, before[name]), name
+
+
+def test_committed_rows_span_the_data_and_refuse_impossible_counts() -> None:
+    rows = committed_rows(9_000, 256)
+    assert rows.shape == (256,)
+    assert rows[0] == 0
+    assert rows[-1] == 8_999
+    assert np.all(np.diff(rows) > 0)  # distinct, in order: no row fitted twice
+    assert np.ptp(np.diff(rows)) <= 1  # evenly spaced: every sample and token position is covered
+    assert np.array_equal(committed_rows(5, 5), np.arange(5))
+    for n in (0, 6):
+        with pytest.raises(OutputRefitError, match=f"cannot commit {n} rows out of 5"):
+            committed_rows(5, n)
+
+
+def test_apply_with_rows_fits_exactly_the_committed_rows() -> None:
+    """The benchmark's figure at ``rows=n`` is the regression the protocol proves: the same rows."""
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(width=16, depth=1, heads=2, mlp_ratio=4))
+    inputs = torch.rand(10, 1, 28, 28)
+    pair = RefitPair(*model.refit_pairs[0])
+    compensated = _masked_and_compensated(model, [pair.masked], seed=3)
+    _, results = apply_output_refit(model, compensated, [pair], inputs, 0.03, [], rows=64)
+    z = capture_inputs(model, [pair.masked], inputs)[pair.masked]
+    m1, f2 = model.get_submodule(pair.masked), model.get_submodule(pair.following)
+    expected = refit_following_layer(
+        z[torch.from_numpy(committed_rows(z.shape[0], 64))],
+        m1.weight, m1.bias, compensated.get_submodule(pair.masked).weight, f2.weight, f2.bias,
+        pair.activation, 0.03,
+    )  # fmt: skip
+    got = results[pair.following]
+    assert got.rows == 64 < z.shape[0]
+    assert np.array_equal(got.weight, expected.weight)
+    assert np.array_equal(got.bias, expected.bias)
+    _, every_row = apply_output_refit(model, compensated, [pair], inputs, 0.03, [])
+    assert not np.allclose(every_row[pair.following].weight, got.weight)
+    with pytest.raises(OutputRefitError, match="cannot commit"):
+        apply_output_refit(model, compensated, [pair], inputs, 0.03, [], rows=z.shape[0] + 1)
 
 
 def test_refit_brings_the_outputs_back_on_the_clients_data() -> None:
