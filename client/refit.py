@@ -256,11 +256,11 @@ def apply_output_refit(
             raise OutputRefitError(f"{pair.masked!r} must be an nn.Linear with a bias")
         if after.bias is None or not torch.equal(before.bias, after.bias):
             raise OutputRefitError(f"{pair.masked!r}'s bias changed: the relation keeps b1 as personalized")
-        zz = z[pair.masked]
+        layer_inputs = z[pair.masked]
         if rows is not None:
-            zz = zz[torch.from_numpy(committed_rows(zz.shape[0], rows))]
+            layer_inputs = layer_inputs[torch.from_numpy(committed_rows(layer_inputs.shape[0], rows))]
         res = refit_following_layer(
-            zz, before.weight, before.bias, after.weight,
+            layer_inputs, before.weight, before.bias, after.weight,
             following.weight, following.bias, pair.activation, rel_lam,
         )  # fmt: skip
         with torch.no_grad():
