@@ -19,12 +19,11 @@ the curvature x damping x mask-fraction grid in ``bench/results/unlearning_fishe
 ``unlearning_fisher_lm_tuning.md``, the earlier block-size / sample-count grid in
 ``unlearning_tuning.md``); the per-seed table in ``unlearning.md`` marks those seeds and gives the
 mean recovery over the held-out ones separately. The committed ``unlearning*.json`` merge three
-single-threaded ``--no-sweep`` runs made one after the other in one sitting on the shared 2-core box
-(Python 3.11, torch CPU, two jobs at once; tests, proofs among them, ran beside the ViT and code-LM
-runs at times, so their update times are inflated: compare times only within one row), via
+``--no-sweep`` runs made one after the other in one sitting on the 2-core box from an empty model
+cache (Python 3.11, torch CPU, two single-threaded jobs at once, nothing else running), via
 ``--finalize``: ViT seeds 0-11 (0-2 tuning), code LM seeds 0-3 (0 tuning; client slice tkinter) and
 MLP seeds 0-2 (not tuned). ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run
-on a 16-core machine (it measures the global model only, which nothing here changed). ``--diagnose`` runs
+on a 16-core machine, on the models trained there (it measures the global model only). ``--diagnose`` runs
 ``bench/unlearning_diagnosis.py``: where the unrecovered accuracy is lost, layer by layer, and what
 curvatures no client could commit before a request would give (upper bounds for a better G).
 """
