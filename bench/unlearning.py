@@ -135,8 +135,8 @@ SETTINGS: dict[str, TaskSettings] = {
         # Chosen on the tuning seeds 0-2 from 0.003 / 0.01 / 0.03 / 0.1 (99.4 / 99.1 / 100.3 / 99.5 %
         # recovery; a scratch grid, docs/benchmarks.md): the result is flat over that range.
         refit_lam=0.03,
-        # 256 committed rows (of ~9,000 tokens): the largest n whose GELU refit of one fc2 stays within
-        # one circuit's 2**26 rows (~55 M, docs/benchmarks.md).
+        # 256 committed rows (of ~9,000 tokens): the largest power of two whose GELU refit of one fc2
+        # stays within one circuit's 2**26 rows (~55 M, docs/benchmarks.md).
         refit_rows=256,
     ),
     "mlp": TaskSettings(
