@@ -77,6 +77,8 @@ class MaskSpec:
     score: str
     fraction: float
     structure: str = "unstructured"
+    # The "block" structure's cap on each touched block (provider.masks.select_blocks); 1 = whole blocks.
+    density: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -420,6 +422,7 @@ def make_mask(prep: Prepared, spec: MaskSpec, block_size: int, n_samples: int) -
         block_size=block_size,
         structure=spec.structure,
         seed=prep.seed,
+        density=spec.density,
     )
 
 
@@ -1217,6 +1220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="per-layer losses and curvature upper bounds (bench/unlearning_diagnosis.py) for --seeds seeds "
         "from --seed-offset; writes <out dir>/unlearning_diagnosis.{json,md}",
     )
+    parser.add_argument(
+        "--structures",
+        action="store_true",
+        help="mask structure vs touched blocks, efficacy and recovery (bench/unlearning_structures.py) for "
+        "--seeds seeds from --seed-offset; writes <out dir>/unlearning_structures.{json,md}",
+    )
     parser.add_argument("--curvatures", default="empirical,ggn", help="tuning grid: curvatures")
     parser.add_argument("--lams", default="0.001,0.005,0.02,0.1", help="tuning grid: damping")
     parser.add_argument("--fractions", default=None, help="tuning grid: mask fractions (default: setting)")
@@ -1236,6 +1245,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
         )
         print(render_diagnosis_markdown(diag_rows))
+        return 0
+    if args.structures:
+        from zkunlearn.bench.unlearning_structures import render_structures_markdown, run_structures
+
+        structure_rows = run_structures(
+            args.tasks.split(","),
+            range(args.seed_offset, args.seed_offset + args.seeds),
+            Path(args.out).with_name("unlearning_structures.json"),
+            quick=args.quick,
+            workers=args.workers,
+        )
+        print(render_structures_markdown(structure_rows))
         return 0
     if args.tune:
         tuning_rows: list[dict[str, Any]] = []

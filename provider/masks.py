@@ -20,9 +20,12 @@ Selection (``structure``):
 
 * ``"unstructured"``: global top ``round(fraction * N)`` weights across the targeted layers.
 * ``"block"``: same budget, concentrated in the fewest Group-OBS blocks: blocks are ranked by the sum of
-  their weights' global *ranks* and filled whole; the last one partially, by score. Ranks rather than raw
-  scores because ratio scores have huge outliers (near-zero denominators) that would let one weight
-  decide a block. Fewer touched blocks = fewer blocks to solve and to prove.
+  the global *ranks* of the weights they would lose and filled with their top ``density`` by score (the
+  last one partially). Ranks rather than raw scores because ratio scores have huge outliers (near-zero
+  denominators) that would let one weight decide a block. Fewer touched blocks = fewer blocks to solve
+  and to prove. At ``density = 1`` blocks are masked whole, and a whole block leaves Group-OBS nothing
+  to compensate with: its recovery there is mask-only's. ``density < 1`` keeps unmasked weights in every
+  touched block, trading touched blocks (proof cost) for compensation (measured in docs/benchmarks.md).
 * ``"neuron"``: the top ``round(fraction * rows)`` rows across the targeted layers, masked entirely.
 
 This module computes its own per-sample gradients: the provider never imports the client SDK.
@@ -238,37 +241,43 @@ def select_unstructured(scores: Mapping[str, npt.ArrayLike], fraction: float, bl
     return _to_mask(names, shapes, chosen, block_size)
 
 
-def select_blocks(scores: Mapping[str, npt.ArrayLike], fraction: float, block_size: int) -> Mask:
-    """The same budget as ``select_unstructured`` packed into the fewest whole blocks."""
+def select_blocks(
+    scores: Mapping[str, npt.ArrayLike], fraction: float, block_size: int, density: float = 1.0
+) -> Mask:
+    """The same budget as ``select_unstructured`` packed into the fewest blocks, each masked at most to
+    ``floor(density * B)`` weights (at least one)."""
     _check_fraction(fraction, block_size)
+    if not (math.isfinite(density) and 0.0 < density <= 1.0):
+        raise MaskSelectionError(f"block density must be in (0, 1], got {density}")
     names, shapes, flat = _flatten(scores)
     k = _budget(fraction, flat.size)
+    cap = max(1, math.floor(density * block_size))
     ranks = np.empty(flat.size, dtype=np.float64)
     ranks[np.argsort(flat, kind="stable")] = np.arange(flat.size, dtype=np.float64)
-    # Candidate blocks: (layer start, block start, length, rank sum). Blocks never cross layers.
-    starts: list[int] = []
-    lengths: list[int] = []
+    # Candidate blocks (blocks never cross layers), each with the weights it would lose: its top ``cap``
+    # by score, and the sum of their ranks.
+    picks: list[npt.NDArray[np.int64]] = []
     lo = 0
     for shape in shapes:
         n = math.prod(shape)
         for b in range(lo, lo + n, block_size):
-            starts.append(b)
-            lengths.append(min(block_size, lo + n - b))
+            length = min(block_size, lo + n - b)
+            picks.append(b + np.argsort(-flat[b : b + length], kind="stable")[:cap])
         lo += n
-    totals = np.array([ranks[s : s + n].sum() for s, n in zip(starts, lengths, strict=True)])
+    totals = np.array([ranks[p].sum() for p in picks])
     chosen = np.zeros(flat.size, dtype=bool)
     left = k
     for i in np.argsort(-totals, kind="stable"):
         if left == 0:
             break
-        s, n = starts[i], lengths[i]
-        if n <= left:
-            chosen[s : s + n] = True
-            left -= n
-        else:
-            top = np.argsort(-flat[s : s + n], kind="stable")[:left]
-            chosen[s + top] = True
-            left = 0
+        take = picks[i][:left]  # already in score order, so a partial last block keeps its best
+        chosen[take] = True
+        left -= take.size
+    if left:
+        raise MaskSelectionError(
+            f"fraction {fraction} needs {k} masked weights, more than blocks capped at density {density} "
+            f"hold ({k - left}); raise the density or lower the fraction"
+        )
     return _to_mask(names, shapes, chosen, block_size)
 
 
@@ -309,13 +318,17 @@ def compute_mask(
     block_size: int = 64,
     structure: str = "unstructured",
     seed: int = 0,
+    density: float = 1.0,
 ) -> Mask:
-    """Score the targeted layers of the provider's model and select a deletion mask."""
+    """Score the targeted layers of the provider's model and select a deletion mask (``density``: the
+    ``"block"`` structure's per-block cap)."""
     if structure not in STRUCTURES:
         raise MaskSelectionError(f"unknown structure {structure!r} (choose from {STRUCTURES})")
     if score not in SCORES:
         raise MaskSelectionError(f"unknown score {score!r} (choose from {SCORES})")
     _check_fraction(fraction, block_size)
+    if density != 1.0 and structure != "block":
+        raise MaskSelectionError(f"density caps blocks of the 'block' structure, not {structure!r}")
     params = _params(model, layers)
     if structure == "neuron":
         shapes = {name: tuple(int(d) for d in p.shape) for name, p in params.items()}
@@ -327,5 +340,5 @@ def compute_mask(
         return select_neurons(rs, shapes, fraction, block_size)
     ws = weight_scores(model, layers, forget, retain, loss_fn, score, seed=seed)
     if structure == "block":
-        return select_blocks(ws, fraction, block_size)
+        return select_blocks(ws, fraction, block_size, density)
     return select_unstructured(ws, fraction, block_size)

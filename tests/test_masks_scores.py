@@ -195,6 +195,44 @@ def test_block_structure_touches_fewer_blocks_at_the_same_budget() -> None:
     assert n_packed < n_loose
 
 
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.75])
+def test_block_density_caps_every_block_and_keeps_the_budget(density: float) -> None:
+    rng = np.random.default_rng(1)
+    scores = {"a": rng.random((32, 64)), "b": rng.random((16, 40))}
+    B, fraction = 64, 0.1
+    k = round(fraction * (32 * 64 + 16 * 40))
+    cap = math.floor(density * B)
+    mask = select_blocks(scores, fraction, B, density)
+    assert mask.masked_count() == k
+    per_block = [len(ix) for lm in mask.layers for ix in lm.blocks.values()]
+    assert max(per_block) <= cap  # every touched block keeps weights to compensate with
+    assert len(per_block) == math.ceil(k / cap)  # and no more blocks are touched than the cap forces
+    whole = select_blocks(scores, fraction, B)
+    assert len(per_block) > sum(len(lm.blocks) for lm in whole.layers)
+
+
+def test_block_density_one_masks_whole_blocks_and_picks_each_blocks_best_weights() -> None:
+    scores = np.zeros(32)
+    scores[16:32] = np.linspace(1, 2, 16)  # block 1 outranks block 0
+    assert select_blocks({"w": scores}, 16 / 32, 16).touched_blocks("w") == [1]
+    half = select_blocks({"w": scores}, 8 / 32, 16, density=0.5)
+    assert half.touched_blocks("w") == [1]
+    assert np.flatnonzero(half.dense("w")).tolist() == list(range(24, 32))  # the block's top half by score
+
+
+def test_block_density_refusals() -> None:
+    scores = {"w": np.arange(32.0)}
+    with pytest.raises(MaskSelectionError, match="density must be in"):
+        select_blocks(scores, 0.25, 16, density=0.0)
+    with pytest.raises(MaskSelectionError, match="density must be in"):
+        select_blocks(scores, 0.25, 16, density=float("nan"))
+    with pytest.raises(MaskSelectionError, match=r"more than blocks capped at density 0\.25"):
+        select_blocks(scores, 0.5, 16, density=0.25)  # 16 weights asked, two blocks of at most 4 hold 8
+    model, forget, retain = _problem(n=8)
+    with pytest.raises(MaskSelectionError, match="density caps blocks"):
+        compute_mask(model, ["fc1.weight"], forget, retain, LOSS, structure="unstructured", density=0.5)
+
+
 def test_block_selection_prefers_the_block_of_high_ranks_over_one_outlier() -> None:
     scores = np.zeros(32)
     scores[3] = 1e12  # one outlier in block 0

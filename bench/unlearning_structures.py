@@ -1,0 +1,197 @@
+"""Mask structure against forgetting, recovery and proof cost: unstructured, block-sparse and neuron masks.
+
+A proof's cost grows with the weights of every *touched* Group-OBS block, not with the masked weights
+(``provider/proof_budget.py``), and an unstructured mask over 40 % of a layer touches nearly every block.
+A block-sparse mask (``provider.masks.select_blocks``) packs the same budget into few blocks, each
+masked at most to ``density``; a neuron mask takes whole rows (scored by activation importance). What
+that buys and costs is measured here on the benchmark's own cached models, curvature and damping
+(``bench.unlearning.prepare`` / ``SETTINGS``), the ``disjoint`` variant, per seed:
+
+* **touched blocks**: the share of the targeted layers' blocks the mask touches (the proof's size);
+* **efficacy**: the global model's forget accuracy after masking, beside retrain-from-scratch's;
+* **mask cost** and **Group-OBS recovery** of the personalized model (recovery only where the mask
+  costs >= 5 points, as in the main table).
+
+A block masked whole (``density = 1``, and every neuron mask on layers whose rows are one block) leaves
+Group-OBS no unmasked weight to compensate with, so there Group-OBS is mask-only by construction; the
+table shows by how much a density cap buys that back.
+
+    python -m bench.unlearning --structures --tasks vit,code-lm --seeds 12 --workers 2
+    # -> bench/results/unlearning_structures.{json,md}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+from zkunlearn.bench.unlearning import (
+    RESULTS,
+    SETTINGS,
+    MaskSpec,
+    client_fisher_data,
+    compensated_copy,
+    dense_masks,
+    make_mask,
+    prepare,
+    split_accuracy,
+)
+
+# (structure, density) pairs compared; densities below the mask fraction cannot hold the budget and
+# are reported as infeasible rather than silently filled elsewhere.
+STRUCTURES: tuple[tuple[str, float], ...] = (
+    ("unstructured", 1.0),
+    ("block", 1.0),
+    ("block", 0.75),
+    ("block", 0.5),
+    ("block", 0.25),
+    ("neuron", 1.0),
+)
+
+
+def fractions_for(task: str) -> tuple[float, ...]:
+    """The benchmark's mask fraction and a smaller one, where block packing saves the most."""
+    return (0.16, SETTINGS[task].mask.fraction)
+
+
+def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[str, Any]]:
+    """One row per (structure, density, fraction) for one seed's disjoint variant."""
+    from zkunlearn.client.fisher import layer_factors
+    from zkunlearn.provider.masks import MaskSelectionError
+
+    from zkunlearn.tasks.train import cross_entropy, masked_copy
+
+    torch.set_num_threads(1)
+    s = SETTINGS[task]
+    prep = prepare(task, seed, quick)
+    v = prep.variants["disjoint"]
+    pers = v["personalized"]
+    views = v["views"]
+    data, exclude = client_fisher_data(v["client_train"], v["client_forget_mask"], s.fisher_samples)
+    factors = layer_factors(
+        pers, list(prep.layers), data[0], data[1], cross_entropy, s.block_size, exclude,
+        curvature=s.curvature,  # type: ignore[arg-type]
+    )  # fmt: skip
+    personal = split_accuracy(pers, views.personal_test)
+    retrain_forget = split_accuracy(prep.gold_global, views.forget_test)
+    rows: list[dict[str, Any]] = []
+    for fraction in fractions_for(task):
+        for structure, density in STRUCTURES:
+            base = {
+                "task": task, "seed": seed, "variant": "disjoint", "score": s.mask.score,
+                "structure": structure, "density": density, "fraction": fraction,
+                "block_size": s.block_size, "curvature": s.curvature, "lam": s.lam,
+            }  # fmt: skip
+            spec = MaskSpec(s.mask.score, fraction, structure, density)
+            try:
+                mask = make_mask(prep, spec, s.block_size, s.mask_samples)
+            except MaskSelectionError as exc:
+                rows.append({**base, "infeasible": str(exc)})
+                continue
+            dense = dense_masks(mask, prep.layers)
+            touched = sum(len(mask.layer(n).blocks) for n in prep.layers)
+            total = sum(mask.layer(n).n_blocks for n in prep.layers)
+            masked_acc = split_accuracy(masked_copy(pers, dense), views.personal_test)
+            compensated = compensated_copy(pers, factors, {n: mask.layer(n) for n in prep.layers}, s.lam)
+            obs_acc = split_accuracy(compensated, views.personal_test)
+            cost = personal - masked_acc
+            rows.append(
+                {
+                    **base,
+                    "touched_blocks": touched,
+                    "total_blocks": total,
+                    "masked_weights": mask.masked_count(),
+                    "masked_global_forget_acc": split_accuracy(
+                        masked_copy(prep.global_model, dense), views.forget_test
+                    ),
+                    "retrain_forget_acc": retrain_forget,
+                    "personalized": personal,
+                    "mask_only": masked_acc,
+                    "group_obs": obs_acc,
+                    "group_obs_forget_acc": split_accuracy(compensated, views.forget_test),
+                    "mask_cost": cost,
+                    "recovery": (obs_acc - masked_acc) / cost if cost > 0 else None,
+                }
+            )
+    return rows
+
+
+def run_structures(
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    out_path: Path | str = RESULTS / "unlearning_structures.json",
+    *,
+    quick: bool = False,
+    workers: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every (task, seed) in its own single-threaded process; writes the rows and the markdown."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    jobs = [(t, seed) for t in tasks for seed in seeds]
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    rows: list[dict[str, Any]] = []
+    if workers == 1:
+        for t, seed in tqdm(jobs, desc="mask structures"):
+            rows += measure_structures(t, seed, quick)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(measure_structures, t, seed, quick) for t, seed in jobs]
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="mask structures"):
+                rows += fut.result()
+    rows.sort(key=lambda r: (r["task"], r["fraction"], r["structure"], -r["density"], r["seed"]))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(rows, indent=1) + "\n")
+    out_path.with_suffix(".md").write_text(render_structures_markdown(rows))
+    return rows
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def render_structures_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per (task, fraction, structure, density): means over seeds, recovery where it applies."""
+    from zkunlearn.tasks.metrics import RECOVERY_MIN_GAP, mean_std
+
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["fraction"], r["structure"], r["density"]), []).append(r)
+    lines = [
+        "| task | fraction | structure | density | touched blocks % | masked global forget acc "
+        "| retrain forget acc | mask cost (points) | group-obs recovery (n) | pooled recovery "
+        "| group-obs forget acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(values: Sequence[float | None]) -> str:
+        stat = mean_std(values)
+        if stat["mean"] is None:
+            return "–"
+        return f"{100 * float(stat['mean']):.1f} ± {100 * float(stat['std'] or 0):.1f}"
+
+    order = {"unstructured": 0, "block": 1, "neuron": 2}
+    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 9), -k[3])):
+        task, fraction, structure, density = key
+        g = groups[key]
+        density_txt = f"{density:.2f}" if structure == "block" else "–"
+        head = f"| {task} | {fraction:.0%} | {structure} | {density_txt} "
+        if any("infeasible" in r for r in g):
+            lines.append(head + "| infeasible: the cap cannot hold the budget | | | | | | |")
+            continue
+        touched = [r["touched_blocks"] / r["total_blocks"] for r in g]
+        counted = [r["recovery"] if r["mask_cost"] >= RECOVERY_MIN_GAP else None for r in g]
+        n = sum(c is not None for c in counted)
+        pers, mask, obs = (sum(r[k] for r in g) / len(g) for k in ("personalized", "mask_only", "group_obs"))
+        pooled = (obs - mask) / (pers - mask) if pers - mask >= RECOVERY_MIN_GAP else None
+        lines.append(
+            head + f"| {ms(touched)} | {ms([r['masked_global_forget_acc'] for r in g])} "
+            f"| {ms([r['retrain_forget_acc'] for r in g])} | {ms([r['mask_cost'] for r in g])} "
+            f"| {ms(counted)} ({n}) | {_pct(pooled)} | {ms([r['group_obs_forget_acc'] for r in g])} |"
+        )
+    return "\n".join(lines) + "\n"
