@@ -77,8 +77,12 @@ class MaskSpec:
     score: str
     fraction: float
     structure: str = "unstructured"
-    # The "block" structure's cap on each touched block (provider.masks.select_blocks); 1 = whole blocks.
+    # The "block" structure's cap on each touched block of the model's own targeted layers
+    # (provider.masks.select_blocks); 1 = whole blocks.
     density: float = 1.0
+    # Whether the extra layers (the classifier head, whose blocks are class rows) ignore the cap and lose
+    # whole blocks: a forget class's row kept in part keeps the class (docs/benchmarks.md, mask structure).
+    extra_whole: bool = True
 
 
 @dataclass(frozen=True)
@@ -411,6 +415,10 @@ def make_mask(prep: Prepared, spec: MaskSpec, block_size: int, n_samples: int) -
 
     from zkunlearn.tasks.train import cross_entropy
 
+    density: float | dict[str, float] = spec.density
+    if spec.structure == "block" and spec.extra_whole and spec.density < 1.0:
+        extra = set(SETTINGS[prep.task].extra_layers)
+        density = {name: spec.density for name in prep.layers if name not in extra}
     return compute_mask(
         prep.global_model,
         list(prep.layers),
@@ -422,7 +430,7 @@ def make_mask(prep: Prepared, spec: MaskSpec, block_size: int, n_samples: int) -
         block_size=block_size,
         structure=spec.structure,
         seed=prep.seed,
-        density=spec.density,
+        density=density,
     )
 
 

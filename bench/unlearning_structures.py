@@ -44,14 +44,19 @@ from zkunlearn.bench.unlearning import (
 
 # (structure, density) pairs compared; densities below the mask fraction cannot hold the budget and
 # are reported as infeasible rather than silently filled elsewhere.
-STRUCTURES: tuple[tuple[str, float], ...] = (
-    ("unstructured", 1.0),
-    ("block", 1.0),
-    ("block", 0.75),
-    ("block", 0.5),
-    ("block", 0.25),
-    ("neuron", 1.0),
+STRUCTURES: tuple[tuple[str, float, bool], ...] = (
+    ("unstructured", 1.0, True),
+    ("block", 1.0, True),
+    ("block", 0.875, True),
+    ("block", 0.75, True),
+    ("block", 0.625, True),
+    ("block", 0.5, True),
+    ("block", 0.75, False),
+    ("block", 0.625, False),
+    ("neuron", 1.0, True),
 )
+"""(structure, density, extra_whole) compared. ``extra_whole=False`` caps the head's class rows too, to
+show why it should not be (on tasks without extra layers it repeats the capped row)."""
 
 
 def fractions_for(task: str) -> tuple[float, ...]:
@@ -81,13 +86,16 @@ def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[s
     retrain_forget = split_accuracy(prep.gold_global, views.forget_test)
     rows: list[dict[str, Any]] = []
     for fraction in fractions_for(task):
-        for structure, density in STRUCTURES:
+        for structure, density, extra_whole in STRUCTURES:
+            if not extra_whole and not s.extra_layers:
+                continue
             base = {
                 "task": task, "seed": seed, "variant": "disjoint", "score": s.mask.score,
-                "structure": structure, "density": density, "fraction": fraction,
+                "structure": structure, "density": density, "extra_whole": extra_whole,
+                "fraction": fraction,
                 "block_size": s.block_size, "curvature": s.curvature, "lam": s.lam,
             }  # fmt: skip
-            spec = MaskSpec(s.mask.score, fraction, structure, density)
+            spec = MaskSpec(s.mask.score, fraction, structure, density, extra_whole)
             try:
                 mask = make_mask(prep, spec, s.block_size, s.mask_samples)
             except MaskSelectionError as exc:
@@ -161,7 +169,8 @@ def render_structures_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["fraction"], r["structure"], r["density"]), []).append(r)
+        key = (r["task"], r["fraction"], r["structure"], r["density"], r.get("extra_whole", True))
+        groups.setdefault(key, []).append(r)
     lines = [
         "| task | fraction | structure | density | touched blocks % | masked global forget acc "
         "| retrain forget acc | mask cost (points) | group-obs recovery (n) | pooled recovery "
@@ -176,10 +185,12 @@ def render_structures_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         return f"{100 * float(stat['mean']):.1f} ± {100 * float(stat['std'] or 0):.1f}"
 
     order = {"unstructured": 0, "block": 1, "neuron": 2}
-    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 9), -k[3])):
-        task, fraction, structure, density = key
+    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 9), not k[4], -k[3])):
+        task, fraction, structure, density, extra_whole = key
         g = groups[key]
-        density_txt = f"{density:.2f}" if structure == "block" else "–"
+        density_txt = f"{density:g}" if structure == "block" else "–"
+        if structure == "block" and not extra_whole:
+            density_txt += ", head capped too"
         head = f"| {task} | {fraction:.0%} | {structure} | {density_txt} "
         if any("infeasible" in r for r in g):
             lines.append(head + "| infeasible: the cap cannot hold the budget | | | | | | |")

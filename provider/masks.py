@@ -19,7 +19,7 @@ reaches the next layer; a unit strongly *off* on retain data is not important to
 Selection (``structure``):
 
 * ``"unstructured"``: global top ``round(fraction * N)`` weights across the targeted layers.
-* ``"block"``: same budget, concentrated in the fewest Group-OBS blocks: blocks are ranked by the sum of
+* ``"block"``: same budget, concentrated in the fewest Group-OBS blocks: blocks are ranked by the mean of
   the global *ranks* of the weights they would lose and filled with their top ``density`` by score (the
   last one partially). Ranks rather than raw scores because ratio scores have huge outliers (near-zero
   denominators) that would let one weight decide a block. Fewer touched blocks = fewer blocks to solve
@@ -242,29 +242,38 @@ def select_unstructured(scores: Mapping[str, npt.ArrayLike], fraction: float, bl
 
 
 def select_blocks(
-    scores: Mapping[str, npt.ArrayLike], fraction: float, block_size: int, density: float = 1.0
+    scores: Mapping[str, npt.ArrayLike],
+    fraction: float,
+    block_size: int,
+    density: float | Mapping[str, float] = 1.0,
 ) -> Mask:
     """The same budget as ``select_unstructured`` packed into the fewest blocks, each masked at most to
-    ``floor(density * B)`` weights (at least one)."""
+    ``floor(density * B)`` weights (at least one). ``density`` may differ per layer (a mapping; layers
+    it omits are filled whole): a classifier head, whose blocks are class rows, can lose the forget
+    class's row whole while the hidden layers keep room to compensate."""
     _check_fraction(fraction, block_size)
-    if not (math.isfinite(density) and 0.0 < density <= 1.0):
-        raise MaskSelectionError(f"block density must be in (0, 1], got {density}")
+    densities = {n: density if isinstance(density, float | int) else density.get(n, 1.0) for n in scores}
+    if not isinstance(density, float | int) and (unknown := sorted(set(density) - set(scores))):
+        raise MaskSelectionError(f"block density names layers that are not scored: {unknown}")
+    for value in densities.values():
+        if not (math.isfinite(value) and 0.0 < value <= 1.0):
+            raise MaskSelectionError(f"block density must be in (0, 1], got {value}")
     names, shapes, flat = _flatten(scores)
     k = _budget(fraction, flat.size)
-    cap = max(1, math.floor(density * block_size))
     ranks = np.empty(flat.size, dtype=np.float64)
     ranks[np.argsort(flat, kind="stable")] = np.arange(flat.size, dtype=np.float64)
     # Candidate blocks (blocks never cross layers), each with the weights it would lose: its top ``cap``
-    # by score, and the sum of their ranks.
+    # by score, ranked by their mean rank (a sum would favour the layers with the larger cap).
     picks: list[npt.NDArray[np.int64]] = []
     lo = 0
-    for shape in shapes:
+    for name, shape in zip(names, shapes, strict=True):
         n = math.prod(shape)
+        cap = max(1, math.floor(densities[name] * block_size))
         for b in range(lo, lo + n, block_size):
             length = min(block_size, lo + n - b)
             picks.append(b + np.argsort(-flat[b : b + length], kind="stable")[:cap])
         lo += n
-    totals = np.array([ranks[p].sum() for p in picks])
+    totals = np.array([ranks[p].mean() for p in picks])
     chosen = np.zeros(flat.size, dtype=bool)
     left = k
     for i in np.argsort(-totals, kind="stable"):
@@ -318,7 +327,7 @@ def compute_mask(
     block_size: int = 64,
     structure: str = "unstructured",
     seed: int = 0,
-    density: float = 1.0,
+    density: float | Mapping[str, float] = 1.0,
 ) -> Mask:
     """Score the targeted layers of the provider's model and select a deletion mask (``density``: the
     ``"block"`` structure's per-block cap)."""
@@ -327,7 +336,7 @@ def compute_mask(
     if score not in SCORES:
         raise MaskSelectionError(f"unknown score {score!r} (choose from {SCORES})")
     _check_fraction(fraction, block_size)
-    if density != 1.0 and structure != "block":
+    if density != 1.0 and structure != "block":  # a mapping is never == 1.0
         raise MaskSelectionError(f"density caps blocks of the 'block' structure, not {structure!r}")
     params = _params(model, layers)
     if structure == "neuron":
