@@ -77,12 +77,11 @@ class MaskSpec:
     score: str
     fraction: float
     structure: str = "unstructured"
-    # The "block" structure's cap on each touched block of the model's own targeted layers
-    # (provider.masks.select_blocks); 1 = whole blocks.
+    # The "block" structure's cap on each touched block (provider.masks.select_blocks); 1 = whole blocks.
     density: float = 1.0
-    # Whether the extra layers (the classifier head, whose blocks are class rows) ignore the cap and lose
-    # whole blocks: a forget class's row kept in part keeps the class (docs/benchmarks.md, mask structure).
-    extra_whole: bool = True
+    # Rows of each extra layer (the classifier head, rows = classes) removed whole by neuron score, outside
+    # the fraction's budget (provider.masks.compute_mask's class_rows); 0 = the head shares the budget.
+    head_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -415,10 +414,7 @@ def make_mask(prep: Prepared, spec: MaskSpec, block_size: int, n_samples: int) -
 
     from zkunlearn.tasks.train import cross_entropy
 
-    density: float | dict[str, float] = spec.density
-    if spec.structure == "block" and spec.extra_whole and spec.density < 1.0:
-        extra = set(SETTINGS[prep.task].extra_layers)
-        density = {name: spec.density for name in prep.layers if name not in extra}
+    extra = SETTINGS[prep.task].extra_layers
     return compute_mask(
         prep.global_model,
         list(prep.layers),
@@ -430,7 +426,8 @@ def make_mask(prep: Prepared, spec: MaskSpec, block_size: int, n_samples: int) -
         block_size=block_size,
         structure=spec.structure,
         seed=prep.seed,
-        density=density,
+        density=spec.density,
+        class_rows={name: spec.head_rows for name in extra} if spec.head_rows else None,
     )
 
 

@@ -44,19 +44,22 @@ from zkunlearn.bench.unlearning import (
 
 # (structure, density) pairs compared; densities below the mask fraction cannot hold the budget and
 # are reported as infeasible rather than silently filled elsewhere.
-STRUCTURES: tuple[tuple[str, float, bool], ...] = (
-    ("unstructured", 1.0, True),
-    ("block", 1.0, True),
-    ("block", 0.875, True),
-    ("block", 0.75, True),
-    ("block", 0.625, True),
-    ("block", 0.5, True),
-    ("block", 0.75, False),
-    ("block", 0.625, False),
-    ("neuron", 1.0, True),
+STRUCTURES: tuple[tuple[str, float, int], ...] = (
+    ("unstructured", 1.0, 0),
+    ("unstructured", 1.0, 1),
+    ("block", 1.0, 1),
+    ("block", 0.875, 1),
+    ("block", 0.75, 1),
+    ("block", 0.625, 1),
+    ("block", 0.5, 1),
+    ("block", 0.75, 0),
+    ("block", 0.625, 0),
+    ("neuron", 1.0, 0),
 )
-"""(structure, density, extra_whole) compared. ``extra_whole=False`` caps the head's class rows too, to
-show why it should not be (on tasks without extra layers it repeats the capped row)."""
+"""(structure, density, head_rows) compared: ``head_rows=1`` removes the classifier head's forget-class row
+whole outside the budget (``MaskSpec.head_rows``); 0 lets the head's blocks compete for the budget (and
+be capped like the others). On a task without a head in the mask the ``head_rows=1`` rows repeat the
+others and are skipped."""
 
 
 def fractions_for(task: str) -> tuple[float, ...]:
@@ -86,16 +89,16 @@ def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[s
     retrain_forget = split_accuracy(prep.gold_global, views.forget_test)
     rows: list[dict[str, Any]] = []
     for fraction in fractions_for(task):
-        for structure, density, extra_whole in STRUCTURES:
-            if not extra_whole and not s.extra_layers:
+        for structure, density, head_rows in STRUCTURES:
+            if head_rows and not s.extra_layers:
                 continue
             base = {
                 "task": task, "seed": seed, "variant": "disjoint", "score": s.mask.score,
-                "structure": structure, "density": density, "extra_whole": extra_whole,
+                "structure": structure, "density": density, "head_rows": head_rows,
                 "fraction": fraction,
                 "block_size": s.block_size, "curvature": s.curvature, "lam": s.lam,
             }  # fmt: skip
-            spec = MaskSpec(s.mask.score, fraction, structure, density, extra_whole)
+            spec = MaskSpec(s.mask.score, fraction, structure, density, head_rows)
             try:
                 mask = make_mask(prep, spec, s.block_size, s.mask_samples)
             except MaskSelectionError as exc:
@@ -169,13 +172,13 @@ def render_structures_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for r in rows:
-        key = (r["task"], r["fraction"], r["structure"], r["density"], r.get("extra_whole", True))
+        key = (r["task"], r["fraction"], r["structure"], r["density"], r["head_rows"])
         groups.setdefault(key, []).append(r)
     lines = [
-        "| task | fraction | structure | density | touched blocks % | masked global forget acc "
-        "| retrain forget acc | mask cost (points) | group-obs recovery (n) | pooled recovery "
-        "| group-obs forget acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | fraction | structure | density | head | touched blocks % | masked global forget acc "
+        "| retrain forget acc | mask cost (points) | lost after group-obs (points) | group-obs recovery (n) "
+        "| pooled recovery | group-obs forget acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(values: Sequence[float | None]) -> str:
@@ -185,15 +188,16 @@ def render_structures_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         return f"{100 * float(stat['mean']):.1f} ± {100 * float(stat['std'] or 0):.1f}"
 
     order = {"unstructured": 0, "block": 1, "neuron": 2}
-    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 9), not k[4], -k[3])):
-        task, fraction, structure, density, extra_whole = key
+    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 9), -k[4], -k[3])):
+        task, fraction, structure, density, head_rows = key
         g = groups[key]
         density_txt = f"{density:g}" if structure == "block" else "–"
-        if structure == "block" and not extra_whole:
-            density_txt += ", head capped too"
-        head = f"| {task} | {fraction:.0%} | {structure} | {density_txt} "
+        head_txt = "forget-class row whole" if head_rows else "in the budget"
+        if not SETTINGS[task].extra_layers:
+            head_txt = "no head masked"
+        head = f"| {task} | {fraction:.0%} | {structure} | {density_txt} | {head_txt} "
         if any("infeasible" in r for r in g):
-            lines.append(head + "| infeasible: the cap cannot hold the budget | | | | | | |")
+            lines.append(head + "| infeasible: the cap cannot hold the budget | | | | | | | |")
             continue
         touched = [r["touched_blocks"] / r["total_blocks"] for r in g]
         counted = [r["recovery"] if r["mask_cost"] >= RECOVERY_MIN_GAP else None for r in g]
@@ -203,6 +207,7 @@ def render_structures_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             head + f"| {ms(touched)} | {ms([r['masked_global_forget_acc'] for r in g])} "
             f"| {ms([r['retrain_forget_acc'] for r in g])} | {ms([r['mask_cost'] for r in g])} "
+            f"| {ms([r['personalized'] - r['group_obs'] for r in g])} "
             f"| {ms(counted)} ({n}) | {_pct(pooled)} | {ms([r['group_obs_forget_acc'] for r in g])} |"
         )
     return "\n".join(lines) + "\n"

@@ -42,7 +42,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from zkunlearn.circuits.mask import Mask
+from zkunlearn.circuits.mask import LayerMask, Mask
 
 __all__ = [
     "MaskSelectionError",
@@ -242,33 +242,24 @@ def select_unstructured(scores: Mapping[str, npt.ArrayLike], fraction: float, bl
 
 
 def select_blocks(
-    scores: Mapping[str, npt.ArrayLike],
-    fraction: float,
-    block_size: int,
-    density: float | Mapping[str, float] = 1.0,
+    scores: Mapping[str, npt.ArrayLike], fraction: float, block_size: int, density: float = 1.0
 ) -> Mask:
     """The same budget as ``select_unstructured`` packed into the fewest blocks, each masked at most to
-    ``floor(density * B)`` weights (at least one). ``density`` may differ per layer (a mapping; layers
-    it omits are filled whole): a classifier head, whose blocks are class rows, can lose the forget
-    class's row whole while the hidden layers keep room to compensate."""
+    ``floor(density * B)`` weights (at least one)."""
     _check_fraction(fraction, block_size)
-    densities = {n: density if isinstance(density, float | int) else density.get(n, 1.0) for n in scores}
-    if not isinstance(density, float | int) and (unknown := sorted(set(density) - set(scores))):
-        raise MaskSelectionError(f"block density names layers that are not scored: {unknown}")
-    for value in densities.values():
-        if not (math.isfinite(value) and 0.0 < value <= 1.0):
-            raise MaskSelectionError(f"block density must be in (0, 1], got {value}")
+    if not (math.isfinite(density) and 0.0 < density <= 1.0):
+        raise MaskSelectionError(f"block density must be in (0, 1], got {density}")
     names, shapes, flat = _flatten(scores)
     k = _budget(fraction, flat.size)
     ranks = np.empty(flat.size, dtype=np.float64)
     ranks[np.argsort(flat, kind="stable")] = np.arange(flat.size, dtype=np.float64)
     # Candidate blocks (blocks never cross layers), each with the weights it would lose: its top ``cap``
-    # by score, ranked by their mean rank (a sum would favour the layers with the larger cap).
+    # by score, ranked by their mean rank (a sum would disfavour a layer's short last block).
     picks: list[npt.NDArray[np.int64]] = []
     lo = 0
-    for name, shape in zip(names, shapes, strict=True):
+    cap = max(1, math.floor(density * block_size))
+    for shape in shapes:
         n = math.prod(shape)
-        cap = max(1, math.floor(densities[name] * block_size))
         for b in range(lo, lo + n, block_size):
             length = min(block_size, lo + n - b)
             picks.append(b + np.argsort(-flat[b : b + length], kind="stable")[:cap])
@@ -327,17 +318,62 @@ def compute_mask(
     block_size: int = 64,
     structure: str = "unstructured",
     seed: int = 0,
-    density: float | Mapping[str, float] = 1.0,
+    density: float = 1.0,
+    class_rows: Mapping[str, int] | None = None,
 ) -> Mask:
-    """Score the targeted layers of the provider's model and select a deletion mask (``density``: the
-    ``"block"`` structure's per-block cap)."""
+    """Score the targeted layers of the provider's model and select a deletion mask.
+
+    ``density`` is the ``"block"`` structure's per-block cap. ``class_rows`` names layers whose output
+    rows are classes (a classifier head) with how many rows to remove whole, by neuron score (the
+    forgotten classes' rows); they are kept out of ``fraction``'s budget and out of its structure, so a
+    capped block mask of the hidden layers does not leave the forget class's row half alive, and whole
+    head blocks do not compete with the hidden layers' capped ones.
+    """
     if structure not in STRUCTURES:
         raise MaskSelectionError(f"unknown structure {structure!r} (choose from {STRUCTURES})")
     if score not in SCORES:
         raise MaskSelectionError(f"unknown score {score!r} (choose from {SCORES})")
     _check_fraction(fraction, block_size)
-    if density != 1.0 and structure != "block":  # a mapping is never == 1.0
+    if density != 1.0 and structure != "block":
         raise MaskSelectionError(f"density caps blocks of the 'block' structure, not {structure!r}")
+    rows = dict(class_rows or {})
+    if not layers:
+        raise MaskSelectionError("no layers targeted")
+    if unknown := sorted(set(rows) - set(layers)):
+        raise MaskSelectionError(f"class_rows names layers that are not targeted: {unknown}")
+    budgeted = [name for name in layers if name not in rows]
+    if not budgeted:
+        raise MaskSelectionError("class_rows leaves no layer for the fraction's budget")
+    mask = _select(
+        model, budgeted, forget, retain, loss_fn, score, fraction, block_size, structure, seed, density
+    )
+    if not rows:
+        return mask
+    params = _params(model, list(rows))
+    heads: list[LayerMask] = []
+    for name, k in rows.items():
+        n_rows = int(params[name].shape[0])
+        if not 0 < k < n_rows:
+            raise MaskSelectionError(f"class_rows[{name!r}] must be in 1..{n_rows - 1}, got {k}")
+        shape = {name: tuple(int(d) for d in params[name].shape)}
+        row_scores = neuron_scores(model, [name], forget, retain)
+        heads += select_neurons(row_scores, shape, k / n_rows, block_size).layers
+    return Mask((*mask.layers, *heads))
+
+
+def _select(
+    model: nn.Module,
+    layers: Sequence[str],
+    forget: Data,
+    retain: Data,
+    loss_fn: LossFn,
+    score: str,
+    fraction: float,
+    block_size: int,
+    structure: str,
+    seed: int,
+    density: float,
+) -> Mask:
     params = _params(model, layers)
     if structure == "neuron":
         shapes = {name: tuple(int(d) for d in p.shape) for name, p in params.items()}

@@ -220,6 +220,35 @@ def test_block_density_one_masks_whole_blocks_and_picks_each_blocks_best_weights
     assert np.flatnonzero(half.dense("w")).tolist() == list(range(24, 32))  # the block's top half by score
 
 
+def test_class_rows_remove_the_forget_class_row_whole_outside_the_budget() -> None:
+    """The head's forget-class row goes whole, by neuron score; the fraction's budget and the block cap
+    apply to the hidden layer alone, so capped hidden blocks and whole head rows never compete."""
+    model, forget, retain = _problem()
+    layers = ["fc1.weight", "fc2.weight"]
+    fraction, block, density = 0.25, 8, 0.5
+    mask = compute_mask(
+        model, layers, forget, retain, LOSS, "fisher-ratio", fraction, block, "block",
+        density=density, class_rows={"fc2.weight": 1},
+    )  # fmt: skip
+    head = mask.dense("fc2.weight")
+    assert head[0].all()  # class 0 is the forget class
+    assert not head[1:].any()
+    hidden = mask.layer("fc1.weight")
+    assert hidden.masked_count() == round(fraction * 16 * 8)
+    assert max(len(ix) for ix in hidden.blocks.values()) <= density * block
+
+
+def test_class_rows_refusals() -> None:
+    model, forget, retain = _problem(n=8)
+    layers = ["fc1.weight", "fc2.weight"]
+    with pytest.raises(MaskSelectionError, match="not targeted"):
+        compute_mask(model, ["fc1.weight"], forget, retain, LOSS, class_rows={"fc2.weight": 1})
+    with pytest.raises(MaskSelectionError, match=r"must be in 1\.\.3, got 4"):
+        compute_mask(model, layers, forget, retain, LOSS, class_rows={"fc2.weight": 4})
+    with pytest.raises(MaskSelectionError, match="no layer for the fraction"):
+        compute_mask(model, ["fc2.weight"], forget, retain, LOSS, class_rows={"fc2.weight": 1})
+
+
 def test_block_density_refusals() -> None:
     scores = {"w": np.arange(32.0)}
     with pytest.raises(MaskSelectionError, match="density must be in"):
