@@ -204,3 +204,32 @@ def test_output_refit_leaves_out_the_excluded_samples() -> None:
         assert torch.equal(param, expected.get_parameter(name)), name
     with_excluded, _ = apply_output_refit(model, compensated, pairs, sx, 0.03, layers)
     assert not torch.equal(refit.blocks[0].fc2.weight, with_excluded.blocks[0].fc2.weight)
+
+
+def test_structure_sweep_rows_and_table() -> None:
+    """Every structure at both fractions on the quick MLP: whole blocks leave Group-OBS nothing to do,
+    capped blocks touch fewer blocks than an unstructured mask, and the head's class row goes whole."""
+    from zkunlearn.bench.unlearning_structures import (
+        STRUCTURES,
+        fractions_for,
+        measure_structures,
+        render_structures_markdown,
+    )
+
+    rows = measure_structures("mlp", 0, quick=True)
+    assert len(rows) == len(STRUCTURES) * len(fractions_for("mlp"))
+    by = {(r["fraction"], r["structure"], r["density"], r["head_rows"]): r for r in rows}
+    fraction = SETTINGS["mlp"].mask.fraction
+    whole = by[(fraction, "block", 1.0, 1)]
+    assert abs(whole["group_obs"] - whole["mask_only"]) < 1e-12  # a whole block has nothing to compensate
+    assert by[(fraction, "neuron", 1.0, 0)]["group_obs"] == pytest.approx(
+        by[(fraction, "neuron", 1.0, 0)]["mask_only"]
+    )
+    capped = by[(fraction, "block", 0.75, 1)]
+    loose = by[(fraction, "unstructured", 1.0, 0)]
+    assert capped["touched_blocks"] < loose["touched_blocks"]
+    assert capped["masked_weights"] > 0
+    assert capped["total_blocks"] == loose["total_blocks"]
+    table = render_structures_markdown(rows)
+    assert "| mlp | 32% | block | 0.75 | forget-class row whole |" in table
+    assert "| mlp | 32% | unstructured | – | in the budget |" in table
