@@ -16,12 +16,15 @@ A block masked whole (``density = 1``, and every neuron mask on layers whose row
 Group-OBS no unmasked weight to compensate with, so there Group-OBS is mask-only by construction; the
 table shows by how much a density cap buys that back.
 
-    python -m bench.unlearning --structures --tasks vit,code-lm --seeds 12 --workers 2
-    # -> bench/results/unlearning_structures.{json,md}
+    python -m bench.unlearning --structures --tasks vit --seeds 12 --workers 2 --out a/vit/u.json
+    python -m bench.unlearning --structures --tasks mlp --seeds 3 --workers 2 --out a/mlp/u.json
+    python -m bench.unlearning --structures --tasks code-lm --seeds 4 --workers 2 --out a/lm/u.json
+    python -m bench.unlearning_structures a/*/unlearning_structures.json   # merged into bench/results
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -154,12 +157,16 @@ def run_structures(
             futures = [pool.submit(measure_structures, t, seed, quick) for t, seed in jobs]
             for fut in tqdm(as_completed(futures), total=len(futures), desc="mask structures"):
                 rows += fut.result()
-    rows.sort(key=lambda r: (r["task"], r["fraction"], r["structure"], -r["density"], r["seed"]))
+    rows.sort(key=_row_order)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(rows, indent=1) + "\n")
     out_path.with_suffix(".md").write_text(render_structures_markdown(rows))
     return rows
+
+
+def _row_order(r: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (r["task"], r["fraction"], r["structure"], -r["density"], r["head_rows"], r["seed"])
 
 
 def _pct(value: float | None) -> str:
@@ -211,3 +218,29 @@ def render_structures_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             f"| {ms(counted)} ({n}) | {_pct(pooled)} | {ms([r['group_obs_forget_acc'] for r in g])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def merge(paths: Sequence[Path | str], out_path: Path | str = RESULTS / "unlearning_structures.json") -> str:
+    """One table from several runs (one per task, each with its own seed count)."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows += json.loads(Path(path).read_text())
+    rows.sort(key=_row_order)
+    out_path = Path(out_path)
+    out_path.write_text(json.dumps(rows, indent=1) + "\n")
+    table = render_structures_markdown(rows)
+    out_path.with_suffix(".md").write_text(table)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="merge mask-structure runs into one table")
+    parser.add_argument("runs", nargs="+", help="unlearning_structures.json files of --structures runs")
+    parser.add_argument("--out", default=str(RESULTS / "unlearning_structures.json"))
+    args = parser.parse_args(argv)
+    print(merge(args.runs, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
