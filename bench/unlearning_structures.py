@@ -61,8 +61,7 @@ STRUCTURES: tuple[tuple[str, float, int], ...] = (
 )
 """(structure, density, head_rows) compared: ``head_rows=1`` removes the classifier head's forget-class row
 whole outside the budget (``MaskSpec.head_rows``); 0 lets the head's blocks compete for the budget (and
-be capped like the others). On a task without a head in the mask the ``head_rows=1`` rows repeat the
-others and are skipped."""
+be capped like the others). On a task without a head in the mask each (structure, density) runs once."""
 
 
 def fractions_for(task: str) -> tuple[float, ...]:
@@ -91,10 +90,10 @@ def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[s
     personal = split_accuracy(pers, views.personal_test)
     retrain_forget = split_accuracy(prep.gold_global, views.forget_test)
     rows: list[dict[str, Any]] = []
+    # Without a head in the mask, head_rows means nothing: each (structure, density) is measured once.
+    configs = dict.fromkeys((st, d, h if s.extra_layers else 0) for st, d, h in STRUCTURES)
     for fraction in fractions_for(task):
-        for structure, density, head_rows in STRUCTURES:
-            if head_rows and not s.extra_layers:
-                continue
+        for structure, density, head_rows in configs:
             base = {
                 "task": task, "seed": seed, "variant": "disjoint", "score": s.mask.score,
                 "structure": structure, "density": density, "head_rows": head_rows,
