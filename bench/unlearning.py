@@ -672,6 +672,33 @@ def mask_sweep(prep: Prepared, block_size: int, n_samples: int) -> list[dict[str
     return rows
 
 
+def rows_per_seed(
+    measure: Callable[..., list[dict[str, Any]]],
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    desc: str,
+    *,
+    quick: bool = False,
+    workers: int | None = None,
+) -> list[dict[str, Any]]:
+    """``measure(task, seed, quick=quick)`` for every (task, seed), each in its own single-threaded process
+    (the wall time shrinks with the cores, the CPU time stays one thread's), rows concatenated."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    jobs = [(t, seed) for t in tasks for seed in seeds]
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    rows: list[dict[str, Any]] = []
+    if workers == 1:
+        for t, seed in tqdm(jobs, desc=desc):
+            rows += measure(t, seed, quick=quick)
+        return rows
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(measure, t, seed, quick=quick) for t, seed in jobs]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc):
+            rows += fut.result()
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ one job
 def run_job(
     task: str,
@@ -1076,7 +1103,7 @@ def tuning_sweep(
     torch.set_num_threads(1)
     s = SETTINGS[task]
     rows: list[dict[str, Any]] = []
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     for seed in tqdm(seeds, desc=f"tuning {task}"):
         prep = prepare(task, seed, quick=quick)

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ from zkunlearn.bench.unlearning import (
     dense_masks,
     make_mask,
     prepare,
+    rows_per_seed,
     split_accuracy,
 )
 
@@ -211,19 +210,7 @@ def run_diagnosis(
     workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every (task, seed) in its own single-threaded process; writes the rows and the markdown."""
-    from tqdm import tqdm  # type: ignore[import-untyped]
-
-    jobs = [(t, seed) for t in tasks for seed in seeds]
-    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
-    rows: list[dict[str, Any]] = []
-    if workers == 1:
-        for t, seed in tqdm(jobs, desc="diagnosis"):
-            rows += diagnose(t, seed, quick=quick)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(diagnose, t, seed, quick=quick) for t, seed in jobs]
-            for fut in tqdm(as_completed(futures), total=len(futures), desc="diagnosis"):
-                rows += fut.result()
+    rows = rows_per_seed(diagnose, tasks, seeds, "diagnosis", quick=quick, workers=workers)
     rows.sort(key=lambda r: (r["task"], r["seed"], r["kind"], r["layer"], r.get("curvature_variant", "")))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
