@@ -148,6 +148,7 @@ def run_structures(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(rows, indent=1) + "\n")
     out_path.with_suffix(".md").write_text(render_structures_markdown(rows))
+    render_structures_plot(rows, out_path.with_suffix(".png"))
     return rows
 
 
@@ -206,6 +207,46 @@ def render_structures_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_structures_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Proof size against accuracy: touched blocks vs points lost after Group-OBS, one panel per task at
+    its benchmark fraction; hollow markers are masks that do not forget (> 10 points above retrain)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+        for r in rows:
+            if r["task"] == task and r["fraction"] == SETTINGS[task].mask.fraction and "infeasible" not in r:
+                groups.setdefault((r["structure"], r["density"], r["head_rows"]), []).append(r)
+        for i, ((structure, density, head_rows), g) in enumerate(sorted(groups.items())):
+            x = 100 * sum(r["touched_blocks"] / r["total_blocks"] for r in g) / len(g)
+            y = 100 * sum(r["personalized"] - r["group_obs"] for r in g) / len(g)
+            gap = sum(r["masked_global_forget_acc"] - r["retrain_forget_acc"] for r in g) / len(g)
+            label = structure if structure != "block" else f"block {density:g}"
+            if head_rows:
+                label += ", head row whole"
+            marker = {"unstructured": "o", "block": "s", "neuron": "^"}.get(structure, "x")
+            if gap > 0.10:
+                label += " (does not forget)"
+            color = f"C{i % 10}"
+            ax.scatter(
+                [x], [y], marker=marker, s=50, label=label, edgecolors=color,
+                facecolors="none" if gap > 0.10 else color,
+            )  # fmt: skip
+        ax.set_title(f"{task}: mask {SETTINGS[task].mask.fraction:.0%}")
+        ax.set_xlabel("touched Group-OBS blocks (% of the targeted layers')")
+        ax.set_ylabel("personal accuracy lost after Group-OBS (points)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def merge(paths: Sequence[Path | str], out_path: Path | str = RESULTS / "unlearning_structures.json") -> str:
     """One table from several runs (one per task, each with its own seed count)."""
     rows: list[dict[str, Any]] = []
@@ -216,6 +257,7 @@ def merge(paths: Sequence[Path | str], out_path: Path | str = RESULTS / "unlearn
     out_path.write_text(json.dumps(rows, indent=1) + "\n")
     table = render_structures_markdown(rows)
     out_path.with_suffix(".md").write_text(table)
+    render_structures_plot(rows, out_path.with_suffix(".png"))
     return table
 
 
