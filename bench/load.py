@@ -429,9 +429,16 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
         timer = RpcTimer()
         kills: list[dict[str, Any]] = []
         stop_faults = threading.Event()
+        # Set when a third of the sessions are done: the first kill comes no later, so a run faster than
+        # one kill interval (an idle machine, few clients) is still killed with sessions in flight.
+        a_third_done = threading.Event()
 
         def faults() -> None:
-            while not stop_faults.wait(settings.kill_every_s * rng.uniform(0.5, 1.5)):
+            while True:
+                wake = stop_faults if kills else a_third_done
+                wake.wait(settings.kill_every_s * rng.uniform(0.5, 1.5))
+                if stop_faults.is_set():
+                    break
                 victim = rng.choice(replicas)
                 victim.kill()
                 kills.append({"replica": victim.name, "at_s": round(time.monotonic() - started, 2)})
@@ -497,12 +504,15 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.advance(task)
+                if 3 * len(results) >= settings.clients:
+                    a_third_done.set()
                 if time.monotonic() - started > settings.time_limit_s:
                     for f in futures:
                         f.cancel()
                     break
         wall = time.monotonic() - started
         stop_faults.set()
+        a_third_done.set()
         if fault_thread is not None:
             fault_thread.join(60)
         for r in replicas:
