@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import threading
@@ -43,13 +44,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from rich.progress import track
 from torch import Tensor, nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
+T = TypeVar("T")
 TASKS = ("vit", "mlp", "code-lm")
 METHODS = (
     "personalized", "mask-only", "group-obs", "group-obs-refit", "support-finetune", "mask-finetune",
@@ -672,31 +675,59 @@ def mask_sweep(prep: Prepared, block_size: int, n_samples: int) -> list[dict[str
     return rows
 
 
-def rows_per_seed(
-    measure: Callable[..., list[dict[str, Any]]],
+def run_per_seed(
+    measure: Callable[[str, int], T],
     tasks: Sequence[str],
     seeds: Sequence[int],
     desc: str,
+    keep: Callable[[T], None],
     *,
-    quick: bool = False,
     workers: int | None = None,
-) -> list[dict[str, Any]]:
-    """``measure(task, seed, quick=quick)`` for every (task, seed), each in its own single-threaded process
-    (the wall time shrinks with the cores, the CPU time stays one thread's), rows concatenated."""
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    tolerate_failures: bool = False,
+) -> list[str]:
+    """``keep(measure(task, seed))`` for every (task, seed) as each finishes, each in its own
+    single-threaded process (the wall time shrinks with the cores, the CPU time stays one thread's).
 
+    With ``tolerate_failures`` a failing job is reported and skipped rather than losing the others'
+    results; the failures are returned.
+    """
     jobs = [(t, seed) for t in tasks for seed in seeds]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
-    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
     if workers == 1:
-        for t, seed in tqdm(jobs, desc=desc):
-            rows += measure(t, seed, quick=quick)
-        return rows
+        for t, seed in track(jobs, description=desc):
+            keep(measure(t, seed))
+        return failures
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(measure, t, seed, quick=quick) for t, seed in jobs]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc):
-            rows += fut.result()
-    return rows
+        futures = {pool.submit(measure, t, seed): (t, seed) for t, seed in jobs}
+        for fut in track(as_completed(futures), total=len(futures), description=desc):
+            try:
+                keep(fut.result())
+            except Exception as exc:
+                if not tolerate_failures:
+                    raise
+                failures.append(f"{futures[fut]}: {type(exc).__name__}: {exc}")
+                print(f"job {futures[fut]} failed: {exc!r}", flush=True)
+    return failures
+
+
+def write_study(
+    rows: list[dict[str, Any]],
+    out_path: Path | str,
+    order: Callable[[Mapping[str, Any]], Any],
+    render_markdown: Callable[[Sequence[Mapping[str, Any]]], str],
+    render_plot: Callable[[Sequence[Mapping[str, Any]], Path], None],
+) -> str:
+    """Sort a study's rows and write them as ``out_path`` (JSON) with its markdown and plot beside it;
+    returns the markdown."""
+    rows.sort(key=order)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(rows, indent=1) + "\n")
+    table = render_markdown(rows)
+    out_path.with_suffix(".md").write_text(table)
+    render_plot(rows, out_path.with_suffix(".png"))
+    return table
 
 
 # ------------------------------------------------------------------------------------------ one job
@@ -1103,9 +1134,7 @@ def tuning_sweep(
     torch.set_num_threads(1)
     s = SETTINGS[task]
     rows: list[dict[str, Any]] = []
-    from tqdm import tqdm
-
-    for seed in tqdm(seeds, desc=f"tuning {task}"):
+    for seed in track(seeds, description=f"tuning {task}"):
         prep = prepare(task, seed, quick=quick)
         v = prep.variants[variant]
         views: Views = v["views"]
@@ -1207,39 +1236,26 @@ def run_unlearning_bench(
     Per-seed rows are written after every finished job (``<stem>_seeds.json``), so an interrupted run
     keeps what it measured; ``finalize`` rebuilds the tables from that file.
     """
-    from tqdm import tqdm
-
     for t in tasks:
         if t not in SETTINGS:
             raise ValueError(f"unknown task {t!r}; expected some of {TASKS}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds_path = out_path.with_name(out_path.stem + "_seeds.json")
-    jobs = [(t, seed) for t in tasks for seed in range(seed_offset, seed_offset + seeds)]
-    workers = workers or max(1, min(len(jobs), (os.cpu_count() or 1)))
     rows: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []
-
-    failures: list[str] = []
 
     def keep(result: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> None:
         rows.extend(result[0])
         sweep_rows.extend(result[1])
         seeds_path.write_text(json.dumps({"rows": rows, "sweep": sweep_rows}, indent=1) + "\n")
 
-    if workers == 1:
-        for t, seed in tqdm(jobs, desc="unlearning bench"):
-            keep(run_job(t, seed, quick, sweep=sweep))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(run_job, t, seed, quick, sweep=sweep): (t, seed) for t, seed in jobs}
-            for fut in tqdm(as_completed(futures), total=len(futures), desc="unlearning bench"):
-                # One failing job (say, a missing corpus) must not throw away the others' results.
-                try:
-                    keep(fut.result())
-                except Exception as exc:
-                    failures.append(f"{futures[fut]}: {type(exc).__name__}: {exc}")
-                    print(f"job {futures[fut]} failed: {exc!r}", flush=True)
+    # One failing job (say, a missing corpus) must not throw away the others' results.
+    failures = run_per_seed(
+        functools.partial(run_job, quick=quick, sweep=sweep), tasks,
+        range(seed_offset, seed_offset + seeds), "unlearning bench", keep,
+        workers=workers, tolerate_failures=True,
+    )  # fmt: skip
     if failures and not rows:
         raise RuntimeError("every benchmark job failed: " + "; ".join(failures))
     return finalize(rows, sweep_rows, out_path)

@@ -30,7 +30,7 @@ same cached models and masks as the benchmark (``bench.unlearning.prepare`` / ``
 from __future__ import annotations
 
 import copy
-import json
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,9 @@ from zkunlearn.bench.unlearning import (
     dense_masks,
     make_mask,
     prepare,
-    rows_per_seed,
+    run_per_seed,
     split_accuracy,
+    write_study,
 )
 
 CURVATURE_VARIANTS = ("ggn", "ggn-at-masked-point", "ggn-relinearised", "ggn-plus-test-images")
@@ -210,14 +211,16 @@ def run_diagnosis(
     workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every (task, seed) in its own single-threaded process; writes the rows and the markdown."""
-    rows = rows_per_seed(diagnose, tasks, seeds, "diagnosis", quick=quick, workers=workers)
-    rows.sort(key=lambda r: (r["task"], r["seed"], r["kind"], r["layer"], r.get("curvature_variant", "")))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(rows, indent=1) + "\n")
-    out_path.with_suffix(".md").write_text(render_diagnosis_markdown(rows))
-    render_diagnosis_plot(rows, out_path.with_suffix(".png"))
+    rows: list[dict[str, Any]] = []
+    run_per_seed(
+        functools.partial(diagnose, quick=quick), tasks, seeds, "diagnosis", rows.extend, workers=workers
+    )
+    write_study(rows, out_path, _row_order, render_diagnosis_markdown, render_diagnosis_plot)
     return rows
+
+
+def _row_order(r: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (r["task"], r["seed"], r["kind"], r["layer"], r.get("curvature_variant", ""))
 
 
 def render_diagnosis_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:

@@ -25,6 +25,7 @@ table shows by how much a density cap buys that back.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,8 +41,9 @@ from zkunlearn.bench.unlearning import (
     dense_masks,
     make_mask,
     prepare,
-    rows_per_seed,
+    run_per_seed,
     split_accuracy,
+    write_study,
 )
 
 # (structure, density) pairs compared; densities below the mask fraction cannot hold the budget and
@@ -142,13 +144,12 @@ def run_structures(
     workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every (task, seed) in its own single-threaded process; writes the rows and the markdown."""
-    rows = rows_per_seed(measure_structures, tasks, seeds, "mask structures", quick=quick, workers=workers)
-    rows.sort(key=_row_order)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(rows, indent=1) + "\n")
-    out_path.with_suffix(".md").write_text(render_structures_markdown(rows))
-    render_structures_plot(rows, out_path.with_suffix(".png"))
+    rows: list[dict[str, Any]] = []
+    run_per_seed(
+        functools.partial(measure_structures, quick=quick), tasks, seeds, "mask structures", rows.extend,
+        workers=workers,
+    )  # fmt: skip
+    write_study(rows, out_path, _row_order, render_structures_markdown, render_structures_plot)
     return rows
 
 
@@ -252,13 +253,7 @@ def merge(paths: Sequence[Path | str], out_path: Path | str = RESULTS / "unlearn
     rows: list[dict[str, Any]] = []
     for path in paths:
         rows += json.loads(Path(path).read_text())
-    rows.sort(key=_row_order)
-    out_path = Path(out_path)
-    out_path.write_text(json.dumps(rows, indent=1) + "\n")
-    table = render_structures_markdown(rows)
-    out_path.with_suffix(".md").write_text(table)
-    render_structures_plot(rows, out_path.with_suffix(".png"))
-    return table
+    return write_study(rows, out_path, _row_order, render_structures_markdown, render_structures_plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

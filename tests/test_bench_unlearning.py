@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from zkunlearn.bench.unlearning import (
@@ -233,3 +234,27 @@ def test_structure_sweep_rows_and_table() -> None:
     table = render_structures_markdown(rows)
     assert "| mlp | 32% | block | 0.75 | forget-class row whole |" in table
     assert "| mlp | 32% | unstructured | – | in the budget |" in table
+
+
+def _measure_or_fail(task: str, seed: int) -> list[dict[str, Any]]:
+    if seed == 1:
+        raise ValueError("boom")
+    return [{"task": task, "seed": seed}]
+
+
+def test_run_per_seed_keeps_finished_jobs_and_reports_failures() -> None:
+    """Each job in its own process: a failing one is reported and skipped when tolerated, raised otherwise."""
+    from zkunlearn.bench.unlearning import run_per_seed
+
+    rows: list[dict[str, Any]] = []
+    failures = run_per_seed(
+        _measure_or_fail, ["t"], [0, 1, 2], "jobs", rows.extend, workers=2, tolerate_failures=True
+    )
+    assert sorted(r["seed"] for r in rows) == [0, 2]
+    assert len(failures) == 1
+    assert "boom" in failures[0]
+    with pytest.raises(ValueError, match="boom"):
+        run_per_seed(_measure_or_fail, ["t"], [0, 1, 2], "jobs", [].extend, workers=2)
+    serial: list[dict[str, Any]] = []
+    assert run_per_seed(_measure_or_fail, ["t", "u"], [0, 2], "jobs", serial.extend, workers=1) == []
+    assert [(r["task"], r["seed"]) for r in serial] == [("t", 0), ("t", 2), ("u", 0), ("u", 2)]
