@@ -336,9 +336,8 @@ def compute_mask(
     _check_fraction(fraction, block_size)
     if density != 1.0 and structure != "block":
         raise MaskSelectionError(f"density caps blocks of the 'block' structure, not {structure!r}")
+    params = _params(model, layers)  # refuses no layers and unknown ones
     rows = dict(class_rows or {})
-    if not layers:
-        raise MaskSelectionError("no layers targeted")
     if unknown := sorted(set(rows) - set(layers)):
         raise MaskSelectionError(f"class_rows names layers that are not targeted: {unknown}")
     budgeted = [name for name in layers if name not in rows]
@@ -349,15 +348,16 @@ def compute_mask(
     )
     if not rows:
         return mask
-    params = _params(model, list(rows))
+    shapes = {name: tuple(int(d) for d in params[name].shape) for name in rows}
+    for name, k in rows.items():
+        if not 0 < k < shapes[name][0]:
+            raise MaskSelectionError(f"class_rows[{name!r}] must be in 1..{shapes[name][0] - 1}, got {k}")
+    row_scores = neuron_scores(model, list(rows), forget, retain)  # one forward pass for every head
     heads: list[LayerMask] = []
     for name, k in rows.items():
-        n_rows = int(params[name].shape[0])
-        if not 0 < k < n_rows:
-            raise MaskSelectionError(f"class_rows[{name!r}] must be in 1..{n_rows - 1}, got {k}")
-        shape = {name: tuple(int(d) for d in params[name].shape)}
-        row_scores = neuron_scores(model, [name], forget, retain)
-        heads += select_neurons(row_scores, shape, k / n_rows, block_size).layers
+        heads += select_neurons(
+            {name: row_scores[name]}, {name: shapes[name]}, k / shapes[name][0], block_size
+        ).layers
     return Mask((*mask.layers, *heads))
 
 
