@@ -20,8 +20,10 @@ same cached models and masks as the benchmark (``bench.unlearning.prepare`` / ``
 * **alternative curvatures** a client *could* commit instead (the relation takes any factor G; these
   are not upper bounds): ``layer-output``, the layer-wise reconstruction Hessian of OBC/SparseGPT
   (``I (x) E[x x^T]`` over the layer's inputs: keep each neuron's pre-activation, blind to what the
-  rest of the network does with it), and ``ggn+layer-output``, the GGN plus a tenth of it (a trust
-  region in activation space instead of weight space, against the GGN's linearisation).
+  rest of the network does with it), and ``ggn+layer-output``, the benchmark's curvature with a
+  tenth more of it (a trust region in activation space instead of weight space, against the
+  curvature's linearisation; client/fisher.py ``reconstruction_weight``). Rows name the benchmark's
+  curvature ``ggn`` whatever it is; the tables show the real one (e.g. ``fisher+0.3 rec`` on the LM).
 
     python -m bench.unlearning --diagnose --tasks vit --seeds 6 --workers 2
     # -> bench/results/unlearning_diagnosis.{json,md}
@@ -36,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 from zkunlearn.bench.unlearning import (
@@ -60,62 +61,12 @@ ALTERNATIVE_CURVATURES = ("layer-output", "ggn+layer-output")
 LAYER_OUTPUT_WEIGHT = 0.1
 
 
-def layer_output_factors(
-    model: nn.Module, layers: Sequence[str], inputs: Tensor, block_size: int
-) -> dict[str, Any]:
-    """Block factors of each linear layer's reconstruction Hessian ``I_out (x) E[x x^T]`` (row-major).
-
-    The quantity OBC and SparseGPT keep when they prune: ``||(W - W') x||^2`` averaged over the
-    layer's inputs ``x`` (every token of every client sample). Blocks of ``B`` consecutive weights
-    couple only weights of the same output row, so the Gram of a block is ``E[x x^T]`` restricted to
-    its columns wherever two weights share a row and zero elsewhere.
-    """
-    from zkunlearn.client.fisher import factors_from_gram
-    from zkunlearn.client.refit import capture_inputs
-
-    modules = {name: model.get_submodule(name.removesuffix(".weight")) for name in layers}
-    for name, module in modules.items():
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"layer-output curvature needs a linear layer, {name!r} is {type(module).__name__}"
-            )
-    seen = capture_inputs(model, [name.removesuffix(".weight") for name in layers], inputs)
-    out = {}
-    for name in modules:
-        x = seen[name.removesuffix(".weight")]
-        cov = (x.T @ x / x.shape[0]).numpy()
-        n_in, numel = int(cov.shape[0]), model.get_parameter(name).numel()
-        n_out = numel // n_in
-        n_blocks = -(-numel // block_size)
-        flat = np.arange(n_blocks * block_size).reshape(n_blocks, block_size)
-        valid = flat < numel
-        row, col = flat // n_in, flat % n_in
-        same_row = (row[:, :, None] == row[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-        gram = np.where(same_row, cov[col[:, :, None], col[:, None, :]], 0.0)
-        out[name] = factors_from_gram(name, gram, 1, (n_out, n_in))
-    return out
-
-
-def _combined_factors(first: Mapping[str, Any], second: Mapping[str, Any], weight: float) -> dict[str, Any]:
-    """Factors of ``F_first + weight * F_second`` (each normalised to unit mean diagonal)."""
-    from zkunlearn.client.fisher import BlockFactors, factors_from_gram
-
-    def fisher(f: BlockFactors) -> npt.NDArray[np.float64]:  # every block's G^T G / m at once
-        out: npt.NDArray[np.float64] = np.einsum("kmb,kmc->kbc", f.factors, f.factors) / f.m
-        return out
-
-    return {
-        name: factors_from_gram(name, fisher(f) + weight * fisher(second[name]), 1, f.shape)
-        for name, f in first.items()
-    }
-
-
 def diagnose(
     task: str, seed: int, *, quick: bool = False, variant: str = "disjoint", rounds: int = 3
 ) -> list[dict[str, Any]]:
     """Per-layer and curvature-variant rows for one (task, seed); see the module docstring."""
     from zkunlearn.circuits.mask import Mask
-    from zkunlearn.client.fisher import layer_factors
+    from zkunlearn.client.fisher import layer_factors, reconstruction_factors
 
     from zkunlearn.tasks.train import cross_entropy, finetune_masked, masked_copy
 
@@ -136,10 +87,18 @@ def diagnose(
     x, y = x[keep], y[keep]
     curvature: Any = s.curvature
 
-    def factors_at(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Any]:
-        return layer_factors(model, layers, inputs, targets, cross_entropy, s.block_size, curvature=curvature)
+    def factors_at(
+        model: nn.Module, inputs: Tensor, targets: Tensor, weight: float = s.reconstruction_weight
+    ) -> dict[str, Any]:
+        return layer_factors(
+            model, layers, inputs, targets, cross_entropy, s.block_size,
+            curvature=curvature, reconstruction_weight=weight,
+        )  # fmt: skip
 
-    base = {"task": task, "variant": variant, "seed": seed, "curvature": s.curvature, "lam": s.lam}
+    base = {
+        "task": task, "variant": variant, "seed": seed, "curvature": s.curvature,
+        "reconstruction_weight": s.reconstruction_weight, "lam": s.lam,
+    }  # fmt: skip
     personal = split_accuracy(pers, views.personal_test)
     factors = factors_at(pers, x, y)
     rows: list[dict[str, Any]] = []
@@ -185,9 +144,9 @@ def diagnose(
     test_x, test_y = views.personal_test
     plus_test = factors_at(pers, torch.cat([x, test_x]), torch.cat([y, test_y]))
     variants["ggn-plus-test-images"] = compensated_copy(pers, plus_test, whole, s.lam)
-    layer_output = layer_output_factors(pers, layers, x, s.block_size)
+    layer_output = reconstruction_factors(pers, layers, x, s.block_size)
     variants["layer-output"] = compensated_copy(pers, layer_output, whole, s.lam)
-    both = _combined_factors(factors, layer_output, LAYER_OUTPUT_WEIGHT)
+    both = factors_at(pers, x, y, s.reconstruction_weight + LAYER_OUTPUT_WEIGHT)
     variants["ggn+layer-output"] = compensated_copy(pers, both, whole, s.lam)
     for name, compensated in variants.items():
         rows.append(
@@ -279,6 +238,16 @@ def _grouped(
     return groups
 
 
+def _curvature_label(variant: str, row: Mapping[str, Any]) -> str:
+    """The variant's name with the task's real curvature for the benchmark's (named ``ggn`` in rows
+    since the ViT's): e.g. ``fisher+0.3 rec-at-masked-point`` on the code LM."""
+    if not variant.startswith("ggn"):
+        return variant
+    weight = row.get("reconstruction_weight", 0.0)
+    curvature = str(row.get("curvature", "ggn")) + (f"+{weight:g} rec" if weight else "")
+    return curvature + variant.removeprefix("ggn")
+
+
 def render_diagnosis_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Points lost per masked layer, and recovery per curvature variant (mean ± std over seeds)."""
     from zkunlearn.tasks.metrics import mean_std, recovery
@@ -309,7 +278,7 @@ def render_diagnosis_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         recs = [recovery(r["personalized"], r["mask_only"], r["group_obs"]) for r in g]
         stat = mean_std(recs)
         mean = "–" if stat["n"] == 0 else f"{stat['mean'] * 100:.1f} ± {stat['std'] * 100:.1f} ({stat['n']})"  # type: ignore[operator]
-        label = name + (f" ({g[0]['rounds']} rounds)" if g[0]["rounds"] > 1 else "")
+        label = _curvature_label(name, g[0]) + (f" ({g[0]['rounds']} rounds)" if g[0]["rounds"] > 1 else "")
         lines.append(
             f"| {task} | {label} | {','.join(str(r['seed']) for r in g)} "
             f"| {' '.join('–' if x is None else f'{x * 100:.1f}' for x in recs)} | {mean} "

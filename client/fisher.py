@@ -28,6 +28,16 @@ Which curvature (``curvature=``):
   code LM; on the confident ViT classifier worse than both others (almost every draw is the true
   label, and the rare other draws dominate the estimate).
 
+Any of them may be combined with the layer's **reconstruction** curvature
+(``reconstruction_weight=w``): ``F <- F + w * (I_out (x) E[x x^T])`` restricted to each block, both
+terms at unit mean diagonal, where ``x`` runs over every row the linear layer sees (every token of a
+sequence). It is the Hessian OBC and SparseGPT prune with (keep each neuron's pre-activation), here a
+trust region in activation space beside the loss curvature, which is only trusted near the weights it
+was measured at. It needs no labels and no gradients, and the relation the circuit checks is
+unchanged: the combined matrix is factored like any other. Measured on the code LM (whose first fc1
+alone can be fully recovered by a fine-tune of its own unmasked weights, so the curvature, not the
+relation, is the limit there): see ``SETTINGS["code-lm"]`` in bench/unlearning.py.
+
 A factor with more rows than the block has columns carries nothing a ``B``-row factor does not, so
 when the rows outnumber ``B`` the per-block Gram matrices are accumulated chunk by chunk and factored
 (``sqrt(Lambda) V^T``): ``GGN`` factors of ``m * C`` rows never exist in memory, the factor of every
@@ -37,7 +47,7 @@ block is at most ``B x B``, and ``F`` is the same to round-off.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -57,6 +67,7 @@ __all__ = [
     "fit_rows",
     "layer_factors",
     "per_sample_gradients",
+    "reconstruction_factors",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -180,25 +191,30 @@ def layer_factors(
     *,
     curvature: Curvature = "empirical",
     seed: int = 0,
+    reconstruction_weight: float = 0.0,
 ) -> dict[str, BlockFactors]:
     """``block_factors`` of several layers from one pass of per-sample gradients (the GGN's C passes
-    through the network are the cost, not the per-layer Gram products)."""
+    through the network are the cost, not the per-layer Gram products).
+
+    ``reconstruction_weight`` adds the layers' reconstruction curvature (module docstring); every
+    layer must then be the weight of an ``nn.Linear``.
+    """
     if block_size <= 0:
         raise FisherError(f"block size must be positive, got {block_size}")
     if curvature not in CURVATURES:
         raise FisherError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
+    if not (math.isfinite(reconstruction_weight) and reconstruction_weight >= 0.0):
+        raise FisherError(
+            f"reconstruction weight must be a finite number >= 0, got {reconstruction_weight!r}"
+        )
+    linears = _linear_modules(model, layers) if reconstruction_weight > 0.0 else {}
     if exclude is not None:
-        keep = ~torch.as_tensor(exclude).to(torch.bool).reshape(-1)
-        if keep.shape[0] != inputs.shape[0]:
-            raise FisherError(f"exclude has {keep.shape[0]} entries for {inputs.shape[0]} samples")
-        if not bool(keep.any()):
-            raise FisherError("exclude leaves no samples for the Fisher")
-        inputs, targets = inputs[keep], targets[keep]
+        inputs, targets = _kept(inputs, targets, exclude)
     if inputs.shape[0] == 0:
         raise FisherError("no samples")
     rows_per_sample = _ggn_classes(model, inputs[:1]) if curvature == "ggn" else 1
     draws = torch.Generator().manual_seed(seed)
-    if inputs.shape[0] * rows_per_sample <= block_size:
+    if inputs.shape[0] * rows_per_sample <= block_size and not linears:
         rows = _curvature_rows(model, layers, inputs, targets, loss_fn, curvature, draws, rows_per_sample)
         return {n: factors_from_gradients(n, flat, block_size, shape) for n, (flat, shape) in rows.items()}
     grams: dict[str, npt.NDArray[np.float64]] = {}
@@ -217,7 +233,126 @@ def layer_factors(
             grams[name] = grams[name] + part if name in grams else part
             shapes[name] = shape
         n_rows += next(iter(rows.values()))[0].shape[0]
-    return {n: factors_from_gram(n, grams[n], n_rows, shapes[n]) for n in layers}
+    if not linears:
+        return {n: factors_from_gram(n, grams[n], n_rows, shapes[n]) for n in layers}
+    covariances = _input_covariances(model, linears, inputs)
+    out = {}
+    for name in layers:
+        numel = math.prod(shapes[name])
+        curv = grams[name] / n_rows
+        recon = _reconstruction_gram(covariances[name], numel, block_size)
+        curv_diag, recon_diag = (float(_mean_diagonal(g, numel)) for g in (curv, recon))
+        if not np.isfinite(curv).all():
+            raise FisherError(f"per-sample gradients of {name!r} contain NaN or inf")
+        if not recon_diag > 0.0 or not math.isfinite(recon_diag):
+            raise FisherError(f"the inputs of {name!r} are all zero or not finite: no reconstruction term")
+        # Both terms at the curvature's mean diagonal before weighting, so ``w`` means the same on every
+        # layer; ``factors_from_gram`` then normalises the sum (``scale`` keeps gradient units).
+        combined = curv + (reconstruction_weight * curv_diag / recon_diag) * recon
+        out[name] = factors_from_gram(name, combined, 1, shapes[name])
+    return out
+
+
+def reconstruction_factors(
+    model: nn.Module,
+    layers: Sequence[str],
+    inputs: Tensor,
+    block_size: int,
+    exclude: Tensor | npt.NDArray[np.bool_] | None = None,
+) -> dict[str, BlockFactors]:
+    """Factors of the reconstruction curvature alone, ``I_out (x) E[x x^T]`` per block (module docstring).
+
+    The term ``reconstruction_weight`` adds to the loss curvature, on its own: for diagnosis and for
+    comparing with OBC/SparseGPT, whose pruning keeps exactly this.
+    """
+    if block_size <= 0:
+        raise FisherError(f"block size must be positive, got {block_size}")
+    linears = _linear_modules(model, layers)
+    if exclude is not None:
+        inputs, _ = _kept(inputs, inputs, exclude)
+    covariances = _input_covariances(model, linears, inputs)
+    out = {}
+    for name, module in linears.items():
+        shape = tuple(int(d) for d in module.weight.shape)
+        gram = _reconstruction_gram(covariances[name], math.prod(shape), block_size)
+        if not _mean_diagonal(gram, math.prod(shape)) > 0.0:
+            raise FisherError(f"the inputs of {name!r} are all zero: no reconstruction term")
+        out[name] = factors_from_gram(name, gram, 1, shape)
+    return out
+
+
+def _kept(inputs: Tensor, targets: Tensor, exclude: Tensor | npt.NDArray[np.bool_]) -> tuple[Tensor, Tensor]:
+    keep = ~torch.as_tensor(exclude).to(torch.bool).reshape(-1)
+    if keep.shape[0] != inputs.shape[0]:
+        raise FisherError(f"exclude has {keep.shape[0]} entries for {inputs.shape[0]} samples")
+    if not bool(keep.any()):
+        raise FisherError("exclude leaves no samples for the Fisher")
+    return inputs[keep], targets[keep]
+
+
+def _linear_modules(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` each layer is the weight of (the reconstruction term is defined for those)."""
+    out = {}
+    for name in layers:
+        owner, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError as exc:
+            raise FisherError(f"model has no submodule {owner!r} (for layer {name!r})") from exc
+        if leaf != "weight" or not isinstance(module, nn.Linear):
+            raise FisherError(
+                f"the reconstruction term needs the weight of an nn.Linear; {name!r} is "
+                f"{leaf!r} of a {type(module).__name__}"
+            )
+        out[name] = module
+    return out
+
+
+def _input_covariances(
+    model: nn.Module, linears: Mapping[str, nn.Linear], inputs: Tensor
+) -> dict[str, npt.NDArray[np.float64]]:
+    """``E[x x^T]`` over every row each linear module sees on ``inputs`` (eval mode), float64.
+
+    Accumulated chunk by chunk: the rows (every token of every sample) never exist in memory at once.
+    """
+    if inputs.shape[0] == 0:
+        raise FisherError("no samples")
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(linears, 0)
+    hooks = []
+    for name, module in linears.items():
+
+        def keep(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = name) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            counts[name] += int(x.shape[0])
+
+        hooks.append(module.register_forward_hook(keep))
+    try:
+        for start in range(0, inputs.shape[0], _GRAM_CHUNK):
+            _eval_logits(model, inputs[start : start + _GRAM_CHUNK])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: (sums[name] / counts[name]).numpy() for name in linears}
+
+
+def _reconstruction_gram(
+    covariance: npt.NDArray[np.float64], numel: int, block_size: int
+) -> npt.NDArray[np.float64]:
+    """Blocks of ``I_out (x) E[x x^T]`` (row-major weights): two weights couple iff they share a row."""
+    n_in = covariance.shape[0]
+    n_blocks = -(-numel // block_size)
+    flat = np.arange(n_blocks * block_size).reshape(n_blocks, block_size)
+    valid = flat < numel
+    row, col = flat // n_in, flat % n_in
+    same_row = (row[:, :, None] == row[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    out: npt.NDArray[np.float64] = np.where(same_row, covariance[col[:, :, None], col[:, None, :]], 0.0)
+    return out
+
+
+def _mean_diagonal(gram: npt.NDArray[np.float64], numel: int) -> np.floating[Any]:
+    return np.mean(np.diagonal(gram, axis1=1, axis2=2).reshape(-1)[:numel])
 
 
 def _eval_logits(model: nn.Module, inputs: Tensor) -> Tensor:

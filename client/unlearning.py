@@ -185,6 +185,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         loss_fn: LossFn,
         exclude: Tensor | None = None,
         curvature: Curvature = "ggn",
+        reconstruction_weight: float = 0.0,
     ) -> list[Commitment]:
         """Fix the committed state (weights on the grid, Fisher factors, blinding) and commit to it.
 
@@ -193,13 +194,19 @@ class GroupObsUnlearner(_CommittedStateProver):
         ``curvature`` (:mod:`zkunlearn.client.fisher`): the default Gauss-Newton factor recovers more
         accuracy than the empirical Fisher on classifiers; models with sequence outputs use ``"fisher"``
         (sampled labels) or ``"empirical"``. The circuit checks the update against whichever factor
-        is committed.
+        is committed. ``reconstruction_weight`` adds the layers' reconstruction curvature to it
+        (:func:`zkunlearn.client.fisher.layer_factors`; the code LM benchmark's setting uses 0.3).
         """
         spec, scale = self.spec, self.scale
         if inputs.shape[0] < 1:
             raise UnlearningError("enrollment needs client samples for the Fisher factor")
         arrays: dict[str, F64] = {}
-        meta: dict[str, Any] = {"layers": {}, "last_request": None, "curvature": curvature}
+        meta: dict[str, Any] = {
+            "layers": {},
+            "last_request": None,
+            "curvature": curvature,
+            "reconstruction_weight": reconstruction_weight,
+        }
         commitments: list[Commitment] = []
         for layer in layers:
             numel = _param(self.model, layer).numel()
@@ -207,8 +214,9 @@ class GroupObsUnlearner(_CommittedStateProver):
                 raise UnlearningError(f"{layer}: {numel} weights are not a multiple of {spec.batch_weights}")
         try:
             all_factors = layer_factors(
-                self.model, list(layers), inputs, targets, loss_fn, spec.block, exclude, curvature=curvature
-            )
+                self.model, list(layers), inputs, targets, loss_fn, spec.block, exclude,
+                curvature=curvature, reconstruction_weight=reconstruction_weight,
+            )  # fmt: skip
             fitted = {n: fit_rows(f.factors, spec.m) for n, f in all_factors.items()}
         except FisherError as exc:
             raise UnlearningError(f"cannot build the Fisher factor: {exc}") from exc

@@ -96,16 +96,25 @@ def test_recovery_interval_over_seeds(quick_rows: list[dict[str, object]], tmp_p
 
 
 def test_tuning_sweep_grid_and_table() -> None:
-    """One row per grid point (curvature x rank x damping), and the table names every rank."""
-    rows = tuning_sweep("mlp", [0], [0.32], [128], [0.02, 0.1], curvatures=["ggn"], ranks=[0, 4], quick=True)
-    assert len(rows) == 4
-    assert {(r["rank"], r["lam"]) for r in rows} == {(None, 0.02), (None, 0.1), (4, 0.02), (4, 0.1)}
+    """One row per grid point (curvature x reconstruction weight x rank x damping), each in the table."""
+    rows = tuning_sweep(
+        "mlp", [0], [0.32], [128], [0.02, 0.1], curvatures=["ggn"], ranks=[0, 4], quick=True,
+        reconstruction_weights=[0.0, 0.3],
+    )  # fmt: skip
+    assert len(rows) == 8
+    assert {(r["reconstruction_weight"], r["rank"], r["lam"]) for r in rows} == {
+        (w, rank, lam) for w in (0.0, 0.3) for rank in (None, 4) for lam in (0.02, 0.1)
+    }
     for r in rows:
         assert r["curvature"] == "ggn"
         assert r["mask_only"] < r["personalized"]
+    # The term changes the update (the same mask, so only the compensation differs).
+    by_weight = {w: [r["group_obs"] for r in rows if r["reconstruction_weight"] == w] for w in (0.0, 0.3)}
+    assert by_weight[0.0] != by_weight[0.3]
     table = render_tuning_markdown(rows)
-    assert "| mlp | ggn | full |" in table
-    assert "| mlp | ggn | 4 |" in table
+    for w in ("0", "0.3"):
+        assert f"| mlp | ggn | {w} | full |" in table
+        assert f"| mlp | ggn | {w} | 4 |" in table
 
 
 def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
@@ -153,30 +162,6 @@ def test_diagnosis_refuses_zero_rounds() -> None:
 
     with pytest.raises(ValueError, match="rounds"):
         diagnose("mlp", 0, quick=True, rounds=0)
-
-
-@pytest.mark.parametrize("block_size", [4, 6])
-def test_layer_output_curvature_is_the_input_covariance_within_each_row(block_size: int) -> None:
-    """Blocks inside one row get E[x x^T] on their columns; weights of different rows do not couple."""
-    import numpy as np
-    import torch
-    from torch import nn
-    from zkunlearn.bench.unlearning_diagnosis import layer_output_factors
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    inputs = torch.randn(50, 4)
-    factors = layer_output_factors(model, ["0.weight"], inputs, block_size)["0.weight"]
-    x = inputs.double().numpy()
-    cov = x.T @ x / x.shape[0]
-    expected = np.kron(np.eye(3), cov) / np.trace(cov) * 4  # I_out (x) E[x x^T], unit mean diagonal
-    for k in range(factors.n_blocks):
-        lo, hi = k * block_size, min((k + 1) * block_size, 12)
-        np.testing.assert_allclose(
-            factors.fisher(k, 0.0)[: hi - lo, : hi - lo], expected[lo:hi, lo:hi], rtol=1e-9, atol=1e-12
-        )
-    with pytest.raises(ValueError, match="needs a linear layer"):
-        layer_output_factors(model, ["1.weight"], inputs, block_size)
 
 
 def test_output_refit_leaves_out_the_excluded_samples() -> None:

@@ -13,6 +13,7 @@ from zkunlearn.client.fisher import (
     factors_from_gradients,
     layer_factors,
     per_sample_gradients,
+    reconstruction_factors,
 )
 from zkunlearn.client.group_obs import apply_group_obs
 
@@ -223,3 +224,133 @@ def test_sampled_label_fisher_handles_sequence_outputs() -> None:
     assert bf.factors.shape == (3, 6, 6)
     assert np.isfinite(bf.factors).all()
     assert bf.scale > 0
+
+
+class _Tokens(nn.Module):
+    """A linear layer applied to every token of (N, T, d) inputs, like a transformer's fc1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 7)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.out(torch.relu(self.fc(x)))
+        return out
+
+
+def _seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _dense_reconstruction(inputs: torch.Tensor, n_out: int) -> np.ndarray:
+    """``I_out (x) E[x x^T]`` over every token, as the dense (numel x numel) row-major matrix."""
+    rows = inputs.reshape(-1, inputs.shape[-1]).numpy()
+    return np.kron(np.eye(n_out), rows.T @ rows / rows.shape[0])
+
+
+@pytest.mark.parametrize("block", [5, 7, 12, 35])  # one row, across rows, partial last block, whole layer
+@pytest.mark.parametrize("curvature", ["empirical", "fisher"])
+def test_reconstruction_term_is_the_input_covariance_added_at_its_weight(block: int, curvature: str) -> None:
+    """Each block's matrix is the normalised curvature plus ``w`` times the normalised ``I (x) E[x x^T]``
+    restricted to the block (token rows of a sequence model), and the pair is renormalised."""
+    torch.manual_seed(1)
+    model = _Tokens().double()
+    x = torch.randn(20, 4, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (20, 4))
+    exclude = torch.zeros(20, dtype=torch.bool)
+    exclude[[2, 11]] = True
+    weight = 0.3
+    kw = {"curvature": curvature, "exclude": exclude}
+    plain = layer_factors(model, ["fc.weight"], x, y, _seq_loss, block, **kw)["fc.weight"]  # type: ignore[arg-type]
+    both = layer_factors(model, ["fc.weight"], x, y, _seq_loss, block, reconstruction_weight=weight, **kw)[  # type: ignore[arg-type]
+        "fc.weight"
+    ]
+    numel = 35
+    recon = _dense_reconstruction(x[~exclude], 7)
+    recon /= np.mean(np.diag(recon))
+    for k in range(plain.n_blocks):
+        lo, hi = k * block, min((k + 1) * block, numel)
+        curv = plain.fisher(k, 0.0)[: hi - lo, : hi - lo]
+        expected = curv + weight * recon[lo:hi, lo:hi]
+        expected /= 1.0 + weight  # both terms had unit mean diagonal over the layer
+        got = both.fisher(k, 0.0)
+        assert np.allclose(got[: hi - lo, : hi - lo], expected, atol=1e-10, rtol=0)
+        assert np.allclose(got[hi - lo :], 0.0)  # padding
+        assert np.allclose(got[:, hi - lo :], 0.0)
+    assert both.scale == pytest.approx(plain.scale * (1.0 + weight), rel=1e-10)
+
+
+def test_reconstruction_weight_zero_is_the_plain_curvature_and_bad_weights_are_refused() -> None:
+    model, x, y = _setup(n=40)
+    plain = block_factors(model, "fc1.weight", x, y, LOSS, 16)
+    zero = layer_factors(model, ["fc1.weight"], x, y, LOSS, 16, reconstruction_weight=0.0)["fc1.weight"]
+    assert np.array_equal(plain.factors, zero.factors)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(FisherError, match="reconstruction weight"):
+            layer_factors(model, ["fc1.weight"], x, y, LOSS, 16, reconstruction_weight=bad)
+    with pytest.raises(FisherError, match=r"nn.Linear; 'fc1.bias'"):
+        layer_factors(model, ["fc1.bias"], x, y, LOSS, 4, reconstruction_weight=0.1)
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
+    images = torch.randn(9, 1, 6).double()
+    with pytest.raises(FisherError, match="Conv1d"):
+        layer_factors(conv, ["0.weight"], images, y[:9], LOSS, 6, reconstruction_weight=1.0)
+
+
+def test_group_obs_with_a_dominant_reconstruction_term_is_the_least_squares_reconstruction() -> None:
+    """With the reconstruction term dominating, Group-OBS becomes OBC/SparseGPT's layer-wise optimum:
+    each row's unmasked weights are the least-squares fit of the row's original pre-activations on
+    the client's inputs (every token), given the masked weights are zero."""
+    torch.manual_seed(3)
+    model = _Tokens().double()
+    x = torch.randn(200, 4, 5, dtype=torch.float64) @ torch.randn(5, 5, dtype=torch.float64)  # correlated
+    y = torch.randint(0, 3, (200, 4))
+    weight = model.fc.weight.detach().numpy().copy()
+    mask = LayerMask("fc.weight", (7, 5), 5, {k: (0, 2) for k in range(7)})  # 2 of each row's 5 inputs
+    factors = layer_factors(model, ["fc.weight"], x, y, _seq_loss, 5, reconstruction_weight=1e8)["fc.weight"]
+    new, _ = apply_group_obs(torch.from_numpy(weight), factors, mask, 1e-12)
+    new = np.asarray(new).reshape(7, 5)
+    rows = x.reshape(-1, 5).numpy()
+    keep = [1, 3, 4]
+    for r in range(7):
+        fit, *_ = np.linalg.lstsq(rows[:, keep], rows @ weight[r], rcond=None)
+        assert np.allclose(new[r, keep], fit, rtol=1e-5, atol=1e-7)
+        assert np.all(new[r, [0, 2]] == 0.0)
+
+
+def test_reconstruction_factors_alone_and_their_refusals() -> None:
+    torch.manual_seed(2)
+    model = _Tokens().double()
+    x = torch.randn(10, 3, 5, dtype=torch.float64)
+    exclude = torch.zeros(10, dtype=torch.bool)
+    exclude[0] = True
+    got = reconstruction_factors(model, ["fc.weight", "out.weight"], x, 7, exclude)
+    recon = _dense_reconstruction(x[1:], 7)
+    recon /= np.mean(np.diag(recon))
+    assert np.allclose(got["fc.weight"].fisher(0, 0.0), recon[:7, :7], atol=1e-12)
+    assert got["out.weight"].shape == (3, 7)
+    with pytest.raises(FisherError, match="all zero"):
+        reconstruction_factors(model, ["fc.weight"], torch.zeros(4, 3, 5, dtype=torch.float64), 5)
+    with pytest.raises(FisherError, match="no samples"):
+        reconstruction_factors(model, ["fc.weight"], x, 5, torch.ones(10, dtype=torch.bool))
+    with pytest.raises(FisherError, match="no submodule"):
+        reconstruction_factors(model, ["nope.weight"], x, 5)
+
+
+@pytest.mark.parametrize("block_size", [4, 6])
+def test_reconstruction_factors_of_a_float32_model_couple_only_weights_of_one_row(block_size: int) -> None:
+    """Blocks inside one row get E[x x^T] on their columns; weights of different rows do not couple."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    inputs = torch.randn(50, 4)
+    factors = reconstruction_factors(model, ["0.weight"], inputs, block_size)["0.weight"]
+    x = inputs.double().numpy()
+    cov = x.T @ x / x.shape[0]
+    expected = np.kron(np.eye(3), cov) / np.trace(cov) * 4  # I_out (x) E[x x^T], unit mean diagonal
+    for k in range(factors.n_blocks):
+        lo, hi = k * block_size, min((k + 1) * block_size, 12)
+        np.testing.assert_allclose(
+            factors.fisher(k, 0.0)[: hi - lo, : hi - lo], expected[lo:hi, lo:hi], rtol=1e-6, atol=1e-9
+        )
+    with pytest.raises(FisherError, match=r"nn.Linear; '1.weight' is 'weight' of a ReLU"):
+        reconstruction_factors(model, ["1.weight"], inputs, block_size)
