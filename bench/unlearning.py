@@ -19,13 +19,15 @@ the curvature x damping x mask-fraction grid in ``bench/results/unlearning_fishe
 ``unlearning_fisher_lm_tuning.md``, the earlier block-size / sample-count grid in
 ``unlearning_tuning.md``); the per-seed table in ``unlearning.md`` marks those seeds and gives the
 mean recovery over the held-out ones separately. The committed ``unlearning*.json`` merge, via
-``--finalize``, ``--no-sweep`` runs on the 2-core box (Python 3.11, torch CPU, two single-threaded jobs
-at once, nothing else running): code LM seeds 0-3 (0 tuning; client slice tkinter) and MLP seeds 0-2
-(not tuned) from a sitting that started from an empty model cache, and ViT seeds 0-11 (0-2 tuning)
-re-run in the next sitting on the same cached models with the block-capped mask.
+``--finalize``, runs on the 2-core box (Python 3.11, torch CPU, single-threaded jobs, nothing else
+running): MLP seeds 0-2 (not tuned) from a sitting that started from an empty model cache (``--no-sweep``),
+ViT seeds 0-11 (0-2 tuning) re-run in the next sitting on the same cached models with the block-capped
+mask (``--no-sweep``), and code LM seeds 0-3 (0 tuning; client slice tkinter) re-run in the sitting after,
+on the same cached models, with the reconstruction term in its curvature (with its mask sweep).
 ``--structures`` (``bench/unlearning_structures.py``) compares mask structures: touched blocks,
 efficacy and Group-OBS recovery. ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run
-on a 16-core machine, on the models trained there (it measures the global model only). ``--diagnose`` runs
+on a 16-core machine, on the models trained there (it measures the global model only), except its
+code-LM rows (the latest code-LM run). ``--diagnose`` runs
 ``bench/unlearning_diagnosis.py``: where the unrecovered accuracy is lost, layer by layer, and what
 curvatures no client could commit before a request would give (upper bounds for a better G).
 """
