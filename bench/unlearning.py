@@ -23,7 +23,8 @@ mean recovery over the held-out ones separately. The committed ``unlearning*.jso
 running): MLP seeds 0-2 (not tuned) from a sitting that started from an empty model cache (``--no-sweep``),
 ViT seeds 0-11 (0-2 tuning) re-run in the next sitting on the same cached models with the block-capped
 mask (``--no-sweep``), and code LM seeds 0-3 (0 tuning; client slice tkinter) re-run in the sitting after,
-on the same cached models, with the reconstruction term in its curvature (with its mask sweep).
+on the same cached models, with the reconstruction term in its curvature (with its mask sweep), plus
+seeds 4-11 (pre-registered, ``--no-sweep``) in the same sitting.
 ``--structures`` (``bench/unlearning_structures.py``) compares mask structures: touched blocks,
 efficacy and Group-OBS recovery. ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run
 on a 16-core machine, on the models trained there (it measures the global model only), except its
