@@ -86,7 +86,7 @@ def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[s
     data, exclude = client_fisher_data(v["client_train"], v["client_forget_mask"], s.fisher_samples)
     factors = layer_factors(
         pers, list(prep.layers), data[0], data[1], cross_entropy, s.block_size, exclude,
-        curvature=s.curvature,  # type: ignore[arg-type]
+        curvature=s.curvature, reconstruction_weight=s.reconstruction_weight,  # type: ignore[arg-type]
     )  # fmt: skip
     personal = split_accuracy(pers, views.personal_test)
     retrain_forget = split_accuracy(prep.gold_global, views.forget_test)
@@ -100,6 +100,7 @@ def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[s
                 "structure": structure, "density": density, "head_rows": head_rows,
                 "fraction": fraction,
                 "block_size": s.block_size, "curvature": s.curvature, "lam": s.lam,
+                "reconstruction_weight": s.reconstruction_weight,
             }  # fmt: skip
             spec = MaskSpec(s.mask.score, fraction, structure, density, head_rows)
             try:
