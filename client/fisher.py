@@ -56,6 +56,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from zkunlearn.client.refit import capture_inputs
 
 __all__ = [
     "CURVATURES",
@@ -235,17 +236,12 @@ def layer_factors(
         n_rows += next(iter(rows.values()))[0].shape[0]
     if not linears:
         return {n: factors_from_gram(n, grams[n], n_rows, shapes[n]) for n in layers}
-    covariances = _input_covariances(model, linears, inputs)
+    recons = _reconstruction_grams(model, linears, inputs, block_size)
     out = {}
     for name in layers:
         numel = math.prod(shapes[name])
-        curv = grams[name] / n_rows
-        recon = _reconstruction_gram(covariances[name], numel, block_size)
+        curv, recon = grams[name] / n_rows, recons[name]
         curv_diag, recon_diag = (float(_mean_diagonal(g, numel)) for g in (curv, recon))
-        if not np.isfinite(curv).all():
-            raise FisherError(f"per-sample gradients of {name!r} contain NaN or inf")
-        if not recon_diag > 0.0 or not math.isfinite(recon_diag):
-            raise FisherError(f"the inputs of {name!r} are all zero or not finite: no reconstruction term")
         # Both terms at the curvature's mean diagonal before weighting, so ``w`` means the same on every
         # layer; ``factors_from_gram`` then normalises the sum (``scale`` keeps gradient units).
         combined = curv + (reconstruction_weight * curv_diag / recon_diag) * recon
@@ -270,15 +266,11 @@ def reconstruction_factors(
     linears = _linear_modules(model, layers)
     if exclude is not None:
         inputs, _ = _kept(inputs, inputs, exclude)
-    covariances = _input_covariances(model, linears, inputs)
-    out = {}
-    for name, module in linears.items():
-        shape = tuple(int(d) for d in module.weight.shape)
-        gram = _reconstruction_gram(covariances[name], math.prod(shape), block_size)
-        if not _mean_diagonal(gram, math.prod(shape)) > 0.0:
-            raise FisherError(f"the inputs of {name!r} are all zero: no reconstruction term")
-        out[name] = factors_from_gram(name, gram, 1, shape)
-    return out
+    grams = _reconstruction_grams(model, linears, inputs, block_size)
+    return {
+        name: factors_from_gram(name, grams[name], 1, tuple(int(d) for d in module.weight.shape))
+        for name, module in linears.items()
+    }
 
 
 def _kept(inputs: Tensor, targets: Tensor, exclude: Tensor | npt.NDArray[np.bool_]) -> tuple[Tensor, Tensor]:
@@ -308,33 +300,27 @@ def _linear_modules(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Lin
     return out
 
 
-def _input_covariances(
-    model: nn.Module, linears: Mapping[str, nn.Linear], inputs: Tensor
+def _reconstruction_grams(
+    model: nn.Module, linears: Mapping[str, nn.Linear], inputs: Tensor, block_size: int
 ) -> dict[str, npt.NDArray[np.float64]]:
-    """``E[x x^T]`` over every row each linear module sees on ``inputs`` (eval mode), float64.
+    """Per layer, the blocks of ``I_out (x) E[x x^T]`` over every row the layer sees on ``inputs``.
 
-    Accumulated chunk by chunk: the rows (every token of every sample) never exist in memory at once.
+    The rows come from :func:`zkunlearn.client.refit.capture_inputs` (the hook the output refit uses).
     """
     if inputs.shape[0] == 0:
         raise FisherError("no samples")
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = dict.fromkeys(linears, 0)
-    hooks = []
+    paths = {name: name.rpartition(".")[0] for name in linears}
+    seen = capture_inputs(model, list(paths.values()), inputs)
+    out = {}
     for name, module in linears.items():
-
-        def keep(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
-            counts[name] += int(x.shape[0])
-
-        hooks.append(module.register_forward_hook(keep))
-    try:
-        for start in range(0, inputs.shape[0], _GRAM_CHUNK):
-            _eval_logits(model, inputs[start : start + _GRAM_CHUNK])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: (sums[name] / counts[name]).numpy() for name in linears}
+        x = seen[paths[name]]
+        numel = module.weight.numel()
+        gram = _reconstruction_gram((x.T @ x / x.shape[0]).numpy(), numel, block_size)
+        diag = float(_mean_diagonal(gram, numel))
+        if not (math.isfinite(diag) and diag > 0.0):
+            raise FisherError(f"the inputs of {name!r} are all zero or not finite: no reconstruction term")
+        out[name] = gram
+    return out
 
 
 def _reconstruction_gram(
