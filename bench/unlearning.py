@@ -19,8 +19,10 @@ the curvature x damping x mask-fraction grid in ``bench/results/unlearning_fishe
 ``unlearning_fisher_lm_tuning.md``, the earlier block-size / sample-count grid in
 ``unlearning_tuning.md``); the per-seed table in ``unlearning.md`` marks those seeds and gives the
 mean recovery over the held-out ones separately. The committed ``unlearning*.json`` merge, via
-``--finalize``, runs on the 2-core box (Python 3.11, torch CPU, single-threaded jobs, nothing else
-running): MLP seeds 0-2 (not tuned) from a sitting that started from an empty model cache (``--no-sweep``),
+``--finalize``, runs on the 2-core box (Python 3.11, torch CPU, single-threaded jobs; nothing else
+running for the ViT and MLP rows, while the code-LM rows shared the box with other jobs, so their
+update times, peak memory and naive/ours ratios are not comparable with the others): MLP seeds 0-2
+(not tuned) from a sitting that started from an empty model cache (``--no-sweep``),
 ViT seeds 0-11 (0-2 tuning) re-run in the next sitting on the same cached models with the block-capped
 mask (``--no-sweep``), and code LM seeds 0-3 (0 tuning; client slice tkinter) re-run in the sitting after,
 on the same cached models, with the reconstruction term in its curvature (with its mask sweep), plus
