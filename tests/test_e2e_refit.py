@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from torch import nn
+from zkunlearn.client.fisher import fit_rows, layer_factors
 from zkunlearn.client.refit import committed_rows, refit_following_layer
-from zkunlearn.client.unlearning import GroupObsUnlearner
+from zkunlearn.client.unlearning import GroupObsUnlearner, _load
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.deletion import DeletionCircuits, RefitSpec
 from zkunlearn.provider.export import export_bundle
@@ -72,7 +73,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server.stop(0)
 
 
-def refit_client(world: World, name: str, cls: type[GroupObsUnlearner] = GroupObsUnlearner):  # type: ignore[no-untyped-def]
+def refit_client(  # type: ignore[no-untyped-def]
+    world: World,
+    name: str,
+    cls: type[GroupObsUnlearner] = GroupObsUnlearner,
+    reconstruction_weight: float = 0.0,
+):
     from zkunlearn.proofs.artifacts import client_artifacts
 
     _spec, arts = world.circuits.refits[0]
@@ -89,7 +95,9 @@ def refit_client(world: World, name: str, cls: type[GroupObsUnlearner] = GroupOb
         refits=[(REFIT, refit_circuit)],
     )
     x, y = data()
-    commitments = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy)
+    commitments = unlearner.enroll(
+        [LAYER], x, y, nn.functional.cross_entropy, reconstruction_weight=reconstruction_weight
+    )
     assert {c.name for c in commitments} >= {"z:fc1.weight", "b1:fc1.weight", "v:fc2"}
     client = edge(world, name, unlearner)
     client.enroll(name, MODEL, [LAYER], 1, commitments)
@@ -130,12 +138,22 @@ class RefitsUnmaskedWeights(GroupObsUnlearner):
 
 def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None:
     clients = {
-        "honest": refit_client(world, "honest"),
+        # The honest client's curvature carries the reconstruction term (the code LM's setting): the
+        # relation is the same, the committed factor is another one, and the proofs must still hold.
+        "honest": refit_client(world, "honest", reconstruction_weight=0.3),
         "skips": refit_client(world, "skips", SkipsRefit),
         "smuggles": refit_client(world, "smuggles", SmugglesFc2),
         "unmasked": refit_client(world, "unmasked", RefitsUnmaskedWeights),
     }
     honest_model = clients["honest"][2]
+    committed_g = {name: _load(u.state_dir)[0][f"{LAYER}/g"] for name, (_c, u, _m) in clients.items()}
+    x, y = data()
+    for weight, name in ((0.3, "honest"), (0.0, "skips")):
+        want = layer_factors(Tiny(), [LAYER], x, y, nn.functional.cross_entropy, GO_SPEC.block,
+                             curvature="ggn", reconstruction_weight=weight)[LAYER]  # fmt: skip
+        fitted = fit_rows(want.factors, GO_SPEC.m).reshape(committed_g[name].shape)
+        assert np.abs(committed_g[name] - fitted).max() < 1e-3, name
+    assert np.abs(committed_g["honest"] - committed_g["skips"]).max() > 0.05
     fc1_before = honest_model.fc1.weight.detach().double().numpy().copy()
     v_before = np.hstack(
         [
@@ -161,7 +179,6 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
     # samples: fc1 reads the raw input), to the grid.
     fc1_after = honest_model.fc1.weight.detach().double().numpy()
     assert not np.allclose(fc1_after, fc1_before)
-    x, _y = data()
     fit = refit_following_layer(
         x.double().numpy()[committed_rows(32, 16)],
         fc1_before,
