@@ -64,6 +64,7 @@ __all__ = [
     "Curvature",
     "FisherError",
     "block_factors",
+    "curvature_rows",
     "factors_from_gram",
     "fit_rows",
     "layer_factors",
@@ -249,6 +250,35 @@ def layer_factors(
     return out
 
 
+def curvature_rows(
+    model: nn.Module,
+    layers: Sequence[str],
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    *,
+    curvature: Curvature = "empirical",
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """The curvature factor's raw rows per parameter, ``(rows, *shape)``, before blocking or scaling.
+
+    ``layer_factors`` cuts these into per-tensor blocks; a relation whose blocks span tensors (e.g. a
+    hidden neuron's fc1 row with its fc2 column, measured in ``bench/unlearning_diagnosis.py``) needs the
+    rows themselves. Rows per sample: ``C`` for ``"ggn"``, one otherwise; call it chunk by chunk, it holds
+    every row of every requested parameter.
+    """
+    if curvature not in CURVATURES:
+        raise FisherError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
+    if inputs.shape[0] == 0:
+        raise FisherError("no samples")
+    n_classes = _ggn_classes(model, inputs[:1]) if curvature == "ggn" else 1
+    draws = torch.Generator().manual_seed(seed)
+    inputs, targets, loss_fn = _curvature_problem(
+        model, inputs, targets, loss_fn, curvature, draws, n_classes
+    )
+    return per_sample_gradients(model, list(layers), inputs, targets, loss_fn)
+
+
 def reconstruction_factors(
     model: nn.Module,
     layers: Sequence[str],
@@ -376,6 +406,29 @@ def _sampled_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
 
 
+def _curvature_problem(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    curvature: str,
+    draws: torch.Generator,
+    n_classes: int,
+) -> tuple[Tensor, Tensor, LossFn]:
+    """The (inputs, targets, loss) whose per-sample gradients are the curvature's factor rows: the
+    client's labels (empirical), labels drawn from the model (fisher), or one pseudo-loss per class (ggn)."""
+    if curvature == "fisher":
+        logits = _eval_logits(model, inputs).double()
+        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+        targets = torch.multinomial(probs, 1, generator=draws).reshape(logits.shape[:-1])
+        loss_fn = _sampled_cross_entropy
+    elif curvature == "ggn":
+        inputs = inputs.repeat_interleave(n_classes, dim=0)
+        targets = torch.arange(n_classes).repeat(inputs.shape[0] // n_classes)
+        loss_fn = _ggn_row_loss
+    return inputs, targets, loss_fn
+
+
 def _curvature_rows(
     model: nn.Module,
     layers: Sequence[str],
@@ -390,15 +443,9 @@ def _curvature_rows(
 
     ``n_classes`` is the GGN's rows per sample (found once by the caller; unused by the others).
     """
-    if curvature == "fisher":
-        logits = _eval_logits(model, inputs).double()
-        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-        targets = torch.multinomial(probs, 1, generator=draws).reshape(logits.shape[:-1])
-        loss_fn = _sampled_cross_entropy
-    elif curvature == "ggn":
-        inputs = inputs.repeat_interleave(n_classes, dim=0)
-        targets = torch.arange(n_classes).repeat(inputs.shape[0] // n_classes)
-        loss_fn = _ggn_row_loss
+    inputs, targets, loss_fn = _curvature_problem(
+        model, inputs, targets, loss_fn, curvature, draws, n_classes
+    )
     grads = per_sample_gradients(model, list(layers), inputs, targets, loss_fn)
     out = {}
     for name in layers:

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+from torch import nn
 from zkunlearn.bench.unlearning import (
     METHODS,
     RECOVERING,
@@ -155,6 +158,94 @@ def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
         assert name in table
     render_diagnosis_plot(rows, tmp_path / "diagnosis.png")
     assert (tmp_path / "diagnosis.png").stat().st_size > 0
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+def _neuron_block_reference(
+    model: _TwoLayer, x: torch.Tensor, dense: np.ndarray, lam: float, damping: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neuron-block OBS from first principles: the GGN ``mean J^T (diag p - p p^T) J`` of each unit's
+    (fc1 row, fc2 column) from full Jacobians of the logits, and the OBS update by explicit inverses."""
+    w1 = model.fc1.weight.detach().double().numpy().copy()
+    w2 = model.fc2.weight.detach().double().numpy().copy()
+    n_in = w1.shape[1]
+    jacobians = []
+    for sample in x:
+        j1, j2 = torch.autograd.functional.jacobian(
+            lambda a, b, s=sample: torch.func.functional_call(
+                model, {"fc1.weight": a, "fc2.weight": b}, (s.unsqueeze(0),)
+            ).squeeze(0),
+            (model.fc1.weight.detach(), model.fc2.weight.detach()),
+        )
+        p = torch.softmax(model(sample.unsqueeze(0)), -1).squeeze(0).detach().double()
+        jacobians.append((j1.double(), j2.double(), torch.diag(p) - torch.outer(p, p)))
+    blocks = []
+    for unit in range(w1.shape[0]):
+        j = [torch.cat([j1[:, unit, :], j2[:, :, unit]], dim=1) for j1, j2, _h in jacobians]
+        ggn = sum(jj.T @ h @ jj for jj, (_a, _b, h) in zip(j, jacobians, strict=True))
+        blocks.append(ggn.numpy() / len(j))
+    # Normalised over the whole layer, as the SDK's factors are: lam is relative to the layer's curvature.
+    diagonals = np.array([np.diag(f) for f in blocks])
+    in_diag, out_diag = diagonals[:, :n_in].mean(), diagonals[:, n_in:].mean() / diagonals[:, :n_in].mean()
+    for unit in np.flatnonzero(dense.any(axis=1)):
+        f = blocks[unit] / in_diag
+        f += np.diag(np.r_[np.full(n_in, lam), np.full(w2.shape[0], lam + damping * out_diag)])
+        theta = np.r_[w1[unit], w2[:, unit]]
+        sel = np.flatnonzero(dense[unit])
+        inv = np.linalg.inv(f)
+        delta = -inv[:, sel] @ np.linalg.inv(inv[np.ix_(sel, sel)]) @ theta[sel]
+        after = theta + delta
+        w1[unit], w2[:, unit] = after[:n_in], after[n_in:]
+    return w1, w2
+
+
+def test_neuron_blocks_match_a_first_principles_reference_and_reduce_to_row_blocks() -> None:
+    """The diagnosis's neuron-block relation against the GGN built from Jacobians and OBS by explicit
+    inverses; with its fc2 part damped out of reach it is Group-OBS in row blocks."""
+    from zkunlearn.bench.unlearning_diagnosis import neuron_block_copy
+    from zkunlearn.circuits.mask import LayerMask
+    from zkunlearn.client.fisher import layer_factors
+    from zkunlearn.client.group_obs import apply_group_obs
+
+    model = _TwoLayer()
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(4))
+    y = torch.zeros(40, dtype=torch.long)
+    dense = np.zeros((8, 6), dtype=bool)
+    dense[1, [0, 3]] = dense[5, 2] = dense[6, [1, 2, 4]] = True
+    masks = {"fc1.weight": torch.as_tensor(dense)}
+    pairs = [("fc1.weight", "fc2.weight")]
+    lam = 0.01
+    for damping in (0.5, 10.0):
+        got = neuron_block_copy(
+            model, model, pairs, masks, x, y, curvature="ggn", lam=lam, damping=damping, chunk=16
+        )
+        w1, w2 = _neuron_block_reference(model, x, dense, lam, damping)
+        assert np.allclose(got.fc1.weight.detach().double().numpy(), w1, atol=1e-5)
+        assert np.allclose(got.fc2.weight.detach().double().numpy(), w2, atol=1e-5)
+        assert not got.fc1.weight.detach().numpy()[dense].any()
+        untouched = [1 - int(dense[u].any()) for u in range(8)]
+        assert np.array_equal(
+            got.fc2.weight.detach().numpy()[:, np.flatnonzero(untouched)],
+            model.fc2.weight.detach().numpy()[:, np.flatnonzero(untouched)],
+        )
+    # fc2 frozen in effect: the fc1 part is the SDK's row-block Group-OBS with the same curvature.
+    frozen = neuron_block_copy(model, model, pairs, masks, x, y, curvature="ggn", lam=lam, damping=1e9)
+    factors = layer_factors(model, ["fc1.weight"], x, y, nn.functional.cross_entropy, 6, curvature="ggn")
+    rows, _ = apply_group_obs(
+        model.fc1.weight.detach(), factors["fc1.weight"], LayerMask.from_dense("fc1.weight", dense, 6), lam
+    )
+    assert np.allclose(frozen.fc1.weight.detach().double().numpy(), rows, atol=1e-5)
+    assert np.allclose(frozen.fc2.weight.detach().numpy(), model.fc2.weight.detach().numpy(), atol=1e-6)
 
 
 def test_diagnosis_refuses_zero_rounds() -> None:
