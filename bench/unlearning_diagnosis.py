@@ -76,7 +76,7 @@ def diagnose(
 ) -> list[dict[str, Any]]:
     """Per-layer and curvature-variant rows for one (task, seed); see the module docstring."""
     from zkunlearn.circuits.mask import Mask
-    from zkunlearn.client.fisher import layer_factors, reconstruction_factors
+    from zkunlearn.client.fisher import layer_factors, reconstruction_factors, with_shifted_copies
 
     from zkunlearn.tasks.train import cross_entropy, finetune_masked, masked_copy
 
@@ -100,6 +100,8 @@ def diagnose(
     def factors_at(
         model: nn.Module, inputs: Tensor, targets: Tensor, weight: float = s.reconstruction_weight
     ) -> dict[str, Any]:
+        # The benchmark's curvature inputs: with the setting's shift, the images and their moved copies.
+        inputs, targets, _ = with_shifted_copies(inputs, targets, None, s.fisher_shift)
         return layer_factors(
             model, layers, inputs, targets, cross_entropy, s.block_size,
             curvature=curvature, reconstruction_weight=weight,
@@ -165,8 +167,9 @@ def diagnose(
     ]
     if pairs and not s.reconstruction_weight:
         rest = {n: whole[n] for n in layers if n not in dict(pairs)}
+        shifted_x, shifted_y, _ = with_shifted_copies(x, y, None, s.fisher_shift)
         variants["neuron-blocks"] = neuron_block_copy(
-            compensated_copy(pers, factors, rest, s.lam), pers, pairs, dense, x, y,
+            compensated_copy(pers, factors, rest, s.lam), pers, pairs, dense, shifted_x, shifted_y,
             curvature=curvature, lam=s.lam, damping=NEURON_BLOCK_DAMPING,
         )  # fmt: skip
     for name, compensated in variants.items():

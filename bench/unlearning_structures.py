@@ -83,7 +83,9 @@ def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[s
     v = prep.variants["disjoint"]
     pers = v["personalized"]
     views = v["views"]
-    data, exclude = client_fisher_data(v["client_train"], v["client_forget_mask"], s.fisher_samples)
+    data, exclude = client_fisher_data(
+        v["client_train"], v["client_forget_mask"], s.fisher_samples, s.fisher_shift
+    )
     factors = layer_factors(
         pers, list(prep.layers), data[0], data[1], cross_entropy, s.block_size, exclude,
         curvature=s.curvature, reconstruction_weight=s.reconstruction_weight,  # type: ignore[arg-type]

@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from zkunlearn.circuits.activations import activate
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.analytic import AnalyticHead
-from zkunlearn.client.fisher import BlockFactors, Curvature, FisherError, fit_rows, layer_factors
+from zkunlearn.client.fisher import (
+    BlockFactors,
+    Curvature,
+    FisherError,
+    fit_rows,
+    layer_factors,
+    with_shifted_copies,
+)
 from zkunlearn.client.group_obs import apply_group_obs
 from zkunlearn.client.refit import OutputRefitError, capture_inputs, committed_rows, refit_following_layer
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
@@ -186,6 +193,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         exclude: Tensor | None = None,
         curvature: Curvature = "ggn",
         reconstruction_weight: float = 0.0,
+        fisher_shift: int = 0,
     ) -> list[Commitment]:
         """Fix the committed state (weights on the grid, Fisher factors, blinding) and commit to it.
 
@@ -196,6 +204,9 @@ class GroupObsUnlearner(_CommittedStateProver):
         (sampled labels) or ``"empirical"``. The circuit checks the update against whichever factor
         is committed. ``reconstruction_weight`` adds the layers' reconstruction curvature to it
         (:func:`zkunlearn.client.fisher.layer_factors`; the code LM benchmark's setting uses 0.3).
+        ``fisher_shift`` (image models) adds copies of the images moved that many pixels to the
+        curvature's inputs (:func:`zkunlearn.client.fisher.shifted_copies`; the ViT's setting uses 1);
+        the output refit's committed rows stay the client's own samples.
         """
         spec, scale = self.spec, self.scale
         if inputs.shape[0] < 1:
@@ -206,6 +217,7 @@ class GroupObsUnlearner(_CommittedStateProver):
             "last_request": None,
             "curvature": curvature,
             "reconstruction_weight": reconstruction_weight,
+            "fisher_shift": fisher_shift,
         }
         commitments: list[Commitment] = []
         for layer in layers:
@@ -213,8 +225,11 @@ class GroupObsUnlearner(_CommittedStateProver):
             if numel % spec.batch_weights:
                 raise UnlearningError(f"{layer}: {numel} weights are not a multiple of {spec.batch_weights}")
         try:
+            curv_inputs, curv_targets, curv_exclude = with_shifted_copies(
+                inputs, targets, exclude, fisher_shift
+            )
             all_factors = layer_factors(
-                self.model, list(layers), inputs, targets, loss_fn, spec.block, exclude,
+                self.model, list(layers), curv_inputs, curv_targets, loss_fn, spec.block, curv_exclude,
                 curvature=curvature, reconstruction_weight=reconstruction_weight,
             )  # fmt: skip
             fitted = {n: fit_rows(f.factors, spec.m) for n, f in all_factors.items()}
