@@ -283,6 +283,24 @@ def test_output_refit_leaves_out_the_excluded_samples() -> None:
     assert not torch.equal(refit.blocks[0].fc2.weight, with_excluded.blocks[0].fc2.weight)
 
 
+def test_client_fisher_data_draws_first_then_adds_shifted_copies_of_the_draw() -> None:
+    """The setting's shift multiplies the curvature's inputs, not the draw: the same ``n_samples``
+    images (and excluded ones) as without it, then their moved copies with the same exclusions."""
+    from zkunlearn.client.fisher import shifted_copies
+
+    x, y = torch.rand(40, 1, 8, 8), torch.randint(0, 4, (40,))
+    exclude = y == 1
+    (plain_x, plain_y), plain_ex = client_fisher_data((x, y), exclude, 12)
+    (sx, sy), sex = client_fisher_data((x, y), exclude, 12, shift=1)
+    assert plain_x.shape[0] == 12 + int(exclude.sum())
+    assert torch.equal(sx, shifted_copies(plain_x, 1))
+    assert torch.equal(sy, plain_y.repeat(5))
+    assert torch.equal(sex, plain_ex.repeat(5))
+    assert SETTINGS["vit"].fisher_shift == 1
+    assert SETTINGS["mlp"].fisher_shift == 0
+    assert SETTINGS["code-lm"].fisher_shift == 0
+
+
 def test_structure_sweep_rows_and_table() -> None:
     """Every structure at both fractions on the quick MLP: whole blocks leave Group-OBS nothing to do,
     capped blocks touch fewer blocks than an unstructured mask, and the head's class row goes whole."""

@@ -14,6 +14,8 @@ from zkunlearn.client.fisher import (
     layer_factors,
     per_sample_gradients,
     reconstruction_factors,
+    shifted_copies,
+    with_shifted_copies,
 )
 from zkunlearn.client.group_obs import apply_group_obs
 
@@ -354,3 +356,61 @@ def test_reconstruction_factors_of_a_float32_model_couple_only_weights_of_one_ro
         )
     with pytest.raises(FisherError, match=r"nn.Linear; '1.weight' is 'weight' of a ReLU"):
         reconstruction_factors(model, ["1.weight"], inputs, block_size)
+
+
+def test_shifted_copies_move_every_pixel_by_the_shift_with_zero_fill() -> None:
+    images = torch.randn(3, 2, 5, 6, generator=torch.Generator().manual_seed(0))
+    out = shifted_copies(images, 2)
+    assert out.shape == (15, 2, 5, 6)
+    assert torch.equal(out[:3], images)
+    for k, (dy, dx) in enumerate(((2, 0), (-2, 0), (0, 2), (0, -2)), start=1):
+        copy = out[3 * k : 3 * (k + 1)]
+        for i in range(5):
+            for j in range(6):
+                src_i, src_j = i - dy, j - dx
+                inside = 0 <= src_i < 5 and 0 <= src_j < 6
+                want = images[..., src_i, src_j] if inside else torch.zeros(3, 2)
+                assert torch.equal(copy[..., i, j], want), (dy, dx, i, j)
+
+
+def test_with_shifted_copies_keeps_targets_and_exclusions_with_their_images() -> None:
+    images = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 1, 2, 1])
+    exclude = torch.tensor([False, True, False, False])
+    x, y, out = with_shifted_copies(images, targets, exclude, 1)
+    assert x.shape[0] == y.shape[0] == out.shape[0] == 20
+    assert torch.equal(y, targets.repeat(5))
+    assert torch.equal(out, exclude.repeat(5))
+    # Every copy of the excluded image is excluded: the forgotten kind stays out of the curvature.
+    moved_excluded = x[out][1:]
+    assert all(torch.equal(m, shifted_copies(images[1:2], 1)[k]) for k, m in enumerate(moved_excluded, 1))
+    same = with_shifted_copies(images, targets, None, 0)
+    assert same[0] is images
+    assert same[1] is targets
+    assert same[2] is None
+    assert with_shifted_copies(images, targets, None, 1)[2] is None
+
+
+def test_shifted_copies_refuse_what_is_not_an_image_batch_or_a_shift_that_empties_it() -> None:
+    with pytest.raises(FisherError, match=r"\(N, C, H, W\)"):
+        shifted_copies(torch.zeros(4, 8), 1)
+    for bad in (0, -1, 6):
+        with pytest.raises(FisherError, match=r"shift must be 1\.\.5"):
+            shifted_copies(torch.zeros(2, 1, 6, 7), bad)
+
+
+def test_curvature_on_shifted_copies_is_the_curvature_of_the_stacked_batch() -> None:
+    """What enrollment with ``fisher_shift`` commits: the factor of the images and their copies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.GELU(), nn.Linear(6, 3))
+    images = torch.randn(20, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    targets = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(3))
+    exclude = targets == 2
+    x, y, out = with_shifted_copies(images, targets, exclude, 1)
+    plain = layer_factors(model, ["1.weight"], images, targets, LOSS, 8, exclude, curvature="ggn")["1.weight"]
+    moved = layer_factors(model, ["1.weight"], x, y, LOSS, 8, out, curvature="ggn")["1.weight"]
+    kept = torch.cat([images[~exclude], *(c[~exclude] for c in shifted_copies(images, 1).chunk(5)[1:])])
+    direct = layer_factors(model, ["1.weight"], kept, targets[: kept.shape[0]], LOSS, 8, curvature="ggn")
+    for block in range(moved.n_blocks):
+        assert np.allclose(moved.fisher(block, 0.0), direct["1.weight"].fisher(block, 0.0), atol=1e-10)
+    assert not np.allclose(moved.fisher(0, 0.0), plain.fisher(0, 0.0), atol=1e-3)

@@ -160,7 +160,9 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
             else:
                 unlearner = GroupObsUnlearner(model, spec, circuit, state / "unlearn", options)
             data = scenario.task.client_after_request
-            commitments = unlearner.enroll(list(scenario.layers), data.x, data.y, cross_entropy)
+            commitments = unlearner.enroll(
+                list(scenario.layers), data.x, data.y, cross_entropy, fisher_shift=scenario.fisher_shift
+            )
             layers, kind = list(scenario.layers), 1
         else:
             model = scenario.global_model()

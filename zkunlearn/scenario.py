@@ -107,6 +107,10 @@ class Scenario:
         return 2 if self.quick else 6
 
     mask_density: float = 0.5
+    # Pixels of the shifted image copies added to the client's curvature inputs at enrollment: the ViT
+    # benchmark's setting (bench/unlearning.py). The quick MLP demo uses it too (not measured on the MLP;
+    # it is there so that CI enrolls through that path with real proofs).
+    fisher_shift: int = 1
 
     def deletion_mask(self) -> Mask:
         """The provider's side: score the global model on the forget set against a retain proxy
