@@ -214,12 +214,13 @@ def neuron_block_copy(
     from zkunlearn.tasks.train import cross_entropy
 
     params = [name for pair in pairs for name in pair]
+    draws = torch.Generator().manual_seed(0)  # one stream over the chunks (sampled-label curvatures)
     grams: dict[str, npt.NDArray[np.float64]] = {}
     n_rows = 0
     for begin in range(0, inputs.shape[0], chunk):
         rows = curvature_rows(
             curvature_at, params, inputs[begin : begin + chunk], targets[begin : begin + chunk],
-            cross_entropy, curvature=curvature,
+            cross_entropy, curvature=curvature, generator=draws,
         )  # fmt: skip
         for fc1, fc2 in pairs:
             # (rows, hidden, in + out): unit r's fc1 row next to its fc2 column.

@@ -219,16 +219,14 @@ def layer_factors(
     rows_per_sample = _ggn_classes(model, inputs[:1]) if curvature == "ggn" else 1
     draws = torch.Generator().manual_seed(seed)
     if inputs.shape[0] * rows_per_sample <= block_size and not linears:
-        rows = _curvature_rows(model, layers, inputs, targets, loss_fn, curvature, draws, rows_per_sample)
+        rows = _curvature_rows(model, layers, inputs, targets, loss_fn, curvature, draws)
         return {n: factors_from_gradients(n, flat, block_size, shape) for n, (flat, shape) in rows.items()}
     grams: dict[str, npt.NDArray[np.float64]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     n_rows = 0
     for start in range(0, inputs.shape[0], _GRAM_CHUNK):
         chunk = slice(start, start + _GRAM_CHUNK)
-        rows = _curvature_rows(
-            model, layers, inputs[chunk], targets[chunk], loss_fn, curvature, draws, rows_per_sample
-        )
+        rows = _curvature_rows(model, layers, inputs[chunk], targets[chunk], loss_fn, curvature, draws)
         for name, (flat, shape) in rows.items():
             if not np.isfinite(flat).all():
                 raise FisherError(f"per-sample gradients of {name!r} contain NaN or inf")
@@ -260,24 +258,32 @@ def curvature_rows(
     loss_fn: LossFn,
     *,
     curvature: Curvature = "empirical",
-    seed: int = 0,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """The curvature factor's raw rows per parameter, ``(rows, *shape)``, before blocking or scaling.
+    """The curvature factor's raw rows per parameter, ``(rows, *shape)``, before blocking or scaling:
+    per-sample gradients at the client's labels (empirical), at labels drawn from the model (fisher),
+    or of one pseudo-loss per class (ggn, ``C`` rows per sample).
 
     ``layer_factors`` cuts these into per-tensor blocks; a relation whose blocks span tensors (e.g. a
     hidden neuron's fc1 row with its fc2 column, measured in ``bench/unlearning_diagnosis.py``) needs the
-    rows themselves. Rows per sample: ``C`` for ``"ggn"``, one otherwise; call it chunk by chunk, it holds
-    every row of every requested parameter.
+    rows themselves. Called chunk by chunk, pass one ``generator`` to every chunk, so that ``"fisher"``
+    draws differ between chunks and the whole stays reproducible (default: seeded 0 per call).
     """
     if curvature not in CURVATURES:
         raise FisherError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
     if inputs.shape[0] == 0:
         raise FisherError("no samples")
-    n_classes = _ggn_classes(model, inputs[:1]) if curvature == "ggn" else 1
-    draws = torch.Generator().manual_seed(seed)
-    inputs, targets, loss_fn = _curvature_problem(
-        model, inputs, targets, loss_fn, curvature, draws, n_classes
-    )
+    draws = generator if generator is not None else torch.Generator().manual_seed(0)
+    if curvature == "fisher":
+        logits = _eval_logits(model, inputs).double()
+        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+        targets = torch.multinomial(probs, 1, generator=draws).reshape(logits.shape[:-1])
+        loss_fn = _sampled_cross_entropy
+    elif curvature == "ggn":
+        n_classes = _ggn_classes(model, inputs[:1])
+        inputs = inputs.repeat_interleave(n_classes, dim=0)
+        targets = torch.arange(n_classes).repeat(inputs.shape[0] // n_classes)
+        loss_fn = _ggn_row_loss
     return per_sample_gradients(model, list(layers), inputs, targets, loss_fn)
 
 
@@ -452,47 +458,17 @@ def _sampled_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
 
 
-def _curvature_problem(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    loss_fn: LossFn,
-    curvature: str,
-    draws: torch.Generator,
-    n_classes: int,
-) -> tuple[Tensor, Tensor, LossFn]:
-    """The (inputs, targets, loss) whose per-sample gradients are the curvature's factor rows: the
-    client's labels (empirical), labels drawn from the model (fisher), or one pseudo-loss per class (ggn)."""
-    if curvature == "fisher":
-        logits = _eval_logits(model, inputs).double()
-        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-        targets = torch.multinomial(probs, 1, generator=draws).reshape(logits.shape[:-1])
-        loss_fn = _sampled_cross_entropy
-    elif curvature == "ggn":
-        inputs = inputs.repeat_interleave(n_classes, dim=0)
-        targets = torch.arange(n_classes).repeat(inputs.shape[0] // n_classes)
-        loss_fn = _ggn_row_loss
-    return inputs, targets, loss_fn
-
-
 def _curvature_rows(
     model: nn.Module,
     layers: Sequence[str],
     inputs: Tensor,
     targets: Tensor,
     loss_fn: LossFn,
-    curvature: str,
+    curvature: Curvature,
     draws: torch.Generator,
-    n_classes: int,
 ) -> dict[str, tuple[npt.NDArray[np.floating[Any]], tuple[int, ...]]]:
-    """Per layer: the factor's rows for these samples as ``(rows, numel)``, and the parameter's shape.
-
-    ``n_classes`` is the GGN's rows per sample (found once by the caller; unused by the others).
-    """
-    inputs, targets, loss_fn = _curvature_problem(
-        model, inputs, targets, loss_fn, curvature, draws, n_classes
-    )
-    grads = per_sample_gradients(model, list(layers), inputs, targets, loss_fn)
+    """Per layer: :func:`curvature_rows` for these samples as ``(rows, numel)``, and the parameter's shape."""
+    grads = curvature_rows(model, layers, inputs, targets, loss_fn, curvature=curvature, generator=draws)
     out = {}
     for name in layers:
         g = grads.pop(name)
