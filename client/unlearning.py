@@ -379,6 +379,23 @@ class GroupObsUnlearner(_CommittedStateProver):
                 param = _param(self.model, refit.masked_bias)
                 param.copy_(torch.from_numpy(arrays[f"{key}/b1"][0]).to(param.dtype))
 
+    def committed_factor(self, layer: str) -> F64:
+        """The curvature factor every later proof of ``layer`` is checked against, one ``(m, B)``
+        slab per block on the fixed-point grid, in rows of unit mean diagonal.
+
+        The provider cannot tell one honest curvature from another (any G satisfies the relation),
+        so a wrong factor committed at enrollment — another curvature, a missing reconstruction
+        term — only ever shows as lost accuracy. This lets the device's owner check what was
+        committed against what it meant to commit; blinding factors stay private.
+        """
+        arrays, meta = _load(self.state_dir)
+        if layer not in meta.get("layers", {}):
+            raise UnlearningError(
+                f"no committed factor for layer {layer!r}; enrolled layers: {sorted(meta.get('layers', {}))}"
+            )
+        g = arrays[f"{layer}/g"]
+        return g.reshape(-1, self.spec.m, self.spec.block).copy()
+
     # -- deletion ----------------------------------------------------------------------------------
 
     def compensate(self, theta: F64, g: F64, layer_mask: LayerMask, lam: float) -> tuple[F64, F64]:

@@ -19,7 +19,7 @@ import pytest
 from torch import nn
 from zkunlearn.client.fisher import fit_rows, layer_factors
 from zkunlearn.client.refit import committed_rows, refit_following_layer
-from zkunlearn.client.unlearning import GroupObsUnlearner, _load
+from zkunlearn.client.unlearning import GroupObsUnlearner, UnlearningError
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.deletion import DeletionCircuits, RefitSpec
 from zkunlearn.provider.export import export_bundle
@@ -146,7 +146,9 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
         "unmasked": refit_client(world, "unmasked", RefitsUnmaskedWeights),
     }
     honest_model = clients["honest"][2]
-    committed_g = {name: _load(u.state_dir)[0][f"{LAYER}/g"] for name, (_c, u, _m) in clients.items()}
+    committed_g = {name: u.committed_factor(LAYER) for name, (_c, u, _m) in clients.items()}
+    with pytest.raises(UnlearningError, match=r"no committed factor for layer 'fc2\.weight'"):
+        clients["honest"][1].committed_factor("fc2.weight")
     x, y = data()
     for weight, name in ((0.3, "honest"), (0.0, "skips")):
         want = layer_factors(Tiny(), [LAYER], x, y, nn.functional.cross_entropy, GO_SPEC.block,
