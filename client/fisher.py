@@ -53,6 +53,7 @@ from typing import Any, Literal, get_args, overload
 
 import numpy as np
 import numpy.typing as npt
+import scipy.fft  # type: ignore[import-untyped]
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -547,6 +548,13 @@ def fit_rows(factors: npt.NDArray[np.float64], m: int) -> npt.NDArray[np.float64
     directions of *all* the client's samples, where keeping the first ``m`` samples would discard most
     of them. With fewer samples, zero rows are added (they add nothing to ``G^T G``). The relation's
     ``1/m`` is a fixed rescaling that the unit-mean-diagonal normalisation (recomputed here) absorbs.
+
+    The rows are then mixed by an orthonormal ``m x m`` matrix (DCT-II), which leaves ``G^T G`` -- the
+    curvature, all the relation sees -- unchanged to rounding. Truncated SVD puts a block's top direction
+    in one row, so that row and its products with an update carry the block's whole magnitude; mixed,
+    each row carries a share of it. The circuit's fixed-point range and the provider's published
+    ``g_bound`` cap those magnitudes, and a heavily curved block (a classifier's forgotten class row
+    measured on shifted images, in the ViT demo) overflowed them unmixed.
     """
     n_blocks, rows, block = factors.shape
     if rows > m:
@@ -560,5 +568,6 @@ def fit_rows(factors: npt.NDArray[np.float64], m: int) -> npt.NDArray[np.float64
     mean_diag = float(np.mean(np.sum(out * out, axis=1)) / m)
     if not mean_diag > 0:
         raise FisherError("the Fisher factor is zero: no gradient information on the targeted layers")
-    fitted: npt.NDArray[np.float64] = out / np.sqrt(mean_diag)
+    mixing = scipy.fft.dct(np.eye(m), norm="ortho", axis=0)  # orthonormal: mixing.T @ mixing = I
+    fitted: npt.NDArray[np.float64] = np.einsum("ij,njb->nib", mixing, out) / np.sqrt(mean_diag)
     return fitted

@@ -151,6 +151,20 @@ def _check_bounds(refit: RefitSpec, **values: float) -> None:
             )
 
 
+def _check_published(spec: GroupObsSpec, where: str, **values: F64) -> None:
+    """Refuse tensors above the provider's published Group-OBS magnitudes: its tolerance and its
+    circuit's range checks assume them, so an honest proof over larger ones could fail to generate or
+    be rejected -- better said here, by name, than as a witness error minutes into proving."""
+    for name, value in values.items():
+        peak = float(np.max(np.abs(value))) if value.size else 0.0
+        bound = float(getattr(spec, f"{name}_bound"))
+        if peak > bound:
+            raise UnlearningError(
+                f"{where}: |{name}| reaches {peak:.3g}, above the published {name}_bound {bound:.3g}; "
+                "the provider must publish larger bounds for this model"
+            )
+
+
 @dataclass(frozen=True)
 class ProveOptions:
     workers: int = 1
@@ -241,9 +255,15 @@ class GroupObsUnlearner(_CommittedStateProver):
             factors = all_factors[layer]
             g = fitted[layer]  # (n_blocks, m, B), unit mean diagonal
             weight = param.detach().double().cpu().numpy().reshape(-1)
+            if not np.isfinite(weight).all():
+                raise UnlearningError(f"{layer} has non-finite weights; they cannot be committed")
             exponent = theta_exponent(weight)
+            # Heavy tails: a bit less precision rather than weights beyond the published bound.
+            while np.max(np.abs(weight)) * 2.0**exponent > spec.theta_bound:
+                exponent -= 1
             theta = _on_grid(weight * 2.0**exponent, scale).reshape(n_batches, spec.batch, spec.block)
             g = _on_grid(g, scale).reshape(n_batches, spec.batch, spec.m, spec.block)
+            _check_published(spec, f"enrolling {layer}", theta=theta, g=g)
             theta_blind = np.stack(
                 [
                     np.stack([random_blinding(spec.n_blind, scale) for _ in range(spec.batch)])
@@ -407,8 +427,13 @@ class GroupObsUnlearner(_CommittedStateProver):
         )
         new, updates = apply_group_obs(flat.reshape(layer_mask.shape), factors, layer_mask, lam)
         w = np.zeros((n_blocks, self.spec.m))
+        whole = {b for b, offsets in layer_mask.blocks.items() if len(offsets) == layer_mask.block_length(b)}
         for block, update in updates.items():
-            w[block] = update.w
+            # w witnesses the edit's row space on the unmasked coordinates only; a block masked whole
+            # has none, and its Woodbury weights (-G delta / (m lam), large when a whole row is removed)
+            # would only strain the published w bound.
+            if block not in whole:
+                w[block] = update.w
         return np.asarray(new, dtype=np.float64).reshape(theta.shape), w
 
     def prove(self, request: VerifiedRequest) -> UpdateResult:
@@ -443,6 +468,7 @@ class GroupObsUnlearner(_CommittedStateProver):
             for layer_name, b in batches:
                 if layer_name != name:
                     continue
+                _check_published(spec, f"{name} batch {b}", theta=after[b], w=w[b])
                 batch = new_group_obs_batch(
                     theta[b],
                     after[b],

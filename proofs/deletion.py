@@ -118,6 +118,22 @@ class GroupObsSpec:
     def batch_weights(self) -> int:
         return self.batch * self.block
 
+    def intermediate_bound(self) -> float:
+        """The largest magnitude the relation forms before a rescale, for any inputs within the published
+        bounds: ``G delta`` (``B g 2 theta``), ``G^T (G delta)`` (``m g`` times that) and ``G^T w``
+        (``m g w``). The circuit must range-check it, or an honest in-bounds witness fails to decompose."""
+        g_delta = self.block * self.g_bound * 2.0 * self.theta_bound
+        return max(g_delta, self.m * self.g_bound * g_delta, self.m * self.g_bound * self.w_bound)
+
+    def decomp_legs(self, scale: int, base: int) -> int:
+        """Range-check legs (of ``base``) that hold :meth:`intermediate_bound` at twice the input scale,
+        where products sit before ezkl rescales them."""
+        need = self.intermediate_bound() * 2.0 ** (2 * scale)
+        legs = 1
+        while float(base) ** legs <= need:
+            legs += 1
+        return legs
+
 
 @dataclass(frozen=True)
 class AnalyticSpec:
@@ -277,7 +293,9 @@ class DeletionCircuits:
                 group_obs_relation.INPUT_NAMES,
                 group_obs_relation.OUTPUT_NAMES,
             )
-            arts = build_provider_artifacts(onnx, directory, srs_for, shared)
+            legs = group_obs.decomp_legs(shared.input_scale, shared.decomp_base)
+            go_config = replace(shared, decomp_legs=max(shared.decomp_legs, legs))
+            arts = build_provider_artifacts(onnx, directory, srs_for, go_config)
             if refits and arts.logrows > shared.min_logrows:  # Group-OBS is the larger: follow it
                 shared = replace(shared, min_logrows=arts.logrows)
             built_go = (group_obs, arts)

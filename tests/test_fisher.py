@@ -11,6 +11,7 @@ from zkunlearn.client.fisher import (
     FisherError,
     block_factors,
     factors_from_gradients,
+    fit_rows,
     layer_factors,
     per_sample_gradients,
     reconstruction_factors,
@@ -414,3 +415,25 @@ def test_curvature_on_shifted_copies_is_the_curvature_of_the_stacked_batch() -> 
     for block in range(moved.n_blocks):
         assert np.allclose(moved.fisher(block, 0.0), direct["1.weight"].fisher(block, 0.0), atol=1e-10)
     assert not np.allclose(moved.fisher(0, 0.0), plain.fisher(0, 0.0), atol=1e-3)
+
+
+def test_fit_rows_keeps_the_top_curvature_and_spreads_its_magnitude() -> None:
+    """The committed rows must carry the top-m curvature exactly (all the relation sees is G^T G), and
+    mixed rows keep one heavily curved direction from sitting in a single row, which the circuit's range
+    and the published g_bound would have to hold."""
+    rng = np.random.default_rng(3)
+    factors = rng.normal(size=(4, 40, 32))
+    factors[:, :, 7] *= 25.0  # one coordinate dominates every block's curvature
+    m = 8
+    fitted = fit_rows(factors, m)
+    _u, sigma, vt = np.linalg.svd(factors, full_matrices=False)
+    top = sigma[:, :m, None] * vt[:, :m, :]
+    top /= np.sqrt(np.mean(np.sum(top * top, axis=1)) / m)
+    gram = np.einsum("nib,nic->nbc", fitted, fitted)
+    assert np.abs(gram - np.einsum("nib,nic->nbc", top, top)).max() < 1e-9 * np.abs(gram).max()
+    assert np.mean(np.einsum("nib,nib->nb", fitted, fitted)) / m == pytest.approx(1.0)
+    assert np.abs(fitted).max() < 0.5 * np.abs(top).max()
+    few = rng.normal(size=(2, 3, 32))  # fewer samples than rows: padded, then mixed, Gram unchanged
+    padded = fit_rows(few, m)
+    scale = np.mean(np.einsum("nib,nib->nb", few, few)) / m
+    assert np.allclose(np.einsum("nib,nic->nbc", padded, padded), np.einsum("nib,nic->nbc", few, few) / scale)
