@@ -11,6 +11,7 @@ import hashlib
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from zkunlearn.circuits.export import export_relation
 from zkunlearn.client.analytic import AnalyticHead
 from zkunlearn.client.group_obs import solve_block
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts
+from zkunlearn.proofs.backend import CircuitConfig
+from zkunlearn.proofs.deletion import GroupObsSpec
 from zkunlearn.proofs.fixedpoint import felts, group_obs_tolerance, normalise_factor, random_blinding
 from zkunlearn.proofs.prover import ProveJob, group_obs_tensors, new_group_obs_batch, prove_parallel
 from zkunlearn.proofs.srs import SrsInfo, dev_srs
@@ -58,7 +61,12 @@ def _honest_group_obs(rng: np.random.Generator, n: int, b: int, m: int, masked: 
 
 def _build(relation: str, p1: int, p2: int, p3: int, work: Path, srs: Any) -> tuple[CircuitArtifacts, float]:
     t0 = time.perf_counter()
+    config = CircuitConfig()
     if relation == "group_obs":
+        # The range-check legs the product's circuit gets for this shape at the default bounds.
+        spec = GroupObsSpec(block=p1, m=p2, batch=p3, lam=LAM)
+        legs = spec.decomp_legs(config.input_scale, config.decomp_base)
+        config = replace(config, decomp_legs=max(config.decomp_legs, legs))
         onnx = export_relation(
             go.GroupObsCheck(p1, p2, LAM),
             go.example_inputs(p3, p1, p2),
@@ -74,7 +82,7 @@ def _build(relation: str, p1: int, p2: int, p3: int, work: Path, srs: Any) -> tu
             an.INPUT_NAMES,
             an.OUTPUT_NAMES,
         )
-    arts = build_provider_artifacts(onnx, work / "cache", srs)
+    arts = build_provider_artifacts(onnx, work / "cache", srs, config)
     return arts, time.perf_counter() - t0
 
 
