@@ -139,24 +139,14 @@ class _CommittedStateProver:
         }
 
 
-def _check_bounds(refit: RefitSpec, **values: float) -> None:
-    """Refuse values above the provider's published magnitudes: its tolerance assumes them, so an
-    honest proof over larger ones could be rejected."""
+def _check_published(spec: GroupObsSpec | RefitSpec, where: str, **values: npt.ArrayLike) -> None:
+    """Refuse values above the provider's published magnitudes (``<name>_bound`` on its spec): its
+    tolerance and its circuit's range checks assume them, so an honest proof over larger ones could
+    fail to generate or be rejected -- better said here, by name, than as a witness error minutes into
+    proving."""
     for name, value in values.items():
-        bound = float(getattr(refit, f"{name}_bound"))
-        if value > bound:
-            raise UnlearningError(
-                f"refit of {refit.following}: |{name}| reaches {value:.3g}, above the published "
-                f"{name}_bound {bound:.3g}; the provider must publish larger bounds for this model"
-            )
-
-
-def _check_published(spec: GroupObsSpec, where: str, **values: F64) -> None:
-    """Refuse tensors above the provider's published Group-OBS magnitudes: its tolerance and its
-    circuit's range checks assume them, so an honest proof over larger ones could fail to generate or
-    be rejected -- better said here, by name, than as a witness error minutes into proving."""
-    for name, value in values.items():
-        peak = float(np.max(np.abs(value))) if value.size else 0.0
+        array = np.asarray(value, dtype=np.float64)
+        peak = float(np.max(np.abs(array))) if array.size else 0.0
         bound = float(getattr(spec, f"{name}_bound"))
         if peak > bound:
             raise UnlearningError(
@@ -357,13 +347,14 @@ class GroupObsUnlearner(_CommittedStateProver):
         # z_scaled theta^T = z W1^T: the pre-activations the circuit computes, with its activation.
         hidden = activate(torch.from_numpy(z_scaled @ theta.T + b1), refit.activation).numpy()  # type: ignore[arg-type]
         outputs = np.hstack([hidden, np.ones((refit.n, 1))]) @ v.T
-        _check_bounds(
+        _check_published(
             refit,
-            z=float(np.abs(z_scaled).max()),
-            w=float(max(np.abs(theta).max(), np.abs(b1).max())),
-            v=float(np.abs(v).max()),
-            h=float(np.abs(hidden).max()),
-            y=float(np.abs(outputs).max()),
+            f"refit of {refit.following}",
+            z=z_scaled,
+            w=max(np.abs(theta).max(), np.abs(b1).max()),
+            v=v,
+            h=hidden,
+            y=outputs,
         )
         key = f"refit/{refit.following}"
         arrays |= {
@@ -562,7 +553,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         except OutputRefitError as exc:
             raise UnlearningError(f"refit of {refit.following}: {exc}") from exc
         v_new = _on_grid(np.hstack([fit.weight, fit.bias[:, None]]), scale)
-        _check_bounds(refit, v=float(np.abs(v_new).max()))
+        _check_published(refit, f"refit of {refit.following}", v=v_new)
         v_blind = random_blinding(refit.hidden + 1, scale)[None, :]
         before_blind = arrays[f"{refit.masked}/theta_blind"]
         n_batches = theta.shape[0]

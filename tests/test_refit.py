@@ -234,10 +234,11 @@ def test_apply_refuses_unsafe_or_inconsistent_pairs() -> None:
 
 def test_refit_values_above_the_published_bounds_are_refused() -> None:
     """The provider's tolerance assumes its published magnitudes; the client says which one it exceeds."""
-    from zkunlearn.client.unlearning import UnlearningError, _check_bounds
+    from zkunlearn.client.unlearning import UnlearningError, _check_published
     from zkunlearn.proofs.deletion import RefitSpec
 
     spec = RefitSpec("fc1.weight", None, "fc2", 4, 3, 4, 2, 0.05, "relu", h_bound=2.0)
-    _check_bounds(spec, z=1.0, h=2.0)
-    with pytest.raises(UnlearningError, match=r"\|h\| reaches 2.5, above the published h_bound 2"):
-        _check_bounds(spec, z=1.0, h=2.5)
+    _check_published(spec, "refit of fc2", z=1.0, h=2.0)
+    refused = r"refit of fc2: \|h\| reaches 2.5, above the published h_bound 2"
+    with pytest.raises(UnlearningError, match=refused):
+        _check_published(spec, "refit of fc2", z=1.0, h=np.array([[0.5, -2.5]]))
