@@ -253,7 +253,9 @@ def measure_vit_deletion(work: Path, *, workers: int, memory_limit_mb: int | Non
     )
     data = scenario.task.client_after_request
     t0 = time.perf_counter()
-    commitments = unlearner.enroll(list(scenario.layers), data.x, data.y, cross_entropy)
+    commitments = unlearner.enroll(
+        list(scenario.layers), data.x, data.y, cross_entropy, fisher_shift=scenario.fisher_shift
+    )
     enroll_s = time.perf_counter() - t0
     canonical = b"zkunlearn-bench/vit-deletion"
     request = VerifiedRequest(
