@@ -247,13 +247,10 @@ class GroupObsUnlearner(_CommittedStateProver):
             weight = param.detach().double().cpu().numpy().reshape(-1)
             if not np.isfinite(weight).all():
                 raise UnlearningError(f"{layer} has non-finite weights; they cannot be committed")
-            exponent = theta_exponent(weight)
-            # Heavy tails: a bit less precision rather than weights beyond the published bound.
-            while np.max(np.abs(weight)) * 2.0**exponent > spec.theta_bound:
-                exponent -= 1
+            exponent = theta_exponent(weight, max_abs=spec.theta_bound)
             theta = _on_grid(weight * 2.0**exponent, scale).reshape(n_batches, spec.batch, spec.block)
             g = _on_grid(g, scale).reshape(n_batches, spec.batch, spec.m, spec.block)
-            _check_published(spec, f"enrolling {layer}", theta=theta, g=g)
+            _check_published(spec, f"enrolling {layer}", g=g)
             theta_blind = np.stack(
                 [
                     np.stack([random_blinding(spec.n_blind, scale) for _ in range(spec.batch)])

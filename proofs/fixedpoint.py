@@ -72,12 +72,20 @@ def normalise_factor(g: npt.ArrayLike) -> tuple[FloatArray, float]:
     return gm / c, c
 
 
-def theta_exponent(theta: npt.ArrayLike) -> int:
-    """Power-of-two exponent ``e`` so that ``theta * 2**e`` has standard deviation in [0.5, 1)."""
-    std = float(np.std(np.asarray(theta, dtype=np.float64)))
-    if not std > 0:
-        return 0
-    return -math.floor(math.log2(std)) - 1
+def theta_exponent(theta: npt.ArrayLike, max_abs: float | None = None) -> int:
+    """Power-of-two exponent ``e`` so that ``theta * 2**e`` has standard deviation in [0.5, 1), lowered
+    further (a bit of precision per step) until no entry exceeds ``max_abs`` when one is given: a
+    heavy-tailed layer must still fit a circuit's published magnitude bound."""
+    values = np.asarray(theta, dtype=np.float64)
+    std = float(np.std(values))
+    exponent = -math.floor(math.log2(std)) - 1 if std > 0 else 0
+    if max_abs is not None and values.size:
+        if not (math.isfinite(max_abs) and max_abs > 0 and np.isfinite(values).all()):
+            raise FixedPointError("theta_exponent needs finite values and a positive finite max_abs")
+        peak = float(np.max(np.abs(values)))
+        while peak * 2.0**exponent > max_abs:
+            exponent -= 1
+    return exponent
 
 
 def random_blinding(n: int, scale: int) -> FloatArray:

@@ -76,3 +76,16 @@ def test_sdk_refuses_tensors_above_the_published_bounds(name: str) -> None:
     with pytest.raises(UnlearningError, match=rf"\|{name}\| reaches .* above the published {name}_bound"):
         _check_published(SPEC, "enrolling fc1.weight", **{name: value})
     _check_published(SPEC, "enrolling fc1.weight", **{name: value / 4})
+
+
+def test_theta_exponent_fits_heavy_tails_under_the_bound() -> None:
+    from zkunlearn.proofs.fixedpoint import FixedPointError, theta_exponent
+
+    values = np.concatenate([np.random.default_rng(1).normal(0.0, 0.01, 999), [0.5]])  # a 50-sigma outlier
+    plain = theta_exponent(values)
+    fitted = theta_exponent(values, max_abs=SPEC.theta_bound)
+    assert 0.5 * 2.0**plain > SPEC.theta_bound
+    assert 0.5 * 2.0**fitted <= SPEC.theta_bound < 0.5 * 2.0 ** (fitted + 1)
+    assert theta_exponent(values[:-1], max_abs=SPEC.theta_bound) == theta_exponent(values[:-1])
+    with pytest.raises(FixedPointError, match="finite"):
+        theta_exponent(np.array([1.0, np.inf]), max_abs=4.0)
