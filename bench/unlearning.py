@@ -1359,6 +1359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--ranks", default="0", help="tuning grid: factor ranks as proven (0: the whole factor)"
     )
+    parser.add_argument(
+        "--tune-seeds",
+        default=None,
+        help="tuning grid: comma-separated seeds (default: the task's tuning seeds)",
+    )
     args = parser.parse_args(argv)
     if args.diagnose:
         from zkunlearn.bench.unlearning_diagnosis import render_diagnosis_markdown, run_diagnosis
@@ -1394,7 +1399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             tuning_rows += tuning_sweep(
                 task,
-                TUNING_SEEDS[task],
+                [int(v) for v in args.tune_seeds.split(",")] if args.tune_seeds else TUNING_SEEDS[task],
                 floats(args.fractions, st.mask.fraction),
                 [int(b) for b in floats(args.blocks, st.block_size)],
                 floats(args.lams, st.lam),

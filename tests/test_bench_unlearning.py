@@ -120,6 +120,25 @@ def test_tuning_sweep_grid_and_table() -> None:
         assert f"| mlp | ggn | {w} | 4 |" in table
 
 
+def test_tune_cli_takes_explicit_seeds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``--tune-seeds`` splits a grid over processes (two halves of the tuning seeds at once); without it
+    the task's tuning seeds are used, so a grid never silently runs on held-out seeds."""
+    from zkunlearn.bench import unlearning
+
+    seen: list[list[int]] = []
+
+    def fake_sweep(task: str, seeds: list[int], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        seen.append(list(seeds))
+        return []
+
+    monkeypatch.setattr(unlearning, "tuning_sweep", fake_sweep)
+    out = str(tmp_path / "grid.json")
+    assert unlearning.main(["--tune", "--tasks", "vit", "--tune-seeds", "6,7", "--out", out]) == 0
+    assert unlearning.main(["--tune", "--tasks", "vit", "--out", out]) == 0
+    assert seen == [[6, 7], list(unlearning.TUNING_SEEDS["vit"])]
+    assert json.loads((tmp_path / "grid_tuning.json").read_text()) == []
+
+
 def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
     """Each masked layer alone, each curvature variant; one round of re-linearising is plain Group-OBS."""
     from zkunlearn.bench.unlearning_diagnosis import (
