@@ -134,12 +134,29 @@ def group_obs_tolerance(
 ) -> GroupObsTolerance:
     """Honest residuals from rounding, times ``safety``.
 
-    Every input is rounded to ``q = 2**-input_scale`` (error <= q/2); each rescale adds q/2. With
-    ``|theta|, |theta'| <= theta_bound``, ``|G| <= g_bound``, ``|w| <= w_bound``:
-    ``e_delta = q``; ``e_Gd = B (g e_delta + 2 theta_bound q/2) + q``; ``|G delta| <= 2 B g theta_bound``;
-    ``e_kkt = lam e_delta + g e_Gd + |G delta| q/2 + q`` (the ``1/m`` cancels the sum over m rows);
-    ``e_row = e_delta + m (g q/2 + w q/2) + q``. ``r_mask`` is exact: its tolerance is 0.
-    For ``form="dual"`` the middle residual is ``r_w = m lam w + G delta``: ``e = m lam q/2 + e_Gd``.
+    ``q = 2**-input_scale``. Only what an honest client cannot make exact counts. ``theta`` and ``G``
+    are committed on the grid at enrollment and the client solves with exactly those values, so they
+    carry no error; its solution ``theta'`` and witness ``w`` are rounded to the grid (``q/2`` each);
+    the constants ``lam`` and ``1/m`` are rounded to it (``q/2``); each rescale rounds (``q/2``).
+    With ``|theta|, |theta'| <= theta_bound`` (``|delta| <= d = 2 theta_bound``), ``|G| <= g_bound``
+    and ``|w| <= w_bound``, on the unmasked coordinates ``U`` where the residuals are read:
+
+    * ``r_kkt = lam delta + G^T G delta / m`` is zero at the exact solution, so what is left is the
+      curvature applied to the rounding ``e`` of ``theta'``: ``lam q/2 + g L(B) g q/2`` (``|G e| <=
+      L(B) g q/2``, and ``G^T`` over ``m`` rows ``/ m`` at most multiplies by ``g``); ``lam``'s rounding
+      times ``|delta|``: ``d q/2``; ``1/m``'s rounding (zero when ``m`` divides ``2**input_scale``) times
+      ``|G^T G delta| = m lam |delta_U| <= m lam d`` (the exact solution's own stationarity); a
+      rescale of ``G delta`` reaching the residual through ``G^T / m``: ``g q/2``; two more rescales.
+    * ``r_row = delta - G^T w`` is zero at the exact solution (``w = -G delta / (m lam)``): ``theta'``'s
+      rounding ``q/2``, ``w``'s through ``G^T``: ``L(m) g q/2``, two rescales.
+    * ``form="dual"``, ``r_w = m lam w + G delta``: ``w``'s rounding ``m lam q/2``, the constant
+      ``m lam``'s rounding times ``|w|``: ``w_bound q/2``, ``theta'``'s through ``G``: ``L(B) g q/2``,
+      two rescales.
+
+    ``r_mask`` is exact: its tolerance is 0. Until 2026-12-03 the bound also charged ``G`` and
+    ``theta`` with input roundings they do not have (``L(B) d q/2``, ``B g d q/2``, ``L(m) w q/2``),
+    which made it about 3.6x looser at the demo's spec (kkt 3.17 against 0.87 at ``g_bound`` 16): room
+    for a client to move unmasked weights away from the committed relation's solution.
 
     A sum of ``L`` independent roundings bounded by ``c q/2`` is at most ``L c q/2`` (``worst_case``)
     but, being uniform, exceeds six standard deviations ``= 2 sqrt(3L) c q/2`` with probability
@@ -148,21 +165,29 @@ def group_obs_tolerance(
     """
     if min(theta_bound, g_bound, w_bound) <= 0:
         raise FixedPointError("magnitude bounds must be positive")
+    if form not in ("kkt", "dual"):
+        raise FixedPointError(f"form must be 'kkt' or 'dual', got {form!r}")
     q = 2.0**-input_scale
+    half = q / 2
     d_bound = 2.0 * theta_bound
 
     def terms(n: int) -> float:
         return float(n) if worst_case else min(float(n), 2.0 * math.sqrt(3.0 * n))
 
-    e_delta = q
-    e_gd = terms(block) * (g_bound * e_delta + d_bound * q / 2) + q
-    gd_bound = block * g_bound * d_bound
-    e_kkt = lam * e_delta + g_bound * e_gd + gd_bound * q / 2 + q
-    e_row = e_delta + terms(m) * (g_bound * q / 2 + w_bound * q / 2) + q
-    if form == "dual":  # r_w = m lam w + G delta: one product, no second pass through G^T
-        e_kkt = m * lam * q / 2 + e_gd
-    elif form != "kkt":
-        raise FixedPointError(f"form must be 'kkt' or 'dual', got {form!r}")
+    inv_m_exact = (2**input_scale) % m == 0
+    theta_rounding = terms(block) * g_bound * half  # |G e| for the rounding e of theta'
+    if form == "dual":
+        e_kkt = m * lam * half + w_bound * half + theta_rounding + 2 * half
+    else:
+        e_kkt = (
+            lam * half
+            + g_bound * theta_rounding
+            + d_bound * half
+            + (0.0 if inv_m_exact else m * lam * d_bound * half)
+            + g_bound * half
+            + 2 * half
+        )
+    e_row = half + terms(m) * g_bound * half + 2 * half
     return GroupObsTolerance(mask=0.0, kkt=safety * e_kkt, row=safety * e_row)
 
 

@@ -108,6 +108,49 @@ def test_honest_residuals_are_far_below_tolerance() -> None:
     assert worst[2] < TOL.row / 4, (worst, TOL)
 
 
+@pytest.mark.parametrize(
+    ("block", "m", "lam", "g_bound"), [(64, 16, 0.1, 16.0), (16, 8, 0.1, 8.0), (B, M, LAM, 4.0)]
+)
+def test_honest_residuals_at_the_published_bounds_fit_the_derived_tolerance(
+    block: int, m: int, lam: float, g_bound: float
+) -> None:
+    """Completeness of the tolerance where it is tightest: factors with entries up to ``g_bound`` (dense,
+    rank-one-like and +-g), weights up to ``theta_bound``, random masks; every honest in-bounds update
+    must stay well inside, or a provider would reject honest clients. (The tolerance charges only the
+    rounding of theta' and w; theta and G are on the grid, as the SDK commits them.)"""
+    theta_bound, w_bound = 4.0, 64.0
+    tol = group_obs_tolerance(block, m, lam, SCALE, theta_bound=theta_bound, g_bound=g_bound, w_bound=w_bound)
+    relation = go.GroupObsCheck(block, m, lam, n_blind=0).double()
+    worst, solved = np.zeros(3), 0
+    for seed in range(240):
+        rng = np.random.default_rng(seed)
+        shape = [
+            rng.normal(size=(m, block)),
+            np.outer(rng.normal(size=m), rng.normal(size=block)) + 0.1 * rng.normal(size=(m, block)),
+            rng.choice([-1.0, 1.0], size=(m, block)),
+        ][seed % 3]
+        g = _q(shape / np.abs(shape).max() * g_bound * rng.uniform(0.5, 1.0)).numpy()
+        theta = _q(rng.uniform(-theta_bound, theta_bound, size=block)).numpy()
+        mask = rng.random(block) < rng.uniform(0.05, 0.6)
+        mask[0] = True
+        upd = solve_block(theta, g, mask, lam)
+        if np.abs(upd.theta_after).max() > theta_bound or np.abs(upd.w).max() > w_bound:
+            continue  # out of the published bounds: the SDK refuses to prove it
+        solved += 1
+        out = relation(
+            _q(theta[None]),
+            _q(upd.theta_after[None]),
+            torch.from_numpy(g[None]),
+            _q(mask[None] * 1.0),
+            _q(upd.w[None]),
+        )
+        worst = np.maximum(worst, out[0].detach().numpy())
+    assert solved >= 5
+    assert worst[0] == 0.0
+    assert worst[1] < tol.kkt / 4, (worst, tol)
+    assert worst[2] < tol.row / 2, (worst, tol)
+
+
 def test_attacks_exceed_tolerance() -> None:
     theta, after, g, mask, w = _block(0)
     nomask = after.copy()
