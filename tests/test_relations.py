@@ -168,6 +168,25 @@ def test_attacks_exceed_tolerance() -> None:
     assert r[2] > 10 * TOL.row
 
 
+def test_row_space_edit_the_earlier_tolerance_admitted_is_refused() -> None:
+    """The attack the tighter tolerance closes: moving unmasked weights *inside* G's row space (the
+    witness w moved with them, so r_row stays at rounding level) shows only as ``F p`` in r_kkt.
+    Sized to leave r_kkt at 0.15, such an edit passed the earlier bound (0.28 at this spec, which also
+    charged G and theta with roundings they do not have) and must now be refused."""
+    theta, after, g, mask, w = _block(1)
+    u = ~mask
+    v = np.linalg.svd(g[:, u])[0][:, -1]  # the row-space direction G curves least: the largest edit
+    p = np.zeros(B)
+    p[u] = g[:, u].T @ v
+    fisher = LAM * np.eye(B) + g.T @ g / M
+    scale = 0.15 / np.abs((fisher @ p)[u]).max()
+    r = _residual_max(theta, after + scale * p, g, mask, w + scale * v)
+    assert r[2] <= TOL.row  # inside the row space: r_row cannot see it
+    assert 0.1 < r[1] < 0.28 - 0.05  # what the earlier bound let through
+    assert r[1] > 2 * TOL.kkt  # refused now, with margin
+    assert np.abs(scale * p).max() > 0.1  # a real edit of the unmasked weights, not rounding
+
+
 def test_raw_magnitudes_make_the_check_blind() -> None:
     """Why normalisation exists: at raw scale skipping the compensation stays within tolerance."""
     rng = np.random.default_rng(0)
