@@ -184,13 +184,10 @@ class RefitSpec:
     def tolerance(self, scale: int) -> float:
         return output_refit_tolerance(
             self.n,
-            self.d_in,
             self.hidden,
             self.rel_lam,
             scale,
             self.activation,
-            z_bound=self.z_bound,
-            w_bound=self.w_bound,
             v_bound=self.v_bound,
             h_bound=self.h_bound,
             y_bound=self.y_bound,

@@ -243,14 +243,11 @@ def analytic_tolerance(
 
 def output_refit_tolerance(
     n: int,
-    d_in: int,
     hidden: int,
     rel_lam: float,
     input_scale: int,
     activation: str,
     *,
-    z_bound: float,
-    w_bound: float,
     v_bound: float,
     h_bound: float,
     y_bound: float,
@@ -259,9 +256,8 @@ def output_refit_tolerance(
 ) -> float:
     """Honest bound on the output refit's normal-equation residual from rounding, times ``safety``.
 
-    Entries: ``|z| <= z_bound``, ``|W1|, |W1'|, |b1| <= w_bound``, ``|V0|, |V'| <= v_bound``, hidden
-    activations ``|h| <= h_bound`` and the personalized outputs ``|T| <= y_bound`` (declared with the
-    enrolment, like Group-OBS's bounds). The client
+    Entries: ``|V0|, |V'| <= v_bound``, hidden activations ``|h| <= h_bound`` and the personalized
+    outputs ``|T| <= y_bound`` (declared with the enrolment, like Group-OBS's bounds). The client
     solves in float64 with the circuit's own activation, from exactly the committed values (``z``,
     ``W1``, ``W1'``, ``b1`` and ``V0`` are all on the grid), so neither the polynomial's approximation
     error nor any input rounding counts; only the circuit's own roundings (``q/2`` each,
@@ -281,8 +277,8 @@ def output_refit_tolerance(
     * ``r = V' (A + lam I) - C - lam V0``: ``e_r = L(k) (v e_A + h^2 q/2) + 2 (rel_lam h^2 q/2 +
       v e_lam) + e_C + q``.
 
-    ``z_bound`` and ``w_bound`` therefore no longer enter the bound; they are still published, for
-    the SDK's refusals and the circuit's range. Until 2026-12-03 the bound also charged ``z``, ``W``
+    The inputs' own bounds (``RefitSpec.z_bound``, ``w_bound``) and ``d_in`` therefore no longer enter
+    it; they still size the SDK's refusals. Until 2026-12-03 the bound also charged ``z``, ``W``
     and ``V0`` with input roundings (``L(d_in) (z + w) q/2`` in ``e_p``, ``L(k) h q/2`` in ``e_T``)
     that the client's solve does not have: 8.6x looser for the e2e pair (0.238 against 0.028), 47x
     at the default ReLU bounds, 3x for GELU, whose own Clenshaw roundings dominate.
@@ -297,10 +293,10 @@ def output_refit_tolerance(
 
     if activation not in ACTIVATIONS:
         raise FixedPointError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if min(z_bound, w_bound, v_bound, h_bound, y_bound) <= 0:
+    if min(v_bound, h_bound, y_bound) <= 0:
         raise FixedPointError("magnitude bounds must be positive")
-    if min(n, d_in, hidden) < 1 or not rel_lam > 0:
-        raise FixedPointError("n, d_in, hidden must be >= 1 and rel_lam positive")
+    if min(n, hidden) < 1 or not rel_lam > 0:
+        raise FixedPointError("n, hidden must be >= 1 and rel_lam positive")
     q = 2.0**-input_scale
     k = hidden + 1
     h = max(h_bound, 1.0)

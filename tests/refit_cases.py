@@ -31,7 +31,8 @@ def honest_pair(
 
 
 def declared_bounds(values: dict[str, np.ndarray], activation: Activation) -> dict[str, float]:
-    """The magnitude bounds a client would declare for the circuit's inputs (their maxima: tight)."""
+    """The magnitude bounds the refit's tolerance is derived from, as a client would declare them for
+    its values (their maxima: tight)."""
     import torch
     from zkunlearn.circuits.activations import activate
 
@@ -42,16 +43,7 @@ def declared_bounds(values: dict[str, np.ndarray], activation: Activation) -> di
     h_before, h_after = act(values["w1_before"]), act(values["w1_after"])
     ones = np.ones((h_before.shape[0], 1))
     target = np.hstack([h_before, ones]) @ values["v_before"].T
-    scale = 2.0 ** theta_exponent(values["w1_before"])  # the circuit sees z / scale and W1 * scale
     return {
-        "z_bound": float(np.abs(values["z"]).max() / scale),
-        "w_bound": float(
-            max(
-                np.abs(values["w1_before"]).max() * scale,
-                np.abs(values["w1_after"]).max() * scale,
-                np.abs(values["b1"]).max(),
-            )
-        ),
         "v_bound": float(max(np.abs(values[k]).max() for k in ("v_before", "v_after"))),
         "h_bound": float(max(np.abs(h_before).max(), np.abs(h_after).max())),
         "y_bound": float(np.abs(target).max()),

@@ -192,7 +192,7 @@ def _verify(
 ) -> Verdict:
     """The provider's check: Group-OBS's theta / theta', and its own commitments of enrolled values."""
     bounds = declared_bounds(d.values, activation)
-    tol = output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, SCALE, activation, **bounds)
+    tol = output_refit_tolerance(N, HIDDEN, REL_LAM, SCALE, activation, **bounds)
     verifier = RefitVerifier(arts, n_batches=1, tolerance=tol)
     enrolled = _refit_inputs(d)
     return verifier.verify(

@@ -149,7 +149,7 @@ def test_rounded_inputs_stay_within_the_derived_tolerance(activation: activation
     for seed in range(10):
         values = _honest(seed, activation)
         tol = output_refit_tolerance(
-            N, D_IN, HIDDEN, REL_LAM, scale, activation, **declared_bounds(values, activation)
+            N, HIDDEN, REL_LAM, scale, activation, **declared_bounds(values, activation)
         )
         rounded = [dequantise(quantise(a.numpy(), scale), scale) for a in _inputs(values)]
         with torch.no_grad():
@@ -160,12 +160,12 @@ def test_rounded_inputs_stay_within_the_derived_tolerance(activation: activation
 
 
 def test_tolerance_grows_with_scale_and_refuses_bad_arguments() -> None:
-    bounds = {"z_bound": 2.0, "w_bound": 1.0, "v_bound": 1.0, "h_bound": 2.0, "y_bound": 2.0}
-    relu13 = output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "relu", **bounds)
-    assert output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 15, "relu", **bounds) < relu13 / 3
-    assert output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "gelu", **bounds) > relu13
-    assert output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "relu", worst_case=True, **bounds) >= relu13
+    bounds = {"v_bound": 1.0, "h_bound": 2.0, "y_bound": 2.0}
+    relu13 = output_refit_tolerance(N, HIDDEN, REL_LAM, 13, "relu", **bounds)
+    assert output_refit_tolerance(N, HIDDEN, REL_LAM, 15, "relu", **bounds) < relu13 / 3
+    assert output_refit_tolerance(N, HIDDEN, REL_LAM, 13, "gelu", **bounds) > relu13
+    assert output_refit_tolerance(N, HIDDEN, REL_LAM, 13, "relu", worst_case=True, **bounds) >= relu13
     with pytest.raises(FixedPointError, match="activation"):
-        output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "tanh", **bounds)
+        output_refit_tolerance(N, HIDDEN, REL_LAM, 13, "tanh", **bounds)
     with pytest.raises(FixedPointError, match="bounds"):
-        output_refit_tolerance(N, D_IN, HIDDEN, REL_LAM, 13, "relu", **dict(bounds, h_bound=0.0))
+        output_refit_tolerance(N, HIDDEN, REL_LAM, 13, "relu", **dict(bounds, h_bound=0.0))
