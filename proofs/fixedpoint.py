@@ -31,8 +31,14 @@ class FixedPointError(ValueError):
 
 
 def quantise(x: npt.ArrayLike, scale: int) -> npt.NDArray[np.int64]:
-    """Integers ``round(x * 2**scale)``, refusing magnitudes that would overflow int64 or float32."""
+    """Integers ``round(x * 2**scale)``, refusing magnitudes that would overflow int64 or float32.
+
+    NaN must be refused explicitly: it compares false with any bound, and ``rint(nan)`` casts to
+    ``INT64_MIN``, which would be committed as a huge negative value without complaint.
+    """
     arr = np.asarray(x, dtype=np.float64) * float(2**scale)
+    if not np.isfinite(arr).all():
+        raise FixedPointError(f"non-finite value (NaN or infinity) cannot be encoded at scale {scale}")
     if arr.size and float(np.max(np.abs(arr))) >= 2.0**52:
         raise FixedPointError(f"value too large for scale {scale}: max {float(np.max(np.abs(arr))):.3g}")
     return np.rint(arr).astype(np.int64)

@@ -61,9 +61,18 @@ class Ledger:
             return self._tree
 
     def append(
-        self, submission_id: str, verdict: int, reason: str, receipt: SignedStatement
+        self,
+        submission_id: str,
+        verdict: int,
+        reason: str,
+        receipt: SignedStatement,
+        *,
+        verified_against: str | None = None,
     ) -> tuple[SubmissionRecord, LeafRecord]:
-        """Record a verdict and its signed receipt as the next leaf, atomically with the verdict."""
+        """Record a verdict and its signed receipt as the next leaf, atomically with the verdict.
+
+        ``verified_against``: see :meth:`ProviderState.finish_submission`.
+        """
         leaf = LeafRecord(
             index=-1,
             leaf_hash=leaf_hash(receipt.canonical),
@@ -72,7 +81,9 @@ class Ledger:
             submission_id=submission_id,
             request_id=str(receipt.payload.get("request_id", "")),
         )
-        return self._state.finish_submission(submission_id, verdict, reason, leaf)
+        return self._state.finish_submission(
+            submission_id, verdict, reason, leaf, verified_against=verified_against
+        )
 
     @property
     def size(self) -> int:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from zkunlearn.circuits.mask import Mask, MaskError
 from zkunlearn.proofs.statements import (
     DOMAIN_DELETION_REQUEST,
@@ -62,6 +63,7 @@ from .state import (
     NotFoundError,
     ProviderState,
     RequestRecord,
+    StaleCommitmentsError,
     SubmissionRecord,
 )
 
@@ -211,6 +213,8 @@ class TensorData:
                 f"{what}: shape {list(self.shape)} needs {need} bytes of float64 "
                 f"but {len(self.float64_le)} were sent"
             )
+        if not np.isfinite(np.frombuffer(self.float64_le, dtype="<f8")).all():
+            raise InvalidInputError(f"{what}: contains NaN or infinity")
 
     def digest_json(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "sha256": hashlib.sha256(self.float64_le).hexdigest()}
@@ -845,16 +849,21 @@ class ProviderService:
             },
         )
         try:
-            done, _leaf = self.ledger.append(sub.submission_id, verdict, result.reason, receipt)
-        except AlreadyAcceptedError:
-            # Another submission for the same request won the race; this one is recorded as rejected.
-            loser = self.signer.sign(
-                DOMAIN_RECEIPT,
-                {**receipt.payload, "verdict": "rejected", "reason": "request already answered"},
-            )
             done, _leaf = self.ledger.append(
-                sub.submission_id, VERDICT_REJECTED, "request already answered", loser
+                sub.submission_id,
+                verdict,
+                result.reason,
+                receipt,
+                verified_against=client.current_commitments,
             )
+        except (AlreadyAcceptedError, StaleCommitmentsError) as lost:
+            # Another submission won the race: for the same request, or for another request of this
+            # client, which moved the state this one was verified against. Recorded as rejected.
+            reason = "request already answered" if isinstance(lost, AlreadyAcceptedError) else str(lost)
+            loser = self.signer.sign(
+                DOMAIN_RECEIPT, {**receipt.payload, "verdict": "rejected", "reason": reason}
+            )
+            done, _leaf = self.ledger.append(sub.submission_id, VERDICT_REJECTED, reason, loser)
         return done
 
     # -- receipts and ledger ------------------------------------------------------------------------

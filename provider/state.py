@@ -46,6 +46,7 @@ __all__ = [
     "ProviderState",
     "RequestRecord",
     "SqlState",
+    "StaleCommitmentsError",
     "StateError",
     "SubmissionRecord",
     "TreeHeadRecord",
@@ -78,6 +79,14 @@ class NonceError(StateError):
 
 class AlreadyAcceptedError(StateError):
     """The request already has an accepted submission; a different one is a replay or a second answer."""
+
+
+class StaleCommitmentsError(StateError):
+    """The client's current commitments changed while a submission was being verified against them.
+
+    Two answers built from the same state (two open requests of one client, verified at once) would
+    otherwise both be accepted, and the later one would put back weights the earlier one deleted.
+    """
 
 
 @dataclass(frozen=True)
@@ -252,12 +261,16 @@ class ProviderState(abc.ABC):
         verdict: int,
         reason: str,
         leaf: LeafRecord,
+        *,
+        verified_against: str | None = None,
     ) -> tuple[SubmissionRecord, LeafRecord]:
         """Record the verdict and append its receipt leaf (``leaf.index`` is ignored and assigned).
 
         One transaction: the verdict, the leaf, the request's accepted submission and, when accepted,
         the client's current commitments. Finishing an already finished submission returns the
         stored result unchanged, so two workers racing on one submission cannot append twice.
+        ``verified_against`` is the client's ``current_commitments`` the verdict was reached on: an
+        acceptance raises :class:`StaleCommitmentsError` (and writes nothing) if they have changed since.
         """
 
     # ledger
@@ -462,7 +475,13 @@ class InMemoryState(ProviderState):
             return len(held)
 
     def finish_submission(
-        self, submission_id: str, verdict: int, reason: str, leaf: LeafRecord
+        self,
+        submission_id: str,
+        verdict: int,
+        reason: str,
+        leaf: LeafRecord,
+        *,
+        verified_against: str | None = None,
     ) -> tuple[SubmissionRecord, LeafRecord]:
         _check_verdict(verdict)
         with self._txn():
@@ -488,6 +507,8 @@ class InMemoryState(ProviderState):
                     request, accepted_submission_id=submission_id
                 )
                 client = self._clients[sub.client_id]
+                if verified_against is not None and client.current_commitments != verified_against:
+                    raise StaleCommitmentsError(_stale_message(sub.client_id))
                 self._clients[sub.client_id] = dataclasses.replace(
                     client, current_commitments=sub.after_commitments
                 )
@@ -529,6 +550,13 @@ def _check_nonce(entry: tuple[str, int, bool] | None, client_id: str, now_ms: in
         raise NonceError("nonce already used (replay refused): ask Challenge for a fresh one")
     if expires_ms < now_ms:
         raise NonceError("nonce expired: ask Challenge for a fresh one")
+
+
+def _stale_message(client_id: str) -> str:
+    return (
+        f"client {client_id!r}'s committed state changed while this answer was verified "
+        "(another answer was accepted first); rebuild it on the new state and submit again"
+    )
 
 
 def _check_verdict(verdict: int) -> None:
@@ -1013,7 +1041,13 @@ class SqlState(ProviderState):
             return int(done.rowcount)
 
     def finish_submission(
-        self, submission_id: str, verdict: int, reason: str, leaf: LeafRecord
+        self,
+        submission_id: str,
+        verdict: int,
+        reason: str,
+        leaf: LeafRecord,
+        *,
+        verified_against: str | None = None,
     ) -> tuple[SubmissionRecord, LeafRecord]:
         _check_verdict(verdict)
 
@@ -1070,11 +1104,20 @@ class SqlState(ProviderState):
                     raise AlreadyAcceptedError(
                         f"request {sub.request_id!r} already has an accepted submission"
                     )
-                conn.execute(
+                moved = conn.execute(
                     sa.update(clients_t)
-                    .where(clients_t.c.client_id == sub.client_id)
+                    .where(
+                        clients_t.c.client_id == sub.client_id,
+                        *(
+                            ()
+                            if verified_against is None
+                            else (clients_t.c.current_commitments == verified_against,)
+                        ),
+                    )
                     .values(current_commitments=sub.after_commitments)
                 )
+                if moved.rowcount != 1:
+                    raise StaleCommitmentsError(_stale_message(sub.client_id))
                 self._fault("request-updated")
             return dataclasses.replace(
                 sub, verdict=verdict, reason=reason, leaf_index=stored_leaf.index, lease_expires_ms=None

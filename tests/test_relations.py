@@ -242,6 +242,16 @@ def test_felt_round_trip_and_mask_binding() -> None:
         group_obs_mask_rows(np.array([[0.5, 1.0]]), b"\x01" * 32, 4, SCALE)
 
 
+def test_quantise_refuses_what_it_cannot_encode() -> None:
+    """NaN compares false with any bound and rint(NaN) casts to INT64_MIN: refused, never committed."""
+    assert quantise([1.5, -0.25], 2).tolist() == [6, -1]
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(FixedPointError, match="non-finite"):
+            quantise([0.0, bad], SCALE)
+    with pytest.raises(FixedPointError, match="too large"):
+        quantise([2.0**60], SCALE)
+
+
 def test_dual_form_residuals() -> None:
     """The m-sized dual residual: honest stays tiny, the KKT attacks exceed its tolerance."""
     tol = group_obs_tolerance(B, M, LAM, SCALE, theta_bound=4.0, g_bound=4.0, w_bound=4.0, form="dual")

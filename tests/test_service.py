@@ -344,6 +344,17 @@ def test_analytic_request_carries_forget_data(service: ProviderService) -> None:
             forget_features=TensorData((2, 3), b"x"),
             forget_labels=TensorData((2, 1), y.tobytes()),
         )
+    for bad in (np.nan, np.inf):
+        poisoned = x.copy()
+        poisoned[1, 2] = bad
+        with pytest.raises(InvalidInputError, match="forget features: contains NaN or infinity"):
+            service.create_request(
+                dev.client_id,
+                mask(),
+                forget_features=TensorData((2, 3), poisoned.tobytes()),
+                forget_labels=TensorData((2, 1), y.tobytes()),
+            )
+    assert service.requests_after(service.state.get_client("an-1"), 0, 10) == []  # type: ignore[arg-type]
     r = service.create_request(
         dev.client_id,
         mask(),
@@ -400,6 +411,59 @@ def test_concurrent_identical_submissions_make_one_submission_and_one_leaf(tmp_p
     assert len(set(ids)) == 1
     assert svc.wait(ids[0], 10).verdict == VERDICT_ACCEPTED
     assert svc.ledger.size == 1
+    svc.close()
+
+
+class _TogetherVerifier(FakeVerifier):
+    """The fake verifier, but two jobs are inside ``verify`` at once, as two slow ezkl checks would be."""
+
+    def __init__(self) -> None:
+        import threading
+
+        super().__init__()
+        self.barrier = threading.Barrier(2, timeout=5)
+
+    def verify(self, job: Any) -> Any:
+        self.barrier.wait()
+        return super().verify(job)
+
+
+def test_two_answers_built_on_one_state_cannot_both_be_accepted(state: ProviderState) -> None:
+    """Attack: answer two open requests from the same state and have them verified concurrently.
+
+    Both verify against the enrolled state; accepting both would leave the client's committed state
+    at whichever finished last, with the other deletion's weights back in it under a signed receipt.
+    """
+    svc = ProviderService(
+        state,
+        StatementSigner.generate(),
+        _TogetherVerifier(),
+        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, verify_workers=2),
+    )
+    dev = Device(svc)
+    dev.enroll()
+    requests = [svc.create_request(dev.client_id, mask()) for _ in range(2)]
+    answers = [dev.proof(r.request_id) for r in requests]  # both from the enrolled state
+    subs = [
+        svc.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+        for r, (after, proofs) in zip(requests, answers, strict=True)
+    ]
+    done = [svc.wait(s.submission_id, 10) for s in subs]
+    assert sorted(d.verdict for d in done) == sorted([VERDICT_ACCEPTED, VERDICT_REJECTED])
+    won = next(i for i, d in enumerate(done) if d.verdict == VERDICT_ACCEPTED)
+    lost = 1 - won
+    assert "changed while this answer was verified" in done[lost].reason
+    client = svc.state.get_client(dev.client_id)
+    assert client is not None
+    assert client.current_commitments == done[won].after_commitments
+    # The loser's receipt is a signed rejection, and the log still chains from the enrollment.
+    view = svc.receipt(requests[lost].request_id, dev.client_id)
+    assert view.leaf is not None
+    payload = svc.signer.verifier().verify((view.leaf.canonical, view.leaf.signature), DOMAIN_RECEIPT)
+    assert payload["verdict"] == "rejected"
+    # Rebuilt on the new state, the lost request's answer is accepted and continues the chain.
+    svc.verifier.barrier = type(svc.verifier.barrier)(1)  # type: ignore[attr-defined]
+    assert dev.submit(requests[lost].request_id).verdict == VERDICT_ACCEPTED
     svc.close()
 
 

@@ -27,6 +27,7 @@ from zkunlearn.provider.state import (
     ProviderState,
     RequestRecord,
     SqlState,
+    StaleCommitmentsError,
     SubmissionRecord,
     TreeHeadRecord,
 )
@@ -241,6 +242,38 @@ def test_two_accepted_answers_to_one_request_cannot_both_land(state: ProviderSta
     s2 = state.get_submission("s2")
     assert s2 is not None
     assert s2.verdict == VERDICT_PENDING
+
+
+def test_an_answer_verified_against_a_state_that_moved_on_cannot_land(state: ProviderState) -> None:
+    """Two open requests answered from the same state: once one is accepted, the other is stale."""
+    _setup_request(state)
+    state.add_request(req("r2"))
+    enrolled = client().current_commitments
+    state.add_submission(sub("s1", "r1", "d1"))
+    state.add_submission(sub("s2", "r2", "d2"))
+    state.finish_submission("s1", VERDICT_ACCEPTED, "", leaf("r1"), verified_against=enrolled)
+    with pytest.raises(StaleCommitmentsError, match="changed while this answer was verified"):
+        state.finish_submission("s2", VERDICT_ACCEPTED, "", leaf("r2"), verified_against=enrolled)
+    # Nothing of the failed acceptance landed: no leaf, s2 pending, r2 open, r1's state kept.
+    assert state.ledger_size() == 1
+    s2 = state.get_submission("s2")
+    assert s2 is not None
+    assert s2.verdict == VERDICT_PENDING
+    r2 = state.get_request("r2")
+    assert r2 is not None
+    assert r2.accepted_submission_id is None
+    moved = state.get_client("c1")
+    assert moved is not None
+    assert moved.current_commitments == sub("s1", "r1", "d1").after_commitments
+    # A rejection does not move the state, so it needs no check; an answer built on the new state lands.
+    state.finish_submission("s2", VERDICT_REJECTED, "stale", leaf("r2"), verified_against=enrolled)
+    state.add_submission(sub("s3", "r2", "d3"))
+    state.finish_submission(
+        "s3", VERDICT_ACCEPTED, "", leaf("r2"), verified_against=moved.current_commitments
+    )
+    final = state.get_client("c1")
+    assert final is not None
+    assert final.current_commitments == sub("s3", "r2", "d3").after_commitments
 
 
 @pytest.mark.parametrize("step", ["leaf-appended", "submission-updated", "request-updated"])
