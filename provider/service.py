@@ -41,6 +41,7 @@ from zkunlearn.proofs.statements import (
     DOMAIN_ENROLLMENT,
     DOMAIN_RECEIPT,
     DOMAIN_RPC_AUTH,
+    MAX_STATEMENT_BYTES,
     SignedStatement,
     StatementError,
     StatementSigner,
@@ -160,6 +161,16 @@ class CommitmentRef:
         return CommitmentRef(str(value["name"]), int(value["block"]), str(value["point_hex"]))
 
 
+#: A signed receipt carries the before and after commitment lists in full (the auditor re-checks the
+#: proofs against them), so each list gets under half of a statement's size limit, with room left
+#: for the receipt's other fields. A client could otherwise enroll or submit lists that make its
+#: own receipt impossible to sign, and its job would be retried for ever.
+MAX_COMMITMENT_LIST_BYTES = (MAX_STATEMENT_BYTES - 64 * 1024) // 2
+#: Longest verdict reason a receipt carries (verifier errors can quote what they refused).
+MAX_REASON_CHARS = 2000
+_POINT_HEX_CHARS = 64  # a compressed BN254 G1 point, as ezkl writes a polycommit commitment
+
+
 def _check_commitments(items: Sequence[CommitmentRef], what: str) -> list[CommitmentRef]:
     out: list[CommitmentRef] = []
     seen: set[tuple[str, int]] = set()
@@ -170,18 +181,21 @@ def _check_commitments(items: Sequence[CommitmentRef], what: str) -> list[Commit
             raise InvalidInputError(f"{what}: commitment name must be 1..64 characters, got {c.name!r}")
         if not 0 <= c.block < 2**32:
             raise InvalidInputError(f"{what}: commitment block out of range: {c.block}")
-        if (
-            len(c.point_hex) > 4096
-            or any(ch not in "0123456789abcdef" for ch in c.point_hex)
-            or not c.point_hex
-        ):
+        if len(c.point_hex) != _POINT_HEX_CHARS or any(ch not in "0123456789abcdef" for ch in c.point_hex):
             raise InvalidInputError(
-                f"{what}: commitment {c.name}/{c.block} point must be lower-case hex (at most 4096 chars)"
+                f"{what}: commitment {c.name}/{c.block} point must be {_POINT_HEX_CHARS} lower-case hex "
+                f"characters (a compressed G1 point), got {len(c.point_hex)} characters"
             )
         if (c.name, c.block) in seen:
             raise InvalidInputError(f"{what}: duplicate commitment {c.name}/{c.block}")
         seen.add((c.name, c.block))
         out.append(c)
+    size = len(commitments_json(out).encode())
+    if size > MAX_COMMITMENT_LIST_BYTES:
+        raise ResourceExhaustedError(
+            f"{what}: the commitment list is {size} bytes, above the {MAX_COMMITMENT_LIST_BYTES}-byte "
+            "limit that keeps a receipt signable"
+        )
     return out
 
 
@@ -719,6 +733,12 @@ class ProviderService:
                 f"update kind {header.update_kind} does not match the client's "
                 f"enrolled kind {client.update_kind}"
             )
+        enrolled = len(commitments_from_json(client.current_commitments))
+        if len(after) > enrolled:
+            raise InvalidInputError(
+                f"after_commitments names {len(after)} commitments; an answer names exactly the "
+                f"{enrolled} the client holds"
+            )
         proof = _receive(chunks, header.total_bytes, header.sha256)
         content = hashlib.sha256(
             canonical_json(
@@ -828,9 +848,10 @@ class ProviderService:
                 result = self.verifier.verify(job)
             except Exception as exc:  # a verifier crash is a rejection with a reason, never a lost submission
                 result = VerificationResult(False, f"verifier error: {type(exc).__name__}: {exc}")
+        if len(result.reason) > MAX_REASON_CHARS:
+            result = VerificationResult(result.accepted, result.reason[: MAX_REASON_CHARS - 3] + "...")
         verdict = VERDICT_ACCEPTED if result.accepted else VERDICT_REJECTED
-        receipt = self.signer.sign(
-            DOMAIN_RECEIPT,
+        receipt = self._sign_receipt(
             {
                 "version": PROTOCOL_VERSION,
                 "request_id": request.request_id,
@@ -848,6 +869,8 @@ class ProviderService:
                 "verified_ms": self.clock_ms(),
             },
         )
+        if receipt.payload["reason"] != result.reason:  # the backstop turned it into a rejection
+            verdict, result = VERDICT_REJECTED, VerificationResult(False, str(receipt.payload["reason"]))
         try:
             done, _leaf = self.ledger.append(
                 sub.submission_id,
@@ -860,11 +883,32 @@ class ProviderService:
             # Another submission won the race: for the same request, or for another request of this
             # client, which moved the state this one was verified against. Recorded as rejected.
             reason = "request already answered" if isinstance(lost, AlreadyAcceptedError) else str(lost)
-            loser = self.signer.sign(
-                DOMAIN_RECEIPT, {**receipt.payload, "verdict": "rejected", "reason": reason}
+            loser = self._sign_receipt({**receipt.payload, "verdict": "rejected", "reason": reason})
+            done, _leaf = self.ledger.append(
+                sub.submission_id, VERDICT_REJECTED, str(loser.payload["reason"]), loser
             )
-            done, _leaf = self.ledger.append(sub.submission_id, VERDICT_REJECTED, reason, loser)
         return done
+
+    def _sign_receipt(self, payload: dict[str, Any]) -> SignedStatement:
+        """Sign a receipt; one that cannot be signed becomes a signed rejection, never a stuck job.
+
+        The input limits keep every receipt signable; this is the backstop if they ever do not, since
+        a job whose receipt fails to sign would be released and retried for ever, first in the queue.
+        """
+        try:
+            return self.signer.sign(DOMAIN_RECEIPT, payload)
+        except StatementError as exc:
+            reason = f"receipt could not be signed: {exc}"[:MAX_REASON_CHARS]
+            return self.signer.sign(
+                DOMAIN_RECEIPT,
+                {
+                    **payload,
+                    "verdict": _VERDICT_NAMES[VERDICT_REJECTED],
+                    "reason": reason,
+                    "before_commitments": [],
+                    "after_commitments": [],
+                },
+            )
 
     # -- receipts and ledger ------------------------------------------------------------------------
 

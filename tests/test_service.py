@@ -301,12 +301,71 @@ def test_upload_limits_and_integrity(service: ProviderService) -> None:
         service.submit(dev.header(r.request_id, after, proofs, proof_sizes=(1, 2)), iter([blob]))
     with pytest.raises(NotFoundServiceError, match="unknown request"):
         service.submit(dev.header("nope", after, proofs), iter([blob]))
-    with pytest.raises(InvalidInputError, match="point must be lower-case hex"):
+    with pytest.raises(InvalidInputError, match="point must be 64 lower-case hex"):
         service.submit(
             dev.header(r.request_id, [CommitmentRef("theta_after", 0, "XYZ")], proofs), iter([blob])
         )
     assert service.state.submissions_for(r.request_id) == []
     assert dev.submit(r.request_id).verdict == VERDICT_ACCEPTED
+
+
+def test_commitment_lists_that_would_make_a_receipt_unsignable_are_refused(
+    service: ProviderService,
+) -> None:
+    """Attack: enroll (or answer with) so many commitments that the receipt exceeds the statement limit.
+
+    The receipt carries both lists; had they been accepted, signing it would fail on every attempt and
+    the job would be retried for ever at the head of the queue, holding up every other client's.
+    """
+    dev = Device(service)
+    many = tuple(CommitmentRef(f"t{i:063d}", i, "ab" * 32) for i in range(30_000))  # ~4.4 MB
+    with pytest.raises(ResourceExhaustedError, match="keeps a receipt signable"):
+        service.enroll(dev.enrollment(commitments=many))
+    assert service.state.get_client(dev.client_id) is None
+    dev.enroll()
+    r = service.create_request(dev.client_id, mask())
+    after, proofs = dev.proof(r.request_id)
+    extra = [*after, CommitmentRef("theta_after", 99, "ef" * 32)]
+    with pytest.raises(InvalidInputError, match="names exactly the 2 the client holds"):
+        service.submit(dev.header(r.request_id, extra, proofs), iter([b"".join(proofs)]))
+    assert service.state.submissions_for(r.request_id) == []
+    assert dev.submit(r.request_id).verdict == VERDICT_ACCEPTED
+
+
+class _ReceiptRefusingSigner(StatementSigner):
+    """Signs everything but receipts that carry commitments: a receipt the limits failed to keep small."""
+
+    def sign(self, domain: str, payload: Any) -> Any:
+        from zkunlearn.proofs.statements import StatementError
+
+        if domain == DOMAIN_RECEIPT and payload.get("before_commitments"):
+            raise StatementError("statement would be 9000000 bytes, above 8388608")
+        return super().sign(domain, payload)
+
+
+def test_a_receipt_that_cannot_be_signed_becomes_a_signed_rejection_not_a_stuck_job(
+    state: ProviderState,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signer = _ReceiptRefusingSigner(Ed25519PrivateKey.generate())
+    svc = ProviderService(
+        state, signer, FakeVerifier(), ServiceConfig(model_ids=("m1",), max_proof_bytes=4096)
+    )
+    dev = Device(svc)
+    dev.enroll()
+    r = svc.create_request(dev.client_id, mask())
+    done = dev.submit(r.request_id)  # an honest answer: the verifier accepts it
+    assert done.verdict == VERDICT_REJECTED
+    assert done.reason.startswith("receipt could not be signed: statement would be")
+    leaf = svc.receipt(r.request_id, dev.client_id).leaf
+    assert leaf is not None
+    payload = signer.verifier().verify((leaf.canonical, leaf.signature), DOMAIN_RECEIPT)
+    assert (payload["verdict"], payload["before_commitments"]) == ("rejected", [])
+    client = svc.state.get_client(dev.client_id)
+    assert client is not None
+    assert client.current_commitments == client.enrolled_commitments  # nothing moved
+    svc.close()
 
 
 def test_enrollment_checks(service: ProviderService) -> None:
@@ -321,6 +380,9 @@ def test_enrollment_checks(service: ProviderService) -> None:
         service.enroll(dev.enrollment(signature=bytes(64)))
     with pytest.raises(InvalidInputError, match="enrollment"):
         service.enroll(dev.enrollment(canonical=b"garbage"))
+    for point in ("ab" * 31, "ab" * 33, "AB" * 32, "ab" * 2048):
+        with pytest.raises(InvalidInputError, match="point must be 64 lower-case hex"):
+            service.enroll(dev.enrollment(commitments=(CommitmentRef("theta", 0, point),)))
     dev.enroll()
     dev.enroll()  # idempotent
     thief = Device(service, dev.client_id)
