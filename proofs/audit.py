@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from zkunlearn.circuits.mask import Mask, MaskError
 from zkunlearn.proofs.statements import (
@@ -710,12 +711,15 @@ def report_json(report: AuditReport) -> dict[str, Any]:
 
 
 def render_table(report: AuditReport) -> Table:
+    # Everything but the verdict words comes from the bundle, which anyone can edit: escaped, so that
+    # text such as "[/x]" is shown as written instead of crashing rich's markup parser.
     verdict = "[green]OK[/green]" if report.ok else "[red]FAIL[/red]"
     pinned = "pinned" if report.key_pinned else "[yellow]NOT pinned[/yellow]"
     table = Table(
-        title=f"Audit of {report.bundle}: {verdict}",
+        title=f"Audit of {escape(report.bundle)}: {verdict}",
         caption=(
-            f"provider key {report.provider_key_id or '?'} ({pinned}); log size {report.tree_size}; "
+            f"provider key {escape(report.provider_key_id or '?')} ({pinned}); "
+            f"log size {report.tree_size}; "
             f"{report.items_checked} checks, {len(report.failures)} failed"
         ),
     )
@@ -723,7 +727,9 @@ def render_table(report: AuditReport) -> Table:
     table.add_column("result")
     table.add_column("detail", overflow="fold")
     for item in report.items:
-        table.add_row(item.item, "[green]OK[/green]" if item.ok else "[red]FAIL[/red]", item.reason)
+        table.add_row(
+            escape(item.item), "[green]OK[/green]" if item.ok else "[red]FAIL[/red]", escape(item.reason)
+        )
     return table
 
 

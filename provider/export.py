@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from zkunlearn.proofs.statements import SignedStatement, StatementError, StatementSigner, key_id_for
 
 from .ledger import Ledger, TreeHead
@@ -245,6 +246,36 @@ def _dir_entries(circuits_dir: Path | None) -> dict[str, Path]:
     return {entry.name: entry for entry in sorted(Path(circuits_dir).iterdir())}
 
 
+def _existing_state(url: str | None) -> str:
+    """The config's state, refused unless it already holds a provider log.
+
+    Opening a mistyped path or an empty database would create a fresh one, and the export would
+    then sign a size-0 tree head under the real key: a bundle that audits OK, and a published head
+    that makes the log look rolled back to nothing.
+    """
+    if url is None or url == "memory":
+        raise ExportError("the config's state is in memory: there is no stored log to export")
+    try:
+        parsed = sa.engine.make_url(url if "://" in url else f"sqlite+pysqlite:///{Path(url)}")
+    except sa.exc.ArgumentError as exc:
+        raise ExportError(f"state {url!r} is neither a file path nor a database URL: {exc}") from exc
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database or "")
+        if not parsed.database or not path.is_file():
+            raise ExportError(f"state database {path} does not exist (check the config's state path)")
+    engine = sa.create_engine(parsed)
+    try:
+        with engine.connect() as conn:
+            held = sa.inspect(conn).has_table("ledger_tip")
+    except sa.exc.SQLAlchemyError as exc:
+        raise ExportError(f"cannot open state {parsed.render_as_string()}: {exc}") from exc
+    finally:
+        engine.dispose()
+    if not held:
+        raise ExportError(f"state {parsed.render_as_string()} holds no provider log (wrong database?)")
+    return url
+
+
 def export_from_config(
     config: str | Path | ProviderConfig, out_dir: Path, *, circuits_dir: Path | None = None
 ) -> Path:
@@ -270,7 +301,7 @@ def export_from_config(
                 if dest in circuits:
                     raise ExportError(f"two artifacts of circuit {circuit_id!r} share the file name {dest}")
                 circuits[dest] = Path(file)
-    state = open_state(cfg.state)
+    state = open_state(_existing_state(cfg.state))
     try:
         ledger = Ledger(state, signer)
         return _export(

@@ -543,6 +543,40 @@ def test_main_exit_codes_and_output(
     render_table(audit(provider.bundle, provider))  # renders without error
 
 
+def test_text_from_the_bundle_is_shown_as_written_not_parsed_as_markup(
+    provider: Provider, copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Anyone can edit a bundle's unsigned fields; "[/x]" used to crash the table with a MarkupError."""
+    manifest = load(copy / "manifest.json")
+    manifest["format"] = "[/x] [red]not red[/red]"
+    dump(copy / "manifest.json", manifest)
+    assert main(copy, False, provider.signer.public_bytes().hex()) == 1
+    text = capsys.readouterr().out
+    assert "manifest.json" in text
+    assert "[/x]" in text
+    assert "Traceback" not in text
+
+
+def test_export_refuses_a_state_that_holds_no_log(provider: Provider, tmp_path: Path) -> None:
+    """A mistyped state path must not create an empty database and publish a size-0 signed head."""
+    import sqlite3
+
+    key = str(provider.key_file)
+    missing = tmp_path / "typo.db"
+    with pytest.raises(ExportError, match=r"typo\.db does not exist"):
+        export_from_config(ProviderConfig(state=str(missing), key_file=key), tmp_path / "b1")
+    assert not missing.exists()
+    with pytest.raises(ExportError, match="in memory"):
+        export_from_config(ProviderConfig(state="memory", key_file=key), tmp_path / "b2")
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("create table t (x int)").connection.commit()
+    with pytest.raises(ExportError, match="holds no provider log"):
+        export_from_config(ProviderConfig(state=str(other), key_file=key), tmp_path / "b3")
+    with pytest.raises(ExportError, match="holds no provider log"):
+        export_from_config(ProviderConfig(state=f"sqlite+pysqlite:///{other}", key_file=key), tmp_path / "b4")
+    assert not any((tmp_path / f"b{i}").exists() for i in range(1, 5))
+
+
 def test_export_refuses_existing_target_and_from_config_matches(provider: Provider, tmp_path: Path) -> None:
     config = ProviderConfig(state=str(provider.db), key_file=str(provider.key_file), srs_digest="cd" * 32)
     out = export_from_config(config, tmp_path / "b2", circuits_dir=provider.bundle.parent / "circuits-src")

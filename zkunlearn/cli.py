@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="zkunlearn",
@@ -80,9 +81,9 @@ def provider_export(
     try:
         written = export_from_config(config, out, circuits_dir=circuits_dir)
     except (ExportError, ConfigError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
-    console.print(f"audit bundle written to {written}")
+    console.print(f"audit bundle written to {written}", markup=False)
 
 
 @client_app.command("run")
@@ -197,7 +198,7 @@ def bench_load(
         )
         records.append(run_load(settings))
         write_results(records, out)
-    console.print(render_markdown(records))
+    console.print(render_markdown(records), markup=False)
     bad = [r for r in records if r["lost"] or r["duplicated"] or not r.get("audit", {}).get("ok", True)]
     raise typer.Exit(code=1 if bad else 0)
 
@@ -215,7 +216,8 @@ def main() -> None:
     except Exception as error:
         if os.environ.get("ZKUNLEARN_DEBUG"):
             raise
-        console.print(f"[red]error:[/red] {type(error).__name__}: {error}")
+        # The message may quote user input (paths, ids, file contents): never parse it as markup.
+        console.print(f"[red]error:[/red] {type(error).__name__}: {escape(str(error))}")
         raise SystemExit(2) from None
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -166,7 +167,9 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
     console.print(_table(report))
     verdict = "OK" if audit["ok"] else "FAIL"
     console.print(f"audit: {verdict} ({audit['items_checked']} items, {len(audit['failures'])} failures)")
-    console.print(f"report in {report_dir / 'report.json'}, plot in {report_dir / 'report.png'}")
+    console.print(
+        f"report in {report_dir / 'report.json'}, plot in {report_dir / 'report.png'}", markup=False
+    )
     _check_outcome(report)
     return report
 
@@ -350,15 +353,15 @@ def _table(report: dict[str, Any]) -> Table:
         verdict = c["verdict"]
         colour = "green" if verdict == "accepted" else "red"
         table.add_row(
-            c["client_id"],
-            c["method"],
+            escape(c["client_id"]),
+            escape(c["method"]),
             "yes" if c["honest"] else "no",
             f"{c['forget_acc_before']:.2f} → {c['forget_acc_after']:.2f}",
             f"{c['personal_acc_before']:.2f} → {c['personal_acc_after']:.2f}",
             f"{c['prove_s']:.1f}",
             f"{c['proof_bytes'] / 1024:.1f}",
             f"[{colour}]{verdict}[/{colour}]"
-            + (f": {_short_reason(c['reason'])}" if verdict != "accepted" else ""),
+            + (f": {escape(_short_reason(c['reason']))}" if verdict != "accepted" else ""),
         )
     return table
 

@@ -186,7 +186,7 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
         )
         client.enroll(profile.client_id, scenario.model_id, layers, kind, commitments)
     (state / "enrolled").write_text("ok")
-    console.print(f"[{profile.client_id}] enrolled; waiting for a deletion request")
+    console.print(f"[{profile.client_id}] enrolled; waiting for a deletion request", markup=False)
     outcome = _wait_for_decision(client, profile.timeout_s)
     if isinstance(unlearner, AnalyticUnlearner):
         after = _head_metrics(scenario, unlearner.head)
@@ -211,7 +211,7 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
     )
     client.close()
     Path(profile.result_file).write_text(json.dumps(result, indent=2))
-    console.print(f"[{profile.client_id}] {outcome.status}: {outcome.reason or 'ok'}")
+    console.print(f"[{profile.client_id}] {outcome.status}: {outcome.reason or 'ok'}", markup=False)
     return result
 
 
