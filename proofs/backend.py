@@ -371,7 +371,12 @@ class EzklBackend:
 
     def commit(self, felts: Sequence[str], vk_path: Path, settings_path: Path, srs_path: Path) -> str:
         """The compressed KZG commitment ezkl puts in a witness for a ``polycommit`` input."""
-        points = ezkl.kzg_commit(list(felts), str(vk_path), str(settings_path), str(srs_path))
+        try:
+            points = ezkl.kzg_commit(list(felts), str(vk_path), str(settings_path), str(srs_path))
+        except BaseException as exc:  # a pyo3 panic would otherwise kill the calling worker thread
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise BackendError(f"KZG commitment failed: {exc}") from exc
         if len(points) != 1:
             raise BackendError(f"expected one commitment point, got {len(points)}")
         return compress_point(points[0].x, points[0].y)

@@ -141,7 +141,10 @@ class VerificationWorkers:
                 )
             else:
                 self._process(job)
-        except Exception:  # free the lease at once: another attempt (or give_up) follows
+        except BaseException as exc:  # free the lease at once: another attempt (or give_up) follows
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            # BaseException: a pyo3 panic (ezkl) is one, and an uncaught one would end this worker.
             log.exception("verification job %s failed; it will be retried", job.submission_id)
             try:
                 self.state.release_claims(worker_id)

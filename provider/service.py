@@ -846,7 +846,10 @@ class ProviderService:
             )
             try:
                 result = self.verifier.verify(job)
-            except Exception as exc:  # a verifier crash is a rejection with a reason, never a lost submission
+            except BaseException as exc:  # a crash is a rejection with a reason, never a lost submission
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                # pyo3 panics (ezkl's) derive from BaseException: they must not kill the worker either.
                 result = VerificationResult(False, f"verifier error: {type(exc).__name__}: {exc}")
         if len(result.reason) > MAX_REASON_CHARS:
             result = VerificationResult(result.accepted, result.reason[: MAX_REASON_CHARS - 3] + "...")

@@ -529,6 +529,41 @@ def test_two_answers_built_on_one_state_cannot_both_be_accepted(state: ProviderS
     svc.close()
 
 
+class _Panic(BaseException):
+    """Stands in for pyo3's PanicException, which ezkl raises and which is not an Exception."""
+
+
+class _PanickingOnceVerifier(FakeVerifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.panicked = False
+
+    def verify(self, job: Any) -> Any:
+        if not self.panicked:
+            self.panicked = True
+            raise _Panic("called `Option::unwrap()` on a `None` value")
+        return super().verify(job)
+
+
+def test_a_verifier_panic_is_a_rejection_and_the_worker_lives_on(state: ProviderState) -> None:
+    svc = ProviderService(
+        state,
+        StatementSigner.generate(),
+        _PanickingOnceVerifier(),
+        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, verify_workers=1),
+    )
+    dev = Device(svc)
+    dev.enroll()
+    r = svc.create_request(dev.client_id, mask())
+    first = dev.submit(r.request_id)
+    assert first.verdict == VERDICT_REJECTED
+    assert first.reason == "verifier error: _Panic: called `Option::unwrap()` on a `None` value"
+    # The only worker survived: it verifies the next request's answer.
+    r2 = svc.create_request(dev.client_id, mask())
+    assert dev.submit(r2.request_id).verdict == VERDICT_ACCEPTED
+    svc.close()
+
+
 def test_verification_runs_off_the_calling_thread(tmp_path: Path) -> None:
     import time
 
