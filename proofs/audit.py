@@ -37,7 +37,12 @@ root is recomputed from all leaves; (2) every leaf is a valid provider receipt i
 latest head; (3) cross-checks, because a valid proof *of something else* must fail (cosign
 GHSA-8gw7-4j42-w388): the receipt binds the request's exact bytes, client, mask digest, the
 submission's proof digest and after-commitments; (4) per client, accepted receipts chain
-enrollment -> after -> before -> ...; (5) each accepted receipt's proofs verify.
+enrollment -> after -> before -> ...; (5) each accepted receipt's proofs verify; (6) every tree head
+the caller already holds (``known_heads``: one a client kept after checking its receipt, or a
+monitor's) is a prefix of this log.
+
+Only (6) catches a provider that exports a *truncated* log: a prefix of its log together with its own
+older signed heads is self-consistent, so nothing inside the bundle can reveal what was cut off.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import hashlib
 import importlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,7 +270,9 @@ class _Auditor:
         report: AuditReport,
         pinned: bytes | None,
         checker: ProofChecker | None,
+        known_heads: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        self.known_heads = known_heads
         self.bundle = bundle
         self.report = report
         self.pinned = pinned
@@ -641,6 +648,44 @@ class _Auditor:
         for leaf in self.leaves:
             if leaf.payload.get("verdict") == "accepted":
                 self.record(f"log.json[{leaf.index}] proofs", functools.partial(self.proof, leaf))
+        for name, head in self.known_heads:
+            self.record(f"known head {name}", functools.partial(self.known, head))
+
+    # (6) heads the caller holds -----------------------------------------------------------------
+
+    def known(self, entry: Any) -> str:
+        """A head held outside the bundle must be a prefix of the bundle's log.
+
+        Accepted forms: a signed head (``{"canonical", "signature"}``, as in ``tree_heads.json``, checked
+        against the provider key) or ``{"size", "root"}`` as the client SDK stores the last head it
+        verified (the client's own record, trusted as such).
+        """
+        assert self.verifier is not None
+        obj = _obj(entry, "known head")
+        if "canonical" in obj:
+            try:
+                head = check_tree_head(self.verifier, SignedStatement.from_dict(obj))
+            except StatementError as exc:
+                raise _CheckError(f"signature: {exc}") from None
+            size, root, kind = head.size, head.root, "signed"
+        else:
+            size = _int(_get(obj, "size", "known head"), "known head size")
+            root = _hex(_get(obj, "root", "known head"), "known head root", 32)
+            kind = "unsigned"
+        if self.latest is None or len(self.leaf_hashes) != self.latest.size:
+            raise _CheckError("not checked: the bundle's own log did not verify")
+        if size > self.latest.size:
+            raise _CheckError(
+                f"size {size} is beyond the bundle's log of {self.latest.size} leaves: the exported log is "
+                "truncated or rolled back"
+            )
+        if any(len(h) != 32 for h in self.leaf_hashes[:size]):
+            raise _CheckError("not checked: a leaf it covers is unreadable")
+        if root_hash(self.leaf_hashes[:size]) != root:
+            raise _CheckError(
+                f"root: the bundle's first {size} leaves hash to another root (a forked or rewritten log)"
+            )
+        return f"{kind} head of size {size} is a prefix of the bundle's log"
 
 
 def default_proof_checker(
@@ -681,11 +726,13 @@ def audit_bundle(
     *,
     provider_public_key: bytes | None = None,
     proof_checker: ProofChecker | None = None,
+    known_heads: Sequence[tuple[str, Any]] = (),
 ) -> AuditReport:
     """Check everything in the bundle; never raises on a malformed bundle (it becomes FAIL items).
 
     ``provider_public_key`` pins the key the provider is known by; without it the manifest's key is
     used and the report says so, since a forger could then sign a whole fake bundle consistently.
+    ``known_heads``: ``(name, parsed JSON)`` of tree heads the caller holds (see ``_Auditor.known``).
     """
     report = AuditReport(bundle=str(bundle_dir))
     if provider_public_key is not None and len(provider_public_key) != 32:
@@ -693,7 +740,7 @@ def audit_bundle(
             AuditItem("provider key", False, f"pinned key must be 32 bytes, got {len(provider_public_key)}")
         )
         return report
-    _Auditor(Path(bundle_dir), report, provider_public_key, proof_checker).run()
+    _Auditor(Path(bundle_dir), report, provider_public_key, proof_checker, known_heads).run()
     return report
 
 
@@ -733,9 +780,23 @@ def render_table(report: AuditReport) -> Table:
     return table
 
 
-def main(bundle: Path, json_output: bool = False, provider_key_hex: str | None = None) -> int:
+def main(
+    bundle: Path,
+    json_output: bool = False,
+    provider_key_hex: str | None = None,
+    known_head_files: Sequence[Path] = (),
+) -> int:
     """CLI body: print the table (or JSON) and return 0 only if every check passed (2: bad arguments)."""
     console = Console()
+    known: list[tuple[str, Any]] = []
+    for path in known_head_files:
+        try:
+            known.append((str(path), json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as exc:
+            console.print(
+                f"[red]--known-head {escape(str(path))}: not a readable JSON file: {escape(str(exc))}[/red]"
+            )
+            return 2
     key: bytes | None = None
     if provider_key_hex:
         try:
@@ -748,7 +809,7 @@ def main(bundle: Path, json_output: bool = False, provider_key_hex: str | None =
         if len(key) != 32:
             console.print(f"[red]--provider-key is {len(key)} bytes; an Ed25519 public key is 32[/red]")
             return 2
-    report = audit_bundle(Path(bundle), provider_public_key=key)
+    report = audit_bundle(Path(bundle), provider_public_key=key, known_heads=known)
     if json_output:
         print(json.dumps(report_json(report), indent=1, sort_keys=True))
     else:

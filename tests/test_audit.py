@@ -650,3 +650,74 @@ def test_cli_export_writes_a_bundle_that_audits_and_refuses_a_missing_key(
     assert "does not exist" in refused.output
     assert "Traceback" not in refused.output
     assert not (tmp_path / "c").exists()
+
+
+def test_a_held_head_reveals_a_truncated_or_forked_export(
+    provider: Provider, copy: Path, tmp_path: Path
+) -> None:
+    """Attack: export a re-signed prefix of the log. Self-consistent: only a head held outside catches it."""
+    held = load(provider.bundle / "tree_heads.json")[-1]  # what a client kept after checking its receipt
+    size = len(load(provider.bundle / "log.json"))
+    unsigned = {"size": size, "root": check_root(held)}
+    honest = audit_bundle(
+        provider.bundle,
+        provider_public_key=provider.signer.public_bytes(),
+        proof_checker=fake_checker,
+        known_heads=[("held", held), ("sdk", unsigned)],
+    )
+    assert honest.ok, honest.failures
+    assert [i.reason for i in honest.items if i.item.startswith("known head")] == [
+        f"signed head of size {size} is a prefix of the bundle's log",
+        f"unsigned head of size {size} is a prefix of the bundle's log",
+    ]
+    resign_log(copy, provider.signer, lambda payloads: payloads.pop())
+    assert audit(copy, provider).ok  # the truncated log is self-consistent
+    cut = audit_bundle(
+        copy,
+        provider_public_key=provider.signer.public_bytes(),
+        proof_checker=fake_checker,
+        known_heads=[("held", held)],
+    )
+    assert failed_items(cut) == ["known head held"]
+    assert "truncated or rolled back" in cut.failures[0]["reason"]
+    # Same size, other history: a fork.
+    fork = Path(shutil.copytree(provider.bundle, tmp_path / "fork"))
+    resign_log(fork, provider.signer, lambda payloads: payloads[0].update(reason="rewritten"))
+    forked = audit_bundle(
+        fork, provider_public_key=provider.signer.public_bytes(), known_heads=[("sdk", unsigned)]
+    )
+    assert "known head sdk" in failed_items(forked)
+    assert "forked or rewritten" in next(
+        f["reason"] for f in forked.failures if f["item"] == "known head sdk"
+    )
+    # A head signed by another key proves nothing.
+    other = StatementSigner.generate().sign(
+        DOMAIN_TREE_HEAD, tree_head_payload(size, bytes.fromhex(check_root(held)), 1)
+    )
+    stranger = audit_bundle(
+        provider.bundle,
+        provider_public_key=provider.signer.public_bytes(),
+        proof_checker=fake_checker,
+        known_heads=[("stranger", other.to_dict())],
+    )
+    assert failed_items(stranger) == ["known head stranger"]
+
+
+def test_known_head_cli_option(provider: Provider, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from zkunlearn.cli import app
+
+    held = tmp_path / "head.json"
+    dump(held, {"size": len(load(provider.bundle / "log.json")) + 1, "root": "ab" * 32})
+    args = ["audit", "verify", str(provider.bundle), "--json", "--known-head", str(held)]
+    report = json.loads(CliRunner().invoke(app, args).stdout)
+    assert "truncated" in next(f["reason"] for f in report["failures"] if f["item"] == f"known head {held}")
+    held.write_text("{not json")
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2
+    assert "not a readable JSON file" in " ".join(refused.output.split())
+
+
+def check_root(head: dict[str, Any]) -> str:
+    return str(json.loads(bytes.fromhex(head["canonical"]).split(b"\x00", 2)[2])["root_hash"])

@@ -107,11 +107,18 @@ def audit_verify(
         str | None,
         typer.Option(help="pin the provider's Ed25519 public key (hex); else the bundle's is used"),
     ] = None,
+    known_head: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="a tree head you already hold (JSON: a signed head, or the client's {size, root}); "
+            "the bundle's log must extend it, which is what reveals a truncated export (repeatable)"
+        ),
+    ] = None,
 ) -> None:
     """Re-verify every proof, receipt and log proof in a bundle offline; exit 0 only if all hold."""
     from zkunlearn.proofs.audit import main as audit_main
 
-    raise typer.Exit(code=audit_main(bundle, json_output, provider_key))
+    raise typer.Exit(code=audit_main(bundle, json_output, provider_key, known_head or ()))
 
 
 @app.command()
