@@ -37,9 +37,10 @@ root is recomputed from all leaves; (2) every leaf is a valid provider receipt i
 latest head; (3) cross-checks, because a valid proof *of something else* must fail (cosign
 GHSA-8gw7-4j42-w388): the receipt binds the request's exact bytes, client, mask digest, the
 submission's proof digest and after-commitments; (4) per client, accepted receipts chain
-enrollment -> after -> before -> ...; (5) each accepted receipt's proofs verify; (6) every tree head
-the caller already holds (``known_heads``: one a client kept after checking its receipt, or a
-monitor's) is a prefix of this log.
+enrollment -> after -> before -> ...; (5) each accepted receipt's proofs verify, with verifying keys
+the auditor first rebuilt from the published specs (``circuits/``: same ONNX, sound settings, same
+vk); (6) every tree head the caller already holds (``known_heads``: one a client kept after
+checking its receipt, or a monitor's) is a prefix of this log.
 
 Only (6) catches a provider that exports a *truncated* log: a prefix of its log together with its own
 older signed heads is self-consistent, so nothing inside the bundle can reveal what was cut off.
@@ -271,8 +272,11 @@ class _Auditor:
         pinned: bytes | None,
         checker: ProofChecker | None,
         known_heads: Sequence[tuple[str, Any]] = (),
+        circuit_checker: CircuitChecker | None = None,
     ) -> None:
         self.known_heads = known_heads
+        # The default proof checker trusts the bundle's vk: it comes with the rebuild that justifies it.
+        self.circuit_checker = circuit_checker or (default_circuit_checker if checker is None else None)
         self.bundle = bundle
         self.report = report
         self.pinned = pinned
@@ -645,9 +649,12 @@ class _Auditor:
         for leaf in self.leaves:
             self.record(f"log.json[{leaf.index}] cross-check", functools.partial(self.cross, leaf))
         self.chains()
-        for leaf in self.leaves:
-            if leaf.payload.get("verdict") == "accepted":
-                self.record(f"log.json[{leaf.index}] proofs", functools.partial(self.proof, leaf))
+        accepted = [leaf for leaf in self.leaves if leaf.payload.get("verdict") == "accepted"]
+        if accepted and self.circuit_checker is not None:
+            checker = self.circuit_checker
+            self.record("circuits/ rebuilt from specs", lambda: checker(self.bundle / "circuits"))
+        for leaf in accepted:
+            self.record(f"log.json[{leaf.index}] proofs", functools.partial(self.proof, leaf))
         for name, head in self.known_heads:
             self.record(f"known head {name}", functools.partial(self.known, head))
 
@@ -686,6 +693,26 @@ class _Auditor:
                 f"root: the bundle's first {size} leaves hash to another root (a forked or rewritten log)"
             )
         return f"{kind} head of size {size} is a prefix of the bundle's log"
+
+
+#: Rebuilds the bundle's verifying keys from the published specs; returns an OK note or raises.
+CircuitChecker = Callable[[Path], str]
+
+
+def default_circuit_checker(circuits_dir: Path) -> str:
+    """``zkunlearn.proofs.deletion.check_published_circuits``, imported only when it runs.
+
+    If it is not importable the check fails, like the proof checker: never an unchecked OK.
+    """
+    try:
+        module = importlib.import_module("zkunlearn.proofs.deletion")
+        check: CircuitChecker = module.check_published_circuits
+    except (ImportError, AttributeError) as exc:
+        raise _CheckError(f"circuit rebuild unavailable: {exc}") from None
+    try:
+        return check(circuits_dir)
+    except module.DeletionError as exc:
+        raise _CheckError(str(exc)) from None
 
 
 def default_proof_checker(
@@ -727,12 +754,16 @@ def audit_bundle(
     provider_public_key: bytes | None = None,
     proof_checker: ProofChecker | None = None,
     known_heads: Sequence[tuple[str, Any]] = (),
+    circuit_checker: CircuitChecker | None = None,
 ) -> AuditReport:
     """Check everything in the bundle; never raises on a malformed bundle (it becomes FAIL items).
 
     ``provider_public_key`` pins the key the provider is known by; without it the manifest's key is
     used and the report says so, since a forger could then sign a whole fake bundle consistently.
     ``known_heads``: ``(name, parsed JSON)`` of tree heads the caller holds (see ``_Auditor.known``).
+    ``circuit_checker`` rebuilds the bundle's verifying keys from the published specs before any proof
+    is trusted to them; by default it runs with the default proof checker (a custom proof checker
+    brings its own notion of circuits, so it runs only if given).
     """
     report = AuditReport(bundle=str(bundle_dir))
     if provider_public_key is not None and len(provider_public_key) != 32:
@@ -740,7 +771,7 @@ def audit_bundle(
             AuditItem("provider key", False, f"pinned key must be 32 bytes, got {len(provider_public_key)}")
         )
         return report
-    _Auditor(Path(bundle_dir), report, provider_public_key, proof_checker, known_heads).run()
+    _Auditor(Path(bundle_dir), report, provider_public_key, proof_checker, known_heads, circuit_checker).run()
     return report
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -251,16 +252,7 @@ class DeletionCircuits:
         refit_staging = directory / "staging-refit"
         refit_onnx: list[Path] = []
         for i, spec in enumerate(refits):
-            refit_module = spec.relation(group_obs)  # type: ignore[arg-type]
-            refit_onnx.append(
-                export_relation(
-                    refit_module,
-                    refit_module.example_inputs(),
-                    refit_staging / f"refit_{i}.onnx",
-                    refit_module.input_names(),
-                    refit_relation.OUTPUT_NAMES,
-                )
-            )
+            refit_onnx.append(export_spec(spec, refit_staging / f"refit_{i}.onnx", group_obs=group_obs))
         shared = base  # Group-OBS and the refits: one logrows, so one commitment per tensor
         refit_base = replace(base, decomp_legs=max(base.decomp_legs, REFIT_DECOMP_LEGS))
         if refits:
@@ -278,18 +270,7 @@ class DeletionCircuits:
         built_an: tuple[AnalyticSpec, CircuitArtifacts] | None = None
         record: dict[str, Any] = {"format": "zkunlearn-circuits/v1"}
         if group_obs is not None:
-            module = group_obs_relation.GroupObsCheck(
-                group_obs.block, group_obs.m, group_obs.lam, group_obs.n_blind
-            )
-            onnx = export_relation(
-                module,
-                group_obs_relation.example_inputs(
-                    group_obs.batch, group_obs.block, group_obs.m, group_obs.n_blind
-                ),
-                directory / "staging" / "group_obs.onnx",
-                group_obs_relation.INPUT_NAMES,
-                group_obs_relation.OUTPUT_NAMES,
-            )
+            onnx = export_spec(group_obs, directory / "staging" / "group_obs.onnx")
             legs = group_obs.decomp_legs(shared.input_scale, shared.decomp_base)
             go_config = replace(shared, decomp_legs=max(shared.decomp_legs, legs))
             arts = build_provider_artifacts(onnx, directory, srs_for, go_config)
@@ -302,14 +283,7 @@ class DeletionCircuits:
                 **_srs_record(arts.srs, directory),
             }
         if analytic is not None:
-            module_an = analytic_relation.AnalyticCheck(analytic.d, analytic.k, analytic.n_u)
-            onnx = export_relation(
-                module_an,
-                analytic_relation.example_inputs(analytic.d, analytic.k, analytic.n_u),
-                directory / "staging" / "analytic.onnx",
-                analytic_relation.INPUT_NAMES,
-                analytic_relation.OUTPUT_NAMES,
-            )
+            onnx = export_spec(analytic, directory / "staging" / "analytic.onnx")
             arts = build_provider_artifacts(onnx, directory, srs_for, base)
             built_an = (analytic, arts)
             record["analytic"] = {
@@ -366,6 +340,101 @@ class DeletionCircuits:
             raise DeletionError("this model publishes no analytic circuit")
         spec, arts = self.analytic
         return spec, AnalyticVerifier(arts, d=spec.d, tolerance=spec.tolerance(_input_scale(arts)))
+
+
+def export_spec(
+    spec: GroupObsSpec | AnalyticSpec | RefitSpec, path: Path, *, group_obs: GroupObsSpec | None = None
+) -> Path:
+    """The ONNX of the relation a published spec defines: what the provider builds and the auditor rebuilds.
+
+    A refit's relation reads ``W1`` in Group-OBS's batch layout, so it needs ``group_obs``.
+    """
+    if isinstance(spec, GroupObsSpec):
+        return export_relation(
+            group_obs_relation.GroupObsCheck(spec.block, spec.m, spec.lam, spec.n_blind),
+            group_obs_relation.example_inputs(spec.batch, spec.block, spec.m, spec.n_blind),
+            path,
+            group_obs_relation.INPUT_NAMES,
+            group_obs_relation.OUTPUT_NAMES,
+        )
+    if isinstance(spec, AnalyticSpec):
+        return export_relation(
+            analytic_relation.AnalyticCheck(spec.d, spec.k, spec.n_u),
+            analytic_relation.example_inputs(spec.d, spec.k, spec.n_u),
+            path,
+            analytic_relation.INPUT_NAMES,
+            analytic_relation.OUTPUT_NAMES,
+        )
+    if group_obs is None:
+        raise DeletionError(f"the refit of {spec.masked} reads Group-OBS's layout; publish Group-OBS too")
+    module = spec.relation(group_obs)
+    return export_relation(
+        module, module.example_inputs(), path, module.input_names(), refit_relation.OUTPUT_NAMES
+    )
+
+
+#: ezkl run arguments without which a proof would not mean what the protocol says: inputs committed
+#: (KZG, never public or hashed away), residual maxima public, the relation's constants fixed in the
+#: circuit, and committed inputs range-checked (nothing else bounds them).
+_SOUND_RUN_ARGS = {
+    "input_visibility": "KZGCommit",
+    "output_visibility": "Public",
+    "param_visibility": "Fixed",
+    "ignore_range_check_inputs_outputs": False,
+}
+
+
+def check_published_circuits(directory: Path) -> str:
+    """Rebuild each published circuit's verifying key from its spec with this code, and compare.
+
+    Every proof in a bundle is verified with the bundle's own vk and settings. Without this, a provider
+    could publish a vk for a weaker relation (or settings that leave inputs unchecked), accept proofs
+    of nothing, and still pass an audit. The rebuild is deterministic: the same spec exports the
+    same ONNX bytes, and Halo2 key generation from the same circuit and SRS gives the same vk.
+    """
+    circuits = DeletionCircuits.load(directory)
+    go_spec = circuits.group_obs[0] if circuits.group_obs else None
+    entries: list[tuple[str, GroupObsSpec | AnalyticSpec | RefitSpec, CircuitArtifacts]] = []
+    if circuits.group_obs is not None:
+        entries.append(("group_obs", *circuits.group_obs))
+    if circuits.analytic is not None:
+        entries.append(("analytic", *circuits.analytic))
+    entries += [(f"refit {spec.masked}", spec, arts) for spec, arts in circuits.refits]
+    if not entries:
+        raise DeletionError("circuits.json publishes no circuit")
+    backend = EzklBackend()
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="zkaudit-") as tmp:
+        for i, (label, spec, arts) in enumerate(entries):
+            onnx = export_spec(spec, Path(tmp) / f"{i}.onnx", group_obs=go_spec)
+            if onnx.read_bytes() != arts.onnx.read_bytes():
+                raise DeletionError(f"{label}: model.onnx is not the relation its published spec defines")
+            run_args = arts.settings_dict.get("run_args", {})
+            for key, want in _SOUND_RUN_ARGS.items():
+                if run_args.get(key) != want:
+                    raise DeletionError(
+                        f"{label}: settings run_args {key} is {run_args.get(key)!r}, "
+                        f"the protocol needs {want!r}"
+                    )
+            compiled, vk, pk = (Path(tmp) / f"{i}.{ext}" for ext in ("compiled", "vk", "pk"))
+            try:
+                backend.compile(arts.onnx, arts.settings, compiled)
+                backend.setup(compiled, arts.srs.path, vk, pk)
+            except BaseException as exc:  # ezkl panics are BaseException; KeyboardInterrupt is not ours
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise DeletionError(f"{label}: cannot rebuild its keys from settings and SRS: {exc}") from exc
+            pk.unlink(missing_ok=True)  # up to GBs, and never needed here
+            if vk.read_bytes() != arts.vk.read_bytes():
+                raise DeletionError(
+                    f"{label}: vk.key is not the verifying key of its relation under its settings and SRS"
+                )
+            srs = "INSECURE dev" if arts.srs.insecure else arts.srs.sha256[:16]
+            notes.append(
+                f"{label} {asdict(spec)} at input scale {run_args.get('input_scale')}, "
+                f"logrows {run_args.get('logrows')}, SRS {srs}"
+            )
+    return "vk rebuilt and identical: " + "; ".join(notes)
 
 
 def _logrows(onnx: Path, config: CircuitConfig, staging: Path) -> int:

@@ -87,7 +87,11 @@ class VerificationWorkers:
             self._wake.notify()
 
     def stop(self, wait: bool = True, timeout_s: float | None = None) -> None:
-        """Stop claiming; with ``wait``, let jobs in hand finish (their leases are released either way)."""
+        """Stop claiming; with ``wait``, let jobs in hand finish.
+
+        Without ``wait`` a job in hand keeps its lease until it expires (or this replica restarts and
+        releases its claims), and is then taken by another worker: abandoned, never lost.
+        """
         self._stop.set()
         with self._wake:
             self._wake.notify_all()

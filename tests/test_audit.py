@@ -523,13 +523,14 @@ def test_main_exit_codes_and_output(
     provider: Provider, copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = provider.signer.public_bytes().hex()
-    # The default checker cannot verify fake proofs: exit 1, JSON names the proof items.
+    # The default checkers cannot rebuild fake circuits or verify fake proofs: exit 1, JSON names them.
     assert main(provider.bundle, True, key) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False
     assert out["key_pinned"] is True
     assert {f["item"] for f in out["failures"]} == {
-        f"log.json[{leaf_of(provider.bundle, r)}] proofs" for r in provider.accepted
+        "circuits/ rebuilt from specs",
+        *(f"log.json[{leaf_of(provider.bundle, r)}] proofs" for r in provider.accepted),
     }
     assert main(provider.bundle, False, "zz") == 2
     assert main(provider.bundle, False, "ab" * 31) == 2
