@@ -552,6 +552,9 @@ def _check_nonce(entry: tuple[str, int, bool] | None, client_id: str, now_ms: in
         raise NonceError("nonce expired: ask Challenge for a fresh one")
 
 
+_CONSUMED = object()  # consume_nonce's transaction marked the nonce used
+
+
 def _stale_message(client_id: str) -> str:
     return (
         f"client {client_id!r}'s committed state changed while this answer was verified "
@@ -863,7 +866,9 @@ class SqlState(ProviderState):
             raise ConflictError("nonce collision") from exc
 
     def consume_nonce(self, client_id: str, nonce: bytes, now_ms: int) -> None:
-        with self._txn() as conn:
+        def run(conn: Connection) -> Any:
+            # Retried as a whole on a lock timeout: the failed attempt rolled back, so the nonce is
+            # still unused and a retry cannot consume it twice.
             done = conn.execute(
                 sa.update(nonces_t)
                 .where(
@@ -875,8 +880,12 @@ class SqlState(ProviderState):
                 .values(used=True)
             )
             if done.rowcount == 1:
-                return
-            row = conn.execute(sa.select(nonces_t).where(nonces_t.c.nonce == nonce)).first()
+                return _CONSUMED
+            return conn.execute(sa.select(nonces_t).where(nonces_t.c.nonce == nonce)).first()
+
+        row = self._retrying(run)
+        if row is _CONSUMED:
+            return
         _check_nonce(
             None if row is None else (row.client_id, row.expires_ms, bool(row.used)), client_id, now_ms
         )
