@@ -98,6 +98,7 @@ class LimitsConfig:
     verify_lease_s: float = 300.0
     verify_poll_s: float = 0.25
     verify_max_attempts: int = 3
+    max_submissions_per_request: int = 16
     max_workers: int = 16  # RPC threads; each open WatchRequests stream holds one
 
 
@@ -161,6 +162,7 @@ class ProviderConfig:
             verify_lease_s=self.limits.verify_lease_s,
             verify_poll_s=self.limits.verify_poll_s,
             verify_max_attempts=self.limits.verify_max_attempts,
+            max_submissions_per_request=self.limits.max_submissions_per_request,
             replica_id=self.replica_id or _default_replica_id(self.listen),
             srs_digest=self.srs_digest,
             srs_insecure=self.srs_insecure,

@@ -346,6 +346,9 @@ class ServiceConfig:
     max_proofs: int = 4096
     max_forget_bytes: int = 64 * 1024 * 1024
     max_layers: int = 256
+    # Each submission costs a verification (minutes of ezkl on big circuits): rejected answers to one
+    # request may be retried, but not without end.
+    max_submissions_per_request: int = 16
     verify_workers: int = 2  # 0: this process verifies nothing (stand-alone workers do)
     verify_lease_s: float = 300.0
     verify_poll_s: float = 0.25
@@ -739,7 +742,6 @@ class ProviderService:
                 f"after_commitments names {len(after)} commitments; an answer names exactly the "
                 f"{enrolled} the client holds"
             )
-        proof = _receive(chunks, header.total_bytes, header.sha256)
         content = hashlib.sha256(
             canonical_json(
                 {
@@ -752,7 +754,14 @@ class ProviderService:
                 }
             )
         ).hexdigest()
-        existing = [s for s in self.state.submissions_for(request.request_id) if s.content_digest == content]
+        earlier = self.state.submissions_for(request.request_id)
+        existing = [s for s in earlier if s.content_digest == content]
+        if not existing and len(earlier) >= self.config.max_submissions_per_request:
+            raise ResourceExhaustedError(
+                f"request {request.request_id!r} already has {len(earlier)} submissions (the limit, "
+                "max_submissions_per_request); the provider must issue a new request"
+            )
+        proof = _receive(chunks, header.total_bytes, header.sha256)
         if not existing and request.expires_ms < self.clock_ms():
             raise FailedPreconditionError(
                 f"request {request.request_id!r} expired at {request.expires_ms} (unix ms)"

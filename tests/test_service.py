@@ -368,6 +368,35 @@ def test_a_receipt_that_cannot_be_signed_becomes_a_signed_rejection_not_a_stuck_
     svc.close()
 
 
+def test_answers_to_one_request_are_bounded_but_an_identical_one_is_still_answered(
+    state: ProviderState,
+) -> None:
+    """Every rejected answer may be retried, but each costs a verification: not without end."""
+    svc = ProviderService(
+        state,
+        StatementSigner.generate(),
+        FakeVerifier(),
+        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, max_submissions_per_request=2),
+    )
+    dev = Device(svc)
+    dev.enroll()
+    r = svc.create_request(dev.client_id, mask())
+    after, _ = dev.proof(r.request_id)
+
+    def bad(i: int) -> Any:
+        junk = [bytes([i]) * 32, bytes([i]) * 32]  # a different wrong answer each time
+        return svc.submit(dev.header(r.request_id, after, junk), iter([b"".join(junk)]))
+
+    for i in range(2):
+        assert svc.wait(bad(i).submission_id, 10).verdict == VERDICT_REJECTED
+    with pytest.raises(ResourceExhaustedError, match="already has 2 submissions"):
+        dev.submit(r.request_id)
+    # The same bytes again are not a new answer: the stored verdict comes back.
+    assert bad(1).verdict == VERDICT_REJECTED
+    assert len(svc.state.submissions_for(r.request_id)) == 2
+    svc.close()
+
+
 def test_enrollment_checks(service: ProviderService) -> None:
     dev = Device(service)
     with pytest.raises(InvalidInputError, match="does not match"):
