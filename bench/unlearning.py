@@ -43,6 +43,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 import threading
 import time
@@ -1203,7 +1204,9 @@ def tuning_sweep(
                 # commits it (client/unlearning.py enroll).
                 truncated = {
                     rank: full if not rank else {
-                        n: BlockFactors(n, block, fit_rows(f.factors, rank), f.scale, f.shape)
+                        n: BlockFactors(
+                            n, block, fit_rows(f.factors, rank, numel=math.prod(f.shape)), f.scale, f.shape
+                        )
                         for n, f in full.items()
                     }
                     for rank in ranks

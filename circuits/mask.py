@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +62,14 @@ def _as_int(value: object, what: str) -> int:
     return int(value)
 
 
+def _items(value: object, what: str) -> Iterable[object]:
+    """The elements of a shape or an offset list: a bare int or ``None`` is a caller's slip that would
+    otherwise surface as Python's "object is not iterable", and a string would iterate as characters."""
+    if isinstance(value, str | bytes | bytearray) or not isinstance(value, Iterable):
+        raise MaskError(f"{what} must be a sequence of integers, got {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class LayerMask:
     """Masked weights of one layer, grouped by Group-OBS block."""
@@ -76,7 +84,8 @@ class LayerMask:
             raise MaskError("layer name must be a non-empty string")
         if len(self.layer.encode("utf-8")) > _MAX_NAME:
             raise MaskError(f"layer name {self.layer!r} is longer than {_MAX_NAME} bytes")
-        shape = tuple(_as_int(d, f"dimension of layer {self.layer!r}") for d in self.shape)
+        dims = _items(self.shape, f"shape of layer {self.layer!r}")
+        shape = tuple(_as_int(d, f"dimension of layer {self.layer!r}") for d in dims)
         if not 1 <= len(shape) <= _MAX_NDIM:
             raise MaskError(f"layer {self.layer!r}: rank must be 1..{_MAX_NDIM}, got {len(shape)}")
         if any(d < 1 or d > _MAX_VARINT for d in shape):
@@ -84,6 +93,9 @@ class LayerMask:
         block_size = _as_int(self.block_size, f"block size of layer {self.layer!r}")
         if block_size <= 0 or block_size > _MAX_VARINT:
             raise MaskError(f"layer {self.layer!r}: block size must be positive, got {block_size}")
+        if not isinstance(self.blocks, Mapping):
+            kind = type(self.blocks).__name__
+            raise MaskError(f"layer {self.layer!r}: blocks must map block index -> offsets, got {kind}")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "block_size", block_size)
         n_blocks = self.n_blocks
@@ -91,8 +103,9 @@ class LayerMask:
         for key in sorted(_as_int(k, f"block index of layer {self.layer!r}") for k in self.blocks):
             if not 0 <= key < n_blocks:
                 raise MaskError(f"layer {self.layer!r}: block {key} out of range ({n_blocks} blocks)")
-            what = f"offset in block {key} of layer {self.layer!r}"
-            offsets = tuple(_as_int(o, what) for o in self.blocks[key])
+            where = f"block {key} of layer {self.layer!r}"
+            items = _items(self.blocks[key], f"offsets of {where}")
+            offsets = tuple(_as_int(o, f"offset in {where}") for o in items)
             _check_offsets(self.layer, key, offsets, self.block_length(key))
             blocks[key] = offsets
         object.__setattr__(self, "blocks", blocks)
@@ -134,6 +147,7 @@ class LayerMask:
         if arr.dtype != np.bool_:
             raise MaskError(f"dense mask of layer {layer!r} must be boolean, got {arr.dtype}")
         flat = np.flatnonzero(arr.reshape(-1))
+        block_size = _as_int(block_size, f"block size of layer {layer!r}")
         if block_size <= 0:
             raise MaskError(f"layer {layer!r}: block size must be positive, got {block_size}")
         blocks: dict[int, tuple[int, ...]] = {}
@@ -149,6 +163,13 @@ class LayerMask:
 def _check_offsets(layer: str, block: int, offsets: tuple[int, ...], length: int) -> None:
     if not offsets:
         raise MaskError(f"layer {layer!r}: block {block} is listed with no offsets (omit untouched blocks)")
+    # Negatives first: the order check below would call -1 a "duplicate" (of its start value) or -3
+    # "unsorted", and send the reader looking for the wrong mistake.
+    negative = [o for o in offsets if o < 0]
+    if negative:
+        raise MaskError(
+            f"layer {layer!r}: offset {negative[0]} out of range for block {block} (offsets start at 0)"
+        )
     prev = -1
     for o in offsets:
         if o <= prev:

@@ -91,7 +91,8 @@ class BlockFactors:
     """Normalised per-block gradient factors of one layer.
 
     ``factors[k]`` is the ``m x B`` factor of block ``k``; the last block is zero-padded past ``numel``
-    (padded columns carry no gradient, so they never couple to real weights).
+    (padded columns carry no gradient, so they never couple to real weights); ``apply_group_obs`` refuses
+    factors whose padding is not zero.
     """
 
     layer: str
@@ -129,6 +130,7 @@ def per_sample_gradients(
     describes the deployed function, and vmap cannot batch train-mode batch-norm anyway. ``chunk_size``
     bounds the peak memory of the vmapped graph; results are the same for any chunking.
     """
+    _check_names(params, "parameter")
     named = dict(model.named_parameters())
     missing = [p for p in params if p not in named]
     if missing:
@@ -204,6 +206,7 @@ def layer_factors(
     ``reconstruction_weight`` adds the layers' reconstruction curvature (module docstring); every
     layer must then be the weight of an ``nn.Linear``.
     """
+    _check_names(layers, "layer")
     if block_size <= 0:
         raise FisherError(f"block size must be positive, got {block_size}")
     if curvature not in CURVATURES:
@@ -354,6 +357,19 @@ def with_shifted_copies(
     copies = shifted_copies(inputs, pixels)
     reps = copies.shape[0] // inputs.shape[0]
     return copies, targets.repeat(reps), None if exclude is None else exclude.repeat(reps)
+
+
+def _check_names(names: Sequence[str], what: str) -> None:
+    """One factor per name: results are keyed by name, so a repeat would either be consumed twice
+    (a bare ``KeyError`` deep in the gradient pass) or, in ``per_sample_gradients``, silently stack
+    that parameter's rows twice and double its share of the Fisher."""
+    if isinstance(names, str):
+        raise FisherError(f"{what} names must be a sequence of names, not the string {names!r}")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise FisherError(f"{what} {name!r} is named more than once in {list(names)}")
+        seen.add(name)
 
 
 def _kept(inputs: Tensor, targets: Tensor, exclude: Tensor | npt.NDArray[np.bool_]) -> tuple[Tensor, Tensor]:
@@ -540,7 +556,9 @@ def factors_from_gradients(
     )
 
 
-def fit_rows(factors: npt.NDArray[np.float64], m: int) -> npt.NDArray[np.float64]:
+def fit_rows(
+    factors: npt.NDArray[np.float64], m: int, *, numel: int | None = None
+) -> npt.NDArray[np.float64]:
     """Exactly ``m`` rows per block, as the circuit's shape fixes.
 
     With more samples than rows, each block's factor is replaced by its best rank-``m`` approximation
@@ -555,8 +573,28 @@ def fit_rows(factors: npt.NDArray[np.float64], m: int) -> npt.NDArray[np.float64
     each row carries a share of it. The circuit's fixed-point range and the provider's published
     ``g_bound`` cap those magnitudes, and a heavily curved block (a classifier's forgotten class row
     measured on shifted images, in the ViT demo) overflowed them unmixed.
+
+    ``numel``: the layer's weight count when its last block is short (``BlockFactors.shape``). The
+    mean diagonal is over real weights, as ``factors_from_gradients`` normalises; averaging over the
+    zero padding too would shrink it by ``numel / (n_blocks * B)`` and so quietly change what ``lam``
+    means for such a layer. Default: every column is a weight (layers whose size is a multiple of the
+    block, which the SDK's circuits require).
     """
+    if factors.ndim != 3 or factors.shape[0] == 0 or factors.shape[2] == 0:
+        raise FisherError(f"factors must be a non-empty (n_blocks, rows, B) array, got shape {factors.shape}")
+    if m < 1:
+        raise FisherError(f"the circuit's row count m must be positive, got {m}")
     n_blocks, rows, block = factors.shape
+    columns = n_blocks * block
+    if numel is None:
+        numel = columns
+    elif isinstance(numel, bool) or not isinstance(numel, int | np.integer):
+        raise FisherError(f"numel must be an integer, got {type(numel).__name__}")
+    elif not columns - block < numel <= columns:
+        raise FisherError(f"numel {numel} does not fit {n_blocks} blocks of {block} weights")
+    tail = int(numel) - (n_blocks - 1) * block
+    if tail < block and np.any(factors[-1][:, tail:]):
+        raise FisherError(f"factor columns past numel {numel} are not zero (the last block's padding)")
     if rows > m:
         _u, sigma, vt = np.linalg.svd(factors, full_matrices=False)  # batched over blocks
         out = np.zeros((n_blocks, m, block))
@@ -565,7 +603,10 @@ def fit_rows(factors: npt.NDArray[np.float64], m: int) -> npt.NDArray[np.float64
     else:
         out = np.zeros((n_blocks, m, block))
         out[:, :rows] = factors
-    mean_diag = float(np.mean(np.sum(out * out, axis=1)) / m)
+    out[-1][:, tail:] = 0.0  # padding stays exactly zero; the SVD could leave round-off there
+    # The mean over all n_blocks * B columns, rescaled to the real ones (the padding adds nothing to
+    # the sum); written so that a layer without padding normalises bit for bit as before.
+    mean_diag = float(np.mean(np.sum(out * out, axis=1)) / m) * (columns / int(numel))
     if not mean_diag > 0:
         raise FisherError("the Fisher factor is zero: no gradient information on the targeted layers")
     mixing = scipy.fft.dct(np.eye(m), norm="ortho", axis=0)  # orthonormal: mixing.T @ mixing = I

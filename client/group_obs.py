@@ -252,6 +252,16 @@ def apply_group_obs(
     if not np.isfinite(W).all():
         raise GroupObsError(f"weights of {mask.layer!r} contain NaN or inf")
     numel = mask.numel
+    tail = numel - (mask.n_blocks - 1) * B
+    if np.any(fa[-1][:, tail:]):
+        # Refused, not zeroed: BlockFactors promises zero padding, so a non-zero value there means the
+        # factor was built for another layout (or damaged). Solving with it would let the padding act as
+        # extra free weights that absorb compensation; zeroing it here would silently solve against a
+        # curvature other than the one the caller holds (and may have committed to).
+        raise GroupObsError(
+            f"factors of {mask.layer!r}: the last block's columns past its {tail} weights are not zero "
+            "(padding carries no gradient)"
+        )
     flat = np.zeros(mask.n_blocks * B, dtype=np.float64)
     flat[:numel] = W.reshape(-1)
     blocks, s = _block_indicators(mask)

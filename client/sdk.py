@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -130,6 +131,11 @@ class UpdateProver(Protocol):
     the update and the durable save of its result it can be called again for the same request, so it
     must derive the update from the state it committed to (``before_commitments``), not re-apply it
     on top of an already updated model.
+
+    A request the prover can never process (its mask names a layer it did not enroll, its forget data
+    does not fit the circuit) must be refused with :class:`RequestRefusedError` -- or one of the bundled
+    provers' validation errors, see :meth:`EdgeClient.process` -- and must leave the state unchanged.
+    Anything else is taken as a failure of the moment and the request is tried again.
     """
 
     def prove(self, request: VerifiedRequest) -> UpdateResult: ...
@@ -148,10 +154,50 @@ def _now_ms() -> int:
 
 
 def _tensor(t: pb.Tensor, what: str) -> npt.NDArray[np.float64]:
+    """The delivered array, refused unless its shape accounts for exactly its bytes.
+
+    The size is a Python-int product: ``np.prod`` wraps around in int64 (``[2**32, 2**32]`` -> 0), so an
+    empty buffer would pass the check and fail later in ``reshape`` as a bare ``ValueError``.
+    """
     shape = tuple(int(d) for d in t.shape)
-    if any(d < 0 for d in shape) or int(np.prod(shape)) * 8 != len(t.float64_le):
+    if any(d < 0 for d in shape) or math.prod(shape) * 8 != len(t.float64_le):
         raise ForgedRequestError(f"{what}: shape {list(shape)} does not match {len(t.float64_le)} bytes")
-    return np.frombuffer(t.float64_le, dtype="<f8").reshape(shape).astype(np.float64)
+    try:
+        return np.frombuffer(t.float64_le, dtype="<f8").reshape(shape).astype(np.float64)
+    except ValueError as exc:  # e.g. more dimensions than numpy supports
+        raise ForgedRequestError(f"{what}: shape {list(shape)} cannot be used: {exc}") from exc
+
+
+# The validation errors of the bundled provers (client/unlearning.py and what it calls): raised when a
+# request cannot be processed by this client at all, with the committed state left as it was. Named, not
+# imported: those modules import this one, and pull in torch and ezkl, which a client with its own
+# prover need not have; an exception of one of these classes can only exist once its module is loaded.
+_PROVER_REFUSALS = frozenset(
+    {
+        "zkunlearn.client.unlearning.UnlearningError",
+        "zkunlearn.client.analytic.AnalyticError",
+        "zkunlearn.client.group_obs.GroupObsError",
+        "zkunlearn.client.refit.OutputRefitError",
+        "zkunlearn.proofs.deletion.DeletionError",
+        "zkunlearn.proofs.fixedpoint.FixedPointError",
+    }
+)
+
+
+def _refuses_request(exc: BaseException) -> bool:
+    """Whether a prover's exception says the request itself cannot be processed (permanent).
+
+    Every error along the ``raise ... from`` chain must be a validation error: the provers wrap their
+    own I/O too (``UnlearningError("cannot read committed state") from OSError``), and a request must not
+    be given up because a disk or the memory cap failed for a moment.
+    """
+    error: BaseException | None = exc
+    while error is not None:
+        named = (f"{c.__module__}.{c.__qualname__}" for c in type(error).__mro__)
+        if not isinstance(error, RequestRefusedError | MaskError) and _PROVER_REFUSALS.isdisjoint(named):
+            return False
+        error = error.__cause__
+    return True
 
 
 class EdgeClient:
@@ -408,7 +454,22 @@ class EdgeClient:
         )
 
     def process(self, msg: pb.SignedDeletionRequest) -> Outcome:
-        """Verify, prove (once), submit, check and store the receipt; refusals advance the cursor."""
+        """Verify, prove (once), submit, check and store the receipt.
+
+        A request is *refused* -- ``Outcome("refused", reason)``, logged as a warning, nothing proved or
+        submitted -- when it is forged, expired, or one the prover can never process: the prover raised
+        :class:`RequestRefusedError` or a validation error of the bundled provers (``UnlearningError``,
+        ``AnalyticError``, ``DeletionError``, ``MaskError``, ...), e.g. a mask naming a layer this
+        client never enrolled. Genuine refusals advance the stored cursor past the request, as a receipt
+        does, so that one request the client cannot honour does not hold back every later one; it is not
+        dropped on the provider's side, which still sees it unanswered, and ``poll_all(from_cursor=...)``
+        delivers it again (e.g. once the client has enrolled the layer). A forged request never moves
+        the cursor (the cursor is not signed).
+
+        Any other failure of the prover -- I/O, a crashed or out-of-memory proving worker, a bug -- is
+        raised, with the cursor where it was, so that the next poll retries the request: a deletion is
+        never skipped because the device failed for a moment.
+        """
         if self.store.applied(msg.request_id) is not None:
             self.store.advance_cursor(int(msg.cursor))
             return Outcome(msg.request_id, "skipped", "already applied")
@@ -425,7 +486,15 @@ class EdgeClient:
             return Outcome(msg.request_id, "refused", str(exc))
         pending = self.store.pending(request.request_id)
         if pending is None:
-            result = self.prover.prove(request)
+            try:
+                result = self.prover.prove(request)
+            except Exception as exc:
+                if not _refuses_request(exc):
+                    raise
+                reason = f"the prover cannot process it: {type(exc).__name__}: {exc}"
+                log.warning("refusing request %r: %s", request.request_id, reason)
+                self.store.advance_cursor(request.cursor)
+                return Outcome(request.request_id, "refused", reason)
             pending = self.store.save_pending(
                 PendingUpdate(
                     request.request_id,
@@ -608,8 +677,27 @@ class EdgeClient:
                 )
         except MerkleProofError as exc:
             raise ReceiptError(f"log proof refused: {exc}") from exc
-        self.store.put_json("tree_head", {"size": head.size, "root": head.root.hex()})
+        # The signed head itself, not only its size and root: it is evidence a third party can check
+        # (`zkunlearn audit verify --known-head`), and what reveals a provider exporting a truncated log.
+        self.store.put_json(
+            "tree_head",
+            {
+                "size": head.size,
+                "root": head.root.hex(),
+                "canonical": bytes(head_pb.canonical).hex(),
+                "signature": bytes(head_pb.signature).hex(),
+            },
+        )
         return head.size
+
+    def known_head(self) -> dict[str, Any] | None:
+        """The last signed tree head this client verified its receipts under (None before any).
+
+        Written to a file, it is what ``zkunlearn audit verify --known-head`` takes: an audit of the
+        provider's exported log then fails unless that log extends the head this client saw.
+        """
+        head = self.store.get_json("tree_head")
+        return dict(head) if isinstance(head, dict) else None
 
     def close(self) -> None:
         self.transport.close()

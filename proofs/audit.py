@@ -663,9 +663,9 @@ class _Auditor:
     def known(self, entry: Any) -> str:
         """A head held outside the bundle must be a prefix of the bundle's log.
 
-        Accepted forms: a signed head (``{"canonical", "signature"}``, as in ``tree_heads.json``, checked
-        against the provider key) or ``{"size", "root"}`` as the client SDK stores the last head it
-        verified (the client's own record, trusted as such).
+        Accepted forms: a signed head (``{"canonical", "signature"}``, as in ``tree_heads.json`` or
+        ``EdgeClient.known_head()``, checked against the provider key) or a bare ``{"size", "root"}``
+        (the holder's own record, trusted as such).
         """
         assert self.verifier is not None
         obj = _obj(entry, "known head")

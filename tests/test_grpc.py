@@ -105,7 +105,15 @@ def test_enroll_request_apply_submit_receipt_over_grpc(
     assert prover.calls == [r1.request_id, r2.request_id]
     assert [r.leaf_index for r in client.store.receipts()] == [0, 1]
     assert client.commitments != BEFORE  # advanced to the accepted after-commitments
+    assert client.known_head() is None  # nothing verified yet
     assert client.verify_log() == 2
+    # The head it verified under is kept signed: evidence for `audit verify --known-head`.
+    held = client.known_head()
+    assert held is not None
+    from zkunlearn.proofs.statements import SignedStatement, check_tree_head
+
+    signed = check_tree_head(provider.service.signer.verifier(), SignedStatement.from_dict(held))
+    assert (signed.size, signed.root.hex()) == (held["size"], held["root"]) == (2, held["root"])
     # Nothing is proved twice: re-polling from the start skips applied requests.
     assert {o.status for o in client.poll_all(from_cursor=0)} == {"skipped"}
     assert len(prover.calls) == 2
