@@ -2,6 +2,8 @@
 
 Each prover keeps a durable *committed state* on disk (``state.npz`` + ``state.json``): exactly the
 tensors (on the fixed-point grid) and the blinding elements behind the commitments the provider holds.
+Both files carry the same generation id and are replaced as one (:func:`_atomic_save`), so a crash can
+never pair new weights with old commitments.
 ``prove`` always derives the update from that state, never from the live model, so a crash between
 updating and submitting cannot make the client prove an update on top of an update. The live model is
 written from the committed state after each accepted-to-be update.
@@ -15,9 +17,12 @@ and one proof shows ``W'`` and ``R'`` are the downdated ridge solution.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from zkunlearn.circuits.activations import activate
 from zkunlearn.circuits.mask import LayerMask
-from zkunlearn.client.analytic import AnalyticHead
+from zkunlearn.client.analytic import AnalyticError, AnalyticHead
 from zkunlearn.client.fisher import (
     BlockFactors,
     Curvature,
@@ -82,25 +87,81 @@ def _on_grid(x: F64, scale: int) -> F64:
     return out
 
 
-def _atomic_save(directory: Path, arrays: dict[str, F64], meta: dict[str, Any]) -> None:
-    """Both files replaced by rename: a crash leaves the old state or the new one, never a mix."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz", delete=False) as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
+# The generation both files of one committed state carry: a key of state.npz, and of state.json.
+_GENERATION = "__generation__"
+_GENERATION_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """A rename is durable only once its directory is flushed; only POSIX can open a directory."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, write: Callable[[Any], None]) -> None:
+    with open(path, "wb") as handle:
+        write(handle)
         handle.flush()
         os.fsync(handle.fileno())
-    tmp_meta = directory / "state.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, sort_keys=True))
-    os.replace(handle.name, directory / "state.npz")
+
+
+def _atomic_save(directory: Path, arrays: dict[str, F64], meta: dict[str, Any]) -> None:
+    """Replace the committed state as one: a crash at any point leaves the old state or the new one.
+
+    Two renames cannot switch two files at once, so ``state.json`` is the single switch and names the
+    generation of the arrays that belong to it. The new arrays are written, flushed, under their own
+    name ``state.<generation>.npz``; then the new ``state.json`` replaces the old one (the commit);
+    only then is ``state.<generation>.npz`` renamed over ``state.npz``. Before the commit the old pair
+    is untouched (the new arrays are an orphan the next save removes); after it :func:`_load` reads
+    the generation's own file until that last rename has happened.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    generation = secrets.token_hex(16)
+    pending = directory / f"state.{generation}.npz"
+    stamped = arrays | {_GENERATION: np.array(generation)}
+    _write_durably(pending, lambda handle: np.savez(handle, **stamped))
+    tmp_meta = directory / f".state.json.{generation}.tmp"
+    body = json.dumps(meta | {_GENERATION: generation}, sort_keys=True).encode()
+    _write_durably(tmp_meta, lambda handle: handle.write(body))
     os.replace(tmp_meta, directory / "state.json")
+    _fsync_dir(directory)
+    os.replace(pending, directory / "state.npz")
+    _fsync_dir(directory)
+    for stale in [*directory.glob("state.*.npz"), *directory.glob(".state.json.*.tmp")]:
+        if _GENERATION_RE.fullmatch(stale.name.split(".")[-2]):
+            # Orphans of saves that crashed before their commit; the state is saved whatever happens here.
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _load(directory: Path) -> tuple[dict[str, F64], dict[str, Any]]:
+    path = directory / "state.npz"
     try:
-        with np.load(directory / "state.npz") as data:
-            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in data.files}
         meta = json.loads((directory / "state.json").read_text())
-    except (OSError, ValueError) as exc:
+        if not isinstance(meta, dict):
+            raise ValueError("state.json does not hold an object")
+        generation = meta.pop(_GENERATION, None)
+        if generation is not None:
+            if not (isinstance(generation, str) and _GENERATION_RE.fullmatch(generation)):
+                raise ValueError(f"state.json names a malformed generation {generation!r}")
+            if (directory / f"state.{generation}.npz").exists():  # committed, not yet renamed
+                path = directory / f"state.{generation}.npz"
+        with np.load(path) as data:
+            stamp = str(data[_GENERATION]) if _GENERATION in data.files else None
+            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in data.files if k != _GENERATION}
+        # Both unstamped: a state saved before generations existed, consistent by the old contract. A
+        # mismatch is a fault of this device's storage, not of any request: raised as a read failure.
+        if stamp != generation:
+            raise ValueError(
+                f"it is torn: state.json is generation {generation}, {path.name} holds generation "
+                f"{stamp}; restore the folder from a backup"
+            )
+    except (OSError, ValueError, KeyError) as exc:
         raise UnlearningError(f"cannot read committed state in {directory}: {exc}") from exc
     return arrays, meta
 
@@ -124,6 +185,20 @@ def _already_answered(meta: dict[str, Any], request_id: str) -> UpdateResult | N
     return UpdateResult(
         [Commitment.from_json(c) for c in last["after"]], [bytes.fromhex(p) for p in last["proofs"]]
     )
+
+
+def _staging_copy(model: nn.Module, staged: set[str]) -> nn.Module:
+    """A copy of ``model`` to stage writes on, so that a refused enrollment never reaches the live
+    model. Only the parameters named in ``staged`` are copied; every other parameter and buffer is
+    shared (only read), so the copy costs the staged layers' memory, not the whole model's."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    copied = {id(p) for name, p in params.items() if name in staged}  # tied weights included
+    buffers = [b for _name, b in model.named_buffers(remove_duplicate=False)]
+    memo: dict[int, Any] = {id(t): t for t in [*params.values(), *buffers] if id(t) not in copied}
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # a model holding something uncopyable (a lock, a file)
+        raise UnlearningError(f"cannot stage the enrollment on a copy of the model: {exc}") from exc
 
 
 class _CommittedStateProver:
@@ -215,6 +290,8 @@ class GroupObsUnlearner(_CommittedStateProver):
         spec, scale = self.spec, self.scale
         if inputs.shape[0] < 1:
             raise UnlearningError("enrollment needs client samples for the Fisher factor")
+        # Everything is computed and checked before the state is saved, and the live model is written
+        # from the saved state only: a refused enrollment leaves the model exactly as it was.
         arrays: dict[str, F64] = {}
         meta: dict[str, Any] = {
             "layers": {},
@@ -223,7 +300,6 @@ class GroupObsUnlearner(_CommittedStateProver):
             "reconstruction_weight": reconstruction_weight,
             "fisher_shift": fisher_shift,
         }
-        commitments: list[Commitment] = []
         for layer in layers:
             numel = _param(self.model, layer).numel()
             if numel % spec.batch_weights:
@@ -239,6 +315,7 @@ class GroupObsUnlearner(_CommittedStateProver):
             fitted = {n: fit_rows(f.factors, spec.m) for n, f in all_factors.items()}
         except FisherError as exc:
             raise UnlearningError(f"cannot build the Fisher factor: {exc}") from exc
+        to_commit: list[tuple[str, int, ClientCircuit, F64]] = []
         for layer in layers:
             param = _param(self.model, layer)
             n_batches = param.numel() // spec.batch_weights
@@ -264,17 +341,10 @@ class GroupObsUnlearner(_CommittedStateProver):
                 ]
             )
             for b in range(n_batches):
-                commitments.append(
-                    Commitment(
-                        commitment_name("theta", layer),
-                        b,
-                        _commit(self.circuit, np.concatenate([theta[b], theta_blind[b]], axis=1), scale),
-                    )
-                )
+                theta_tensor = np.concatenate([theta[b], theta_blind[b]], axis=1)
+                to_commit.append((commitment_name("theta", layer), b, self.circuit, theta_tensor))
                 g_tensor = np.concatenate([g[b], g_blind[b][:, None, :]], axis=1)
-                commitments.append(
-                    Commitment(commitment_name("g", layer), b, _commit(self.circuit, g_tensor, scale))
-                )
+                to_commit.append((commitment_name("g", layer), b, self.circuit, g_tensor))
             arrays |= {
                 f"{layer}/theta": theta,
                 f"{layer}/g": g,
@@ -286,14 +356,23 @@ class GroupObsUnlearner(_CommittedStateProver):
                 "g_scale": factors.scale,
                 "shape": list(param.shape),
             }
-            with torch.no_grad():
-                param.copy_(torch.from_numpy(theta.reshape(param.shape) / 2.0**exponent).to(param.dtype))
-        retained = inputs if exclude is None else inputs[~exclude.to(torch.bool)]
-        for refit, circuit in self.refits:
-            if refit.masked in layers:
-                commitments += self._enroll_refit(refit, circuit, retained, meta, arrays)
+        refits = [(refit, circuit) for refit, circuit in self.refits if refit.masked in layers]
+        if refits:
+            retained = inputs if exclude is None else inputs[~exclude.to(torch.bool)]
+            # A refit's rows are the inputs of its masked layer as the model computes them once the
+            # layers before it hold their committed values: stage those writes on a copy.
+            staged = set(layers)
+            for refit, _circuit in refits:
+                staged |= {f"{refit.following}.weight", f"{refit.following}.bias"}
+                staged |= {refit.masked_bias} if refit.masked_bias else set()
+            scratch = _staging_copy(self.model, staged)
+            self._write_params(scratch, arrays, meta)
+            for refit, circuit in refits:
+                to_commit += self._enroll_refit(refit, circuit, retained, meta, arrays, scratch)
+        commitments = [Commitment(name, b, _commit(circuit, t, scale)) for name, b, circuit, t in to_commit]
         meta["commitments"] = [c.to_json() for c in commitments]
         _atomic_save(self.state_dir, arrays, meta)
+        self.load_model()
         return commitments
 
     def _enroll_refit(
@@ -303,13 +382,15 @@ class GroupObsUnlearner(_CommittedStateProver):
         retained: Tensor,
         meta: dict[str, Any],
         arrays: dict[str, F64],
-    ) -> list[Commitment]:
-        """Commit the refit's inputs: ``n`` rows of the masked layer's inputs (evenly spaced over the
-        retained data, pre-scaled by the layer's ``2**-e``), its bias and the following layer."""
+        model: nn.Module,
+    ) -> list[tuple[str, int, ClientCircuit, F64]]:
+        """The refit's inputs to commit: ``n`` rows of the masked layer's inputs (evenly spaced over the
+        retained data, pre-scaled by the layer's ``2**-e``), its bias and the following layer. Read
+        from, and written to, ``model``: the staging copy, never the live model."""
         scale, masked_module = self.scale, refit.masked.rsplit(".", 1)[0]
         try:
-            z = capture_inputs(self.model, [masked_module], retained)[masked_module].numpy()
-            following = self.model.get_submodule(refit.following)
+            z = capture_inputs(model, [masked_module], retained)[masked_module].numpy()
+            following = model.get_submodule(refit.following)
         except (OutputRefitError, AttributeError) as exc:
             raise UnlearningError(f"refit {refit.masked} -> {refit.following}: {exc}") from exc
         if not isinstance(following, nn.Linear) or following.bias is None:
@@ -327,9 +408,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         exponent = int(meta["layers"][refit.masked]["exponent"])
         rows = committed_rows(z.shape[0], refit.n)
         z_scaled = _on_grid(z[rows] * 2.0**-exponent, scale)
-        bias = (
-            _param(self.model, refit.masked_bias).detach() if refit.masked_bias else torch.zeros(refit.hidden)
-        )
+        bias = _param(model, refit.masked_bias).detach() if refit.masked_bias else torch.zeros(refit.hidden)
         b1 = _on_grid(bias.double().cpu().numpy().reshape(1, -1), scale)
         v = np.hstack(
             [following.weight.detach().double().numpy(), following.bias.detach().double().numpy()[:, None]]
@@ -363,20 +442,21 @@ class GroupObsUnlearner(_CommittedStateProver):
             f"{key}/v_blind": random_blinding(refit.hidden + 1, scale)[None, :],
         }
         meta.setdefault("refits", {})[refit.following] = {"masked": refit.masked, "bias": refit.masked_bias}
-        self._write_refit_params(refit, arrays)
+        self._write_refit_params(refit, arrays, model)
         return [
-            Commitment(
+            (
                 commitment_name(kind, name),
                 0,
-                _commit(circuit, np.vstack([arrays[f"{key}/{kind}"], arrays[f"{key}/{kind}_blind"]]), scale),
+                circuit,
+                np.vstack([arrays[f"{key}/{kind}"], arrays[f"{key}/{kind}_blind"]]),
             )
             for kind, name in (("z", refit.masked), ("b1", refit.masked), ("v", refit.following))
         ]
 
-    def _write_refit_params(self, refit: RefitSpec, arrays: dict[str, F64]) -> None:
-        """The live model's following layer (and the masked layer's bias) from the committed state."""
+    def _write_refit_params(self, refit: RefitSpec, arrays: dict[str, F64], model: nn.Module) -> None:
+        """``model``'s following layer (and the masked layer's bias) from the committed state."""
         key = f"refit/{refit.following}"
-        following = self.model.get_submodule(refit.following)
+        following = model.get_submodule(refit.following)
         if not isinstance(following, nn.Linear) or following.bias is None:
             raise UnlearningError(f"refit target {refit.following!r} must be an nn.Linear with a bias")
         v = arrays[f"{key}/v"]
@@ -384,7 +464,7 @@ class GroupObsUnlearner(_CommittedStateProver):
             following.weight.copy_(torch.from_numpy(v[:, :-1]).to(following.weight.dtype))
             following.bias.copy_(torch.from_numpy(v[:, -1]).to(following.bias.dtype))
             if refit.masked_bias:
-                param = _param(self.model, refit.masked_bias)
+                param = _param(model, refit.masked_bias)
                 param.copy_(torch.from_numpy(arrays[f"{key}/b1"][0]).to(param.dtype))
 
     def committed_factor(self, layer: str) -> F64:
@@ -428,12 +508,15 @@ class GroupObsUnlearner(_CommittedStateProver):
         arrays, meta = _load(self.state_dir)
         done = _already_answered(meta, request.request_id)
         if done is not None:
+            self.load_model()  # the answer's weights, if a failure cut the first attempt short of this
             return done
         mine = {(c["name"], c["block"]): c["point_hex"] for c in meta["commitments"]}
         theirs = {(c.name, c.block): c.point_hex for c in request.before_commitments}
         if theirs and theirs != mine:
             raise UnlearningError("the provider's record of our commitments differs from our committed state")
         spec, scale = self.spec, self.scale
+        for layer_mask in request.mask.layers:
+            self._check_mask_layer(layer_mask, meta)
         batches = touched_batches(request.mask, spec)
         if not batches:
             raise UnlearningError("the request's mask touches no weights")
@@ -443,9 +526,6 @@ class GroupObsUnlearner(_CommittedStateProver):
         new_theta: dict[str, F64] = {}
         for layer_mask in request.mask.layers:
             name = layer_mask.layer
-            if name not in meta["layers"]:
-                raise UnlearningError(f"the mask names {name!r}, which this client did not enroll")
-            layer_batches(layer_mask, spec)
             theta, g = arrays[f"{name}/theta"], arrays[f"{name}/g"]
             after, w = self.compensate(theta, g, layer_mask, spec.lam)
             after = _on_grid(after, scale)
@@ -519,6 +599,26 @@ class GroupObsUnlearner(_CommittedStateProver):
         self.load_model()
         return UpdateResult(after_list, proofs)
 
+    def _check_mask_layer(self, layer_mask: LayerMask, meta: dict[str, Any]) -> None:
+        """The mask must describe the enrolled layer as it is: a mask of another shape with the same
+        number of weights would otherwise be laid over the layer's flat order and zero other weights
+        than the provider meant."""
+        name = layer_mask.layer
+        if name not in meta["layers"]:
+            raise UnlearningError(f"the mask names {name!r}, which this client did not enroll")
+        enrolled = tuple(int(n) for n in meta["layers"][name]["shape"])
+        if tuple(layer_mask.shape) != enrolled:
+            raise UnlearningError(
+                f"the mask's layer {name!r} has shape {tuple(layer_mask.shape)}; the enrolled layer is "
+                f"{enrolled}"
+            )
+        if layer_mask.block_size != self.spec.block:
+            raise UnlearningError(
+                f"the mask's layer {name!r} has block size {layer_mask.block_size}, "
+                f"the circuit's block is {self.spec.block}"
+            )
+        layer_batches(layer_mask, self.spec)
+
     def _refit_job(
         self,
         refit: RefitSpec,
@@ -575,14 +675,24 @@ class GroupObsUnlearner(_CommittedStateProver):
     def load_model(self) -> None:
         """Write the committed weights into the live model (e.g. after a restart)."""
         arrays, meta = _load(self.state_dir)
+        self._write_params(self.model, arrays, meta)
+        for refit, _circuit in self.refits:
+            if refit.following in meta.get("refits", {}):
+                self._write_refit_params(refit, arrays, self.model)
+
+    def _write_params(self, model: nn.Module, arrays: dict[str, F64], meta: dict[str, Any]) -> None:
         for name, info in meta["layers"].items():
-            param = _param(self.model, name)
+            param = _param(model, name)
             value = arrays[f"{name}/theta"].reshape(info["shape"]) / 2.0 ** int(info["exponent"])
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value).to(param.dtype))
-        for refit, _circuit in self.refits:
-            if refit.following in meta.get("refits", {}):
-                self._write_refit_params(refit, arrays)
+
+
+def _refuse_non_finite(what: str, array: F64) -> None:
+    bad = np.argwhere(~np.isfinite(array))
+    if bad.size:
+        at = tuple(int(i) for i in bad[0])
+        raise UnlearningError(f"{what} {at} is {float(array[at])}")
 
 
 class AnalyticUnlearner(_CommittedStateProver):
@@ -633,19 +743,54 @@ class AnalyticUnlearner(_CommittedStateProver):
         self.head.R, self.head.W = r.copy(), w.copy()
         return commitments
 
+    def _forget_rows(self, request: VerifiedRequest) -> tuple[F64, F64, F64]:
+        """The request's forget features, labels and regression targets, refused with the reason before
+        anything is computed from them: a label cast to an index first would turn -1 into the last
+        class and 1.7 into class 1, i.e. forget rows the provider never named."""
+        spec = self.spec
+        if request.forget_features is None or request.forget_labels is None:
+            raise UnlearningError("an analytic deletion request must carry the forget features and labels")
+        x_u = np.asarray(request.forget_features, dtype=np.float64)
+        y_u = np.asarray(request.forget_labels, dtype=np.float64)
+        if x_u.ndim != 2 or x_u.shape[1] != spec.d:
+            raise UnlearningError(f"forget features must be (n, {spec.d}), got shape {x_u.shape}")
+        n = x_u.shape[0]
+        if n > spec.n_u:
+            raise UnlearningError(f"{n} forget samples exceed the circuit's n_u = {spec.n_u}")
+        _refuse_non_finite("forget feature", x_u)
+        if y_u.ndim == 1:
+            if y_u.shape != (n,):
+                raise UnlearningError(f"{y_u.shape[0]} forget labels for {n} forget samples")
+            valid = np.isfinite(y_u) & (y_u == np.round(y_u)) & (y_u >= 0) & (y_u < spec.k)
+            if not valid.all():
+                i = int(np.flatnonzero(~valid)[0])
+                raise UnlearningError(
+                    f"forget label {i} is {float(y_u[i])}: 1-D labels must be class indices in [0, {spec.k})"
+                )
+            return x_u, y_u, np.eye(spec.k)[y_u.astype(np.int64)]
+        if y_u.shape != (n, spec.k):
+            raise UnlearningError(
+                f"forget labels must be {n} class indices or ({n}, {spec.k}) targets, got shape {y_u.shape}"
+            )
+        _refuse_non_finite("forget target", y_u)
+        return x_u, y_u, y_u
+
     def prove(self, request: VerifiedRequest) -> UpdateResult:
         arrays, meta = _load(self.state_dir)
         done = _already_answered(meta, request.request_id)
         if done is not None:
+            # The answer's head, if a failure cut the first attempt short of writing it.
+            self.head.R, self.head.W, self.head.n_learned = arrays["r"], arrays["w"], int(meta["n_learned"])
             return done
-        if request.forget_features is None or request.forget_labels is None:
-            raise UnlearningError("an analytic deletion request must carry the forget features and labels")
+        x_u, y_u, targets = self._forget_rows(request)
         scale, spec = self.scale, self.spec
-        x_u, y_u = request.forget_features, request.forget_labels
         head = AnalyticHead(spec.d, spec.k, self.head.gamma)
-        head.R, head.W, head.n_learned = arrays["r"].copy(), arrays["w"].copy(), int(meta["n_learned"])
-        targets = np.eye(spec.k)[y_u.astype(np.int64)] if y_u.ndim == 1 else y_u
-        head.unlearn(x_u, targets)
+        try:
+            # Set, not learned: the downdate must start from the committed R the circuit checks against.
+            head.R, head.W, head.n_learned = arrays["r"].copy(), arrays["w"].copy(), int(meta["n_learned"])
+            head.unlearn(x_u, targets)
+        except AnalyticError as exc:
+            raise UnlearningError(f"cannot unlearn the forget samples: {exc}") from exc
         r_after, w_after = _on_grid(head.R, scale), _on_grid(head.W, scale)
         blind_r2, blind_w2 = random_blinding(spec.d, scale), random_blinding(spec.k, scale)
         digest = request_digest(request.canonical)
