@@ -358,12 +358,40 @@ class StatementSigner:
         return cls(key)
 
 
+#: The Ed25519 points of small order (1, 2, 4, 8) as libsodium lists them, with the sign bit cleared.
+#: A public key among them verifies the signature ``R = identity, S = 0`` for *every* message in every
+#: domain (RFC 8032 verification does not exclude them, and neither does OpenSSL), so anyone could
+#: sign as such a key: it is refused, also in its non-canonical spellings ``p``, ``p + 1``.
+_SMALL_ORDER_KEYS = tuple(
+    bytes.fromhex(h)
+    for h in (
+        "00" * 32,  # 0: order 4
+        "01" + "00" * 31,  # 1: the identity
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "ec" + "ff" * 30 + "7f",  # p - 1: order 2
+        "ed" + "ff" * 30 + "7f",  # p (= 0)
+        "ee" + "ff" * 30 + "7f",  # p + 1 (= 1)
+    )
+)
+
+
+def _has_small_order(raw: bytes) -> bool:
+    unsigned = raw[:31] + bytes([raw[31] & 0x7F])
+    return unsigned in _SMALL_ORDER_KEYS
+
+
 class StatementVerifier:
     """Checks statements against one Ed25519 public key and one expected domain per call."""
 
     def __init__(self, public_key: Ed25519PublicKey) -> None:
+        raw = public_key.public_bytes_raw()
+        if _has_small_order(raw):
+            raise StatementError(
+                "Ed25519 public key is a point of small order: one signature would verify any statement"
+            )
         self._key = public_key
-        self._public = public_key.public_bytes_raw()
+        self._public = raw
         self.key_id = key_id_for(self._public)
 
     @classmethod

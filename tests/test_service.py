@@ -409,6 +409,8 @@ def test_enrollment_checks(service: ProviderService) -> None:
         service.enroll(dev.enrollment(signature=bytes(64)))
     with pytest.raises(InvalidInputError, match="enrollment"):
         service.enroll(dev.enrollment(canonical=b"garbage"))
+    with pytest.raises(InvalidInputError, match="small order"):  # would let anyone sign as this client
+        service.enroll(dev.enrollment(public_key=b"\x01" + bytes(31)))
     for point in ("ab" * 31, "ab" * 33, "AB" * 32, "ab" * 2048):
         with pytest.raises(InvalidInputError, match="point must be 64 lower-case hex"):
             service.enroll(dev.enrollment(commitments=(CommitmentRef("theta", 0, point),)))

@@ -174,6 +174,33 @@ def test_bad_key_material_refused() -> None:
         StatementVerifier.from_public_bytes(b"\x00" * 33)
 
 
+SMALL_ORDER = [
+    "00" * 32,
+    "01" + "00" * 31,
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "ec" + "ff" * 30 + "7f",
+    "ed" + "ff" * 30 + "7f",
+    "ee" + "ff" * 30 + "7f",
+]
+
+
+def test_small_order_public_keys_are_refused(signer: StatementSigner) -> None:
+    """Attack: enroll the identity point as a key; then ``R = identity, S = 0`` signs everything."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    identity = bytes.fromhex(SMALL_ORDER[1])
+    forged = identity + bytes(32)
+    Ed25519PublicKey.from_public_bytes(identity).verify(forged, b"any message at all")  # the library's view
+    for encoding in SMALL_ORDER:
+        for sign in (0, 0x80):
+            raw = bytearray(bytes.fromhex(encoding))
+            raw[31] |= sign
+            with pytest.raises(StatementError, match=r"small order|not an Ed25519 public key"):
+                StatementVerifier.from_public_bytes(bytes(raw))
+    assert StatementVerifier.from_public_bytes(signer.public_bytes()).key_id == signer.key_id
+
+
 def test_save_and_load_key_owner_only(tmp_path: Path, signer: StatementSigner) -> None:
     path = tmp_path / "provider.pem"
     signer.save(path)
