@@ -435,6 +435,21 @@ def test_statement_object_with_edited_fields_refused(
         SignedStatement.from_dict(bundle)
     with pytest.raises(StatementError, match="hex"):
         SignedStatement.from_dict({"canonical": "zz", "signature": "00"})
+    # Python calls True == 1 == 1.0; as JSON they are three different statements.
+    typed = signer.sign(DOMAIN_RECEIPT, {"accepted": True, "size": 1})
+    for shown in ({"accepted": 1}, {"size": True}, {"size": 1.0}):
+        relabelled = SignedStatement(
+            domain=typed.domain,
+            payload={**typed.payload, **shown},
+            canonical=typed.canonical,
+            signature=typed.signature,
+            key_id=typed.key_id,
+        )
+        with pytest.raises(StatementError, match="disagree"):
+            verifier.verify(relabelled, DOMAIN_RECEIPT)
+        with pytest.raises(StatementError, match="disagrees"):
+            SignedStatement.from_dict({**typed.to_dict(), "payload": {**typed.payload, **shown}})
+    assert verifier.verify(typed, DOMAIN_RECEIPT)["accepted"] is True
 
 
 def test_verify_refuses_unknown_shapes(verifier: StatementVerifier) -> None:
