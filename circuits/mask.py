@@ -62,6 +62,16 @@ def _as_int(value: object, what: str) -> int:
     return int(value)
 
 
+def _name_bytes(name: str) -> bytes:
+    """A name with a lone surrogate (a str from a mis-decoded path or ``surrogateescape``) has no UTF-8
+    form, so it can never be written into the canonical bytes: refuse it when the layer is built rather
+    than when the mask is first serialised or sorted."""
+    try:
+        return name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MaskError(f"layer name {name!r} is not encodable as UTF-8 ({exc.reason})") from exc
+
+
 def _items(value: object, what: str) -> Iterable[object]:
     """The elements of a shape or an offset list: a bare int or ``None`` is a caller's slip that would
     otherwise surface as Python's "object is not iterable", and a string would iterate as characters."""
@@ -82,7 +92,7 @@ class LayerMask:
     def __post_init__(self) -> None:
         if not isinstance(self.layer, str) or not self.layer:
             raise MaskError("layer name must be a non-empty string")
-        if len(self.layer.encode("utf-8")) > _MAX_NAME:
+        if len(_name_bytes(self.layer)) > _MAX_NAME:
             raise MaskError(f"layer name {self.layer!r} is longer than {_MAX_NAME} bytes")
         dims = _items(self.shape, f"shape of layer {self.layer!r}")
         shape = tuple(_as_int(d, f"dimension of layer {self.layer!r}") for d in dims)
@@ -143,7 +153,10 @@ class LayerMask:
 
     @classmethod
     def from_dense(cls, layer: str, dense: npt.ArrayLike, block_size: int) -> LayerMask:
-        arr = np.asarray(dense)
+        try:
+            arr = np.asarray(dense)
+        except (TypeError, ValueError) as exc:  # ragged nesting: numpy's message names no layer
+            raise MaskError(f"dense mask of layer {layer!r} is not an array: {exc}") from exc
         if arr.dtype != np.bool_:
             raise MaskError(f"dense mask of layer {layer!r} must be boolean, got {arr.dtype}")
         flat = np.flatnonzero(arr.reshape(-1))
@@ -188,17 +201,25 @@ class Mask:
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != FORMAT_VERSION:
-            raise MaskError(f"unsupported mask version {self.version} (this build knows {FORMAT_VERSION})")
+        # ``1.0 == 1`` and ``True == 1``: without the type check such a mask compares equal to a valid one
+        # yet cannot be encoded, so its digest would fail far from where it was built.
+        version = _as_int(self.version, "mask version")
+        if version != FORMAT_VERSION:
+            raise MaskError(f"unsupported mask version {version} (this build knows {FORMAT_VERSION})")
+        if isinstance(self.layers, str | bytes | bytearray | Mapping) or not isinstance(
+            self.layers, Iterable
+        ):
+            raise MaskError(f"mask layers must be a sequence of LayerMask, got {type(self.layers).__name__}")
         layers = tuple(self.layers)
         for lm in layers:
             if not isinstance(lm, LayerMask):
                 raise MaskError(f"mask layers must be LayerMask, got {type(lm).__name__}")
-        ordered = tuple(sorted(layers, key=lambda lm: lm.layer.encode("utf-8")))
+        ordered = tuple(sorted(layers, key=lambda lm: _name_bytes(lm.layer)))
         for a, b in itertools.pairwise(ordered):
             if a.layer == b.layer:
                 raise MaskError(f"duplicate layer {a.layer!r} in mask")
         object.__setattr__(self, "layers", ordered)
+        object.__setattr__(self, "version", version)
 
     def __hash__(self) -> int:
         return hash((self.layers, self.version))
@@ -225,10 +246,15 @@ class Mask:
 
     def validate_against(self, shapes: Mapping[str, tuple[int, ...]], block_size: int | None = None) -> None:
         """Refuse a mask that names a layer the model lacks, or disagrees on its shape or block size."""
+        if not isinstance(shapes, Mapping):
+            raise MaskError(f"model shapes must map layer name -> shape, got {type(shapes).__name__}")
+        if block_size is not None:
+            block_size = _as_int(block_size, "expected block size")
         for lm in self.layers:
             if lm.layer not in shapes:
                 raise MaskError(f"mask names unknown layer {lm.layer!r} (model has {sorted(shapes)})")
-            want = tuple(int(d) for d in shapes[lm.layer])
+            dims = _items(shapes[lm.layer], f"model shape of layer {lm.layer!r}")
+            want = tuple(_as_int(d, f"model dimension of layer {lm.layer!r}") for d in dims)
             if want != lm.shape:
                 raise MaskError(f"layer {lm.layer!r}: mask shape {lm.shape} != model shape {want}")
             if block_size is not None and lm.block_size != block_size:
@@ -236,6 +262,8 @@ class Mask:
 
     @classmethod
     def from_dense(cls, dense: Mapping[str, npt.ArrayLike], block_size: int) -> Mask:
+        if not isinstance(dense, Mapping):
+            raise MaskError(f"dense masks must map layer name -> boolean array, got {type(dense).__name__}")
         return cls(layers=tuple(LayerMask.from_dense(name, d, block_size) for name, d in dense.items()))
 
     # -- canonical bytes ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ This module computes its own per-sample gradients: the provider never imports th
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from zkunlearn.circuits.mask import LayerMask, Mask
+from zkunlearn.provider.proof_budget import block_cap
 
 __all__ = [
     "MaskSelectionError",
@@ -80,9 +82,27 @@ def _params(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Parameter]:
     return {name: named[name] for name in layers}
 
 
+def _check_int(value: object, what: str, minimum: int | None = None) -> int:
+    """Counts and sizes must be true integers: ``True`` would count as 1 and ``1.5`` would be rounded or
+    truncated somewhere downstream, silently changing how much is scored or masked."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MaskSelectionError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise MaskSelectionError(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_real(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MaskSelectionError(f"{what} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def _check_data(data: Data, what: str) -> Data:
+    if not (isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)):
+        raise MaskSelectionError(f"{what} set must be an (inputs, targets) pair of tensors")
     x, y = data
-    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+    if x.ndim == 0 or y.ndim == 0 or x.shape[0] == 0 or x.shape[0] != y.shape[0]:
         raise MaskSelectionError(f"{what} set needs matching, non-empty inputs/targets: {x.shape}, {y.shape}")
     return x, y
 
@@ -135,6 +155,9 @@ def weight_scores(
     max_samples: int = 480,
 ) -> dict[str, F64]:
     """Per-weight scores (float64, each the parameter's shape) for the targeted layers."""
+    # Checked even for "random": a caller's bad argument should not depend on the score to surface, and
+    # ``x[:0]`` / ``x[:-1]`` would otherwise average over no sample (NaN everywhere) or silently drop one.
+    max_samples = _check_int(max_samples, "max_samples", 1)
     params = _params(model, layers)
     if score == "random":
         rng = np.random.default_rng(seed)
@@ -157,32 +180,62 @@ def weight_scores(
     return out
 
 
-def neuron_scores(
-    model: nn.Module, layers: Sequence[str], forget: Data, retain: Data, *, eps: float = 1e-12
-) -> dict[str, F64]:
-    """Per-row scores ``Imp(forget, n) / (Imp(retain, n) + eps)`` from the owning module's outputs."""
+def _row_modules(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    """The module owning each targeted weight, refused unless weight dim 0 is its output unit.
+
+    A neuron is scored from the module's output channel and masked as weight row ``[i]``; that is the
+    same unit only for ``nn.Linear`` and ordinary convolutions. A transposed convolution's weight is
+    ``(in, out, ...)`` and an embedding's rows are tokens, so their "rows" would be chosen by the scores
+    of other units (silently, whenever the two counts happen to agree).
+    """
     params = _params(model, layers)
-    modules = {}
+    modules: dict[str, nn.Module] = {}
     for name in layers:
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         if leaf != "weight" or params[name].ndim < 2:
             raise MaskSelectionError(f"neuron scores need a >= 2-D weight parameter, got {name!r}")
+        is_conv = isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+        if not (isinstance(module, nn.Linear) or is_conv):
+            raise MaskSelectionError(
+                f"neuron structure needs weight rows that are output units (nn.Linear or a non-transposed "
+                f"convolution); {name!r} belongs to {owner or '<model>'!r} of type {type(module).__name__}"
+            )
         modules[name] = module
+    return modules
 
-    def importance(data: Data) -> dict[str, F64]:
-        x, _ = _check_data(data, "activation")
-        acc: dict[str, F64] = {}
+
+def neuron_scores(
+    model: nn.Module, layers: Sequence[str], forget: Data, retain: Data, *, eps: float = 1e-12
+) -> dict[str, F64]:
+    """Per-row scores ``Imp(forget, n) / (Imp(retain, n) + eps)`` from the owning module's outputs."""
+    modules = _row_modules(model, layers)
+    named = dict(model.named_parameters())
+    rows = {name: int(named[name].shape[0]) for name in modules}
+
+    def importance(data: Data, what: str) -> dict[str, F64]:
+        x, _ = _check_data(data, what)
+        # A module run several times per forward (a shared or tied layer) contributes every call: the
+        # mean is over all its output positions, not whatever the last call left behind.
+        total = {name: np.zeros(n) for name, n in rows.items()}
+        count = dict.fromkeys(rows, 0)
+        bad: list[str] = []
         hooks = []
         for name, module in modules.items():
-            # Conv outputs keep channels in dim 1, Linear outputs in the last dim.
-            channel_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+            # Conv outputs keep channels in dim 1 (dim 0 when called unbatched: one fewer dim than the
+            # weight), Linear outputs in the last dim.
+            conv_ndim = named[name].ndim if isinstance(module, nn.modules.conv._ConvNd) else None
 
             def hook(
-                _m: nn.Module, _i: object, out: Tensor, name: str = name, dim: int = channel_dim
+                _m: nn.Module, _i: object, out: Tensor, name: str = name, conv_ndim: int | None = conv_ndim
             ) -> None:
-                a = out.detach().to(torch.float64).clamp_min(0).movedim(dim, -1).flatten(0, -2)
-                acc[name] = a.mean(0).numpy()
+                dim = -1 if conv_ndim is None else 1 if out.ndim == conv_ndim else 0
+                if out.ndim == 0 or out.shape[dim] != rows[name]:
+                    bad.append(f"{name!r}: output {tuple(out.shape)} has no {rows[name]}-unit channel dim")
+                    return
+                a = out.detach().to(torch.float64).clamp_min(0).movedim(dim, -1).reshape(-1, rows[name])
+                total[name] += a.sum(0).numpy()
+                count[name] += a.shape[0]
 
             hooks.append(module.register_forward_hook(hook))
         was_training = model.training
@@ -194,25 +247,53 @@ def neuron_scores(
             model.train(was_training)
             for h in hooks:
                 h.remove()
-        return acc
+        if bad:
+            raise MaskSelectionError(f"cannot score neurons on the {what} set: {'; '.join(bad)}")
+        if silent := [name for name, c in count.items() if c == 0]:
+            raise MaskSelectionError(
+                f"the modules owning {silent} produced no output on the {what} set: their weights are "
+                "used without calling the module (e.g. nn.MultiheadAttention's out_proj), so their "
+                "neurons cannot be scored by activation"
+            )
+        return {name: total[name] / count[name] for name in rows}
 
-    imp_f, imp_r = importance(forget), importance(retain)
+    imp_f, imp_r = importance(forget, "forget"), importance(retain, "retain")
     return {name: imp_f[name] / (imp_r[name] + eps) for name in layers}
 
 
 def _check_fraction(fraction: float, block_size: int) -> None:
+    fraction = _check_real(fraction, "fraction")
     if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
         raise MaskSelectionError(f"fraction must be in [0, 1], got {fraction}")
-    if block_size <= 0:
+    if _check_int(block_size, "block size") <= 0:
         raise MaskSelectionError(f"block size must be positive, got {block_size}")
 
 
+def _check_density(density: float) -> float:
+    density = _check_real(density, "block density")
+    if not (math.isfinite(density) and 0.0 < density <= 1.0):
+        raise MaskSelectionError(f"block density must be in (0, 1], got {density}")
+    return density
+
+
 def _flatten(scores: Mapping[str, npt.ArrayLike]) -> tuple[list[str], list[tuple[int, ...]], F64]:
+    if not isinstance(scores, Mapping):
+        raise MaskSelectionError(f"scores must map layer name -> array, got {type(scores).__name__}")
     names = list(scores)
-    arrays = [np.asarray(scores[n], dtype=np.float64) for n in names]
+    arrays = []
+    for n in names:
+        try:
+            arrays.append(np.asarray(scores[n], dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise MaskSelectionError(f"scores of {n!r} are not a numeric array: {exc}") from exc
     flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    nan = np.isnan(flat)
+    if flat.size and nan.all():
+        # Every score 0/0 (no samples, or a model that outputs NaN): any mask would be an arbitrary
+        # index order dressed up as a selection.
+        raise MaskSelectionError(f"every score of {names} is NaN: nothing to select by")
     # A NaN score (0/0) carries no evidence: rank it last rather than let it sort unpredictably.
-    flat = np.where(np.isnan(flat), -np.inf, flat)
+    flat = np.where(nan, -np.inf, flat)
     return names, [a.shape for a in arrays], flat
 
 
@@ -245,10 +326,9 @@ def select_blocks(
     scores: Mapping[str, npt.ArrayLike], fraction: float, block_size: int, density: float = 1.0
 ) -> Mask:
     """The same budget as ``select_unstructured`` packed into the fewest blocks, each masked at most to
-    ``floor(density * B)`` weights (at least one)."""
+    ``floor(density * B)`` weights (at least one, float error forgiven: ``proof_budget.block_cap``)."""
     _check_fraction(fraction, block_size)
-    if not (math.isfinite(density) and 0.0 < density <= 1.0):
-        raise MaskSelectionError(f"block density must be in (0, 1], got {density}")
+    density = _check_density(density)
     names, shapes, flat = _flatten(scores)
     k = _budget(fraction, flat.size)
     ranks = np.empty(flat.size, dtype=np.float64)
@@ -257,7 +337,7 @@ def select_blocks(
     # by score, ranked by their mean rank (a sum would disfavour a layer's short last block).
     picks: list[npt.NDArray[np.int64]] = []
     lo = 0
-    cap = max(1, math.floor(density * block_size))
+    cap = block_cap(density, block_size)
     for shape in shapes:
         n = math.prod(shape)
         for b in range(lo, lo + n, block_size):
@@ -289,11 +369,18 @@ def select_neurons(
 ) -> Mask:
     """Top ``round(fraction * rows)`` rows across the layers; every weight of a chosen row is masked."""
     _check_fraction(fraction, block_size)
-    names = list(row_scores)
+    names, _, flat = _flatten(row_scores)
+    if not isinstance(shapes, Mapping):
+        raise MaskSelectionError(f"shapes must map layer name -> shape, got {type(shapes).__name__}")
+    if missing := [name for name in names if name not in shapes]:
+        raise MaskSelectionError(f"shapes has no entry for the scored layers {missing}")
     for name in names:
-        if np.asarray(row_scores[name]).shape != (shapes[name][0],):
-            raise MaskSelectionError(f"{name!r}: row scores must have shape ({shapes[name][0]},)")
-    _, _, flat = _flatten(row_scores)
+        shape = shapes[name]
+        if not isinstance(shape, Sequence) or not shape:
+            raise MaskSelectionError(f"{name!r}: shape must be a non-empty sequence of ints, got {shape!r}")
+        n_rows = _check_int(shape[0], f"{name!r}: row count", 1)
+        if np.asarray(row_scores[name]).shape != (n_rows,):
+            raise MaskSelectionError(f"{name!r}: row scores must have shape ({n_rows},)")
     k = _budget(fraction, flat.size)
     rows = np.zeros(flat.size, dtype=bool)
     rows[np.argsort(-flat, kind="stable")[:k]] = True
@@ -334,9 +421,15 @@ def compute_mask(
     if score not in SCORES:
         raise MaskSelectionError(f"unknown score {score!r} (choose from {SCORES})")
     _check_fraction(fraction, block_size)
+    density = _check_density(density)
+    seed = _check_int(seed, "seed")
     if density != 1.0 and structure != "block":
         raise MaskSelectionError(f"density caps blocks of the 'block' structure, not {structure!r}")
     params = _params(model, layers)  # refuses no layers and unknown ones
+    if class_rows is not None and not isinstance(class_rows, Mapping):
+        raise MaskSelectionError(
+            f"class_rows must map layer name -> row count, got {type(class_rows).__name__}"
+        )
     rows = dict(class_rows or {})
     if unknown := sorted(set(rows) - set(layers)):
         raise MaskSelectionError(f"class_rows names layers that are not targeted: {unknown}")
@@ -349,7 +442,8 @@ def compute_mask(
     if not rows:
         return mask
     shapes = {name: tuple(int(d) for d in params[name].shape) for name in rows}
-    for name, k in rows.items():
+    for name in rows:
+        k = rows[name] = _check_int(rows[name], f"class_rows[{name!r}]")  # 1.5 would take round(1.5) rows
         if not 0 < k < shapes[name][0]:
             raise MaskSelectionError(f"class_rows[{name!r}] must be in 1..{shapes[name][0] - 1}, got {k}")
     row_scores = neuron_scores(model, list(rows), forget, retain)  # one forward pass for every head
@@ -378,6 +472,7 @@ def _select(
     if structure == "neuron":
         shapes = {name: tuple(int(d) for d in p.shape) for name, p in params.items()}
         if score == "random":
+            _row_modules(model, layers)  # random rows must still be output units
             rng = np.random.default_rng(seed)
             rs: dict[str, F64] = {name: rng.random(shapes[name][0]) for name in layers}
         else:

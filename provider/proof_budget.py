@@ -17,11 +17,28 @@ import numpy as np
 import numpy.typing as npt
 from zkunlearn.circuits.mask import LayerMask, Mask
 
-__all__ = ["BudgetError", "select_within_budget"]
+__all__ = ["BudgetError", "block_cap", "select_within_budget"]
 
 
 class BudgetError(ValueError):
     """The budget cannot be met with the given layer shapes."""
+
+
+_CAP_TOLERANCE = 1e-9
+
+
+def block_cap(density: float, block_size: int) -> int:
+    """How many weights of a ``block_size`` block a ``density`` cap lets a mask take (at least one).
+
+    ``floor(density * block_size)`` in floats loses a whole weight whenever the product lands a hair
+    under an integer (``0.29 * 100 == 28.999999999999996``), so a cap written as 29 % of 100 would take 28.
+    The product's rounding error is relative (a few ulps), so a relative tolerance far above it and far
+    below one weight absorbs it; exact ``Fraction`` arithmetic would not help, since the float ``0.29`` is
+    itself below 29/100. This is the one definition both block selections (``select_blocks`` and
+    ``select_within_budget``) use, so their caps cannot drift apart.
+    """
+    product = density * block_size
+    return max(1, math.floor(product + abs(product) * _CAP_TOLERANCE))
 
 
 def select_within_budget(
@@ -39,7 +56,7 @@ def select_within_budget(
         raise BudgetError(
             f"density must be in (0, 1) so blocks keep weights to compensate with, got {density}"
         )
-    per_block = max(1, math.floor(density * block_size))
+    per_block = block_cap(density, block_size)
     candidates: list[tuple[float, str, int]] = []
     flat_scores: dict[str, npt.NDArray[np.float64]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
