@@ -63,13 +63,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 T = TypeVar("T")
 TASKS = ("vit", "mlp", "code-lm")
 METHODS = (
-    "personalized", "mask-only", "group-obs", "group-obs-refit", "support-finetune", "mask-finetune",
-    "analytic", "retrain",
+    "personalized", "mask-only", "group-obs", "group-obs-refit", "support-finetune", "layers-finetune",
+    "mask-finetune", "analytic", "retrain",
 )  # fmt: skip
 # Methods whose recovery is reported: the provable one, the same followed by the output refit (provable
-# for ReLU layers), the fine-tune restricted to the weights Group-OBS may change (its ceiling), and the
-# unrestricted fine-tune (the utility reference).
-RECOVERING = ("group-obs", "group-obs-refit", "support-finetune", "mask-finetune")
+# for ReLU layers), the fine-tune of exactly the weights Group-OBS may change (the unmasked weights of
+# the blocks the mask touches), the fine-tune of the masked layers' unmasked weights (a wider support:
+# blocks the mask leaves alone too), and the unrestricted fine-tune (the utility reference).
+RECOVERING = ("group-obs", "group-obs-refit", "support-finetune", "layers-finetune", "mask-finetune")
 
 
 def task_methods(task: str) -> tuple[str, ...]:
@@ -83,6 +84,8 @@ def task_methods(task: str) -> tuple[str, ...]:
 
 # What an update reports about itself beside the metrics (absent where it does not apply).
 _UPDATE_FIELDS = ("update_s", "peak_rss_mb", "naive_over_ours", "naive_max_diff", "refit_error_ratio")
+# What `evaluate` measures of a model.
+_METRIC_FIELDS = ("forget_acc", "forget_acc_client", "retain_acc", "personal_acc", "mia", "mia_svc")
 
 
 @dataclass(frozen=True)
@@ -478,6 +481,23 @@ def dense_masks(mask: Any, layers: Sequence[str]) -> dict[str, Tensor]:
     return {name: torch.as_tensor(mask.dense(name)) for name in layers}
 
 
+def group_obs_support(mask: Any, layers: Sequence[str]) -> dict[str, Tensor]:
+    """The weights Group-OBS may change: the unmasked ones of the blocks the mask touches.
+
+    A block the mask leaves alone gets no compensation (the Fisher is block-diagonal), so a fine-tune
+    that may move it is not confined to Group-OBS's support.
+    """
+    out: dict[str, Tensor] = {}
+    for name in layers:
+        lm = mask.layer(name)
+        touched = np.zeros(lm.n_blocks * lm.block_size, dtype=bool)
+        for block in lm.blocks:
+            touched[int(block) * lm.block_size : (int(block) + 1) * lm.block_size] = True
+        dense = np.asarray(mask.dense(name), dtype=bool)
+        out[name] = torch.as_tensor(touched[: dense.size].reshape(dense.shape) & ~dense)
+    return out
+
+
 def masked_forget_acc(model: nn.Module, dense: Mapping[str, Tensor], views: Views) -> float:
     from zkunlearn.tasks.metrics import accuracy
     from zkunlearn.tasks.train import masked_copy
@@ -855,14 +875,15 @@ def run_job(
             evaluate(ft, views, seed),
             {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
         )
+        results["support-finetune"] = support_finetune(prep, v, mask, dense, seed, quick)
         with measured() as m:
-            support = finetune_masked(
+            layers_ft = finetune_masked(
                 v["personalized"], dense, after[0], after[1],
                 epochs=1 if quick else s.support_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
                 trainable=prep.layers,
             )  # fmt: skip
-        results["support-finetune"] = (
-            evaluate(support, views, seed),
+        results["layers-finetune"] = (
+            evaluate(layers_ft, views, seed),
             {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
         )
         if "analytic" in task_methods(task):
@@ -902,6 +923,71 @@ def run_job(
                 }
             )
     return rows, sweep_rows
+
+
+def support_finetune(
+    prep: Prepared, v: Mapping[str, Any], mask: Any, dense: Mapping[str, Tensor], seed: int, quick: bool
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The fine-tune confined to Group-OBS's own support: what a gradient method finds there."""
+    from zkunlearn.tasks.train import finetune_masked
+
+    s = SETTINGS[prep.task]
+    with measured() as m:
+        model = finetune_masked(
+            v["personalized"], dense, v["after"][0], v["after"][1],
+            epochs=1 if quick else s.support_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
+            trainable=prep.layers, movable=group_obs_support(mask, prep.layers),
+        )  # fmt: skip
+    return evaluate(model, v["views"], seed), {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
+
+
+def add_support_finetune(
+    rows: Sequence[Mapping[str, Any]], task: str, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Per-seed ``support-finetune`` rows for seeds measured before the method existed.
+
+    Everything but the new fine-tune is taken from the stored rows of the same (task, variant, seed):
+    the cached models and the deterministic mask are the same, so the recovery is on the stored
+    personalized and mask-only accuracies.
+    """
+    from zkunlearn.tasks.metrics import recovery
+    from zkunlearn.tasks.train import masked_copy
+
+    stored = {(r["task"], r["variant"], int(r["seed"]), r["method"]): r for r in rows}
+    s = SETTINGS[task]
+    out: list[dict[str, Any]] = []
+    for seed in seeds:
+        prep = prepare(task, seed, quick=False)
+        mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
+        dense = dense_masks(mask, prep.layers)
+        for variant, v in prep.variants.items():
+            template = stored[(task, variant, seed, "layers-finetune")]
+            base_p = stored[(task, variant, seed, "personalized")]["personal_acc"]
+            base_m = stored[(task, variant, seed, "mask-only")]["personal_acc"]
+            gold_f = stored[(task, variant, seed, "retrain")]["forget_acc"]
+            masked_now = split_accuracy(masked_copy(v["personalized"], dense), v["views"].personal_test)
+            if abs(masked_now - base_m) > 1e-9:
+                raise RuntimeError(f"{task} seed {seed} {variant}: the mask is not the stored run's")
+            support = group_obs_support(mask, prep.layers)
+            if all(bool(torch.equal(support[n], ~dense[n].bool())) for n in prep.layers):
+                # Every block touched: the support is the layers' unmasked weights, and nothing is put
+                # back during the fine-tune, so it is the stored layers-finetune run (same seed, same data).
+                metrics = {k: template[k] for k in template if k in _METRIC_FIELDS}
+                extra = {k: template[k] for k in _UPDATE_FIELDS if k in template}
+            else:
+                metrics, extra = support_finetune(prep, v, mask, dense, seed, quick=False)
+            out.append(
+                {
+                    **template,
+                    "method": "support-finetune",
+                    **metrics,
+                    "forget_gap_vs_retrain": metrics["forget_acc"] - gold_f,
+                    "recovery": recovery(base_p, base_m, metrics["personal_acc"]),
+                    **{k: extra[k] for k in _UPDATE_FIELDS if k in extra},
+                }
+            )
+            print(f"{task} seed {seed} {variant}: support-finetune recovery {out[-1]['recovery']}")
+    return out
 
 
 # ------------------------------------------------------------------------------------- aggregation
@@ -1329,6 +1415,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--no-sweep", action="store_true", help="skip the mask-recipe sweep")
     parser.add_argument(
+        "--add-support-finetune",
+        metavar="SEEDS_JSON",
+        help="add the support-confined fine-tune's rows for --tasks and --seeds from --seed-offset to a "
+        "stored <stem>_seeds.json (seeds run before the method existed), then rebuild the tables",
+    )
+    parser.add_argument(
         "--finalize",
         nargs="+",
         help="rebuild the tables from <stem>_seeds.json files (merged, e.g. one run per task) and exit",
@@ -1414,6 +1506,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(f"{stem}_tuning.json").write_text(json.dumps(tuning_rows, indent=1) + "\n")
         Path(f"{stem}_tuning.md").write_text(render_tuning_markdown(tuning_rows))
         print(render_tuning_markdown(tuning_rows))
+        return 0
+    if args.add_support_finetune:
+        # Seeds measured before `support-finetune` existed: add its rows to the stored file in place.
+        blob = json.loads(Path(args.add_support_finetune).read_text())
+        for task in args.tasks.split(","):
+            blob["rows"].extend(
+                add_support_finetune(
+                    blob["rows"], task, range(args.seed_offset, args.seed_offset + args.seeds)
+                )
+            )
+        Path(args.add_support_finetune).write_text(json.dumps(blob, indent=1) + "\n")
+        records = finalize(blob["rows"], blob["sweep"], Path(args.out))
+        print(render_markdown(records))
         return 0
     if args.finalize:
         rows: list[dict[str, Any]] = []

@@ -60,11 +60,52 @@ def test_group_obs_agrees_with_the_naive_solver(quick_rows: list[dict[str, objec
 
 
 def test_support_finetune_trains(quick_rows: list[dict[str, object]]) -> None:
-    """The ceiling baseline must have moved away from the plain mask."""
+    """Both confined fine-tunes must have moved away from the plain mask."""
     by = {(r["variant"], r["method"]): r for r in quick_rows}
     for variant in ("disjoint", "overlap"):
-        support, masked = by[(variant, "support-finetune")], by[(variant, "mask-only")]
-        assert support["personal_acc"] != masked["personal_acc"]
+        masked = by[(variant, "mask-only")]
+        for method in ("support-finetune", "layers-finetune"):
+            assert by[(variant, method)]["personal_acc"] != masked["personal_acc"]
+
+
+def test_support_is_what_group_obs_may_move_and_the_fine_tune_stays_in_it() -> None:
+    """Group-OBS changes only unmasked weights of touched blocks; `support-finetune` may move no others."""
+    from zkunlearn.bench.unlearning import dense_masks, group_obs_support
+    from zkunlearn.client.fisher import BlockFactors
+    from zkunlearn.client.group_obs import apply_group_obs
+
+    from zkunlearn.tasks.train import finetune_masked
+
+    prep = prepare("mlp", 0, quick=True)
+    s = SETTINGS["mlp"]
+    mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
+    dense = dense_masks(mask, prep.layers)
+    support = group_obs_support(mask, prep.layers)
+    personalized = prep.variants["disjoint"]["personalized"]
+    x, y = prep.variants["disjoint"]["after"]
+    named = dict(personalized.named_parameters())
+    for name in prep.layers:
+        theta = named[name].detach().double().numpy()
+        lm = mask.layer(name)
+        n_blocks = lm.n_blocks
+        rng = np.random.default_rng(0)
+        factors = np.zeros((n_blocks, 4, lm.block_size))
+        factors[:] = rng.normal(size=factors.shape)
+        tail = theta.size - (n_blocks - 1) * lm.block_size
+        factors[-1][:, tail:] = 0.0
+        factor = BlockFactors(name, lm.block_size, factors, 1.0, theta.shape)
+        moved, _updates = apply_group_obs(theta, factor, lm, 0.1)
+        changed = torch.as_tensor(moved != theta)
+        assert not bool((changed & ~support[name] & ~dense[name]).any())  # nothing outside the support
+        assert bool((changed & support[name]).any())
+        assert not bool((support[name] & dense[name]).any())
+    tuned = finetune_masked(
+        personalized, dense, x, y, epochs=1, lr=1e-3, seed=0, trainable=prep.layers, movable=support
+    )
+    for name in prep.layers:
+        delta = (tuned.get_parameter(name) - personalized.get_parameter(name)).detach()
+        assert torch.all(delta[~support[name] & ~dense[name]] == 0)
+        assert bool((delta[support[name]] != 0).any())
 
 
 def test_finalize_writes_json_tables_and_plot(quick_rows: list[dict[str, object]], tmp_path: Path) -> None:

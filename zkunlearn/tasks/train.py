@@ -72,13 +72,16 @@ def fit(
     loss_fn: LossFn = cross_entropy,
     frozen_zero: Mapping[str, Tensor] | None = None,
     trainable: Sequence[str] | None = None,
+    movable: Mapping[str, Tensor] | None = None,
 ) -> list[float]:
     """AdamW with a cosine schedule; returns the mean loss of each epoch.
 
     ``frozen_zero`` maps parameter names to boolean masks of weights that must stay exactly zero (the
     deletion mask kept during fine-tuning): their gradients are dropped and they are re-zeroed after
     every step, since AdamW's weight decay and momentum would otherwise move them. ``trainable`` names
-    the only parameters the optimizer may move (default: all).
+    the only parameters the optimizer may move (default: all). ``movable`` narrows a trainable
+    parameter to the weights its boolean mask marks: the others are put back after every step (a
+    support finer than whole tensors, such as Group-OBS's touched blocks).
     """
     if x.shape[0] != y.shape[0]:
         raise TrainError(f"{x.shape[0]} inputs but {y.shape[0]} targets")
@@ -95,6 +98,12 @@ def fit(
     unknown = sorted(set(trainable or ()) - named.keys())
     if unknown:
         raise TrainError(f"trainable names unknown parameters {unknown}")
+    held: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    for name, may_move in (movable or {}).items():
+        if name not in named:
+            raise TrainError(f"movable mask names unknown parameter {name!r}")
+        stay = ~torch.as_tensor(may_move, dtype=torch.bool)
+        held[name] = (named[name], stay, named[name].detach()[stay].clone())
     params = list(model.parameters()) if trainable is None else [named[n] for n in trainable]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -116,6 +125,8 @@ def fit(
             opt.step()
             sched.step()
             with torch.no_grad():
+                for weights, stay, value in held.values():
+                    weights[stay] = value
                 for param, keep_zero in frozen.values():
                     param[keep_zero] = 0.0
             total += float(loss.detach()) * idx.shape[0]
@@ -185,15 +196,18 @@ def finetune_masked(
     seed: int,
     batch_size: int = 64,
     trainable: Sequence[str] | None = None,
+    movable: Mapping[str, Tensor] | None = None,
 ) -> nn.Module:
     """Mask, then fine-tune on the client's remaining data with the masked weights held at zero.
 
-    ``trainable`` limits the fine-tune to those parameters: restricted to the masked layers, it is the
-    best a gradient method finds on the support Group-OBS itself may change (its ceiling).
+    ``trainable`` limits the fine-tune to those parameters, ``movable`` to those weights of them.
+    Group-OBS may change only the unmasked weights of the blocks a mask touches: a fine-tune with
+    exactly that ``movable`` is what a gradient method finds on its support; one of the masked layers
+    as a whole moves more weights than Group-OBS ever can.
     """
     out = masked_copy(model, dense)
     fit(
         out, x, y, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, frozen_zero=dense,
-        trainable=trainable,
+        trainable=trainable, movable=movable,
     )  # fmt: skip
     return out
