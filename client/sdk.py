@@ -30,6 +30,7 @@ from zkunlearn.proofs.statements import (
     DOMAIN_ENROLLMENT,
     DOMAIN_RECEIPT,
     DOMAIN_RPC_AUTH,
+    MAX_INT,
     StatementError,
     StatementSigner,
     StatementVerifier,
@@ -149,6 +150,12 @@ class Outcome:
     leaf_index: int | None = None
 
 
+# The largest cursor the client can ask for: ``after_cursor`` is a field of the signed RPC auth statement,
+# whose canonical JSON carries integers up to 2**53 - 1 only. A larger stored cursor would make every
+# later poll fail, so none is ever stored.
+MAX_CURSOR = MAX_INT
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -218,6 +225,9 @@ class EdgeClient:
         self.prover = prover
         self.clock_ms = clock_ms
         self.receipt_wait_s = receipt_wait_s
+        # Deletions chain (each is proved from the state the previous one left), so requests are
+        # processed one at a time, whichever thread (poll(), watch()) delivers them.
+        self._processing = threading.Lock()
         if provider_public_key is not None:
             pinned = self.store.put_if_absent("provider_public_key", provider_public_key)
             if pinned != provider_public_key:
@@ -408,6 +418,10 @@ class EdgeClient:
                 raise ForgedRequestError(f"request targets model {payload.get('model_id')!r}, not ours")
             if payload.get("update_kind") != enrollment["update_kind"]:
                 raise ForgedRequestError("request asks for another update kind than this client enrolled")
+        cursor = int(msg.cursor)
+        if not 0 <= cursor <= MAX_CURSOR:
+            # Not covered by the signature; a genuine provider never sends one the client cannot poll after.
+            raise ForgedRequestError(f"delivered cursor {cursor} is outside [0, 2**53 - 1]")
         expires = payload.get("expires_ms")
         if not isinstance(expires, int) or expires < self.clock_ms():
             raise ExpiredRequestError(f"request {msg.request_id!r} expired at {expires} (unix ms)")
@@ -446,7 +460,7 @@ class EdgeClient:
             forget_labels=labels,
             issued_ms=int(payload["issued_ms"]),
             expires_ms=expires,
-            cursor=int(msg.cursor),
+            cursor=cursor,
             before_commitments=tuple(self.commitments),
             payload=payload,
             canonical=bytes(msg.canonical),
@@ -469,9 +483,31 @@ class EdgeClient:
         Any other failure of the prover -- I/O, a crashed or out-of-memory proving worker, a bug -- is
         raised, with the cursor where it was, so that the next poll retries the request: a deletion is
         never skipped because the device failed for a moment.
+
+        An already applied request is skipped; the cursor moves at most to the one recorded with its
+        receipt, never to the one delivered with this (unchecked) message. Processing is serialised
+        per client: deletions chain, so two requests proved at once would both start from the same
+        state (the provider would refuse the second as stale), and the same delivery handled on two
+        threads (``poll()`` and ``watch()``) is proved once: the thread that waited finds it applied.
         """
-        if self.store.applied(msg.request_id) is not None:
-            self.store.advance_cursor(int(msg.cursor))
+        with self._processing:
+            return self._process(msg)
+
+    def _advance_cursor(self, cursor: int) -> None:
+        """Advance the stored cursor, unless ``cursor`` is one no later poll could be made after."""
+        if 0 <= cursor <= MAX_CURSOR:
+            self.store.advance_cursor(cursor)
+        else:
+            log.warning("not moving the cursor to %d: outside [0, 2**53 - 1]", cursor)
+
+    def _process(self, msg: pb.SignedDeletionRequest) -> Outcome:
+        applied = self.store.applied(msg.request_id)
+        if applied is not None:
+            # Nothing of this message has been checked yet, and its cursor is not signed anyway: only the
+            # cursor recorded with the receipt may move the stored one (a re-delivery after
+            # ``poll_all(from_cursor=...)`` must get past it), or a forger reusing an applied id could
+            # make the client skip genuine requests.
+            self._advance_cursor(applied.cursor)
             return Outcome(msg.request_id, "skipped", "already applied")
         try:
             request = self.verify_request(msg)
@@ -481,8 +517,9 @@ class EdgeClient:
             log.warning("refusing forged request %r: %s", msg.request_id, exc)
             return Outcome(msg.request_id, "refused", str(exc))
         except RequestRefusedError as exc:
+            # Expired: raised only once the signature, addressee and cursor range have checked out.
             log.warning("refusing request %r: %s", msg.request_id, exc)
-            self.store.advance_cursor(int(msg.cursor))
+            self._advance_cursor(int(msg.cursor))
             return Outcome(msg.request_id, "refused", str(exc))
         pending = self.store.pending(request.request_id)
         if pending is None:
@@ -493,7 +530,7 @@ class EdgeClient:
                     raise
                 reason = f"the prover cannot process it: {type(exc).__name__}: {exc}"
                 log.warning("refusing request %r: %s", request.request_id, reason)
-                self.store.advance_cursor(request.cursor)
+                self._advance_cursor(request.cursor)
                 return Outcome(request.request_id, "refused", reason)
             pending = self.store.save_pending(
                 PendingUpdate(
@@ -587,9 +624,10 @@ class EdgeClient:
             receipt_signature=bytes(receipt.signature),
             leaf_index=int(receipt.leaf_index),
         )
-        accepted = verdict == pb.VERDICT_ACCEPTED
-        self.store.finish(record, self.clock_ms(), [c.to_json() for c in after] if accepted else None)
-        return Outcome(request.request_id, record.verdict, reason, record.leaf_index)
+        new_commitments = [c.to_json() for c in after] if verdict == pb.VERDICT_ACCEPTED else None
+        # Returns the receipt already stored if another client on this store finished the request first.
+        stored = self.store.finish(record, self.clock_ms(), new_commitments)
+        return Outcome(request.request_id, stored.verdict, stored.reason, stored.leaf_index)
 
     def _wait_receipt(self, request_id: str) -> tuple[pb.Verdict.ValueType, str, pb.SignedReceipt]:
         retrying = Retrying(

@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS applied (
 );
 """
 
+_APPLIED_COLUMNS = (
+    "request_id, cursor, verdict, reason, submission_id, receipt_canonical, receipt_signature, leaf_index"
+)
+
 
 class StoreError(RuntimeError):
     """The client store is missing something it needs (identity, pinned key) or is inconsistent."""
@@ -193,12 +197,16 @@ class ClientStore:
 
     def finish(
         self, record: AppliedRecord, finished_ms: int, new_commitments: list[dict[str, object]] | None
-    ) -> None:
-        """Atomically: receipt stored, pending dropped, cursor advanced, commitments replaced if accepted."""
+    ) -> AppliedRecord:
+        """Atomically: receipt stored, pending dropped, cursor advanced, commitments replaced if accepted.
+
+        Idempotent per request id: if a receipt is already stored for it (another thread or process
+        finished it first), nothing is changed and the stored record is returned; otherwise ``record``.
+        """
         with self._txn() as cur:
-            cur.execute(
-                "INSERT INTO applied(request_id, cursor, verdict, reason, submission_id, receipt_canonical, "
-                "receipt_signature, leaf_index, finished_ms) VALUES(?,?,?,?,?,?,?,?,?)",
+            inserted = cur.execute(
+                "INSERT OR IGNORE INTO applied(request_id, cursor, verdict, reason, submission_id, "
+                "receipt_canonical, receipt_signature, leaf_index, finished_ms) VALUES(?,?,?,?,?,?,?,?,?)",
                 (
                     record.request_id,
                     record.cursor,
@@ -210,7 +218,12 @@ class ClientStore:
                     record.leaf_index,
                     finished_ms,
                 ),
-            )
+            ).rowcount
+            if inserted != 1:
+                row = cur.execute(
+                    f"SELECT {_APPLIED_COLUMNS} FROM applied WHERE request_id = ?", (record.request_id,)
+                ).fetchone()
+                return _applied(row)
             cur.execute("DELETE FROM pending WHERE request_id = ?", (record.request_id,))
             row = cur.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
             if row is None or int(row[0]) < record.cursor:
@@ -227,24 +240,18 @@ class ClientStore:
                     "ON CONFLICT(key) DO UPDATE SET value = ?",
                     (value, value),
                 )
+        return record
 
     def applied(self, request_id: str) -> AppliedRecord | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT request_id, cursor, verdict, reason, submission_id, receipt_canonical, "
-                "receipt_signature, "
-                "leaf_index FROM applied WHERE request_id = ?",
-                (request_id,),
+                f"SELECT {_APPLIED_COLUMNS} FROM applied WHERE request_id = ?", (request_id,)
             ).fetchone()
         return None if row is None else _applied(row)
 
     def receipts(self) -> list[AppliedRecord]:
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT request_id, cursor, verdict, reason, submission_id, receipt_canonical, "
-                "receipt_signature, "
-                "leaf_index FROM applied ORDER BY cursor"
-            ).fetchall()
+            rows = self._conn.execute(f"SELECT {_APPLIED_COLUMNS} FROM applied ORDER BY cursor").fetchall()
         return [_applied(r) for r in rows]
 
 
