@@ -68,6 +68,9 @@ def open_channel(config: ChannelConfig) -> grpc.Channel:
     if not config.root_certs_file:
         if config.client_cert_file or config.client_key_file:
             raise TransportError("a client certificate (mTLS) needs root_certs_file too")
+        if config.server_name_override:
+            # A TLS option: without root certificates the channel would silently be plaintext.
+            raise TransportError("server_name_override is a TLS option; it needs root_certs_file too")
         return grpc.insecure_channel(config.target, options=options)
     if bool(config.client_cert_file) != bool(config.client_key_file):
         raise TransportError("mTLS needs both client_cert_file and client_key_file")

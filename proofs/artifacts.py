@@ -5,6 +5,12 @@ and settings as its own and hands the client the compiled circuit and settings. 
 receives a proving key: it regenerates pk (and vk) from the compiled circuit and the same SRS
 (ezkl's setup is deterministic), and a test checks that its vk equals the provider's byte for byte.
 
+A client that talks to a provider must not trust what it serves: :func:`derive_client_circuit` exports
+the relation from the published spec itself, refuses settings whose run arguments are not the sound
+ones (``input_visibility`` "public" would make the client's weights the proof's public instances) and
+specs without enough blinding rows, and compiles the circuit locally. The provider's compiled bytes are
+never used. :func:`client_artifacts` is for artifacts this process built or otherwise trusts.
+
 Settings carry a timestamp; it is dropped before hashing and writing so identical inputs give one key.
 """
 
@@ -12,14 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zkunlearn.proofs.backend import CircuitConfig, EzklBackend, ProvingBackend
 from zkunlearn.proofs.srs import SrsInfo, file_sha256
+
+if TYPE_CHECKING:
+    from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec, RefitSpec
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(RuntimeError):
@@ -123,6 +135,109 @@ class ClientCircuit:
         return int(json.loads(self.settings.read_text())["model_output_scales"][0])
 
 
+def check_client_settings(settings_bytes: bytes) -> dict[str, Any]:
+    """Parse served settings and refuse any whose run arguments differ from the protocol's sound ones.
+
+    ``input_visibility`` must be KZG commitments: "public" (ezkl's Python default) would put the
+    client's weights in the proof's public instances, "hashed" would publish a brute-forceable hash.
+    The list is :data:`zkunlearn.proofs.deletion._SOUND_RUN_ARGS`, the same one the auditor enforces.
+    """
+    from zkunlearn.proofs.deletion import _SOUND_RUN_ARGS  # deletion imports this module: import late
+
+    try:
+        data: dict[str, Any] = json.loads(settings_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"circuit settings are not JSON: {exc}") from exc
+    run_args = data.get("run_args") if isinstance(data, dict) else None
+    if not isinstance(run_args, dict):
+        raise ArtifactError("circuit settings carry no run_args")
+    for key, want in _SOUND_RUN_ARGS.items():
+        got = run_args.get(key)
+        if type(got) is not type(want) or got != want:
+            raise ArtifactError(
+                f"refusing circuit settings: run_args {key} is {got!r}, the protocol needs {want!r} "
+                "(other values can publish or leave unchecked the client's private weights)"
+            )
+    return data
+
+
+def check_client_spec(spec: GroupObsSpec | AnalyticSpec | RefitSpec, group_obs: GroupObsSpec | None) -> None:
+    """Refuse a published spec whose committed tensors carry fewer blinding rows than the product's
+    minimum (``circuits.group_obs.N_BLIND``): without them the KZG commitments to the client's weights
+    are not hiding (low-entropy weights can be found by trial)."""
+    # Late imports: deletion imports this module, and the relation pulls in torch.
+    from zkunlearn.circuits.group_obs import N_BLIND
+    from zkunlearn.proofs.deletion import GroupObsSpec
+
+    for what in (spec, group_obs):
+        if isinstance(what, GroupObsSpec):
+            n_blind = what.n_blind
+            if type(n_blind) is not int or n_blind < N_BLIND:
+                raise ArtifactError(
+                    f"refusing Group-OBS spec with n_blind={n_blind!r}: at least {N_BLIND} blinding rows "
+                    "are needed to hide the weights behind their commitments"
+                )
+
+
+def _check_srs(srs: SrsInfo) -> None:
+    if file_sha256(srs.path) != srs.sha256:
+        raise ArtifactError(f"SRS {srs.path} changed since it was pinned")
+    if srs.insecure or srs.source == "ezkl.gen_srs":
+        log.warning(
+            "circuit uses the INSECURE development SRS %s (toxic waste known to whoever generated it: "
+            "proofs can be forged); acceptable for tests and demos only, never in production",
+            srs.path.name,
+        )
+
+
+def derive_client_circuit(
+    spec: GroupObsSpec | AnalyticSpec | RefitSpec,
+    settings_bytes: bytes,
+    srs: SrsInfo,
+    directory: Path,
+    *,
+    group_obs: GroupObsSpec | None = None,
+    backend: ProvingBackend | None = None,
+) -> ClientCircuit:
+    """The client's circuit for a published ``spec``, derived here and never taken from the provider.
+
+    The relation is exported from ``spec`` with this code (:func:`~zkunlearn.proofs.deletion.export_spec`,
+    what the auditor rebuilds), compiled with the served settings once they pass
+    :func:`check_client_settings`, and set up with the pinned SRS. A refit spec needs its ``group_obs``
+    spec. The result's vk equals the provider's exactly when the provider published this relation.
+    """
+    from zkunlearn.proofs.deletion import DeletionError, export_spec  # deletion imports this module
+
+    backend = backend or EzklBackend()
+    directory = Path(directory)
+    check_client_spec(spec, group_obs)
+    check_client_settings(settings_bytes)
+    _check_srs(srs)
+    directory.mkdir(parents=True, exist_ok=True)
+    cc = ClientCircuit(
+        compiled=directory / "model.compiled",
+        settings=directory / "settings.json",
+        vk=directory / "vk.key",
+        pk=directory / "pk.key",
+        srs=srs,
+    )
+    onnx = directory / "model.onnx"
+    cc.compiled.unlink(missing_ok=True)
+    try:
+        export_spec(spec, onnx, group_obs=group_obs)
+    except DeletionError as exc:
+        raise ArtifactError(str(exc)) from exc
+    cc.settings.write_bytes(settings_bytes)
+    try:
+        backend.compile(onnx, cc.settings, cc.compiled)
+    except BaseException as exc:  # ezkl panics are BaseException; KeyboardInterrupt is not ours
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise ArtifactError(f"cannot compile the published relation with the served settings: {exc}") from exc
+    backend.setup(cc.compiled, srs.path, cc.vk, cc.pk)
+    return cc
+
+
 def client_artifacts(
     compiled_bytes: bytes,
     settings_bytes: bytes,
@@ -130,12 +245,17 @@ def client_artifacts(
     directory: Path,
     backend: ProvingBackend | None = None,
 ) -> ClientCircuit:
-    """Regenerate pk/vk from the provider's compiled circuit and settings plus the shared SRS."""
+    """Regenerate pk/vk from a compiled circuit and settings plus the shared SRS.
+
+    The compiled bytes are used as given: only for artifacts this process built or otherwise trusts.
+    A client of a remote provider uses :func:`derive_client_circuit`, which never runs served bytes.
+    The settings are still checked (:func:`check_client_settings`).
+    """
     backend = backend or EzklBackend()
     directory = Path(directory)
+    check_client_settings(settings_bytes)
+    _check_srs(srs)
     directory.mkdir(parents=True, exist_ok=True)
-    if file_sha256(srs.path) != srs.sha256:
-        raise ArtifactError(f"SRS {srs.path} changed since it was pinned")
     cc = ClientCircuit(
         compiled=directory / "model.compiled",
         settings=directory / "settings.json",

@@ -26,7 +26,7 @@ from zkunlearn.client.sdk import EdgeClient, Outcome, UpdateResult, VerifiedRequ
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig, Transport
 from zkunlearn.client.unlearning import AnalyticUnlearner, GroupObsUnlearner, ProveOptions
-from zkunlearn.proofs.artifacts import ClientCircuit, client_artifacts
+from zkunlearn.proofs.artifacts import ClientCircuit, derive_client_circuit
 from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec
 from zkunlearn.proofs.srs import SrsInfo
 from zkunlearn.scenario import Scenario
@@ -34,8 +34,9 @@ from zkunlearn.tasks.train import cross_entropy
 
 F64 = npt.NDArray[np.float64]
 BEHAVIOURS = ("honest", "other-model", "extra-edit")
-#: What the provider publishes per circuit (see DeletionCircuits.publication); never the proving key.
-ARTIFACT_NAMES = ("index", "compiled", "settings", "srs")
+#: What the client downloads per circuit (see DeletionCircuits.publication); never the proving key, and
+#: not the compiled circuit either: the client compiles the published spec's relation itself.
+ARTIFACT_NAMES = ("index", "settings", "srs")
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,10 @@ class ProvesAnotherModel(GroupObsUnlearner):
 def _published_circuit(
     profile: Profile, transport: Transport, model_id: str, kind: str
 ) -> tuple[Any, ClientCircuit]:
-    """What a device does: download the compiled circuit, settings and SRS (never a proving key) over
-    gRPC, check the SRS against the published digest, and regenerate its own proving key."""
+    """What a device does: download the spec, settings and SRS (never a proving key) over gRPC, check
+    the SRS against the published digest, export and compile the spec's relation itself (refusing
+    unsound settings or too little blinding), and regenerate its own proving key. Nothing the provider
+    compiled is ever run: served bytes could be any circuit, e.g. one whose outputs are the weights."""
     folder = Path(profile.state_dir) / "published" / kind
     circuit_id = f"{model_id}/{kind}"
     files = {name: fetch_artifact(transport, circuit_id, name, folder / name) for name in ARTIFACT_NAMES}
@@ -122,11 +125,8 @@ def _published_circuit(
         bool(srs_record["insecure"]),
         str(srs_record["source"]),
     )
-    circuit = client_artifacts(
-        files["compiled"].read_bytes(),
-        files["settings"].read_bytes(),
-        srs,
-        Path(profile.state_dir) / "circuit" / kind,
+    circuit = derive_client_circuit(
+        spec, files["settings"].read_bytes(), srs, Path(profile.state_dir) / "circuit" / kind
     )
     return spec, circuit
 
