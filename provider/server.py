@@ -25,6 +25,11 @@ Example config (every key optional)::
     nonce_ttl_s = 120.0
     request_ttl_s = 604800.0
     verify_workers = 2
+    max_workers = 16                    # RPC threads
+    max_concurrent_rpcs = 0             # 0: 4 x max_workers; beyond it calls fail with RESOURCE_EXHAUSTED
+    max_streams = 0                     # WatchRequests + GetArtifact at once; 0: 3/4 of max_workers
+    watch_max_s = 300.0                 # a watch stream then ends (OK) and the client re-opens it
+    stream_timeout_s = 1800.0           # a stream still open after this is cancelled
     [keepalive]
     time_ms = 30000
     timeout_ms = 10000
@@ -38,6 +43,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -99,7 +105,21 @@ class LimitsConfig:
     verify_poll_s: float = 0.25
     verify_max_attempts: int = 3
     max_submissions_per_request: int = 16
-    max_workers: int = 16  # RPC threads; each open WatchRequests stream holds one
+    max_workers: int = 16  # RPC threads; each open WatchRequests or GetArtifact stream holds one
+    # Calls admitted at once (running or queued for a thread); beyond it gRPC answers RESOURCE_EXHAUSTED
+    # at once instead of queueing without bound. 0: 4 x max_workers.
+    max_concurrent_rpcs: int = 0
+    # WatchRequests + GetArtifact streams at once, below max_workers so unary calls always find a
+    # thread; excess streams get RESOURCE_EXHAUSTED. 0: max_workers - max(2, max_workers // 4) (12 of 16).
+    max_streams: int = 0
+    watch_max_s: float = 300.0  # a watch stream ends (status OK) after this; the SDK re-opens it
+    stream_timeout_s: float = 1800.0  # a stream still open after this (a stalled reader) is cancelled
+
+    def stream_slots(self) -> int:
+        return self.max_streams or max(1, self.max_workers - max(2, self.max_workers // 4))
+
+    def concurrent_rpcs(self) -> int:
+        return self.max_concurrent_rpcs or 4 * self.max_workers
 
 
 @dataclass(frozen=True)
@@ -175,9 +195,89 @@ def _default_replica_id(listen: str) -> str:
     return safe[:100]
 
 
+# Numeric keys that must be > 0; every other numeric key must be >= 0 (0 means "none" or "derived").
+_POSITIVE = frozenset(
+    {
+        "watch_poll_s",
+        "limits.max_message_bytes",
+        "limits.max_proof_bytes",
+        "limits.nonce_ttl_s",
+        "limits.request_ttl_s",
+        "limits.verify_lease_s",
+        "limits.verify_poll_s",
+        "limits.verify_max_attempts",
+        "limits.max_submissions_per_request",
+        "limits.max_workers",
+        "limits.watch_max_s",
+        "limits.stream_timeout_s",
+        "keepalive.time_ms",
+        "keepalive.timeout_ms",
+        "keepalive.min_ping_interval_ms",
+    }
+)
+
+
+def _model_ids(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f'config key model_ids must be a list of strings such as ["mnist-vit"], '
+            f"got {type(value).__name__} {str(value)[:80]!r}"
+        )
+    return tuple(value)
+
+
+def _artifacts(value: Any) -> dict[str, dict[str, str]]:
+    expected = "[artifacts.<circuit_id>] tables mapping artifact names to file paths"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config key artifacts must be {expected}, got {type(value).__name__}")
+    out: dict[str, dict[str, str]] = {}
+    for circuit, arts in value.items():
+        if not isinstance(arts, Mapping):
+            raise ConfigError(
+                f"config key artifacts.{circuit} must be a table mapping artifact names to file paths, "
+                f"got {type(arts).__name__}"
+            )
+        for name, path in arts.items():
+            if not isinstance(path, str) or not path:
+                raise ConfigError(
+                    f"config key artifacts.{circuit}.{name} must be a file path (string), "
+                    f"got {type(path).__name__}"
+                )
+        out[str(circuit)] = {str(name): path for name, path in arts.items()}
+    return out
+
+
+def _check_limits(limits: LimitsConfig) -> None:
+    """Cross-key checks: the stream cap must leave RPC threads to unary calls."""
+    if limits.max_workers < 2:
+        raise ConfigError("config key limits.max_workers must be at least 2 (streams and unary calls)")
+    if not limits.stream_slots() < limits.max_workers:
+        raise ConfigError(
+            f"config key limits.max_streams must be below limits.max_workers ({limits.max_workers}), "
+            f"got {limits.stream_slots()}, so unary calls always find a thread"
+        )
+    if limits.concurrent_rpcs() < limits.max_workers:
+        raise ConfigError(
+            f"config key limits.max_concurrent_rpcs must be 0 or at least limits.max_workers "
+            f"({limits.max_workers}), got {limits.max_concurrent_rpcs}"
+        )
+    if not limits.watch_max_s < limits.stream_timeout_s:
+        raise ConfigError(
+            f"config key limits.watch_max_s must be below limits.stream_timeout_s "
+            f"({limits.stream_timeout_s}), got {limits.watch_max_s}"
+        )
+
+
+def _check_number(key: str, value: float) -> None:
+    positive = key in _POSITIVE
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError(f"config key {key} must be a finite number {bound}, got {value}")
+
+
 def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"config section {prefix or '<root>'} must be a table")
+        raise ConfigError(f"config section {prefix or '<root>'} must be a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -185,29 +285,33 @@ def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     nested = {"tls": TlsConfig, "limits": LimitsConfig, "keepalive": KeepaliveConfig}
     for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
         if prefix == "" and name in nested:
             kwargs[name] = _build(nested[name], value, name)
-        elif name == "model_ids":
-            kwargs[name] = tuple(str(v) for v in value)
-        elif name == "artifacts":
-            kwargs[name] = {str(k): {str(a): str(p) for a, p in v.items()} for k, v in value.items()}
+        elif prefix == "" and name == "model_ids":
+            kwargs[name] = _model_ids(value)
+        elif prefix == "" and name == "artifacts":
+            kwargs[name] = _artifacts(value)
         else:
             default = fields[name].default
-            if (
-                default is not dataclasses.MISSING
-                and default is not None
-                and not isinstance(value, type(default))
-            ):
-                if isinstance(default, float) and isinstance(value, int):
-                    value = float(value)
-                else:
-                    raise ConfigError(
-                        f"config key {prefix + '.' if prefix else ''}{name} must be "
-                        f"{type(default).__name__}, "
-                        f"got {type(value).__name__}"
-                    )
+            if default is dataclasses.MISSING or default is None:
+                kwargs[name] = value
+                continue
+            # bool is an int to Python, not to an operator: `max_workers = true` is a mistake.
+            is_bool = isinstance(value, bool)
+            if isinstance(default, float) and isinstance(value, int) and not is_bool:
+                value = float(value)
+            if not isinstance(value, type(default)) or (is_bool and not isinstance(default, bool)):
+                raise ConfigError(
+                    f"config key {key} must be {type(default).__name__}, got {type(value).__name__}"
+                )
+            if isinstance(value, int | float) and not is_bool:
+                _check_number(key, value)
             kwargs[name] = value
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if isinstance(built, LimitsConfig):
+        _check_limits(built)
+    return built
 
 
 def load_signer(path: str | Path) -> StatementSigner:
@@ -309,10 +413,16 @@ def build_service(
     signer: StatementSigner | None = None,
 ) -> ProviderService:
     """The provider's logic from its config; its verification workers start with it."""
-    state = state or open_state(config.state)
     signer = signer or load_signer(config.key_file)
     verifier = verifier or load_verifier(config.verifier, config)
-    return ProviderService(state, signer, verifier, config.service_config())
+    opened = state is None
+    state = state or open_state(config.state)
+    try:
+        return ProviderService(state, signer, verifier, config.service_config())
+    except BaseException:
+        if opened:
+            state.close()
+        raise
 
 
 def build_server(
@@ -322,9 +432,14 @@ def build_server(
     state: ProviderState | None = None,
     signer: StatementSigner | None = None,
 ) -> ProviderServer:
-    """Create and start the server (port 0 in ``listen`` picks a free port; see ``.port``)."""
+    """Create and start the server (port 0 in ``listen`` picks a free port; see ``.port``).
+
+    On failure nothing is left running: the service's workers are stopped and a state this call
+    opened is closed (a ``state`` passed in stays the caller's).
+    """
+    creds = server_credentials(config.tls)  # before anything is opened: a missing file fails cleanly
+    opened = state is None
     service = build_service(config, verifier=verifier, state=state, signer=signer)
-    state = service.state
     limits, ka = config.limits, config.keepalive
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -335,10 +450,41 @@ def build_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers), options=options)
+    server: grpc.Server | None = None
+    try:
+        # Beyond maximum_concurrent_rpcs gRPC answers RESOURCE_EXHAUSTED at once instead of queueing.
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=limits.max_workers),
+            options=options,
+            maximum_concurrent_rpcs=limits.concurrent_rpcs(),
+        )
+        port, health_servicer = _serve_on(server, config, service, creds)
+    except BaseException:
+        if server is not None:
+            server.stop(0)
+        service.close(wait=True)
+        if opened:
+            service.state.close()
+        raise
+    return ProviderServer(server, port, service, health_servicer, service.state, config.grace_s)
+
+
+def _serve_on(
+    server: grpc.Server,
+    config: ProviderConfig,
+    service: ProviderService,
+    creds: grpc.ServerCredentials | None,
+) -> tuple[int, health.HealthServicer]:
+    limits = config.limits
     artifacts = {cid: {name: Path(p) for name, p in arts.items()} for cid, arts in config.artifacts.items()}
     servicer = ProviderServicer(
-        service, submit_wait_s=config.submit_wait_s, watch_poll_s=config.watch_poll_s, artifacts=artifacts
+        service,
+        submit_wait_s=config.submit_wait_s,
+        watch_poll_s=config.watch_poll_s,
+        artifacts=artifacts,
+        max_streams=limits.stream_slots(),
+        watch_max_s=limits.watch_max_s,
+        stream_timeout_s=limits.stream_timeout_s,
     )
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -347,8 +493,12 @@ def build_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    creds = server_credentials(config.tls)
-    port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
+    try:
+        port = (
+            server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
+        )
+    except RuntimeError as exc:  # grpcio raises on a bind failure (address in use, bad address)
+        raise ConfigError(f"cannot listen on {config.listen}: {exc}") from exc
     if port == 0:
         raise ConfigError(f"cannot listen on {config.listen}")
     recovered = service.recover()
@@ -358,7 +508,7 @@ def build_server(
     log.info(
         "provider listening on port %d (%s), %d pending submissions re-queued", port, config.listen, recovered
     )
-    return ProviderServer(server, port, service, health_servicer, state, config.grace_s)
+    return port, health_servicer
 
 
 def serve(config: ProviderConfig, *, ready: Callable[[ProviderServer], None] | None = None) -> None:
@@ -426,11 +576,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"listen": options.listen} if options.listen else {}
-    try:
-        config = ProviderConfig.load(options.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
     def _ready(running: ProviderServer) -> None:
         if options.port_file is not None:
@@ -438,7 +583,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             tmp.write_text(str(running.port))
             os.replace(tmp, options.port_file)
 
-    serve(config, ready=_ready)
+    try:
+        # build_server (inside serve) checks what only it can: TLS files, the verifier, the port.
+        serve(ProviderConfig.load(options.config, overrides), ready=_ready)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,9 +7,13 @@ a bad input can never take the server down or leak a stack trace.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,8 +196,46 @@ def _receipt_pb(view: ReceiptView) -> pb.SignedReceipt | None:
     )
 
 
+class _StreamSlots:
+    """A non-blocking cap on the server streams open at once.
+
+    A sync gRPC server spends one pool thread per open stream for as long as the client keeps it (a
+    watcher, a reader that stopped reading). Capping streams below the pool size keeps threads for
+    the unary calls; a stream over the cap is refused with RESOURCE_EXHAUSTED instead of waiting.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.open = 0
+
+    def take(self) -> Callable[[], None]:
+        """Take a slot (or refuse the stream); returns the release function, which is idempotent."""
+        with self._lock:
+            if self.limit is not None and self.open >= self.limit:
+                raise ResourceExhaustedError(
+                    f"this provider already serves {self.limit} streams (WatchRequests, GetArtifact), "
+                    "its limit (limits.max_streams); retry later or use PollRequests"
+                )
+            self.open += 1
+        held = [True]
+
+        def release() -> None:
+            with self._lock:
+                if held[0]:
+                    held[0] = False
+                    self.open -= 1
+
+        return release
+
+
 class ProviderServicer(pb_grpc.ProviderServicer):
-    """Thin adapter; ``submit_wait_s`` bounds how long SubmitProof waits for a verdict before PENDING."""
+    """Thin adapter; ``submit_wait_s`` bounds how long SubmitProof waits for a verdict before PENDING.
+
+    ``max_streams`` caps WatchRequests + GetArtifact streams open at once (None: no cap); a watch
+    stream ends normally after ``watch_max_s`` (the client re-opens it from its cursor), and any
+    stream still open after ``stream_timeout_s`` (a client that stopped reading) is cancelled.
+    """
 
     def __init__(
         self,
@@ -202,11 +244,51 @@ class ProviderServicer(pb_grpc.ProviderServicer):
         submit_wait_s: float = 30.0,
         watch_poll_s: float = 0.5,
         artifacts: dict[str, dict[str, Path]] | None = None,
+        max_streams: int | None = None,
+        watch_max_s: float = 300.0,
+        stream_timeout_s: float = 1800.0,
     ) -> None:
         self.service = service
         self.submit_wait_s = submit_wait_s
         self.watch_poll_s = watch_poll_s
         self.artifacts = artifacts or {}
+        self.watch_max_s = watch_max_s
+        self.stream_timeout_s = stream_timeout_s
+        self.streams = _StreamSlots(max_streams)
+        # path -> ((device, inode, size, mtime_ns), sha256 hex): an artifact is hashed once per version.
+        self._digests: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
+        self._digests_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _stream_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Hold a stream slot for the life of the stream; cancel the stream after stream_timeout_s."""
+        release = self.streams.take()
+        timer = threading.Timer(self.stream_timeout_s, context.cancel)
+        timer.daemon = True
+
+        def done() -> None:
+            timer.cancel()
+            release()
+
+        try:
+            # Also on termination: a cancelled stream's generator may be closed late (or never).
+            context.add_callback(done)
+            timer.start()
+            yield
+        finally:
+            done()
+
+    def _artifact_digest(self, path: Path, fh: Any, st: os.stat_result) -> str:
+        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._digests_lock:
+            cached = self._digests.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()  # reads in small blocks
+        fh.seek(0)
+        with self._digests_lock:
+            self._digests[path] = (version, digest)
+        return digest
 
     @_unary
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:  # noqa: N802
@@ -251,14 +333,16 @@ class ProviderServicer(pb_grpc.ProviderServicer):
             raise NotFoundServiceError(
                 f"no artifact {request.artifact[:128]!r} for circuit {request.circuit_id[:128]!r}"
             )
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        total = path.stat().st_size
-        with path.open("rb") as fh:
-            first = True
-            while True:
-                data = fh.read(ARTIFACT_CHUNK)
+        with self._stream_slot(context), path.open("rb") as fh:
+            # Size and digest of the file we opened (not of a path that may be replaced meanwhile);
+            # the digest is computed once per file version, and the file streamed chunk by chunk.
+            st = os.fstat(fh.fileno())
+            digest = self._artifact_digest(path, fh, st)
+            total, sent, first = st.st_size, 0, True
+            while first or sent < total:
+                data = fh.read(min(ARTIFACT_CHUNK, total - sent))
                 if not data and not first:
-                    return
+                    return  # the file shrank under us: the client's size/digest check refuses it
                 yield pb.ArtifactChunk(
                     circuit_id=request.circuit_id,
                     artifact=request.artifact,
@@ -266,9 +350,8 @@ class ProviderServicer(pb_grpc.ProviderServicer):
                     sha256=digest if first else "",
                     data=data,
                 )
+                sent += len(data)
                 first = False
-                if not data:
-                    return
 
     @_stream
     def WatchRequests(  # noqa: N802
@@ -278,10 +361,16 @@ class ProviderServicer(pb_grpc.ProviderServicer):
             _auth(request.auth), "WatchRequests", {"after_cursor": int(request.after_cursor)}
         )
         cursor = int(request.after_cursor)
-        while context.is_active() and not self.service.closed:
-            for item in self.service.wait_for_requests(client, cursor, self.watch_poll_s):
-                yield delivered_to_pb(item)
-                cursor = item.record.cursor
+        with self._stream_slot(context):
+            # The stream ends (OK) after watch_max_s, freeing its thread; the client re-opens it.
+            ends = time.monotonic() + self.watch_max_s
+            while context.is_active() and not self.service.closed:
+                left = ends - time.monotonic()
+                if left <= 0:
+                    return
+                for item in self.service.wait_for_requests(client, cursor, min(self.watch_poll_s, left)):
+                    yield delivered_to_pb(item)
+                    cursor = item.record.cursor
 
     @_unary
     def PollRequests(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollResponse:  # noqa: N802
