@@ -110,7 +110,7 @@ class LimitsConfig:
     # at once instead of queueing without bound. 0: 4 x max_workers.
     max_concurrent_rpcs: int = 0
     # WatchRequests + GetArtifact streams at once, below max_workers so unary calls always find a
-    # thread; excess streams get RESOURCE_EXHAUSTED. 0: max_workers - max(2, max_workers // 4) (12 of 16).
+    # thread; excess streams get UNAVAILABLE (retried). 0: max_workers - max(2, max_workers // 4) (12 of 16).
     max_streams: int = 0
     watch_max_s: float = 300.0  # a watch stream ends (status OK) after this; the SDK re-opens it
     stream_timeout_s: float = 1800.0  # a stream still open after this (a stalled reader) is cancelled

@@ -48,7 +48,14 @@ __all__ = ["ARTIFACT_CHUNK", "ProviderServicer", "status_for"]
 
 log = logging.getLogger(__name__)
 ARTIFACT_CHUNK = 1024 * 1024
+
+
+class StreamsBusyError(ServiceError):
+    """Every stream slot is taken: transient, so UNAVAILABLE, which clients retry with backoff."""
+
+
 _STATUS: dict[type[ServiceError], grpc.StatusCode] = {
+    StreamsBusyError: grpc.StatusCode.UNAVAILABLE,
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
@@ -201,7 +208,8 @@ class _StreamSlots:
 
     A sync gRPC server spends one pool thread per open stream for as long as the client keeps it (a
     watcher, a reader that stopped reading). Capping streams below the pool size keeps threads for
-    the unary calls; a stream over the cap is refused with RESOURCE_EXHAUSTED instead of waiting.
+    the unary calls; a stream over the cap is refused at once with UNAVAILABLE (the SDK retries it
+    with backoff) instead of waiting for a thread.
     """
 
     def __init__(self, limit: int | None) -> None:
@@ -213,7 +221,7 @@ class _StreamSlots:
         """Take a slot (or refuse the stream); returns the release function, which is idempotent."""
         with self._lock:
             if self.limit is not None and self.open >= self.limit:
-                raise ResourceExhaustedError(
+                raise StreamsBusyError(
                     f"this provider already serves {self.limit} streams (WatchRequests, GetArtifact), "
                     "its limit (limits.max_streams); retry later or use PollRequests"
                 )
