@@ -1330,8 +1330,12 @@ def tuning_sweep(
 
 
 def render_tuning_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per grid point: per-seed mask cost and recovery, the mean over seeds costing >= 5 points."""
-    from zkunlearn.tasks.metrics import RECOVERY_MIN_GAP
+    """One line per grid point: per-seed mask cost and recovery, the mean over seeds costing >= 5 points.
+
+    The main table's rule holds here too: a seed whose mask costs < 5 points shows no recovery, and the
+    pooled figure needs the mean cost to reach 5 points (below it the ratio is noise).
+    """
+    from zkunlearn.tasks.metrics import RECOVERY_MIN_GAP, recovery
 
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -1346,16 +1350,17 @@ def render_tuning_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         "| pooled recovery |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    gap = RECOVERY_MIN_GAP
     for (task, curvature, weight, rank, m, block, fraction, lam), g in sorted(groups.items()):
-        ok = [r["recovery"] for r in g if r["mask_cost"] >= RECOVERY_MIN_GAP]
+        ok = [r["recovery"] for r in g if r["mask_cost"] >= gap]
         pers, mask, obs = (sum(r[k] for r in g) / len(g) for k in ("personalized", "mask_only", "group_obs"))
-        pooled = (obs - mask) / (pers - mask) if pers > mask else None
+        pooled = recovery(pers, mask, obs)
         lines.append(
             f"| {task} | {curvature} | {weight:g} | {rank or 'full'} | {m} | {block} | {fraction:.2f} "
             f"| {lam:g} "
             f"| {','.join(str(r['seed']) for r in g)} "
             f"| {' '.join('%.1f' % (r['mask_cost'] * 100) for r in g)} "
-            f"| {' '.join(_pooled(r['recovery']) for r in g)} "
+            f"| {' '.join(_pooled(r['recovery'] if r['mask_cost'] >= gap else None) for r in g)} "
             f"| {(_pooled(sum(ok) / len(ok)) + f' ({len(ok)})') if ok else '–'} | {_pooled(pooled)} |"
         )
     return "\n".join(lines) + "\n"

@@ -412,3 +412,27 @@ def test_run_per_seed_keeps_finished_jobs_and_reports_failures() -> None:
     serial: list[dict[str, Any]] = []
     assert run_per_seed(_measure_or_fail, ["t", "u"], [0, 2], "jobs", serial.extend, workers=1) == []
     assert [(r["task"], r["seed"]) for r in serial] == [("t", 0), ("t", 2), ("u", 0), ("u", 2)]
+
+
+def test_tuning_tables_apply_the_five_point_rule() -> None:
+    """A seed (or a grid point's mean) whose mask costs < 5 points shows no recovery: it would be noise."""
+
+    def row(seed: int, personalized: float, mask_only: float, obs: float) -> dict[str, Any]:
+        cost = personalized - mask_only
+        return {
+            "task": "vit", "curvature": "ggn", "reconstruction_weight": 0.0, "rank": None,
+            "fisher_samples": 64, "block_size": 64, "fraction": 0.4, "lam": 0.001, "seed": seed,
+            "personalized": personalized, "mask_only": mask_only, "group_obs": obs, "mask_cost": cost,
+            "recovery": (obs - mask_only) / cost,
+        }  # fmt: skip
+
+    cheap = render_tuning_markdown([row(0, 0.80, 0.78, 0.79), row(1, 0.80, 0.77, 0.79)])
+    cells = cheap.splitlines()[-1].split("|")
+    assert cells[11].strip() == "– –"  # per seed
+    assert cells[12].strip() == "–"  # mean over seeds costing >= 5 points
+    assert cells[13].strip() == "–"  # pooled: mean cost 2.5 points
+    costly = render_tuning_markdown([row(0, 0.80, 0.70, 0.79), row(1, 0.80, 0.78, 0.79)])
+    cells = costly.splitlines()[-1].split("|")
+    assert cells[11].strip() == "90.0 –"
+    assert cells[12].strip() == "90.0 (1)"
+    assert cells[13].strip() == "83.3"  # pooled over the mean cost of 6 points
