@@ -213,14 +213,7 @@ def derive_client_circuit(
     check_client_spec(spec, group_obs)
     check_client_settings(settings_bytes)
     _check_srs(srs)
-    directory.mkdir(parents=True, exist_ok=True)
-    cc = ClientCircuit(
-        compiled=directory / "model.compiled",
-        settings=directory / "settings.json",
-        vk=directory / "vk.key",
-        pk=directory / "pk.key",
-        srs=srs,
-    )
+    cc = _client_circuit(directory, srs)
     onnx = directory / "model.onnx"
     cc.compiled.unlink(missing_ok=True)
     try:
@@ -236,6 +229,17 @@ def derive_client_circuit(
         raise ArtifactError(f"cannot compile the published relation with the served settings: {exc}") from exc
     backend.setup(cc.compiled, srs.path, cc.vk, cc.pk)
     return cc
+
+
+def _client_circuit(directory: Path, srs: SrsInfo) -> ClientCircuit:
+    directory.mkdir(parents=True, exist_ok=True)
+    return ClientCircuit(
+        compiled=directory / "model.compiled",
+        settings=directory / "settings.json",
+        vk=directory / "vk.key",
+        pk=directory / "pk.key",
+        srs=srs,
+    )
 
 
 def client_artifacts(
@@ -255,14 +259,7 @@ def client_artifacts(
     directory = Path(directory)
     check_client_settings(settings_bytes)
     _check_srs(srs)
-    directory.mkdir(parents=True, exist_ok=True)
-    cc = ClientCircuit(
-        compiled=directory / "model.compiled",
-        settings=directory / "settings.json",
-        vk=directory / "vk.key",
-        pk=directory / "pk.key",
-        srs=srs,
-    )
+    cc = _client_circuit(directory, srs)
     cc.compiled.write_bytes(compiled_bytes)
     cc.settings.write_bytes(settings_bytes)
     backend.setup(cc.compiled, srs.path, cc.vk, cc.pk)
