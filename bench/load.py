@@ -286,6 +286,31 @@ class Replica:
     starts: int = 0
 
     def start(self) -> None:
+        """Start the replica, retrying when its port was taken in the meantime.
+
+        ``free_port`` only says a port *was* free: another process's outgoing connection (the other
+        replica's to PostgreSQL, say) can take it before the provider binds. Before the first start
+        no client knows the port, so a new one is picked; on a restart the clients do, so the same
+        port is retried until whoever holds it lets go.
+        """
+        for attempt in range(8):
+            bound_before = self.log.stat().st_size if self.log.exists() else 0
+            if self._start_once():
+                return
+            with self.log.open("rb") as log:
+                log.seek(bound_before)
+                if b"cannot listen on" not in log.read():
+                    break
+            if self.starts == 1:
+                old, self.port = self.port, free_port()
+                text = self.config.read_text().replace(f"127.0.0.1:{old}", f"127.0.0.1:{self.port}")
+                self.config.write_text(text)
+                self.starts = 0
+            else:
+                time.sleep(0.5 * (attempt + 1))
+        raise RuntimeError(f"provider {self.name} did not start; see {self.log}")
+
+    def _start_once(self) -> bool:
         port_file = self.config.with_suffix(".port")
         port_file.unlink(missing_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -301,8 +326,11 @@ class Replica:
         deadline = time.monotonic() + 120
         while not port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"provider {self.name} did not start; see {self.log}")
+                if self.process.poll() is None:
+                    self.kill()
+                return False
             time.sleep(0.05)
+        return True
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -69,3 +69,25 @@ def test_cli_writes_results_and_the_table(tmp_path: Path) -> None:
     assert out.with_suffix(".md").read_text().startswith("| clients |")
     refused = CliRunner().invoke(app, [*args, "--replicas", "1,2", "--backend", "a,b,c"])
     assert refused.exit_code == 2
+
+
+def test_a_replica_whose_port_was_taken_before_its_first_start_moves_to_another(tmp_path: Path) -> None:
+    """free_port only says a port *was* free: another process can take it before the provider binds."""
+    import socket
+
+    from zkunlearn.bench.load import _replicas, synthetic_world
+
+    world = synthetic_world(tmp_path)
+    (replica,) = _replicas(tmp_path, world, str(tmp_path / "p.db"), 1, 0)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", replica.port))
+    squatter.listen()
+    taken = replica.port
+    try:
+        replica.start()
+        assert replica.port != taken
+        assert f"127.0.0.1:{replica.port}" in replica.config.read_text()
+        assert int(replica.config.with_suffix(".port").read_text()) == replica.port
+    finally:
+        replica.stop()
+        squatter.close()
