@@ -881,13 +881,13 @@ class ProviderService:
                 "verified_ms": self.clock_ms(),
             },
         )
-        if receipt.payload["reason"] != result.reason:  # the backstop turned it into a rejection
-            verdict, result = VERDICT_REJECTED, VerificationResult(False, str(receipt.payload["reason"]))
+        # The stored verdict is the signed one (the backstop in _sign_receipt may have made it a rejection).
+        verdict = VERDICT_ACCEPTED if receipt.payload["verdict"] == "accepted" else VERDICT_REJECTED
         try:
             done, _leaf = self.ledger.append(
                 sub.submission_id,
                 verdict,
-                result.reason,
+                str(receipt.payload["reason"]),
                 receipt,
                 verified_against=client.current_commitments,
             )
