@@ -31,7 +31,10 @@ from zkunlearn.proofs.transparency import (
     verify_inclusion,
 )
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "rfc9162" / "testdata"
+# Vendored with their license and pinned by the digest of their manifest (tests/vectors/README.md).
+VECTOR_ROOT = Path(__file__).resolve().parent / "vectors" / "rfc9162"
+VECTORS = VECTOR_ROOT / "testdata"
+VECTORS_MANIFEST_SHA256 = "d7150d647a9a43c1a01c936e06dedfda7038d5c2d6af0bd66f825ccb05163c10"
 MISSING = "VECTORS-MISSING"
 
 # Vectors whose expected outcome we deliberately do not share, each with the reason. transparency-dev's
@@ -54,8 +57,8 @@ def _vector_files(kind: str) -> list[str]:
 def _load(rel: str) -> dict[str, Any]:
     if rel == MISSING:
         pytest.fail(
-            f"RFC 9162 test vectors not found at {VECTORS}; the repository must be checked out next to "
-            "shared/ (shared/vectors/rfc9162/testdata) for these tests to mean anything"
+            f"RFC 9162 test vectors not found at {VECTORS}; they ship with the repository "
+            "(tests/vectors/README.md)"
         )
     data: dict[str, Any] = json.loads((VECTORS / rel).read_text())
     return data
@@ -79,6 +82,21 @@ def _expect(rel: str, data: dict[str, Any], check: Callable[[], None]) -> None:
             check()
     else:
         check()
+
+
+def test_vendored_vectors_match_their_pinned_manifest() -> None:
+    """Every vendored vector is byte-for-byte the one pinned in SHA256SUMS, and no file is extra."""
+    manifest = (VECTOR_ROOT / "SHA256SUMS").read_bytes()
+    assert hashlib.sha256(manifest).hexdigest() == VECTORS_MANIFEST_SHA256
+    pinned: dict[str, str] = {}
+    for line in manifest.decode().splitlines():
+        digest, rel = line.split(maxsplit=1)
+        pinned[rel.removeprefix("./")] = digest
+    on_disk = {str(p.relative_to(VECTORS)) for p in VECTORS.rglob("*.json")}
+    assert on_disk == set(pinned), sorted(on_disk ^ set(pinned))[:5]
+    for rel, digest in pinned.items():
+        assert hashlib.sha256((VECTORS / rel).read_bytes()).hexdigest() == digest, rel
+    assert (VECTOR_ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
 
 
 def test_vector_folder_is_present_and_complete() -> None:
