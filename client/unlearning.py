@@ -232,6 +232,9 @@ def _check_published(spec: GroupObsSpec | RefitSpec, where: str, **values: npt.A
 
 @dataclass(frozen=True)
 class ProveOptions:
+    """How to prove: ``workers`` jobs at once, each worker's resident memory capped at
+    ``memory_limit_mb`` (``None``: no cap); see :func:`zkunlearn.proofs.prover.prove_parallel`."""
+
     workers: int = 1
     memory_limit_mb: int | None = 4096
     progress: bool = True

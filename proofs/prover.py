@@ -2,25 +2,33 @@
 
 Every committed tensor is passed to ezkl as felts we quantised ourselves, so the commitments the
 client computes (and later the provider expects) are of exactly the values the circuit sees.
-Batches run in worker processes (spawned, one job per process so that each peak RSS is its own)
-under an address-space cap: a proof that would exceed the edge device's budget fails cleanly
-instead of swapping the device to death.
+Each job runs in a fresh process started from the package's own entry point
+(:mod:`zkunlearn.proofs.prove_worker`), never from the caller's program: nothing of the caller's
+``__main__`` runs again, and each worker's peak memory is its own. Each worker's resident memory is
+bounded: a proof that would exceed the edge device's budget fails cleanly instead of swapping the
+device to death.
 """
 
 from __future__ import annotations
 
-import resource
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from multiprocessing import get_context
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import psutil
+from rich.console import Console
 from rich.progress import Progress
-from zkunlearn.proofs.backend import EzklBackend, Proof, ProvingError
+from zkunlearn.proofs.backend import ProvingError
 from zkunlearn.proofs.fixedpoint import (
     FixedPointError,
     FloatArray,
@@ -28,6 +36,27 @@ from zkunlearn.proofs.fixedpoint import (
     group_obs_mask_rows,
     random_blinding,
 )
+from zkunlearn.proofs.prove_worker import (
+    ERROR_FILE,
+    EXIT_PROVING_FAILED,
+    JOB_FILE,
+    RESULT_FILE,
+    ProveJob,
+    ProveResult,
+    peak_rss_mb,
+    run_job,
+)
+
+__all__ = [
+    "GroupObsBatch",
+    "ProveJob",
+    "ProveResult",
+    "group_obs_tensors",
+    "new_group_obs_batch",
+    "peak_rss_mb",
+    "prove_parallel",
+    "run_job",
+]
 
 
 @dataclass(frozen=True)
@@ -121,97 +150,157 @@ def group_obs_tensors(
     return [felts(t, scale) for t in (theta, theta_after, g, mask, w)]
 
 
-@dataclass(frozen=True)
-class ProveJob:
-    """Everything a worker needs; paths only, so the job pickles cheaply."""
-
-    inputs: list[list[str]]
-    compiled: Path
-    vk: Path
-    pk: Path
-    srs: Path
-    label: str = ""
+_POLL_S = 0.02
+"""How often the parent samples each worker's resident memory and exit status."""
 
 
-@dataclass(frozen=True)
-class ProveResult:
-    label: str
-    proof: Proof
-    commitments: list[str]
-    prove_s: float
-    peak_rss_mb: float
-    extra: dict[str, float] = field(default_factory=dict)
+@dataclass
+class _Running:
+    index: int
+    job: ProveJob
+    folder: Path
+    proc: subprocess.Popen[bytes]
+    peak_rss_mb: float = 0.0
+    over_cap: bool = False
 
 
-def _cap_memory(limit_mb: int | None) -> None:
-    if limit_mb:
-        limit = int(limit_mb) * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def _worker_command(folder: Path) -> list[str]:
+    if not sys.executable:
+        raise ProvingError("cannot start a proving worker: this interpreter does not know its executable")
+    # -P: the caller's working directory is not put on sys.path, so a user's numpy.py cannot shadow ours.
+    return [sys.executable, "-P", "-m", "zkunlearn.proofs.prove_worker", str(folder), str(os.getpid())]
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
-    spawned worker would report its (large) parent's peak instead of its own."""
+def _start(index: int, job: ProveJob, root: Path) -> _Running:
+    folder = root / f"job{index}"
+    folder.mkdir()
+    (folder / JOB_FILE).write_text(json.dumps(job.to_json()))
+    with (folder / "stderr.log").open("wb") as err:
+        proc = subprocess.Popen(
+            _worker_command(folder),
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            cwd=folder,
+            start_new_session=True,  # a Ctrl-C in the caller's terminal reaches the caller, which kills us
+        )
+    return _Running(index, job, folder, proc)
+
+
+def _rss_mb(pid: int) -> float:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
+        return float(psutil.Process(pid).memory_info().rss) / (1024 * 1024)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return 0.0
+
+
+def _stderr_tail(folder: Path, lines: int = 3) -> str:
+    try:
+        text = (folder / "stderr.log").read_text(errors="replace").strip()
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return ""
+    return " | ".join(text.splitlines()[-lines:])
 
 
-def run_job(job: ProveJob) -> ProveResult:
-    """Witness + prove one batch in this process."""
-    from zkunlearn.proofs.backend import witness_commitments
-
-    backend = EzklBackend()
-    t0 = time.perf_counter()
-    witness = backend.witness(job.inputs, job.compiled, job.vk, job.srs)
-    proof = backend.prove(witness, job.compiled, job.pk, job.srs)
-    elapsed = time.perf_counter() - t0
-    peak = peak_rss_mb()
-    return ProveResult(job.label, proof, witness_commitments(witness), elapsed, peak)
+def _collect(run: _Running, code: int, cap_mb: int | None) -> ProveResult:
+    """The worker's result, or a ProvingError that says truthfully how it ended."""
+    name = run.job.label or f"job {run.index}"
+    if run.over_cap:
+        raise ProvingError(
+            f"{name}: stopped at {run.peak_rss_mb:.0f} MB resident memory, over the {cap_mb} MB cap "
+            "(ProveOptions.memory_limit_mb); prove fewer blocks per job or raise the cap"
+        )
+    if code == 0:
+        try:
+            return ProveResult.from_json(json.loads((run.folder / RESULT_FILE).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ProvingError(f"{name}: the worker exited 0 but left no readable result ({exc})") from exc
+    if code == EXIT_PROVING_FAILED:
+        try:
+            message = str(json.loads((run.folder / ERROR_FILE).read_text())["error"])
+        except (OSError, ValueError, KeyError, TypeError):
+            message = _stderr_tail(run.folder) or "no reason recorded"
+        raise ProvingError(f"{name}: {message}")
+    if code < 0:
+        sig = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        hint = " (the system's out-of-memory killer sends SIGKILL)" if -code == signal.SIGKILL else ""
+        raise ProvingError(
+            f"{name}: the proving worker was killed by {sig}{hint} "
+            f"at {run.peak_rss_mb:.0f} MB resident memory"
+        )
+    tail = _stderr_tail(run.folder)
+    raise ProvingError(f"{name}: the proving worker exited with code {code}" + (f": {tail}" if tail else ""))
 
 
 def prove_parallel(
     jobs: Sequence[ProveJob],
     *,
     workers: int = 2,
-    memory_limit_mb: int | None = 8192,
+    memory_limit_mb: int | None = 4096,
     progress: bool = True,
 ) -> list[ProveResult]:
-    """Prove batches in ``workers`` spawned processes, each capped at ``memory_limit_mb`` of address space.
+    """Prove each job in its own worker process (:mod:`zkunlearn.proofs.prove_worker`), ``workers`` at a time.
 
-    Results come back in job order. A worker that runs out of memory raises :class:`ProvingError`
-    naming the job and the cap.
+    Results come back in job order. ``memory_limit_mb`` bounds each worker's *resident* memory: the
+    parent samples it every 20 ms and kills a worker above the cap, so a burst shorter than that may
+    overshoot it briefly. Any failure -- the cap, a proving error, a crash or a signal -- raises
+    :class:`ProvingError` naming the job and how its worker ended; the other workers are stopped.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    ctx = get_context("spawn")
+    if memory_limit_mb is not None and memory_limit_mb < 1:
+        raise ValueError(f"memory_limit_mb must be >= 1 or None, got {memory_limit_mb}")
     results: dict[int, ProveResult] = {}
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=ctx,
-        initializer=_cap_memory,
-        initargs=(memory_limit_mb,),
-        max_tasks_per_child=1,
-    ) as pool:
-        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("proving", total=len(jobs))
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    results[i] = fut.result()
-                except MemoryError as exc:
-                    raise ProvingError(
-                        f"job {jobs[i].label or i} exceeded the {memory_limit_mb} MB memory cap"
-                    ) from exc
-                except Exception as exc:
-                    # Under a cap, allocation failures surface as thread-pool or allocator errors.
-                    raise ProvingError(
-                        f"job {jobs[i].label or i} failed (memory cap {memory_limit_mb} MB): {exc}"
-                    ) from exc
-                bar.update(task, advance=1)
+    queue = list(enumerate(jobs))
+    queue.reverse()
+    running: list[_Running] = []
+    with tempfile.TemporaryDirectory(prefix="zkprove-") as tmp, _progress(progress, len(jobs)) as advance:
+        try:
+            while queue or running:
+                while queue and len(running) < workers:
+                    index, job = queue.pop()
+                    running.append(_start(index, job, Path(tmp)))
+                time.sleep(_POLL_S)
+                for run in list(running):
+                    rss = _rss_mb(run.proc.pid)
+                    run.peak_rss_mb = max(run.peak_rss_mb, rss)
+                    if memory_limit_mb is not None and rss > memory_limit_mb and not run.over_cap:
+                        run.over_cap = True
+                        run.proc.kill()
+                    code = run.proc.poll()
+                    if code is None:
+                        continue
+                    running.remove(run)
+                    results[run.index] = _collect(run, code, memory_limit_mb)
+                    advance(run.job.label or f"job {run.index}", results[run.index])
+        finally:
+            for run in running:
+                run.proc.kill()
+                run.proc.wait()
     return [results[i] for i in range(len(jobs))]
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[str, ProveResult], None]]:
+    """A rich bar on a terminal; one plain line per finished job in a non-TTY log."""
+    if not enabled:
+        yield lambda _label, _result: None
+        return
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        done = 0
+
+        def line(label: str, result: ProveResult) -> None:
+            nonlocal done
+            done += 1
+            console.print(
+                f"proved {done}/{total} ({label}): {result.prove_s:.1f} s, {result.peak_rss_mb:.0f} MB",
+                markup=False,
+                highlight=False,
+            )
+
+        yield line
+        return
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("proving", total=total)
+        yield lambda _label, _result: bar.update(task, advance=1)

@@ -473,11 +473,63 @@ def test_analytic_honest_and_wrong_head(an_setup: Any) -> None:
 
 
 def test_prover_memory_cap_fails_cleanly(go_arts: CircuitArtifacts, scenario: Scenario) -> None:
-    """A worker over its address-space cap is reported as a ProvingError naming the job, not a hang."""
+    """A worker over its resident-memory cap is stopped and reported as a ProvingError naming the job
+    and the cap, not a hang; the same job under a cap above its measured peak is proven."""
     tensors = group_obs_tensors(scenario.batch, scenario.request, SCALE, go.N_BLIND)
     job = ProveJob(tensors, go_arts.compiled, go_arts.vk, go_arts.pk, go_arts.srs.path, label="capped")
-    with pytest.raises(ProvingError, match="capped"):
+    with pytest.raises(ProvingError, match=r"capped: stopped at \d+ MB resident memory, over the 64 MB cap"):
         prove_parallel([job], workers=1, memory_limit_mb=64, progress=False)
+    (ok,) = prove_parallel([job], workers=1, memory_limit_mb=2048, progress=False)
+    assert 64 < ok.peak_rss_mb < 2048
+
+
+USER_SCRIPT_WITHOUT_MAIN_GUARD = """
+import json, sys
+from pathlib import Path
+from zkunlearn.proofs.prover import ProveJob, prove_parallel
+
+# A user's top-level side effect (personalising, enrolling, ...): it must run exactly once.
+with open(sys.argv[1], "a") as marker:
+    marker.write("ran\\n")
+job = ProveJob.from_json(json.loads(Path(sys.argv[2]).read_text()))
+results = prove_parallel([job, job], workers=2, memory_limit_mb=2048, progress=True)
+Path(sys.argv[3]).write_text(json.dumps([r.to_json() for r in results]))
+"""
+
+
+def test_provers_never_rerun_the_callers_script(
+    go_arts: CircuitArtifacts, go_verifier: GroupObsVerifier, scenario: Scenario, tmp_path: Path
+) -> None:
+    """A user program without an ``if __name__ == "__main__"`` guard proves in parallel workers: its
+    body runs once (spawned workers re-imported it and re-ran it, enrollment included), both proofs
+    verify, and a non-TTY log shows one progress line per finished job."""
+    import subprocess
+    import sys
+
+    from zkunlearn.proofs.prover import ProveResult
+
+    tensors = group_obs_tensors(scenario.batch, scenario.request, SCALE, go.N_BLIND)
+    job = ProveJob(tensors, go_arts.compiled, go_arts.vk, go_arts.pk, go_arts.srs.path, label="user")
+    script, marker = tmp_path / "user_program.py", tmp_path / "marker.txt"
+    job_file, out = tmp_path / "job.json", tmp_path / "results.json"
+    script.write_text(USER_SCRIPT_WITHOUT_MAIN_GUARD)
+    job_file.write_text(json.dumps(job.to_json()))
+    done = subprocess.run(
+        [sys.executable, str(script), str(marker), str(job_file), str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert marker.read_text().splitlines() == ["ran"]
+    assert "proved 2/2 (user)" in done.stderr
+    results = [ProveResult.from_json(r) for r in json.loads(out.read_text())]
+    for result in results:
+        assert _verify(go_verifier, scenario, result.proof, result.commitments[1]).ok
+        # Interpreter start and imports of a worker (ezkl and numpy only, never torch) stay small.
+        assert 0 < result.extra["startup_s"] <= result.extra["overhead_s"]
 
 
 def test_dual_form_proofs(workdir: Path, srs_factory: Any, scenario: Scenario) -> None:

@@ -142,7 +142,7 @@ def demo(
 def bench_proofs(
     out: Annotated[Path, typer.Option(help="results JSON")] = Path("bench/results/proofs.json"),
     workers: Annotated[int, typer.Option(help="parallel proving processes")] = 2,
-    memory_limit_mb: Annotated[int, typer.Option(help="address-space cap per proving worker")] = 8192,
+    memory_limit_mb: Annotated[int, typer.Option(help="resident-memory cap per proving worker")] = 8192,
 ) -> None:
     """Proof cost per circuit shape (setup, prove, verify, RSS, bytes) and one real multi-proof deletion."""
     import json
