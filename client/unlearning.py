@@ -166,6 +166,18 @@ def _load(directory: Path) -> tuple[dict[str, F64], dict[str, Any]]:
     return arrays, meta
 
 
+def _refuse_overwrite(directory: Path, replace: bool) -> None:
+    """Enrolling over a committed state would destroy the blinding behind commitments the provider
+    already holds: every later proof would then be refused, with no way back. Only an explicit
+    ``replace=True`` (a state never enrolled with a provider, or one being re-enrolled) may do it."""
+    if not replace and (directory / "state.json").exists():
+        raise UnlearningError(
+            f"{directory} already holds a committed enrollment; enrolling again would overwrite the "
+            "state behind commitments the provider may hold. Reopen it (load_model()), or pass "
+            "replace=True to discard it"
+        )
+
+
 def _commit(circuit: ClientCircuit, tensor: F64, scale: int) -> str:
     return EzklBackend().commit(felts(tensor, scale), circuit.vk, circuit.settings, circuit.srs.path)
 
@@ -276,8 +288,12 @@ class GroupObsUnlearner(_CommittedStateProver):
         curvature: Curvature = "ggn",
         reconstruction_weight: float = 0.0,
         fisher_shift: int = 0,
+        *,
+        replace: bool = False,
     ) -> list[Commitment]:
         """Fix the committed state (weights on the grid, Fisher factors, blinding) and commit to it.
+
+        A ``state_dir`` that already holds a committed state is refused unless ``replace=True``.
 
         ``exclude`` marks client samples left out of the Fisher (e.g. of a kind the provider may ask to
         forget): the factor is committed now, before any request, so it must already leave them out.
@@ -291,6 +307,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         the output refit's committed rows stay the client's own samples.
         """
         spec, scale = self.spec, self.scale
+        _refuse_overwrite(self.state_dir, replace)
         if inputs.shape[0] < 1:
             raise UnlearningError("enrollment needs client samples for the Fisher factor")
         # Everything is computed and checked before the state is saved, and the live model is written
@@ -721,7 +738,9 @@ class AnalyticUnlearner(_CommittedStateProver):
     def _tensor(self, value: F64, blind: F64) -> F64:
         return np.vstack([value, blind[None, :]])
 
-    def enroll(self) -> list[Commitment]:
+    def enroll(self, *, replace: bool = False) -> list[Commitment]:
+        """Commit to the head's state; a ``state_dir`` already enrolled is refused unless ``replace``."""
+        _refuse_overwrite(self.state_dir, replace)
         scale = self.scale
         r, w = _on_grid(self.head.R, scale), _on_grid(self.head.W, scale)
         blind_r, blind_w = random_blinding(self.spec.d, scale), random_blinding(self.spec.k, scale)

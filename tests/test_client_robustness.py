@@ -416,3 +416,28 @@ def test_small_gamma_unlearning_equals_ridge_retrained_from_scratch(gamma: float
     r, w = committed.R.copy(), committed.W.copy()
     committed.unlearn(X[:3] / 10, Y[:3])
     assert _relations(r, committed.R, w, committed.W, X[:3] / 10, Y[:3]) < 1e-12
+
+
+def test_enrolling_over_a_committed_state_is_refused_unless_asked(enrolled: GroupObsUnlearner) -> None:
+    """A second enrollment (e.g. a user script run twice) must not destroy the blinding behind the
+    commitments the provider holds: the device could never prove again."""
+    before = _files(enrolled.state_dir)
+    x, y = _data()
+    with pytest.raises(UnlearningError, match=r"already holds a committed enrollment.*replace=True"):
+        enrolled.enroll([LAYER], x, y, nn.functional.cross_entropy)
+    assert _files(enrolled.state_dir) == before
+    enrolled.enroll([LAYER], x, y, nn.functional.cross_entropy, replace=True)
+    assert _files(enrolled.state_dir) != before
+    _consistent(enrolled.state_dir)
+
+
+def test_analytic_enrollment_over_a_committed_state_is_refused_unless_asked(
+    analytic: tuple[AnalyticUnlearner, np.ndarray],
+) -> None:
+    unlearner, _x = analytic
+    before = _files(unlearner.state_dir)
+    with pytest.raises(UnlearningError, match="already holds a committed enrollment"):
+        unlearner.enroll()
+    assert _files(unlearner.state_dir) == before
+    unlearner.enroll(replace=True)
+    assert _files(unlearner.state_dir) != before
