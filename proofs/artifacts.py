@@ -79,6 +79,13 @@ def content_key(onnx_bytes: bytes, settings_bytes: bytes, srs_sha256: str) -> st
     return h.hexdigest()
 
 
+def required_logrows(onnx: Path, config: CircuitConfig, staging: Path) -> int:
+    """The logrows a relation needs under ``config`` (settings only: no compile, no setup)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    settings = EzklBackend().make_settings(onnx, staging / f"{onnx.stem}.settings.json", config)
+    return int(settings["run_args"]["logrows"])
+
+
 def build_provider_artifacts(
     onnx_path: Path,
     cache_dir: Path,

@@ -43,7 +43,7 @@ from zkunlearn.circuits import group_obs as group_obs_relation
 from zkunlearn.circuits import output_refit as refit_relation
 from zkunlearn.circuits.export import export_relation
 from zkunlearn.circuits.mask import LayerMask, Mask, MaskError
-from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts
+from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
 from zkunlearn.proofs.backend import CircuitConfig, EzklBackend, Proof, ProofFormatError
 from zkunlearn.proofs.fixedpoint import (
     FixedPointError,
@@ -256,7 +256,7 @@ class DeletionCircuits:
         shared = base  # Group-OBS and the refits: one logrows, so one commitment per tensor
         refit_base = replace(base, decomp_legs=max(base.decomp_legs, REFIT_DECOMP_LEGS))
         if refits:
-            need = max(_logrows(path, refit_base, refit_staging) for path in refit_onnx)
+            need = max(required_logrows(path, refit_base, refit_staging) for path in refit_onnx)
             shared = replace(base, min_logrows=max(base.min_logrows, need))
 
         def srs_for(logrows: int) -> SrsInfo:
@@ -435,12 +435,6 @@ def check_published_circuits(directory: Path) -> str:
                 f"logrows {run_args.get('logrows')}, SRS {srs}"
             )
     return "vk rebuilt and identical: " + "; ".join(notes)
-
-
-def _logrows(onnx: Path, config: CircuitConfig, staging: Path) -> int:
-    """The logrows a relation needs under ``config`` (settings only: no compile, no setup)."""
-    settings = EzklBackend().make_settings(onnx, staging / f"{onnx.stem}.settings.json", config)
-    return int(settings["run_args"]["logrows"])
 
 
 def _srs_record(srs: SrsInfo, directory: Path) -> dict[str, Any]:

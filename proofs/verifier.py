@@ -45,6 +45,9 @@ class Reason(enum.StrEnum):
     ANALYTIC_W_WRONG = "analytic_head_not_retrained_solution"
     ANALYTIC_R_WRONG = "analytic_inverse_not_downdated"
     REFIT_NOT_SOLUTION = "refit_not_ridge_solution"
+    ENROLLMENT_THETA_OUT_OF_RANGE = "enrolled_weights_out_of_range"
+    ENROLLMENT_G_NOT_NORMALISED = "enrolled_factor_not_normalised"
+    OUTPUT_OUT_OF_RANGE = "public_output_out_of_range"
 
 
 @dataclass(frozen=True)

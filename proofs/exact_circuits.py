@@ -1,0 +1,209 @@
+"""The exact Group-OBS circuits: building them, and verifying their proofs on the provider's side.
+
+Both circuits (deletion and enrollment, :mod:`zkunlearn.circuits.group_obs_exact`) run at scale 0 with
+ezkl's input range checks off (the relation checks what is new itself) and share one logrows and SRS:
+a commitment depends on the domain size, and both read the same ``theta`` and ``G`` commitments. The
+enrollment circuit uses more columns (it range-checks every entry of ``G``); columns do not change a
+commitment.
+
+Enrollment proofs are checked once per (layer, batch) over the enrolled ``theta`` and ``G``
+commitments; they yield each block's proven ``||G_q||_F^2``, which the provider keeps and every later
+deletion proof of that batch is judged with. Deletion proofs are bound to the provider's own
+commitments exactly as in :mod:`zkunlearn.proofs.verifier`, then their exact public outputs are held to
+``sum mask |Theta'| == 0`` and to the per-block thresholds of :meth:`ExactGroupObsSpec.thresholds`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
+from zkunlearn.circuits import group_obs_exact as relation
+from zkunlearn.circuits.export import export_relation
+from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
+from zkunlearn.proofs.backend import CircuitConfig, Proof, ProvingBackend
+from zkunlearn.proofs.exact import ExactGroupObsSpec, mask_tensor, signed_outputs
+from zkunlearn.proofs.srs import SrsInfo
+from zkunlearn.proofs.verifier import InMemoryReplayGuard, Reason, ReplayGuard, Verdict, _BaseVerifier
+
+EXACT_CONFIG = CircuitConfig(
+    input_scale=0,
+    scale_rebase_multiplier=1,
+    decomp_base=1024,
+    decomp_legs=3,
+    num_inner_cols=2,
+    ignore_range_check_io=True,
+    max_logrows=20,
+)
+"""ezkl run arguments of the exact deletion circuit (the enrollment circuit: 8 inner columns)."""
+
+ENROLLMENT_INNER_COLS = 8
+
+
+def export_exact(spec: ExactGroupObsSpec, directory: Path) -> tuple[Path, Path]:
+    """The ONNX of both relations a published spec defines (deletion, enrollment)."""
+    deletion, enrollment = spec.relation(), spec.enrollment_relation()
+    return (
+        export_relation(
+            deletion,
+            deletion.example_inputs(spec.batch),
+            directory / "group_obs_exact.onnx",
+            relation.INPUT_NAMES,
+            relation.OUTPUT_NAMES,
+            rtol=1e-5,
+        ),
+        export_relation(
+            enrollment,
+            enrollment.example_inputs(spec.batch),
+            directory / "group_obs_enrollment.onnx",
+            relation.ENROLLMENT_INPUT_NAMES,
+            relation.OUTPUT_NAMES,
+            rtol=1e-5,
+        ),
+    )
+
+
+def build_exact_circuits(
+    spec: ExactGroupObsSpec,
+    directory: Path,
+    srs_for: Callable[[int], SrsInfo],
+    config: CircuitConfig = EXACT_CONFIG,
+) -> tuple[CircuitArtifacts, CircuitArtifacts]:
+    """Compile and set up the deletion and enrollment circuits with one common logrows."""
+    staging = Path(directory) / "staging-exact"
+    deletion_onnx, enrollment_onnx = export_exact(spec, staging)
+    enrollment_config = replace(config, num_inner_cols=ENROLLMENT_INNER_COLS)
+    common = max(
+        required_logrows(deletion_onnx, config, staging),
+        required_logrows(enrollment_onnx, enrollment_config, staging),
+        config.min_logrows,
+    )
+    deletion = build_provider_artifacts(
+        deletion_onnx, directory, srs_for, replace(config, min_logrows=common)
+    )
+    enrollment = build_provider_artifacts(
+        enrollment_onnx, directory, srs_for, replace(enrollment_config, min_logrows=common)
+    )
+    return deletion, enrollment
+
+
+@dataclass(frozen=True)
+class EnrollmentVerdict:
+    """An enrollment proof's verdict and, when accepted, each block's proven ``||G_q||_F^2``."""
+
+    ok: bool
+    reason: Reason
+    detail: str = ""
+    g_fro_sq: tuple[int, ...] = ()
+
+
+class ExactGroupObsVerifier:
+    """Verifies exact Group-OBS enrollment and deletion proofs of one spec with the provider's own keys.
+
+    ``deletion`` and ``enrollment`` must share logrows and SRS: both read the same ``theta`` and ``G``
+    commitments, and a commitment depends on the circuit's domain size.
+    """
+
+    def __init__(
+        self,
+        spec: ExactGroupObsSpec,
+        deletion: CircuitArtifacts,
+        enrollment: CircuitArtifacts,
+        backend: ProvingBackend | None = None,
+    ) -> None:
+        if deletion.logrows != enrollment.logrows:
+            raise ValueError(
+                f"deletion logrows {deletion.logrows} != enrollment logrows {enrollment.logrows}: "
+                "their commitments to theta and G would differ"
+            )
+        self.spec = spec
+        self._deletion = _BaseVerifier(deletion, backend)
+        self._enrollment = _BaseVerifier(enrollment, backend)
+
+    def commit(self, felts: list[str]) -> str:
+        return self._deletion.commit(felts)
+
+    def mask_commitment(self, mask: npt.ArrayLike, request_digest: bytes) -> str:
+        """The provider's own commitment to the mask it issued, bound to the request digest."""
+        return self.commit(mask_tensor(mask, request_digest, self.spec.n_blind))
+
+    def verify_enrollment(
+        self, submission: Proof | dict[str, Any], *, theta_commit: str, g_commit: str
+    ) -> EnrollmentVerdict:
+        """Check one batch's enrollment proof over the enrolled commitments."""
+        n = self.spec.batch
+        # Enrollment proofs carry no request: the replay guard is the identity of the commitments.
+        early, proof, _ = self._enrollment._check_proof(
+            submission, "enrollment", [theta_commit, g_commit], 2 * n, InMemoryReplayGuard()
+        )
+        if early is not None:
+            return EnrollmentVerdict(False, early.reason, early.detail)
+        values = signed_outputs(proof.instances[0])
+        below, g_fro = values[0::2], values[1::2]
+        for i, (b, g) in enumerate(zip(below, g_fro, strict=True)):
+            if b != 0:
+                return EnrollmentVerdict(
+                    False,
+                    Reason.ENROLLMENT_THETA_OUT_OF_RANGE,
+                    f"block {i}: a weight lies below -{self.spec.theta_bound} (normalised)",
+                )
+            if g <= 0:
+                return EnrollmentVerdict(False, Reason.OUTPUT_OUT_OF_RANGE, f"block {i}: ||G||_F^2 = {g}")
+        return EnrollmentVerdict(True, Reason.OK, "", tuple(g_fro))
+
+    def check_normalisation(self, g_fro_sq: Sequence[int]) -> EnrollmentVerdict:
+        """A whole layer's blocks: ``sum ||G_q||_F^2`` must give ``G`` unit mean diagonal."""
+        lo, hi = self.spec.normalisation_range(len(g_fro_sq))
+        total = sum(int(v) for v in g_fro_sq)
+        if not lo <= total <= hi:
+            return EnrollmentVerdict(
+                False,
+                Reason.ENROLLMENT_G_NOT_NORMALISED,
+                f"sum ||G||_F^2 = {total} outside [{lo}, {hi}] (unit mean diagonal)",
+            )
+        return EnrollmentVerdict(True, Reason.OK, "", tuple(int(v) for v in g_fro_sq))
+
+    def verify(
+        self,
+        submission: Proof | dict[str, Any],
+        *,
+        request_id: str,
+        enrolled_theta: str,
+        enrolled_g: str,
+        mask_commitment: str,
+        claimed_theta_after: str,
+        g_fro_sq: Sequence[int],
+        replay: ReplayGuard,
+    ) -> Verdict:
+        """One batch's deletion proof; ``g_fro_sq`` are its blocks' values from the enrollment proof."""
+        n = self.spec.batch
+        if len(g_fro_sq) != n:
+            return Verdict(
+                False, Reason.MALFORMED, f"expected {n} enrolled ||G||_F^2 values, got {len(g_fro_sq)}"
+            )
+        expected = [enrolled_theta, claimed_theta_after, enrolled_g, mask_commitment]
+        early, proof, _ = self._deletion._check_proof(submission, request_id, expected, 3 * n, replay)
+        if early is not None:
+            return early
+        digest = proof.digest()
+        values = signed_outputs(proof.instances[0])
+        rows = tuple(tuple(float(v) for v in values[3 * i : 3 * i + 3]) for i in range(n))
+        for i in range(n):
+            kept, s_w, s_row = values[3 * i : 3 * i + 3]
+            limit = self.spec.thresholds(int(g_fro_sq[i]))
+            if min(kept, s_w, s_row) < 0:
+                return Verdict(False, Reason.OUTPUT_OUT_OF_RANGE, f"block {i}: negative output", digest, rows)
+            if kept != 0:
+                return Verdict(
+                    False, Reason.MASK_NOT_ZERO, f"block {i}: sum mask |theta'| = {kept}", digest, rows
+                )
+            if s_w > limit.w:
+                return Verdict(False, Reason.KKT_VIOLATED, f"block {i}: {s_w} > {limit.w}", digest, rows)
+            if s_row > limit.row:
+                return Verdict(
+                    False, Reason.ROW_SPACE_VIOLATED, f"block {i}: {s_row} > {limit.row}", digest, rows
+                )
+        return Verdict(True, Reason.OK, "", digest, rows)
