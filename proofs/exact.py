@@ -1,4 +1,4 @@
-"""The exact-integer Group-OBS relation: spec, quantisation, thresholds, reference outputs, verifier.
+"""The exact-integer Group-OBS relation: spec, quantisation, thresholds, reference outputs, tensors.
 
 :mod:`zkunlearn.circuits.group_obs_exact` defines the relation; this module fixes everything the
 client, the provider and the auditor must agree on around it. The error analysis behind the
@@ -11,7 +11,7 @@ normalised units (``theta * 2**e`` of unit spread, ``G`` of unit mean diagonal o
   ``|r_row| <= sqrt(B) 2**(-theta_bits-1) + ||G||_F sqrt(m) 2**(-w_bits-1) + eta`` (2-norms; ``eta``
   covers the float solve, which the SDK checks), with ``||G||_F`` the block's own, proven at enrollment;
 * any accepted ``theta'`` differs from the exact Group-OBS solution by at most
-  ``|r_w| / (2 sqrt(m lam)) + 2 |r_row|`` in 2-norm (:meth:`ExactGroupObsSpec.slack_bound`).
+  ``|r_w| / (2 sqrt(m lam)) + |r_row|`` in 2-norm (:meth:`ExactGroupObsSpec.slack_bound`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from zkunlearn.circuits import group_obs_exact as relation
+from zkunlearn.circuits import group_obs_exact as exact_relation
 from zkunlearn.proofs.fixedpoint import FIELD_MODULUS, FixedPointError, int_to_felt
 
 IntArray = npt.NDArray[np.object_]
@@ -110,7 +110,7 @@ class ExactGroupObsSpec:
     theta_bound: float = 4.0
     w_bound: float = 4096.0
     g_norm_tolerance: float = 2.0**-6
-    n_blind: int = relation.N_BLIND
+    n_blind: int = exact_relation.N_BLIND
 
     def __post_init__(self) -> None:
         if min(self.block, self.m, self.batch) < 1:
@@ -140,7 +140,7 @@ class ExactGroupObsSpec:
 
     @property
     def lam(self) -> float:
-        return self.lam_num / 2**self.lam_shift
+        return self.lam_num / float(1 << self.lam_shift)
 
     @property
     def theta_offset(self) -> int:
@@ -154,8 +154,8 @@ class ExactGroupObsSpec:
     def batch_weights(self) -> int:
         return self.batch * self.block
 
-    def relation(self) -> relation.GroupObsExactCheck:
-        return relation.GroupObsExactCheck(
+    def relation(self) -> exact_relation.GroupObsExactCheck:
+        return exact_relation.GroupObsExactCheck(
             self.block,
             self.m,
             lam_num=self.lam_num,
@@ -167,8 +167,8 @@ class ExactGroupObsSpec:
             n_blind=self.n_blind,
         )
 
-    def enrollment_relation(self) -> relation.GroupObsEnrollmentCheck:
-        return relation.GroupObsEnrollmentCheck(
+    def enrollment_relation(self) -> exact_relation.GroupObsEnrollmentCheck:
+        return exact_relation.GroupObsEnrollmentCheck(
             self.block, self.m, theta_offset=self.theta_offset, n_blind=self.n_blind
         )
 
@@ -196,9 +196,9 @@ class ExactGroupObsSpec:
 
     def slack_bound(self, g_fro_sq: int) -> float:
         """Largest 2-norm by which an accepted ``theta'`` can differ from the exact Group-OBS solution of
-        the committed block, in normalised units (``|r_w| / (2 sqrt(m lam)) + 2 |r_row|``)."""
+        the committed block, in normalised units (``|r_w| / (2 sqrt(m lam)) + |r_row|``)."""
         r_w, r_row = self.residual_bounds(g_fro_sq)
-        return r_w / (2.0 * math.sqrt(self.m * self.lam)) + 2.0 * r_row
+        return r_w / (2.0 * math.sqrt(self.m * self.lam)) + r_row
 
     def normalisation_range(self, n_blocks: int) -> tuple[int, int]:
         """Accepted ``sum ||G_q||_F^2`` over a layer's ``n_blocks`` blocks (unit mean diagonal)."""
