@@ -153,6 +153,25 @@ def bench_proofs(
     console.print_json(json.dumps(result))
 
 
+@bench_app.command("exact-proofs")
+def bench_exact_proofs(
+    out: Annotated[Path, typer.Option(help="results JSON")] = Path("bench/results/proofs_exact.json"),
+    block: Annotated[int, typer.Option(help="weights per Group-OBS block")] = 64,
+    m: Annotated[int, typer.Option(help="committed factor rows per block")] = 16,
+    lam: Annotated[float, typer.Option(help="damping (made dyadic by the spec)")] = 0.001,
+    batch: Annotated[int, typer.Option(help="blocks per proof")] = 8,
+    proofs: Annotated[int, typer.Option(help="proofs in the throughput run")] = 6,
+    workers: Annotated[int, typer.Option(help="parallel proving processes")] = 2,
+) -> None:
+    """The exact Group-OBS relation beside the fixed-point one (rows, seconds, memory, bytes, throughput)."""
+    import json
+
+    from zkunlearn.bench.exact import run_exact_bench
+
+    result = run_exact_bench(out, block=block, m=m, lam=lam, batch=batch, proofs=proofs, workers=workers)
+    console.print_json(json.dumps(result))
+
+
 @bench_app.command("unlearning", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_unlearning(ctx: typer.Context) -> None:
     """Unlearning quality and update cost on the offline tasks (options: --tasks, --seeds, --quick, ...)."""
