@@ -27,14 +27,13 @@ settings from the submission. Proof bytes are the JSON of :class:`~zkunlearn.pro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,9 +41,9 @@ from zkunlearn.circuits import analytic as analytic_relation
 from zkunlearn.circuits import group_obs as group_obs_relation
 from zkunlearn.circuits import output_refit as refit_relation
 from zkunlearn.circuits.export import export_relation
-from zkunlearn.circuits.mask import LayerMask, Mask, MaskError
+from zkunlearn.circuits.mask import Mask, MaskError
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
-from zkunlearn.proofs.backend import CircuitConfig, EzklBackend, Proof, ProofFormatError
+from zkunlearn.proofs.backend import CircuitConfig, EzklBackend
 from zkunlearn.proofs.fixedpoint import (
     FixedPointError,
     FloatArray,
@@ -55,8 +54,47 @@ from zkunlearn.proofs.fixedpoint import (
     output_refit_tolerance,
     request_binding,
 )
+from zkunlearn.proofs.layout import (
+    CommitmentLike,
+    DeletionError,
+    DeletionVerdict,
+    NoReplay,
+    batch_mask_rows,
+    by_key,
+    commitment_name,
+    encode_proof,
+    layer_batches,
+    parse_proof,
+    request_digest,
+    touched_batches,
+)
 from zkunlearn.proofs.srs import SrsInfo, dev_srs, file_sha256
 from zkunlearn.proofs.verifier import AnalyticVerifier, GroupObsVerifier, RefitVerifier, Verdict
+
+__all__ = [
+    "ANALYTIC_LAYER",
+    "UPDATE_KIND_ANALYTIC",
+    "UPDATE_KIND_GROUP_OBS",
+    "AnalyticSpec",
+    "CommitmentLike",
+    "DeletionCircuits",
+    "DeletionError",
+    "DeletionVerdict",
+    "GroupObsSpec",
+    "RefitSpec",
+    "batch_mask_rows",
+    "check_published_circuits",
+    "commitment_name",
+    "encode_proof",
+    "export_spec",
+    "layer_batches",
+    "request_digest",
+    "touched_batches",
+    "verify_analytic",
+    "verify_bundle_submission",
+    "verify_deletion",
+    "verify_group_obs",
+]
 
 REFIT_DECOMP_LEGS = 4
 """Range-check legs of the refit circuits (base 1024: values below 2**40 at twice the input scale).
@@ -67,28 +105,6 @@ overflows the decomposition. The legs do not change a commitment, so the circuit
 UPDATE_KIND_GROUP_OBS = 1
 UPDATE_KIND_ANALYTIC = 2
 ANALYTIC_LAYER = "head"
-
-
-class DeletionError(ValueError):
-    """A deletion's inputs do not fit the published circuits (wrong shapes, missing commitments)."""
-
-
-class CommitmentLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def block(self) -> int: ...
-    @property
-    def point_hex(self) -> str: ...
-
-
-def commitment_name(kind: str, layer: str) -> str:
-    return f"{kind}:{layer}"
-
-
-def request_digest(request_canonical: bytes) -> bytes:
-    """What binds the mask (and forget data) commitments to one signed request."""
-    return hashlib.sha256(b"zkunlearn/request/v1" + request_canonical).digest()
 
 
 @dataclass(frozen=True)
@@ -485,85 +501,6 @@ def _input_scale(arts: CircuitArtifacts) -> int:
 # ---- Group-OBS layout ---------------------------------------------------------------------------
 
 
-def layer_batches(layer: LayerMask, spec: GroupObsSpec) -> int:
-    numel = int(np.prod(layer.shape))
-    if layer.block_size != spec.block:
-        raise DeletionError(
-            f"mask block size {layer.block_size} != circuit block {spec.block} ({layer.layer})"
-        )
-    if numel % spec.batch_weights:
-        raise DeletionError(
-            f"layer {layer.layer} has {numel} weights, not a multiple of batch x block = {spec.batch_weights}"
-        )
-    return numel // spec.batch_weights
-
-
-def touched_batches(mask: Mask, spec: GroupObsSpec) -> list[tuple[str, int]]:
-    """(layer, batch) pairs with at least one masked weight, in the order proofs must come in."""
-    out: list[tuple[str, int]] = []
-    for layer in mask.layers:
-        layer_batches(layer, spec)
-        out.extend(
-            (layer.layer, b) for b in sorted({blk // spec.batch for blk in mask.touched_blocks(layer.layer)})
-        )
-    return out
-
-
-def batch_mask_rows(layer: LayerMask, batch: int, spec: GroupObsSpec) -> npt.NDArray[np.bool_]:
-    """The (batch, B) 0/1 mask of one batch."""
-    rows = np.zeros((spec.batch, spec.block), dtype=bool)
-    for i in range(spec.batch):
-        offsets = layer.blocks.get(batch * spec.batch + i, ())
-        rows[i, list(offsets)] = True
-    return rows
-
-
-def _by_key(items: Sequence[CommitmentLike], what: str) -> dict[tuple[str, int], str]:
-    out: dict[tuple[str, int], str] = {}
-    for c in items:
-        key = (c.name, int(c.block))
-        if key in out:
-            raise DeletionError(f"{what}: duplicate commitment {c.name}#{c.block}")
-        out[key] = c.point_hex
-    return out
-
-
-def _parse_proof(raw: bytes, index: int) -> Proof:
-    try:
-        obj = json.loads(raw)
-        if not isinstance(obj, dict) or set(obj) != {"transcript", "instances"}:
-            raise ProofFormatError(
-                "a proof is exactly {transcript, instances}; keys and settings are never accepted"
-            )
-        return Proof.from_json(obj)
-    except RecursionError:
-        raise DeletionError(f"proof {index} is malformed: JSON nested too deeply") from None
-    except (ValueError, ProofFormatError) as exc:
-        raise DeletionError(f"proof {index} is malformed: {exc}") from exc
-
-
-def encode_proof(proof: Proof) -> bytes:
-    return json.dumps(proof.to_json(), separators=(",", ":")).encode()
-
-
-class _NoReplay:
-    """The provider state refuses replays (one accepted submission per request); the auditor re-checks
-    decided receipts, so here a proof is judged on its own."""
-
-    def proof_used(self, digest: str) -> bool:
-        return False
-
-    def request_used(self, request_id: str) -> bool:
-        return False
-
-
-@dataclass(frozen=True)
-class DeletionVerdict:
-    ok: bool
-    reason: str
-    verdicts: tuple[Verdict, ...] = ()
-
-
 def verify_group_obs(
     circuits: DeletionCircuits,
     *,
@@ -576,7 +513,7 @@ def verify_group_obs(
 ) -> DeletionVerdict:
     spec, verifier = circuits.group_obs_verifier()
     digest = request_digest(request_canonical)
-    old, new = _by_key(before, "before"), _by_key(after, "after")
+    old, new = by_key(before, "before"), by_key(after, "after")
     batches = touched_batches(mask, spec)
     if not batches:
         return DeletionVerdict(False, "the mask touches no weights")
@@ -604,7 +541,7 @@ def verify_group_obs(
         if theta_key not in old or g_key not in old:
             return DeletionVerdict(False, f"no enrolled commitment for {layer_name} batch {b}")
         try:
-            proof = _parse_proof(raw, index)
+            proof = parse_proof(raw, index)
             mask_commitment = verifier.mask_commitment(batch_mask_rows(layers[layer_name], b, spec), digest)
         except (DeletionError, FixedPointError) as exc:
             return DeletionVerdict(False, str(exc), tuple(verdicts))
@@ -615,7 +552,7 @@ def verify_group_obs(
             enrolled_g=old[g_key],
             mask_commitment=mask_commitment,
             claimed_theta_after=new[theta_key],
-            replay=_NoReplay(),
+            replay=NoReplay(),
         )
         verdicts.append(verdict)
         if not verdict.ok:
@@ -636,7 +573,7 @@ def verify_group_obs(
         if missing:
             return DeletionVerdict(False, f"refit of {refit.following}: no enrolled {', '.join(missing)}")
         try:
-            proof = _parse_proof(raw, len(batches) + index)
+            proof = parse_proof(raw, len(batches) + index)
         except DeletionError as exc:
             return DeletionVerdict(False, str(exc), tuple(verdicts))
         refit_verifier = RefitVerifier(
@@ -651,7 +588,7 @@ def verify_group_obs(
             theta_after=[new[k] for k in theta_keys],
             enrolled_v=old[keys["v"]],
             claimed_v_after=new[keys["v"]],
-            replay=_NoReplay(),
+            replay=NoReplay(),
         )
         verdicts.append(verdict)
         if not verdict.ok:
@@ -715,7 +652,7 @@ def verify_analytic(
         return DeletionVerdict(False, "an analytic deletion needs the forget features and labels")
     if len(proofs) != 1:
         return DeletionVerdict(False, f"an analytic deletion has exactly one proof, got {len(proofs)}")
-    old, new = _by_key(before, "before"), _by_key(after, "after")
+    old, new = by_key(before, "before"), by_key(after, "after")
     r_key, w_key = (commitment_name("r", ANALYTIC_LAYER), 0), (commitment_name("w", ANALYTIC_LAYER), 0)
     if set(old) != {r_key, w_key} or set(new) != {r_key, w_key}:
         return DeletionVerdict(False, "analytic commitments must be exactly r:head#0 and w:head#0")
@@ -724,7 +661,7 @@ def verify_analytic(
         x_u, y_u = analytic_forget_tensors(
             spec, forget_features, forget_labels, request_digest(request_canonical), scale
         )
-        proof = _parse_proof(proofs[0], 0)
+        proof = parse_proof(proofs[0], 0)
     except (DeletionError, FixedPointError) as exc:
         return DeletionVerdict(False, str(exc))
     verdict = verifier.verify(
@@ -736,7 +673,7 @@ def verify_analytic(
         claimed_w_after=new[w_key],
         forget_x=verifier.commit(x_u),
         forget_y=verifier.commit(y_u),
-        replay=_NoReplay(),
+        replay=NoReplay(),
     )
     reason = "ok" if verdict.ok else f"{verdict.reason.value} {verdict.detail}".strip()
     return DeletionVerdict(verdict.ok, reason, (verdict,))

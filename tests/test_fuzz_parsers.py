@@ -1,6 +1,6 @@
 """Bounded fuzzing of the parsers that turn untrusted bytes into objects on the provider and auditor side.
 
-Targets: the proof parsers (``deletion._parse_proof`` on uploaded proof bytes, ``Proof.from_json`` and
+Targets: the proof parsers (``layout.parse_proof`` on uploaded proof bytes, ``Proof.from_json`` and
 ``verifier.parse_submission`` on proof objects), the signed-statement parsers the provider runs on
 every client's canonical bytes (``parse_canonical_json``, ``StatementVerifier.verify``), the mask
 decoder, and the offline auditor on a real export bundle with one file mutated. Inputs are random
@@ -28,8 +28,8 @@ from zkunlearn.bench.fuzz_report import FuzzTally, examples
 from zkunlearn.circuits.mask import Mask, MaskError
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.backend import Proof, ProofFormatError
-from zkunlearn.proofs.deletion import DeletionError, _parse_proof, encode_proof
 from zkunlearn.proofs.fixedpoint import int_to_felt
+from zkunlearn.proofs.layout import DeletionError, encode_proof, parse_proof
 from zkunlearn.proofs.statements import (
     DOMAIN_RPC_AUTH,
     StatementError,
@@ -207,14 +207,14 @@ def test_fuzz_parse_proof_bytes() -> None:
 
     def check(raw: bytes) -> str:
         try:
-            proof = _parse_proof(raw, 3)
+            proof = parse_proof(raw, 3)
         except DeletionError as exc:
             assert str(exc).startswith("proof 3 is malformed"), str(exc)  # noqa: PT017
             return _refused(exc, DeletionError)
         return _accepted_proof(proof)
 
-    _fuzz("proofs.deletion._parse_proof", PROOF_BYTES, check, 400)
-    assert TALLY.statuses["proofs.deletion._parse_proof"]["accepted"] > 0  # the mutations reach a pass
+    _fuzz("proofs.layout.parse_proof", PROOF_BYTES, check, 400)
+    assert TALLY.statuses["proofs.layout.parse_proof"]["accepted"] > 0  # the mutations reach a pass
 
 
 def test_fuzz_proof_from_json_and_parse_submission() -> None:
@@ -252,12 +252,12 @@ def test_fuzz_proof_from_json_and_parse_submission() -> None:
 def test_proof_parser_regressions(raw: bytes, needle: str) -> None:
     """Inputs the fuzzer found: each was coerced into a proof or crashed with a non-domain error."""
     with pytest.raises(DeletionError, match="proof 0 is malformed") as err:
-        _parse_proof(raw, 0)
+        parse_proof(raw, 0)
     assert needle in str(err.value)
 
 
 def test_valid_proof_still_parses() -> None:
-    assert _parse_proof(VALID_PROOF_BYTES, 0) == VALID_PROOF
+    assert parse_proof(VALID_PROOF_BYTES, 0) == VALID_PROOF
     upper = VALID_PROOF.to_json()
     upper["transcript"] = upper["transcript"].upper()
     assert Proof.from_json(upper).transcript == VALID_PROOF.transcript

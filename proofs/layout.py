@@ -1,0 +1,133 @@
+"""How a deletion maps onto proofs: blocks, batches, commitment names, proof bytes, verdicts.
+
+Shared by every Group-OBS relation (fixed point and exact) and by the provider, the client and the
+auditor, so that they cannot disagree on which batch a proof covers or which commitment it replaces.
+A targeted layer of ``numel`` weights is cut into blocks of ``block`` (row-major) and the blocks into
+fixed *batches* of ``batch`` consecutive blocks; one proof per touched batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from zkunlearn.circuits.mask import LayerMask, Mask
+from zkunlearn.proofs.backend import Proof, ProofFormatError
+from zkunlearn.proofs.verifier import Verdict
+
+
+class DeletionError(ValueError):
+    """A deletion's inputs do not fit the published circuits (wrong shapes, missing commitments)."""
+
+
+class CommitmentLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def block(self) -> int: ...
+    @property
+    def point_hex(self) -> str: ...
+
+
+def commitment_name(kind: str, layer: str) -> str:
+    return f"{kind}:{layer}"
+
+
+def request_digest(request_canonical: bytes) -> bytes:
+    """What binds the mask (and forget data) commitments to one signed request."""
+    return hashlib.sha256(b"zkunlearn/request/v1" + request_canonical).digest()
+
+
+class BlockLayout(Protocol):
+    """What a Group-OBS spec fixes about the layout: block size and blocks per proof."""
+
+    @property
+    def block(self) -> int: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def batch_weights(self) -> int: ...
+
+
+def layer_batches(layer: LayerMask, spec: BlockLayout) -> int:
+    numel = int(np.prod(layer.shape))
+    if layer.block_size != spec.block:
+        raise DeletionError(
+            f"mask block size {layer.block_size} != circuit block {spec.block} ({layer.layer})"
+        )
+    if numel % spec.batch_weights:
+        raise DeletionError(
+            f"layer {layer.layer} has {numel} weights, not a multiple of batch x block = {spec.batch_weights}"
+        )
+    return numel // spec.batch_weights
+
+
+def touched_batches(mask: Mask, spec: BlockLayout) -> list[tuple[str, int]]:
+    """(layer, batch) pairs with at least one masked weight, in the order proofs must come in."""
+    out: list[tuple[str, int]] = []
+    for layer in mask.layers:
+        layer_batches(layer, spec)
+        out.extend(
+            (layer.layer, b) for b in sorted({blk // spec.batch for blk in mask.touched_blocks(layer.layer)})
+        )
+    return out
+
+
+def batch_mask_rows(layer: LayerMask, batch: int, spec: BlockLayout) -> npt.NDArray[np.bool_]:
+    """The (batch, B) 0/1 mask of one batch."""
+    rows = np.zeros((spec.batch, spec.block), dtype=bool)
+    for i in range(spec.batch):
+        offsets = layer.blocks.get(batch * spec.batch + i, ())
+        rows[i, list(offsets)] = True
+    return rows
+
+
+def by_key(items: Sequence[CommitmentLike], what: str) -> dict[tuple[str, int], str]:
+    out: dict[tuple[str, int], str] = {}
+    for c in items:
+        key = (c.name, int(c.block))
+        if key in out:
+            raise DeletionError(f"{what}: duplicate commitment {c.name}#{c.block}")
+        out[key] = c.point_hex
+    return out
+
+
+def parse_proof(raw: bytes, index: int) -> Proof:
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict) or set(obj) != {"transcript", "instances"}:
+            raise ProofFormatError(
+                "a proof is exactly {transcript, instances}; keys and settings are never accepted"
+            )
+        return Proof.from_json(obj)
+    except RecursionError:
+        raise DeletionError(f"proof {index} is malformed: JSON nested too deeply") from None
+    except (ValueError, ProofFormatError) as exc:
+        raise DeletionError(f"proof {index} is malformed: {exc}") from exc
+
+
+def encode_proof(proof: Proof) -> bytes:
+    return json.dumps(proof.to_json(), separators=(",", ":")).encode()
+
+
+class NoReplay:
+    """The provider state refuses replays (one accepted submission per request); the auditor re-checks
+    decided receipts, so here a proof is judged on its own."""
+
+    def proof_used(self, digest: str) -> bool:
+        return False
+
+    def request_used(self, request_id: str) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class DeletionVerdict:
+    ok: bool
+    reason: str
+    verdicts: tuple[Verdict, ...] = ()
