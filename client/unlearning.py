@@ -61,6 +61,7 @@ from zkunlearn.proofs.deletion import (
     touched_batches,
 )
 from zkunlearn.proofs.fixedpoint import felts, random_blinding, theta_exponent
+from zkunlearn.proofs.layout import BlockLayout
 from zkunlearn.proofs.prover import (
     ProveJob,
     ProveResult,
@@ -211,6 +212,26 @@ def _staging_copy(model: nn.Module, staged: set[str]) -> nn.Module:
         return copy.deepcopy(model, memo)
     except Exception as exc:  # a model holding something uncopyable (a lock, a file)
         raise UnlearningError(f"cannot stage the enrollment on a copy of the model: {exc}") from exc
+
+
+def check_mask_layer(layer_mask: LayerMask, meta: dict[str, Any], spec: BlockLayout) -> None:
+    """The mask must describe the enrolled layer as it is: a mask of another shape with the same
+    number of weights would otherwise be laid over the layer's flat order and zero other weights
+    than the provider meant."""
+    name = layer_mask.layer
+    if name not in meta["layers"]:
+        raise UnlearningError(f"the mask names {name!r}, which this client did not enroll")
+    enrolled = tuple(int(n) for n in meta["layers"][name]["shape"])
+    if tuple(layer_mask.shape) != enrolled:
+        raise UnlearningError(
+            f"the mask's layer {name!r} has shape {tuple(layer_mask.shape)}; the enrolled layer is {enrolled}"
+        )
+    if layer_mask.block_size != spec.block:
+        raise UnlearningError(
+            f"the mask's layer {name!r} has block size {layer_mask.block_size}, "
+            f"the circuit's block is {spec.block}"
+        )
+    layer_batches(layer_mask, spec)
 
 
 class _CommittedStateProver:
@@ -620,24 +641,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         return UpdateResult(after_list, proofs)
 
     def _check_mask_layer(self, layer_mask: LayerMask, meta: dict[str, Any]) -> None:
-        """The mask must describe the enrolled layer as it is: a mask of another shape with the same
-        number of weights would otherwise be laid over the layer's flat order and zero other weights
-        than the provider meant."""
-        name = layer_mask.layer
-        if name not in meta["layers"]:
-            raise UnlearningError(f"the mask names {name!r}, which this client did not enroll")
-        enrolled = tuple(int(n) for n in meta["layers"][name]["shape"])
-        if tuple(layer_mask.shape) != enrolled:
-            raise UnlearningError(
-                f"the mask's layer {name!r} has shape {tuple(layer_mask.shape)}; the enrolled layer is "
-                f"{enrolled}"
-            )
-        if layer_mask.block_size != self.spec.block:
-            raise UnlearningError(
-                f"the mask's layer {name!r} has block size {layer_mask.block_size}, "
-                f"the circuit's block is {self.spec.block}"
-            )
-        layer_batches(layer_mask, self.spec)
+        check_mask_layer(layer_mask, meta, self.spec)
 
     def _refit_job(
         self,

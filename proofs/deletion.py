@@ -44,6 +44,9 @@ from zkunlearn.circuits.export import export_relation
 from zkunlearn.circuits.mask import Mask, MaskError
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
 from zkunlearn.proofs.backend import CircuitConfig, EzklBackend
+from zkunlearn.proofs.exact import ExactGroupObsSpec
+from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier, build_exact_circuits, export_exact
+from zkunlearn.proofs.exact_deletion import EnrolledNorms, verify_exact_deletion
 from zkunlearn.proofs.fixedpoint import (
     FixedPointError,
     FloatArray,
@@ -75,6 +78,7 @@ __all__ = [
     "ANALYTIC_LAYER",
     "UPDATE_KIND_ANALYTIC",
     "UPDATE_KIND_GROUP_OBS",
+    "UPDATE_KIND_GROUP_OBS_EXACT",
     "AnalyticSpec",
     "CommitmentLike",
     "DeletionCircuits",
@@ -104,6 +108,7 @@ overflows the decomposition. The legs do not change a commitment, so the circuit
 
 UPDATE_KIND_GROUP_OBS = 1
 UPDATE_KIND_ANALYTIC = 2
+UPDATE_KIND_GROUP_OBS_EXACT = 3
 ANALYTIC_LAYER = "head"
 
 
@@ -241,6 +246,7 @@ class DeletionCircuits:
     group_obs: tuple[GroupObsSpec, CircuitArtifacts] | None
     analytic: tuple[AnalyticSpec, CircuitArtifacts] | None
     refits: tuple[tuple[RefitSpec, CircuitArtifacts], ...] = ()
+    exact: tuple[ExactGroupObsSpec, CircuitArtifacts, CircuitArtifacts] | None = None
 
     @classmethod
     def build(
@@ -252,6 +258,7 @@ class DeletionCircuits:
         config: CircuitConfig | None = None,
         srs: SrsInfo | None = None,
         refits: Sequence[RefitSpec] = (),
+        exact: ExactGroupObsSpec | None = None,
     ) -> DeletionCircuits:
         """Export, compile and set up each relation with the provider's own keys (cached by content).
 
@@ -318,13 +325,27 @@ class DeletionCircuits:
                 )
             built_refits.append((spec, arts))
         shutil.rmtree(refit_staging, ignore_errors=True)
+        built_exact: tuple[ExactGroupObsSpec, CircuitArtifacts, CircuitArtifacts] | None = None
+        if exact is not None:
+            if refits:
+                raise DeletionError(
+                    "the output refit reads fixed-point theta commitments; it cannot follow exact Group-OBS"
+                )
+            deletion_arts, enrollment_arts = build_exact_circuits(exact, directory, srs_for)
+            built_exact = (exact, deletion_arts, enrollment_arts)
+            record["group_obs_exact"] = {
+                "spec": asdict(exact),
+                "key": deletion_arts.key,
+                "enrollment_key": enrollment_arts.key,
+                **_srs_record(deletion_arts.srs, directory),
+            }
         if built_refits:
             record["refits"] = [
                 {"spec": asdict(spec), "key": arts.key, **_srs_record(arts.srs, directory)}
                 for spec, arts in built_refits
             ]
         (directory / "circuits.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        return cls(directory, built_go, built_an, tuple(built_refits))
+        return cls(directory, built_go, built_an, tuple(built_refits), built_exact)
 
     @classmethod
     def load(cls, directory: Path) -> DeletionCircuits:
@@ -342,7 +363,15 @@ class DeletionCircuits:
         refits = tuple(
             (RefitSpec(**entry["spec"]), _artifacts(directory, entry)) for entry in record.get("refits", [])
         )
-        return cls(directory, go, an, refits)
+        exact = None
+        if "group_obs_exact" in record:
+            entry = record["group_obs_exact"]
+            exact = (
+                ExactGroupObsSpec(**entry["spec"]),
+                _artifacts(directory, entry),
+                _artifacts(directory, {**entry, "key": entry["enrollment_key"]}),
+            )
+        return cls(directory, go, an, refits, exact)
 
     def group_obs_verifier(self) -> tuple[GroupObsSpec, GroupObsVerifier]:
         if self.group_obs is None:
@@ -350,6 +379,12 @@ class DeletionCircuits:
         spec, arts = self.group_obs
         tol = spec.tolerance(_input_scale(arts))
         return spec, GroupObsVerifier(arts, n_blocks=spec.batch, n_blind=spec.n_blind, tolerance=tol)
+
+    def exact_verifier(self) -> tuple[ExactGroupObsSpec, ExactGroupObsVerifier]:
+        if self.exact is None:
+            raise DeletionError("this model publishes no exact Group-OBS circuit")
+        spec, deletion, enrollment = self.exact
+        return spec, ExactGroupObsVerifier(spec, deletion, enrollment)
 
     def analytic_verifier(self) -> tuple[AnalyticSpec, AnalyticVerifier]:
         if self.analytic is None:
@@ -400,6 +435,19 @@ _SOUND_RUN_ARGS = {
 }
 
 
+#: The exact relation's run arguments: inputs KZG-committed, outputs public, constants fixed, every
+#: value an integer (scale 0), and ezkl's input range checks off because the relation range-checks
+#: what is new itself and the enrollment proof bounds the rest (docs/protocol.md).
+EXACT_SOUND_RUN_ARGS = {
+    "input_visibility": "KZGCommit",
+    "output_visibility": "Public",
+    "param_visibility": "Fixed",
+    "ignore_range_check_inputs_outputs": True,
+    "input_scale": 0,
+    "param_scale": 0,
+}
+
+
 def check_published_circuits(directory: Path) -> str:
     """Rebuild each published circuit's verifying key from its spec with this code, and compare.
 
@@ -410,23 +458,41 @@ def check_published_circuits(directory: Path) -> str:
     """
     circuits = DeletionCircuits.load(directory)
     go_spec = circuits.group_obs[0] if circuits.group_obs else None
-    entries: list[tuple[str, GroupObsSpec | AnalyticSpec | RefitSpec, CircuitArtifacts]] = []
-    if circuits.group_obs is not None:
-        entries.append(("group_obs", *circuits.group_obs))
-    if circuits.analytic is not None:
-        entries.append(("analytic", *circuits.analytic))
-    entries += [(f"refit {spec.masked}", spec, arts) for spec, arts in circuits.refits]
-    if not entries:
-        raise DeletionError("circuits.json publishes no circuit")
     backend = EzklBackend()
     notes = []
     with tempfile.TemporaryDirectory(prefix="zkaudit-") as tmp:
-        for i, (label, spec, arts) in enumerate(entries):
+        entries: list[tuple[str, Any, CircuitArtifacts, Path, Mapping[str, Any]]] = []
+        specs: list[tuple[str, GroupObsSpec | AnalyticSpec | RefitSpec, CircuitArtifacts]] = []
+        if circuits.group_obs is not None:
+            specs.append(("group_obs", *circuits.group_obs))
+        if circuits.analytic is not None:
+            specs.append(("analytic", *circuits.analytic))
+        specs += [(f"refit {spec.masked}", spec, arts) for spec, arts in circuits.refits]
+        for i, (label, spec, arts) in enumerate(specs):
             onnx = export_spec(spec, Path(tmp) / f"{i}.onnx", group_obs=go_spec)
+            entries.append((label, spec, arts, onnx, _SOUND_RUN_ARGS))
+        if circuits.exact is not None:
+            exact_spec, deletion_arts, enrollment_arts = circuits.exact
+            deletion_onnx, enrollment_onnx = export_exact(exact_spec, Path(tmp) / "exact")
+            entries.append(
+                ("group_obs_exact", exact_spec, deletion_arts, deletion_onnx, EXACT_SOUND_RUN_ARGS)
+            )
+            entries.append(
+                (
+                    "group_obs_exact enrollment",
+                    exact_spec,
+                    enrollment_arts,
+                    enrollment_onnx,
+                    EXACT_SOUND_RUN_ARGS,
+                )
+            )
+        if not entries:
+            raise DeletionError("circuits.json publishes no circuit")
+        for i, (label, spec, arts, onnx, sound) in enumerate(entries):
             if onnx.read_bytes() != arts.onnx.read_bytes():
                 raise DeletionError(f"{label}: model.onnx is not the relation its published spec defines")
             run_args = arts.settings_dict.get("run_args", {})
-            for key, want in _SOUND_RUN_ARGS.items():
+            for key, want in sound.items():
                 if run_args.get(key) != want:
                     raise DeletionError(
                         f"{label}: settings run_args {key} is {run_args.get(key)!r}, "
@@ -691,9 +757,28 @@ def verify_deletion(
     before: Sequence[CommitmentLike],
     after: Sequence[CommitmentLike],
     proofs: Sequence[bytes],
+    enrolled_norms: EnrolledNorms | None = None,
 ) -> DeletionVerdict:
-    """Judge one submission with the provider's own circuits; every refusal names its reason."""
+    """Judge one submission with the provider's own circuits; every refusal names its reason.
+
+    An exact Group-OBS submission is judged against ``enrolled_norms``, what the client's enrollment
+    proofs showed (:func:`zkunlearn.proofs.exact_deletion.verify_exact_enrollment`).
+    """
     try:
+        if update_kind == UPDATE_KIND_GROUP_OBS_EXACT:
+            if enrolled_norms is None:
+                return DeletionVerdict(False, "no accepted enrollment proofs for this client")
+            _spec, verifier = circuits.exact_verifier()
+            return verify_exact_deletion(
+                verifier,
+                request_id=request_id,
+                request_canonical=request_canonical,
+                mask=Mask.from_bytes(mask_bytes),
+                before=before,
+                after=after,
+                proofs=proofs,
+                norms=enrolled_norms,
+            )
         if update_kind == UPDATE_KIND_GROUP_OBS:
             return verify_group_obs(
                 circuits,

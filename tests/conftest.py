@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from zkunlearn.bench.postgres import create_database, postgres_server
+
+if TYPE_CHECKING:
+    from zkunlearn.proofs.deletion import DeletionCircuits
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +35,15 @@ def postgres_db_url(postgres_url: str) -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def exact_published(tmp_path_factory: pytest.TempPathFactory) -> DeletionCircuits:
+    """The provider's published exact Group-OBS circuits at the tests' small shape (B 16, m 8, 2 blocks)."""
+    from zkunlearn.proofs.deletion import DeletionCircuits as Circuits
+    from zkunlearn.proofs.exact import ExactGroupObsSpec
+
+    spec = ExactGroupObsSpec.from_lam(16, 8, 2, 2.0**-10)
+    return Circuits.build(
+        tmp_path_factory.mktemp("exact-published"), group_obs=None, analytic=None, exact=spec
+    )

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from zkunlearn.proofs.artifacts import CircuitArtifacts
 from zkunlearn.proofs.backend import ProvingError
+from zkunlearn.proofs.deletion import DeletionCircuits
 from zkunlearn.proofs.exact import (
     ExactGroupObsSpec,
     IntArray,
@@ -22,10 +23,9 @@ from zkunlearn.proofs.exact import (
     mask_tensor,
     theta_tensor,
 )
-from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier, build_exact_circuits
+from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier
 from zkunlearn.proofs.fixedpoint import FIELD_MODULUS
 from zkunlearn.proofs.prover import ProveJob, run_job
-from zkunlearn.proofs.srs import SrsInfo, dev_srs
 from zkunlearn.proofs.verifier import InMemoryReplayGuard, Reason
 
 from tests.exact_cases import Batch, edited, make_batch, worst_direction
@@ -54,16 +54,11 @@ class Enrolled:
 
 
 @pytest.fixture(scope="module")
-def circuits(tmp_path_factory: pytest.TempPathFactory) -> tuple[CircuitArtifacts, CircuitArtifacts]:
-    work = tmp_path_factory.mktemp("exact")
-    cache: dict[int, SrsInfo] = {}
-
-    def srs_for(logrows: int) -> SrsInfo:
-        if logrows not in cache:
-            cache[logrows] = dev_srs(work / "srs", logrows)
-        return cache[logrows]
-
-    return build_exact_circuits(SPEC, work, srs_for)
+def circuits(exact_published: DeletionCircuits) -> tuple[CircuitArtifacts, CircuitArtifacts]:
+    assert exact_published.exact is not None
+    spec, deletion, enrollment = exact_published.exact
+    assert spec == SPEC
+    return deletion, enrollment
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,285 @@
+"""Group-OBS under the exact relation on the device: enrollment with its proofs, then proven deletions.
+
+State (``state_dir``, saved atomically as :mod:`zkunlearn.client.unlearning` saves it): per enrolled
+layer the weights ``theta`` (normalised by ``2**e``, on the ``2**-theta_bits`` grid) and the factor
+``g`` (unit mean diagonal over the layer, on ``2**-g_bits``), both float64 and exact on their grids;
+and a secret seed from which every blinding element is derived (``sha512(seed, label) mod p``: full
+field elements, so the commitments hide the weights). ``meta["theta_labels"]`` names the blinding of
+each batch's current ``theta`` commitment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from zkunlearn.client.fisher import (
+    Curvature,
+    FisherError,
+    LossFn,
+    fit_rows,
+    layer_factors,
+    with_shifted_copies,
+)
+from zkunlearn.client.group_obs import GroupObsError
+from zkunlearn.client.group_obs_exact import exact_update
+from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
+from zkunlearn.client.unlearning import (
+    ProveOptions,
+    UnlearningError,
+    _already_answered,
+    _atomic_save,
+    _CommittedStateProver,
+    _load,
+    _param,
+    _refuse_overwrite,
+    check_mask_layer,
+)
+from zkunlearn.proofs.artifacts import ClientCircuit
+from zkunlearn.proofs.backend import EzklBackend
+from zkunlearn.proofs.deletion import (
+    batch_mask_rows,
+    commitment_name,
+    encode_proof,
+    request_digest,
+    touched_batches,
+)
+from zkunlearn.proofs.exact import (
+    ExactGroupObsSpec,
+    IntArray,
+    g_tensor,
+    mask_tensor,
+    quantise_exact,
+    theta_tensor,
+)
+from zkunlearn.proofs.fixedpoint import FIELD_MODULUS, FixedPointError, theta_exponent
+from zkunlearn.proofs.prover import ProveJob, prove_parallel
+
+
+@dataclass(frozen=True)
+class ExactEnrollment:
+    """What the provider needs to accept an exact enrollment: the commitments and, in layer then batch
+    order, one enrollment proof per batch."""
+
+    commitments: list[Commitment]
+    proofs: list[bytes]
+
+
+def _blinding(seed: bytes, label: str, rows: int, width: int) -> list[list[int]]:
+    """Field elements from the state's secret seed: 512 bits reduced mod p (negligible bias)."""
+    out = []
+    for r in range(rows):
+        row = []
+        for i in range(width):
+            digest = hashlib.sha512(seed + f"{label}/{r}/{i}".encode()).digest()
+            row.append(int.from_bytes(digest, "big") % FIELD_MODULUS)
+        out.append(row)
+    return out
+
+
+class ExactGroupObsUnlearner(_CommittedStateProver):
+    """Exact Group-OBS update + proofs for the targeted layers of one model (an ``UpdateProver``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ExactGroupObsSpec,
+        deletion: ClientCircuit,
+        enrollment: ClientCircuit,
+        state_dir: Path,
+        options: ProveOptions | None = None,
+    ) -> None:
+        self.model, self.spec = model, spec
+        self.deletion_circuit, self.enrollment_circuit = deletion, enrollment
+        self.state_dir = Path(state_dir)
+        self.options = options or ProveOptions()
+
+    # -- enrollment ------------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        layers: Sequence[str],
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn,
+        exclude: Tensor | None = None,
+        curvature: Curvature = "ggn",
+        reconstruction_weight: float = 0.0,
+        fisher_shift: int = 0,
+        *,
+        replace: bool = False,
+    ) -> ExactEnrollment:
+        """Commit to the layers' weights and curvature factors and prove them in range (see
+        :meth:`zkunlearn.client.unlearning.GroupObsUnlearner.enroll` for the curvature options)."""
+        spec = self.spec
+        _refuse_overwrite(self.state_dir, replace)
+        if inputs.shape[0] < 1:
+            raise UnlearningError("enrollment needs client samples for the Fisher factor")
+        for layer in layers:
+            numel = _param(self.model, layer).numel()
+            if numel % spec.batch_weights:
+                raise UnlearningError(
+                    f"{layer}: {numel} weights are not a multiple of batch x block = {spec.batch_weights}"
+                )
+        try:
+            curv_inputs, curv_targets, curv_exclude = with_shifted_copies(
+                inputs, targets, exclude, fisher_shift
+            )
+            factors = layer_factors(
+                self.model, list(layers), curv_inputs, curv_targets, loss_fn, spec.block, curv_exclude,
+                curvature=curvature, reconstruction_weight=reconstruction_weight,
+            )  # fmt: skip
+        except FisherError as exc:
+            raise UnlearningError(f"cannot build the Fisher factor: {exc}") from exc
+        seed = secrets.token_bytes(32)
+        arrays: dict[str, Any] = {}
+        meta: dict[str, Any] = {"layers": {}, "last_request": None, "seed": seed.hex(), "theta_labels": {}}
+        jobs: list[ProveJob] = []
+        commitments: list[Commitment] = []
+        for layer in layers:
+            param = _param(self.model, layer)
+            weight = param.detach().double().cpu().numpy().reshape(-1)
+            if not np.isfinite(weight).all():
+                raise UnlearningError(f"{layer} has non-finite weights; they cannot be committed")
+            n_batches = param.numel() // spec.batch_weights
+            exponent = theta_exponent(weight, max_abs=spec.theta_bound)
+            shape = (n_batches, spec.batch, spec.block)
+            try:
+                theta = quantise_exact(weight * 2.0**exponent, spec.theta_bits).reshape(shape)
+                g = quantise_exact(fit_rows(factors[layer].factors, spec.m), spec.g_bits)
+            except FixedPointError as exc:
+                raise UnlearningError(f"enrolling {layer}: {exc}") from exc
+            g = g.reshape(n_batches, spec.batch, spec.m, spec.block)
+            arrays[f"{layer}/theta"] = theta.astype(np.float64) / 2.0**spec.theta_bits
+            arrays[f"{layer}/g"] = g.astype(np.float64) / 2.0**spec.g_bits
+            meta["layers"][layer] = {"exponent": exponent, "shape": list(param.shape)}
+            meta["theta_labels"][layer] = [f"theta/{layer}/{b}/enroll" for b in range(n_batches)]
+            for b in range(n_batches):
+                theta_felts = theta_tensor(
+                    theta[b], _blinding(seed, meta["theta_labels"][layer][b], spec.batch, spec.n_blind)
+                )
+                g_felts = g_tensor(g[b], _blinding(seed, f"g/{layer}/{b}", spec.batch, spec.block))
+                commitments += [
+                    Commitment(commitment_name("theta", layer), b, self._commit(theta_felts)),
+                    Commitment(commitment_name("g", layer), b, self._commit(g_felts)),
+                ]
+                arts = self.enrollment_circuit
+                jobs.append(
+                    ProveJob(
+                        [theta_felts, g_felts], arts.compiled, arts.vk, arts.pk, arts.srs.path, f"{layer}#{b}"
+                    )
+                )
+        results = prove_parallel(
+            jobs, workers=self.options.workers, memory_limit_mb=self.options.memory_limit_mb,
+            progress=self.options.progress,
+        )  # fmt: skip
+        # Commitments come in (theta, g) pairs, one pair per job, in job order.
+        pairs = list(zip(commitments[::2], commitments[1::2], strict=True))
+        for job, result, pair in zip(jobs, results, pairs, strict=True):
+            if result.commitments != [c.point_hex for c in pair]:
+                raise UnlearningError(f"{job.label}: the enrollment proof commits to other tensors than ours")
+        meta["commitments"] = [c.to_json() for c in commitments]
+        meta["enrollment_proofs"] = [encode_proof(r.proof).hex() for r in results]
+        _atomic_save(self.state_dir, arrays, meta)
+        self.load_model()
+        return ExactEnrollment(commitments, [encode_proof(r.proof) for r in results])
+
+    def saved_enrollment(self) -> ExactEnrollment:
+        """The saved enrollment (e.g. to send it again after a restart)."""
+        _arrays, meta = _load(self.state_dir)
+        return ExactEnrollment(
+            [Commitment.from_json(c) for c in meta["commitments"]],
+            [bytes.fromhex(p) for p in meta["enrollment_proofs"]],
+        )
+
+    def _commit(self, felts: list[str]) -> str:
+        arts = self.deletion_circuit
+        return EzklBackend().commit(felts, arts.vk, arts.settings, arts.srs.path)
+
+    # -- deletion --------------------------------------------------------------------------------
+
+    def prove(self, request: VerifiedRequest) -> UpdateResult:
+        arrays, meta = _load(self.state_dir)
+        done = _already_answered(meta, request.request_id)
+        if done is not None:
+            self.load_model()
+            return done
+        mine = {(c["name"], c["block"]): c["point_hex"] for c in meta["commitments"]}
+        theirs = {(c.name, c.block): c.point_hex for c in request.before_commitments}
+        if theirs and theirs != mine:
+            raise UnlearningError("the provider's record of our commitments differs from our committed state")
+        spec, seed = self.spec, bytes.fromhex(meta["seed"])
+        for layer_mask in request.mask.layers:
+            check_mask_layer(layer_mask, meta, spec)
+        batches = touched_batches(request.mask, spec)
+        if not batches:
+            raise UnlearningError("the request's mask touches no weights")
+        digest = request_digest(request.canonical)
+        layers = {layer.layer: layer for layer in request.mask.layers}
+        jobs: list[ProveJob] = []
+        updates: list[tuple[str, int, IntArray, str]] = []
+        for layer, b in batches:
+            theta = quantise_exact(arrays[f"{layer}/theta"][b], spec.theta_bits)
+            g = quantise_exact(arrays[f"{layer}/g"][b], spec.g_bits)
+            mask = batch_mask_rows(layers[layer], b, spec)
+            try:
+                update = exact_update(spec, theta, g, mask)
+            except GroupObsError as exc:
+                raise UnlearningError(f"{layer} batch {b}: {exc}") from exc
+            label = f"theta/{layer}/{b}/{request.request_id}"
+            after_felts = theta_tensor(update.theta_after, _blinding(seed, label, spec.batch, spec.n_blind))
+            inputs = [
+                theta_tensor(
+                    theta, _blinding(seed, meta["theta_labels"][layer][b], spec.batch, spec.n_blind)
+                ),
+                after_felts,
+                g_tensor(g, _blinding(seed, f"g/{layer}/{b}", spec.batch, spec.block)),
+                mask_tensor(mask, digest, spec.n_blind),
+                theta_tensor(
+                    update.w, _blinding(seed, f"w/{layer}/{b}/{request.request_id}", spec.batch, spec.n_blind)
+                ),
+            ]
+            arts = self.deletion_circuit
+            jobs.append(ProveJob(inputs, arts.compiled, arts.vk, arts.pk, arts.srs.path, f"{layer}#{b}"))
+            updates.append((layer, b, update.theta_after, label))
+        results = prove_parallel(
+            jobs, workers=self.options.workers, memory_limit_mb=self.options.memory_limit_mb,
+            progress=self.options.progress,
+        )  # fmt: skip
+        after = dict(mine)
+        for (layer, b, theta_after, label), result in zip(updates, results, strict=True):
+            key = (commitment_name("theta", layer), b)
+            if result.commitments[0] != mine[key]:
+                raise UnlearningError(f"{layer} batch {b}: the proof's theta is not our committed theta")
+            after[key] = result.commitments[1]
+            arrays[f"{layer}/theta"][b] = theta_after.astype(np.float64) / 2.0**spec.theta_bits
+            meta["theta_labels"][layer][b] = label
+        after_list = [Commitment(n, b, p) for (n, b), p in after.items()]
+        proofs = [encode_proof(r.proof) for r in results]
+        meta["commitments"] = [c.to_json() for c in after_list]
+        meta["last_request"] = {
+            "request_id": request.request_id,
+            "after": [c.to_json() for c in after_list],
+            "proofs": [p.hex() for p in proofs],
+            "prove_s": [r.prove_s for r in results],
+            "peak_rss_mb": [r.peak_rss_mb for r in results],
+        }
+        _atomic_save(self.state_dir, arrays, meta)
+        self.load_model()
+        return UpdateResult(after_list, proofs)
+
+    def load_model(self) -> None:
+        """Write the committed weights into the live model (e.g. after a restart)."""
+        arrays, meta = _load(self.state_dir)
+        for name, info in meta["layers"].items():
+            param = _param(self.model, name)
+            value = arrays[f"{name}/theta"].reshape(info["shape"]) / 2.0 ** int(info["exponent"])
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(value).to(param.dtype))

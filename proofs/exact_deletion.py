@@ -1,0 +1,170 @@
+"""Whole enrollments and deletions under the exact Group-OBS relation, judged with the provider's keys.
+
+An exact client enrolls, per targeted layer and batch, the commitments ``theta:<layer>#b`` and
+``g:<layer>#b`` and one enrollment proof over them (in layer order, then batch order). The provider
+accepts the enrollment only if every proof verifies against exactly those commitments, every layer is
+enrolled whole (batches ``0 .. n-1``) and each layer's factor has unit mean diagonal; it keeps each
+batch's proven ``||G_q||_F^2`` (:data:`EnrolledNorms`), against which every later deletion of that
+batch is judged. Deletions follow :mod:`zkunlearn.proofs.layout`: one proof per touched batch, and
+only those batches' ``theta`` commitments may change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from zkunlearn.circuits.mask import Mask
+from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier
+from zkunlearn.proofs.layout import (
+    CommitmentLike,
+    DeletionError,
+    DeletionVerdict,
+    NoReplay,
+    batch_mask_rows,
+    by_key,
+    commitment_name,
+    parse_proof,
+    request_digest,
+    touched_batches,
+)
+from zkunlearn.proofs.verifier import Verdict
+
+EnrolledNorms = Mapping[tuple[str, int], Sequence[int]]
+"""Per (layer, batch): each block's ``||G_q||_F^2`` as its enrollment proof showed it."""
+
+
+@dataclass(frozen=True)
+class ExactEnrollmentVerdict:
+    ok: bool
+    reason: str
+    norms: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
+
+
+def enrollment_order(commitments: Sequence[CommitmentLike], layers: Sequence[str]) -> list[tuple[str, int]]:
+    """The (layer, batch) pairs an enrollment must prove, in proof order; refuses a layer enrolled in
+    part or with ``theta`` and ``G`` batches that do not pair up."""
+    names = by_key(commitments, "enrollment")
+    order: list[tuple[str, int]] = []
+    for layer in layers:
+        thetas = sorted(b for (name, b) in names if name == commitment_name("theta", layer))
+        gs = sorted(b for (name, b) in names if name == commitment_name("g", layer))
+        if not thetas or thetas != list(range(len(thetas))) or gs != thetas:
+            raise DeletionError(
+                f"{layer}: enrolled theta batches {thetas[:4]} and g batches {gs[:4]} must both be 0..n-1"
+            )
+        order += [(layer, b) for b in thetas]
+    known = {commitment_name(kind, layer) for layer in layers for kind in ("theta", "g")}
+    stray = sorted({name for name, _ in names} - known)
+    if stray:
+        raise DeletionError(f"enrollment names commitments of no enrolled layer: {stray[:3]}")
+    return order
+
+
+def verify_exact_enrollment(
+    verifier: ExactGroupObsVerifier,
+    *,
+    layers: Sequence[str],
+    commitments: Sequence[CommitmentLike],
+    proofs: Sequence[bytes],
+    layer_batches: Mapping[str, int] | None = None,
+) -> ExactEnrollmentVerdict:
+    """Judge an enrollment: one proof per (layer, batch); ``layer_batches`` (when the provider knows
+    its model's layer sizes) is how many batches each layer must have."""
+    try:
+        order = enrollment_order(commitments, layers)
+    except DeletionError as exc:
+        return ExactEnrollmentVerdict(False, str(exc))
+    if layer_batches is not None:
+        for layer in layers:
+            have = sum(1 for name, _ in order if name == layer)
+            if layer_batches.get(layer) != have:
+                return ExactEnrollmentVerdict(
+                    False,
+                    f"{layer}: {have} batches enrolled, the model's layer has {layer_batches.get(layer)}",
+                )
+    if len(proofs) != len(order):
+        return ExactEnrollmentVerdict(False, f"expected {len(order)} enrollment proofs, got {len(proofs)}")
+    names = by_key(commitments, "enrollment")
+    norms: dict[tuple[str, int], tuple[int, ...]] = {}
+    for index, ((layer, b), raw) in enumerate(zip(order, proofs, strict=True)):
+        try:
+            proof = parse_proof(raw, index)
+        except DeletionError as exc:
+            return ExactEnrollmentVerdict(False, str(exc))
+        verdict = verifier.verify_enrollment(
+            proof,
+            theta_commit=names[(commitment_name("theta", layer), b)],
+            g_commit=names[(commitment_name("g", layer), b)],
+        )
+        if not verdict.ok:
+            return ExactEnrollmentVerdict(
+                False, f"{layer} batch {b}: {verdict.reason.value} {verdict.detail}".strip()
+            )
+        norms[(layer, b)] = verdict.g_fro_sq
+    for layer in layers:
+        layer_norms = [v for (name, _), values in norms.items() if name == layer for v in values]
+        verdict = verifier.check_normalisation(layer_norms)
+        if not verdict.ok:
+            return ExactEnrollmentVerdict(False, f"{layer}: {verdict.reason.value} {verdict.detail}".strip())
+    return ExactEnrollmentVerdict(True, "ok", norms)
+
+
+def verify_exact_deletion(
+    verifier: ExactGroupObsVerifier,
+    *,
+    request_id: str,
+    request_canonical: bytes,
+    mask: Mask,
+    before: Sequence[CommitmentLike],
+    after: Sequence[CommitmentLike],
+    proofs: Sequence[bytes],
+    norms: EnrolledNorms,
+) -> DeletionVerdict:
+    """Judge one exact Group-OBS submission: one proof per touched batch, nothing else changed."""
+    spec = verifier.spec
+    digest = request_digest(request_canonical)
+    try:
+        old, new = by_key(before, "before"), by_key(after, "after")
+        batches = touched_batches(mask, spec)
+    except DeletionError as exc:
+        return DeletionVerdict(False, str(exc))
+    if not batches:
+        return DeletionVerdict(False, "the mask touches no weights")
+    if len(proofs) != len(batches):
+        return DeletionVerdict(
+            False, f"expected {len(batches)} proofs (one per touched batch), got {len(proofs)}"
+        )
+    if set(new) != set(old):
+        return DeletionVerdict(False, "after-commitments must name exactly the enrolled tensors")
+    may_change = {(commitment_name("theta", layer), b) for layer, b in batches}
+    for key, point in old.items():
+        if key not in may_change and new[key] != point:
+            return DeletionVerdict(
+                False, f"commitment {key[0]}#{key[1]} changed but the request does not touch it"
+            )
+    layers = {layer.layer: layer for layer in mask.layers}
+    verdicts: list[Verdict] = []
+    for index, ((layer, b), raw) in enumerate(zip(batches, proofs, strict=True)):
+        theta_key, g_key = (commitment_name("theta", layer), b), (commitment_name("g", layer), b)
+        if theta_key not in old or g_key not in old or (layer, b) not in norms:
+            return DeletionVerdict(False, f"no enrolled commitment or enrollment proof for {layer} batch {b}")
+        try:
+            proof = parse_proof(raw, index)
+        except DeletionError as exc:
+            return DeletionVerdict(False, str(exc), tuple(verdicts))
+        verdict = verifier.verify(
+            proof,
+            request_id=request_id,
+            enrolled_theta=old[theta_key],
+            enrolled_g=old[g_key],
+            mask_commitment=verifier.mask_commitment(batch_mask_rows(layers[layer], b, spec), digest),
+            claimed_theta_after=new[theta_key],
+            g_fro_sq=norms[(layer, b)],
+            replay=NoReplay(),
+        )
+        verdicts.append(verdict)
+        if not verdict.ok:
+            detail = f"{layer} batch {b}: {verdict.reason.value} {verdict.detail}".strip()
+            return DeletionVerdict(False, detail, tuple(verdicts))
+    return DeletionVerdict(True, "ok", tuple(verdicts))
