@@ -114,7 +114,7 @@ def _row(
         "peak_rss_mb": round(res.peak_rss_mb, 1),
         "proof_bytes": len(res.proof.transcript),
         "pk_mb": round(arts.pk.stat().st_size / 2**20, 1),
-        "worker_startup_s": res.extra.get("startup_s"),
+        "worker_baseline_rss_mb": res.extra.get("baseline_rss_mb"),
         "worker_overhead_s": res.extra.get("overhead_s"),
     }
 

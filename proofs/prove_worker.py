@@ -76,8 +76,9 @@ class ProveJob:
 class ProveResult:
     """A proof with the commitments its witness computed and what it cost.
 
-    ``extra`` may carry ``startup_s`` (interpreter start and imports before the job began) and
-    ``overhead_s`` (everything in the worker's life outside ezkl's witness and prove).
+    ``extra`` may carry ``baseline_rss_mb`` (the worker's resident memory before the job: interpreter,
+    numpy, ezkl) and ``overhead_s`` (the worker's whole life as its parent saw it, less witness and
+    prove: interpreter start, imports, job and result files).
     """
 
     label: str
@@ -157,16 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     _exit_with_parent(int(args[1]) if len(args) == 2 else os.getppid())
     folder = Path(args[0])
     job = ProveJob.from_json(json.loads((folder / JOB_FILE).read_text()))
-    # The process's creation time (wall clock): interpreter start and imports count as overhead too.
-    created = psutil.Process().create_time()
-    startup = time.time() - created
+    # What the worker holds before the job: the interpreter, numpy, ezkl (never torch).
+    baseline = psutil.Process().memory_info().rss / (1024 * 1024)
     try:
         result = run_job(job)
     except ProvingError as exc:
         _write_atomically(folder / ERROR_FILE, {"error": str(exc)})
         return EXIT_PROVING_FAILED
-    overhead = (time.time() - created) - result.prove_s
-    extra = {**result.extra, "startup_s": round(startup, 4), "overhead_s": round(overhead, 4)}
+    extra = {**result.extra, "baseline_rss_mb": round(baseline, 1)}
     _write_atomically(
         folder / RESULT_FILE,
         ProveResult(

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +160,7 @@ class _Running:
     job: ProveJob
     folder: Path
     proc: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.perf_counter)
     peak_rss_mb: float = 0.0
     over_cap: bool = False
 
@@ -212,9 +213,11 @@ def _collect(run: _Running, code: int, cap_mb: int | None) -> ProveResult:
         )
     if code == 0:
         try:
-            return ProveResult.from_json(json.loads((run.folder / RESULT_FILE).read_text()))
+            result = ProveResult.from_json(json.loads((run.folder / RESULT_FILE).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ProvingError(f"{name}: the worker exited 0 but left no readable result ({exc})") from exc
+        overhead = max(0.0, time.perf_counter() - run.started - result.prove_s)
+        return replace(result, extra={**result.extra, "overhead_s": round(overhead, 3)})
     if code == EXIT_PROVING_FAILED:
         try:
             message = str(json.loads((run.folder / ERROR_FILE).read_text())["error"])

@@ -528,8 +528,9 @@ def test_provers_never_rerun_the_callers_script(
     results = [ProveResult.from_json(r) for r in json.loads(out.read_text())]
     for result in results:
         assert _verify(go_verifier, scenario, result.proof, result.commitments[1]).ok
-        # Interpreter start and imports of a worker (ezkl and numpy only, never torch) stay small.
-        assert 0 < result.extra["startup_s"] <= result.extra["overhead_s"]
+        # A worker holds the interpreter, numpy and ezkl before its job, never torch.
+        assert 0 < result.extra["baseline_rss_mb"] < result.peak_rss_mb
+        assert result.extra["overhead_s"] >= 0
 
 
 def test_dual_form_proofs(workdir: Path, srs_factory: Any, scenario: Scenario) -> None:
