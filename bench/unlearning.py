@@ -22,12 +22,12 @@ mean recovery over the held-out ones separately. The committed ``unlearning*.jso
 ``--finalize``, runs on the 2-core box (Python 3.11, torch CPU, single-threaded jobs; nothing else
 running for the ViT and MLP rows, while the code-LM rows shared the box with other jobs, so their
 update times, peak memory and naive/ours ratios are not comparable with the others): MLP seeds 0-2
-(not tuned) from a sitting that started from an empty model cache (``--no-sweep``),
+(not tuned) from a run that started from an empty model cache (``--no-sweep``),
 ViT seeds 0-11 re-run on 2026-12-03 on the same cached models with the shifted curvature inputs, plus
 the pre-registered seeds 12-23 trained then (``--no-sweep``, nothing else running), and code LM
 seeds 0-3 (0 tuning; client slice tkinter) re-run on 2026-12-02 on the same cached models, with the
 reconstruction term in its curvature (with its mask sweep), plus seeds 4-11 (pre-registered,
-``--no-sweep``) in the same sitting.
+``--no-sweep``) in the same run.
 ``--structures`` (``bench/unlearning_structures.py``) compares mask structures: touched blocks,
 efficacy and Group-OBS recovery. ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run
 on a 16-core machine, on the models trained there (it measures the global model only), except its

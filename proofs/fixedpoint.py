@@ -159,10 +159,10 @@ def group_obs_tolerance(
       ``m lam``'s rounding times ``|w|``: ``w_bound q/2``, ``theta'``'s through ``G``: ``L(B) g q/2``,
       two rescales.
 
-    ``r_mask`` is exact: its tolerance is 0. Until 2026-12-03 the bound also charged ``G`` and
-    ``theta`` with input roundings they do not have (``L(B) d q/2``, ``B g d q/2``, ``L(m) w q/2``),
-    which made it about 3.6x looser at the demo's spec (kkt 3.17 against 0.87 at ``g_bound`` 16): room
-    for a client to move unmasked weights away from the committed relation's solution.
+    ``r_mask`` is exact: its tolerance is 0. ``G`` and ``theta`` are not charged with input roundings
+    (they are committed on the grid and the client solves with exactly those values); charging them
+    would make the bound about 3.6x looser at the demo's spec, room for a client to move unmasked
+    weights away from the committed relation's solution.
 
     A sum of ``L`` independent roundings bounded by ``c q/2`` is at most ``L c q/2`` (``worst_case``)
     but, being uniform, exceeds six standard deviations ``= 2 sqrt(3L) c q/2`` with probability
@@ -284,10 +284,9 @@ def output_refit_tolerance(
       v e_lam) + e_C + q``.
 
     The inputs' own bounds (``RefitSpec.z_bound``, ``w_bound``) and ``d_in`` therefore no longer enter
-    it; they still size the SDK's refusals. Until 2026-12-03 the bound also charged ``z``, ``W``
-    and ``V0`` with input roundings (``L(d_in) (z + w) q/2`` in ``e_p``, ``L(k) h q/2`` in ``e_T``)
-    that the client's solve does not have: 8.6x looser for the e2e pair (0.238 against 0.028), 47x
-    at the default ReLU bounds, 3x for GELU, whose own Clenshaw roundings dominate.
+    it; they still size the SDK's refusals. ``z``, ``W`` and ``V0`` are not charged with input
+    roundings: the client solves from exactly the committed grid values (charging them would make the
+    bound 8.6x looser for the e2e pair, 47x at the default ReLU bounds).
 
     ``L(n)`` is ``n`` when ``worst_case``, else ``min(n, 2 sqrt(3 n))`` (six standard deviations of a
     sum of uniform roundings, as in :func:`group_obs_tolerance`). The ``1/n`` constant's own rounding

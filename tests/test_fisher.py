@@ -419,7 +419,7 @@ def test_curvature_on_shifted_copies_is_the_curvature_of_the_stacked_batch() -> 
 
 def test_fit_rows_keeps_the_top_curvature_and_spreads_its_magnitude() -> None:
     """The committed rows must carry the top-m curvature exactly (all the relation sees is G^T G), and
-    mixed rows keep one heavily curved direction from sitting in a single row, which the circuit's range
+    mixed rows keep one heavily curved direction from lying in a single row, which the circuit's range
     and the published g_bound would have to hold."""
     rng = np.random.default_rng(3)
     factors = rng.normal(size=(4, 40, 32))
