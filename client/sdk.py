@@ -35,6 +35,7 @@ from zkunlearn.proofs.statements import (
     StatementSigner,
     StatementVerifier,
     check_tree_head,
+    enrollment_proofs_digest,
 )
 from zkunlearn.proofs.transparency import MerkleProofError, leaf_hash, verify_consistency, verify_inclusion
 from zkunlearn.v1 import provider_pb2 as pb
@@ -59,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 PROTOCOL_VERSION = 1
-_UPDATE_KIND = {1: pb.UPDATE_KIND_GROUP_OBS, 2: pb.UPDATE_KIND_ANALYTIC}
+_UPDATE_KIND = {1: pb.UPDATE_KIND_GROUP_OBS, 2: pb.UPDATE_KIND_ANALYTIC, 3: pb.UPDATE_KIND_GROUP_OBS_EXACT}
 _VERDICTS = {pb.VERDICT_ACCEPTED: "accepted", pb.VERDICT_REJECTED: "rejected"}
 
 
@@ -103,7 +104,7 @@ class VerifiedRequest:
     request_id: str
     client_id: str
     model_id: str
-    update_kind: int  # 1 group_obs, 2 analytic
+    update_kind: int  # 1 group_obs, 2 analytic, 3 group_obs_exact
     layers: tuple[str, ...]
     mask: Mask
     mask_bytes: bytes
@@ -185,7 +186,7 @@ _PROVER_REFUSALS = frozenset(
         "zkunlearn.client.analytic.AnalyticError",
         "zkunlearn.client.group_obs.GroupObsError",
         "zkunlearn.client.refit.OutputRefitError",
-        "zkunlearn.proofs.deletion.DeletionError",
+        "zkunlearn.proofs.layout.DeletionError",
         "zkunlearn.proofs.fixedpoint.FixedPointError",
     }
 )
@@ -270,8 +271,13 @@ class EdgeClient:
         layers: Sequence[str],
         update_kind: int,
         commitments: Sequence[Commitment],
+        enrollment_proofs: Sequence[bytes] = (),
     ) -> pb.EnrollResponse:
-        """Create (or reuse) the device key and enroll it with its commitments; safe to repeat."""
+        """Create (or reuse) the device key and enroll it with its commitments; safe to repeat.
+
+        An exact Group-OBS client (``update_kind`` 3) also sends its enrollment proofs
+        (:meth:`zkunlearn.client.unlearning_exact.ExactGroupObsUnlearner.enroll`); the signed statement
+        names their digest."""
         stored_id = self.store.put_if_absent("client_id", client_id.encode()).decode()
         if stored_id != client_id:
             raise StoreError(f"this store belongs to client {stored_id!r}, not {client_id!r}")
@@ -287,6 +293,8 @@ class EdgeClient:
             "update_kind": update_kind,
             "commitments": [c.to_json() for c in commitments],
         }
+        if update_kind == 3:
+            payload["enrollment_proofs_sha256"] = enrollment_proofs_digest(list(enrollment_proofs))
         statement = signer.sign(DOMAIN_ENROLLMENT, payload)
         request = pb.EnrollRequest(
             version=PROTOCOL_VERSION,
@@ -298,6 +306,7 @@ class EdgeClient:
             commitments=[c.to_pb() for c in commitments],
             proof_of_possession=statement.signature,
             canonical=statement.canonical,
+            enrollment_proofs=list(enrollment_proofs),
         )
         response: pb.EnrollResponse = self.transport.call(
             lambda: self.transport.stub.Enroll(request, timeout=self.transport.timeout)

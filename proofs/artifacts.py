@@ -30,6 +30,7 @@ from zkunlearn.proofs.srs import SrsInfo, file_sha256
 
 if TYPE_CHECKING:
     from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec, RefitSpec
+    from zkunlearn.proofs.exact import ExactGroupObsSpec
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +143,17 @@ class ClientCircuit:
         return int(json.loads(self.settings.read_text())["model_output_scales"][0])
 
 
-def check_client_settings(settings_bytes: bytes) -> dict[str, Any]:
+def check_client_settings(settings_bytes: bytes, *, exact: bool = False) -> dict[str, Any]:
     """Parse served settings and refuse any whose run arguments differ from the protocol's sound ones.
 
     ``input_visibility`` must be KZG commitments: "public" (ezkl's Python default) would put the
     client's weights in the proof's public instances, "hashed" would publish a brute-forceable hash.
-    The list is :data:`zkunlearn.proofs.deletion._SOUND_RUN_ARGS`, the same one the auditor enforces.
+    The lists are :data:`zkunlearn.proofs.deletion._SOUND_RUN_ARGS` (fixed-point relations) and
+    ``EXACT_SOUND_RUN_ARGS`` (``exact``: the exact Group-OBS circuits), the ones the auditor enforces.
     """
-    from zkunlearn.proofs.deletion import _SOUND_RUN_ARGS  # deletion imports this module: import late
+    from zkunlearn.proofs.deletion import _SOUND_RUN_ARGS, EXACT_SOUND_RUN_ARGS  # deletion imports us
+
+    sound = EXACT_SOUND_RUN_ARGS if exact else _SOUND_RUN_ARGS
 
     try:
         data: dict[str, Any] = json.loads(settings_bytes)
@@ -158,7 +162,7 @@ def check_client_settings(settings_bytes: bytes) -> dict[str, Any]:
     run_args = data.get("run_args") if isinstance(data, dict) else None
     if not isinstance(run_args, dict):
         raise ArtifactError("circuit settings carry no run_args")
-    for key, want in _SOUND_RUN_ARGS.items():
+    for key, want in sound.items():
         got = run_args.get(key)
         if type(got) is not type(want) or got != want:
             raise ArtifactError(
@@ -238,6 +242,44 @@ def derive_client_circuit(
     return cc
 
 
+def derive_exact_client_circuits(
+    spec: ExactGroupObsSpec,
+    deletion_settings: bytes,
+    enrollment_settings: bytes,
+    srs: SrsInfo,
+    directory: Path,
+    *,
+    backend: ProvingBackend | None = None,
+) -> tuple[ClientCircuit, ClientCircuit]:
+    """The client's exact Group-OBS deletion and enrollment circuits for a published ``spec``, exported
+    and compiled here with the served settings once they pass :func:`check_client_settings`."""
+    from zkunlearn.proofs.exact_circuits import export_exact  # imports this module
+
+    backend = backend or EzklBackend()
+    directory = Path(directory)
+    for settings in (deletion_settings, enrollment_settings):
+        check_client_settings(settings, exact=True)
+    _check_srs(srs)
+    onnx = export_exact(spec, directory / "relations")
+    out = []
+    for name, relation_onnx, settings in zip(
+        ("deletion", "enrollment"), onnx, (deletion_settings, enrollment_settings), strict=True
+    ):
+        cc = _client_circuit(directory / name, srs)
+        cc.settings.write_bytes(settings)
+        try:
+            backend.compile(relation_onnx, cc.settings, cc.compiled)
+        except BaseException as exc:  # ezkl panics are BaseException; KeyboardInterrupt is not ours
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise ArtifactError(
+                f"cannot compile the exact {name} relation with the served settings: {exc}"
+            ) from exc
+        backend.setup(cc.compiled, srs.path, cc.vk, cc.pk)
+        out.append(cc)
+    return out[0], out[1]
+
+
 def _client_circuit(directory: Path, srs: SrsInfo) -> ClientCircuit:
     directory.mkdir(parents=True, exist_ok=True)
     return ClientCircuit(
@@ -255,16 +297,19 @@ def client_artifacts(
     srs: SrsInfo,
     directory: Path,
     backend: ProvingBackend | None = None,
+    *,
+    exact: bool = False,
 ) -> ClientCircuit:
     """Regenerate pk/vk from a compiled circuit and settings plus the shared SRS.
 
     The compiled bytes are used as given: only for artifacts this process built or otherwise trusts.
-    A client of a remote provider uses :func:`derive_client_circuit`, which never runs served bytes.
-    The settings are still checked (:func:`check_client_settings`).
+    A client of a remote provider uses :func:`derive_client_circuit` (or
+    :func:`derive_exact_client_circuits`), which never runs served bytes. The settings are still
+    checked (:func:`check_client_settings`; ``exact`` for the exact Group-OBS circuits).
     """
     backend = backend or EzklBackend()
     directory = Path(directory)
-    check_client_settings(settings_bytes)
+    check_client_settings(settings_bytes, exact=exact)
     _check_srs(srs)
     cc = _client_circuit(directory, srs)
     cc.compiled.write_bytes(compiled_bytes)

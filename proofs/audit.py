@@ -73,6 +73,7 @@ from zkunlearn.proofs.statements import (
     StatementVerifier,
     TreeHead,
     check_tree_head,
+    enrollment_proofs_digest,
     key_id_for,
 )
 from zkunlearn.proofs.transparency import (
@@ -568,6 +569,11 @@ class _Auditor:
         commitments = _list(_get(enr, "commitments", rel), f"{rel} commitments")
         if payload.get("commitments") != commitments:
             raise _CheckError(f"{rel} commitments: differ from the signed enrollment's commitments")
+        if "enrollment_proofs_sha256" in payload:
+            raw = _list(_get(enr, "enrollment_proofs", rel), f"{rel} enrollment_proofs")
+            proofs = [_hex(p, f"{rel} enrollment_proofs") for p in raw]
+            if enrollment_proofs_digest(proofs) != payload["enrollment_proofs_sha256"]:
+                raise _CheckError(f"{rel} enrollment_proofs: not the proofs the client signed")
         return payload
 
     def chains(self) -> None:

@@ -46,7 +46,7 @@ from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifact
 from zkunlearn.proofs.backend import CircuitConfig, EzklBackend
 from zkunlearn.proofs.exact import ExactGroupObsSpec
 from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier, build_exact_circuits, export_exact
-from zkunlearn.proofs.exact_deletion import EnrolledNorms, verify_exact_deletion
+from zkunlearn.proofs.exact_deletion import EnrolledNorms, bundle_enrolled_norms, verify_exact_deletion
 from zkunlearn.proofs.fixedpoint import (
     FixedPointError,
     FloatArray,
@@ -832,9 +832,21 @@ def verify_bundle_submission(
         after = [_Commitment(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in after_commitments]
     except (DeletionError, KeyError, TypeError, ValueError) as exc:
         return False, f"cannot load circuits or commitments: {exc}"
+    norms = None
+    update_kind = int(request_payload.get("update_kind", 0))
+    if update_kind == UPDATE_KIND_GROUP_OBS_EXACT:
+        # The bundle's enrollment of this client (``enrollments/<client>.json`` beside ``circuits/``).
+        client_id = str(request_payload.get("client_id", ""))
+        try:
+            _spec, verifier = circuits.exact_verifier()
+            norms = bundle_enrolled_norms(
+                verifier, Path(circuits_dir).parent / "enrollments" / f"{client_id}.json"
+            )
+        except DeletionError as exc:
+            return False, str(exc)
     verdict = verify_deletion(
         circuits,
-        update_kind=int(request_payload.get("update_kind", 0)),
+        update_kind=update_kind,
         request_id=str(request_payload.get("request_id", "")),
         request_canonical=request_canonical,
         mask_bytes=mask_bytes,
@@ -843,5 +855,6 @@ def verify_bundle_submission(
         before=before,
         after=after,
         proofs=proofs,
+        enrolled_norms=norms,
     )
     return verdict.ok, verdict.reason

@@ -120,6 +120,7 @@ class ExactGroupObsVerifier:
                 "their commitments to theta and G would differ"
             )
         self.spec = spec
+        self.circuit_keys = (deletion.key, enrollment.key)
         self._deletion = _BaseVerifier(deletion, backend)
         self._enrollment = _BaseVerifier(enrollment, backend)
 

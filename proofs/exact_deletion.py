@@ -11,8 +11,10 @@ only those batches' ``theta`` commitments may change.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier
@@ -28,7 +30,40 @@ from zkunlearn.proofs.layout import (
     request_digest,
     touched_batches,
 )
+from zkunlearn.proofs.statements import (
+    DOMAIN_ENROLLMENT,
+    StatementError,
+    StatementVerifier,
+    enrollment_proofs_digest,
+)
 from zkunlearn.proofs.verifier import Verdict
+
+
+def encode_proof_list(proofs: Sequence[bytes]) -> bytes:
+    """How a provider stores enrollment proofs: canonical JSON list of hex strings."""
+    return json.dumps([p.hex() for p in proofs], separators=(",", ":")).encode()
+
+
+def decode_proof_list(stored: bytes) -> list[bytes]:
+    if not stored:
+        return []
+    values = json.loads(stored)
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise DeletionError("stored enrollment proofs are not a JSON list of hex strings")
+    return [bytes.fromhex(v) for v in values]
+
+
+__all__ = [
+    "EnrolledNorms",
+    "ExactEnrollmentVerdict",
+    "bundle_enrolled_norms",
+    "decode_proof_list",
+    "encode_proof_list",
+    "enrollment_order",
+    "enrollment_proofs_digest",
+    "verify_exact_deletion",
+    "verify_exact_enrollment",
+]
 
 EnrolledNorms = Mapping[tuple[str, int], Sequence[int]]
 """Per (layer, batch): each block's ``||G_q||_F^2`` as its enrollment proof showed it."""
@@ -168,3 +203,44 @@ def verify_exact_deletion(
             detail = f"{layer} batch {b}: {verdict.reason.value} {verdict.detail}".strip()
             return DeletionVerdict(False, detail, tuple(verdicts))
     return DeletionVerdict(True, "ok", tuple(verdicts))
+
+
+_BUNDLE_NORMS: dict[str, EnrolledNorms] = {}
+
+
+def bundle_enrolled_norms(verifier: ExactGroupObsVerifier, enrollment_file: Path) -> EnrolledNorms:
+    """The norms an exported client's enrollment proofs show, re-verified from the bundle's
+    ``enrollments/<client>.json`` (whose signed statement the auditor has checked): the proofs must
+    be the ones the statement's ``enrollment_proofs_sha256`` names. Raises :class:`DeletionError`."""
+    try:
+        record = json.loads(enrollment_file.read_text())
+        client = StatementVerifier.from_public_bytes(bytes.fromhex(record["public_key"]))
+        statement = (bytes.fromhex(record["canonical"]), bytes.fromhex(record["signature"]))
+        payload = client.verify(statement, DOMAIN_ENROLLMENT)
+        proofs = [bytes.fromhex(p) for p in record.get("enrollment_proofs", [])]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, StatementError) as exc:
+        raise DeletionError(f"cannot read the enrollment {enrollment_file.name}: {exc}") from exc
+    digest = enrollment_proofs_digest(proofs)
+    if payload.get("enrollment_proofs_sha256") != digest:
+        raise DeletionError(
+            f"{enrollment_file.name}: the enrollment proofs are not the ones the client signed"
+        )
+    commitments = [
+        _Named(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in payload["commitments"]
+    ]
+    key = f"{verifier.circuit_keys}/{digest}/{json.dumps(payload['commitments'], sort_keys=True)}"
+    if key not in _BUNDLE_NORMS:
+        verdict = verify_exact_enrollment(
+            verifier, layers=[str(x) for x in payload["layers"]], commitments=commitments, proofs=proofs
+        )
+        if not verdict.ok:
+            raise DeletionError(f"{enrollment_file.name}: enrollment refused: {verdict.reason}")
+        _BUNDLE_NORMS[key] = verdict.norms
+    return _BUNDLE_NORMS[key]
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+    block: int
+    point_hex: str

@@ -23,7 +23,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,15 @@ def _check_domain(domain: object) -> bytes:
     if not isinstance(domain, str) or not _DOMAIN_RE.fullmatch(domain):
         raise StatementError(f"domain {domain!r} is not of the form 'zkunlearn/v<N>/<lowercase-name>'")
     return domain.encode("ascii")
+
+
+def enrollment_proofs_digest(proofs: Sequence[bytes]) -> str:
+    """What the client's signed enrollment statement names (``enrollment_proofs_sha256``): SHA-256 over
+    a domain tag and each proof prefixed by its 8-byte big-endian length."""
+    h = hashlib.sha256(b"zkunlearn/enrollment-proofs/v1")
+    for proof in proofs:
+        h.update(len(proof).to_bytes(8, "big") + proof)
+    return h.hexdigest()
 
 
 def key_id_for(public_key: bytes) -> str:

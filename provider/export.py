@@ -153,6 +153,8 @@ def _write_bundle(
                 "signature": client.enrollment_signature.hex(),
                 "public_key": client.public_key.hex(),
                 "commitments": json.loads(client.enrolled_commitments),
+                # Exact Group-OBS clients: the enrollment proofs their deletions are judged with.
+                "enrollment_proofs": json.loads(client.enrollment_proofs) if client.enrollment_proofs else [],
             },
         )
 

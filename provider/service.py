@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from zkunlearn.circuits.mask import Mask, MaskError
+from zkunlearn.proofs.exact_deletion import decode_proof_list, encode_proof_list, enrollment_proofs_digest
 from zkunlearn.proofs.statements import (
     DOMAIN_DELETION_REQUEST,
     DOMAIN_ENROLLMENT,
@@ -75,6 +76,7 @@ __all__ = [
     "AuthInput",
     "CommitmentRef",
     "EnrollmentInput",
+    "EnrollmentVerifier",
     "FailedPreconditionError",
     "InvalidInputError",
     "NotFoundServiceError",
@@ -96,7 +98,12 @@ __all__ = [
 PROTOCOL_VERSION = 1
 UPDATE_KIND_GROUP_OBS = 1
 UPDATE_KIND_ANALYTIC = 2
-UPDATE_KINDS = {UPDATE_KIND_GROUP_OBS: "group_obs", UPDATE_KIND_ANALYTIC: "analytic"}
+UPDATE_KIND_GROUP_OBS_EXACT = 3
+UPDATE_KINDS = {
+    UPDATE_KIND_GROUP_OBS: "group_obs",
+    UPDATE_KIND_ANALYTIC: "analytic",
+    UPDATE_KIND_GROUP_OBS_EXACT: "group_obs_exact",
+}
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 _MAX_ID = 128
 _NONCE_BYTES = 32
@@ -253,6 +260,7 @@ class EnrollmentInput:
     commitments: tuple[CommitmentRef, ...]
     canonical: bytes
     signature: bytes
+    enrollment_proofs: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -318,6 +326,10 @@ class VerificationJob:
     before_commitments: tuple[CommitmentRef, ...]
     after_commitments: tuple[CommitmentRef, ...]
     proofs: tuple[bytes, ...]
+    # Exact Group-OBS: the client's accepted enrollment (its layers, commitments then, and their proofs).
+    enrolled_layers: tuple[str, ...] = ()
+    enrolled_commitments: tuple[CommitmentRef, ...] = ()
+    enrollment_proofs: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -335,6 +347,22 @@ class ProofVerifier(Protocol):
     """
 
     def verify(self, job: VerificationJob) -> VerificationResult: ...
+
+
+@runtime_checkable
+class EnrollmentVerifier(Protocol):
+    """Checks an exact Group-OBS enrollment's proofs over its commitments (the real one runs ezkl).
+
+    A provider whose verifier does not implement it refuses such enrollments.
+    """
+
+    def verify_enrollment(
+        self,
+        model_id: str,
+        layers: tuple[str, ...],
+        commitments: tuple[CommitmentRef, ...],
+        proofs: tuple[bytes, ...],
+    ) -> VerificationResult: ...
 
 
 @dataclass(frozen=True)
@@ -475,7 +503,8 @@ class ProviderService:
             )
         if enrollment.update_kind not in UPDATE_KINDS:
             raise InvalidInputError(
-                f"update kind must be GROUP_OBS (1) or ANALYTIC (2), got {enrollment.update_kind}"
+                "update kind must be GROUP_OBS (1), ANALYTIC (2) or GROUP_OBS_EXACT (3), "
+                f"got {enrollment.update_kind}"
             )
         if not enrollment.layers or len(enrollment.layers) > self.config.max_layers:
             raise InvalidInputError(f"enrollment must name 1..{self.config.max_layers} layers")
@@ -496,7 +525,16 @@ class ProviderService:
             "update_kind": enrollment.update_kind,
             "commitments": [c.to_json() for c in commitments],
         }
+        proofs = self._enrollment_proofs(enrollment)
+        if enrollment.update_kind == UPDATE_KIND_GROUP_OBS_EXACT:
+            expected["enrollment_proofs_sha256"] = enrollment_proofs_digest(proofs)
         _require_payload(payload, expected, "enrollment", InvalidInputError)
+        if enrollment.update_kind == UPDATE_KIND_GROUP_OBS_EXACT:
+            if not isinstance(self.verifier, EnrollmentVerifier):
+                raise FailedPreconditionError("this provider does not verify exact Group-OBS enrollments")
+            result = self.verifier.verify_enrollment(enrollment.model_id, layers, tuple(commitments), proofs)
+            if not result.accepted:
+                raise InvalidInputError(f"enrollment proofs refused: {result.reason}")
         record = ClientRecord(
             client_id=client_id,
             public_key=enrollment.public_key,
@@ -508,12 +546,28 @@ class ProviderService:
             enrollment_canonical=enrollment.canonical,
             enrollment_signature=enrollment.signature,
             enrolled_ms=self.clock_ms(),
+            enrollment_proofs=encode_proof_list(proofs) if proofs else b"",
         )
         try:
             stored, _ = self.state.add_client(record)
         except ConflictError as exc:
             raise AlreadyExistsError(str(exc)) from exc
         return stored
+
+    def _enrollment_proofs(self, enrollment: EnrollmentInput) -> tuple[bytes, ...]:
+        """Exact Group-OBS enrollments carry proofs, bounded like a submission's; no other kind does."""
+        proofs = tuple(enrollment.enrollment_proofs)
+        if enrollment.update_kind != UPDATE_KIND_GROUP_OBS_EXACT:
+            if proofs:
+                raise InvalidInputError("only GROUP_OBS_EXACT enrollments carry enrollment proofs")
+            return ()
+        if not proofs or len(proofs) > self.config.max_proofs:
+            raise InvalidInputError(
+                f"a GROUP_OBS_EXACT enrollment carries 1..{self.config.max_proofs} proofs"
+            )
+        if sum(len(p) for p in proofs) > self.config.max_proof_bytes:
+            raise InvalidInputError(f"enrollment proofs exceed {self.config.max_proof_bytes} bytes")
+        return proofs
 
     def challenge(self, client_id: str) -> tuple[bytes, int]:
         """Issue a single-use nonce for the client's next authenticated call."""
@@ -852,6 +906,9 @@ class ProviderService:
                 before_commitments=before,
                 after_commitments=after,
                 proofs=tuple(proofs),
+                enrolled_layers=client.layers,
+                enrolled_commitments=tuple(commitments_from_json(client.enrolled_commitments)),
+                enrollment_proofs=tuple(decode_proof_list(client.enrollment_proofs)),
             )
             try:
                 result = self.verifier.verify(job)

@@ -328,6 +328,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
                 commitments=_commitments(request.commitments),
                 canonical=bytes(request.canonical),
                 signature=bytes(request.proof_of_possession),
+                enrollment_proofs=tuple(bytes(p) for p in request.enrollment_proofs),
             )
         )
         return pb.EnrollResponse(version=1, client_id=record.client_id, enrolled_unix_ms=record.enrolled_ms)

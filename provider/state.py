@@ -101,6 +101,9 @@ class ClientRecord:
     enrollment_canonical: bytes
     enrollment_signature: bytes
     enrolled_ms: int
+    # Exact Group-OBS clients: their enrollment proofs, a canonical JSON list of hex strings, as
+    # accepted at enrollment (every later deletion of theirs is judged with what they prove).
+    enrollment_proofs: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -158,12 +161,20 @@ class TreeHeadRecord:
 
 def _client_same(a: ClientRecord, b: ClientRecord) -> bool:
     """Idempotent re-enrollment: same key and same declared model; timestamps may differ."""
-    return (a.public_key, a.model_id, a.layers, a.update_kind, a.enrolled_commitments) == (
+    return (
+        a.public_key,
+        a.model_id,
+        a.layers,
+        a.update_kind,
+        a.enrolled_commitments,
+        a.enrollment_proofs,
+    ) == (
         b.public_key,
         b.model_id,
         b.layers,
         b.update_kind,
         b.enrolled_commitments,
+        b.enrollment_proofs,
     )
 
 
@@ -585,6 +596,7 @@ clients_t = sa.Table(
     sa.Column("enrollment_canonical", sa.LargeBinary, nullable=False),
     sa.Column("enrollment_signature", sa.LargeBinary, nullable=False),
     sa.Column("enrolled_ms", sa.BigInteger, nullable=False),
+    sa.Column("enrollment_proofs", sa.LargeBinary, nullable=False, server_default=sa.text("''")),
 )
 
 nonces_t = sa.Table(
@@ -730,6 +742,7 @@ def _client_row(row: Any) -> ClientRecord:
         enrollment_canonical=bytes(row.enrollment_canonical),
         enrollment_signature=bytes(row.enrollment_signature),
         enrolled_ms=row.enrolled_ms,
+        enrollment_proofs=bytes(row.enrollment_proofs),
     )
 
 

@@ -15,10 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from zkunlearn.proofs.deletion import DeletionCircuits, verify_deletion
+from zkunlearn.proofs.deletion import UPDATE_KIND_GROUP_OBS_EXACT, DeletionCircuits, verify_deletion
+from zkunlearn.proofs.exact_deletion import (
+    EnrolledNorms,
+    enrollment_proofs_digest,
+    verify_exact_enrollment,
+)
 
 from .server import ConfigError, ProviderConfig
-from .service import TensorData, VerificationJob, VerificationResult
+from .service import CommitmentRef, TensorData, VerificationJob, VerificationResult
 
 __all__ = ["EzklVerifier", "from_config"]
 
@@ -37,6 +42,7 @@ class EzklVerifier:
             raise ConfigError("the ezkl verifier needs at least one model's circuits directory")
         self._dirs = {model: Path(path) for model, path in circuits_by_model.items()}
         self._loaded: dict[str, DeletionCircuits] = {}
+        self._norms: dict[str, EnrolledNorms] = {}  # by enrollment digest: proofs checked once
         self._lock = threading.Lock()
 
     def circuits(self, model_id: str) -> DeletionCircuits:
@@ -47,7 +53,48 @@ class EzklVerifier:
                 self._loaded[model_id] = DeletionCircuits.load(self._dirs[model_id])
             return self._loaded[model_id]
 
+    def verify_enrollment(
+        self,
+        model_id: str,
+        layers: tuple[str, ...],
+        commitments: tuple[CommitmentRef, ...],
+        proofs: tuple[bytes, ...],
+    ) -> VerificationResult:
+        """An exact Group-OBS enrollment: every batch's proof, whole layers, unit-mean-diagonal factors."""
+        circuits = self.circuits(model_id)
+        if circuits.exact is None:
+            return VerificationResult(False, f"model {model_id!r} publishes no exact Group-OBS circuit")
+        _spec, verifier = circuits.exact_verifier()
+        verdict = verify_exact_enrollment(verifier, layers=layers, commitments=commitments, proofs=proofs)
+        if verdict.ok:
+            with self._lock:
+                self._norms[self._enrollment_key(commitments, proofs)] = verdict.norms
+        return VerificationResult(verdict.ok, verdict.reason)
+
+    @staticmethod
+    def _enrollment_key(commitments: tuple[CommitmentRef, ...], proofs: tuple[bytes, ...]) -> str:
+        named = sorted((c.name, c.block, c.point_hex) for c in commitments)
+        return enrollment_proofs_digest([repr(named).encode(), *proofs])
+
+    def _enrolled_norms(self, job: VerificationJob) -> EnrolledNorms | None:
+        """The norms the client's accepted enrollment proofs show (re-checked once per process)."""
+        if not job.enrollment_proofs:
+            return None
+        key = self._enrollment_key(job.enrolled_commitments, job.enrollment_proofs)
+        with self._lock:
+            cached = self._norms.get(key)
+        if cached is not None:
+            return cached
+        result = self.verify_enrollment(
+            job.model_id, job.enrolled_layers, job.enrolled_commitments, job.enrollment_proofs
+        )
+        if not result.accepted:
+            return None
+        with self._lock:
+            return self._norms.get(key)
+
     def verify(self, job: VerificationJob) -> VerificationResult:
+        norms = self._enrolled_norms(job) if job.update_kind == UPDATE_KIND_GROUP_OBS_EXACT else None
         verdict = verify_deletion(
             self.circuits(job.model_id),
             update_kind=job.update_kind,
@@ -59,6 +106,7 @@ class EzklVerifier:
             before=job.before_commitments,
             after=job.after_commitments,
             proofs=job.proofs,
+            enrolled_norms=norms,
         )
         return VerificationResult(verdict.ok, verdict.reason)
 

@@ -35,6 +35,8 @@ class _UpdateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateKind
     """zero the masked weights, compensate the rest with a blockwise Fisher"""
     UPDATE_KIND_ANALYTIC: _UpdateKind.ValueType  # 2
     """exact recursive-least-squares unlearning of an analytic head"""
+    UPDATE_KIND_GROUP_OBS_EXACT: _UpdateKind.ValueType  # 3
+    """Group-OBS under the exact-integer relation, with enrollment proofs"""
 
 class UpdateKind(_UpdateKind, metaclass=_UpdateKindEnumTypeWrapper):
     """Which unlearning update a client applies and proves."""
@@ -44,6 +46,8 @@ UPDATE_KIND_GROUP_OBS: UpdateKind.ValueType  # 1
 """zero the masked weights, compensate the rest with a blockwise Fisher"""
 UPDATE_KIND_ANALYTIC: UpdateKind.ValueType  # 2
 """exact recursive-least-squares unlearning of an analytic head"""
+UPDATE_KIND_GROUP_OBS_EXACT: UpdateKind.ValueType  # 3
+"""Group-OBS under the exact-integer relation, with enrollment proofs"""
 Global___UpdateKind: _TypeAlias = UpdateKind  # noqa: Y015
 
 class _Verdict:
@@ -260,6 +264,7 @@ class EnrollRequest(_message.Message):
     COMMITMENTS_FIELD_NUMBER: _builtins.int
     PROOF_OF_POSSESSION_FIELD_NUMBER: _builtins.int
     CANONICAL_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_PROOFS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     client_id: _builtins.str
     public_key: _builtins.bytes
@@ -269,12 +274,19 @@ class EnrollRequest(_message.Message):
     proof_of_possession: _builtins.bytes
     """signature over `canonical` by `public_key`"""
     canonical: _builtins.bytes
-    """domain-tagged canonical JSON repeating fields 2-7"""
+    """domain-tagged canonical JSON repeating fields 2-7 (and, for"""
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def commitments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Commitment]:
         """to theta and G (or R, W) under the published circuit shapes"""
+
+    @_builtins.property
+    def enrollment_proofs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """GROUP_OBS_EXACT, "enrollment_proofs_sha256" of field 10)
+        GROUP_OBS_EXACT only: one enrollment proof per (layer, batch) of the commitments, in layer order
+        then batch order (proof JSON bytes: {"transcript": hex, "instances": [[felt hex]]}).
+        """
 
     def __init__(
         self,
@@ -288,10 +300,11 @@ class EnrollRequest(_message.Message):
         commitments: _abc.Iterable[Global___Commitment] | None = ...,
         proof_of_possession: _builtins.bytes = ...,
         canonical: _builtins.bytes = ...,
+        enrollment_proofs: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "client_id", b"client_id", "commitments", b"commitments", "layers", b"layers", "model_id", b"model_id", "proof_of_possession", b"proof_of_possession", "public_key", b"public_key", "update_kind", b"update_kind", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "client_id", b"client_id", "commitments", b"commitments", "enrollment_proofs", b"enrollment_proofs", "layers", b"layers", "model_id", b"model_id", "proof_of_possession", b"proof_of_possession", "public_key", b"public_key", "update_kind", b"update_kind", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
