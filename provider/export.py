@@ -190,6 +190,11 @@ def _write_bundle(
                 raise ExportError(f"circuit artifact {source} does not exist")
 
 
+def _refuse_existing(out_dir: Path) -> None:
+    if Path(out_dir).exists():
+        raise ExportError(f"{out_dir} already exists; export writes a fresh bundle folder")
+
+
 def _export(
     out_dir: Path,
     state: ProviderState,
@@ -200,8 +205,7 @@ def _export(
     srs_insecure: bool,
 ) -> Path:
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise ExportError(f"{out_dir} already exists; export writes a fresh bundle folder")
+    _refuse_existing(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -278,14 +282,31 @@ def _existing_state(url: str | None) -> str:
     return url
 
 
+def _configured_circuits(cfg: ProviderConfig) -> Path:
+    """The one circuits directory the config's verifier uses; refused when there is none or several."""
+    dirs = {
+        model: Path(entry["circuits_dir"])
+        for model, entry in cfg.artifacts.items()
+        if "circuits_dir" in entry
+    }
+    if len(dirs) != 1:
+        named = ", ".join(sorted(dirs)) or "none"
+        raise ExportError(
+            f"the config names circuits directories for {len(dirs)} models ({named}); pass --circuits-dir "
+            "with the directory the exported log's proofs are verified with"
+        )
+    return next(iter(dirs.values()))
+
+
 def export_from_config(
     config: str | Path | ProviderConfig, out_dir: Path, *, circuits_dir: Path | None = None
 ) -> Path:
     """Export from a provider's config (TOML path or loaded config): its state, key, SRS and artifacts.
 
     The key file must already exist: unlike the server, export never creates a key, because a fresh
-    key could not have signed anything in the log. Without ``circuits_dir``, the config's
-    ``[artifacts.<circuit>]`` files are copied to ``circuits/<circuit>/<file name>``.
+    key could not have signed anything in the log. Without ``circuits_dir``, the circuits directory the
+    config's verifier uses (``[artifacts.<model>] circuits_dir``) is exported: a bundle must carry the
+    circuits its proofs are verified with, or it cannot pass its own audit.
     """
     cfg = config if isinstance(config, ProviderConfig) else ProviderConfig.load(config)
     key_path = Path(cfg.key_file)
@@ -295,15 +316,10 @@ def export_from_config(
         signer = StatementSigner.load(key_path)
     except StatementError as exc:
         raise ExportError(str(exc)) from exc
-    circuits = _dir_entries(circuits_dir)
-    if circuits_dir is None:
-        for circuit_id, files in cfg.artifacts.items():
-            for _name, file in files.items():
-                dest = f"{circuit_id}/{Path(file).name}"
-                if dest in circuits:
-                    raise ExportError(f"two artifacts of circuit {circuit_id!r} share the file name {dest}")
-                circuits[dest] = Path(file)
-    state = open_state(_existing_state(cfg.state))
+    url = _existing_state(cfg.state)
+    _refuse_existing(Path(out_dir))
+    circuits = _dir_entries(circuits_dir if circuits_dir is not None else _configured_circuits(cfg))
+    state = open_state(url)
     try:
         ledger = Ledger(state, signer)
         return _export(

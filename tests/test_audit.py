@@ -592,13 +592,32 @@ def test_export_refuses_existing_target_and_from_config_matches(provider: Provid
         )
     assert not (tmp_path / "b3").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
-    # Without a circuits dir, the config's artifacts are copied per circuit id.
-    settings = provider.bundle.parent / "circuits-src" / "settings.json"
-    with_artifacts = ProviderConfig(
-        state=str(provider.db), key_file=str(provider.key_file), artifacts={"c1": {"settings": str(settings)}}
+    # Without --circuits-dir, the circuits directory the config's verifier uses is exported, and the
+    # bundle passes its own audit; a config naming none (or several) is refused, not exported unauditable.
+    source = provider.bundle.parent / "circuits-src"
+    with_circuits = ProviderConfig(
+        state=str(provider.db),
+        key_file=str(provider.key_file),
+        artifacts={"m1": {"circuits_dir": str(source)}},
     )
-    out4 = export_from_config(with_artifacts, tmp_path / "b4")
-    assert (out4 / "circuits" / "c1" / "settings.json").read_bytes() == settings.read_bytes()
+    out4 = export_from_config(with_circuits, tmp_path / "b4")
+    assert audit(out4, provider).ok
+    files_only = ProviderConfig(
+        state=str(provider.db),
+        key_file=str(provider.key_file),
+        artifacts={"m1/group_obs": {"settings": str(source / "settings.json")}},
+    )
+    with pytest.raises(ExportError, match=r"for 0 models \(none\); pass --circuits-dir"):
+        export_from_config(files_only, tmp_path / "b5")
+    two = ProviderConfig(
+        state=str(provider.db),
+        key_file=str(provider.key_file),
+        artifacts={"m1": {"circuits_dir": str(source)}, "m2": {"circuits_dir": str(source)}},
+    )
+    with pytest.raises(ExportError, match=r"for 2 models \(m1, m2\)"):
+        export_from_config(two, tmp_path / "b6")
+    assert not (tmp_path / "b5").exists()
+    assert not (tmp_path / "b6").exists()
 
 
 def test_pinned_key_audits_everything_even_without_a_manifest(provider: Provider, copy: Path) -> None:
