@@ -63,7 +63,7 @@ from zkunlearn.proofs.statements import StatementSigner
 from zkunlearn.v1 import provider_pb2 as pb
 
 from .service import ProofVerifier, ProviderService, ServiceConfig
-from .servicer import ProviderServicer, add_to_server
+from .servicer import ProviderServicer, TolerantDecoding, add_to_server
 from .state import ProviderState, open_state
 
 __all__ = [
@@ -457,6 +457,7 @@ def build_server(
             futures.ThreadPoolExecutor(max_workers=limits.max_workers),
             options=options,
             maximum_concurrent_rpcs=limits.concurrent_rpcs(),
+            interceptors=[TolerantDecoding()],
         )
         port, health_servicer = _serve_on(server, config, service, creds)
     except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -462,6 +463,41 @@ def test_bad_input_on_every_rpc_gets_a_status_and_the_server_stays_up(
     assert stub.GetInfo(pb.GetInfoRequest()).protocol_version == 1
     assert client.poll()[0].status == "accepted"
     client.close()
+
+
+def test_every_service_refuses_a_body_that_is_not_its_message(
+    provider: ProviderServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Health and reflection too: INVALID_ARGUMENT naming the method, no INTERNAL, no logged traceback."""
+    raw = grpc.insecure_channel(f"127.0.0.1:{provider.port}")
+    garbage = b"\xff\xff\xff\xff\x0f garbage"
+    check = raw.unary_unary(
+        "/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None
+    )
+    watch = raw.unary_stream(
+        "/grpc.health.v1.Health/Watch", request_serializer=None, response_deserializer=None
+    )
+    calls = [lambda: check(garbage, timeout=5), lambda: list(watch(garbage, timeout=5))]
+    with caplog.at_level(logging.DEBUG):
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "grpc.health.v1.Health" in (err.value.details() or "")
+        reflection = raw.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(reflection(iter([garbage]), timeout=5))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    # The services still answer well-formed requests.
+    health = health_pb2_grpc.HealthStub(raw)
+    ok = health.Check(health_pb2.HealthCheckRequest(service="zkunlearn.v1.Provider"), timeout=5)
+    assert ok.status == health_pb2.HealthCheckResponse.SERVING
+    raw.close()
 
 
 def test_health_and_reflection_are_served(provider: ProviderServer) -> None:
