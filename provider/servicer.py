@@ -80,6 +80,10 @@ _MAX_DETAILS = 1024
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, rpc: str) -> None:
+    if not context.is_active():
+        # The client cancelled (or its deadline passed): not a provider fault, and nobody to answer.
+        log.info("%s: the client went away before the call completed (%s)", rpc, type(exc).__name__)
+        context.abort(grpc.StatusCode.CANCELLED, f"{rpc}: cancelled by the client")
     if isinstance(exc, ServiceError):
         details = f"{rpc}: {exc}"
         if len(details) > _MAX_DETAILS:

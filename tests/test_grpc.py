@@ -465,6 +465,38 @@ def test_bad_input_on_every_rpc_gets_a_status_and_the_server_stays_up(
     client.close()
 
 
+def test_cancelled_uploads_are_one_log_line_not_internal_errors(
+    provider: ProviderServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients that cancel SubmitProof before or after their first message are not a provider fault:
+    no INTERNAL error and no logged traceback (the provider notes each in one INFO line)."""
+    raw = grpc.insecure_channel(f"127.0.0.1:{provider.port}")
+    submit = raw.stream_unary(
+        "/zkunlearn.v1.Provider/SubmitProof",
+        request_serializer=pb.ProofChunk.SerializeToString,
+        response_deserializer=pb.SubmitProofResponse.FromString,
+    )
+    release = threading.Event()
+
+    def chunks(first: bool) -> Iterator[pb.ProofChunk]:
+        if first:
+            yield pb.ProofChunk(header=pb.ProofHeader(version=1, request_id="r", client_id="c"))
+        release.wait(10)
+        yield pb.ProofChunk(data=b"late")
+
+    with caplog.at_level(logging.INFO):
+        calls = []
+        for i in range(6):
+            calls.append(submit.future(chunks(i % 2 == 1), timeout=30))
+            time.sleep(0.3)
+            calls[-1].cancel()
+        time.sleep(3.0)
+        release.set()
+    raw.close()
+    faults = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not faults, [r.getMessage() for r in faults]
+
+
 def test_every_service_refuses_a_body_that_is_not_its_message(
     provider: ProviderServer, caplog: pytest.LogCaptureFixture
 ) -> None:
