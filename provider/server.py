@@ -45,10 +45,12 @@ import importlib
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
@@ -380,8 +382,11 @@ class ProviderServer:
         health_servicer: health.HealthServicer,
         state: ProviderState,
         grace_s: float,
+        handlers: futures.ThreadPoolExecutor | None = None,
+        handler_prefix: str = "",
     ) -> None:
         self.server = server
+        self.handlers, self.handler_prefix = handlers, handler_prefix
         self.port = port
         self.service = service
         self.health = health_servicer
@@ -389,20 +394,49 @@ class ProviderServer:
         self.grace_s = grace_s
         self._stopped = threading.Event()
         self._lock = threading.Lock()
+        self.stopped_cleanly = True
 
     def stop(self, grace_s: float | None = None) -> None:
+        """Drain, cancel what is left after ``grace_s``, close the state. Every wait is bounded: a handler
+        stuck past the grace (one that ignores cancellation) is reported, never waited for forever."""
         with self._lock:
             if self._stopped.is_set():
                 return
+            grace = self.grace_s if grace_s is None else grace_s
             # Drain first: balancers see NOT_SERVING while in-flight calls finish.
             self.health.enter_graceful_shutdown()
             self.service.close(wait=False)
-            self.server.stop(self.grace_s if grace_s is None else grace_s).wait()
+            deadline = time.monotonic() + grace + STOP_MARGIN_S
+            stopped = self.server.stop(grace).wait(timeout=grace + STOP_MARGIN_S)
+            # gRPC reports itself stopped once it has cancelled the calls, but a handler that ignores
+            # cancellation keeps its pool thread, and the interpreter joins those threads at exit.
+            busy: list[threading.Thread] = []
+            if self.handlers is not None:
+                self.handlers.shutdown(wait=False, cancel_futures=True)  # idle pool threads exit now
+                mine = f"{self.handler_prefix}_"
+                busy = [t for t in threading.enumerate() if t.name.startswith(mine)]
+            for thread in busy:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            stuck = [t.name for t in busy if t.is_alive()]
+            if not stopped or stuck:
+                self.stopped_cleanly = False
+                log.warning(
+                    "gRPC server still busy %.1f s after its %.1f s grace (%d handler thread(s)): "
+                    "stopping without it",
+                    STOP_MARGIN_S,
+                    grace,
+                    len(stuck),
+                )
             self.state.close()
             self._stopped.set()
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+HANDLER_THREAD_PREFIX = "zkunlearn-rpc"
+STOP_MARGIN_S = 5.0
+"""How long past its grace a stopping server may take before the provider stops without it."""
 
 
 def build_service(
@@ -452,9 +486,12 @@ def build_server(
     ]
     server: grpc.Server | None = None
     try:
+        # One prefix per server: its stop joins its own handler threads, not another server's.
+        prefix = f"{HANDLER_THREAD_PREFIX}-{secrets.token_hex(4)}"
+        handlers = futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix=prefix)
         # Beyond maximum_concurrent_rpcs gRPC answers RESOURCE_EXHAUSTED at once instead of queueing.
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=limits.max_workers),
+            handlers,
             options=options,
             maximum_concurrent_rpcs=limits.concurrent_rpcs(),
             interceptors=[TolerantDecoding()],
@@ -467,7 +504,9 @@ def build_server(
         if opened:
             service.state.close()
         raise
-    return ProviderServer(server, port, service, health_servicer, service.state, config.grace_s)
+    return ProviderServer(
+        server, port, service, health_servicer, service.state, config.grace_s, handlers, prefix
+    )
 
 
 def _serve_on(
@@ -526,6 +565,11 @@ def serve(config: ProviderConfig, *, ready: Callable[[ProviderServer], None] | N
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
     running.wait()
+    if not running.stopped_cleanly:
+        # A handler thread that ignores cancellation would otherwise hold the interpreter's exit
+        # (it joins the server's worker threads) for ever. The state is closed: nothing is lost.
+        logging.shutdown()
+        os._exit(0)
 
 
 def run_worker(config: ProviderConfig, *, stop: threading.Event | None = None) -> int:

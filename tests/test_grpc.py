@@ -869,3 +869,56 @@ def test_log_check_survives_a_provider_restart_between_its_calls(
     assert retrying.verify_log() == 2
     assert failing.failed == 1
     retrying.close()
+
+
+STUCK_PROVIDER = """
+import sys, threading
+from zkunlearn.provider import service as service_mod
+from zkunlearn.provider.server import ProviderConfig, serve
+
+class Verifier:
+    def verify(self, job):
+        raise AssertionError("no submission is made")
+
+
+def make_verifier(config):
+    return Verifier()
+
+
+never = threading.Event()
+service_mod.ProviderService.info = lambda self: never.wait()  # a handler that ignores cancellation
+config = ProviderConfig.load(None, {
+    "listen": "127.0.0.1:0", "state": sys.argv[1] + "/p.db", "key_file": sys.argv[1] + "/p.key",
+    "grace_s": 0.5, "verifier": "__main__:make_verifier",
+})
+serve(config, ready=lambda running: print(running.port, flush=True))
+"""
+
+
+def test_sigterm_stops_the_provider_even_with_a_stuck_handler(tmp_path: Path) -> None:
+    """Every shutdown wait is bounded: a handler that never returns cannot keep the process alive."""
+    script = tmp_path / "stuck_provider.py"
+    script.write_text(STUCK_PROVIDER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.ProviderStub(ch)
+        stuck = stub.GetInfo.future(pb.GetInfoRequest(), timeout=60)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        assert code == 0
+        assert "stopping without it" in (proc.stderr.read() if proc.stderr else "")
+        assert stuck.exception(timeout=5) is not None
+        ch.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
