@@ -235,9 +235,34 @@ def check_mask_layer(layer_mask: LayerMask, meta: dict[str, Any], spec: BlockLay
 
 
 class _CommittedStateProver:
-    """What both provers share: a committed-state folder and the statistics of their last proof."""
+    """What the provers share: a committed-state folder, saving an answer, and its statistics."""
 
     state_dir: Path
+
+    def load_model(self) -> None: ...
+
+    def _save_answer(
+        self,
+        request_id: str,
+        after: dict[tuple[str, int], str],
+        results: Sequence[ProveResult],
+        arrays: dict[str, F64],
+        meta: dict[str, Any],
+    ) -> UpdateResult:
+        """Commit the new state with its answer (kept for a retry after a crash), then the live model."""
+        after_list = [Commitment(n, b, p) for (n, b), p in after.items()]
+        proofs = [encode_proof(r.proof) for r in results]
+        meta["commitments"] = [c.to_json() for c in after_list]
+        meta["last_request"] = {
+            "request_id": request_id,
+            "after": [c.to_json() for c in after_list],
+            "proofs": [p.hex() for p in proofs],
+            "prove_s": [r.prove_s for r in results],
+            "peak_rss_mb": [r.peak_rss_mb for r in results],
+        }
+        _atomic_save(self.state_dir, arrays, meta)
+        self.load_model()
+        return UpdateResult(after_list, proofs)
 
     def last_proof_stats(self) -> dict[str, Any]:
         _arrays, meta = _load(self.state_dir)
@@ -626,19 +651,7 @@ class GroupObsUnlearner(_CommittedStateProver):
             arrays[f"{name}/theta_blind"][b] = batch.theta_after_blind
         for name, after in new_theta.items():
             arrays[f"{name}/theta"] = after
-        after_list = [Commitment(n, b, p) for (n, b), p in after_commitments.items()]
-        proofs = [encode_proof(r.proof) for r in results]
-        meta["commitments"] = [c.to_json() for c in after_list]
-        meta["last_request"] = {
-            "request_id": request.request_id,
-            "after": [c.to_json() for c in after_list],
-            "proofs": [p.hex() for p in proofs],
-            "prove_s": [r.prove_s for r in results],
-            "peak_rss_mb": [r.peak_rss_mb for r in results],
-        }
-        _atomic_save(self.state_dir, arrays, meta)
-        self.load_model()
-        return UpdateResult(after_list, proofs)
+        return self._save_answer(request.request_id, after_commitments, results, arrays, meta)
 
     def _check_mask_layer(self, layer_mask: LayerMask, meta: dict[str, Any]) -> None:
         check_mask_layer(layer_mask, meta, self.spec)

@@ -261,19 +261,7 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
             after[key] = result.commitments[1]
             arrays[f"{layer}/theta"][b] = theta_after.astype(np.float64) / 2.0**spec.theta_bits
             meta["theta_labels"][layer][b] = label
-        after_list = [Commitment(n, b, p) for (n, b), p in after.items()]
-        proofs = [encode_proof(r.proof) for r in results]
-        meta["commitments"] = [c.to_json() for c in after_list]
-        meta["last_request"] = {
-            "request_id": request.request_id,
-            "after": [c.to_json() for c in after_list],
-            "proofs": [p.hex() for p in proofs],
-            "prove_s": [r.prove_s for r in results],
-            "peak_rss_mb": [r.peak_rss_mb for r in results],
-        }
-        _atomic_save(self.state_dir, arrays, meta)
-        self.load_model()
-        return UpdateResult(after_list, proofs)
+        return self._save_answer(request.request_id, after, results, arrays, meta)
 
     def load_model(self) -> None:
         """Write the committed weights into the live model (e.g. after a restart)."""

@@ -64,6 +64,7 @@ from zkunlearn.proofs.layout import (
     NoReplay,
     batch_mask_rows,
     by_key,
+    changed_outside,
     commitment_name,
     encode_proof,
     layer_batches,
@@ -593,13 +594,9 @@ def verify_group_obs(
         )
     may_change = {(commitment_name("theta", layer), b) for layer, b in batches}
     may_change |= {(commitment_name("v", r.following), 0) for r, _ in refits}
-    if set(new) != set(old):
-        return DeletionVerdict(False, "after-commitments must name exactly the enrolled tensors")
-    for key, point in old.items():
-        if key not in may_change and new[key] != point:
-            return DeletionVerdict(
-                False, f"commitment {key[0]}#{key[1]} changed but the request does not touch it"
-            )
+    refused = changed_outside(old, new, may_change)
+    if refused:
+        return DeletionVerdict(False, refused)
     layers = {layer.layer: layer for layer in mask.layers}
     verdicts: list[Verdict] = []
     for index, ((layer_name, b), raw) in enumerate(zip(batches, proofs[: len(batches)], strict=True)):

@@ -25,6 +25,7 @@ from zkunlearn.proofs.layout import (
     NoReplay,
     batch_mask_rows,
     by_key,
+    changed_outside,
     commitment_name,
     parse_proof,
     request_digest,
@@ -170,14 +171,9 @@ def verify_exact_deletion(
         return DeletionVerdict(
             False, f"expected {len(batches)} proofs (one per touched batch), got {len(proofs)}"
         )
-    if set(new) != set(old):
-        return DeletionVerdict(False, "after-commitments must name exactly the enrolled tensors")
-    may_change = {(commitment_name("theta", layer), b) for layer, b in batches}
-    for key, point in old.items():
-        if key not in may_change and new[key] != point:
-            return DeletionVerdict(
-                False, f"commitment {key[0]}#{key[1]} changed but the request does not touch it"
-            )
+    refused = changed_outside(old, new, {(commitment_name("theta", layer), b) for layer, b in batches})
+    if refused:
+        return DeletionVerdict(False, refused)
     layers = {layer.layer: layer for layer in mask.layers}
     verdicts: list[Verdict] = []
     for index, ((layer, b), raw) in enumerate(zip(batches, proofs, strict=True)):

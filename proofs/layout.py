@@ -131,3 +131,16 @@ class DeletionVerdict:
     ok: bool
     reason: str
     verdicts: tuple[Verdict, ...] = ()
+
+
+def changed_outside(
+    old: dict[tuple[str, int], str], new: dict[tuple[str, int], str], may_change: set[tuple[str, int]]
+) -> str | None:
+    """Why the after-commitments are not the before-commitments with only ``may_change`` replaced,
+    or ``None`` when they are."""
+    if set(new) != set(old):
+        return "after-commitments must name exactly the enrolled tensors"
+    for key, point in old.items():
+        if key not in may_change and new[key] != point:
+            return f"commitment {key[0]}#{key[1]} changed but the request does not touch it"
+    return None
