@@ -23,6 +23,7 @@ frees the leases this replica held before it restarted so they are taken again a
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import secrets
@@ -106,7 +107,8 @@ UPDATE_KINDS = {
 }
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 _MAX_ID = 128
-_NONCE_BYTES = 32
+_NONCE_BYTES = 16
+_NONCE_MAC_BYTES = 16
 _VERDICT_NAMES = {VERDICT_ACCEPTED: "accepted", VERDICT_REJECTED: "rejected", VERDICT_PENDING: "pending"}
 
 
@@ -425,6 +427,8 @@ class ProviderService:
     ) -> None:
         self.state = state
         self.signer = signer
+        # Nonces are MACed with a key only the provider's key holders (its replicas) can derive.
+        self._nonce_key = hashlib.sha256(b"zkunlearn/nonce-key/v1" + signer.private_bytes()).digest()
         self.verifier = verifier
         self.config = config or ServiceConfig()
         self.clock_ms = clock_ms
@@ -570,19 +574,46 @@ class ProviderService:
         return proofs
 
     def challenge(self, client_id: str) -> tuple[bytes, int]:
-        """Issue a single-use nonce for the client's next authenticated call."""
+        """Issue a single-use nonce for the client's next authenticated call.
+
+        Stateless: ``expiry || random || HMAC(key, client_id || expiry || random)``, with a key derived
+        from the provider's signing key (so every replica issues and accepts the same nonces). An
+        unauthenticated caller can therefore neither write to the state nor learn which client ids are
+        enrolled: every well-formed id gets a nonce; only a use of it, signed by the enrolled key, is
+        recorded (:meth:`authenticate`)."""
         _check_id(client_id, "client id")
-        if self.state.get_client(client_id) is None:
-            raise NotFoundServiceError(f"unknown client {client_id!r}: enroll first")
+        expires = self.clock_ms() + int(self.config.nonce_ttl_s * 1000)
+        head = expires.to_bytes(8, "big") + secrets.token_bytes(_NONCE_BYTES)
+        return head + self._nonce_mac(client_id, head), expires
+
+    def _nonce_mac(self, client_id: str, head: bytes) -> bytes:
+        message = len(client_id).to_bytes(2, "big") + client_id.encode() + head
+        return hmac.new(self._nonce_key, message, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
+
+    def _use_nonce(self, client_id: str, nonce: bytes) -> None:
+        """Refuse a nonce this provider did not issue to ``client_id``, an expired one, or a replay."""
         now = self.clock_ms()
+        head, mac = nonce[:-_NONCE_MAC_BYTES], nonce[-_NONCE_MAC_BYTES:]
+        if len(nonce) != 8 + _NONCE_BYTES + _NONCE_MAC_BYTES or not hmac.compare_digest(
+            mac, self._nonce_mac(client_id, head)
+        ):
+            raise UnauthenticatedError(
+                "unknown nonce (not issued to this client): ask Challenge for a fresh one"
+            )
+        expires = int.from_bytes(head[:8], "big")
+        if expires < now:
+            raise UnauthenticatedError("nonce expired: ask Challenge for a fresh one")
         if now - self._last_purge_ms > 60_000:
-            # Expired nonces are refused either way; dropping them only keeps the table small.
+            # Expired nonces are refused by their own expiry: the used ones only need keeping until then.
             self._last_purge_ms = now
             self.state.purge_nonces(now)
-        nonce = secrets.token_bytes(_NONCE_BYTES)
-        expires = now + int(self.config.nonce_ttl_s * 1000)
-        self.state.add_nonce(client_id, nonce, expires)
-        return nonce, expires
+        try:
+            self.state.add_nonce(client_id, nonce, expires)
+            self.state.consume_nonce(client_id, nonce, now)
+        except (ConflictError, NonceError) as exc:
+            raise UnauthenticatedError(
+                "nonce already used (replay refused): ask Challenge for a fresh one"
+            ) from exc
 
     def authenticate(self, auth: AuthInput, rpc: str, fields: Mapping[str, Any]) -> ClientRecord:
         """Check an RPC-auth statement against the enrolled key, then consume its nonce.
@@ -622,10 +653,7 @@ class ProviderService:
             "rpc auth",
             PermissionDeniedError,
         )
-        try:
-            self.state.consume_nonce(client.client_id, auth.nonce, self.clock_ms())
-        except NonceError as exc:
-            raise UnauthenticatedError(str(exc)) from exc
+        self._use_nonce(client.client_id, auth.nonce)
         return client
 
     def _open(

@@ -327,11 +327,6 @@ def test_bad_input_on_every_rpc_gets_a_status_and_the_server_stays_up(
             {grpc.StatusCode.INVALID_ARGUMENT},
         ),
         (
-            "Challenge unknown",
-            lambda: stub.Challenge(pb.ChallengeRequest(client_id="ghost")),
-            {grpc.StatusCode.NOT_FOUND},
-        ),
-        (
             "Enroll garbage",
             lambda: stub.Enroll(
                 pb.EnrollRequest(

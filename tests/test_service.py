@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -419,8 +420,10 @@ def test_enrollment_checks(service: ProviderService) -> None:
     thief = Device(service, dev.client_id)
     with pytest.raises(AlreadyExistsError, match="already enrolled"):
         thief.enroll()
-    with pytest.raises(NotFoundServiceError, match="enroll first"):
-        service.challenge("stranger")
+    # Challenge answers an unknown id as it answers a known one: it does not reveal who is enrolled.
+    unknown, _ = service.challenge("stranger")
+    known, _ = service.challenge(dev.client_id)
+    assert len(unknown) == len(known)
 
 
 def test_analytic_request_carries_forget_data(service: ProviderService) -> None:
@@ -610,3 +613,46 @@ def test_verification_runs_off_the_calling_thread(tmp_path: Path) -> None:
     assert svc.receipt(r.request_id, dev.client_id).leaf is None
     assert svc.wait(sub.submission_id, 10).verdict == VERDICT_ACCEPTED
     svc.close()
+
+
+def test_challenges_write_nothing_and_nonces_are_bound_single_use_and_expiring(
+    service: ProviderService,
+) -> None:
+    """Unauthenticated challenges cost no state (they once wrote a row each, for anyone's client id);
+    a nonce verifies only for the client it was issued to, once, before it expires."""
+    dev = Device(service, "nonce-1")
+    dev.enroll()
+    other = Device(service, "nonce-2")
+    other.enroll()
+    for i in range(200):
+        service.challenge("nonce-1" if i % 2 else f"nobody-{i}")
+    assert service.state.purge_nonces(2**62) == 0  # no nonce row was written by a challenge
+    fields = {"after_cursor": 0}
+    auth = dev.auth("WatchRequests", fields)
+    assert service.authenticate(auth, "WatchRequests", fields).client_id == "nonce-1"
+    with pytest.raises(UnauthenticatedError, match="already used"):
+        service.authenticate(auth, "WatchRequests", fields)
+    # A nonce issued to nonce-1, signed by nonce-2 for itself: not issued to this client.
+    nonce, _ = service.challenge("nonce-1")
+    st = other.signer.sign(
+        DOMAIN_RPC_AUTH, {"client_id": "nonce-2", "rpc": "WatchRequests", "nonce": nonce.hex(), **fields}
+    )
+    with pytest.raises(UnauthenticatedError, match="not issued to this client"):
+        service.authenticate(AuthInput("nonce-2", nonce, st.canonical, st.signature), "WatchRequests", fields)
+    # A forged nonce (random bytes of the right length) and an expired one are refused too.
+    forged = secrets.token_bytes(len(nonce))
+    st = dev.signer.sign(
+        DOMAIN_RPC_AUTH, {"client_id": "nonce-1", "rpc": "WatchRequests", "nonce": forged.hex(), **fields}
+    )
+    with pytest.raises(UnauthenticatedError, match="not issued to this client"):
+        service.authenticate(
+            AuthInput("nonce-1", forged, st.canonical, st.signature), "WatchRequests", fields
+        )
+    late = dev.auth("WatchRequests", fields)
+    now = service.clock_ms
+    service.clock_ms = lambda: now() + int(service.config.nonce_ttl_s * 1000) + 1
+    try:
+        with pytest.raises(UnauthenticatedError, match="expired"):
+            service.authenticate(late, "WatchRequests", fields)
+    finally:
+        service.clock_ms = now
