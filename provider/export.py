@@ -299,14 +299,19 @@ def _configured_circuits(cfg: ProviderConfig) -> Path:
 
 
 def export_from_config(
-    config: str | Path | ProviderConfig, out_dir: Path, *, circuits_dir: Path | None = None
+    config: str | Path | ProviderConfig,
+    out_dir: Path,
+    *,
+    circuits_dir: Path | None = None,
+    without_circuits: bool = False,
 ) -> Path:
     """Export from a provider's config (TOML path or loaded config): its state, key, SRS and artifacts.
 
     The key file must already exist: unlike the server, export never creates a key, because a fresh
     key could not have signed anything in the log. Without ``circuits_dir``, the circuits directory the
     config's verifier uses (``[artifacts.<model>] circuits_dir``) is exported: a bundle must carry the
-    circuits its proofs are verified with, or it cannot pass its own audit.
+    circuits its proofs are verified with, or it cannot pass its own audit. ``without_circuits``
+    exports none, for a log whose proofs an auditor checks with a checker of its own.
     """
     cfg = config if isinstance(config, ProviderConfig) else ProviderConfig.load(config)
     key_path = Path(cfg.key_file)
@@ -318,7 +323,10 @@ def export_from_config(
         raise ExportError(str(exc)) from exc
     url = _existing_state(cfg.state)
     _refuse_existing(Path(out_dir))
-    circuits = _dir_entries(circuits_dir if circuits_dir is not None else _configured_circuits(cfg))
+    if circuits_dir is None and without_circuits:
+        circuits: dict[str, Path] = {}  # a log whose proofs no ezkl circuit checks (e.g. a load test's)
+    else:
+        circuits = _dir_entries(circuits_dir if circuits_dir is not None else _configured_circuits(cfg))
     state = open_state(url)
     try:
         ledger = Ledger(state, signer)
