@@ -27,7 +27,7 @@ Example config (every key optional)::
     verify_workers = 2
     max_workers = 16                    # RPC threads
     max_concurrent_rpcs = 0             # 0: 4 x max_workers; beyond it calls fail with RESOURCE_EXHAUSTED
-    max_streams = 0                     # WatchRequests + GetArtifact at once; 0: 3/4 of max_workers
+    max_streams = 0                     # Watch, GetArtifact and SubmitProof at once; 0: 3/4 of workers
     watch_max_s = 300.0                 # a watch stream then ends (OK) and the client re-opens it
     stream_timeout_s = 1800.0           # a stream still open after this is cancelled
     [keepalive]
@@ -111,7 +111,7 @@ class LimitsConfig:
     # Calls admitted at once (running or queued for a thread); beyond it gRPC answers RESOURCE_EXHAUSTED
     # at once instead of queueing without bound. 0: 4 x max_workers.
     max_concurrent_rpcs: int = 0
-    # WatchRequests + GetArtifact streams at once, below max_workers so unary calls always find a
+    # WatchRequests + GetArtifact + SubmitProof streams at once, below max_workers so unary calls find a
     # thread; excess streams get UNAVAILABLE (retried). 0: max_workers - max(2, max_workers // 4) (12 of 16).
     max_streams: int = 0
     watch_max_s: float = 300.0  # a watch stream ends (status OK) after this; the SDK re-opens it

@@ -291,7 +291,8 @@ class _StreamSlots:
         with self._lock:
             if self.limit is not None and self.open >= self.limit:
                 raise StreamsBusyError(
-                    f"this provider already serves {self.limit} streams (WatchRequests, GetArtifact), "
+                    f"this provider already serves {self.limit} streams (WatchRequests, GetArtifact, "
+                    "SubmitProof), "
                     "its limit (limits.max_streams); retry later or use PollRequests"
                 )
             self.open += 1
@@ -309,9 +310,9 @@ class _StreamSlots:
 class ProviderServicer(pb_grpc.ProviderServicer):
     """Thin adapter; ``submit_wait_s`` bounds how long SubmitProof waits for a verdict before PENDING.
 
-    ``max_streams`` caps WatchRequests + GetArtifact streams open at once (None: no cap); a watch
-    stream ends normally after ``watch_max_s`` (the client re-opens it from its cursor), and any
-    stream still open after ``stream_timeout_s`` (a client that stopped reading) is cancelled.
+    ``max_streams`` caps WatchRequests + GetArtifact + SubmitProof streams open at once (None: no
+    cap); a watch stream ends normally after ``watch_max_s`` (the client re-opens it from its cursor),
+    and any stream still open after ``stream_timeout_s`` (a client that stopped reading) is cancelled.
     """
 
     def __init__(
@@ -462,6 +463,14 @@ class ProviderServicer(pb_grpc.ProviderServicer):
 
     @_unary
     def SubmitProof(  # noqa: N802
+        self, request_iterator: Iterator[pb.ProofChunk], context: grpc.ServicerContext
+    ) -> pb.SubmitProofResponse:
+        # An upload holds a pool thread as long as a stream does (a slow or stalled client, then the
+        # wait for its verdict): it counts against the same cap.
+        with self._stream_slot(context):
+            return self._submit_proof(request_iterator, context)
+
+    def _submit_proof(
         self, request_iterator: Iterator[pb.ProofChunk], context: grpc.ServicerContext
     ) -> pb.SubmitProofResponse:
         first = next(request_iterator, None)

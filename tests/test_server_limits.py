@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,9 @@ def test_excess_streams_are_refused_while_unary_calls_still_answer(tmp_path: Pat
         err = _refused(lambda: list(stub.GetArtifact(request)))
         assert "limits.max_streams" in (err.details() or "")
         _refused(lambda: next(_watch(clients[2], stub)))
+        # An upload holds a thread like any stream: it is refused too, before any of it is read.
+        upload = iter([pb.ProofChunk(header=pb.ProofHeader(version=1, request_id="r", client_id="dev-2"))])
+        assert "limits.max_streams" in (_refused(lambda: stub.SubmitProof(upload)).details() or "")
         _unary_calls_answer_promptly(server.port)
 
         # A closed stream frees its slot.
@@ -137,27 +140,27 @@ def test_calls_beyond_max_concurrent_rpcs_fail_fast(tmp_path: Path) -> None:
     server = start(tmp_path, **{"limits.max_workers": 4, "limits.max_concurrent_rpcs": 4})
     release = threading.Event()
     channels: list[grpc.Channel] = []
+    info = server.service.info
 
-    def stalled_upload() -> Iterator[pb.ProofChunk]:
+    def stalled_info() -> Any:  # four of these in flight are the server's whole admission budget
         release.wait(30)
-        return
-        yield  # pragma: no cover - makes this a generator
+        return info()
 
+    server.service.info = stalled_info  # type: ignore[method-assign]
     try:
         ch, stub = _stub(server.port)
         channels.append(ch)
         futures: list[Any] = []
 
         def all_admitted() -> bool:
-            # Four uploads in progress are the server's whole admission budget. An upload that arrived
-            # while a probe was in flight was itself refused: start another in its place.
+            # A stalled call that arrived while a probe was in flight was itself refused: replace it.
             futures[:] = [f for f in futures if not f.done()]
             while len(futures) < 4:
-                futures.append(stub.SubmitProof.future(stalled_upload(), timeout=30))
+                futures.append(stub.GetInfo.future(pb.GetInfoRequest(), timeout=30))
             return refused_now() and not any(f.done() for f in futures)
 
         def refused_now() -> bool:
-            code, _ = _status(lambda: stub.GetInfo(pb.GetInfoRequest(), timeout=5))
+            code, _ = _status(lambda: stub.Challenge(pb.ChallengeRequest(client_id="probe"), timeout=5))
             assert code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
             return code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -167,7 +170,7 @@ def test_calls_beyond_max_concurrent_rpcs_fail_fast(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 1.0
         release.set()
         for f in futures:
-            assert f.exception(timeout=10).code() == grpc.StatusCode.INVALID_ARGUMENT  # empty upload
+            assert f.result(timeout=10).protocol_version == 1
         stub.GetInfo(pb.GetInfoRequest(), timeout=5)
     finally:
         release.set()
