@@ -214,6 +214,36 @@ def _staging_copy(model: nn.Module, staged: set[str]) -> nn.Module:
         raise UnlearningError(f"cannot stage the enrollment on a copy of the model: {exc}") from exc
 
 
+def enrollment_factors(
+    model: nn.Module,
+    spec: BlockLayout,
+    layers: Sequence[str],
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    exclude: Tensor | None,
+    curvature: Curvature,
+    reconstruction_weight: float,
+    fisher_shift: int,
+) -> dict[str, BlockFactors]:
+    """The enrolled layers' blockwise curvature factors, after refusing layers the spec cannot cut into
+    whole proof batches (see :meth:`GroupObsUnlearner.enroll` for the curvature options)."""
+    for layer in layers:
+        numel = _param(model, layer).numel()
+        if numel % spec.batch_weights:
+            raise UnlearningError(
+                f"{layer}: {numel} weights are not a multiple of batch x block = {spec.batch_weights}"
+            )
+    try:
+        curv_inputs, curv_targets, curv_exclude = with_shifted_copies(inputs, targets, exclude, fisher_shift)
+        return layer_factors(
+            model, list(layers), curv_inputs, curv_targets, loss_fn, spec.block, curv_exclude,
+            curvature=curvature, reconstruction_weight=reconstruction_weight,
+        )  # fmt: skip
+    except FisherError as exc:
+        raise UnlearningError(f"cannot build the Fisher factor: {exc}") from exc
+
+
 def check_mask_layer(layer_mask: LayerMask, meta: dict[str, Any], spec: BlockLayout) -> None:
     """The mask must describe the enrolled layer as it is: a mask of another shape with the same
     number of weights would otherwise be laid over the layer's flat order and zero other weights
@@ -366,21 +396,11 @@ class GroupObsUnlearner(_CommittedStateProver):
             "reconstruction_weight": reconstruction_weight,
             "fisher_shift": fisher_shift,
         }
-        for layer in layers:
-            numel = _param(self.model, layer).numel()
-            if numel % spec.batch_weights:
-                raise UnlearningError(f"{layer}: {numel} weights are not a multiple of {spec.batch_weights}")
-        try:
-            curv_inputs, curv_targets, curv_exclude = with_shifted_copies(
-                inputs, targets, exclude, fisher_shift
-            )
-            all_factors = layer_factors(
-                self.model, list(layers), curv_inputs, curv_targets, loss_fn, spec.block, curv_exclude,
-                curvature=curvature, reconstruction_weight=reconstruction_weight,
-            )  # fmt: skip
-            fitted = {n: fit_rows(f.factors, spec.m) for n, f in all_factors.items()}
-        except FisherError as exc:
-            raise UnlearningError(f"cannot build the Fisher factor: {exc}") from exc
+        all_factors = enrollment_factors(
+            self.model, spec, layers, inputs, targets, loss_fn, exclude, curvature, reconstruction_weight,
+            fisher_shift,
+        )  # fmt: skip
+        fitted = {n: fit_rows(f.factors, spec.m) for n, f in all_factors.items()}
         to_commit: list[tuple[str, int, ClientCircuit, F64]] = []
         for layer in layers:
             param = _param(self.model, layer)

@@ -22,11 +22,8 @@ import torch
 from torch import Tensor, nn
 from zkunlearn.client.fisher import (
     Curvature,
-    FisherError,
     LossFn,
     fit_rows,
-    layer_factors,
-    with_shifted_copies,
 )
 from zkunlearn.client.group_obs import GroupObsError
 from zkunlearn.client.group_obs_exact import exact_update
@@ -41,6 +38,7 @@ from zkunlearn.client.unlearning import (
     _param,
     _refuse_overwrite,
     check_mask_layer,
+    enrollment_factors,
 )
 from zkunlearn.proofs.artifacts import ClientCircuit
 from zkunlearn.proofs.backend import EzklBackend
@@ -122,22 +120,10 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
         _refuse_overwrite(self.state_dir, replace)
         if inputs.shape[0] < 1:
             raise UnlearningError("enrollment needs client samples for the Fisher factor")
-        for layer in layers:
-            numel = _param(self.model, layer).numel()
-            if numel % spec.batch_weights:
-                raise UnlearningError(
-                    f"{layer}: {numel} weights are not a multiple of batch x block = {spec.batch_weights}"
-                )
-        try:
-            curv_inputs, curv_targets, curv_exclude = with_shifted_copies(
-                inputs, targets, exclude, fisher_shift
-            )
-            factors = layer_factors(
-                self.model, list(layers), curv_inputs, curv_targets, loss_fn, spec.block, curv_exclude,
-                curvature=curvature, reconstruction_weight=reconstruction_weight,
-            )  # fmt: skip
-        except FisherError as exc:
-            raise UnlearningError(f"cannot build the Fisher factor: {exc}") from exc
+        factors = enrollment_factors(
+            self.model, spec, layers, inputs, targets, loss_fn, exclude, curvature, reconstruction_weight,
+            fisher_shift,
+        )  # fmt: skip
         seed = secrets.token_bytes(32)
         arrays: dict[str, Any] = {}
         meta: dict[str, Any] = {"layers": {}, "last_request": None, "seed": seed.hex(), "theta_labels": {}}

@@ -186,24 +186,18 @@ class TolerantDecoding(grpc.ServerInterceptor):  # type: ignore[misc]
                     refuse(context, item)
                 yield item
 
+        def checked(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+            def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    refuse(context, request)
+                return inner(request, context)
+
+            return behaviour
+
         if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    refuse(context, request)
-                return inner_uu(request, context)
-
-            return handler._replace(unary_unary=unary_unary, request_deserializer=parse)
+            return handler._replace(unary_unary=checked(handler.unary_unary), request_deserializer=parse)
         if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    refuse(context, request)
-                return inner_us(request, context)
-
-            return handler._replace(unary_stream=unary_stream, request_deserializer=parse)
+            return handler._replace(unary_stream=checked(handler.unary_stream), request_deserializer=parse)
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
             return handler._replace(
