@@ -44,6 +44,8 @@ class Reason(enum.StrEnum):
     ROW_SPACE_VIOLATED = "edit_outside_row_space"
     ANALYTIC_W_WRONG = "analytic_head_not_retrained_solution"
     ANALYTIC_R_WRONG = "analytic_inverse_not_downdated"
+    ANALYTIC_GRAM_WRONG = "analytic_gram_not_downdated"
+    ANALYTIC_GRAM_NOT_PSD = "analytic_gram_not_positive_semidefinite"
     REFIT_NOT_SOLUTION = "refit_not_ridge_solution"
     ENROLLMENT_THETA_OUT_OF_RANGE = "enrolled_weights_out_of_range"
     ENROLLMENT_G_NOT_NORMALISED = "enrolled_factor_not_normalised"
