@@ -60,7 +60,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 PROTOCOL_VERSION = 1
-_UPDATE_KIND = {1: pb.UPDATE_KIND_GROUP_OBS, 2: pb.UPDATE_KIND_ANALYTIC, 3: pb.UPDATE_KIND_GROUP_OBS_EXACT}
+_UPDATE_KIND = {
+    1: pb.UPDATE_KIND_GROUP_OBS,
+    2: pb.UPDATE_KIND_ANALYTIC,
+    3: pb.UPDATE_KIND_GROUP_OBS_EXACT,
+    4: pb.UPDATE_KIND_ANALYTIC_EXACT,
+}
 _VERDICTS = {pb.VERDICT_ACCEPTED: "accepted", pb.VERDICT_REJECTED: "rejected"}
 
 
@@ -104,7 +109,7 @@ class VerifiedRequest:
     request_id: str
     client_id: str
     model_id: str
-    update_kind: int  # 1 group_obs, 2 analytic, 3 group_obs_exact
+    update_kind: int  # 1 group_obs, 2 analytic, 3 group_obs_exact, 4 analytic_exact
     layers: tuple[str, ...]
     mask: Mask
     mask_bytes: bytes
@@ -275,7 +280,7 @@ class EdgeClient:
     ) -> pb.EnrollResponse:
         """Create (or reuse) the device key and enroll it with its commitments; safe to repeat.
 
-        An exact Group-OBS client (``update_kind`` 3) also sends its enrollment proofs
+        An exact client (``update_kind`` 3 or 4) also sends its enrollment proofs
         (:meth:`zkunlearn.client.unlearning_exact.ExactGroupObsUnlearner.enroll`); the signed statement
         names their digest."""
         stored_id = self.store.put_if_absent("client_id", client_id.encode()).decode()
@@ -293,7 +298,7 @@ class EdgeClient:
             "update_kind": update_kind,
             "commitments": [c.to_json() for c in commitments],
         }
-        if update_kind == 3:
+        if update_kind in (3, 4):  # the exact relations enroll with proofs
             payload["enrollment_proofs_sha256"] = enrollment_proofs_digest(list(enrollment_proofs))
         statement = signer.sign(DOMAIN_ENROLLMENT, payload)
         request = pb.EnrollRequest(

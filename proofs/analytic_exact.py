@@ -32,6 +32,8 @@ __all__ = [
     "SOLVE_ALLOWANCE",
     "AnalyticOutputs",
     "ExactAnalyticSpec",
+    "IntArray",
+    "blinding_row",
     "enrollment_binding",
     "factor_of",
     "gram",
@@ -40,6 +42,7 @@ __all__ = [
     "ridge_weights",
     "row_tensor",
     "signed_outputs",
+    "z_binding",
     "z_tensor",
 ]
 

@@ -29,6 +29,7 @@ from zkunlearn.proofs.backend import CircuitConfig, EzklBackend, ProvingBackend
 from zkunlearn.proofs.srs import SrsInfo, file_sha256
 
 if TYPE_CHECKING:
+    from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
     from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec, RefitSpec
     from zkunlearn.proofs.exact import ExactGroupObsSpec
 
@@ -278,6 +279,44 @@ def derive_exact_client_circuits(
         backend.setup(cc.compiled, srs.path, cc.vk, cc.pk)
         out.append(cc)
     return out[0], out[1]
+
+
+def derive_analytic_exact_client_circuit(
+    spec: ExactAnalyticSpec,
+    settings_bytes: bytes,
+    srs: SrsInfo,
+    directory: Path,
+    *,
+    backend: ProvingBackend | None = None,
+) -> ClientCircuit:
+    """The client's exact analytic circuit for a published ``spec``, exported and compiled here with the
+    served settings once they pass :func:`check_client_settings` and decompose as the spec assumes."""
+    from zkunlearn.proofs.analytic_exact_circuits import export_analytic_exact  # imports this module
+
+    backend = backend or EzklBackend()
+    directory = Path(directory)
+    run_args = check_client_settings(settings_bytes, exact=True)["run_args"]
+    want = {"decomp_base": spec.decomp_base, "decomp_legs": spec.decomp_legs}
+    for key, value in want.items():
+        if run_args.get(key) != value:
+            raise ArtifactError(
+                f"refusing circuit settings: run_args {key} is {run_args.get(key)!r}, the spec needs "
+                f"{value!r} (its offsets and thresholds assume that decomposition)"
+            )
+    _check_srs(srs)
+    onnx = export_analytic_exact(spec, directory / "relation")
+    cc = _client_circuit(directory, srs)
+    cc.settings.write_bytes(settings_bytes)
+    try:
+        backend.compile(onnx, cc.settings, cc.compiled)
+    except BaseException as exc:  # ezkl panics are BaseException; KeyboardInterrupt is not ours
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise ArtifactError(
+            f"cannot compile the exact analytic relation with the served settings: {exc}"
+        ) from exc
+    backend.setup(cc.compiled, srs.path, cc.vk, cc.pk)
+    return cc
 
 
 def _client_circuit(directory: Path, srs: SrsInfo) -> ClientCircuit:

@@ -42,6 +42,13 @@ from zkunlearn.circuits import group_obs as group_obs_relation
 from zkunlearn.circuits import output_refit as refit_relation
 from zkunlearn.circuits.export import export_relation
 from zkunlearn.circuits.mask import Mask, MaskError
+from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
+from zkunlearn.proofs.analytic_exact_circuits import (
+    ExactAnalyticVerifier,
+    build_analytic_exact,
+    export_analytic_exact,
+)
+from zkunlearn.proofs.analytic_exact_deletion import verify_analytic_exact
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
 from zkunlearn.proofs.backend import CircuitConfig, EzklBackend
 from zkunlearn.proofs.exact import ExactGroupObsSpec
@@ -58,6 +65,7 @@ from zkunlearn.proofs.fixedpoint import (
     request_binding,
 )
 from zkunlearn.proofs.layout import (
+    ANALYTIC_LAYER,
     CommitmentLike,
     DeletionError,
     DeletionVerdict,
@@ -78,6 +86,7 @@ from zkunlearn.proofs.verifier import AnalyticVerifier, GroupObsVerifier, RefitV
 __all__ = [
     "ANALYTIC_LAYER",
     "UPDATE_KIND_ANALYTIC",
+    "UPDATE_KIND_ANALYTIC_EXACT",
     "UPDATE_KIND_GROUP_OBS",
     "UPDATE_KIND_GROUP_OBS_EXACT",
     "AnalyticSpec",
@@ -110,7 +119,7 @@ overflows the decomposition. The legs do not change a commitment, so the circuit
 UPDATE_KIND_GROUP_OBS = 1
 UPDATE_KIND_ANALYTIC = 2
 UPDATE_KIND_GROUP_OBS_EXACT = 3
-ANALYTIC_LAYER = "head"
+UPDATE_KIND_ANALYTIC_EXACT = 4
 
 
 @dataclass(frozen=True)
@@ -248,6 +257,7 @@ class DeletionCircuits:
     analytic: tuple[AnalyticSpec, CircuitArtifacts] | None
     refits: tuple[tuple[RefitSpec, CircuitArtifacts], ...] = ()
     exact: tuple[ExactGroupObsSpec, CircuitArtifacts, CircuitArtifacts] | None = None
+    analytic_exact: tuple[ExactAnalyticSpec, CircuitArtifacts] | None = None
 
     @classmethod
     def build(
@@ -260,6 +270,7 @@ class DeletionCircuits:
         srs: SrsInfo | None = None,
         refits: Sequence[RefitSpec] = (),
         exact: ExactGroupObsSpec | None = None,
+        analytic_exact: ExactAnalyticSpec | None = None,
     ) -> DeletionCircuits:
         """Export, compile and set up each relation with the provider's own keys (cached by content).
 
@@ -340,13 +351,22 @@ class DeletionCircuits:
                 "enrollment_key": enrollment_arts.key,
                 **_srs_record(deletion_arts.srs, directory),
             }
+        built_analytic_exact: tuple[ExactAnalyticSpec, CircuitArtifacts] | None = None
+        if analytic_exact is not None:
+            arts = build_analytic_exact(analytic_exact, directory, srs_for)
+            built_analytic_exact = (analytic_exact, arts)
+            record["analytic_exact"] = {
+                "spec": asdict(analytic_exact),
+                "key": arts.key,
+                **_srs_record(arts.srs, directory),
+            }
         if built_refits:
             record["refits"] = [
                 {"spec": asdict(spec), "key": arts.key, **_srs_record(arts.srs, directory)}
                 for spec, arts in built_refits
             ]
         (directory / "circuits.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        return cls(directory, built_go, built_an, tuple(built_refits), built_exact)
+        return cls(directory, built_go, built_an, tuple(built_refits), built_exact, built_analytic_exact)
 
     @classmethod
     def load(cls, directory: Path) -> DeletionCircuits:
@@ -372,7 +392,11 @@ class DeletionCircuits:
                 _artifacts(directory, entry),
                 _artifacts(directory, {**entry, "key": entry["enrollment_key"]}),
             )
-        return cls(directory, go, an, refits, exact)
+        analytic_exact = None
+        if "analytic_exact" in record:
+            entry = record["analytic_exact"]
+            analytic_exact = (ExactAnalyticSpec(**entry["spec"]), _artifacts(directory, entry))
+        return cls(directory, go, an, refits, exact, analytic_exact)
 
     def group_obs_verifier(self) -> tuple[GroupObsSpec, GroupObsVerifier]:
         if self.group_obs is None:
@@ -386,6 +410,17 @@ class DeletionCircuits:
             raise DeletionError("this model publishes no exact Group-OBS circuit")
         spec, deletion, enrollment = self.exact
         return spec, ExactGroupObsVerifier(spec, deletion, enrollment)
+
+    def analytic_exact_verifier(self) -> ExactAnalyticVerifier:
+        if self.analytic_exact is None:
+            raise DeletionError("this model publishes no exact analytic circuit")
+        return ExactAnalyticVerifier(*self.analytic_exact)
+
+    def enrollment_verifiers(self) -> tuple[ExactGroupObsVerifier | None, ExactAnalyticVerifier | None]:
+        """The verifiers of the enrollment proofs this model's exact circuits need (either may be absent)."""
+        group_obs = self.exact_verifier()[1] if self.exact is not None else None
+        analytic = self.analytic_exact_verifier() if self.analytic_exact is not None else None
+        return group_obs, analytic
 
     def analytic_verifier(self) -> tuple[AnalyticSpec, AnalyticVerifier]:
         if self.analytic is None:
@@ -486,6 +521,13 @@ def check_published_circuits(directory: Path) -> str:
                     enrollment_onnx,
                     EXACT_SOUND_RUN_ARGS,
                 )
+            )
+        if circuits.analytic_exact is not None:
+            an_spec, an_arts = circuits.analytic_exact
+            an_onnx = export_analytic_exact(an_spec, Path(tmp) / "analytic-exact")
+            decomposition = {"decomp_base": an_spec.decomp_base, "decomp_legs": an_spec.decomp_legs}
+            entries.append(
+                ("analytic_exact", an_spec, an_arts, an_onnx, {**EXACT_SOUND_RUN_ARGS, **decomposition})
             )
         if not entries:
             raise DeletionError("circuits.json publishes no circuit")
@@ -776,6 +818,17 @@ def verify_deletion(
                 proofs=proofs,
                 norms=enrolled_norms,
             )
+        if update_kind == UPDATE_KIND_ANALYTIC_EXACT:
+            return verify_analytic_exact(
+                circuits.analytic_exact_verifier(),
+                request_id=request_id,
+                request_canonical=request_canonical,
+                forget_features=forget_features,
+                forget_labels=forget_labels,
+                before=before,
+                after=after,
+                proofs=proofs,
+            )
         if update_kind == UPDATE_KIND_GROUP_OBS:
             return verify_group_obs(
                 circuits,
@@ -831,13 +884,14 @@ def verify_bundle_submission(
         return False, f"cannot load circuits or commitments: {exc}"
     norms = None
     update_kind = int(request_payload.get("update_kind", 0))
-    if update_kind == UPDATE_KIND_GROUP_OBS_EXACT:
-        # The bundle's enrollment of this client (``enrollments/<client>.json`` beside ``circuits/``).
+    if update_kind in (UPDATE_KIND_GROUP_OBS_EXACT, UPDATE_KIND_ANALYTIC_EXACT):
+        # The bundle's enrollment of this client (``enrollments/<client>.json`` beside ``circuits/``),
+        # its enrollment proofs re-verified.
         client_id = str(request_payload.get("client_id", ""))
         try:
-            _spec, verifier = circuits.exact_verifier()
+            group_obs, analytic = circuits.enrollment_verifiers()
             norms = bundle_enrolled_norms(
-                verifier, Path(circuits_dir).parent / "enrollments" / f"{client_id}.json"
+                group_obs, Path(circuits_dir).parent / "enrollments" / f"{client_id}.json", analytic
             )
         except DeletionError as exc:
             return False, str(exc)

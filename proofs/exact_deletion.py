@@ -6,7 +6,8 @@ accepts the enrollment only if every proof verifies against exactly those commit
 enrolled whole (batches ``0 .. n-1``) and each layer's factor has unit mean diagonal; it keeps each
 batch's proven ``||G_q||_F^2`` (:data:`EnrolledNorms`), against which every later deletion of that
 batch is judged. Deletions follow :mod:`zkunlearn.proofs.layout`: one proof per touched batch, and
-only those batches' ``theta`` commitments may change.
+only those batches' ``theta`` commitments may change. An exact analytic head (layer ``head``) enrolls
+beside them with its own proof (:mod:`zkunlearn.proofs.analytic_exact_deletion`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zkunlearn.circuits.mask import Mask
+from zkunlearn.proofs.analytic_exact_circuits import ExactAnalyticVerifier
+from zkunlearn.proofs.analytic_exact_deletion import ANALYTIC_EXACT_KEYS, verify_analytic_exact_enrollment
 from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier
 from zkunlearn.proofs.layout import (
+    ANALYTIC_LAYER,
     CommitmentLike,
     DeletionError,
     DeletionVerdict,
@@ -83,6 +87,11 @@ def enrollment_order(commitments: Sequence[CommitmentLike], layers: Sequence[str
     names = by_key(commitments, "enrollment")
     order: list[tuple[str, int]] = []
     for layer in layers:
+        if layer == ANALYTIC_LAYER:  # the head's Gram and weights: one proof (analytic_exact_deletion)
+            if set(ANALYTIC_EXACT_KEYS) - set(names):
+                raise DeletionError("an exact analytic head enrolls exactly m:head#0 and w:head#0")
+            order.append((layer, 0))
+            continue
         thetas = sorted(b for (name, b) in names if name == commitment_name("theta", layer))
         gs = sorted(b for (name, b) in names if name == commitment_name("g", layer))
         if not thetas or thetas != list(range(len(thetas))) or gs != thetas:
@@ -91,6 +100,8 @@ def enrollment_order(commitments: Sequence[CommitmentLike], layers: Sequence[str
             )
         order += [(layer, b) for b in thetas]
     known = {commitment_name(kind, layer) for layer in layers for kind in ("theta", "g")}
+    if ANALYTIC_LAYER in layers:
+        known |= {name for name, _ in ANALYTIC_EXACT_KEYS}
     stray = sorted({name for name, _ in names} - known)
     if stray:
         raise DeletionError(f"enrollment names commitments of no enrolled layer: {stray[:3]}")
@@ -98,21 +109,25 @@ def enrollment_order(commitments: Sequence[CommitmentLike], layers: Sequence[str
 
 
 def verify_exact_enrollment(
-    verifier: ExactGroupObsVerifier,
+    verifier: ExactGroupObsVerifier | None,
     *,
     layers: Sequence[str],
     commitments: Sequence[CommitmentLike],
     proofs: Sequence[bytes],
     layer_batches: Mapping[str, int] | None = None,
+    analytic: ExactAnalyticVerifier | None = None,
 ) -> ExactEnrollmentVerdict:
-    """Judge an enrollment: one proof per (layer, batch); ``layer_batches`` (when the provider knows
-    its model's layer sizes) is how many batches each layer must have."""
+    """Judge an enrollment: one proof per (layer, batch), the analytic head's (layer ``head``, checked
+    with ``analytic``) at its place in layer order; ``layer_batches`` (when the provider knows its
+    model's layer sizes) is how many batches each Group-OBS layer must have."""
     try:
         order = enrollment_order(commitments, layers)
     except DeletionError as exc:
         return ExactEnrollmentVerdict(False, str(exc))
     if layer_batches is not None:
         for layer in layers:
+            if layer == ANALYTIC_LAYER:
+                continue
             have = sum(1 for name, _ in order if name == layer)
             if layer_batches.get(layer) != have:
                 return ExactEnrollmentVerdict(
@@ -124,6 +139,18 @@ def verify_exact_enrollment(
     names = by_key(commitments, "enrollment")
     norms: dict[tuple[str, int], tuple[int, ...]] = {}
     for index, ((layer, b), raw) in enumerate(zip(order, proofs, strict=True)):
+        if layer == ANALYTIC_LAYER:
+            if analytic is None:
+                return ExactEnrollmentVerdict(False, "this model publishes no exact analytic circuit")
+            try:
+                head = verify_analytic_exact_enrollment(analytic, names, raw, index)
+            except DeletionError as exc:
+                return ExactEnrollmentVerdict(False, str(exc))
+            if not head.ok:
+                return ExactEnrollmentVerdict(False, f"{layer}: {head.reason.value} {head.detail}".strip())
+            continue
+        if verifier is None:
+            return ExactEnrollmentVerdict(False, "this model publishes no exact Group-OBS circuit")
         try:
             proof = parse_proof(raw, index)
         except DeletionError as exc:
@@ -139,6 +166,8 @@ def verify_exact_enrollment(
             )
         norms[(layer, b)] = verdict.g_fro_sq
     for layer in layers:
+        if layer == ANALYTIC_LAYER or verifier is None:
+            continue
         layer_norms = [v for (name, _), values in norms.items() if name == layer for v in values]
         verdict = verifier.check_normalisation(layer_norms)
         if not verdict.ok:
@@ -204,7 +233,11 @@ def verify_exact_deletion(
 _BUNDLE_NORMS: dict[str, EnrolledNorms] = {}
 
 
-def bundle_enrolled_norms(verifier: ExactGroupObsVerifier, enrollment_file: Path) -> EnrolledNorms:
+def bundle_enrolled_norms(
+    verifier: ExactGroupObsVerifier | None,
+    enrollment_file: Path,
+    analytic: ExactAnalyticVerifier | None = None,
+) -> EnrolledNorms:
     """The norms an exported client's enrollment proofs show, re-verified from the bundle's
     ``enrollments/<client>.json`` (whose signed statement the auditor has checked): the proofs must
     be the ones the statement's ``enrollment_proofs_sha256`` names. Raises :class:`DeletionError`."""
@@ -224,10 +257,15 @@ def bundle_enrolled_norms(verifier: ExactGroupObsVerifier, enrollment_file: Path
     commitments = [
         _Named(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in payload["commitments"]
     ]
-    key = f"{verifier.circuit_keys}/{digest}/{json.dumps(payload['commitments'], sort_keys=True)}"
+    keys = (verifier.circuit_keys if verifier else None, analytic.circuit_key if analytic else None)
+    key = f"{keys}/{digest}/{json.dumps(payload['commitments'], sort_keys=True)}"
     if key not in _BUNDLE_NORMS:
         verdict = verify_exact_enrollment(
-            verifier, layers=[str(x) for x in payload["layers"]], commitments=commitments, proofs=proofs
+            verifier,
+            layers=[str(x) for x in payload["layers"]],
+            commitments=commitments,
+            proofs=proofs,
+            analytic=analytic,
         )
         if not verdict.ok:
             raise DeletionError(f"{enrollment_file.name}: enrollment refused: {verdict.reason}")

@@ -38,6 +38,10 @@ def commitment_name(kind: str, layer: str) -> str:
     return f"{kind}:{layer}"
 
 
+ANALYTIC_LAYER = "head"
+"""The layer name an analytic head's commitments carry (``r:head``, ``m:head``, ``w:head``)."""
+
+
 def request_digest(request_canonical: bytes) -> bytes:
     """What binds the mask (and forget data) commitments to one signed request."""
     return hashlib.sha256(b"zkunlearn/request/v1" + request_canonical).digest()

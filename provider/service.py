@@ -100,11 +100,16 @@ PROTOCOL_VERSION = 1
 UPDATE_KIND_GROUP_OBS = 1
 UPDATE_KIND_ANALYTIC = 2
 UPDATE_KIND_GROUP_OBS_EXACT = 3
+UPDATE_KIND_ANALYTIC_EXACT = 4
 UPDATE_KINDS = {
     UPDATE_KIND_GROUP_OBS: "group_obs",
     UPDATE_KIND_ANALYTIC: "analytic",
     UPDATE_KIND_GROUP_OBS_EXACT: "group_obs_exact",
+    UPDATE_KIND_ANALYTIC_EXACT: "analytic_exact",
 }
+PROVEN_ENROLLMENT_KINDS = frozenset({UPDATE_KIND_GROUP_OBS_EXACT, UPDATE_KIND_ANALYTIC_EXACT})
+"""Update kinds whose enrollment carries proofs over its commitments (the exact relations)."""
+ANALYTIC_KINDS = frozenset({UPDATE_KIND_ANALYTIC, UPDATE_KIND_ANALYTIC_EXACT})
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 _MAX_ID = 128
 _NONCE_BYTES = 16
@@ -507,8 +512,8 @@ class ProviderService:
             )
         if enrollment.update_kind not in UPDATE_KINDS:
             raise InvalidInputError(
-                "update kind must be GROUP_OBS (1), ANALYTIC (2) or GROUP_OBS_EXACT (3), "
-                f"got {enrollment.update_kind}"
+                "update kind must be GROUP_OBS (1), ANALYTIC (2), GROUP_OBS_EXACT (3) or "
+                f"ANALYTIC_EXACT (4), got {enrollment.update_kind}"
             )
         if not enrollment.layers or len(enrollment.layers) > self.config.max_layers:
             raise InvalidInputError(f"enrollment must name 1..{self.config.max_layers} layers")
@@ -530,12 +535,12 @@ class ProviderService:
             "commitments": [c.to_json() for c in commitments],
         }
         proofs = self._enrollment_proofs(enrollment)
-        if enrollment.update_kind == UPDATE_KIND_GROUP_OBS_EXACT:
+        if enrollment.update_kind in PROVEN_ENROLLMENT_KINDS:
             expected["enrollment_proofs_sha256"] = enrollment_proofs_digest(proofs)
         _require_payload(payload, expected, "enrollment", InvalidInputError)
-        if enrollment.update_kind == UPDATE_KIND_GROUP_OBS_EXACT:
+        if enrollment.update_kind in PROVEN_ENROLLMENT_KINDS:
             if not isinstance(self.verifier, EnrollmentVerifier):
-                raise FailedPreconditionError("this provider does not verify exact Group-OBS enrollments")
+                raise FailedPreconditionError("this provider does not verify enrollment proofs")
             result = self.verifier.verify_enrollment(enrollment.model_id, layers, tuple(commitments), proofs)
             if not result.accepted:
                 raise InvalidInputError(f"enrollment proofs refused: {result.reason}")
@@ -559,16 +564,16 @@ class ProviderService:
         return stored
 
     def _enrollment_proofs(self, enrollment: EnrollmentInput) -> tuple[bytes, ...]:
-        """Exact Group-OBS enrollments carry proofs, bounded like a submission's; no other kind does."""
+        """Exact enrollments carry proofs, bounded like a submission's; no other kind does."""
         proofs = tuple(enrollment.enrollment_proofs)
-        if enrollment.update_kind != UPDATE_KIND_GROUP_OBS_EXACT:
+        if enrollment.update_kind not in PROVEN_ENROLLMENT_KINDS:
             if proofs:
-                raise InvalidInputError("only GROUP_OBS_EXACT enrollments carry enrollment proofs")
+                raise InvalidInputError(
+                    "only exact (GROUP_OBS_EXACT, ANALYTIC_EXACT) enrollments carry proofs"
+                )
             return ()
         if not proofs or len(proofs) > self.config.max_proofs:
-            raise InvalidInputError(
-                f"a GROUP_OBS_EXACT enrollment carries 1..{self.config.max_proofs} proofs"
-            )
+            raise InvalidInputError(f"an exact enrollment carries 1..{self.config.max_proofs} proofs")
         if sum(len(p) for p in proofs) > self.config.max_proof_bytes:
             raise InvalidInputError(f"enrollment proofs exceed {self.config.max_proof_bytes} bytes")
         return proofs
@@ -690,7 +695,7 @@ class ProviderService:
             raise InvalidInputError(f"mask names layers the client did not enroll: {unknown}")
         if (forget_features is None) != (forget_labels is None):
             raise InvalidInputError("forget features and labels come together or not at all")
-        if client.update_kind == UPDATE_KIND_ANALYTIC and forget_features is None:
+        if client.update_kind in ANALYTIC_KINDS and forget_features is None:
             raise InvalidInputError("an analytic client needs the forget samples' features and labels")
         forget: dict[str, Any] | None = None
         if forget_features is not None and forget_labels is not None:

@@ -60,12 +60,15 @@ class EzklVerifier:
         commitments: tuple[CommitmentRef, ...],
         proofs: tuple[bytes, ...],
     ) -> VerificationResult:
-        """An exact Group-OBS enrollment: every batch's proof, whole layers, unit-mean-diagonal factors."""
+        """An exact enrollment: every Group-OBS batch's proof (whole layers, unit-mean-diagonal factors)
+        and the analytic head's (its Gram in range and positive semidefinite, its head the ridge solution)."""
         circuits = self.circuits(model_id)
-        if circuits.exact is None:
-            return VerificationResult(False, f"model {model_id!r} publishes no exact Group-OBS circuit")
-        _spec, verifier = circuits.exact_verifier()
-        verdict = verify_exact_enrollment(verifier, layers=layers, commitments=commitments, proofs=proofs)
+        group_obs, analytic = circuits.enrollment_verifiers()
+        if group_obs is None and analytic is None:
+            return VerificationResult(False, f"model {model_id!r} publishes no exact circuit")
+        verdict = verify_exact_enrollment(
+            group_obs, layers=layers, commitments=commitments, proofs=proofs, analytic=analytic
+        )
         if verdict.ok:
             with self._lock:
                 self._norms[self._enrollment_key(commitments, proofs)] = verdict.norms

@@ -37,6 +37,8 @@ class _UpdateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateKind
     """exact recursive-least-squares unlearning of an analytic head"""
     UPDATE_KIND_GROUP_OBS_EXACT: _UpdateKind.ValueType  # 3
     """Group-OBS under the exact-integer relation, with enrollment proofs"""
+    UPDATE_KIND_ANALYTIC_EXACT: _UpdateKind.ValueType  # 4
+    """analytic head under the exact-integer Gram relation, with an enrollment proof"""
 
 class UpdateKind(_UpdateKind, metaclass=_UpdateKindEnumTypeWrapper):
     """Which unlearning update a client applies and proves."""
@@ -48,6 +50,8 @@ UPDATE_KIND_ANALYTIC: UpdateKind.ValueType  # 2
 """exact recursive-least-squares unlearning of an analytic head"""
 UPDATE_KIND_GROUP_OBS_EXACT: UpdateKind.ValueType  # 3
 """Group-OBS under the exact-integer relation, with enrollment proofs"""
+UPDATE_KIND_ANALYTIC_EXACT: UpdateKind.ValueType  # 4
+"""analytic head under the exact-integer Gram relation, with an enrollment proof"""
 Global___UpdateKind: _TypeAlias = UpdateKind  # noqa: Y015
 
 class _Verdict:
