@@ -85,7 +85,10 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
             progress.update(step, description=f"mask: {mask.masked_count()} weights", total=1, completed=1)
             step = progress.add_task("compiling circuits and generating keys (dev SRS: INSECURE)", total=None)
             circuits = DeletionCircuits.build(
-                work / "circuits", group_obs=scenario.group_obs_spec, analytic=scenario.analytic_spec
+                work / "circuits",
+                group_obs=scenario.group_obs_spec,
+                analytic=None,
+                analytic_exact=scenario.analytic_spec,
             )
             progress.update(step, description="circuits and verifying keys ready", total=1, completed=1)
 
@@ -234,7 +237,8 @@ def _publication(model_id: str, circuits_dir: Path) -> list[str]:
     """Config lines that publish each circuit's index, compiled circuit, settings and SRS over GetArtifact."""
     circuits = DeletionCircuits.load(circuits_dir)
     lines: list[str] = []
-    for kind, entry in (("group_obs", circuits.group_obs), ("analytic", circuits.analytic)):
+    entries = (("group_obs", circuits.group_obs), ("analytic_exact", circuits.analytic_exact))
+    for kind, entry in entries:
         if entry is None:
             continue
         arts = entry[1]

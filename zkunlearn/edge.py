@@ -20,14 +20,19 @@ from rich.console import Console
 from torch import nn
 
 from zkunlearn.circuits.mask import LayerMask
-from zkunlearn.client.analytic import AnalyticHead
+from zkunlearn.client.analytic_exact import ExactAnalyticUnlearner
 from zkunlearn.client.artifacts import fetch_artifact
 from zkunlearn.client.sdk import EdgeClient, Outcome, UpdateResult, VerifiedRequest
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig, Transport
-from zkunlearn.client.unlearning import AnalyticUnlearner, GroupObsUnlearner, ProveOptions
-from zkunlearn.proofs.artifacts import ClientCircuit, derive_client_circuit
-from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec
+from zkunlearn.client.unlearning import GroupObsUnlearner, ProveOptions
+from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
+from zkunlearn.proofs.artifacts import (
+    ClientCircuit,
+    derive_analytic_exact_client_circuit,
+    derive_client_circuit,
+)
+from zkunlearn.proofs.deletion import GroupObsSpec
 from zkunlearn.proofs.srs import SrsInfo
 from zkunlearn.scenario import Scenario
 from zkunlearn.tasks.train import cross_entropy
@@ -116,7 +121,6 @@ def _published_circuit(
     circuit_id = f"{model_id}/{kind}"
     files = {name: fetch_artifact(transport, circuit_id, name, folder / name) for name in ARTIFACT_NAMES}
     record = json.loads(files["index"].read_text())[kind]
-    spec = GroupObsSpec(**record["spec"]) if kind == "group_obs" else AnalyticSpec(**record["spec"])
     srs_record = record["srs"]
     srs = SrsInfo(
         files["srs"],
@@ -125,10 +129,12 @@ def _published_circuit(
         bool(srs_record["insecure"]),
         str(srs_record["source"]),
     )
-    circuit = derive_client_circuit(
-        spec, files["settings"].read_bytes(), srs, Path(profile.state_dir) / "circuit" / kind
-    )
-    return spec, circuit
+    folder = Path(profile.state_dir) / "circuit" / kind
+    if kind == "analytic_exact":
+        exact = ExactAnalyticSpec(**record["spec"])
+        return exact, derive_analytic_exact_client_circuit(exact, files["settings"].read_bytes(), srs, folder)
+    spec = GroupObsSpec(**record["spec"])
+    return spec, derive_client_circuit(spec, files["settings"].read_bytes(), srs, folder)
 
 
 def run_client(profile: Profile, console: Console | None = None) -> dict[str, Any]:
@@ -150,7 +156,7 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
             model = scenario.personalized(profile.client_seed)
             before = scenario.client_metrics(model)
             spec, circuit = _published_circuit(profile, transport, scenario.model_id, "group_obs")
-            unlearner: GroupObsUnlearner | AnalyticUnlearner
+            unlearner: GroupObsUnlearner | ExactAnalyticUnlearner
             if profile.behaviour == "extra-edit":
                 unlearner = ExtraEdit(model, spec, circuit, state / "unlearn", options)
             elif profile.behaviour == "other-model":
@@ -163,20 +169,19 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
             commitments = unlearner.enroll(
                 list(scenario.layers), data.x, data.y, cross_entropy, fisher_shift=scenario.fisher_shift
             )
-            layers, kind = list(scenario.layers), 1
+            layers, kind, proofs = list(scenario.layers), 1, []
         else:
             model = scenario.global_model()
-            spec_an, an_circuit = _published_circuit(profile, transport, scenario.model_id, "analytic")
-            head = AnalyticHead(spec_an.d, spec_an.k, gamma=1.0)
+            spec_an, an_circuit = _published_circuit(profile, transport, scenario.model_id, "analytic_exact")
             learned = scenario.task.client_train
             contributed = scenario.contributed_forget_samples()
             x = np.vstack([scenario.features(learned.x), scenario.features(contributed.x)])
             y = np.concatenate([learned.y.numpy(), contributed.y.numpy()])
-            head.learn(x, np.eye(spec_an.k)[y])
-            before = _head_metrics(scenario, head)
-            unlearner = AnalyticUnlearner(head, spec_an, an_circuit, state / "unlearn", options)
-            commitments = unlearner.enroll()
-            layers, kind = ["head"], 2
+            unlearner = ExactAnalyticUnlearner(spec_an, an_circuit, state / "unlearn", options)
+            enrollment = unlearner.enroll(x, y)
+            commitments, proofs = enrollment.commitments, enrollment.proofs
+            before = _head_metrics(scenario, unlearner)
+            layers, kind = ["head"], 4
         client = EdgeClient(
             transport,
             ClientStore(state / "client.db"),
@@ -184,12 +189,12 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
             provider_public_key=bytes.fromhex(profile.provider_public_key),
             receipt_wait_s=600.0,
         )
-        client.enroll(profile.client_id, scenario.model_id, layers, kind, commitments)
+        client.enroll(profile.client_id, scenario.model_id, layers, kind, commitments, proofs)
     (state / "enrolled").write_text("ok")
     console.print(f"[{profile.client_id}] enrolled; waiting for a deletion request", markup=False)
     outcome = _wait_for_decision(client, profile.timeout_s)
-    if isinstance(unlearner, AnalyticUnlearner):
-        after = _head_metrics(scenario, unlearner.head)
+    if isinstance(unlearner, ExactAnalyticUnlearner):
+        after = _head_metrics(scenario, unlearner)
     else:
         after = scenario.client_metrics(model)
     stats = unlearner.last_proof_stats()
@@ -215,7 +220,7 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
     return result
 
 
-def _head_metrics(scenario: Scenario, head: AnalyticHead) -> dict[str, float]:
+def _head_metrics(scenario: Scenario, head: ExactAnalyticUnlearner) -> dict[str, float]:
     task = scenario.task
 
     def acc(split: Any) -> float:
