@@ -1,10 +1,11 @@
-"""Proof-cost benchmark of the exact Group-OBS relation beside the fixed-point one, in one run.
+"""Proof-cost benchmark of the exact relations beside the fixed-point ones, in one run.
 
 ``run_exact_bench(out_path)`` writes ``bench/results/proofs_exact.json``: per circuit (fixed point at
 one block; exact deletion and enrollment at 1 and ``batch`` blocks) rows, rows per covered weight,
 logrows, setup/prove/verify seconds, peak RSS and proof bytes, every proof made by the SDK's own
 worker processes and verified with the provider's keys; then a throughput run of ``proofs`` exact
-deletion proofs and as many enrollment proofs on ``workers`` workers. Every number is measured here.
+deletion proofs and as many enrollment proofs on ``workers`` workers; and the analytic head's circuits
+(:mod:`zkunlearn.bench.exact_analytic`). Every number is measured here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from zkunlearn.bench.exact_analytic import analytic_rows
 from zkunlearn.bench.proofs import LAM, _build, _inputs
 from zkunlearn.client.group_obs_exact import exact_update, g_fro_sq
 from zkunlearn.proofs.artifacts import CircuitArtifacts
@@ -187,6 +189,7 @@ def run_exact_bench(
             result["circuits"].append(
                 _row(f"exact enrollment x{n}", built[n][1], covered, enrollment, 0.0, enroll_verify_s)
             )
+        result["analytic"] = analytic_rows(work, srs_for, rng, memory_limit_mb=memory_limit_mb)
         spec = specs[batch]
         result["exact_spec"] = {k: v for k, v in spec.__dict__.items()}
         verifier = ExactGroupObsVerifier(spec, *built[batch])

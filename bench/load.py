@@ -47,6 +47,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from zkunlearn.proofs.backend import point_from_tag
 
 from .postgres import free_port
 
@@ -114,8 +115,8 @@ def synthetic_world(work: Path) -> World:
     key = work / "provider.key"
     StatementSigner.generate().save(key)
     mask = Mask((LayerMask("fc1", (4, 4), 4, {0: (1, 2)}),)).to_bytes()
-    before = ({"name": "theta:fc1", "block": 0, "point_hex": "ab" * 32},)
-    after = ({"name": "theta:fc1", "block": 0, "point_hex": "cd" * 32},)
+    before = ({"name": "theta:fc1", "block": 0, "point_hex": point_from_tag(b"load-before")},)
+    after = ({"name": "theta:fc1", "block": 0, "point_hex": point_from_tag(b"load-after")},)
     template = Template(
         "group_obs", "synthetic", ("fc1",), before, mask, b"", after, (_digest_proof(before, after, mask),)
     )

@@ -204,6 +204,30 @@ def transcript_point(compressed_hex: str) -> bytes:
     return x.to_bytes(32, "big") + y.to_bytes(32, "big")
 
 
+def is_commitment_point(compressed_hex: str) -> bool:
+    """Whether ``compressed_hex`` is a commitment ezkl can carry: 32 bytes encoding a point of BN254's
+    G1 (cofactor 1: every point on the curve is in the group)."""
+    try:
+        transcript_point(compressed_hex)
+    except (ProofFormatError, ValueError):
+        return False
+    return True
+
+
+def point_from_tag(tag: bytes) -> str:
+    """A valid compressed G1 point derived from ``tag`` by try-and-increment: no one knows the tensor
+    it would commit to. For synthetic loads and tests that need well-formed commitments."""
+    counter = 0
+    while True:
+        digest = hashlib.sha256(tag + counter.to_bytes(4, "big")).digest()
+        x = int.from_bytes(digest, "big") % BN254_BASE_FIELD
+        rhs = (pow(x, 3, BN254_BASE_FIELD) + 3) % BN254_BASE_FIELD
+        y = pow(rhs, (BN254_BASE_FIELD + 1) // 4, BN254_BASE_FIELD)
+        if y * y % BN254_BASE_FIELD == rhs:
+            return compress_point(x.to_bytes(32, "little").hex(), y.to_bytes(32, "little").hex())
+        counter += 1
+
+
 class ProvingBackend(Protocol):
     name: str
 

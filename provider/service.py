@@ -37,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from zkunlearn.circuits.mask import Mask, MaskError
+from zkunlearn.proofs.backend import is_commitment_point
 from zkunlearn.proofs.exact_deletion import decode_proof_list, encode_proof_list, enrollment_proofs_digest
 from zkunlearn.proofs.statements import (
     DOMAIN_DELETION_REQUEST,
@@ -199,6 +200,11 @@ def _check_commitments(items: Sequence[CommitmentRef], what: str) -> list[Commit
             raise InvalidInputError(
                 f"{what}: commitment {c.name}/{c.block} point must be {_POINT_HEX_CHARS} lower-case hex "
                 f"characters (a compressed G1 point), got {len(c.point_hex)} characters"
+            )
+        if not is_commitment_point(c.point_hex):
+            raise InvalidInputError(
+                f"{what}: commitment {c.name}/{c.block} is not a point of BN254's G1 (compressed): no "
+                "tensor commits to it"
             )
         if (c.name, c.block) in seen:
             raise InvalidInputError(f"{what}: duplicate commitment {c.name}/{c.block}")

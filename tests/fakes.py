@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
+from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.provider.service import VerificationJob, VerificationResult
 
 BLOCKS = 2
@@ -35,9 +36,7 @@ def after_for(before: list[dict[str, Any]], request_id: str) -> list[dict[str, A
         {
             "name": "theta_after",
             "block": i,
-            "point_hex": hashlib.sha256(
-                (request_id + json.dumps(before, sort_keys=True) + str(i)).encode()
-            ).hexdigest(),
+            "point_hex": point_from_tag((request_id + json.dumps(before, sort_keys=True) + str(i)).encode()),
         }
         for i in range(BLOCKS)
     ]

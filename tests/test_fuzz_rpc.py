@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zkunlearn.bench.fuzz_report import FuzzTally, examples
+from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
 from zkunlearn.v1 import provider_pb2 as pb
 
@@ -55,7 +56,7 @@ SEEDS: dict[str, bytes] = {
         model_id="m",
         layers=["fc1"],
         update_kind=1,
-        commitments=[pb.Commitment(name="theta:fc1", block=0, point_hex="ab" * 32)],
+        commitments=[pb.Commitment(name="theta:fc1", block=0, point_hex=point_from_tag(b"fuzz"))],
     ).SerializeToString(),
     "ProofChunk": pb.ProofChunk(
         header=pb.ProofHeader(version=1, request_id="r", client_id="fuzz", update_kind=1, proof_count=1)

@@ -40,6 +40,7 @@ from zkunlearn.client.sdk import Commitment, EdgeClient
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.proofs.audit import audit_bundle
+from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.proofs.statements import DOMAIN_ENROLLMENT, StatementError, StatementSigner
 from zkunlearn.provider.export import export_bundle
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
@@ -66,7 +67,10 @@ CLEAN = {
 CALL_DEADLINE_S = 10.0
 STREAM_DEADLINE_S = 0.5  # a server stream with nothing (more) to send ends here: that is not a hang
 CLIENT_ID = "dev-1"
-BEFORE = [Commitment("theta", 0, "ab" * 32), Commitment("gradient_factor", 0, "cd" * 32)]
+BEFORE = [
+    Commitment("theta", 0, point_from_tag(b"theta")),
+    Commitment("gradient_factor", 0, point_from_tag(b"g")),
+]
 FUZZ = settings(
     deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck), print_blob=True
 )

@@ -24,6 +24,7 @@ from zkunlearn.circuits.mask import Mask
 from zkunlearn.client.sdk import Commitment, EdgeClient
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig, Transport
+from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.proofs.statements import DOMAIN_DELETION_REQUEST, DOMAIN_RPC_AUTH, StatementSigner
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server, load_signer
 from zkunlearn.provider.service import ProviderService, ServiceConfig, TensorData
@@ -36,7 +37,10 @@ sys.path.insert(0, str(ROOT))
 from tests.fakes import FakeProver, FakeVerifier  # noqa: E402
 
 pytestmark = pytest.mark.grpc
-BEFORE = [Commitment("theta", 0, "ab" * 32), Commitment("gradient_factor", 0, "cd" * 32)]
+BEFORE = [
+    Commitment("theta", 0, point_from_tag(b"theta")),
+    Commitment("gradient_factor", 0, point_from_tag(b"g")),
+]
 
 
 def mask() -> Mask:

@@ -65,7 +65,9 @@ CLIENT = textwrap.dedent(
         async with Channel("127.0.0.1", port) as channel:
             stub = ProviderStub(channel)
             info = await stub.GetInfo(pb.GetInfoRequest())
-            commitments = [{"name": "theta", "block": 0, "point_hex": "ab" * 32}]
+            # a compressed BN254 G1 point (the provider refuses strings that are none)
+            commitments = [{"name": "theta", "block": 0,
+                            "point_hex": "6df40f3eeb4eaf55d4dcedf989d3137a667f435c5731b67bd96a27b78f30202d"}]
             enrollment = {"client_id": "py-free", "public_key": key.public_key().public_bytes_raw().hex(),
                           "model_id": "m1", "layers": ["fc1"], "update_kind": 1, "commitments": commitments}
             canonical, sig = statement(key, "zkunlearn/v1/enrollment", enrollment)

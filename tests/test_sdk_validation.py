@@ -39,6 +39,7 @@ from zkunlearn.client.sdk import (
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.client.unlearning import UnlearningError
+from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.proofs.deletion import DeletionError
 from zkunlearn.proofs.statements import DOMAIN_DELETION_REQUEST, StatementSigner
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
@@ -338,7 +339,10 @@ def test_one_unprocessable_request_does_not_block_the_ones_after_it(
         ClientStore(tmp_path / "c.db"),
         prover,
     )
-    before = [Commitment("theta", 0, "ab" * 32), Commitment("gradient_factor", 0, "cd" * 32)]
+    before = [
+        Commitment("theta", 0, point_from_tag(b"theta")),
+        Commitment("gradient_factor", 0, point_from_tag(b"g")),
+    ]
     client.enroll("dev-1", "m1", ["fc1"], 1, before)  # two, as the fake prover answers
     bad = provider.service.create_request("dev-1", Mask((LayerMask("fc1", (2, 16), 16, {0: (1,)}),)))
     good = provider.service.create_request("dev-1", Mask((LayerMask("fc1", (4, 8), 16, {1: (2,)}),)))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from zkunlearn.circuits.mask import Mask
+from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.proofs.statements import (
     DOMAIN_ENROLLMENT,
     DOMAIN_RECEIPT,
@@ -48,7 +49,11 @@ from zkunlearn.provider.state import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fakes import BLOCKS, FakeVerifier, _transcript, after_for
 
-BEFORE = [CommitmentRef("theta", 0, "ab" * 32), CommitmentRef("gradient_factor", 0, "cd" * 32)]
+POINT = point_from_tag(b"many")
+BEFORE = [
+    CommitmentRef("theta", 0, point_from_tag(b"theta")),
+    CommitmentRef("gradient_factor", 0, point_from_tag(b"g")),
+]
 
 
 def mask() -> Mask:
@@ -306,6 +311,10 @@ def test_upload_limits_and_integrity(service: ProviderService) -> None:
         service.submit(
             dev.header(r.request_id, [CommitmentRef("theta_after", 0, "XYZ")], proofs), iter([blob])
         )
+    with pytest.raises(InvalidInputError, match="not a point of BN254"):
+        service.submit(
+            dev.header(r.request_id, [CommitmentRef("theta_after", 0, "ab" * 32)], proofs), iter([blob])
+        )
     assert service.state.submissions_for(r.request_id) == []
     assert dev.submit(r.request_id).verdict == VERDICT_ACCEPTED
 
@@ -319,14 +328,14 @@ def test_commitment_lists_that_would_make_a_receipt_unsignable_are_refused(
     the job would be retried for ever at the head of the queue, holding up every other client's.
     """
     dev = Device(service)
-    many = tuple(CommitmentRef(f"t{i:063d}", i, "ab" * 32) for i in range(30_000))  # ~4.4 MB
+    many = tuple(CommitmentRef(f"t{i:063d}", i, POINT) for i in range(30_000))  # ~4.4 MB
     with pytest.raises(ResourceExhaustedError, match="keeps a receipt signable"):
         service.enroll(dev.enrollment(commitments=many))
     assert service.state.get_client(dev.client_id) is None
     dev.enroll()
     r = service.create_request(dev.client_id, mask())
     after, proofs = dev.proof(r.request_id)
-    extra = [*after, CommitmentRef("theta_after", 99, "ef" * 32)]
+    extra = [*after, CommitmentRef("theta_after", 99, point_from_tag(b"extra"))]
     with pytest.raises(InvalidInputError, match="names exactly the 2 the client holds"):
         service.submit(dev.header(r.request_id, extra, proofs), iter([b"".join(proofs)]))
     assert service.state.submissions_for(r.request_id) == []
@@ -414,6 +423,11 @@ def test_enrollment_checks(service: ProviderService) -> None:
         service.enroll(dev.enrollment(public_key=b"\x01" + bytes(31)))
     for point in ("ab" * 31, "ab" * 33, "AB" * 32, "ab" * 2048):
         with pytest.raises(InvalidInputError, match="point must be 64 lower-case hex"):
+            service.enroll(dev.enrollment(commitments=(CommitmentRef("theta", 0, point),)))
+    # Well-formed hex that is no curve point (x past the field, x with no y, the zero string) commits
+    # to no tensor: refused, beside the honest enrollment below.
+    for point in ("ab" * 32, "ff" * 32, "00" * 32):
+        with pytest.raises(InvalidInputError, match="not a point of BN254"):
             service.enroll(dev.enrollment(commitments=(CommitmentRef("theta", 0, point),)))
     dev.enroll()
     dev.enroll()  # idempotent
