@@ -27,6 +27,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 from zkunlearn.circuits.mask import Mask, MaskError
 from zkunlearn.proofs.statements import (
     DOMAIN_DELETION_REQUEST,
+    DOMAIN_DELIVERY,
     DOMAIN_ENROLLMENT,
     DOMAIN_RECEIPT,
     DOMAIN_RPC_AUTH,
@@ -434,8 +435,9 @@ class EdgeClient:
                 raise ForgedRequestError("request asks for another update kind than this client enrolled")
         cursor = int(msg.cursor)
         if not 0 <= cursor <= MAX_CURSOR:
-            # Not covered by the signature; a genuine provider never sends one the client cannot poll after.
+            # A genuine provider never sends one the client cannot poll after.
             raise ForgedRequestError(f"delivered cursor {cursor} is outside [0, 2**53 - 1]")
+        self._check_delivery(msg, cursor)
         expires = payload.get("expires_ms")
         if not isinstance(expires, int) or expires < self.clock_ms():
             raise ExpiredRequestError(f"request {msg.request_id!r} expired at {expires} (unix ms)")
@@ -481,6 +483,24 @@ class EdgeClient:
             signature=bytes(msg.signature),
         )
 
+    def _check_delivery(self, msg: pb.SignedDeletionRequest, cursor: int) -> None:
+        """The cursor must be the one the provider signed for this very request and client."""
+        try:
+            delivery = self._provider().verify(
+                (bytes(msg.delivery), bytes(msg.delivery_signature)), DOMAIN_DELIVERY
+            )
+        except StatementError as exc:
+            raise ForgedRequestError(f"request {msg.request_id!r}: cursor not signed: {exc}") from exc
+        expected = {
+            "request_id": msg.request_id,
+            "client_id": self.client_id,
+            "cursor": cursor,
+            "request_sha256": hashlib.sha256(bytes(msg.canonical)).hexdigest(),
+        }
+        for key, value in expected.items():
+            if delivery.get(key) != value:
+                raise ForgedRequestError(f"the signed delivery's {key} differs from the delivered cursor")
+
     def process(self, msg: pb.SignedDeletionRequest) -> Outcome:
         """Verify, prove (once), submit, check and store the receipt.
 
@@ -488,11 +508,12 @@ class EdgeClient:
         submitted -- when it is forged, expired, or one the prover can never process: the prover raised
         :class:`RequestRefusedError` or a validation error of the bundled provers (``UnlearningError``,
         ``AnalyticError``, ``DeletionError``, ``MaskError``, ...), e.g. a mask naming a layer this
-        client never enrolled. Genuine refusals advance the stored cursor past the request, as a receipt
+        client never enrolled. Genuine refusals advance the stored cursor past the request (to the cursor
+        the provider signed for it, :data:`~zkunlearn.proofs.statements.DOMAIN_DELIVERY`), as a receipt
         does, so that one request the client cannot honour does not hold back every later one; it is not
         dropped on the provider's side, which still sees it unanswered, and ``poll_all(from_cursor=...)``
-        delivers it again (e.g. once the client has enrolled the layer). A forged request never moves
-        the cursor (the cursor is not signed).
+        delivers it again (e.g. once the client has enrolled the layer). A forged request, or a genuine
+        one delivered with a cursor the provider did not sign for it, never moves the cursor.
 
         Any other failure of the prover -- I/O, a crashed or out-of-memory proving worker, a bug -- is
         raised, with the cursor where it was, so that the next poll retries the request: a deletion is
@@ -517,8 +538,8 @@ class EdgeClient:
     def _process(self, msg: pb.SignedDeletionRequest) -> Outcome:
         applied = self.store.applied(msg.request_id)
         if applied is not None:
-            # Nothing of this message has been checked yet, and its cursor is not signed anyway: only the
-            # cursor recorded with the receipt may move the stored one (a re-delivery after
+            # Nothing of this message has been checked yet: only the cursor recorded with the receipt may
+            # move the stored one (a re-delivery after
             # ``poll_all(from_cursor=...)`` must get past it), or a forger reusing an applied id could
             # make the client skip genuine requests.
             self._advance_cursor(applied.cursor)
@@ -526,12 +547,12 @@ class EdgeClient:
         try:
             request = self.verify_request(msg)
         except ForgedRequestError as exc:
-            # The cursor is not covered by the signature: a forged message must not move it, or a
-            # forger could make the client skip genuine requests by claiming a huge cursor.
+            # A forged message (or a cursor the provider did not sign for this request) must not move
+            # the cursor, or a forger could make the client skip genuine requests.
             log.warning("refusing forged request %r: %s", msg.request_id, exc)
             return Outcome(msg.request_id, "refused", str(exc))
         except RequestRefusedError as exc:
-            # Expired: raised only once the signature, addressee and cursor range have checked out.
+            # Expired: raised only once the signatures (request and cursor) and addressee have checked out.
             log.warning("refusing request %r: %s", msg.request_id, exc)
             self._advance_cursor(int(msg.cursor))
             return Outcome(msg.request_id, "refused", str(exc))

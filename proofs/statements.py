@@ -35,6 +35,7 @@ from zkunlearn.proofs.transparency import EMPTY_ROOT
 
 __all__ = [
     "DOMAIN_DELETION_REQUEST",
+    "DOMAIN_DELIVERY",
     "DOMAIN_ENROLLMENT",
     "DOMAIN_RECEIPT",
     "DOMAIN_RPC_AUTH",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 DOMAIN_DELETION_REQUEST = "zkunlearn/v1/deletion-request"
+DOMAIN_DELIVERY = "zkunlearn/v1/delivery"
+"""A request's position in its client's delivery stream (the cursor), signed when it is delivered."""
 DOMAIN_RECEIPT = "zkunlearn/v1/receipt"
 DOMAIN_TREE_HEAD = "zkunlearn/v1/tree-head"
 DOMAIN_ENROLLMENT = "zkunlearn/v1/enrollment"

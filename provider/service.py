@@ -41,6 +41,7 @@ from zkunlearn.proofs.backend import is_commitment_point
 from zkunlearn.proofs.exact_deletion import decode_proof_list, encode_proof_list, enrollment_proofs_digest
 from zkunlearn.proofs.statements import (
     DOMAIN_DELETION_REQUEST,
+    DOMAIN_DELIVERY,
     DOMAIN_ENROLLMENT,
     DOMAIN_RECEIPT,
     DOMAIN_RPC_AUTH,
@@ -309,9 +310,13 @@ class ReceiptView:
 
 @dataclass(frozen=True)
 class DeliveredRequest:
+    """A request as delivered: its record, its forget data, and the signed statement of its cursor."""
+
     record: RequestRecord
     forget_features: TensorData | None
     forget_labels: TensorData | None
+    delivery: bytes = b""
+    delivery_signature: bytes = b""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -746,8 +751,19 @@ class ProviderService:
         return stored
 
     def _delivered(self, record: RequestRecord) -> DeliveredRequest:
+        """The request with its cursor signed: the client moves its stored cursor only to a signed one,
+        so a genuine request replayed with another cursor cannot make it skip requests."""
         features, labels = _decode_forget(record.forget)
-        return DeliveredRequest(record, features, labels)
+        signed = self.signer.sign(
+            DOMAIN_DELIVERY,
+            {
+                "request_id": record.request_id,
+                "client_id": record.client_id,
+                "cursor": record.cursor,
+                "request_sha256": hashlib.sha256(record.canonical).hexdigest(),
+            },
+        )
+        return DeliveredRequest(record, features, labels, signed.canonical, signed.signature)
 
     def requests_after(self, client: ClientRecord, cursor: int, limit: int) -> list[DeliveredRequest]:
         if cursor < 0:

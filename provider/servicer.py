@@ -255,6 +255,8 @@ def delivered_to_pb(item: DeliveredRequest) -> pb.SignedDeletionRequest:
         forget_features=_tensor_out(item.forget_features),
         forget_labels=_tensor_out(item.forget_labels),
         cursor=r.cursor,
+        delivery=item.delivery,
+        delivery_signature=item.delivery_signature,
     )
 
 

@@ -1,8 +1,9 @@
-"""The stored cursor against unsigned cursors, and one delivery processed on two threads at once.
+"""The stored cursor against forged cursors, and one delivery processed on two threads at once.
 
-The cursor of a delivered request is not covered by the provider's signature: whatever message the
-client gets, the stored cursor may only move to a value the client can poll after (at most 2**53 - 1,
-the largest integer of a signed RPC statement), and an unchecked message must not move it at all.
+The provider signs each delivery's cursor together with the request (``zkunlearn/v1/delivery``): the
+stored cursor may only move to the cursor signed for the very request it comes with, to a value the
+client can poll after (at most 2**53 - 1, the largest integer of a signed RPC statement), and an
+unchecked message must not move it at all.
 """
 
 from __future__ import annotations
@@ -101,6 +102,41 @@ def test_a_genuine_request_with_an_absurd_cursor_never_makes_poll_raise(
     ]
     assert client.store.cursor == 2
     assert client.poll() == []
+    client.close()
+
+
+def test_a_genuine_request_with_a_plausible_forged_cursor_is_refused(
+    provider: ProviderServer, tmp_path: Path
+) -> None:
+    """Replayed with a cursor inside the pollable range (ahead of requests the client has not seen), a
+    genuine request would make the client skip them; its delivery signature names another cursor."""
+    prover = FakeProver()
+    client = edge(tmp_path, provider.port, prover=prover)
+    enroll(client)
+    first = provider.service.create_request("dev-1", mask())
+    second = provider.service.create_request("dev-1", mask())
+    genuine = _delivered(provider, second.request_id)
+    for cursor in (genuine.cursor + 1, 1_000):
+        out = client.process(_with_cursor(genuine, cursor))
+        assert (out.status, prover.calls) == ("refused", [])
+        assert "cursor" in out.reason
+        assert client.store.cursor == 0
+    # Another request's genuine delivery statement does not vouch for this one either.
+    other = _delivered(provider, first.request_id)
+    borrowed = pb.SignedDeletionRequest()
+    borrowed.CopyFrom(genuine)
+    borrowed.cursor, borrowed.delivery, borrowed.delivery_signature = (
+        other.cursor,
+        other.delivery,
+        other.delivery_signature,
+    )
+    assert client.process(borrowed).status == "refused"
+    # The honest deliveries, in order, are processed as usual.
+    assert [(o.request_id, o.status) for o in client.poll()] == [
+        (first.request_id, "accepted"),
+        (second.request_id, "accepted"),
+    ]
+    assert client.store.cursor == genuine.cursor
     client.close()
 
 

@@ -41,7 +41,7 @@ from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.client.unlearning import UnlearningError
 from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.proofs.deletion import DeletionError
-from zkunlearn.proofs.statements import DOMAIN_DELETION_REQUEST, StatementSigner
+from zkunlearn.proofs.statements import DOMAIN_DELETION_REQUEST, DOMAIN_DELIVERY, StatementSigner
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
 from zkunlearn.v1 import provider_pb2 as pb
 
@@ -239,12 +239,23 @@ def _signed(request_id: str, cursor: int, layer: str) -> pb.SignedDeletionReques
             "mask_sha256": hashlib.sha256(mask).hexdigest(),
         },
     )
+    delivery = PROVIDER.sign(
+        DOMAIN_DELIVERY,
+        {
+            "request_id": request_id,
+            "client_id": "dev-1",
+            "cursor": cursor,
+            "request_sha256": hashlib.sha256(statement.canonical).hexdigest(),
+        },
+    )
     return pb.SignedDeletionRequest(
         request_id=request_id,
         cursor=cursor,
         mask=mask,
         canonical=statement.canonical,
         signature=statement.signature,
+        delivery=delivery.canonical,
+        delivery_signature=delivery.signature,
     )
 
 

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bzkunlearn/v1/provider.proto\x12\x0czkunlearn.v1\"+\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x12\n\nfloat64_le\x18\x02 \x01(\x0c\"<\n\nCommitment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62lock\x18\x02 \x01(\r\x12\x11\n\tpoint_hex\x18\x03 \x01(\t\"\x10\n\x0eGetInfoRequest\"\x9e\x01\n\x0fGetInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0fprovider_key_id\x18\x02 \x01(\t\x12\x1b\n\x13provider_public_key\x18\x03 \x01(\x0c\x12\x11\n\tmodel_ids\x18\x04 \x03(\t\x12\x12\n\nsrs_digest\x18\x05 \x01(\t\x12\x14\n\x0csrs_insecure\x18\x06 \x01(\x08\"%\n\x10\x43hallengeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\";\n\x11\x43hallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0f\x65xpires_unix_ms\x18\x02 \x01(\x03\"T\n\nClientAuth\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x11\n\tcanonical\x18\x04 \x01(\x0c\"\x92\x02\n\rEnrollRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x03(\t\x12-\n\x0bupdate_kind\x18\x06 \x01(\x0e\x32\x18.zkunlearn.v1.UpdateKind\x12-\n\x0b\x63ommitments\x18\x07 \x03(\x0b\x32\x18.zkunlearn.v1.Commitment\x12\x1b\n\x13proof_of_possession\x18\x08 \x01(\x0c\x12\x11\n\tcanonical\x18\t \x01(\x0c\x12\x19\n\x11\x65nrollment_proofs\x18\n \x03(\x0c\"N\n\x0e\x45nrollResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x18\n\x10\x65nrolled_unix_ms\x18\x03 \x01(\x03\":\n\x12GetArtifactRequest\x12\x12\n\ncircuit_id\x18\x01 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x02 \x01(\t\"h\n\rArtifactChunk\x12\x12\n\ncircuit_id\x18\x01 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xdc\x01\n\x15SignedDeletionRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tcanonical\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0c\n\x04mask\x18\x05 \x01(\x0c\x12-\n\x0f\x66orget_features\x18\x06 \x01(\x0b\x32\x14.zkunlearn.v1.Tensor\x12+\n\rforget_labels\x18\x07 \x01(\x0b\x32\x14.zkunlearn.v1.Tensor\x12\x0e\n\x06\x63ursor\x18\x08 \x01(\x04\"L\n\x0cWatchRequest\x12&\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x18.zkunlearn.v1.ClientAuth\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04\"^\n\x0bPollRequest\x12&\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x18.zkunlearn.v1.ClientAuth\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04\x12\x11\n\tmax_items\x18\x03 \x01(\r\"E\n\x0cPollResponse\x12\x35\n\x08requests\x18\x01 \x03(\x0b\x32#.zkunlearn.v1.SignedDeletionRequest\"\xa0\x02\n\x0bProofHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12-\n\x0bupdate_kind\x18\x04 \x01(\x0e\x32\x18.zkunlearn.v1.UpdateKind\x12\x33\n\x11\x61\x66ter_commitments\x18\x05 \x03(\x0b\x32\x18.zkunlearn.v1.Commitment\x12\x13\n\x0bproof_count\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12&\n\x04\x61uth\x18\t \x01(\x0b\x32\x18.zkunlearn.v1.ClientAuth\x12\x13\n\x0bproof_sizes\x18\n \x03(\x04\"Q\n\nProofChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.zkunlearn.v1.ProofHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa3\x01\n\x13SubmitProofResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rsubmission_id\x18\x02 \x01(\t\x12&\n\x07verdict\x18\x03 \x01(\x0e\x32\x15.zkunlearn.v1.Verdict\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12,\n\x07receipt\x18\x05 \x01(\x0b\x32\x1b.zkunlearn.v1.SignedReceipt\":\n\x11GetReceiptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"Z\n\rSignedReceipt\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tcanonical\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\nleaf_index\x18\x04 \x01(\x04\"z\n\x12GetReceiptResponse\x12&\n\x07verdict\x18\x01 \x01(\x0e\x32\x15.zkunlearn.v1.Verdict\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12,\n\x07receipt\x18\x03 \x01(\x0b\x32\x1b.zkunlearn.v1.SignedReceipt\"G\n\x0eSignedTreeHead\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tcanonical\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x14\n\x12GetTreeHeadRequest\">\n\x15InclusionProofRequest\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"B\n\x17\x43onsistencyProofRequest\x12\x12\n\nfirst_size\x18\x01 \x01(\x04\x12\x13\n\x0bsecond_size\x18\x02 \x01(\x04\"\x1b\n\tAuditPath\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c*\x9f\x01\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15UPDATE_KIND_GROUP_OBS\x10\x01\x12\x18\n\x14UPDATE_KIND_ANALYTIC\x10\x02\x12\x1f\n\x1bUPDATE_KIND_GROUP_OBS_EXACT\x10\x03\x12\x1e\n\x1aUPDATE_KIND_ANALYTIC_EXACT\x10\x04*c\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_PENDING\x10\x01\x12\x14\n\x10VERDICT_ACCEPTED\x10\x02\x12\x14\n\x10VERDICT_REJECTED\x10\x03\x32\xe8\x06\n\x08Provider\x12\x46\n\x07GetInfo\x12\x1c.zkunlearn.v1.GetInfoRequest\x1a\x1d.zkunlearn.v1.GetInfoResponse\x12L\n\tChallenge\x12\x1e.zkunlearn.v1.ChallengeRequest\x1a\x1f.zkunlearn.v1.ChallengeResponse\x12\x43\n\x06\x45nroll\x12\x1b.zkunlearn.v1.EnrollRequest\x1a\x1c.zkunlearn.v1.EnrollResponse\x12N\n\x0bGetArtifact\x12 .zkunlearn.v1.GetArtifactRequest\x1a\x1b.zkunlearn.v1.ArtifactChunk0\x01\x12R\n\rWatchRequests\x12\x1a.zkunlearn.v1.WatchRequest\x1a#.zkunlearn.v1.SignedDeletionRequest0\x01\x12\x45\n\x0cPollRequests\x12\x19.zkunlearn.v1.PollRequest\x1a\x1a.zkunlearn.v1.PollResponse\x12L\n\x0bSubmitProof\x12\x18.zkunlearn.v1.ProofChunk\x1a!.zkunlearn.v1.SubmitProofResponse(\x01\x12O\n\nGetReceipt\x12\x1f.zkunlearn.v1.GetReceiptRequest\x1a .zkunlearn.v1.GetReceiptResponse\x12M\n\x0bGetTreeHead\x12 .zkunlearn.v1.GetTreeHeadRequest\x1a\x1c.zkunlearn.v1.SignedTreeHead\x12Q\n\x11GetInclusionProof\x12#.zkunlearn.v1.InclusionProofRequest\x1a\x17.zkunlearn.v1.AuditPath\x12U\n\x13GetConsistencyProof\x12%.zkunlearn.v1.ConsistencyProofRequest\x1a\x17.zkunlearn.v1.AuditPathb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bzkunlearn/v1/provider.proto\x12\x0czkunlearn.v1\"+\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x12\n\nfloat64_le\x18\x02 \x01(\x0c\"<\n\nCommitment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62lock\x18\x02 \x01(\r\x12\x11\n\tpoint_hex\x18\x03 \x01(\t\"\x10\n\x0eGetInfoRequest\"\x9e\x01\n\x0fGetInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0fprovider_key_id\x18\x02 \x01(\t\x12\x1b\n\x13provider_public_key\x18\x03 \x01(\x0c\x12\x11\n\tmodel_ids\x18\x04 \x03(\t\x12\x12\n\nsrs_digest\x18\x05 \x01(\t\x12\x14\n\x0csrs_insecure\x18\x06 \x01(\x08\"%\n\x10\x43hallengeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\";\n\x11\x43hallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0f\x65xpires_unix_ms\x18\x02 \x01(\x03\"T\n\nClientAuth\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x11\n\tcanonical\x18\x04 \x01(\x0c\"\x92\x02\n\rEnrollRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x03(\t\x12-\n\x0bupdate_kind\x18\x06 \x01(\x0e\x32\x18.zkunlearn.v1.UpdateKind\x12-\n\x0b\x63ommitments\x18\x07 \x03(\x0b\x32\x18.zkunlearn.v1.Commitment\x12\x1b\n\x13proof_of_possession\x18\x08 \x01(\x0c\x12\x11\n\tcanonical\x18\t \x01(\x0c\x12\x19\n\x11\x65nrollment_proofs\x18\n \x03(\x0c\"N\n\x0e\x45nrollResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x18\n\x10\x65nrolled_unix_ms\x18\x03 \x01(\x03\":\n\x12GetArtifactRequest\x12\x12\n\ncircuit_id\x18\x01 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x02 \x01(\t\"h\n\rArtifactChunk\x12\x12\n\ncircuit_id\x18\x01 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x8a\x02\n\x15SignedDeletionRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tcanonical\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0c\n\x04mask\x18\x05 \x01(\x0c\x12-\n\x0f\x66orget_features\x18\x06 \x01(\x0b\x32\x14.zkunlearn.v1.Tensor\x12+\n\rforget_labels\x18\x07 \x01(\x0b\x32\x14.zkunlearn.v1.Tensor\x12\x0e\n\x06\x63ursor\x18\x08 \x01(\x04\x12\x10\n\x08\x64\x65livery\x18\t \x01(\x0c\x12\x1a\n\x12\x64\x65livery_signature\x18\n \x01(\x0c\"L\n\x0cWatchRequest\x12&\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x18.zkunlearn.v1.ClientAuth\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04\"^\n\x0bPollRequest\x12&\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x18.zkunlearn.v1.ClientAuth\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04\x12\x11\n\tmax_items\x18\x03 \x01(\r\"E\n\x0cPollResponse\x12\x35\n\x08requests\x18\x01 \x03(\x0b\x32#.zkunlearn.v1.SignedDeletionRequest\"\xa0\x02\n\x0bProofHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12-\n\x0bupdate_kind\x18\x04 \x01(\x0e\x32\x18.zkunlearn.v1.UpdateKind\x12\x33\n\x11\x61\x66ter_commitments\x18\x05 \x03(\x0b\x32\x18.zkunlearn.v1.Commitment\x12\x13\n\x0bproof_count\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12&\n\x04\x61uth\x18\t \x01(\x0b\x32\x18.zkunlearn.v1.ClientAuth\x12\x13\n\x0bproof_sizes\x18\n \x03(\x04\"Q\n\nProofChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.zkunlearn.v1.ProofHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa3\x01\n\x13SubmitProofResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rsubmission_id\x18\x02 \x01(\t\x12&\n\x07verdict\x18\x03 \x01(\x0e\x32\x15.zkunlearn.v1.Verdict\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12,\n\x07receipt\x18\x05 \x01(\x0b\x32\x1b.zkunlearn.v1.SignedReceipt\":\n\x11GetReceiptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"Z\n\rSignedReceipt\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tcanonical\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\nleaf_index\x18\x04 \x01(\x04\"z\n\x12GetReceiptResponse\x12&\n\x07verdict\x18\x01 \x01(\x0e\x32\x15.zkunlearn.v1.Verdict\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12,\n\x07receipt\x18\x03 \x01(\x0b\x32\x1b.zkunlearn.v1.SignedReceipt\"G\n\x0eSignedTreeHead\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tcanonical\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x14\n\x12GetTreeHeadRequest\">\n\x15InclusionProofRequest\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"B\n\x17\x43onsistencyProofRequest\x12\x12\n\nfirst_size\x18\x01 \x01(\x04\x12\x13\n\x0bsecond_size\x18\x02 \x01(\x04\"\x1b\n\tAuditPath\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c*\x9f\x01\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15UPDATE_KIND_GROUP_OBS\x10\x01\x12\x18\n\x14UPDATE_KIND_ANALYTIC\x10\x02\x12\x1f\n\x1bUPDATE_KIND_GROUP_OBS_EXACT\x10\x03\x12\x1e\n\x1aUPDATE_KIND_ANALYTIC_EXACT\x10\x04*c\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_PENDING\x10\x01\x12\x14\n\x10VERDICT_ACCEPTED\x10\x02\x12\x14\n\x10VERDICT_REJECTED\x10\x03\x32\xe8\x06\n\x08Provider\x12\x46\n\x07GetInfo\x12\x1c.zkunlearn.v1.GetInfoRequest\x1a\x1d.zkunlearn.v1.GetInfoResponse\x12L\n\tChallenge\x12\x1e.zkunlearn.v1.ChallengeRequest\x1a\x1f.zkunlearn.v1.ChallengeResponse\x12\x43\n\x06\x45nroll\x12\x1b.zkunlearn.v1.EnrollRequest\x1a\x1c.zkunlearn.v1.EnrollResponse\x12N\n\x0bGetArtifact\x12 .zkunlearn.v1.GetArtifactRequest\x1a\x1b.zkunlearn.v1.ArtifactChunk0\x01\x12R\n\rWatchRequests\x12\x1a.zkunlearn.v1.WatchRequest\x1a#.zkunlearn.v1.SignedDeletionRequest0\x01\x12\x45\n\x0cPollRequests\x12\x19.zkunlearn.v1.PollRequest\x1a\x1a.zkunlearn.v1.PollResponse\x12L\n\x0bSubmitProof\x12\x18.zkunlearn.v1.ProofChunk\x1a!.zkunlearn.v1.SubmitProofResponse(\x01\x12O\n\nGetReceipt\x12\x1f.zkunlearn.v1.GetReceiptRequest\x1a .zkunlearn.v1.GetReceiptResponse\x12M\n\x0bGetTreeHead\x12 .zkunlearn.v1.GetTreeHeadRequest\x1a\x1c.zkunlearn.v1.SignedTreeHead\x12Q\n\x11GetInclusionProof\x12#.zkunlearn.v1.InclusionProofRequest\x1a\x17.zkunlearn.v1.AuditPath\x12U\n\x13GetConsistencyProof\x12%.zkunlearn.v1.ConsistencyProofRequest\x1a\x17.zkunlearn.v1.AuditPathb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zkunlearn.v1.provider_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPDATEKIND']._serialized_start=2581
-  _globals['_UPDATEKIND']._serialized_end=2740
-  _globals['_VERDICT']._serialized_start=2742
-  _globals['_VERDICT']._serialized_end=2841
+  _globals['_UPDATEKIND']._serialized_start=2627
+  _globals['_UPDATEKIND']._serialized_end=2786
+  _globals['_VERDICT']._serialized_start=2788
+  _globals['_VERDICT']._serialized_end=2887
   _globals['_TENSOR']._serialized_start=45
   _globals['_TENSOR']._serialized_end=88
   _globals['_COMMITMENT']._serialized_start=90
@@ -58,35 +58,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACTCHUNK']._serialized_start=934
   _globals['_ARTIFACTCHUNK']._serialized_end=1038
   _globals['_SIGNEDDELETIONREQUEST']._serialized_start=1041
-  _globals['_SIGNEDDELETIONREQUEST']._serialized_end=1261
-  _globals['_WATCHREQUEST']._serialized_start=1263
-  _globals['_WATCHREQUEST']._serialized_end=1339
-  _globals['_POLLREQUEST']._serialized_start=1341
-  _globals['_POLLREQUEST']._serialized_end=1435
-  _globals['_POLLRESPONSE']._serialized_start=1437
-  _globals['_POLLRESPONSE']._serialized_end=1506
-  _globals['_PROOFHEADER']._serialized_start=1509
-  _globals['_PROOFHEADER']._serialized_end=1797
-  _globals['_PROOFCHUNK']._serialized_start=1799
-  _globals['_PROOFCHUNK']._serialized_end=1880
-  _globals['_SUBMITPROOFRESPONSE']._serialized_start=1883
-  _globals['_SUBMITPROOFRESPONSE']._serialized_end=2046
-  _globals['_GETRECEIPTREQUEST']._serialized_start=2048
-  _globals['_GETRECEIPTREQUEST']._serialized_end=2106
-  _globals['_SIGNEDRECEIPT']._serialized_start=2108
-  _globals['_SIGNEDRECEIPT']._serialized_end=2198
-  _globals['_GETRECEIPTRESPONSE']._serialized_start=2200
-  _globals['_GETRECEIPTRESPONSE']._serialized_end=2322
-  _globals['_SIGNEDTREEHEAD']._serialized_start=2324
-  _globals['_SIGNEDTREEHEAD']._serialized_end=2395
-  _globals['_GETTREEHEADREQUEST']._serialized_start=2397
-  _globals['_GETTREEHEADREQUEST']._serialized_end=2417
-  _globals['_INCLUSIONPROOFREQUEST']._serialized_start=2419
-  _globals['_INCLUSIONPROOFREQUEST']._serialized_end=2481
-  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=2483
-  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=2549
-  _globals['_AUDITPATH']._serialized_start=2551
-  _globals['_AUDITPATH']._serialized_end=2578
-  _globals['_PROVIDER']._serialized_start=2844
-  _globals['_PROVIDER']._serialized_end=3716
+  _globals['_SIGNEDDELETIONREQUEST']._serialized_end=1307
+  _globals['_WATCHREQUEST']._serialized_start=1309
+  _globals['_WATCHREQUEST']._serialized_end=1385
+  _globals['_POLLREQUEST']._serialized_start=1387
+  _globals['_POLLREQUEST']._serialized_end=1481
+  _globals['_POLLRESPONSE']._serialized_start=1483
+  _globals['_POLLRESPONSE']._serialized_end=1552
+  _globals['_PROOFHEADER']._serialized_start=1555
+  _globals['_PROOFHEADER']._serialized_end=1843
+  _globals['_PROOFCHUNK']._serialized_start=1845
+  _globals['_PROOFCHUNK']._serialized_end=1926
+  _globals['_SUBMITPROOFRESPONSE']._serialized_start=1929
+  _globals['_SUBMITPROOFRESPONSE']._serialized_end=2092
+  _globals['_GETRECEIPTREQUEST']._serialized_start=2094
+  _globals['_GETRECEIPTREQUEST']._serialized_end=2152
+  _globals['_SIGNEDRECEIPT']._serialized_start=2154
+  _globals['_SIGNEDRECEIPT']._serialized_end=2244
+  _globals['_GETRECEIPTRESPONSE']._serialized_start=2246
+  _globals['_GETRECEIPTRESPONSE']._serialized_end=2368
+  _globals['_SIGNEDTREEHEAD']._serialized_start=2370
+  _globals['_SIGNEDTREEHEAD']._serialized_end=2441
+  _globals['_GETTREEHEADREQUEST']._serialized_start=2443
+  _globals['_GETTREEHEADREQUEST']._serialized_end=2463
+  _globals['_INCLUSIONPROOFREQUEST']._serialized_start=2465
+  _globals['_INCLUSIONPROOFREQUEST']._serialized_end=2527
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=2529
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=2595
+  _globals['_AUDITPATH']._serialized_start=2597
+  _globals['_AUDITPATH']._serialized_end=2624
+  _globals['_PROVIDER']._serialized_start=2890
+  _globals['_PROVIDER']._serialized_end=3762
 # @@protoc_insertion_point(module_scope)

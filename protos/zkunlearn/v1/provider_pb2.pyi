@@ -408,6 +408,8 @@ class SignedDeletionRequest(_message.Message):
     FORGET_FEATURES_FIELD_NUMBER: _builtins.int
     FORGET_LABELS_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    DELIVERY_SIGNATURE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     request_id: _builtins.str
     canonical: _builtins.bytes
@@ -418,6 +420,10 @@ class SignedDeletionRequest(_message.Message):
     """canonical mask encoding; its SHA-256 is inside `canonical`"""
     cursor: _builtins.int
     """position in the client's delivery stream, for resumption"""
+    delivery: _builtins.bytes
+    """signed statement binding `cursor` to this request (docs/protocol.md)"""
+    delivery_signature: _builtins.bytes
+    """Ed25519 by the provider key, domain zkunlearn/v1/delivery"""
     @_builtins.property
     def forget_features(self) -> Global___Tensor:
         """analytic clients: backbone features of the forget samples"""
@@ -435,10 +441,12 @@ class SignedDeletionRequest(_message.Message):
         forget_features: Global___Tensor | None = ...,
         forget_labels: Global___Tensor | None = ...,
         cursor: _builtins.int = ...,
+        delivery: _builtins.bytes = ...,
+        delivery_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["forget_features", b"forget_features", "forget_labels", b"forget_labels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "cursor", b"cursor", "forget_features", b"forget_features", "forget_labels", b"forget_labels", "mask", b"mask", "request_id", b"request_id", "signature", b"signature", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "cursor", b"cursor", "delivery", b"delivery", "delivery_signature", b"delivery_signature", "forget_features", b"forget_features", "forget_labels", b"forget_labels", "mask", b"mask", "request_id", b"request_id", "signature", b"signature", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
