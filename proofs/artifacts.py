@@ -30,8 +30,8 @@ from zkunlearn.proofs.srs import SrsInfo, file_sha256
 
 if TYPE_CHECKING:
     from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
-    from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec, RefitSpec
     from zkunlearn.proofs.exact import ExactGroupObsSpec
+    from zkunlearn.proofs.specs import AnalyticSpec, GroupObsSpec, RefitSpec
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,12 @@ def check_client_settings(settings_bytes: bytes, *, exact: bool = False) -> dict
 
     ``input_visibility`` must be KZG commitments: "public" (ezkl's Python default) would put the
     client's weights in the proof's public instances, "hashed" would publish a brute-forceable hash.
-    The lists are :data:`zkunlearn.proofs.deletion._SOUND_RUN_ARGS` (fixed-point relations) and
-    ``EXACT_SOUND_RUN_ARGS`` (``exact``: the exact Group-OBS circuits), the ones the auditor enforces.
+    The lists are :data:`zkunlearn.proofs.published.SOUND_RUN_ARGS` (fixed-point relations) and
+    ``EXACT_SOUND_RUN_ARGS`` (``exact``: the exact circuits), the ones the auditor enforces.
     """
-    from zkunlearn.proofs.deletion import _SOUND_RUN_ARGS, EXACT_SOUND_RUN_ARGS  # deletion imports us
+    from zkunlearn.proofs.published import EXACT_SOUND_RUN_ARGS, SOUND_RUN_ARGS  # imports this module
 
-    sound = EXACT_SOUND_RUN_ARGS if exact else _SOUND_RUN_ARGS
+    sound = EXACT_SOUND_RUN_ARGS if exact else SOUND_RUN_ARGS
 
     try:
         data: dict[str, Any] = json.loads(settings_bytes)

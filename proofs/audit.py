@@ -706,12 +706,12 @@ CircuitChecker = Callable[[Path], str]
 
 
 def default_circuit_checker(circuits_dir: Path) -> str:
-    """``zkunlearn.proofs.deletion.check_published_circuits``, imported only when it runs.
+    """``zkunlearn.proofs.published.check_published_circuits``, imported only when it runs.
 
     If it is not importable the check fails, like the proof checker: never an unchecked OK.
     """
     try:
-        module = importlib.import_module("zkunlearn.proofs.deletion")
+        module = importlib.import_module("zkunlearn.proofs.published")
         check: CircuitChecker = module.check_published_circuits
     except (ImportError, AttributeError) as exc:
         raise _CheckError(f"circuit rebuild unavailable: {exc}") from None
@@ -732,12 +732,12 @@ def default_proof_checker(
     proofs: list[bytes],
     circuits_dir: Path,
 ) -> tuple[bool, str]:
-    """``zkunlearn.proofs.deletion.verify_bundle_submission``, imported only when a proof is checked.
+    """``zkunlearn.proofs.published.verify_bundle_submission``, imported only when a proof is checked.
 
     If it is not importable the check fails: an auditor that could not verify must never say OK.
     """
     try:
-        module = importlib.import_module("zkunlearn.proofs.deletion")
+        module = importlib.import_module("zkunlearn.proofs.published")
         verify: ProofChecker = module.verify_bundle_submission
     except (ImportError, AttributeError) as exc:
         return False, f"proof verification unavailable: {exc}"

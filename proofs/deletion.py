@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,22 +45,17 @@ from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
 from zkunlearn.proofs.analytic_exact_circuits import (
     ExactAnalyticVerifier,
     build_analytic_exact,
-    export_analytic_exact,
 )
 from zkunlearn.proofs.analytic_exact_deletion import verify_analytic_exact
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
-from zkunlearn.proofs.backend import CircuitConfig, EzklBackend
+from zkunlearn.proofs.backend import CircuitConfig
 from zkunlearn.proofs.exact import ExactGroupObsSpec
-from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier, build_exact_circuits, export_exact
-from zkunlearn.proofs.exact_deletion import EnrolledNorms, bundle_enrolled_norms, verify_exact_deletion
+from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier, build_exact_circuits
+from zkunlearn.proofs.exact_deletion import EnrolledNorms, verify_exact_deletion
 from zkunlearn.proofs.fixedpoint import (
     FixedPointError,
     FloatArray,
-    GroupObsTolerance,
-    analytic_tolerance,
     felts,
-    group_obs_tolerance,
-    output_refit_tolerance,
     request_binding,
 )
 from zkunlearn.proofs.layout import (
@@ -80,6 +74,7 @@ from zkunlearn.proofs.layout import (
     request_digest,
     touched_batches,
 )
+from zkunlearn.proofs.specs import AnalyticSpec, GroupObsSpec, RefitSpec
 from zkunlearn.proofs.srs import SrsInfo, dev_srs, file_sha256
 from zkunlearn.proofs.verifier import AnalyticVerifier, GroupObsVerifier, RefitVerifier, Verdict
 
@@ -97,7 +92,6 @@ __all__ = [
     "GroupObsSpec",
     "RefitSpec",
     "batch_mask_rows",
-    "check_published_circuits",
     "commitment_name",
     "encode_proof",
     "export_spec",
@@ -105,7 +99,6 @@ __all__ = [
     "request_digest",
     "touched_batches",
     "verify_analytic",
-    "verify_bundle_submission",
     "verify_deletion",
     "verify_group_obs",
 ]
@@ -120,127 +113,6 @@ UPDATE_KIND_GROUP_OBS = 1
 UPDATE_KIND_ANALYTIC = 2
 UPDATE_KIND_GROUP_OBS_EXACT = 3
 UPDATE_KIND_ANALYTIC_EXACT = 4
-
-
-@dataclass(frozen=True)
-class GroupObsSpec:
-    """Circuit shape and fixed-point parameters the provider publishes for Group-OBS clients."""
-
-    block: int
-    m: int
-    batch: int
-    lam: float
-    theta_bound: float = 4.0
-    g_bound: float = 8.0
-    w_bound: float = 64.0
-    n_blind: int = group_obs_relation.N_BLIND
-
-    def tolerance(self, scale: int) -> GroupObsTolerance:
-        return group_obs_tolerance(
-            self.block,
-            self.m,
-            self.lam,
-            scale,
-            theta_bound=self.theta_bound,
-            g_bound=self.g_bound,
-            w_bound=self.w_bound,
-        )
-
-    @property
-    def batch_weights(self) -> int:
-        return self.batch * self.block
-
-    def intermediate_bound(self) -> float:
-        """The largest magnitude the relation forms before a rescale, for any inputs within the published
-        bounds: ``G delta`` (``B g 2 theta``), ``G^T (G delta)`` (``m g`` times that) and ``G^T w``
-        (``m g w``). The circuit must range-check it, or an honest in-bounds witness fails to decompose."""
-        g_delta = self.block * self.g_bound * 2.0 * self.theta_bound
-        return max(g_delta, self.m * self.g_bound * g_delta, self.m * self.g_bound * self.w_bound)
-
-    def decomp_legs(self, scale: int, base: int) -> int:
-        """Range-check legs (of ``base``) that hold :meth:`intermediate_bound` at twice the input scale,
-        where products sit before ezkl rescales them."""
-        need = self.intermediate_bound() * 2.0 ** (2 * scale)
-        legs = 1
-        while float(base) ** legs <= need:
-            legs += 1
-        return legs
-
-
-@dataclass(frozen=True)
-class AnalyticSpec:
-    """Shape of the analytic head circuit: ``d`` features, ``k`` outputs, up to ``n_u`` forget samples."""
-
-    d: int
-    k: int
-    n_u: int
-    r_bound: float = 1.0
-    x_bound: float = 4.0
-    w_bound: float = 4.0
-    inner_bound: float = 16.0
-
-    def tolerance(self, scale: int) -> tuple[float, float]:
-        return analytic_tolerance(
-            self.d,
-            self.k,
-            self.n_u,
-            scale,
-            r_bound=self.r_bound,
-            x_bound=self.x_bound,
-            w_bound=self.w_bound,
-            inner_bound=self.inner_bound,
-        )
-
-
-@dataclass(frozen=True)
-class RefitSpec:
-    """One output-refit pair the provider publishes: which layers, the circuit's shape, the ridge and
-    the magnitude bounds its tolerance is derived from (set them from the global model's statistics:
-    the tolerance is only as tight as they are)."""
-
-    masked: str  # the masked weight, a Group-OBS layer, e.g. "fc1.weight"
-    masked_bias: str | None  # its bias parameter ("fc1.bias"), or None for a layer without one
-    following: str  # the linear module its activations feed, e.g. "fc2"
-    n: int  # committed rows of the masked layer's inputs
-    d_in: int
-    hidden: int
-    d_out: int
-    rel_lam: float
-    activation: str
-    z_bound: float = 8.0
-    w_bound: float = 8.0
-    v_bound: float = 4.0
-    h_bound: float = 8.0
-    y_bound: float = 8.0
-
-    def tolerance(self, scale: int) -> float:
-        return output_refit_tolerance(
-            self.n,
-            self.hidden,
-            self.rel_lam,
-            scale,
-            self.activation,
-            v_bound=self.v_bound,
-            h_bound=self.h_bound,
-            y_bound=self.y_bound,
-        )
-
-    def relation(self, group_obs: GroupObsSpec) -> refit_relation.OutputRefitCheck:
-        """The circuit, reading ``W1`` in ``group_obs``'s batch layout."""
-        try:
-            return refit_relation.OutputRefitCheck(
-                self.n,
-                self.d_in,
-                self.hidden,
-                self.d_out,
-                self.rel_lam,
-                self.activation,  # type: ignore[arg-type]
-                block=group_obs.block,
-                batch=group_obs.batch,
-                n_blind=group_obs.n_blind,
-            )
-        except ValueError as exc:
-            raise DeletionError(f"refit {self.masked} -> {self.following}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -458,108 +330,6 @@ def export_spec(
     return export_relation(
         module, module.example_inputs(), path, module.input_names(), refit_relation.OUTPUT_NAMES
     )
-
-
-#: ezkl run arguments without which a proof would not mean what the protocol says: inputs committed
-#: (KZG, never public or hashed away), residual maxima public, the relation's constants fixed in the
-#: circuit, and committed inputs range-checked (nothing else bounds them).
-_SOUND_RUN_ARGS = {
-    "input_visibility": "KZGCommit",
-    "output_visibility": "Public",
-    "param_visibility": "Fixed",
-    "ignore_range_check_inputs_outputs": False,
-}
-
-
-#: The exact relation's run arguments: inputs KZG-committed, outputs public, constants fixed, every
-#: value an integer (scale 0), and ezkl's input range checks off because the relation range-checks
-#: what is new itself and the enrollment proof bounds the rest (docs/protocol.md).
-EXACT_SOUND_RUN_ARGS = {
-    "input_visibility": "KZGCommit",
-    "output_visibility": "Public",
-    "param_visibility": "Fixed",
-    "ignore_range_check_inputs_outputs": True,
-    "input_scale": 0,
-    "param_scale": 0,
-}
-
-
-def check_published_circuits(directory: Path) -> str:
-    """Rebuild each published circuit's verifying key from its spec with this code, and compare.
-
-    Every proof in a bundle is verified with the bundle's own vk and settings. Without this, a provider
-    could publish a vk for a weaker relation (or settings that leave inputs unchecked), accept proofs
-    of nothing, and still pass an audit. The rebuild is deterministic: the same spec exports the
-    same ONNX bytes, and Halo2 key generation from the same circuit and SRS gives the same vk.
-    """
-    circuits = DeletionCircuits.load(directory)
-    go_spec = circuits.group_obs[0] if circuits.group_obs else None
-    backend = EzklBackend()
-    notes = []
-    with tempfile.TemporaryDirectory(prefix="zkaudit-") as tmp:
-        entries: list[tuple[str, Any, CircuitArtifacts, Path, Mapping[str, Any]]] = []
-        specs: list[tuple[str, GroupObsSpec | AnalyticSpec | RefitSpec, CircuitArtifacts]] = []
-        if circuits.group_obs is not None:
-            specs.append(("group_obs", *circuits.group_obs))
-        if circuits.analytic is not None:
-            specs.append(("analytic", *circuits.analytic))
-        specs += [(f"refit {spec.masked}", spec, arts) for spec, arts in circuits.refits]
-        for i, (label, spec, arts) in enumerate(specs):
-            onnx = export_spec(spec, Path(tmp) / f"{i}.onnx", group_obs=go_spec)
-            entries.append((label, spec, arts, onnx, _SOUND_RUN_ARGS))
-        if circuits.exact is not None:
-            exact_spec, deletion_arts, enrollment_arts = circuits.exact
-            deletion_onnx, enrollment_onnx = export_exact(exact_spec, Path(tmp) / "exact")
-            entries.append(
-                ("group_obs_exact", exact_spec, deletion_arts, deletion_onnx, EXACT_SOUND_RUN_ARGS)
-            )
-            entries.append(
-                (
-                    "group_obs_exact enrollment",
-                    exact_spec,
-                    enrollment_arts,
-                    enrollment_onnx,
-                    EXACT_SOUND_RUN_ARGS,
-                )
-            )
-        if circuits.analytic_exact is not None:
-            an_spec, an_arts = circuits.analytic_exact
-            an_onnx = export_analytic_exact(an_spec, Path(tmp) / "analytic-exact")
-            decomposition = {"decomp_base": an_spec.decomp_base, "decomp_legs": an_spec.decomp_legs}
-            entries.append(
-                ("analytic_exact", an_spec, an_arts, an_onnx, {**EXACT_SOUND_RUN_ARGS, **decomposition})
-            )
-        if not entries:
-            raise DeletionError("circuits.json publishes no circuit")
-        for i, (label, spec, arts, onnx, sound) in enumerate(entries):
-            if onnx.read_bytes() != arts.onnx.read_bytes():
-                raise DeletionError(f"{label}: model.onnx is not the relation its published spec defines")
-            run_args = arts.settings_dict.get("run_args", {})
-            for key, want in sound.items():
-                if run_args.get(key) != want:
-                    raise DeletionError(
-                        f"{label}: settings run_args {key} is {run_args.get(key)!r}, "
-                        f"the protocol needs {want!r}"
-                    )
-            compiled, vk, pk = (Path(tmp) / f"{i}.{ext}" for ext in ("compiled", "vk", "pk"))
-            try:
-                backend.compile(arts.onnx, arts.settings, compiled)
-                backend.setup(compiled, arts.srs.path, vk, pk)
-            except BaseException as exc:  # ezkl panics are BaseException; KeyboardInterrupt is not ours
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                raise DeletionError(f"{label}: cannot rebuild its keys from settings and SRS: {exc}") from exc
-            pk.unlink(missing_ok=True)  # up to GBs, and never needed here
-            if vk.read_bytes() != arts.vk.read_bytes():
-                raise DeletionError(
-                    f"{label}: vk.key is not the verifying key of its relation under its settings and SRS"
-                )
-            srs = "INSECURE dev" if arts.srs.insecure else arts.srs.sha256[:16]
-            notes.append(
-                f"{label} {asdict(spec)} at input scale {run_args.get('input_scale')}, "
-                f"logrows {run_args.get('logrows')}, SRS {srs}"
-            )
-    return "vk rebuilt and identical: " + "; ".join(notes)
 
 
 def _srs_record(srs: SrsInfo, directory: Path) -> dict[str, Any]:
@@ -853,59 +623,3 @@ def verify_deletion(
     except (DeletionError, MaskError) as exc:
         return DeletionVerdict(False, str(exc))
     return DeletionVerdict(False, f"unknown update kind {update_kind}")
-
-
-@dataclass(frozen=True)
-class _Commitment:
-    name: str
-    block: int
-    point_hex: str
-
-
-def verify_bundle_submission(
-    request_payload: Mapping[str, Any],
-    request_canonical: bytes,
-    mask_bytes: bytes,
-    forget_features: npt.ArrayLike | None,
-    forget_labels: npt.ArrayLike | None,
-    before_commitments: Sequence[Mapping[str, Any]],
-    after_commitments: Sequence[Mapping[str, Any]],
-    proofs: Sequence[bytes],
-    circuits_dir: Path,
-) -> tuple[bool, str]:
-    """The auditor's proof check: the same judgement as the provider's, from an exported bundle."""
-    try:
-        circuits = DeletionCircuits.load(circuits_dir)
-        before = [
-            _Commitment(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in before_commitments
-        ]
-        after = [_Commitment(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in after_commitments]
-    except (DeletionError, KeyError, TypeError, ValueError) as exc:
-        return False, f"cannot load circuits or commitments: {exc}"
-    norms = None
-    update_kind = int(request_payload.get("update_kind", 0))
-    if update_kind in (UPDATE_KIND_GROUP_OBS_EXACT, UPDATE_KIND_ANALYTIC_EXACT):
-        # The bundle's enrollment of this client (``enrollments/<client>.json`` beside ``circuits/``),
-        # its enrollment proofs re-verified.
-        client_id = str(request_payload.get("client_id", ""))
-        try:
-            group_obs, analytic = circuits.enrollment_verifiers()
-            norms = bundle_enrolled_norms(
-                group_obs, Path(circuits_dir).parent / "enrollments" / f"{client_id}.json", analytic
-            )
-        except DeletionError as exc:
-            return False, str(exc)
-    verdict = verify_deletion(
-        circuits,
-        update_kind=update_kind,
-        request_id=str(request_payload.get("request_id", "")),
-        request_canonical=request_canonical,
-        mask_bytes=mask_bytes,
-        forget_features=forget_features,
-        forget_labels=forget_labels,
-        before=before,
-        after=after,
-        proofs=proofs,
-        enrolled_norms=norms,
-    )
-    return verdict.ok, verdict.reason

@@ -16,8 +16,8 @@ from zkunlearn.proofs.deletion import (
     DeletionCircuits,
     DeletionError,
     GroupObsSpec,
-    check_published_circuits,
 )
+from zkunlearn.proofs.published import check_published_circuits
 
 SPEC = GroupObsSpec(block=16, m=8, batch=1, lam=0.1)
 WEAKER = GroupObsSpec(block=16, m=8, batch=1, lam=0.5)

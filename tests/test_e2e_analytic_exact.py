@@ -8,6 +8,8 @@ are refused.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ from zkunlearn.client.unlearning import ProveOptions
 from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec, IntArray, factor_of
 from zkunlearn.proofs.artifacts import derive_analytic_exact_client_circuit
 from zkunlearn.proofs.audit import audit_bundle
-from zkunlearn.proofs.deletion import UPDATE_KIND_ANALYTIC_EXACT, DeletionCircuits
+from zkunlearn.proofs.deletion import UPDATE_KIND_ANALYTIC_EXACT, DeletionCircuits, DeletionError
+from zkunlearn.proofs.published import check_published_circuits
 from zkunlearn.provider.export import export_bundle
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
 from zkunlearn.provider.service import TensorData
@@ -166,3 +169,18 @@ def test_another_devices_enrollment_proof_is_refused(world: World) -> None:
     assert "enrollment proofs refused" in str(refused.value.details())
     client.close()
     _donor_client.close()
+
+
+def test_the_auditor_rebuilds_the_exact_analytic_circuit_and_its_decomposition(world: World) -> None:
+    """The published vk is rebuilt from the spec; settings that decompose with more limbs than the spec
+    assumes (whose sums of squares could then wrap) are refused by name."""
+    copy = world.tmp / "published-copy"
+    shutil.copytree(world.circuits.directory, copy)
+    assert "analytic_exact" in check_published_circuits(copy)
+    assert world.circuits.analytic_exact is not None
+    settings = copy / world.circuits.analytic_exact[1].key / "settings.json"
+    data = json.loads(settings.read_text())
+    data["run_args"]["decomp_legs"] = SPEC.decomp_legs + 1
+    settings.write_text(json.dumps(data))
+    with pytest.raises(DeletionError, match="decomp_legs"):
+        check_published_circuits(copy)

@@ -20,10 +20,10 @@ from zkunlearn.proofs.artifacts import CircuitArtifacts, ClientCircuit
 from zkunlearn.proofs.deletion import (
     UPDATE_KIND_GROUP_OBS_EXACT,
     DeletionCircuits,
-    check_published_circuits,
     verify_deletion,
 )
 from zkunlearn.proofs.exact_deletion import verify_exact_enrollment
+from zkunlearn.proofs.published import check_published_circuits
 
 pytestmark = pytest.mark.ezkl
 
