@@ -2,9 +2,12 @@
 
 Each simulated client is the real edge SDK (``EdgeClient`` with its own key and SQLite store) that
 enrolls, watches for its deletion request, submits, waits for its signed receipt and checks the
-log (inclusion and consistency proofs). Only the proving is replayed: clients submit precomputed
-proofs, so what is measured is the provider side (RPC handling, authentication, storage, proof
-verification, receipts, the log). Two kinds of proofs are replayed:
+log (inclusion and consistency proofs). In ``real-honest`` mode every client proves its own two
+deletions (:mod:`zkunlearn.bench.load_honest`: the exact analytic head, real ezkl proofs, a share of
+clients forging their second answer), so the accept path runs at load; with PostgreSQL the server
+itself is restarted once mid-run. In the other modes the proving is replayed: clients submit
+precomputed proofs, so what is measured is the provider side (RPC handling, authentication, storage,
+proof verification, receipts, the log). Two kinds of proofs are replayed:
 
 - ``real`` (default): genuine ezkl proofs made by the quick demo's honest Group-OBS and analytic
   clients (run once and cached), verified by the provider with ezkl against its own keys. A proof
@@ -22,6 +25,7 @@ provider replica during the run and restarts it; the log is then exported and au
 
     zkunlearn bench load --clients 1000 --replicas 1 --backend sqlite
     zkunlearn bench load --clients 1000 --replicas 2 --backend postgres
+    zkunlearn bench load --clients 200 --replicas 2 --backend postgres --mode real-honest --kill-every-s 20
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import grpc
 import numpy as np
 from zkunlearn.proofs.backend import point_from_tag
 
+from .load_honest import HonestSession, honest_session, honest_world, machine_load_sampler, plan_client
 from .postgres import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -418,6 +423,8 @@ class LoadSettings:
     time_limit_s: float = 1800.0
     seed: int = 0
     audit: bool = True
+    forge_fraction: float = 0.2  # real-honest: clients that forge their second answer
+    restart_postgres: bool = True  # postgres backend: restart the server once, mid-run
 
 
 def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -436,12 +443,19 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
         if work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zku-load-")))
         work.mkdir(parents=True, exist_ok=True)
-        world = synthetic_world(work) if settings.mode == "synthetic" else real_world(work)
+        world: Any
+        if settings.mode == "real-honest":
+            world = honest_world(work)
+        else:
+            world = synthetic_world(work) if settings.mode == "synthetic" else real_world(work)
+        restart_postgres: Callable[[], None] | None = None
         if settings.backend == "postgres":
-            from .postgres import create_database, postgres_server
+            from .postgres import create_database, postgres_cluster
 
-            server_url = stack.enter_context(postgres_server())
-            state_url = create_database(server_url, "zkunlearn_load")
+            cluster = stack.enter_context(postgres_cluster())
+            state_url = create_database(cluster.url, "zkunlearn_load")
+            if settings.restart_postgres:
+                restart_postgres = cluster.restart
         elif settings.backend == "sqlite":
             state_url = str(work / "provider.db")
         else:
@@ -472,8 +486,45 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
                 victim.kill()
                 kills.append({"replica": victim.name, "at_s": round(time.monotonic() - started, 2)})
                 victim.start()
+                if restart_postgres is not None and len(kills) == 2:  # once, between two replica kills
+                    restart_postgres()
+                    kills.append({"postgres_restart": True, "at_s": round(time.monotonic() - started, 2)})
 
-        def session(i: int) -> SessionResult:
+        sessions: list[HonestSession] = []
+        load_samples: list[float] = []
+
+        def honest(i: int) -> list[SessionResult]:
+            plan = plan_client(world, np.random.default_rng(settings.seed * 100_003 + i), forge=i in forgers)
+            target = f"127.0.0.1:{replicas[i % len(replicas)].port}"
+            done = honest_session(i, world, plan, target, operator, signer.public_bytes(), [timer], work)
+            sessions.append(done)
+            return [
+                SessionResult(
+                    done.client_id,
+                    d.request_id,
+                    d.expected,
+                    d.verdict,
+                    d.leaf_index,
+                    d.receipt,
+                    done.log_size_checked,
+                    done.error,
+                    done.seconds / 2,
+                )
+                for d in done.deletions
+            ]
+
+        forgers = set(
+            np.random.default_rng(settings.seed)
+            .choice(settings.clients, size=round(settings.forge_fraction * settings.clients), replace=False)
+            .tolist()
+        )
+
+        def session(i: int) -> list[SessionResult]:
+            if world.mode == "real-honest":
+                return honest(i)
+            return [single(i)]
+
+        def single(i: int) -> SessionResult:
             template = world.templates[i % len(world.templates)]
             invalid = rng.random() < (0.5 if world.mode == "real" else settings.invalid_fraction)
             cid = f"load-{i:05d}"
@@ -516,6 +567,11 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
             return result
 
         started = time.monotonic()
+        stop_sampling = threading.Event()
+        sampler = threading.Thread(
+            target=machine_load_sampler, args=(stop_sampling, load_samples), daemon=True
+        )
+        sampler.start()
         fault_thread = None
         if settings.kill_every_s > 0:
             fault_thread = threading.Thread(target=faults, daemon=True)
@@ -531,7 +587,7 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
             )
             futures = [pool.submit(session, i) for i in range(settings.clients)]
             for fut in as_completed(futures):
-                results.append(fut.result())
+                results.extend(fut.result())
                 bar.advance(task)
                 if 3 * len(results) >= settings.clients:
                     a_third_done.set()
@@ -540,6 +596,8 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
                         f.cancel()
                     break
         wall = time.monotonic() - started
+        stop_sampling.set()
+        sampler.join(30)
         stop_faults.set()
         a_third_done.set()
         if fault_thread is not None:
@@ -547,8 +605,18 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
         for r in replicas:
             r.stop()
         record = _tally(settings, results, operator.state, timer, wall, kills)
+        record["machine_load_1min"] = {
+            "samples": len(load_samples),
+            "mean": round(sum(load_samples) / max(1, len(load_samples)), 2),
+            "max": max(load_samples, default=0.0),
+            "cpus": os.cpu_count(),
+        }
+        heads: list[tuple[str, Any]] = []
+        if world.mode == "real-honest":
+            record["honest"] = _honest_summary(sessions, len(forgers))
+            heads = [(s.client_id, s.known_head) for s in sessions if s.known_head is not None]
         if settings.audit:
-            record["audit"] = _audit(work, replicas[0].config, signer.public_bytes(), world.mode)
+            record["audit"] = _audit(work, replicas[0].config, signer.public_bytes(), world.mode, heads)
         operator.close()
         return record
 
@@ -629,8 +697,29 @@ def _tally(
     }
 
 
-def _audit(work: Path, config: Path, public_key: bytes, mode: str) -> dict[str, Any]:
-    """Export the log and audit it offline (real mode: every proof re-verified with ezkl)."""
+def _honest_summary(sessions: Sequence[HonestSession], forgers: int) -> dict[str, Any]:
+    """Per-client outcomes of a real-honest run: expected against observed verdicts, chains, proving."""
+    mismatched = [
+        s.client_id for s in sessions if [d.verdict for d in s.deletions] != [d.expected for d in s.deletions]
+    ]
+    prove = [s.prove_s for s in sessions if not s.error]
+    return {
+        "clients": len(sessions),
+        "forging_clients": forgers,
+        "deletions_per_client": 2,
+        "clients_with_expected_verdicts": len(sessions) - len(mismatched),
+        "clients_with_other_verdicts": mismatched[:20],
+        "chains_intact": sum(s.chain_intact for s in sessions),
+        "known_heads_audited": sum(s.known_head is not None for s in sessions),
+        "last_proof_s": _percentiles(prove),
+    }
+
+
+def _audit(
+    work: Path, config: Path, public_key: bytes, mode: str, known_heads: Sequence[tuple[str, Any]] = ()
+) -> dict[str, Any]:
+    """Export the log and audit it offline (real modes: every proof re-verified with ezkl; every
+    client's last verified tree head must be a prefix of the exported log)."""
     from zkunlearn.proofs.audit import audit_bundle, report_json
     from zkunlearn.provider.export import export_from_config
 
@@ -641,7 +730,9 @@ def _audit(work: Path, config: Path, public_key: bytes, mode: str) -> dict[str, 
     if mode == "synthetic":
         kwargs["proof_checker"] = _digest_checker
     started = time.monotonic()
-    report = report_json(audit_bundle(bundle, provider_public_key=public_key, **kwargs))
+    report = report_json(
+        audit_bundle(bundle, provider_public_key=public_key, known_heads=known_heads, **kwargs)
+    )
     return {
         "ok": bool(report["ok"]),
         "items_checked": report.get("items_checked"),
@@ -664,73 +755,3 @@ def _digest_checker(
     """The auditor's side of :class:`DigestVerifier` (synthetic mode only)."""
     ok = list(proofs) == [_digest_proof(before, after, mask_bytes)]
     return ok, "ok" if ok else "digest proof does not match"
-
-
-# ------------------------------------------------------------------------------------------ output
-
-
-def write_results(records: Sequence[Mapping[str, Any]], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(list(records), indent=2) + "\n")
-    out.with_suffix(".md").write_text(render_markdown(records))
-    render_plot(records, out.with_suffix(".png"))
-
-
-def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """p50 bars with p99 whiskers per RPC, one colour per run: where the time goes under load."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rpcs = sorted({name for r in records for name in r["rpc_latency_ms"]})
-    fig, ax = plt.subplots(figsize=(max(10.0, 1.8 * len(rpcs)), 4.5))
-    width = 0.8 / max(1, len(records))
-    for k, r in enumerate(records):
-        p50 = [r["rpc_latency_ms"].get(n, {}).get("p50", float("nan")) for n in rpcs]
-        p99 = [r["rpc_latency_ms"].get(n, {}).get("p99", float("nan")) for n in rpcs]
-        xs = [i + k * width for i in range(len(rpcs))]
-        label = f"{r['clients']} {r.get('mode', 'real')}, {r['replicas']}x {r['backend']}"
-        label += f", {len(r['kills'])} kills" if r["kills"] else ""
-        ax.bar(xs, p50, width, label=label)
-        ax.errorbar(xs, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99, strict=True)]],
-                    fmt="none", ecolor="black", capsize=2, linewidth=0.8)  # fmt: skip
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rpcs))], rpcs, rotation=20)
-    ax.set_yscale("log")
-    ax.set_ylabel("latency ms (bar p50, whisker p99)")
-    ax.set_title("zkunlearn bench load: RPC latency seen by simulated edge clients")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def render_markdown(records: Sequence[Mapping[str, Any]]) -> str:
-    rpcs = sorted({name for r in records for name in r["rpc_latency_ms"]})
-    head = (
-        "| clients | replicas | backend | proofs | kills | requests | acked | found | lost | dup | "
-        "accepted / rejected | wrong | verdicts/s | wall s | audit |\n|" + "---|" * 15 + "\n"
-    )
-    rows = ""
-    for r in records:
-        verdicts = r.get("verdicts", {})
-        audit = "OK" if r.get("audit", {}).get("ok") else "FAIL" if "audit" in r else "–"
-        rows += (
-            f"| {r['clients']} | {r['replicas']} | {r['backend']} | {r.get('mode', 'real')} | "
-            f"{len(r['kills'])} | {r['requests']} | {r['receipts_acked']} | {r['receipts_found']} | "
-            f"{r['lost']} | {r['duplicated']} | "
-            f"{verdicts.get('accepted', '?')} / {verdicts.get('rejected', '?')} | {r['wrong_verdicts']} | "
-            f"{r['verifications_per_s']} | {r['wall_s']} | {audit} |\n"
-        )
-    lat_head = "\n| run | " + " | ".join(f"{n} p50 / p99 ms" for n in rpcs) + " |\n"
-    lat_head += "|---|" + "---|" * len(rpcs) + "\n"
-    lat_rows = ""
-    for r in records:
-        cells = []
-        for n in rpcs:
-            p = r["rpc_latency_ms"].get(n)
-            cells.append(f"{p['p50']:.0f} / {p['p99']:.0f}" if p and p["n"] else "–")
-        label = f"{r['clients']} {r.get('mode', 'real')}, {r['replicas']}× {r['backend']}"
-        label += f", {len(r['kills'])} kills" if r["kills"] else ""
-        lat_rows += f"| {label} | " + " | ".join(cells) + " |\n"
-    return head + rows + lat_head + lat_rows

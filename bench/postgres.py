@@ -14,8 +14,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 INSTALL_HINT = (
@@ -57,9 +58,25 @@ def _as_server_user(args: list[str]) -> list[str]:
     return [runuser, "-u", "postgres", "--", *args]
 
 
+@dataclass(frozen=True)
+class PostgresCluster:
+    """A private server: its SQLAlchemy URL and a way to restart it (a fault the load bench injects)."""
+
+    url: str
+    restart: Callable[[], None]
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """Yield a SQLAlchemy URL (psycopg 3 driver) of a fresh database on a private server."""
+    with postgres_cluster() as cluster:
+        yield cluster.url
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A fresh private server; :meth:`PostgresCluster.restart` stops it (fast: open sessions are cut)
+    and starts it again on the same port and data."""
     bin_dir = _bin_dir()
     root = Path(tempfile.mkdtemp(prefix="zkunlearn-pg-"))
     data, sockets = root / "data", root / "sock"
@@ -103,7 +120,29 @@ def postgres_server() -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise PostgresUnavailableError("PostgreSQL did not start listening within 30 s") from None
                 time.sleep(0.2)
-        yield f"postgresql+psycopg://zkunlearn@127.0.0.1:{port}/postgres"
+
+        def restart() -> None:
+            subprocess.run(
+                _as_server_user(
+                    [
+                        str(bin_dir / "pg_ctl"),
+                        "-D",
+                        str(data),
+                        "-o",
+                        options,
+                        "-l",
+                        str(root / "log"),
+                        "-m",
+                        "fast",
+                        "-w",
+                        "restart",
+                    ]
+                ),
+                check=True,
+                capture_output=True,
+            )
+
+        yield PostgresCluster(f"postgresql+psycopg://zkunlearn@127.0.0.1:{port}/postgres", restart)
     except subprocess.CalledProcessError as error:
         raise PostgresUnavailableError(
             f"{error.cmd[0]} failed: {error.stderr.decode(errors='replace')}"

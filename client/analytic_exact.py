@@ -165,7 +165,7 @@ class ExactAnalyticUnlearner(_CommittedStateProver):
         if z_u.shape[0] > spec.n_u:
             raise UnlearningError(f"{z_u.shape[0]} forget rows exceed the circuit's n_u = {spec.n_u}")
         m = _exact(arrays["m"])
-        m_after = m - gram(z_u)
+        m_after = self._downdate(m, z_u)
         w_after, factor = self._solve(m_after, _exact(arrays["w"]))
         self._check(m, m_after, w_after, z_u, factor)
         rid = request.request_id
@@ -189,6 +189,10 @@ class ExactAnalyticUnlearner(_CommittedStateProver):
         """The head lives in the state folder (:meth:`weights`): nothing to load."""
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _downdate(self, m: IntArray, z_u: IntArray) -> IntArray:
+        """The Gram without the forget rows."""
+        return m - gram(z_u)
 
     def _solve(self, m_after: IntArray, w_before: IntArray) -> tuple[IntArray, IntArray]:
         """The new head (ridge on the downdated Gram) and the certificate of that Gram."""

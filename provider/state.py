@@ -826,21 +826,46 @@ class SqlState(ProviderState):
         with self._writer.begin() as conn:
             yield conn
 
+    reconnect_budget_s = 60.0
+    """How long a write keeps retrying a lost connection: long enough for the database server to restart."""
+
     def _retrying(self, fn: Callable[[Connection], Any], attempts: int = 8) -> Any:
-        """Retry a transaction that lost a race on a unique key, a lock or a dropped connection.
+        """Retry a transaction that lost a race on a unique key or a lock (``attempts`` times), or its
+        connection (for :attr:`reconnect_budget_s`: a database restart loses no write).
 
         Each attempt is a fresh transaction on a fresh pooled connection (a dropped one is
         invalidated by SQLAlchemy), so the loser re-reads what the winner wrote and decides again;
         jittered backoff keeps replicas that collided from colliding again in lockstep.
         """
+        budget = self.reconnect_budget_s
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome is not None else None
+            if isinstance(error, OperationalError) and not isinstance(error, IntegrityError):
+                return state.seconds_since_start is not None and state.seconds_since_start > budget
+            return state.attempt_number >= attempts
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type((IntegrityError, OperationalError)),
-            stop=tenacity.stop_after_attempt(attempts),
-            wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.25),
+            stop=stop,
+            wait=tenacity.wait_random_exponential(multiplier=0.005, max=1.0),
             reraise=True,
         )
         for attempt in retrying:
             with attempt, self._txn() as conn:
+                return fn(conn)
+        raise AssertionError("unreachable")  # pragma: no cover - reraise=True raises the last error
+
+    def _read(self, fn: Callable[[Connection], Any]) -> Any:
+        """A read on a fresh connection, retried like a write while the connection is lost."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(OperationalError),
+            stop=tenacity.stop_after_delay(self.reconnect_budget_s),
+            wait=tenacity.wait_random_exponential(multiplier=0.005, max=1.0),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt, self._engine.connect() as conn:
                 return fn(conn)
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True raises the last error
 
@@ -863,8 +888,9 @@ class SqlState(ProviderState):
         return result
 
     def get_client(self, client_id: str) -> ClientRecord | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(sa.select(clients_t).where(clients_t.c.client_id == client_id)).first()
+        row = self._read(
+            lambda conn: conn.execute(sa.select(clients_t).where(clients_t.c.client_id == client_id)).first()
+        )
         return None if row is None else _client_row(row)
 
     def add_nonce(self, client_id: str, nonce: bytes, expires_ms: int) -> None:
@@ -932,18 +958,22 @@ class SqlState(ProviderState):
         return result
 
     def get_request(self, request_id: str) -> RequestRecord | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(sa.select(requests_t).where(requests_t.c.request_id == request_id)).first()
+        row = self._read(
+            lambda conn: conn.execute(
+                sa.select(requests_t).where(requests_t.c.request_id == request_id)
+            ).first()
+        )
         return None if row is None else _request_row(row)
 
     def requests_after(self, client_id: str, cursor: int, limit: int) -> list[RequestRecord]:
-        with self._engine.connect() as conn:
-            rows = conn.execute(
+        rows = self._read(
+            lambda conn: conn.execute(
                 sa.select(requests_t)
                 .where(requests_t.c.client_id == client_id, requests_t.c.cursor > cursor)
                 .order_by(requests_t.c.cursor)
                 .limit(limit)
             ).all()
+        )
         return [_request_row(r) for r in rows]
 
     def add_submission(self, record: SubmissionRecord) -> tuple[SubmissionRecord, bool]:
@@ -973,28 +1003,31 @@ class SqlState(ProviderState):
         return result
 
     def get_submission(self, submission_id: str) -> SubmissionRecord | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(
+        row = self._read(
+            lambda conn: conn.execute(
                 sa.select(submissions_t).where(submissions_t.c.submission_id == submission_id)
             ).first()
+        )
         return None if row is None else _submission_row(row)
 
     def submissions_for(self, request_id: str) -> list[SubmissionRecord]:
-        with self._engine.connect() as conn:
-            rows = conn.execute(
+        rows = self._read(
+            lambda conn: conn.execute(
                 sa.select(submissions_t)
                 .where(submissions_t.c.request_id == request_id)
                 .order_by(submissions_t.c.created_ms)
             ).all()
+        )
         return [_submission_row(r) for r in rows]
 
     def pending_submissions(self) -> list[SubmissionRecord]:
-        with self._engine.connect() as conn:
-            rows = conn.execute(
+        rows = self._read(
+            lambda conn: conn.execute(
                 sa.select(submissions_t)
                 .where(submissions_t.c.verdict == VERDICT_PENDING)
                 .order_by(submissions_t.c.created_ms)
             ).all()
+        )
         return [_submission_row(r) for r in rows]
 
     def claim_submissions(
@@ -1149,8 +1182,11 @@ class SqlState(ProviderState):
         return result
 
     def ledger_size(self) -> int:
-        with self._engine.connect() as conn:
-            return int(conn.execute(sa.select(tip_t.c.size).where(tip_t.c.tip_id == 1)).scalar_one())
+        return int(
+            self._read(
+                lambda conn: conn.execute(sa.select(tip_t.c.size).where(tip_t.c.tip_id == 1)).scalar_one()
+            )
+        )
 
     def leaf_hashes(self, size: int | None = None, start: int = 0) -> list[bytes]:
         query = (
@@ -1160,12 +1196,12 @@ class SqlState(ProviderState):
         )
         if size is not None:
             query = query.where(leaves_t.c.leaf_index < size)
-        with self._engine.connect() as conn:
-            return [bytes(h) for h in conn.execute(query).scalars()]
+        return self._read(lambda conn: [bytes(h) for h in conn.execute(query).scalars()])
 
     def get_leaf(self, index: int) -> LeafRecord | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(sa.select(leaves_t).where(leaves_t.c.leaf_index == index)).first()
+        row = self._read(
+            lambda conn: conn.execute(sa.select(leaves_t).where(leaves_t.c.leaf_index == index)).first()
+        )
         return None if row is None else _leaf_row(row)
 
     def add_tree_head(self, record: TreeHeadRecord) -> TreeHeadRecord:
@@ -1187,8 +1223,9 @@ class SqlState(ProviderState):
         return result
 
     def get_tree_head(self, size: int) -> TreeHeadRecord | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(sa.select(heads_t).where(heads_t.c.tree_size == size)).first()
+        row = self._read(
+            lambda conn: conn.execute(sa.select(heads_t).where(heads_t.c.tree_size == size)).first()
+        )
         return None if row is None else _head_row(row)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-from zkunlearn.bench.load import LoadSettings, render_markdown, run_load
+from zkunlearn.bench.load import LoadSettings, run_load
+from zkunlearn.bench.load_report import render_markdown
 
 from zkunlearn.cli import app
 
@@ -91,3 +92,35 @@ def test_a_replica_whose_port_was_taken_before_its_first_start_moves_to_another(
     finally:
         replica.stop()
         squatter.close()
+
+
+@pytest.mark.ezkl
+def test_real_honest_clients_are_accepted_and_forgers_rejected_through_kills_and_a_database_restart(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Every client proves its own two deletions with real ezkl proofs (the exact analytic head); two of
+    six forge their second answer. Replicas are SIGKILLed and PostgreSQL restarted during the run."""
+    settings = LoadSettings(
+        clients=6,
+        replicas=2,
+        backend="postgres",
+        mode="real-honest",
+        concurrency=6,
+        kill_every_s=3.0,
+        forge_fraction=1 / 3,
+        seed=5,
+    )
+    record = run_load(settings, work=tmp_path, progress=False)
+    assert record["sessions_failed"] == 0, record["session_errors"]
+    assert record["requests"] == 12
+    assert record["lost"] == 0
+    assert record["duplicated"] == 0
+    assert record["wrong_verdicts"] == 0
+    assert record["verdicts"] == {"accepted": 10, "rejected": 2}
+    honest = record["honest"]
+    assert honest["clients_with_expected_verdicts"] == 6, honest  # type: ignore[index]
+    assert honest["chains_intact"] == 6  # type: ignore[index]
+    assert honest["known_heads_audited"] == 6  # type: ignore[index]
+    assert record["audit"]["ok"], record["audit"]  # type: ignore[index]
+    assert any("postgres_restart" in k for k in record["kills"])  # type: ignore[union-attr]
+    assert record["machine_load_1min"]["samples"] >= 1  # type: ignore[index]

@@ -187,9 +187,21 @@ def bench_load(
     backend: Annotated[str, typer.Option(help="comma-separated backends (sqlite, postgres), one per run")] = (
         "sqlite"
     ),
-    mode: Annotated[str, typer.Option(help="real (ezkl proofs) or synthetic (digest proofs)")] = "real",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="real (replayed ezkl proofs), real-honest (every client proves its own two deletions), "
+            "or synthetic (digest proofs)"
+        ),
+    ] = "real",
     concurrency: Annotated[int, typer.Option(help="clients in flight at once")] = 48,
     invalid_fraction: Annotated[float, typer.Option(help="share of clients submitting invalid proofs")] = 0.1,
+    forge_fraction: Annotated[
+        float, typer.Option(help="real-honest: share of clients that forge their second answer")
+    ] = 0.2,
+    restart_postgres: Annotated[
+        bool, typer.Option(help="postgres: restart the server once, mid-run (needs --kill-every-s)")
+    ] = True,
     verify_workers: Annotated[int, typer.Option(help="verification threads per replica")] = 2,
     kill_every_s: Annotated[float, typer.Option(help="SIGKILL a random replica this often (0: never)")] = 0.0,
     time_limit_s: Annotated[float, typer.Option(help="stop issuing new sessions after this long")] = 1800.0,
@@ -201,7 +213,8 @@ def bench_load(
     """Drive simulated edge clients (real SDK, real gRPC, replayed proofs) against provider replicas."""
     import json
 
-    from zkunlearn.bench.load import LoadSettings, render_markdown, run_load, write_results
+    from zkunlearn.bench.load import LoadSettings, run_load
+    from zkunlearn.bench.load_report import render_markdown, write_results
 
     counts, backends = [int(r) for r in replicas.split(",")], backend.split(",")
     if len(backends) == 1:
@@ -218,6 +231,8 @@ def bench_load(
             mode=mode,
             concurrency=concurrency,
             invalid_fraction=invalid_fraction,
+            forge_fraction=forge_fraction,
+            restart_postgres=restart_postgres,
             verify_workers=verify_workers,
             kill_every_s=kill_every_s,
             time_limit_s=time_limit_s,
@@ -225,7 +240,11 @@ def bench_load(
         records.append(run_load(settings))
         write_results(records, out)
     console.print(render_markdown(records), markup=False)
-    bad = [r for r in records if r["lost"] or r["duplicated"] or not r.get("audit", {}).get("ok", True)]
+    bad = [
+        r
+        for r in records
+        if r["lost"] or r["duplicated"] or r["wrong_verdicts"] or not r.get("audit", {}).get("ok", True)
+    ]
     raise typer.Exit(code=1 if bad else 0)
 
 
