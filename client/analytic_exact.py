@@ -192,7 +192,8 @@ class ExactAnalyticUnlearner(_CommittedStateProver):
 
     def _downdate(self, m: IntArray, z_u: IntArray) -> IntArray:
         """The Gram without the forget rows."""
-        return m - gram(z_u)
+        remaining: IntArray = m - gram(z_u)
+        return remaining
 
     def _solve(self, m_after: IntArray, w_before: IntArray) -> tuple[IntArray, IntArray]:
         """The new head (ridge on the downdated Gram) and the certificate of that Gram."""

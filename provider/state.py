@@ -1196,7 +1196,8 @@ class SqlState(ProviderState):
         )
         if size is not None:
             query = query.where(leaves_t.c.leaf_index < size)
-        return self._read(lambda conn: [bytes(h) for h in conn.execute(query).scalars()])
+        hashes: list[bytes] = self._read(lambda conn: [bytes(h) for h in conn.execute(query).scalars()])
+        return hashes
 
     def get_leaf(self, index: int) -> LeafRecord | None:
         row = self._read(
