@@ -482,9 +482,22 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
                 wake.wait(settings.kill_every_s * rng.uniform(0.5, 1.5))
                 if stop_faults.is_set():
                     break
-                victim = rng.choice(replicas)
+                # Prefer a replica whose verification worker holds a job: killing it mid-verification
+                # is the fault that must cost a lease, never a verdict.
+                holding = {
+                    (s.claimed_by or "").split("/")[0]
+                    for s in operator.state.pending_submissions()
+                    if s.claimed_by
+                }
+                victim = rng.choice([r for r in replicas if r.name in holding] or replicas)
                 victim.kill()
-                kills.append({"replica": victim.name, "at_s": round(time.monotonic() - started, 2)})
+                kills.append(
+                    {
+                        "replica": victim.name,
+                        "holding_job": victim.name in holding,
+                        "at_s": round(time.monotonic() - started, 2),
+                    }
+                )
                 victim.start()
                 if restart_postgres is not None and len(kills) == 2:  # once, between two replica kills
                     restart_postgres()
@@ -656,11 +669,13 @@ def _tally(
             created_ms.append(sub.created_ms)
     unanswered = 0
     reasons: dict[str, int] = defaultdict(int)
+    claimed_again = 0
     for r in requests:
         subs = state.submissions_for(r.request_id)
         if not subs or all(s.verdict == VERDICT_PENDING for s in subs):
             unanswered += 1
         for s in subs:
+            claimed_again += max(0, s.attempts - 1)
             # "fc2.weight batch 49: proof_invalid_for_expected_commitments ..." -> the reason's code
             code = re.sub(r"^[\w.]+ batch \d+: ", "", s.reason).split(" ")[0]
             reasons[code[:80] or "ok"] += 1
@@ -693,6 +708,7 @@ def _tally(
         "session_s": _percentiles([r.seconds for r in results]),
         "wall_s": round(wall, 1),
         "kills": kills,
+        "jobs_claimed_again": claimed_again,
         "log_checked_by_clients": sum(r.log_size_checked > 0 for r in results),
     }
 
