@@ -290,6 +290,18 @@ class Replica:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    cpu_s: float = 0.0  # CPU seconds of this replica's processes that have ended (kills and stops)
+
+    def _charge_cpu(self) -> None:
+        """Add the running process's CPU time (user + system, its children included) to ``cpu_s``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return
+        ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+        self.cpu_s += ticks / os.sysconf("SC_CLK_TCK")
 
     def start(self) -> None:
         """Start the replica, retrying when its port was taken in the meantime.
@@ -339,6 +351,7 @@ class Replica:
         return True
 
     def kill(self) -> None:
+        self._charge_cpu()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(30)
@@ -346,6 +359,7 @@ class Replica:
     def stop(self) -> None:
         from zkunlearn.demo import stop_process
 
+        self._charge_cpu()
         if self.process is not None:
             stop_process(self.process, timeout_s=60)
 
@@ -618,6 +632,11 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
         for r in replicas:
             r.stop()
         record = _tally(settings, results, operator.state, timer, wall, kills)
+        provider_cpu = sum(r.cpu_s for r in replicas)
+        record["provider_cpu_s"] = round(provider_cpu, 1)
+        record["provider_core_s_per_verdict"] = (
+            round(provider_cpu / record["ledger_size"], 3) if record["ledger_size"] else None
+        )
         record["machine_load_1min"] = {
             "samples": len(load_samples),
             "mean": round(sum(load_samples) / max(1, len(load_samples)), 2),
