@@ -123,4 +123,6 @@ def test_real_honest_clients_are_accepted_and_forgers_rejected_through_kills_and
     assert honest["known_heads_audited"] == 6  # type: ignore[index]
     assert record["audit"]["ok"], record["audit"]  # type: ignore[index]
     assert any("postgres_restart" in k for k in record["kills"])  # type: ignore[union-attr]
+    assert all("holding_job" in k for k in record["kills"] if "replica" in k)  # type: ignore[union-attr]
     assert record["machine_load_1min"]["samples"] >= 1  # type: ignore[index]
+    assert record["provider_core_s_per_verdict"] > 0  # type: ignore[operator]
