@@ -94,23 +94,12 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
             capture_output=True,
         )
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off -c max_connections=200"
-        subprocess.run(
-            _as_server_user(
-                [
-                    str(bin_dir / "pg_ctl"),
-                    "-D",
-                    str(data),
-                    "-o",
-                    options,
-                    "-l",
-                    str(root / "log"),
-                    "-w",
-                    "start",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
+
+        def pg_ctl(*action: str) -> None:
+            command = [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w"]
+            subprocess.run(_as_server_user([*command, *action]), check=True, capture_output=True)
+
+        pg_ctl("start")
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -122,25 +111,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
                 time.sleep(0.2)
 
         def restart() -> None:
-            subprocess.run(
-                _as_server_user(
-                    [
-                        str(bin_dir / "pg_ctl"),
-                        "-D",
-                        str(data),
-                        "-o",
-                        options,
-                        "-l",
-                        str(root / "log"),
-                        "-m",
-                        "fast",
-                        "-w",
-                        "restart",
-                    ]
-                ),
-                check=True,
-                capture_output=True,
-            )
+            pg_ctl("-m", "fast", "restart")
 
         yield PostgresCluster(f"postgresql+psycopg://zkunlearn@127.0.0.1:{port}/postgres", restart)
     except subprocess.CalledProcessError as error:

@@ -266,18 +266,7 @@ def derive_exact_client_circuits(
     for name, relation_onnx, settings in zip(
         ("deletion", "enrollment"), onnx, (deletion_settings, enrollment_settings), strict=True
     ):
-        cc = _client_circuit(directory / name, srs)
-        cc.settings.write_bytes(settings)
-        try:
-            backend.compile(relation_onnx, cc.settings, cc.compiled)
-        except BaseException as exc:  # ezkl panics are BaseException; KeyboardInterrupt is not ours
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            raise ArtifactError(
-                f"cannot compile the exact {name} relation with the served settings: {exc}"
-            ) from exc
-        backend.setup(cc.compiled, srs.path, cc.vk, cc.pk)
-        out.append(cc)
+        out.append(_compile_served(backend, relation_onnx, settings, directory / name, srs, f"exact {name}"))
     return out[0], out[1]
 
 
@@ -305,16 +294,21 @@ def derive_analytic_exact_client_circuit(
             )
     _check_srs(srs)
     onnx = export_analytic_exact(spec, directory / "relation")
+    return _compile_served(backend, onnx, settings_bytes, directory, srs, "exact analytic")
+
+
+def _compile_served(
+    backend: ProvingBackend, onnx: Path, settings: bytes, directory: Path, srs: SrsInfo, what: str
+) -> ClientCircuit:
+    """Compile a relation exported here with the served (already checked) settings, and set it up."""
     cc = _client_circuit(directory, srs)
-    cc.settings.write_bytes(settings_bytes)
+    cc.settings.write_bytes(settings)
     try:
         backend.compile(onnx, cc.settings, cc.compiled)
     except BaseException as exc:  # ezkl panics are BaseException; KeyboardInterrupt is not ours
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise ArtifactError(
-            f"cannot compile the exact analytic relation with the served settings: {exc}"
-        ) from exc
+        raise ArtifactError(f"cannot compile the {what} relation with the served settings: {exc}") from exc
     backend.setup(cc.compiled, srs.path, cc.vk, cc.pk)
     return cc
 
