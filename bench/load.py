@@ -744,6 +744,13 @@ def _honest_summary(sessions: Sequence[HonestSession], forgers: int) -> dict[str
         "deletions_per_client": 2,
         "clients_with_expected_verdicts": len(sessions) - len(mismatched),
         "clients_with_other_verdicts": mismatched[:20],
+        # client id -> "expected verdicts / observed verdicts" of its two deletions, in order
+        "per_client": {
+            s.client_id: ",".join(d.expected for d in s.deletions)
+            + " / "
+            + ",".join(d.verdict or "none" for d in s.deletions)
+            for s in sorted(sessions, key=lambda s: s.client_id)
+        },
         "chains_intact": sum(s.chain_intact for s in sessions),
         "known_heads_audited": sum(s.known_head is not None for s in sessions),
         "last_proof_s": _percentiles(prove),

@@ -23,8 +23,9 @@ Bundle format ``zkunlearn-audit-bundle/v1`` (a directory; all bytes are lowercas
     ``{"canonical", "signature", "mask", "forget_features", "forget_labels"}``: the provider-signed
     deletion request, the mask bytes, and the forget tensors as ``{"shape", "float64_le"}`` or null.
 ``enrollments/<client_id>.json``
-    ``{"canonical", "signature", "public_key", "commitments"}``: the enrollment statement, signed by
-    the *client's* key (proof of possession), and the commitments it enrolled.
+    ``{"canonical", "signature", "public_key", "commitments", "enrollment_proofs"}``: the enrollment
+    statement, signed by the *client's* key (proof of possession), the commitments it enrolled, and
+    its enrollment proofs (hex; empty unless the statement names their digest).
 ``submissions/<submission_id>.json`` and ``.bin``
     ``{"request_id", "client_id", "proof_sha256", "proof_sizes", "after_commitments"}`` and the raw
     proof bytes (the proofs concatenated in ``proof_sizes`` order).
@@ -569,11 +570,14 @@ class _Auditor:
         commitments = _list(_get(enr, "commitments", rel), f"{rel} commitments")
         if payload.get("commitments") != commitments:
             raise _CheckError(f"{rel} commitments: differ from the signed enrollment's commitments")
+        # Every enrollment record lists its proofs (empty for the kinds that enroll without any).
+        raw = _list(_get(enr, "enrollment_proofs", rel), f"{rel} enrollment_proofs")
+        proofs = [_hex(p, f"{rel} enrollment_proofs") for p in raw]
         if "enrollment_proofs_sha256" in payload:
-            raw = _list(_get(enr, "enrollment_proofs", rel), f"{rel} enrollment_proofs")
-            proofs = [_hex(p, f"{rel} enrollment_proofs") for p in raw]
             if enrollment_proofs_digest(proofs) != payload["enrollment_proofs_sha256"]:
                 raise _CheckError(f"{rel} enrollment_proofs: not the proofs the client signed")
+        elif proofs:
+            raise _CheckError(f"{rel} enrollment_proofs: the client's signed enrollment names no proofs")
         return payload
 
     def chains(self) -> None:

@@ -120,6 +120,15 @@ def test_real_honest_clients_are_accepted_and_forgers_rejected_through_kills_and
     honest = record["honest"]
     assert honest["clients_with_expected_verdicts"] == 6, honest  # type: ignore[index]
     assert honest["chains_intact"] == 6  # type: ignore[index]
+    per_client = honest["per_client"]  # type: ignore[index]
+    assert (
+        sorted(per_client.values())
+        == [  # type: ignore[union-attr]
+            "accepted,accepted / accepted,accepted"
+        ]
+        * 4
+        + ["accepted,rejected / accepted,rejected"] * 2
+    )
     assert honest["known_heads_audited"] == 6  # type: ignore[index]
     assert record["audit"]["ok"], record["audit"]  # type: ignore[index]
     assert any("postgres_restart" in k for k in record["kills"])  # type: ignore[union-attr]
