@@ -170,6 +170,38 @@ def test_requests_get_per_client_cursors(state: ProviderState) -> None:
     assert state.requests_after("c2", 1, 10) == []
 
 
+def test_a_batch_of_requests_is_stored_whole_or_not_at_all(state: ProviderState) -> None:
+    state.add_client(client("c1"))
+    state.add_client(client("c2"))
+    stored = state.add_requests([req("a1"), req("b1", "c2"), req("a2")])
+    assert [(r.request_id, r.cursor) for r in stored] == [("a1", 1), ("b1", 1), ("a2", 2)]
+    for bad in ([req("a3"), req("z", "ghost")], [req("a3"), req("a1")], [req("a3"), req("a3")]):
+        with pytest.raises((ConflictError, NotFoundError)):
+            state.add_requests(bad)
+        assert state.get_request("a3") is None  # the good first record went with the bad one
+    assert [r.request_id for r in state.requests_after("c1", 0, 10)] == ["a1", "a2"]
+    assert state.add_request(req("a3")).cursor == 3
+
+
+def test_clients_are_listed_by_model_in_id_order_and_counted(state: ProviderState) -> None:
+    for cid, model in (("b", "m"), ("a", "m"), ("c", "other")):
+        state.add_client(dataclasses.replace(client(cid), model_id=model))
+    assert [c.client_id for c in state.list_clients()] == ["a", "b", "c"]
+    assert [c.client_id for c in state.list_clients("m")] == ["a", "b"]
+    assert [c.client_id for c in state.list_clients("m", after="a")] == ["b"]
+    assert [c.client_id for c in state.list_clients(limit=2)] == ["a", "b"]
+    assert state.list_clients("nobody") == []
+    state.add_requests([req("r1", "a"), req("r2", "b")])
+    state.add_submission(sub("s1", "r1", "d1", "a"))
+    state.add_submission(sub("s2", "r2", "d2", "b"))
+    state.finish_submission("s1", VERDICT_ACCEPTED, "", leaf("r1"))
+    summary = state.summary()
+    assert (summary.clients, summary.requests, summary.answered_requests) == (3, 2, 1)
+    verdicts = (summary.pending_submissions, summary.accepted_submissions, summary.rejected_submissions)
+    assert verdicts == (1, 1, 0)
+    assert summary.ledger_size == state.ledger_size() == 1
+
+
 def _setup_request(state: ProviderState) -> None:
     state.add_client(client())
     state.add_request(req("r1"))

@@ -32,6 +32,7 @@ from zkunlearn.provider.state._base import (
     RequestRecord,
     StaleCommitmentsError,
     StateError,
+    StateSummary,
     SubmissionRecord,
     TreeHeadRecord,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "SqlState",
     "StaleCommitmentsError",
     "StateError",
+    "StateSummary",
     "SubmissionRecord",
     "TreeHeadRecord",
     "open_state",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Verdict codes match the wire enum zkunlearn.v1.Verdict so no translation table can drift.
@@ -95,6 +95,17 @@ class SubmissionRecord:
 
 
 @dataclass(frozen=True)
+class StateSummary:
+    clients: int
+    requests: int
+    answered_requests: int  # with an accepted submission
+    pending_submissions: int
+    accepted_submissions: int
+    rejected_submissions: int
+    ledger_size: int
+
+
+@dataclass(frozen=True)
 class LeafRecord:
     index: int
     leaf_hash: bytes
@@ -150,6 +161,16 @@ class ProviderState(abc.ABC):
     @abc.abstractmethod
     def get_client(self, client_id: str) -> ClientRecord | None: ...
 
+    @abc.abstractmethod
+    def list_clients(
+        self, model_id: str | None = None, after: str = "", limit: int = 1000
+    ) -> list[ClientRecord]:
+        """Enrolled clients (of ``model_id`` if given) with ids after ``after``, by id, at most ``limit``."""
+
+    @abc.abstractmethod
+    def summary(self) -> StateSummary:
+        """What an operator counts: clients, requests, answered ones, submissions by verdict, log size."""
+
     # nonces
     @abc.abstractmethod
     def add_nonce(self, client_id: str, nonce: bytes, expires_ms: int) -> None: ...
@@ -163,9 +184,17 @@ class ProviderState(abc.ABC):
         """Drop expired nonces (used or not: an expired nonce is refused either way)."""
 
     # deletion requests
-    @abc.abstractmethod
     def add_request(self, record: RequestRecord) -> RequestRecord:
         """Store a request and assign it the client's next delivery cursor."""
+        return self.add_requests([record])[0]
+
+    @abc.abstractmethod
+    def add_requests(self, records: Sequence[RequestRecord]) -> list[RequestRecord]:
+        """Store requests in one transaction, each with its client's next delivery cursor, in order.
+
+        All or none: an id already taken (:class:`ConflictError`) or an unknown client
+        (:class:`NotFoundError`) stores nothing of the batch.
+        """
 
     @abc.abstractmethod
     def get_request(self, request_id: str) -> RequestRecord | None: ...

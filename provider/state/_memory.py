@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from zkunlearn.provider.state._base import (
     VERDICT_ACCEPTED,
     VERDICT_PENDING,
+    VERDICT_REJECTED,
     AlreadyAcceptedError,
     ClientRecord,
     ConflictError,
@@ -18,6 +19,7 @@ from zkunlearn.provider.state._base import (
     ProviderState,
     RequestRecord,
     StaleCommitmentsError,
+    StateSummary,
     SubmissionRecord,
     TreeHeadRecord,
     _check_nonce,
@@ -79,6 +81,29 @@ class InMemoryState(ProviderState):
         with self._lock:
             return self._clients.get(client_id)
 
+    def list_clients(
+        self, model_id: str | None = None, after: str = "", limit: int = 1000
+    ) -> list[ClientRecord]:
+        with self._lock:
+            chosen = sorted(
+                (c for c in self._clients.values() if c.client_id > after and model_id in (None, c.model_id)),
+                key=lambda c: c.client_id,
+            )
+        return chosen[: max(0, limit)]
+
+    def summary(self) -> StateSummary:
+        with self._lock:
+            verdicts = [s.verdict for s in self._submissions.values()]
+            return StateSummary(
+                clients=len(self._clients),
+                requests=len(self._requests),
+                answered_requests=sum(r.accepted_submission_id is not None for r in self._requests.values()),
+                pending_submissions=verdicts.count(VERDICT_PENDING),
+                accepted_submissions=verdicts.count(VERDICT_ACCEPTED),
+                rejected_submissions=verdicts.count(VERDICT_REJECTED),
+                ledger_size=len(self._leaves),
+            )
+
     def add_nonce(self, client_id: str, nonce: bytes, expires_ms: int) -> None:
         with self._txn():
             if nonce in self._nonces:
@@ -99,17 +124,20 @@ class InMemoryState(ProviderState):
                 del self._nonces[n]
             return len(stale)
 
-    def add_request(self, record: RequestRecord) -> RequestRecord:
+    def add_requests(self, records: Sequence[RequestRecord]) -> list[RequestRecord]:
         with self._txn():
-            if record.request_id in self._requests:
-                raise ConflictError(f"request id {record.request_id!r} already exists")
-            if record.client_id not in self._clients:
-                raise NotFoundError(f"unknown client {record.client_id!r}")
-            cursor = 1 + max(
-                (r.cursor for r in self._requests.values() if r.client_id == record.client_id), default=0
-            )
-            stored = dataclasses.replace(record, cursor=cursor, accepted_submission_id=None)
-            self._requests[record.request_id] = stored
+            stored: list[RequestRecord] = []
+            for record in records:
+                if record.request_id in self._requests:
+                    raise ConflictError(f"request id {record.request_id!r} already exists")
+                if record.client_id not in self._clients:
+                    raise NotFoundError(f"unknown client {record.client_id!r}")
+                cursor = 1 + max(
+                    (r.cursor for r in self._requests.values() if r.client_id == record.client_id), default=0
+                )
+                item = dataclasses.replace(record, cursor=cursor, accepted_submission_id=None)
+                self._requests[record.request_id] = item
+                stored.append(item)
             return stored
 
     def get_request(self, request_id: str) -> RequestRecord | None:

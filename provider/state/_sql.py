@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from zkunlearn.provider.state._base import (
     _CONSUMED,
     VERDICT_ACCEPTED,
     VERDICT_PENDING,
+    VERDICT_REJECTED,
     AlreadyAcceptedError,
     ClientRecord,
     ConflictError,
@@ -25,6 +26,7 @@ from zkunlearn.provider.state._base import (
     ProviderState,
     RequestRecord,
     StaleCommitmentsError,
+    StateSummary,
     SubmissionRecord,
     TreeHeadRecord,
     _check_nonce,
@@ -345,6 +347,39 @@ class SqlState(ProviderState):
         )
         return None if row is None else _client_row(row)
 
+    def list_clients(
+        self, model_id: str | None = None, after: str = "", limit: int = 1000
+    ) -> list[ClientRecord]:
+        query = sa.select(clients_t).where(clients_t.c.client_id > after)
+        if model_id is not None:
+            query = query.where(clients_t.c.model_id == model_id)
+        query = query.order_by(clients_t.c.client_id).limit(max(0, limit))
+        rows = self._read(lambda conn: conn.execute(query).all())
+        return [_client_row(row) for row in rows]
+
+    def summary(self) -> StateSummary:
+        def run(conn: Connection) -> StateSummary:
+            count = sa.func.count()
+            verdicts = dict(
+                conn.execute(
+                    sa.select(submissions_t.c.verdict, count).group_by(submissions_t.c.verdict)
+                ).all()
+            )
+            answered = sa.select(count).where(requests_t.c.accepted_submission_id.is_not(None))
+            tip = sa.select(tip_t.c.size).where(tip_t.c.tip_id == 1)
+            return StateSummary(
+                clients=int(conn.execute(sa.select(count).select_from(clients_t)).scalar_one()),
+                requests=int(conn.execute(sa.select(count).select_from(requests_t)).scalar_one()),
+                answered_requests=int(conn.execute(answered).scalar_one()),
+                pending_submissions=int(verdicts.get(VERDICT_PENDING, 0)),
+                accepted_submissions=int(verdicts.get(VERDICT_ACCEPTED, 0)),
+                rejected_submissions=int(verdicts.get(VERDICT_REJECTED, 0)),
+                ledger_size=int(conn.execute(tip).scalar_one()),
+            )
+
+        result: StateSummary = self._read(run)
+        return result
+
     def add_nonce(self, client_id: str, nonce: bytes, expires_ms: int) -> None:
         try:
             with self._txn() as conn:
@@ -386,27 +421,30 @@ class SqlState(ProviderState):
         with self._txn() as conn:
             return int(conn.execute(sa.delete(nonces_t).where(nonces_t.c.expires_ms < now_ms)).rowcount)
 
-    def add_request(self, record: RequestRecord) -> RequestRecord:
-        def run(conn: Connection) -> RequestRecord:
-            if conn.execute(
-                sa.select(requests_t.c.request_id).where(requests_t.c.request_id == record.request_id)
-            ).first():
-                raise ConflictError(f"request id {record.request_id!r} already exists")
-            if (
-                conn.execute(
+    def add_requests(self, records: Sequence[RequestRecord]) -> list[RequestRecord]:
+        def run(conn: Connection) -> list[RequestRecord]:
+            stored: list[RequestRecord] = []
+            for record in records:
+                if conn.execute(
+                    sa.select(requests_t.c.request_id).where(requests_t.c.request_id == record.request_id)
+                ).first():
+                    raise ConflictError(f"request id {record.request_id!r} already exists")
+                known = conn.execute(
                     sa.select(clients_t.c.client_id).where(clients_t.c.client_id == record.client_id)
                 ).first()
-                is None
-            ):
-                raise NotFoundError(f"unknown client {record.client_id!r}")
-            top = conn.execute(
-                sa.select(sa.func.max(requests_t.c.cursor)).where(requests_t.c.client_id == record.client_id)
-            ).scalar()
-            stored = dataclasses.replace(record, cursor=int(top or 0) + 1, accepted_submission_id=None)
-            conn.execute(sa.insert(requests_t).values(**dataclasses.asdict(stored)))
+                if known is None:
+                    raise NotFoundError(f"unknown client {record.client_id!r}")
+                top = conn.execute(
+                    sa.select(sa.func.max(requests_t.c.cursor)).where(
+                        requests_t.c.client_id == record.client_id
+                    )
+                ).scalar()
+                item = dataclasses.replace(record, cursor=int(top or 0) + 1, accepted_submission_id=None)
+                conn.execute(sa.insert(requests_t).values(**dataclasses.asdict(item)))
+                stored.append(item)
             return stored
 
-        result: RequestRecord = self._retrying(run)
+        result: list[RequestRecord] = self._retrying(run)
         return result
 
     def get_request(self, request_id: str) -> RequestRecord | None:
