@@ -37,6 +37,7 @@ __all__ = [
     "DOMAIN_DELETION_REQUEST",
     "DOMAIN_DELIVERY",
     "DOMAIN_ENROLLMENT",
+    "DOMAIN_OPERATOR_AUTH",
     "DOMAIN_RECEIPT",
     "DOMAIN_RPC_AUTH",
     "DOMAIN_TREE_HEAD",
@@ -65,6 +66,7 @@ DOMAIN_RECEIPT = "zkunlearn/v1/receipt"
 DOMAIN_TREE_HEAD = "zkunlearn/v1/tree-head"
 DOMAIN_ENROLLMENT = "zkunlearn/v1/enrollment"
 DOMAIN_RPC_AUTH = "zkunlearn/v1/rpc-auth"
+DOMAIN_OPERATOR_AUTH = "zkunlearn/v1/operator-auth"
 
 STATEMENT_PREFIX = b"zkunlearn-statement\x00"
 STATEMENT_VERSION = 1

@@ -256,6 +256,18 @@ class TensorData:
 
 
 @dataclass(frozen=True)
+class RequestDraft:
+    """One deletion request before it is signed: who, which mask, and an analytic client's samples."""
+
+    client_id: str
+    mask: Mask | bytes
+    forget_features: TensorData | None = None
+    forget_labels: TensorData | None = None
+    ttl_s: float | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
 class AuthInput:
     client_id: str
     nonce: bytes
@@ -597,17 +609,25 @@ class ProviderService:
         unauthenticated caller can therefore neither write to the state nor learn which client ids are
         enrolled: every well-formed id gets a nonce; only a use of it, signed by the enrolled key, is
         recorded (:meth:`authenticate`)."""
-        _check_id(client_id, "client id")
+        return self.issue_nonce(_check_id(client_id, "client id"))
+
+    def issue_nonce(self, subject: str) -> tuple[bytes, int]:
+        """A nonce only ``subject`` can use, once, before it expires (see :meth:`challenge`).
+
+        Subjects are client ids, which cannot contain ``/``, or ``operator/<key id>``: a nonce issued
+        to one namespace is never accepted in the other.
+        """
         expires = self.clock_ms() + int(self.config.nonce_ttl_s * 1000)
         head = expires.to_bytes(8, "big") + secrets.token_bytes(_NONCE_BYTES)
-        return head + self._nonce_mac(client_id, head), expires
+        return head + self._nonce_mac(subject, head), expires
 
     def _nonce_mac(self, client_id: str, head: bytes) -> bytes:
         message = len(client_id).to_bytes(2, "big") + client_id.encode() + head
         return hmac.new(self._nonce_key, message, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
 
-    def _use_nonce(self, client_id: str, nonce: bytes) -> None:
-        """Refuse a nonce this provider did not issue to ``client_id``, an expired one, or a replay."""
+    def use_nonce(self, client_id: str, nonce: bytes) -> None:
+        """Refuse a nonce this provider did not issue to ``client_id`` (a subject of :meth:`issue_nonce`),
+        an expired one, or a replay; otherwise record its use."""
         now = self.clock_ms()
         head, mac = nonce[:-_NONCE_MAC_BYTES], nonce[-_NONCE_MAC_BYTES:]
         if len(nonce) != 8 + _NONCE_BYTES + _NONCE_MAC_BYTES or not hmac.compare_digest(
@@ -669,7 +689,7 @@ class ProviderService:
             "rpc auth",
             PermissionDeniedError,
         )
-        self._use_nonce(client.client_id, auth.nonce)
+        self.use_nonce(client.client_id, auth.nonce)
         return client
 
     def _open(
@@ -693,29 +713,56 @@ class ProviderService:
         ttl_s: float | None = None,
         request_id: str | None = None,
     ) -> RequestRecord:
-        """Sign and queue a deletion request for one enrolled client (an operator action, not an RPC)."""
-        client = self.state.get_client(client_id)
+        """Sign and queue a deletion request for one enrolled client."""
+        draft = RequestDraft(client_id, mask, forget_features, forget_labels, ttl_s, request_id)
+        return self.create_requests([draft])[0]
+
+    def create_requests(self, drafts: Sequence[RequestDraft]) -> list[RequestRecord]:
+        """Check, sign and queue deletion requests in one transaction: all are stored or none.
+
+        Every draft is checked (enrolled client, mask layers the client enrolled, forget data an
+        analytic client needs) before anything is signed, so a bad one refuses the whole batch.
+        """
+        records = [self._prepare(draft) for draft in drafts]
+        try:
+            stored = self.state.add_requests(records)
+        except ConflictError as exc:
+            raise AlreadyExistsError(str(exc)) from exc
+        except NotFoundError as exc:
+            raise NotFoundServiceError(str(exc)) from exc
+        with self._new_requests:
+            self._new_requests.notify_all()
+        return stored
+
+    def _prepare(self, draft: RequestDraft) -> RequestRecord:
+        client = self.state.get_client(draft.client_id)
         if client is None:
-            raise NotFoundServiceError(f"unknown client {client_id!r}")
+            raise NotFoundServiceError(f"unknown client {draft.client_id!r}")
+        mask, forget_features, forget_labels = draft.mask, draft.forget_features, draft.forget_labels
         try:
             parsed = Mask.from_bytes(mask) if isinstance(mask, bytes | bytearray) else mask
         except MaskError as exc:
             raise InvalidInputError(f"mask: {exc}") from exc
         unknown = sorted(set(parsed.layer_names) - set(client.layers))
         if unknown:
-            raise InvalidInputError(f"mask names layers the client did not enroll: {unknown}")
+            raise InvalidInputError(
+                f"mask names layers client {client.client_id!r} did not enroll: {unknown}"
+            )
         if (forget_features is None) != (forget_labels is None):
             raise InvalidInputError("forget features and labels come together or not at all")
         if client.update_kind in ANALYTIC_KINDS and forget_features is None:
-            raise InvalidInputError("an analytic client needs the forget samples' features and labels")
+            raise InvalidInputError(
+                f"analytic client {client.client_id!r} needs the forget samples' features and labels"
+            )
         forget: dict[str, Any] | None = None
         if forget_features is not None and forget_labels is not None:
             forget_features.validate("forget features", self.config.max_forget_bytes)
             forget_labels.validate("forget labels", self.config.max_forget_bytes)
             forget = {"features": forget_features.digest_json(), "labels": forget_labels.digest_json()}
-        rid = _check_id(request_id, "request id") if request_id else uuid.uuid4().hex
+        rid = _check_id(draft.request_id, "request id") if draft.request_id else uuid.uuid4().hex
         issued = self.clock_ms()
-        expires = issued + int((self.config.request_ttl_s if ttl_s is None else ttl_s) * 1000)
+        ttl_s = self.config.request_ttl_s if draft.ttl_s is None else draft.ttl_s
+        expires = issued + int(ttl_s * 1000)
         mask_bytes = parsed.to_bytes()
         payload = {
             "version": PROTOCOL_VERSION,
@@ -732,7 +779,7 @@ class ProviderService:
             "nonce": secrets.token_hex(16),
         }
         statement = self.signer.sign(DOMAIN_DELETION_REQUEST, payload)
-        record = RequestRecord(
+        return RequestRecord(
             request_id=rid,
             client_id=client.client_id,
             canonical=statement.canonical,
@@ -742,13 +789,6 @@ class ProviderService:
             issued_ms=issued,
             expires_ms=expires,
         )
-        try:
-            stored = self.state.add_request(record)
-        except ConflictError as exc:
-            raise AlreadyExistsError(str(exc)) from exc
-        with self._new_requests:
-            self._new_requests.notify_all()
-        return stored
 
     def _delivered(self, record: RequestRecord) -> DeliveredRequest:
         """The request with its cursor signed: the client moves its stored cursor only to a signed one,

@@ -44,7 +44,7 @@ from .service import (
 )
 from .state import VERDICT_PENDING
 
-__all__ = ["ARTIFACT_CHUNK", "ProviderServicer", "status_for"]
+__all__ = ["ARTIFACT_CHUNK", "ProviderServicer", "register_service", "status_for", "unary_handler"]
 
 log = logging.getLogger(__name__)
 ARTIFACT_CHUNK = 1024 * 1024
@@ -129,9 +129,14 @@ def _checked(request: Any) -> Any:
     return request
 
 
+def unary_handler(fn: F) -> F:
+    """Decode-check the request, call, and map a refusal to its status code (any servicer's method)."""
+    return _unary(fn)
+
+
 def _unary(fn: F) -> F:
     @functools.wraps(fn)
-    def wrapper(self: ProviderServicer, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, _checked(request), context)
         except Exception as exc:
@@ -214,7 +219,12 @@ class TolerantDecoding(grpc.ServerInterceptor):  # type: ignore[misc]
 def add_to_server(servicer: ProviderServicer, server: grpc.Server) -> None:
     """Register the servicer like the generated ``add_ProviderServicer_to_server``, but with tolerant
     request deserializers, so malformed bytes get INVALID_ARGUMENT naming the message type."""
-    service = pb.DESCRIPTOR.services_by_name["Provider"]
+    register_service(servicer, server, pb, "Provider")
+
+
+def register_service(servicer: Any, server: grpc.Server, module: Any, name: str) -> None:
+    """Register ``module``'s service ``name`` with tolerant deserializers (see :func:`add_to_server`)."""
+    service = module.DESCRIPTOR.services_by_name[name]
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -224,12 +234,19 @@ def add_to_server(servicer: ProviderServicer, server: grpc.Server) -> None:
     handlers = {
         method.name: kinds[(method.client_streaming, method.server_streaming)](
             getattr(servicer, method.name),
-            request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            request_deserializer=_tolerant(_message_class(module, method.input_type)),
+            response_serializer=_message_class(module, method.output_type).SerializeToString,
         )
         for method in service.methods
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _message_class(module: Any, descriptor: Any) -> Any:
+    """The generated class of a message defined in ``module`` or in the proto file it imports."""
+    if descriptor.file.name == module.DESCRIPTOR.name:
+        return getattr(module, descriptor.name)
+    return getattr(pb, descriptor.name)
 
 
 def _auth(msg: pb.ClientAuth) -> AuthInput:

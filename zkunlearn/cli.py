@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from zkunlearn import operator_cli
+
 app = typer.Typer(
     name="zkunlearn",
     help="Verifiable machine unlearning for edge models (Group-OBS and analytic updates, ezkl/Halo2 proofs).",
@@ -29,6 +31,7 @@ app.add_typer(provider_app, name="provider")
 app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
 app.add_typer(bench_app, name="bench")
+operator_cli.register(provider_app)
 
 # Wide enough for the demo's summary table when the output is a file or a CI log.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)

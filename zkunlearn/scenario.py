@@ -9,18 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
-from zkunlearn.circuits.mask import LayerMask, Mask
+from zkunlearn.circuits.mask import Mask
 from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
 from zkunlearn.proofs.deletion import GroupObsSpec
 from zkunlearn.tasks.data import ImageTask, Split, make_image_task
 from zkunlearn.tasks.models import MLP, MLPConfig, ViT, ViTConfig
-from zkunlearn.tasks.train import cross_entropy, predict, train_cached
+from zkunlearn.tasks.train import predict, train_cached
+
+if TYPE_CHECKING:
+    from zkunlearn.provider.planning import TorchPlanner
 
 F64 = npt.NDArray[np.float64]
 
@@ -115,41 +119,31 @@ class Scenario:
     # it is there so that CI enrolls through that path with real proofs).
     fisher_shift: int = 1
 
-    def deletion_mask(self) -> Mask:
+    def planner(self) -> TorchPlanner:
         """The provider's side: score the global model on the forget set against a retain proxy
         (fisher-ratio), concentrate the hidden-layer mask into the proof budget, and zero the
-        highest-scoring row's worth of head blocks outright (nothing to compensate inside them)."""
-        from zkunlearn.provider.masks import weight_scores
-        from zkunlearn.provider.proof_budget import select_within_budget
+        highest-scoring row's worth of head blocks outright (nothing to compensate inside them).
+        Analytic heads read :meth:`features`."""
+        from zkunlearn.provider.planning import MaskOptions, ProofBudget, TorchPlanner
 
-        task = self.task
-        forget, retain = task.forget, task.retain
-        spec = self.group_obs_spec
-        scores = weight_scores(
+        spec, train = self.group_obs_spec, self.task.provider_train
+        budget = ProofBudget(spec.block, spec.batch, self.max_batches, self.mask_density, self.head_layer)
+        return TorchPlanner(
             self.global_model(),
-            list(self.layers),
-            (forget.x, forget.y),
-            (retain.x[:960], retain.y[:960]),
-            cross_entropy,
-            "fisher-ratio",
-        )
-        hidden = select_within_budget(
-            {layer: scores[layer] for layer in self.hidden_layers},
+            train.x,
+            train.y,
+            self.layers,
+            defaults=MaskOptions("fisher-ratio", 300_000, "budget"),
             block_size=spec.block,
-            batch=spec.batch,
-            max_batches=self.max_batches,
-            density=self.mask_density,
+            budget=budget,
+            head_features=self.features,
         )
-        head_scores = np.asarray(scores[self.head_layer])
-        row_blocks = max(1, head_scores.shape[1] // spec.block)
-        ranked = np.argsort(-head_scores.reshape(-1, spec.block).sum(axis=1), kind="stable")[:row_blocks]
-        head = LayerMask(
-            self.head_layer,
-            tuple(head_scores.shape),
-            spec.block,
-            {int(b): tuple(range(spec.block)) for b in sorted(ranked)},
-        )
-        return Mask((*hidden.layers, head))
+
+    def deletion_mask(self) -> Mask:
+        """The mask :meth:`planner` selects for the forget class."""
+        from zkunlearn.provider.planning import ForgetSelection, MaskOptions
+
+        return self.planner().plan(ForgetSelection(forget_class=self.task.forget_class), MaskOptions()).mask
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -198,7 +192,19 @@ class Scenario:
         out: F64 = np.clip(self._raw_features(x) @ projection * scale, -bound, bound)
         return out
 
+    def contributed_sample_ids(self) -> list[int]:
+        """Row ids in the provider's training data of the samples an analytic client learned (the
+        forget class's first ``n_u``), which a deletion then names."""
+        train = self.task.provider_train
+        rows = torch.nonzero(train.y == self.task.forget_class).flatten()[: self.analytic_spec.n_u]
+        return [int(i) for i in rows]
+
     def contributed_forget_samples(self) -> Split:
-        """The provider training samples an analytic client learned and a deletion then names."""
-        forget = self.task.forget
-        return Split(forget.x[: self.analytic_spec.n_u], forget.y[: self.analytic_spec.n_u])
+        """The samples :meth:`contributed_sample_ids` names."""
+        index = torch.tensor(self.contributed_sample_ids(), dtype=torch.long)
+        return Split(self.task.provider_train.x[index], self.task.provider_train.y[index])
+
+
+def demo_planner(quick: bool = False, seed: int = 0) -> TorchPlanner:
+    """``[planners.<model_id>] factory = "zkunlearn.scenario:demo_planner"`` for the demo's provider."""
+    return Scenario(quick=quick, seed=seed).planner()

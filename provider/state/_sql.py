@@ -360,7 +360,7 @@ class SqlState(ProviderState):
     def summary(self) -> StateSummary:
         def run(conn: Connection) -> StateSummary:
             count = sa.func.count()
-            verdicts = dict(
+            verdicts: dict[int, int] = dict(
                 conn.execute(
                     sa.select(submissions_t.c.verdict, count).group_by(submissions_t.c.verdict)
                 ).all()

@@ -160,7 +160,7 @@ class MaskOptions(_message.Message):
     FRACTION_PPM_FIELD_NUMBER: _builtins.int
     STRUCTURE_FIELD_NUMBER: _builtins.int
     score: _builtins.str
-    """"fisher-ratio", "grad-ratio", "magnitude", "random" """
+    """"fisher-ratio", "zkapex", "salun" or "random" """
     fraction_ppm: _builtins.int
     """fraction of each targeted layer's weights, in parts per million"""
     structure: _builtins.str
