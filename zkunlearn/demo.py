@@ -191,9 +191,12 @@ def _env() -> dict[str, str]:
 def _start_provider(
     work: Path, scenario: Scenario, circuits_dir: Path
 ) -> tuple[subprocess.Popen[bytes], bytes]:
+    from zkunlearn.proofs.statements import StatementSigner
     from zkunlearn.provider.server import load_signer
 
     signer = load_signer(work / "provider.key")
+    operator = StatementSigner.generate()
+    operator.save(work / "operator.key")
     config = work / "provider.toml"
     config.write_text(
         "\n".join(
@@ -208,6 +211,13 @@ def _start_provider(
                 f"[artifacts.{json.dumps(scenario.model_id)}]",
                 f'circuits_dir = "{circuits_dir}"',
                 *_publication(scenario.model_id, circuits_dir),
+                "[operator]",
+                f'public_keys = ["{operator.public_bytes().hex()}"]',
+                f'key_file = "{work / "operator.key"}"',
+                f"[planners.{json.dumps(scenario.model_id)}]",
+                'factory = "zkunlearn.scenario:demo_planner"',
+                f"quick = {str(scenario.quick).lower()}",
+                f"seed = {scenario.seed}",
                 "",
             ]
         )
@@ -263,42 +273,28 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> N
 
 
 def _issue_requests(work: Path, scenario: Scenario, mask: Any, profiles: list[Profile]) -> None:
-    """The operator's action: open the provider's state beside the running server and sign requests."""
-    from zkunlearn.circuits.mask import Mask
-    from zkunlearn.provider.server import ProviderConfig, load_signer
-    from zkunlearn.provider.service import ProviderService, ServiceConfig, TensorData
-    from zkunlearn.provider.state import open_state
+    """The operator's action, through the running provider's Operator service: the forget class for
+    the Group-OBS clients, the learned samples' ids for the analytic ones."""
+    from zkunlearn.provider.config import ProviderConfig
+    from zkunlearn.provider.operator import DeletionOrder
+    from zkunlearn.provider.operator_client import OperatorClient
+    from zkunlearn.provider.planning import ForgetSelection, MaskOptions
 
     config = ProviderConfig.load(work / "provider.toml")
-    # verify_workers=0: this process only signs requests; it must not claim the server's verification jobs.
-    service = ProviderService(
-        open_state(config.state),
-        load_signer(config.key_file),
-        _NeverVerifies(),
-        ServiceConfig(verify_workers=0),
-    )
-    contributed = scenario.contributed_forget_samples()
-    features = scenario.features(contributed.x)
-    labels = contributed.y.numpy().astype(np.float64)
+    port = (work / "provider.port").read_text().strip()
+    by_method: dict[str, tuple[str, ...]] = {}
     for profile in profiles:
-        if profile.method == "analytic":
-            service.create_request(
-                profile.client_id,
-                Mask(()),
-                forget_features=TensorData(features.shape, features.astype("<f8").tobytes()),
-                forget_labels=TensorData(labels.shape, labels.astype("<f8").tobytes()),
-            )
-        else:
-            service.create_request(profile.client_id, mask)
-    service.close()
-    service.state.close()
-
-
-class _NeverVerifies:
-    """The operator's service only signs requests; verification happens in the server process."""
-
-    def verify(self, job: Any) -> Any:
-        raise RuntimeError("the operator process does not verify proofs")
+        by_method[profile.method] = (*by_method.get(profile.method, ()), profile.client_id)
+    selections = {
+        "group-obs": ForgetSelection(forget_class=scenario.task.forget_class),
+        "analytic": ForgetSelection(sample_ids=tuple(scenario.contributed_sample_ids())),
+    }
+    with OperatorClient.from_config(config, target=f"127.0.0.1:{port}") as operator:
+        for method, client_ids in by_method.items():
+            order = DeletionOrder(scenario.model_id, client_ids, selections[method], MaskOptions())
+            created = operator.create_requests(order)
+            if method == "group-obs" and {r.mask_sha256 for r in created.requests} != {mask.digest()}:
+                raise RuntimeError("the provider's mask differs from the one the demo reports")
 
 
 def _export_and_audit(work: Path, circuits_dir: Path, public_key: bytes, report_dir: Path) -> dict[str, Any]:
