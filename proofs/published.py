@@ -16,7 +16,9 @@ from zkunlearn.proofs.analytic_exact_circuits import export_analytic_exact
 from zkunlearn.proofs.artifacts import CircuitArtifacts
 from zkunlearn.proofs.backend import EzklBackend
 from zkunlearn.proofs.deletion import (
+    UPDATE_KIND_ANALYTIC,
     UPDATE_KIND_ANALYTIC_EXACT,
+    UPDATE_KIND_GROUP_OBS,
     UPDATE_KIND_GROUP_OBS_EXACT,
     DeletionCircuits,
     DeletionError,
@@ -25,6 +27,7 @@ from zkunlearn.proofs.deletion import (
 )
 from zkunlearn.proofs.exact_circuits import export_exact
 from zkunlearn.proofs.exact_deletion import bundle_enrolled_norms
+from zkunlearn.proofs.layout import ANALYTIC_LAYER, CommitmentLike, by_key, commitment_name
 from zkunlearn.proofs.specs import AnalyticSpec, GroupObsSpec, RefitSpec
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "SOUND_RUN_ARGS",
     "DeletionError",
     "check_published_circuits",
+    "enrollment_layout_problem",
     "verify_bundle_submission",
 ]
 
@@ -191,3 +195,64 @@ def verify_bundle_submission(
         enrolled_norms=norms,
     )
     return verdict.ok, verdict.reason
+
+
+def enrollment_layout_problem(
+    circuits: DeletionCircuits,
+    update_kind: int,
+    layers: Sequence[str],
+    commitments: Sequence[CommitmentLike],
+) -> str | None:
+    """Why an enrollment's commitments cannot be what this model's circuits prove, or ``None``.
+
+    The kind must be one the model publishes a circuit for. A Group-OBS client commits ``theta`` and
+    ``g`` batches ``0..n-1`` of each enrolled layer, plus ``z``, ``b1`` (masked layer) and ``v``
+    (following layer) for every published refit of an enrolled layer; an analytic head commits exactly
+    its two tensors on layer ``head``. Nothing else: a stray or missing tensor is refused here rather
+    than at the first deletion. (The exact kinds' enrollment proofs check their own layout.)
+    """
+    published = {
+        UPDATE_KIND_GROUP_OBS: circuits.group_obs is not None,
+        UPDATE_KIND_ANALYTIC: circuits.analytic is not None,
+        UPDATE_KIND_GROUP_OBS_EXACT: circuits.exact is not None,
+        UPDATE_KIND_ANALYTIC_EXACT: circuits.analytic_exact is not None,
+    }
+    if not published.get(update_kind, False):
+        return f"the model publishes no circuit for update kind {update_kind}"
+    try:
+        names = by_key(commitments, "enrollment")
+    except DeletionError as exc:
+        return str(exc)
+    head_tensors = {UPDATE_KIND_ANALYTIC: ("r", "w"), UPDATE_KIND_ANALYTIC_EXACT: ("m", "w")}
+    if update_kind in head_tensors:
+        expected = {(commitment_name(t, ANALYTIC_LAYER), 0) for t in head_tensors[update_kind]}
+        if list(layers) != [ANALYTIC_LAYER] or set(names) != expected:
+            wanted = sorted(f"{n}#{b}" for n, b in expected)
+            return f"an analytic head enrolls layer {ANALYTIC_LAYER!r} with exactly {wanted}"
+        return None
+    if update_kind != UPDATE_KIND_GROUP_OBS:
+        return None
+    expected_names: set[str] = set()
+    for layer in layers:
+        thetas = sorted(b for (name, b) in names if name == commitment_name("theta", layer))
+        gs = sorted(b for (name, b) in names if name == commitment_name("g", layer))
+        if not thetas or thetas != list(range(len(thetas))) or gs != thetas:
+            return f"{layer}: enrolled theta batches {thetas[:4]} and g batches {gs[:4]} must both be 0..n-1"
+        expected_names |= {commitment_name("theta", layer), commitment_name("g", layer)}
+    for refit, _ in circuits.refits:
+        if refit.masked not in layers:
+            continue
+        keys = [("z", refit.masked), ("b1", refit.masked), ("v", refit.following)]
+        missing = [
+            commitment_name(t, layer) for t, layer in keys if (commitment_name(t, layer), 0) not in names
+        ]
+        if missing:
+            return f"the model publishes an output refit of {refit.following}: enroll {missing} (batch 0)"
+        expected_names |= {commitment_name(t, layer) for t, layer in keys}
+    refit_names = expected_names - {commitment_name(t, layer) for layer in layers for t in ("theta", "g")}
+    stray = sorted(
+        f"{name}#{b}" for name, b in names if name not in expected_names or (name in refit_names and b != 0)
+    )
+    if stray:
+        return f"enrollment names commitments no published circuit reads: {stray[:3]}"
+    return None

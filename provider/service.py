@@ -380,6 +380,16 @@ class ProofVerifier(Protocol):
 
 
 @runtime_checkable
+class EnrollmentLayoutChecker(Protocol):
+    """A verifier that knows each model's published circuits can refuse, at enrollment, commitments
+    those circuits would never read (a missing or stray tensor, a kind the model does not publish)."""
+
+    def check_enrollment(
+        self, model_id: str, update_kind: int, layers: tuple[str, ...], commitments: tuple[CommitmentRef, ...]
+    ) -> VerificationResult: ...
+
+
+@runtime_checkable
 class EnrollmentVerifier(Protocol):
     """Checks an exact Group-OBS enrollment's proofs over its commitments (the real one runs ezkl).
 
@@ -561,6 +571,12 @@ class ProviderService:
         if enrollment.update_kind in PROVEN_ENROLLMENT_KINDS:
             expected["enrollment_proofs_sha256"] = enrollment_proofs_digest(proofs)
         _require_payload(payload, expected, "enrollment", InvalidInputError)
+        if isinstance(self.verifier, EnrollmentLayoutChecker):
+            layout = self.verifier.check_enrollment(
+                enrollment.model_id, enrollment.update_kind, layers, tuple(commitments)
+            )
+            if not layout.accepted:
+                raise InvalidInputError(f"enrollment commitments refused: {layout.reason}")
         if enrollment.update_kind in PROVEN_ENROLLMENT_KINDS:
             if not isinstance(self.verifier, EnrollmentVerifier):
                 raise FailedPreconditionError("this provider does not verify enrollment proofs")

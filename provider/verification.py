@@ -21,6 +21,7 @@ from zkunlearn.proofs.exact_deletion import (
     enrollment_proofs_digest,
     verify_exact_enrollment,
 )
+from zkunlearn.proofs.published import enrollment_layout_problem
 
 from .server import ConfigError, ProviderConfig
 from .service import CommitmentRef, TensorData, VerificationJob, VerificationResult
@@ -52,6 +53,17 @@ class EzklVerifier:
                     raise ConfigError(f"no circuits are configured for model {model_id!r}")
                 self._loaded[model_id] = DeletionCircuits.load(self._dirs[model_id])
             return self._loaded[model_id]
+
+    def check_enrollment(
+        self, model_id: str, update_kind: int, layers: tuple[str, ...], commitments: tuple[CommitmentRef, ...]
+    ) -> VerificationResult:
+        """The commitments are the tensors this model's published circuit for ``update_kind`` reads."""
+        try:
+            circuits = self.circuits(model_id)
+        except ConfigError as exc:
+            return VerificationResult(False, str(exc))
+        problem = enrollment_layout_problem(circuits, update_kind, layers, commitments)
+        return VerificationResult(problem is None, problem or "")
 
     def verify_enrollment(
         self,

@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.client.analytic import AnalyticHead
-from zkunlearn.client.sdk import EdgeClient
+from zkunlearn.client.sdk import Commitment, EdgeClient
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.client.unlearning import AnalyticUnlearner, GroupObsUnlearner, ProveOptions
@@ -206,3 +207,34 @@ def test_analytic_client_accepted(world: World) -> None:
     retrained.learn(x[3:], np.eye(AN_SPEC.k)[y[3:]])
     assert np.allclose(head.W, retrained.W, atol=1e-3)
     client.close()
+
+
+def test_enrollment_commitments_the_published_circuits_never_read_are_refused(world: World) -> None:
+    """A missing ``g`` batch, a stray tensor, a batch off 0..n-1, a kind the model does not publish:
+    each refused at Enroll by name; the same commitments enrolled as they are (the control) pass."""
+    model = Tiny()
+    unlearner = GroupObsUnlearner(
+        model, GO_SPEC, client_circuit(world, "group_obs", "layout"), world.tmp / "layout" / "state", OPTIONS
+    )
+    x, y = data()
+    honest = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy)
+    spare = honest[0].point_hex
+    without_g = [c for c in honest if not c.name.startswith("g:")]
+    attacks = {
+        "must both be 0..n-1": (1, without_g),
+        "no published circuit reads": (1, [*honest, Commitment("theta:fc9", 0, spare)]),
+        "0..n-1": (1, [*honest, Commitment(f"theta:{LAYER}", 7, spare), Commitment(f"g:{LAYER}", 7, spare)]),
+        "no circuit for update kind 3": (3, honest),
+    }
+    for i, (reason, (kind, commitments)) in enumerate(attacks.items()):
+        client = edge(world, f"layout-{i}", unlearner)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.enroll(f"layout-{i}", MODEL, [LAYER], kind, commitments)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason in (refused.value.details() or ""), refused.value.details()
+        client.close()
+    assert all(world.server.service.state.get_client(f"layout-{i}") is None for i in range(len(attacks)))
+    control = edge(world, "layout-ok", unlearner)
+    control.enroll("layout-ok", MODEL, [LAYER], 1, honest)
+    assert world.server.service.state.get_client("layout-ok") is not None
+    control.close()
