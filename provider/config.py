@@ -50,7 +50,7 @@ from typing import Any
 
 from zkunlearn.proofs.statements import StatementError, StatementVerifier
 
-from .service import ServiceConfig
+from .models import ServiceConfig
 
 __all__ = ["ConfigError", "KeepaliveConfig", "LimitsConfig", "OperatorConfig", "ProviderConfig", "TlsConfig"]
 

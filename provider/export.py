@@ -28,8 +28,9 @@ import sqlalchemy as sa
 from zkunlearn.proofs.statements import SignedStatement, StatementError, StatementSigner, key_id_for
 
 from .ledger import Ledger, TreeHead
+from .models import TensorData
 from .server import ProviderConfig
-from .service import TensorData, _decode_forget
+from .service import _decode_forget
 from .state import ProviderState, open_state
 
 __all__ = ["BUNDLE_FORMAT", "ExportError", "export_bundle", "export_from_config"]

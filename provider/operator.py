@@ -24,19 +24,16 @@ from zkunlearn.proofs.statements import (
     key_id_for,
 )
 
-from .planning import DeletionPlan, DeletionPlanner, ForgetSelection, MaskOptions, PlanError
-from .service import (
-    ANALYTIC_KINDS,
-    PROTOCOL_VERSION,
+from .errors import (
     FailedPreconditionError,
     InvalidInputError,
     NotFoundServiceError,
     PermissionDeniedError,
-    ProviderService,
-    RequestDraft,
-    TensorData,
     UnauthenticatedError,
 )
+from .models import ANALYTIC_KINDS, PROTOCOL_VERSION, RequestDraft, TensorData
+from .planning import DeletionPlan, DeletionPlanner, ForgetSelection, MaskOptions, PlanError
+from .service import ProviderService
 from .state import ClientRecord, LeafRecord, StateSummary
 
 __all__ = [

@@ -7,9 +7,10 @@ import numpy as np
 from zkunlearn.v1 import operator_pb2 as opb
 from zkunlearn.v1 import provider_pb2 as pb
 
+from .errors import InvalidInputError
+from .models import TensorData
 from .operator import DeletionOrder, OperatorAuthInput, OperatorService
 from .planning import ForgetSelection, MaskOptions, PlanError
-from .service import InvalidInputError, TensorData
 from .servicer import register_service, unary_handler
 
 __all__ = ["OperatorServicer", "add_operator_to_server"]

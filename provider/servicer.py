@@ -24,24 +24,26 @@ from google.protobuf.message import DecodeError
 from zkunlearn.v1 import provider_pb2 as pb
 from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
 
-from .service import (
+from .errors import (
     AlreadyExistsError,
-    AuthInput,
-    CommitmentRef,
-    DeliveredRequest,
-    EnrollmentInput,
     FailedPreconditionError,
     InvalidInputError,
     NotFoundServiceError,
     PermissionDeniedError,
-    ProviderService,
-    ReceiptView,
     ResourceExhaustedError,
     ServiceError,
-    SubmissionHeader,
-    TensorData,
     UnauthenticatedError,
 )
+from .models import (
+    AuthInput,
+    CommitmentRef,
+    DeliveredRequest,
+    EnrollmentInput,
+    ReceiptView,
+    SubmissionHeader,
+    TensorData,
+)
+from .service import ProviderService
 from .state import VERDICT_PENDING
 
 __all__ = ["ARTIFACT_CHUNK", "ProviderServicer", "register_service", "status_for", "unary_handler"]

@@ -23,8 +23,8 @@ from zkunlearn.proofs.exact_deletion import (
 )
 from zkunlearn.proofs.published import enrollment_layout_problem
 
+from .models import CommitmentRef, TensorData, VerificationJob, VerificationResult
 from .server import ConfigError, ProviderConfig
-from .service import CommitmentRef, TensorData, VerificationJob, VerificationResult
 
 __all__ = ["EzklVerifier", "from_config"]
 

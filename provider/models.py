@@ -1,0 +1,307 @@
+"""The provider's value types: protocol constants, inputs the service checks, what it hands verifiers.
+
+Shared by the service, its gRPC servicers, the operator service and the verifiers, so that none of
+them defines a second copy of a message's shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from zkunlearn.circuits.mask import Mask
+from zkunlearn.proofs.backend import is_commitment_point
+from zkunlearn.proofs.statements import MAX_STATEMENT_BYTES
+
+from .errors import InvalidInputError, ResourceExhaustedError
+from .state import LeafRecord, RequestRecord
+
+PROTOCOL_VERSION = 1
+UPDATE_KIND_GROUP_OBS = 1
+UPDATE_KIND_ANALYTIC = 2
+UPDATE_KIND_GROUP_OBS_EXACT = 3
+UPDATE_KIND_ANALYTIC_EXACT = 4
+UPDATE_KINDS = {
+    UPDATE_KIND_GROUP_OBS: "group_obs",
+    UPDATE_KIND_ANALYTIC: "analytic",
+    UPDATE_KIND_GROUP_OBS_EXACT: "group_obs_exact",
+    UPDATE_KIND_ANALYTIC_EXACT: "analytic_exact",
+}
+PROVEN_ENROLLMENT_KINDS = frozenset({UPDATE_KIND_GROUP_OBS_EXACT, UPDATE_KIND_ANALYTIC_EXACT})
+"""Update kinds whose enrollment carries proofs over its commitments (the exact relations)."""
+ANALYTIC_KINDS = frozenset({UPDATE_KIND_ANALYTIC, UPDATE_KIND_ANALYTIC_EXACT})
+
+
+@dataclass(frozen=True)
+class CommitmentRef:
+    """A KZG commitment to one committed circuit input (see the proto's ``Commitment``)."""
+
+    name: str
+    block: int
+    point_hex: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "block": self.block, "point_hex": self.point_hex}
+
+    @staticmethod
+    def from_json(value: Any) -> CommitmentRef:
+        if not isinstance(value, Mapping) or set(value) != {"name", "block", "point_hex"}:
+            raise InvalidInputError("a commitment must be an object with exactly name, block and point_hex")
+        return CommitmentRef(str(value["name"]), int(value["block"]), str(value["point_hex"]))
+
+
+#: A signed receipt carries the before and after commitment lists in full (the auditor re-checks the
+#: proofs against them), so each list gets under half of a statement's size limit, with room left
+#: for the receipt's other fields. A client could otherwise enroll or submit lists that make its
+#: own receipt impossible to sign, and its job would be retried for ever.
+MAX_COMMITMENT_LIST_BYTES = (MAX_STATEMENT_BYTES - 64 * 1024) // 2
+#: Longest verdict reason a receipt carries (verifier errors can quote what they refused).
+MAX_REASON_CHARS = 2000
+_POINT_HEX_CHARS = 64  # a compressed BN254 G1 point, as ezkl writes a polycommit commitment
+
+
+def _check_commitments(items: Sequence[CommitmentRef], what: str) -> list[CommitmentRef]:
+    out: list[CommitmentRef] = []
+    seen: set[tuple[str, int]] = set()
+    if len(items) > 100_000:
+        raise ResourceExhaustedError(f"{what}: {len(items)} commitments exceed the limit of 100000")
+    for c in items:
+        if not c.name or len(c.name) > 64:
+            raise InvalidInputError(f"{what}: commitment name must be 1..64 characters, got {c.name!r}")
+        if not 0 <= c.block < 2**32:
+            raise InvalidInputError(f"{what}: commitment block out of range: {c.block}")
+        if len(c.point_hex) != _POINT_HEX_CHARS or any(ch not in "0123456789abcdef" for ch in c.point_hex):
+            raise InvalidInputError(
+                f"{what}: commitment {c.name}/{c.block} point must be {_POINT_HEX_CHARS} lower-case hex "
+                f"characters (a compressed G1 point), got {len(c.point_hex)} characters"
+            )
+        if not is_commitment_point(c.point_hex):
+            raise InvalidInputError(
+                f"{what}: commitment {c.name}/{c.block} is not a point of BN254's G1 (compressed): no "
+                "tensor commits to it"
+            )
+        if (c.name, c.block) in seen:
+            raise InvalidInputError(f"{what}: duplicate commitment {c.name}/{c.block}")
+        seen.add((c.name, c.block))
+        out.append(c)
+    size = len(commitments_json(out).encode())
+    if size > MAX_COMMITMENT_LIST_BYTES:
+        raise ResourceExhaustedError(
+            f"{what}: the commitment list is {size} bytes, above the {MAX_COMMITMENT_LIST_BYTES}-byte "
+            "limit that keeps a receipt signable"
+        )
+    return out
+
+
+def commitments_json(items: Sequence[CommitmentRef]) -> str:
+    return json.dumps([c.to_json() for c in items], sort_keys=True, separators=(",", ":"))
+
+
+def commitments_from_json(text: str) -> list[CommitmentRef]:
+    return [CommitmentRef.from_json(v) for v in json.loads(text)]
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """Shape plus little-endian float64 bytes, validated so the two agree."""
+
+    shape: tuple[int, ...]
+    float64_le: bytes
+
+    def validate(self, what: str, max_bytes: int) -> None:
+        if not self.shape or len(self.shape) > 8 or any(d < 0 for d in self.shape):
+            raise InvalidInputError(
+                f"{what}: shape must have 1..8 non-negative dimensions, got {list(self.shape)}"
+            )
+        need = math.prod(self.shape) * 8
+        if need > max_bytes:
+            raise ResourceExhaustedError(f"{what}: {need} bytes exceed the limit of {max_bytes}")
+        if len(self.float64_le) != need:
+            raise InvalidInputError(
+                f"{what}: shape {list(self.shape)} needs {need} bytes of float64 "
+                f"but {len(self.float64_le)} were sent"
+            )
+        if not np.isfinite(np.frombuffer(self.float64_le, dtype="<f8")).all():
+            raise InvalidInputError(f"{what}: contains NaN or infinity")
+
+    def digest_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "sha256": hashlib.sha256(self.float64_le).hexdigest()}
+
+
+@dataclass(frozen=True)
+class RequestDraft:
+    """One deletion request before it is signed: who, which mask, and an analytic client's samples."""
+
+    client_id: str
+    mask: Mask | bytes
+    forget_features: TensorData | None = None
+    forget_labels: TensorData | None = None
+    ttl_s: float | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthInput:
+    client_id: str
+    nonce: bytes
+    canonical: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class EnrollmentInput:
+    version: int
+    client_id: str
+    public_key: bytes
+    model_id: str
+    layers: tuple[str, ...]
+    update_kind: int
+    commitments: tuple[CommitmentRef, ...]
+    canonical: bytes
+    signature: bytes
+    enrollment_proofs: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class SubmissionHeader:
+    version: int
+    request_id: str
+    client_id: str
+    update_kind: int
+    after_commitments: tuple[CommitmentRef, ...]
+    proof_sizes: tuple[int, ...]
+    total_bytes: int
+    sha256: str
+    auth: AuthInput
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    protocol_version: int
+    key_id: str
+    public_key: bytes
+    model_ids: tuple[str, ...]
+    srs_digest: str
+    srs_insecure: bool
+
+
+@dataclass(frozen=True)
+class ReceiptView:
+    submission_id: str
+    verdict: int
+    reason: str
+    leaf: LeafRecord | None
+
+
+@dataclass(frozen=True)
+class DeliveredRequest:
+    """A request as delivered: its record, its forget data, and the signed statement of its cursor."""
+
+    record: RequestRecord
+    forget_features: TensorData | None
+    forget_labels: TensorData | None
+    delivery: bytes = b""
+    delivery_signature: bytes = b""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verification interface
+
+
+@dataclass(frozen=True)
+class VerificationJob:
+    """Everything a verifier may rely on, all of it from the provider's own records.
+
+    ``before_commitments`` are the client's commitments as the provider holds them (enrollment, or
+    the last accepted update), never values supplied with the proof.
+    """
+
+    request_id: str
+    client_id: str
+    model_id: str
+    update_kind: int
+    layers: tuple[str, ...]
+    request_payload: Mapping[str, Any]
+    request_canonical: bytes
+    mask: bytes
+    forget_features: TensorData | None
+    forget_labels: TensorData | None
+    before_commitments: tuple[CommitmentRef, ...]
+    after_commitments: tuple[CommitmentRef, ...]
+    proofs: tuple[bytes, ...]
+    # Exact Group-OBS: the client's accepted enrollment (its layers, commitments then, and their proofs).
+    enrolled_layers: tuple[str, ...] = ()
+    enrolled_commitments: tuple[CommitmentRef, ...] = ()
+    enrollment_proofs: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    accepted: bool
+    reason: str = ""
+
+
+@runtime_checkable
+class ProofVerifier(Protocol):
+    """Checks a submission's proofs; the real one runs ezkl against the provider's verifying keys.
+
+    Must be thread-safe: the service calls it from its worker pool. Raising counts as a rejection
+    whose reason is the exception's message.
+    """
+
+    def verify(self, job: VerificationJob) -> VerificationResult: ...
+
+
+@runtime_checkable
+class EnrollmentLayoutChecker(Protocol):
+    """A verifier that knows each model's published circuits can refuse, at enrollment, commitments
+    those circuits would never read (a missing or stray tensor, a kind the model does not publish)."""
+
+    def check_enrollment(
+        self, model_id: str, update_kind: int, layers: tuple[str, ...], commitments: tuple[CommitmentRef, ...]
+    ) -> VerificationResult: ...
+
+
+@runtime_checkable
+class EnrollmentVerifier(Protocol):
+    """Checks an exact Group-OBS enrollment's proofs over its commitments (the real one runs ezkl).
+
+    A provider whose verifier does not implement it refuses such enrollments.
+    """
+
+    def verify_enrollment(
+        self,
+        model_id: str,
+        layers: tuple[str, ...],
+        commitments: tuple[CommitmentRef, ...],
+        proofs: tuple[bytes, ...],
+    ) -> VerificationResult: ...
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model_ids: tuple[str, ...] = ()  # empty: any model id is accepted at enrollment
+    nonce_ttl_s: float = 120.0
+    request_ttl_s: float = 7 * 24 * 3600.0
+    max_proof_bytes: int = 256 * 1024 * 1024
+    max_proofs: int = 4096
+    max_forget_bytes: int = 64 * 1024 * 1024
+    max_layers: int = 256
+    # Each submission costs a verification (minutes of ezkl on big circuits): rejected answers to one
+    # request may be retried, but not without end.
+    max_submissions_per_request: int = 16
+    verify_workers: int = 2  # 0: this process verifies nothing (stand-alone workers do)
+    verify_lease_s: float = 300.0
+    verify_poll_s: float = 0.25
+    verify_max_attempts: int = 3
+    # Names this replica's job leases; a restart under the same name frees them at once.
+    replica_id: str = field(default_factory=socket.gethostname)
+    srs_digest: str = ""
+    srs_insecure: bool = True
+    layer_allowlist: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
