@@ -5,7 +5,7 @@ Example config (every key optional)::
     listen = "127.0.0.1:50551"
     state = "provider.db"               # SQLite path, "memory", or an SQLAlchemy URL
     key_file = "provider.key"           # provider signing key, created (0600) if missing
-    verifier = "zkunlearn.proofs.verifier:make_verifier"   # factory(config) -> ProofVerifier
+    verifier = "zkunlearn.provider.verification:from_config"   # factory(config) -> ProofVerifier
     model_ids = ["mnist-vit"]
     submit_wait_s = 30.0
     grace_s = 5.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,7 @@ class TorchPlanner(DeletionPlanner):
         self.class_rows, self.budget, self.retain_size = dict(class_rows or {}), budget, retain_size
         self.head_features, self.loss_fn = head_features, loss_fn
         self.n_classes = int(self.y.max()) + 1
+        self._lock = threading.Lock()  # scoring hooks the model's modules: one plan at a time
 
     # -- the forget set ---------------------------------------------------------------------------
 
@@ -191,6 +193,10 @@ class TorchPlanner(DeletionPlanner):
     # -- the plan ---------------------------------------------------------------------------------
 
     def plan(self, selection: ForgetSelection, options: MaskOptions) -> DeletionPlan:
+        with self._lock:
+            return self._plan(selection, options)
+
+    def _plan(self, selection: ForgetSelection, options: MaskOptions) -> DeletionPlan:
         forget_x, forget_y, keep = self._forget_and_retain(selection)
         if forget_x.shape[0] > MAX_FORGET_SAMPLES:
             raise PlanError(f"{forget_x.shape[0]} forget samples exceed the limit of {MAX_FORGET_SAMPLES}")

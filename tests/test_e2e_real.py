@@ -210,8 +210,8 @@ def test_analytic_client_accepted(world: World) -> None:
 
 
 def test_enrollment_commitments_the_published_circuits_never_read_are_refused(world: World) -> None:
-    """A missing ``g`` batch, a stray tensor, a batch off 0..n-1, a kind the model does not publish:
-    each refused at Enroll by name; the same commitments enrolled as they are (the control) pass."""
+    """A missing ``g`` batch, a stray tensor, a batch off 0..n-1, tensors of another kind: each
+    refused at Enroll by name; the same commitments enrolled as they are (the control) pass."""
     model = Tiny()
     unlearner = GroupObsUnlearner(
         model, GO_SPEC, client_circuit(world, "group_obs", "layout"), world.tmp / "layout" / "state", OPTIONS
@@ -224,7 +224,7 @@ def test_enrollment_commitments_the_published_circuits_never_read_are_refused(wo
         "must both be 0..n-1": (1, without_g),
         "no published circuit reads": (1, [*honest, Commitment("theta:fc9", 0, spare)]),
         "0..n-1": (1, [*honest, Commitment(f"theta:{LAYER}", 7, spare), Commitment(f"g:{LAYER}", 7, spare)]),
-        "no circuit for update kind 3": (3, honest),
+        "an analytic head enrolls": (2, honest),  # Group-OBS tensors declared as an analytic head
     }
     for i, (reason, (kind, commitments)) in enumerate(attacks.items()):
         client = edge(world, f"layout-{i}", unlearner)

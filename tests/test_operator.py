@@ -386,6 +386,10 @@ def test_cli_refuses_bad_operator_input_in_one_line(
         assert expected in lines[0], (expected, result.stderr)
         assert result.stdout == ""
     assert provider.service.state.summary().requests == 0
+    provider_key = _cli("provider", "key", "--config", str(config), "--json")
+    assert provider_key.exit_code == 0, provider_key.output
+    pinned = json.loads(provider_key.stdout)
+    assert bytes.fromhex(pinned["public_key"]) == provider.service.signer.public_bytes()
     refused = _cli("provider", "operator-key", "--out", str(key_file))
     assert refused.exit_code != 0
     assert "exists" in refused.stderr  # an existing key is never overwritten

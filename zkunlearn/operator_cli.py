@@ -53,7 +53,13 @@ def register(provider_app: typer.Typer) -> None:
     """Add the operator's commands to ``zkunlearn provider``."""
     receipts_app = typer.Typer(help="The provider's receipts: the signed verdicts in its log.")
     provider_app.add_typer(receipts_app, name="receipts")
-    for name, command in (("request", request), ("status", status), ("operator-key", operator_key)):
+    commands = (
+        ("request", request),
+        ("status", status),
+        ("operator-key", operator_key),
+        ("key", provider_key),
+    )
+    for name, command in commands:
         provider_app.command(name)(command)
     receipts_app.command("list")(receipts_list)
     receipts_app.command("show")(receipts_show)
@@ -258,3 +264,22 @@ def operator_key(
         f"operator key written to {out}; add its public key to [operator] public_keys:", markup=False
     )
     print(signer.public_bytes().hex())
+
+
+def provider_key(
+    config: ConfigOption = Path("provider.toml"),
+    json_output: JsonOption = False,
+) -> None:
+    """Print the provider's public key (hex) for clients and auditors to pin; creates the key if missing."""
+    from zkunlearn.proofs.statements import StatementError
+    from zkunlearn.provider.config import ConfigError, ProviderConfig
+    from zkunlearn.provider.server import load_signer
+
+    try:
+        signer = load_signer(ProviderConfig.load(config).key_file)
+    except (ConfigError, OSError, StatementError) as exc:
+        raise _fail(str(exc)) from exc
+    if json_output:
+        print(json.dumps({"public_key": signer.public_bytes().hex(), "key_id": signer.key_id}))
+    else:
+        print(signer.public_bytes().hex())
