@@ -444,6 +444,8 @@ class EdgeClient:
         mask_bytes = bytes(msg.mask)
         if hashlib.sha256(mask_bytes).hexdigest() != payload.get("mask_sha256"):
             raise ForgedRequestError("delivered mask bytes do not match the signed mask digest")
+        if len(mask_bytes) != payload.get("mask_bytes"):
+            raise ForgedRequestError("delivered mask length differs from the signed mask_bytes")
         try:
             mask = Mask.from_bytes(mask_bytes)
         except MaskError as exc:

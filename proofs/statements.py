@@ -56,6 +56,7 @@ __all__ = [
     "key_id_for",
     "parse_canonical_json",
     "require_hex",
+    "same_json",
     "tree_head_payload",
 ]
 
@@ -278,7 +279,7 @@ class SignedStatement:
             raise StatementError(f"statement dict needs hex 'canonical' and 'signature': {exc}") from exc
         statement = cls.from_wire(canonical, signature)
         for field in ("domain", "payload", "key_id"):
-            if field in data and not _same_json(data[field], getattr(statement, field)):
+            if field in data and not same_json(data[field], getattr(statement, field)):
                 raise StatementError(f"statement dict field {field!r} disagrees with the signed bytes")
         return statement
 
@@ -395,7 +396,7 @@ def _has_small_order(raw: bytes) -> bool:
     return unsigned in _SMALL_ORDER_KEYS
 
 
-def _same_json(shown: Any, signed: Any) -> bool:
+def same_json(shown: Any, signed: Any) -> bool:
     """Equal as JSON, not as Python values: ``True == 1 == 1.0`` in Python, but ``true``, ``1`` and
     ``1.0`` are different statements, and a readable field must show exactly what was signed."""
     try:
@@ -458,7 +459,7 @@ class StatementVerifier:
             raise StatementError(f"payload version must be {STATEMENT_VERSION}, got {version!r}")
         if isinstance(statement, SignedStatement) and (
             statement.domain != parsed.domain
-            or not _same_json(statement.payload, parsed.payload)
+            or not same_json(statement.payload, parsed.payload)
             or statement.key_id != parsed.key_id
         ):
             raise StatementError("statement fields disagree with its signed bytes")

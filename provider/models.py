@@ -304,4 +304,3 @@ class ServiceConfig:
     replica_id: str = field(default_factory=socket.gethostname)
     srs_digest: str = ""
     srs_insecure: bool = True
-    layer_allowlist: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

@@ -22,6 +22,7 @@ from zkunlearn.proofs.statements import (
     StatementError,
     StatementVerifier,
     key_id_for,
+    same_json,
 )
 
 from .errors import (
@@ -159,8 +160,12 @@ class OperatorService:
             "nonce": auth.nonce.hex(),
             **fields,
         }
-        if payload != expected:
-            wrong = sorted(k for k in set(payload) | set(expected) if payload.get(k) != expected.get(k))
+        wrong = sorted(
+            k
+            for k in set(payload) | set(expected)
+            if k not in payload or k not in expected or not same_json(expected[k], payload[k])
+        )
+        if wrong:  # compared as JSON: a signed `true` is not the call's 1
             raise PermissionDeniedError(f"the signed operator auth does not match the call in {wrong}")
         self.service.use_nonce(_subject(key_id), auth.nonce)
         return key_id

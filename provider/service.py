@@ -47,6 +47,7 @@ from zkunlearn.proofs.statements import (
     StatementVerifier,
     canonical_json,
     key_id_for,
+    same_json,
 )
 
 from .errors import (
@@ -847,7 +848,8 @@ def _require_payload(
     if extra or missing:
         raise error(f"{what}: signed statement has fields {sorted(payload)}; expected {sorted(expected)}")
     for key, value in expected.items():
-        if payload[key] != value:
+        # Compared as canonical JSON, so types count too: a signed `true` is not the message's 1.
+        if not same_json(value, payload[key]):
             raise error(f"{what}: signed field {key!r} does not match the message")
 
 

@@ -183,6 +183,15 @@ def test_only_an_operator_key_signing_this_very_call_once_can_issue(
     assert call(honest) == grpc.StatusCode.OK
     assert call(honest) == grpc.StatusCode.UNAUTHENTICATED
     assert provider.service.state.summary().requests == 1
+    # Types count: a signed `true` is not the call's 1 (another language's verifier would not equate them).
+    for signed, code in ((True, grpc.StatusCode.PERMISSION_DENIED), (1, grpc.StatusCode.OK)):
+        auth = _raw_auth(operator_key, stub, "ListReceipts", {"start": 0, "max_items": signed})
+        try:
+            stub.ListReceipts(opb.ListReceiptsRequest(auth=auth, start=0, max_items=1))
+            got = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            got = exc.code()
+        assert got == code
     channel.close()
 
 

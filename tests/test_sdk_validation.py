@@ -237,6 +237,7 @@ def _signed(request_id: str, cursor: int, layer: str) -> pb.SignedDeletionReques
             "issued_ms": 0,
             "expires_ms": int(time.time() * 1000) + 10**6,
             "mask_sha256": hashlib.sha256(mask).hexdigest(),
+            "mask_bytes": len(mask),
         },
     )
     delivery = PROVIDER.sign(

@@ -108,9 +108,9 @@ class Commitment(_message.Message):
     BLOCK_FIELD_NUMBER: _builtins.int
     POINT_HEX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """e.g. "theta", "gradient_factor", "mask", "theta_after" """
+    """"<tensor>:<layer>", e.g. "theta:fc1.weight", "g:fc1.weight", "m:head" (docs/wire.md)"""
     block: _builtins.int
-    """the Fisher block it covers"""
+    """the batch index of the tensor (0 for whole tensors such as an analytic head's)"""
     point_hex: _builtins.str
     def __init__(
         self,
@@ -287,9 +287,10 @@ class EnrollRequest(_message.Message):
 
     @_builtins.property
     def enrollment_proofs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """GROUP_OBS_EXACT, "enrollment_proofs_sha256" of field 10)
-        GROUP_OBS_EXACT only: one enrollment proof per (layer, batch) of the commitments, in layer order
-        then batch order (proof JSON bytes: {"transcript": hex, "instances": [[felt hex]]}).
+        """the exact kinds, "enrollment_proofs_sha256" of field 10)
+        The exact kinds only: GROUP_OBS_EXACT, one enrollment proof per (layer, batch) of the commitments,
+        in layer order then batch order; ANALYTIC_EXACT, one proof over m:head and w:head
+        (proof JSON bytes: {"transcript": hex, "instances": [[felt hex]]}).
         """
 
     def __init__(
@@ -347,7 +348,7 @@ class GetArtifactRequest(_message.Message):
     ARTIFACT_FIELD_NUMBER: _builtins.int
     circuit_id: _builtins.str
     artifact: _builtins.str
-    """"compiled", "settings", "vk", "srs" """
+    """"index", "compiled", "settings", "srs" (whatever the provider publishes)"""
     def __init__(
         self,
         *,
@@ -413,7 +414,7 @@ class SignedDeletionRequest(_message.Message):
     version: _builtins.int
     request_id: _builtins.str
     canonical: _builtins.bytes
-    """domain-tagged canonical JSON, see docs/protocol.md"""
+    """domain-tagged canonical JSON, fields in docs/wire.md"""
     signature: _builtins.bytes
     """Ed25519 by the provider key named inside `canonical`"""
     mask: _builtins.bytes
