@@ -71,6 +71,8 @@ class LimitsConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     max_proof_bytes: int = 256 * 1024 * 1024
     nonce_ttl_s: float = 120.0
+    challenge_rate_per_peer: float = 200.0  # Challenge calls per second per address (0: no limit)
+    challenge_rate_per_subject: float = 10.0  # per client id or operator key (0: no limit)
     request_ttl_s: float = 7 * 24 * 3600.0
     verify_workers: int = 2  # 0: verify nothing here (stand-alone `zkunlearn provider worker`s do)
     verify_lease_s: float = 300.0
@@ -164,6 +166,8 @@ class ProviderConfig:
         return ServiceConfig(
             model_ids=tuple(self.model_ids),
             nonce_ttl_s=self.limits.nonce_ttl_s,
+            challenge_rate_per_peer=self.limits.challenge_rate_per_peer,
+            challenge_rate_per_subject=self.limits.challenge_rate_per_subject,
             request_ttl_s=self.limits.request_ttl_s,
             max_proof_bytes=self.limits.max_proof_bytes,
             verify_workers=self.limits.verify_workers,

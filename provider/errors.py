@@ -12,6 +12,7 @@ __all__ = [
     "NotFoundServiceError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "RetryLaterError",
     "ServiceError",
     "UnauthenticatedError",
 ]
@@ -47,3 +48,7 @@ class FailedPreconditionError(ServiceError):
 
 class ResourceExhaustedError(ServiceError):
     pass
+
+
+class RetryLaterError(ServiceError):
+    """Transient refusal (a rate limit): UNAVAILABLE, which clients retry with backoff."""

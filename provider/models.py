@@ -288,6 +288,10 @@ class EnrollmentVerifier(Protocol):
 class ServiceConfig:
     model_ids: tuple[str, ...] = ()  # empty: any model id is accepted at enrollment
     nonce_ttl_s: float = 120.0
+    # Challenges per second (bursts of twice that) per caller address and per client id or operator
+    # key: a challenge writes nothing, these only bound the HMAC work one caller can ask for. 0: off.
+    challenge_rate_per_peer: float = 200.0
+    challenge_rate_per_subject: float = 10.0
     request_ttl_s: float = 7 * 24 * 3600.0
     max_proof_bytes: int = 256 * 1024 * 1024
     max_proofs: int = 4096

@@ -139,9 +139,11 @@ class OperatorService:
 
     # -- authentication ---------------------------------------------------------------------------
 
-    def challenge(self, key_id: str) -> tuple[bytes, int]:
+    def challenge(self, key_id: str, peer: str = "") -> tuple[bytes, int]:
         """A nonce for the operator key ``key_id``; any well-formed id gets one (no key enumeration)."""
-        return self.service.issue_nonce(_subject(_check_key_id(key_id)))
+        subject = _subject(_check_key_id(key_id))
+        self.service.throttle_challenge(subject, peer)
+        return self.service.issue_nonce(subject)
 
     def authenticate(self, auth: OperatorAuthInput, rpc: str, fields: Mapping[str, Any]) -> str:
         """Check the statement against the named operator key and consume its nonce; the key id."""

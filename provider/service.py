@@ -57,6 +57,7 @@ from .errors import (
     NotFoundServiceError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    RetryLaterError,
     ServiceError,
     UnauthenticatedError,
 )
@@ -87,6 +88,7 @@ from .models import (
     commitments_from_json,
     commitments_json,
 )
+from .ratelimit import RateLimiter
 from .state import (
     VERDICT_ACCEPTED,
     VERDICT_PENDING,
@@ -194,6 +196,8 @@ class ProviderService:
         self._new_requests = threading.Condition()
         self._closed = threading.Event()
         self._last_purge_ms = 0
+        self._peer_challenges = RateLimiter(self.config.challenge_rate_per_peer)
+        self._subject_challenges = RateLimiter(self.config.challenge_rate_per_subject)
         self.workers.start()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -324,7 +328,7 @@ class ProviderService:
             raise InvalidInputError(f"enrollment proofs exceed {self.config.max_proof_bytes} bytes")
         return proofs
 
-    def challenge(self, client_id: str) -> tuple[bytes, int]:
+    def challenge(self, client_id: str, peer: str = "") -> tuple[bytes, int]:
         """Issue a single-use nonce for the client's next authenticated call.
 
         Stateless: ``expiry || random || HMAC(key, client_id || expiry || random)``, with a key derived
@@ -332,7 +336,17 @@ class ProviderService:
         unauthenticated caller can therefore neither write to the state nor learn which client ids are
         enrolled: every well-formed id gets a nonce; only a use of it, signed by the enrolled key, is
         recorded (:meth:`authenticate`)."""
-        return self.issue_nonce(_check_id(client_id, "client id"))
+        subject = _check_id(client_id, "client id")
+        self.throttle_challenge(subject, peer)
+        return self.issue_nonce(subject)
+
+    def throttle_challenge(self, subject: str, peer: str) -> None:
+        """Refuse, as retryable, a caller (``peer``: its address) or a subject asking for nonces
+        faster than ``challenge_rate_per_peer`` / ``challenge_rate_per_subject`` allow."""
+        if peer and not self._peer_challenges.allow(peer):
+            raise RetryLaterError("too many challenges from this address; retry after a short wait")
+        if not self._subject_challenges.allow(subject):
+            raise RetryLaterError("too many challenges for this id; retry after a short wait")
 
     def issue_nonce(self, subject: str) -> tuple[bytes, int]:
         """A nonce only ``subject`` can use, once, before it expires (see :meth:`challenge`).

@@ -31,6 +31,7 @@ from .errors import (
     NotFoundServiceError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    RetryLaterError,
     ServiceError,
     UnauthenticatedError,
 )
@@ -65,6 +66,7 @@ _STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RetryLaterError: grpc.StatusCode.UNAVAILABLE,
 }
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -244,6 +246,13 @@ def register_service(servicer: Any, server: grpc.Server, module: Any, name: str)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
+def _peer_host(context: grpc.ServicerContext) -> str:
+    """The caller's address without its port (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``)."""
+    peer = str(context.peer() or "")
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
 def _message_class(module: Any, descriptor: Any) -> Any:
     """The generated class of a message defined in ``module`` or in the proto file it imports."""
     if descriptor.file.name == module.DESCRIPTOR.name:
@@ -397,7 +406,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
 
     @_unary
     def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeResponse:  # noqa: N802
-        nonce, expires = self.service.challenge(request.client_id)
+        nonce, expires = self.service.challenge(request.client_id, peer=_peer_host(context))
         return pb.ChallengeResponse(nonce=nonce, expires_unix_ms=expires)
 
     @_unary
