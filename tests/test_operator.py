@@ -402,3 +402,40 @@ def test_cli_refuses_bad_operator_input_in_one_line(
     refused = _cli("provider", "operator-key", "--out", str(key_file))
     assert refused.exit_code != 0
     assert "exists" in refused.stderr  # an existing key is never overwritten
+
+
+def test_the_operator_client_speaks_mutual_tls(tmp_path: Path, operator_key: StatementSigner) -> None:
+    from zkunlearn.provider.config import ProviderConfig
+    from zkunlearn.provider.operator_client import OperatorSetupError
+
+    from tests.test_grpc import _pki
+
+    pki = _pki(tmp_path)
+    tls = {
+        "tls.cert_file": pki["server.pem"],
+        "tls.key_file": pki["server.key"],
+        "tls.client_ca_file": pki["ca.pem"],
+    }
+    server = _start(tmp_path, operator_key, **tls)
+    key_file = tmp_path / "operator.key"
+    operator_key.save(key_file)
+    try:
+        base = {**tls, "operator.key_file": str(key_file), "operator.ca_file": pki["ca.pem"]}
+        base["operator.server_name"] = "localhost"
+        target = f"127.0.0.1:{server.port}"
+        with pytest.raises(OperatorSetupError, match="requires client certificates"):
+            OperatorClient.from_config(ProviderConfig.load(None, base), target=target)
+        mutual = {
+            **base,
+            "operator.cert_file": pki["client.pem"],
+            "operator.cert_key_file": pki["client.key"],
+        }
+        with OperatorClient.from_config(ProviderConfig.load(None, mutual), target=target) as operator:
+            assert operator.status().clients == 0
+        plain = OperatorClient(target, operator_key, timeout_s=3.0)  # no TLS at all: the handshake fails
+        with pytest.raises(OperatorCallError) as refused:
+            plain.status()
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        plain.close()
+    finally:
+        server.stop(0)
