@@ -385,6 +385,9 @@ def _replicas(work: Path, world: World, state_url: str, count: int, verify_worke
                     "verify_lease_s = 60.0",
                     "verify_poll_s = 0.2",
                     "max_workers = 96",
+                    # Every simulated device dials from this one host: a per-address limit would
+                    # throttle the fleet as one caller (the per-id limit stays on).
+                    "challenge_rate_per_peer = 0.0",
                     *world.config_tables,
                     "",
                 ]

@@ -243,6 +243,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             "grace_s": 0.5,
             "limits.max_message_bytes": 2 * 1024 * 1024,
             "limits.max_proof_bytes": 1024 * 1024,
+            # One client hammered by the fuzzer: the challenge limits have their own test.
+            "limits.challenge_rate_per_subject": 0.0,
+            "limits.challenge_rate_per_peer": 0.0,
             "artifacts": {"m/group_obs": {"compiled": str(artifact)}},
         },
     )

@@ -168,7 +168,8 @@ def service(state: ProviderState) -> Iterator[ProviderService]:
         state,
         StatementSigner.generate(),
         FakeVerifier(),
-        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096),
+        # Tests here ask for many nonces at once; the challenge limits have their own test.
+        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, challenge_rate_per_subject=0.0),
     )
     yield svc
     svc.close()
