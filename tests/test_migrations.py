@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from zkunlearn.provider.state import SqlState, upgrade_schema
-from zkunlearn.provider.state import _sql as state_mod
+from zkunlearn.provider.state import _schema as state_mod
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

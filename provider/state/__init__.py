@@ -37,7 +37,8 @@ from zkunlearn.provider.state._base import (
     TreeHeadRecord,
 )
 from zkunlearn.provider.state._memory import InMemoryState
-from zkunlearn.provider.state._sql import SqlState, upgrade_schema
+from zkunlearn.provider.state._schema import upgrade_schema
+from zkunlearn.provider.state._sql import SqlState
 
 __all__ = [
     "VERDICT_ACCEPTED",
