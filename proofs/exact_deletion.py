@@ -31,6 +31,7 @@ from zkunlearn.proofs.layout import (
     by_key,
     changed_outside,
     commitment_name,
+    enrolled_batches,
     parse_proof,
     request_digest,
     touched_batches,
@@ -92,13 +93,7 @@ def enrollment_order(commitments: Sequence[CommitmentLike], layers: Sequence[str
                 raise DeletionError("an exact analytic head enrolls exactly m:head#0 and w:head#0")
             order.append((layer, 0))
             continue
-        thetas = sorted(b for (name, b) in names if name == commitment_name("theta", layer))
-        gs = sorted(b for (name, b) in names if name == commitment_name("g", layer))
-        if not thetas or thetas != list(range(len(thetas))) or gs != thetas:
-            raise DeletionError(
-                f"{layer}: enrolled theta batches {thetas[:4]} and g batches {gs[:4]} must both be 0..n-1"
-            )
-        order += [(layer, b) for b in thetas]
+        order += [(layer, b) for b in enrolled_batches(names, layer)]
     known = {commitment_name(kind, layer) for layer in layers for kind in ("theta", "g")}
     if ANALYTIC_LAYER in layers:
         known |= {name for name, _ in ANALYTIC_EXACT_KEYS}

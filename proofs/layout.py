@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,6 +99,18 @@ def by_key(items: Sequence[CommitmentLike], what: str) -> dict[tuple[str, int], 
             raise DeletionError(f"{what}: duplicate commitment {c.name}#{c.block}")
         out[key] = c.point_hex
     return out
+
+
+def enrolled_batches(names: Mapping[tuple[str, int], str], layer: str) -> list[int]:
+    """A Group-OBS layer's enrolled batches, ``0..n-1``, each with a ``theta`` and a ``g`` commitment;
+    refuses a layer enrolled in part or with batches that do not pair up."""
+    thetas = sorted(b for (name, b) in names if name == commitment_name("theta", layer))
+    gs = sorted(b for (name, b) in names if name == commitment_name("g", layer))
+    if not thetas or thetas != list(range(len(thetas))) or gs != thetas:
+        raise DeletionError(
+            f"{layer}: enrolled theta batches {thetas[:4]} and g batches {gs[:4]} must both be 0..n-1"
+        )
+    return thetas
 
 
 def parse_proof(raw: bytes, index: int) -> Proof:

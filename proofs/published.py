@@ -27,7 +27,7 @@ from zkunlearn.proofs.deletion import (
 )
 from zkunlearn.proofs.exact_circuits import export_exact
 from zkunlearn.proofs.exact_deletion import bundle_enrolled_norms
-from zkunlearn.proofs.layout import ANALYTIC_LAYER, CommitmentLike, by_key, commitment_name
+from zkunlearn.proofs.layout import ANALYTIC_LAYER, CommitmentLike, by_key, commitment_name, enrolled_batches
 from zkunlearn.proofs.specs import AnalyticSpec, GroupObsSpec, RefitSpec
 
 __all__ = [
@@ -234,10 +234,10 @@ def enrollment_layout_problem(
         return None
     expected_names: set[str] = set()
     for layer in layers:
-        thetas = sorted(b for (name, b) in names if name == commitment_name("theta", layer))
-        gs = sorted(b for (name, b) in names if name == commitment_name("g", layer))
-        if not thetas or thetas != list(range(len(thetas))) or gs != thetas:
-            return f"{layer}: enrolled theta batches {thetas[:4]} and g batches {gs[:4]} must both be 0..n-1"
+        try:
+            enrolled_batches(names, layer)
+        except DeletionError as exc:
+            return str(exc)
         expected_names |= {commitment_name("theta", layer), commitment_name("g", layer)}
     for refit, _ in circuits.refits:
         if refit.masked not in layers:
