@@ -17,9 +17,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.proofs.backend import is_commitment_point
-from zkunlearn.proofs.statements import MAX_STATEMENT_BYTES
+from zkunlearn.proofs.statements import MAX_STATEMENT_BYTES, same_json
 
-from .errors import InvalidInputError, ResourceExhaustedError
+from .errors import InvalidInputError, ResourceExhaustedError, ServiceError
 from .state import LeafRecord, RequestRecord
 
 PROTOCOL_VERSION = 1
@@ -308,3 +308,17 @@ class ServiceConfig:
     replica_id: str = field(default_factory=socket.gethostname)
     srs_digest: str = ""
     srs_insecure: bool = True
+
+
+def require_payload(
+    payload: Mapping[str, Any], expected: Mapping[str, Any], what: str, error: type[ServiceError]
+) -> None:
+    """The signed payload must say exactly what the message says: no extra, missing or differing field."""
+    extra = sorted(set(payload) - set(expected))
+    missing = sorted(set(expected) - set(payload))
+    if extra or missing:
+        raise error(f"{what}: signed statement has fields {sorted(payload)}; expected {sorted(expected)}")
+    for key, value in expected.items():
+        # Compared as canonical JSON, so types count too: a signed `true` is not the message's 1.
+        if not same_json(value, payload[key]):
+            raise error(f"{what}: signed field {key!r} does not match the message")

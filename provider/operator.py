@@ -22,7 +22,6 @@ from zkunlearn.proofs.statements import (
     StatementError,
     StatementVerifier,
     key_id_for,
-    same_json,
 )
 
 from .errors import (
@@ -32,7 +31,7 @@ from .errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
-from .models import ANALYTIC_KINDS, PROTOCOL_VERSION, RequestDraft, TensorData
+from .models import ANALYTIC_KINDS, PROTOCOL_VERSION, RequestDraft, TensorData, require_payload
 from .planning import DeletionPlan, DeletionPlanner, ForgetSelection, MaskOptions, PlanError
 from .service import ProviderService
 from .state import ClientRecord, LeafRecord, StateSummary
@@ -162,13 +161,7 @@ class OperatorService:
             "nonce": auth.nonce.hex(),
             **fields,
         }
-        wrong = sorted(
-            k
-            for k in set(payload) | set(expected)
-            if k not in payload or k not in expected or not same_json(expected[k], payload[k])
-        )
-        if wrong:  # compared as JSON: a signed `true` is not the call's 1
-            raise PermissionDeniedError(f"the signed operator auth does not match the call in {wrong}")
+        require_payload(payload, expected, "operator auth", PermissionDeniedError)
         self.service.use_nonce(_subject(key_id), auth.nonce)
         return key_id
 

@@ -47,7 +47,6 @@ from zkunlearn.proofs.statements import (
     StatementVerifier,
     canonical_json,
     key_id_for,
-    same_json,
 )
 
 from .errors import (
@@ -87,6 +86,7 @@ from .models import (
     _check_commitments,
     commitments_from_json,
     commitments_json,
+    require_payload,
 )
 from .ratelimit import RateLimiter
 from .state import (
@@ -281,7 +281,7 @@ class ProviderService:
         proofs = self._enrollment_proofs(enrollment)
         if enrollment.update_kind in PROVEN_ENROLLMENT_KINDS:
             expected["enrollment_proofs_sha256"] = enrollment_proofs_digest(proofs)
-        _require_payload(payload, expected, "enrollment", InvalidInputError)
+        require_payload(payload, expected, "enrollment", InvalidInputError)
         if isinstance(self.verifier, EnrollmentLayoutChecker):
             layout = self.verifier.check_enrollment(
                 enrollment.model_id, enrollment.update_kind, layers, tuple(commitments)
@@ -413,7 +413,7 @@ class ProviderService:
             raise PermissionDeniedError(f"the signed auth is for {payload.get('rpc')!r}, not {rpc!r}")
         if payload.get("nonce") != auth.nonce.hex():
             raise UnauthenticatedError("the signed auth covers another nonce than the one presented")
-        _require_payload(
+        require_payload(
             payload,
             {
                 "version": PROTOCOL_VERSION,
@@ -851,20 +851,6 @@ class ProviderService:
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _require_payload(
-    payload: Mapping[str, Any], expected: Mapping[str, Any], what: str, error: type[ServiceError]
-) -> None:
-    """The signed payload must say exactly what the message says: no extra, missing or differing field."""
-    extra = sorted(set(payload) - set(expected))
-    missing = sorted(set(expected) - set(payload))
-    if extra or missing:
-        raise error(f"{what}: signed statement has fields {sorted(payload)}; expected {sorted(expected)}")
-    for key, value in expected.items():
-        # Compared as canonical JSON, so types count too: a signed `true` is not the message's 1.
-        if not same_json(value, payload[key]):
-            raise error(f"{what}: signed field {key!r} does not match the message")
 
 
 def _receive(chunks: Iterable[bytes], total: int, sha256: str) -> bytes:
