@@ -177,7 +177,10 @@ class OperatorService:
             )
         clients = self._clients(order)
         try:
-            plan = planner.plan(order.selection, order.options)
+            analytic = [client.update_kind in ANALYTIC_KINDS for client in clients]
+            plan = planner.plan(
+                order.selection, order.options, want_mask=not all(analytic), want_head=any(analytic)
+            )
         except PlanError as exc:
             raise InvalidInputError(str(exc)) from exc
         drafts = [self._draft(client, plan, order.ttl_s) for client in clients]
@@ -236,6 +239,8 @@ class OperatorService:
                 _tensor(plan.head_labels),
                 ttl_s=ttl,
             )
+        if plan.mask is None:
+            raise InvalidInputError(f"the model's planner made no mask for client {client.client_id!r}")
         mask = Mask(tuple(layer for layer in plan.mask.layers if layer.layer in client.layers))
         if not mask.layers:
             raise InvalidInputError(

@@ -78,9 +78,10 @@ class ForgetSelection:
 
 @dataclass(frozen=True)
 class DeletionPlan:
-    """The mask for Group-OBS clients and the forget samples' head features for analytic ones."""
+    """The mask for Group-OBS clients and the forget samples' head features for analytic ones
+    (each ``None`` when the order's clients do not need it)."""
 
-    mask: Mask
+    mask: Mask | None
     samples: int
     head_features: F64 | None
     head_labels: F64 | None
@@ -103,12 +104,21 @@ class DeletionPlanner(abc.ABC):
     """What a provider must implement per model so operators can issue deletions by class or sample.
 
     :meth:`plan` is called once per operator order; it must be deterministic for one selection and
-    set of options, refuse what does not fit the model with :class:`PlanError` naming the problem,
-    and never mutate the model.
+    set of options, refuse what does not fit the model with :class:`PlanError` naming the problem
+    (whatever ``want_mask`` and ``want_head`` say), and never mutate the model. It computes the mask
+    only when ``want_mask`` and the head features only when ``want_head``: the order's clients say
+    which they need, and each costs passes over the model.
     """
 
     @abc.abstractmethod
-    def plan(self, selection: ForgetSelection, options: MaskOptions) -> DeletionPlan: ...
+    def plan(
+        self,
+        selection: ForgetSelection,
+        options: MaskOptions,
+        *,
+        want_mask: bool = True,
+        want_head: bool = True,
+    ) -> DeletionPlan: ...
 
 
 class TorchPlanner(DeletionPlanner):
@@ -192,11 +202,20 @@ class TorchPlanner(DeletionPlanner):
 
     # -- the plan ---------------------------------------------------------------------------------
 
-    def plan(self, selection: ForgetSelection, options: MaskOptions) -> DeletionPlan:
+    def plan(
+        self,
+        selection: ForgetSelection,
+        options: MaskOptions,
+        *,
+        want_mask: bool = True,
+        want_head: bool = True,
+    ) -> DeletionPlan:
         with self._lock:
-            return self._plan(selection, options)
+            return self._plan(selection, options, want_mask, want_head)
 
-    def _plan(self, selection: ForgetSelection, options: MaskOptions) -> DeletionPlan:
+    def _plan(
+        self, selection: ForgetSelection, options: MaskOptions, want_mask: bool, want_head: bool
+    ) -> DeletionPlan:
         forget_x, forget_y, keep = self._forget_and_retain(selection)
         if forget_x.shape[0] > MAX_FORGET_SAMPLES:
             raise PlanError(f"{forget_x.shape[0]} forget samples exceed the limit of {MAX_FORGET_SAMPLES}")
@@ -214,22 +233,32 @@ class TorchPlanner(DeletionPlanner):
         if not 0.0 < fraction < 1.0:
             raise PlanError(f"mask fraction must be in (0, 1), got {fraction}")
         forget = (forget_x, forget_y)
-        try:
-            if structure == "budget":
-                mask = self._budget_mask(forget, retain, score)
-            else:
-                rows = self.class_rows if selection.forget_class is not None else None
-                mask = compute_mask(
-                    self.model, self.layers, forget, retain, self.loss_fn, score, fraction,
-                    self.block_size, structure, class_rows=rows,
-                )  # fmt: skip
-        except (MaskSelectionError, BudgetError) as exc:
-            raise PlanError(f"mask selection: {exc}") from exc
+        mask = self._mask(selection, forget, retain, score, fraction, structure) if want_mask else None
         head_features = head_labels = None
-        if self.head_features is not None:
+        if want_head and self.head_features is not None:
             head_features = np.asarray(self.head_features(forget_x), dtype=np.float64)
             head_labels = forget_y.numpy().astype(np.float64)
         return DeletionPlan(mask, int(forget_x.shape[0]), head_features, head_labels)
+
+    def _mask(
+        self,
+        selection: ForgetSelection,
+        forget: tuple[Tensor, Tensor],
+        retain: tuple[Tensor, Tensor],
+        score: str,
+        fraction: float,
+        structure: str,
+    ) -> Mask:
+        try:
+            if structure == "budget":
+                return self._budget_mask(forget, retain, score)
+            rows = self.class_rows if selection.forget_class is not None else None
+            return compute_mask(
+                self.model, self.layers, forget, retain, self.loss_fn, score, fraction,
+                self.block_size, structure, class_rows=rows,
+            )  # fmt: skip
+        except (MaskSelectionError, BudgetError) as exc:
+            raise PlanError(f"mask selection: {exc}") from exc
 
     def _budget_mask(self, forget: tuple[Tensor, Tensor], retain: tuple[Tensor, Tensor], score: str) -> Mask:
         budget = self.budget

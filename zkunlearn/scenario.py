@@ -143,7 +143,10 @@ class Scenario:
         """The mask :meth:`planner` selects for the forget class."""
         from zkunlearn.provider.planning import ForgetSelection, MaskOptions
 
-        return self.planner().plan(ForgetSelection(forget_class=self.task.forget_class), MaskOptions()).mask
+        selection = ForgetSelection(forget_class=self.task.forget_class)
+        mask = self.planner().plan(selection, MaskOptions(), want_head=False).mask
+        assert mask is not None  # want_mask
+        return mask
 
     # -- metrics -----------------------------------------------------------------------------------
 
