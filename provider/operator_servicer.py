@@ -11,7 +11,7 @@ from .errors import InvalidInputError
 from .models import TensorData
 from .operator import DeletionOrder, OperatorAuthInput, OperatorService
 from .planning import ForgetSelection, MaskOptions, PlanError
-from .servicer import _peer_host, register_service, unary_handler
+from .servicer import peer_host, register_service, unary_handler
 
 __all__ = ["OperatorServicer", "add_operator_to_server"]
 
@@ -57,7 +57,7 @@ class OperatorServicer:
     def Challenge(  # noqa: N802
         self, request: opb.OperatorChallengeRequest, context: grpc.ServicerContext
     ) -> opb.OperatorChallengeResponse:
-        nonce, expires = self.operator.challenge(request.key_id, peer=_peer_host(context))
+        nonce, expires = self.operator.challenge(request.key_id, peer=peer_host(context))
         return opb.OperatorChallengeResponse(nonce=nonce, expires_unix_ms=expires)
 
     @unary_handler

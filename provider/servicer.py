@@ -47,7 +47,14 @@ from .models import (
 from .service import ProviderService
 from .state import VERDICT_PENDING
 
-__all__ = ["ARTIFACT_CHUNK", "ProviderServicer", "register_service", "status_for", "unary_handler"]
+__all__ = [
+    "ARTIFACT_CHUNK",
+    "ProviderServicer",
+    "peer_host",
+    "register_service",
+    "status_for",
+    "unary_handler",
+]
 
 log = logging.getLogger(__name__)
 ARTIFACT_CHUNK = 1024 * 1024
@@ -246,7 +253,7 @@ def register_service(servicer: Any, server: grpc.Server, module: Any, name: str)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
-def _peer_host(context: grpc.ServicerContext) -> str:
+def peer_host(context: grpc.ServicerContext) -> str:
     """The caller's address without its port (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``)."""
     peer = str(context.peer() or "")
     host, sep, port = peer.rpartition(":")
@@ -406,7 +413,7 @@ class ProviderServicer(pb_grpc.ProviderServicer):
 
     @_unary
     def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeResponse:  # noqa: N802
-        nonce, expires = self.service.challenge(request.client_id, peer=_peer_host(context))
+        nonce, expires = self.service.challenge(request.client_id, peer=peer_host(context))
         return pb.ChallengeResponse(nonce=nonce, expires_unix_ms=expires)
 
     @_unary
