@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.proofs.backend import is_commitment_point
 from zkunlearn.proofs.statements import MAX_STATEMENT_BYTES, same_json
@@ -129,6 +130,15 @@ class TensorData:
             )
         if not np.isfinite(np.frombuffer(self.float64_le, dtype="<f8")).all():
             raise InvalidInputError(f"{what}: contains NaN or infinity")
+
+    @classmethod
+    def from_array(cls, array: npt.ArrayLike) -> TensorData:
+        values = np.ascontiguousarray(array, dtype="<f8")
+        return cls(tuple(int(d) for d in values.shape), values.tobytes())
+
+    def array(self) -> npt.NDArray[np.float64]:
+        """The values as a float64 array of ``shape`` (call :meth:`validate` first on untrusted data)."""
+        return np.frombuffer(self.float64_le, dtype="<f8").reshape(self.shape).astype(np.float64)
 
     def digest_json(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "sha256": hashlib.sha256(self.float64_le).hexdigest()}

@@ -89,14 +89,10 @@ def forget_fields(selection: ForgetSelection) -> dict[str, Any]:
         raise InvalidInputError("no forget samples given")
     return {
         "samples": {
-            "features": _tensor(features).digest_json(),
-            "labels": _tensor(labels.astype(np.float64)).digest_json(),
+            "features": TensorData.from_array(features).digest_json(),
+            "labels": TensorData.from_array(labels.astype(np.float64)).digest_json(),
         }
     }
-
-
-def _tensor(array: np.ndarray[Any, Any]) -> TensorData:
-    return TensorData(tuple(int(d) for d in array.shape), np.ascontiguousarray(array, dtype="<f8").tobytes())
 
 
 @dataclass(frozen=True)
@@ -235,8 +231,8 @@ class OperatorService:
             return RequestDraft(
                 client.client_id,
                 Mask(()),
-                _tensor(plan.head_features),
-                _tensor(plan.head_labels),
+                TensorData.from_array(plan.head_features),
+                TensorData.from_array(plan.head_labels),
                 ttl_s=ttl,
             )
         if plan.mask is None:

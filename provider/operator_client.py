@@ -25,7 +25,7 @@ from zkunlearn.v1 import provider_pb2 as pb
 
 from .config import OperatorConfig, ProviderConfig
 from .operator import DeletionOrder
-from .planning import ForgetSelection, PlanError
+from .planning import ForgetSelection
 
 __all__ = ["OperatorCallError", "OperatorClient", "OperatorSetupError", "load_forget_file"]
 
@@ -69,10 +69,7 @@ def load_forget_file(path: Path) -> ForgetSelection:
         )
     if not np.array_equal(y64, np.round(y64)):
         raise OperatorSetupError(f"{path}: labels y must be whole class numbers")
-    try:
-        return ForgetSelection(features=x64, labels=y64.astype(np.int64))
-    except PlanError as exc:  # pragma: no cover - both given above
-        raise OperatorSetupError(str(exc)) from exc
+    return ForgetSelection(features=x64, labels=y64.astype(np.int64))
 
 
 @dataclass(frozen=True)

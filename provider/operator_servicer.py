@@ -25,7 +25,7 @@ def _auth(msg: opb.OperatorAuth) -> OperatorAuthInput:
 def _array(tensor: pb.Tensor, what: str) -> np.ndarray:
     data = TensorData(tuple(int(d) for d in tensor.shape), bytes(tensor.float64_le))
     data.validate(what, MAX_FORGET_BYTES)
-    return np.frombuffer(data.float64_le, dtype="<f8").reshape(data.shape)
+    return data.array()
 
 
 def _selection(request: opb.CreateRequestsRequest) -> ForgetSelection:

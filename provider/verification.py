@@ -32,7 +32,7 @@ __all__ = ["EzklVerifier", "from_config"]
 def _array(tensor: TensorData | None) -> npt.NDArray[np.float64] | None:
     if tensor is None:
         return None
-    return np.frombuffer(tensor.float64_le, dtype="<f8").reshape(tensor.shape).astype(np.float64)
+    return tensor.array()
 
 
 class EzklVerifier:
