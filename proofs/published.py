@@ -5,6 +5,7 @@ submission gets the provider's own judgement again (:func:`verify_bundle_submiss
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -202,6 +203,7 @@ def enrollment_layout_problem(
     update_kind: int,
     layers: Sequence[str],
     commitments: Sequence[CommitmentLike],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> str | None:
     """Why an enrollment's commitments cannot be what this model's circuits prove, or ``None``.
 
@@ -209,7 +211,9 @@ def enrollment_layout_problem(
     ``g`` batches ``0..n-1`` of each enrolled layer, plus ``z``, ``b1`` (masked layer) and ``v``
     (following layer) for every published refit of an enrolled layer; an analytic head commits exactly
     its two tensors on layer ``head``. Nothing else: a stray or missing tensor is refused here rather
-    than at the first deletion. (The exact kinds' enrollment proofs check their own layout.)
+    than at the first deletion. With the model's parameter ``shapes``, a Group-OBS layer must exist and
+    be enrolled whole: ``numel / (block x batch)`` batches. (The exact kinds' enrollment proofs check
+    the rest of their layout.)
     """
     published = {
         UPDATE_KIND_GROUP_OBS: circuits.group_obs is not None,
@@ -230,15 +234,29 @@ def enrollment_layout_problem(
             wanted = sorted(f"{n}#{b}" for n, b in expected)
             return f"an analytic head enrolls layer {ANALYTIC_LAYER!r} with exactly {wanted}"
         return None
-    if update_kind != UPDATE_KIND_GROUP_OBS:
-        return None
+    # Published (checked above): the exact spec for kind 3, the fixed-point one for kind 1.
+    if update_kind == UPDATE_KIND_GROUP_OBS_EXACT and circuits.exact is not None:
+        batch_weights = circuits.exact[0].batch_weights
+    else:
+        batch_weights = circuits.group_obs[0].batch_weights if circuits.group_obs is not None else 1
     expected_names: set[str] = set()
     for layer in layers:
         try:
-            enrolled_batches(names, layer)
+            batches = len(enrolled_batches(names, layer))
         except DeletionError as exc:
             return str(exc)
+        if shapes is not None:
+            if layer not in shapes:
+                return f"the model has no layer {layer!r}"
+            numel = math.prod(shapes[layer])
+            if numel % batch_weights or batches != numel // batch_weights:
+                return (
+                    f"{layer}: {numel} weights need {numel / batch_weights:g} batches of block x batch = "
+                    f"{batch_weights} weights, {batches} enrolled"
+                )
         expected_names |= {commitment_name("theta", layer), commitment_name("g", layer)}
+    if update_kind != UPDATE_KIND_GROUP_OBS:
+        return None
     for refit, _ in circuits.refits:
         if refit.masked not in layers:
             continue

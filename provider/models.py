@@ -274,7 +274,12 @@ class EnrollmentLayoutChecker(Protocol):
     those circuits would never read (a missing or stray tensor, a kind the model does not publish)."""
 
     def check_enrollment(
-        self, model_id: str, update_kind: int, layers: tuple[str, ...], commitments: tuple[CommitmentRef, ...]
+        self,
+        model_id: str,
+        update_kind: int,
+        layers: tuple[str, ...],
+        commitments: tuple[CommitmentRef, ...],
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> VerificationResult: ...
 
 
@@ -302,6 +307,9 @@ class ServiceConfig:
     # key: a challenge writes nothing, these only bound the HMAC work one caller can ask for. 0: off.
     challenge_rate_per_peer: float = 200.0
     challenge_rate_per_subject: float = 10.0
+    # model id -> parameter name -> shape, from the model's deletion planner: what Enroll counts a
+    # Group-OBS layer's batches against (a model without a planner gets the structural checks only).
+    layer_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
     request_ttl_s: float = 7 * 24 * 3600.0
     max_proof_bytes: int = 256 * 1024 * 1024
     max_proofs: int = 4096

@@ -110,6 +110,11 @@ class DeletionPlanner(abc.ABC):
     which they need, and each costs passes over the model.
     """
 
+    def layer_shapes(self) -> Mapping[str, tuple[int, ...]]:
+        """The model's parameter shapes by name, which Enroll counts a layer's batches against
+        (empty: unknown, only the structural checks apply)."""
+        return {}
+
     @abc.abstractmethod
     def plan(
         self,
@@ -155,6 +160,9 @@ class TorchPlanner(DeletionPlanner):
         self.head_features, self.loss_fn = head_features, loss_fn
         self.n_classes = int(self.y.max()) + 1
         self._lock = threading.Lock()  # scoring hooks the model's modules: one plan at a time
+
+    def layer_shapes(self) -> Mapping[str, tuple[int, ...]]:
+        return {name: tuple(int(d) for d in p.shape) for name, p in self.model.named_parameters()}
 
     # -- the forget set ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ The config's keys: :mod:`zkunlearn.provider.config`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -194,6 +195,7 @@ def build_service(
     verifier: ProofVerifier | None = None,
     state: ProviderState | None = None,
     signer: StatementSigner | None = None,
+    planners: Mapping[str, DeletionPlanner] | None = None,
 ) -> ProviderService:
     """The provider's logic from its config; its verification workers start with it."""
     signer = signer or load_signer(config.key_file)
@@ -201,7 +203,9 @@ def build_service(
     opened = state is None
     state = state or open_state(config.state)
     try:
-        return ProviderService(state, signer, verifier, config.service_config())
+        shapes = {model: planner.layer_shapes() for model, planner in (planners or {}).items()}
+        service_config = dataclasses.replace(config.service_config(), layer_shapes=shapes)
+        return ProviderService(state, signer, verifier, service_config)
     except BaseException:
         if opened:
             state.close()
@@ -224,7 +228,7 @@ def build_server(
     creds = server_credentials(config.tls)  # before anything is opened: a missing file fails cleanly
     planners = load_planners(config) if planners is None else planners
     opened = state is None
-    service = build_service(config, verifier=verifier, state=state, signer=signer)
+    service = build_service(config, verifier=verifier, state=state, signer=signer, planners=planners)
     limits, ka = config.limits, config.keepalive
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),

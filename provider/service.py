@@ -284,7 +284,11 @@ class ProviderService:
         require_payload(payload, expected, "enrollment", InvalidInputError)
         if isinstance(self.verifier, EnrollmentLayoutChecker):
             layout = self.verifier.check_enrollment(
-                enrollment.model_id, enrollment.update_kind, layers, tuple(commitments)
+                enrollment.model_id,
+                enrollment.update_kind,
+                layers,
+                tuple(commitments),
+                self.config.layer_shapes.get(enrollment.model_id),
             )
             if not layout.accepted:
                 raise InvalidInputError(f"enrollment commitments refused: {layout.reason}")

@@ -55,14 +55,20 @@ class EzklVerifier:
             return self._loaded[model_id]
 
     def check_enrollment(
-        self, model_id: str, update_kind: int, layers: tuple[str, ...], commitments: tuple[CommitmentRef, ...]
+        self,
+        model_id: str,
+        update_kind: int,
+        layers: tuple[str, ...],
+        commitments: tuple[CommitmentRef, ...],
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> VerificationResult:
-        """The commitments are the tensors this model's published circuit for ``update_kind`` reads."""
+        """The commitments are the tensors this model's published circuit for ``update_kind`` reads
+        (every batch of each layer, when the layers' ``shapes`` are known)."""
         try:
             circuits = self.circuits(model_id)
         except ConfigError as exc:
             return VerificationResult(False, str(exc))
-        problem = enrollment_layout_problem(circuits, update_kind, layers, commitments)
+        problem = enrollment_layout_problem(circuits, update_kind, layers, commitments, shapes)
         return VerificationResult(problem is None, problem or "")
 
     def verify_enrollment(

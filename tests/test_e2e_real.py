@@ -25,6 +25,7 @@ from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.client.unlearning import AnalyticUnlearner, GroupObsUnlearner, ProveOptions
 from zkunlearn.proofs.artifacts import ClientCircuit, client_artifacts
 from zkunlearn.proofs.deletion import AnalyticSpec, DeletionCircuits, GroupObsSpec
+from zkunlearn.provider.planning import MaskOptions, TorchPlanner
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
 from zkunlearn.provider.service import TensorData
 from zkunlearn.provider.verification import EzklVerifier
@@ -80,7 +81,12 @@ def serve(tmp: Path, model: str) -> ProviderServer:
             "grace_s": 0.5,
         },
     )
-    return build_server(config, verifier=EzklVerifier({model: tmp / "circuits"}))
+    # The provider's own copy of the model: Enroll counts each layer's batches against its shapes.
+    x, y = data()
+    planner = TorchPlanner(
+        Tiny(), x, y, [LAYER], defaults=MaskOptions("fisher-ratio", 250_000, "unstructured"), block_size=16
+    )
+    return build_server(config, verifier=EzklVerifier({model: tmp / "circuits"}), planners={model: planner})
 
 
 def client_circuit(world: World, kind: str, name: str) -> ClientCircuit:
@@ -224,6 +230,7 @@ def test_enrollment_commitments_the_published_circuits_never_read_are_refused(wo
         "must both be 0..n-1": (1, without_g),
         "no published circuit reads": (1, [*honest, Commitment("theta:fc9", 0, spare)]),
         "0..n-1": (1, [*honest, Commitment(f"theta:{LAYER}", 7, spare), Commitment(f"g:{LAYER}", 7, spare)]),
+        "need 4 batches": (1, [c for c in honest if c.block < 2]),  # half the layer, batches 0..1
         "an analytic head enrolls": (2, honest),  # Group-OBS tensors declared as an analytic head
     }
     for i, (reason, (kind, commitments)) in enumerate(attacks.items()):

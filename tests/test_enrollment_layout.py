@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 from zkunlearn.proofs.deletion import DeletionCircuits
+from zkunlearn.proofs.exact import ExactGroupObsSpec
 from zkunlearn.proofs.published import enrollment_layout_problem
-from zkunlearn.proofs.specs import RefitSpec
+from zkunlearn.proofs.specs import GroupObsSpec, RefitSpec
 
-PUBLISHED = object()  # the check reads only which circuits exist and the refit specs
+PUBLISHED = object()  # the check reads which circuits exist, their specs' batch sizes and the refit specs
+GO_SPEC = GroupObsSpec(block=16, m=8, batch=1, lam=0.1)  # 16 weights per batch
 REFIT = RefitSpec(
     masked="fc1",
     masked_bias=None,
@@ -42,10 +44,10 @@ def group_obs(batches: int = 2, layer: str = "fc1") -> list[C]:
 
 
 REFIT_TENSORS = [C("z:fc1", 0), C("b1:fc1", 0), C("v:fc2", 0)]
-GO = circuits(group_obs=PUBLISHED)
+GO = circuits(group_obs=(GO_SPEC, PUBLISHED))
 AN, AN_EXACT = circuits(analytic=PUBLISHED), circuits(analytic_exact=PUBLISHED)
 RW, MW = [C("r:head", 0), C("w:head", 0)], [C("m:head", 0), C("w:head", 0)]
-GO_REFIT = circuits(group_obs=PUBLISHED, refits=((REFIT, PUBLISHED),))
+GO_REFIT = circuits(group_obs=(GO_SPEC, PUBLISHED), refits=((REFIT, PUBLISHED),))
 
 CASES: list[tuple[str, DeletionCircuits, int, list[str], list[C], str | None]] = [
     ("honest group-obs", GO, 1, ["fc1"], group_obs(), None),
@@ -86,3 +88,32 @@ def test_enrollment_layout(
     else:
         assert found is not None
         assert problem in found
+
+
+SHAPES = {"fc1": (4, 8), "fc2": (3, 4)}  # fc1: 32 weights, 2 batches of 16; fc2: 12, no whole batch
+EXACT = circuits(exact=(ExactGroupObsSpec.from_lam(16, 8, 2, 2.0**-10), PUBLISHED, PUBLISHED))  # 32 per batch
+
+
+@pytest.mark.parametrize(
+    ("published", "kind", "layers", "commitments", "problem"),
+    [
+        (GO, 1, ["fc1"], group_obs(2), None),
+        (GO, 1, ["fc1"], group_obs(1), "need 2 batches"),  # 0..n-1, but the layer only in part
+        (GO, 1, ["fc1"], group_obs(3), "need 2 batches"),
+        (GO, 1, ["fc9"], group_obs(2, "fc9"), "no layer 'fc9'"),
+        (GO, 1, ["fc2"], group_obs(1, "fc2"), "need 0.75 batches"),
+        (EXACT, 3, ["fc1"], group_obs(1), None),
+        (EXACT, 3, ["fc1"], group_obs(2), "need 1 batches"),
+    ],
+)
+def test_with_the_model_s_shapes_every_batch_of_a_layer_is_enrolled(
+    published: DeletionCircuits, kind: int, layers: list[str], commitments: list[C], problem: str | None
+) -> None:
+    found = enrollment_layout_problem(published, kind, layers, commitments, SHAPES)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert problem in found
+        # Structurally sound: only the model's shapes catch it.
+        assert enrollment_layout_problem(published, kind, layers, commitments) is None
