@@ -13,16 +13,18 @@ Both vanish for the exact Group-OBS solution (``delta_U = G_U^T w``, ``m lam w +
 grids, which :mod:`zkunlearn.proofs.exact` bounds. The public outputs per block are exact integers:
 
 * ``sum(mask |Theta'|)``  -- must be 0: masked weights are exactly zero;
-* ``sum(R_w^2)`` and ``sum(R_row^2)`` -- compared with thresholds derived from the rounding.
+* ``sum(R_w^2)`` and ``sum(R_row^2)`` -- compared with thresholds derived from the rounding;
+* ``sum(|Theta + theta_offset| - (Theta + theta_offset))`` -- must be 0: ``Theta`` is in range.
 
 Range checks: the circuit is compiled with ezkl's input range checks off (they would cost most of
-its rows), and checks exactly the values that are new in this proof. ``|Theta'|`` is computed by a
-decomposition into range-checked limbs, which bounds every entry of ``Theta'``; ``W`` enters the
-relation only as ``|W + w_offset| - w_offset``, which bounds it the same way and equals ``W`` for
-``|W| <= w_offset``. Without these bounds a sum of squares could wrap modulo the field (e.g. with
-``i**2 = -1``, a masked entry ``i`` beside a masked ``1`` sums to zero). ``Theta`` and ``G`` are not
-new: the enrollment relation (:class:`GroupObsEnrollmentCheck`) bounds them once over the same
-commitments, and every later ``Theta`` is a previous proof's ``Theta'``.
+its rows), and checks the values it reads from ``theta``, ``theta'`` and ``w`` itself. ``|Theta'|`` is
+computed by a decomposition into range-checked limbs, which bounds every entry of ``Theta'``; ``W``
+enters the relation only as ``|W + w_offset| - w_offset``, which bounds it the same way and equals
+``W`` for ``|W| <= w_offset``; a fourth output, ``sum(|Theta + theta_offset| - (Theta + theta_offset))``,
+is 0 iff every ``Theta >= -theta_offset`` and its decomposition bounds ``Theta`` above. Without these
+bounds a sum of squares could wrap modulo the field (e.g. with ``i**2 = -1``, a masked entry ``i``
+beside a masked ``1`` sums to zero). ``G`` never changes, so the enrollment relation
+(:class:`GroupObsEnrollmentCheck`) bounds it once, over the same commitment.
 
 Trailing ``n_blind`` entries of every committed tensor (one extra row of ``G``) are ignored by the
 relation: uniformly random field elements for hiding, or the request binding for ``mask``.
@@ -56,7 +58,7 @@ def _pow2(bits: int, what: str) -> int:
 
 
 class GroupObsExactCheck(nn.Module):
-    """Per-block public outputs ``(n, 3)`` of the exact Group-OBS relation.
+    """Per-block public outputs ``(n, 4)`` of the exact Group-OBS relation.
 
     Inputs (integers carried as floats for tracing; the trailing ``n_blind`` entries are ignored):
     ``theta``, ``theta_after`` ``(n, B + n_blind)``; ``g`` ``(n, m + 1, B)`` (last row: blinding);
@@ -74,6 +76,7 @@ class GroupObsExactCheck(nn.Module):
         g_bits: int,
         w_bits: int,
         w_offset: int,
+        theta_offset: int,
         n_blind: int = N_BLIND,
     ) -> None:
         super().__init__()
@@ -86,11 +89,13 @@ class GroupObsExactCheck(nn.Module):
         self.c_gd = _pow2(lam_shift, "lam_shift")
         self.c_d = _pow2(g_bits + w_bits - theta_bits, "g_bits + w_bits - theta_bits")
         self.w_offset = int(w_offset)
+        self.theta_offset = int(theta_offset)
         for name, value in (
             ("c_w", self.c_w),
             ("c_gd", self.c_gd),
             ("c_d", self.c_d),
             ("w_offset", w_offset),
+            ("theta_offset", theta_offset),
         ):
             _check_constant(name, value)
 
@@ -124,8 +129,14 @@ class GroupObsExactCheck(nn.Module):
         w: torch.Tensor,
     ) -> torch.Tensor:
         kept, r_w, r_row = self.residuals(theta, theta_after, g, mask, w)
+        shifted = theta[:, : self.block] + self.theta_offset
         return torch.stack(
-            [kept.sum(dim=1), (r_w * r_w).sum(dim=1), (r_row * r_row).sum(dim=1)],
+            [
+                kept.sum(dim=1),
+                (r_w * r_w).sum(dim=1),
+                (r_row * r_row).sum(dim=1),
+                (torch.abs(shifted) - shifted).sum(dim=1),
+            ],
             dim=1,
         )
 
@@ -141,36 +152,29 @@ class GroupObsExactCheck(nn.Module):
 
 
 class GroupObsEnrollmentCheck(nn.Module):
-    """Per-block public outputs ``(n, 2)`` over the enrolled ``theta`` and ``G``, the same tensors (and
-    so the same commitments) the deletion relation reads:
+    """Per-block public output ``(n, 1)``: ``||G||_F^2 = sum(|G|^2)`` over the enrolled ``G``, the same
+    tensor (and so the same commitment) the deletion relation reads.
 
-    * ``sum(|Theta + theta_offset| - (Theta + theta_offset))`` -- 0 iff every ``Theta >= -theta_offset``;
-      its decomposition also bounds ``Theta + theta_offset`` above;
-    * ``sum(|G|^2)`` = ``||G||_F^2`` exactly, over range-checked entries: the verifier holds it to the
-      published normalisation, which fixes what ``lam`` means and bounds the deletion thresholds.
+    ``|G|`` is computed by a decomposition into one range-checked limb, so the proof also shows every
+    entry below the decomposition base (the circuit's ``decomp_base``, which the spec publishes). The
+    verifier holds the norms to the published normalisation, which fixes what ``lam`` means and bounds
+    the deletion thresholds.
     """
 
-    def __init__(self, block: int, m: int, *, theta_offset: int, n_blind: int = N_BLIND) -> None:
+    def __init__(self, block: int, m: int, *, n_blind: int = N_BLIND) -> None:
         super().__init__()
         if block < 1 or m < 1 or n_blind < 0:
             raise ValueError(f"block, m must be >= 1 and n_blind >= 0 (got {block}, {m}, {n_blind})")
-        _check_constant("theta_offset", theta_offset)
         self.block, self.m, self.n_blind = block, m, n_blind
-        self.theta_offset = int(theta_offset)
 
-    def forward(self, theta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        shifted = theta[:, : self.block] + self.theta_offset
-        below = (torch.abs(shifted) - shifted).sum(dim=1)
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
         g_abs = torch.abs(g[:, : self.m, :])
-        return torch.stack([below, (g_abs * g_abs).sum(dim=(1, 2))], dim=1)
+        return (g_abs * g_abs).sum(dim=(1, 2)).unsqueeze(1)
 
     def example_inputs(self, n_blocks: int) -> tuple[torch.Tensor, ...]:
-        return (
-            torch.zeros(n_blocks, self.block + self.n_blind),
-            torch.zeros(n_blocks, self.m + 1, self.block),
-        )
+        return (torch.zeros(n_blocks, self.m + 1, self.block),)
 
 
 INPUT_NAMES = ("theta", "theta_after", "g", "mask", "w")
-ENROLLMENT_INPUT_NAMES = ("theta", "g")
+ENROLLMENT_INPUT_NAMES = ("g",)
 OUTPUT_NAMES = ("outputs",)

@@ -18,6 +18,7 @@ from zkunlearn.proofs.exact import (
     ExactGroupObsSpec,
     IntArray,
     exact_outputs,
+    g_fro_sq,
     quantise_exact,
 )
 from zkunlearn.proofs.fixedpoint import FixedPointError
@@ -29,12 +30,32 @@ class ExactUpdate:
 
     theta_after: IntArray  # (n, B) on 2**-theta_bits; masked entries exactly 0
     w: IntArray  # (n, m) on 2**-w_bits
-    outputs: list[tuple[int, int, int]]
+    outputs: list[tuple[int, int, int, int]]
 
 
-def g_fro_sq(g: IntArray) -> list[int]:
-    """Each block's ``||G_q||_F^2`` (what its enrollment proof shows)."""
-    return [sum(int(v) * int(v) for v in np.ravel(block)) for block in g]
+def bounded_factor(g: npt.ArrayLike, bound: float, tolerance: float) -> npt.NDArray[np.float64]:
+    """A layer's unit-mean-diagonal factor ``(..., m, B)`` with every ``|entry| <= bound``.
+
+    Entries above the bound are clipped and the layer renormalised, until the largest fits; the factor
+    stays a curvature of the committed values, so the relation holds for it exactly. Refuses (naming
+    the bound) when clipping would move the mean diagonal by more than ``tolerance / 4``: a factor that
+    concentrated needs a spec with a larger ``g_range_bits``.
+    """
+    out = np.asarray(g, dtype=np.float64)
+    for _ in range(64):
+        if float(np.max(np.abs(out), initial=0.0)) <= bound:
+            break
+        out = np.clip(out, -bound, bound)
+        out = out / np.sqrt(float(np.mean(out * out)))
+    out = np.clip(out, -bound, bound)
+    drift = abs(float(np.mean(out * out)) - 1.0)
+    if not drift <= tolerance / 4:
+        raise GroupObsError(
+            f"the curvature factor is too concentrated for |G| <= {bound:g}: clipping moves its mean "
+            f"diagonal by {drift:.3g} (the provider accepts {tolerance:.3g}); the spec needs a larger "
+            "g_range_bits"
+        )
+    return out
 
 
 def exact_update(spec: ExactGroupObsSpec, theta: IntArray, g: IntArray, mask: npt.ArrayLike) -> ExactUpdate:
@@ -59,8 +80,10 @@ def exact_update(spec: ExactGroupObsSpec, theta: IntArray, g: IntArray, mask: np
     except FixedPointError as exc:
         raise GroupObsError(f"the update does not fit the published spec: {exc}") from exc
     outputs = exact_outputs(spec, theta, theta_after, g, masked, w_q)
-    for i, ((kept, s_w, s_row), g_sq) in enumerate(zip(outputs, g_fro_sq(g), strict=True)):
+    for i, ((kept, s_w, s_row, below), g_sq) in enumerate(zip(outputs, g_fro_sq(g), strict=True)):
         limit = spec.thresholds(g_sq)
+        if below != 0:
+            raise GroupObsError(f"block {i}: a committed weight lies below -{spec.theta_bound} (normalised)")
         if kept != 0 or s_w > limit.w or s_row > limit.row:
             raise GroupObsError(
                 f"block {i}: the rounded update's outputs ({kept}, {s_w}, {s_row}) exceed the thresholds "

@@ -26,7 +26,7 @@ from zkunlearn.client.fisher import (
     fit_rows,
 )
 from zkunlearn.client.group_obs import GroupObsError
-from zkunlearn.client.group_obs_exact import exact_update
+from zkunlearn.client.group_obs_exact import bounded_factor, exact_update
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.client.unlearning import (
     ProveOptions,
@@ -139,8 +139,11 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
             shape = (n_batches, spec.batch, spec.block)
             try:
                 theta = quantise_exact(weight * 2.0**exponent, spec.theta_bits).reshape(shape)
-                g = quantise_exact(fit_rows(factors[layer].factors, spec.m), spec.g_bits)
-            except FixedPointError as exc:
+                fitted = bounded_factor(
+                    fit_rows(factors[layer].factors, spec.m), spec.g_bound, spec.g_norm_tolerance
+                )
+                g = quantise_exact(fitted, spec.g_bits, bound=spec.g_bound)
+            except (FixedPointError, GroupObsError) as exc:
                 raise UnlearningError(f"enrolling {layer}: {exc}") from exc
             g = g.reshape(n_batches, spec.batch, spec.m, spec.block)
             arrays[f"{layer}/theta"] = theta.astype(np.float64) / 2.0**spec.theta_bits
@@ -158,19 +161,16 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
                 ]
                 arts = self.enrollment_circuit
                 jobs.append(
-                    ProveJob(
-                        [theta_felts, g_felts], arts.compiled, arts.vk, arts.pk, arts.srs.path, f"{layer}#{b}"
-                    )
+                    ProveJob([g_felts], arts.compiled, arts.vk, arts.pk, arts.srs.path, f"{layer}#{b}")
                 )
         results = prove_parallel(
             jobs, workers=self.options.workers, memory_limit_mb=self.options.memory_limit_mb,
             progress=self.options.progress,
         )  # fmt: skip
-        # Commitments come in (theta, g) pairs, one pair per job, in job order.
-        pairs = list(zip(commitments[::2], commitments[1::2], strict=True))
-        for job, result, pair in zip(jobs, results, pairs, strict=True):
-            if result.commitments != [c.point_hex for c in pair]:
-                raise UnlearningError(f"{job.label}: the enrollment proof commits to other tensors than ours")
+        # Commitments come in (theta, g) pairs, one pair per job, in job order; the proof reads g.
+        for job, result, g_commitment in zip(jobs, results, commitments[1::2], strict=True):
+            if result.commitments != [g_commitment.point_hex]:
+                raise UnlearningError(f"{job.label}: the enrollment proof commits to another G than ours")
         meta["commitments"] = [c.to_json() for c in commitments]
         meta["enrollment_proofs"] = [encode_proof(r.proof).hex() for r in results]
         _atomic_save(self.state_dir, arrays, meta)

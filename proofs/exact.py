@@ -9,7 +9,8 @@ normalised units (``theta * 2**e`` of unit spread, ``G`` of unit mean diagonal o
   ``theta'`` to ``2**-theta_bits`` and ``w`` to ``2**-w_bits``; masked weights are exactly 0;
 * ``|r_w| <= m lam sqrt(m) 2**(-w_bits-1) + ||G||_F sqrt(B) 2**(-theta_bits-1) + eta`` and
   ``|r_row| <= sqrt(B) 2**(-theta_bits-1) + ||G||_F sqrt(m) 2**(-w_bits-1) + eta`` (2-norms; ``eta``
-  covers the float solve, which the SDK checks), with ``||G||_F`` the block's own, proven at enrollment;
+  covers the float solve, which the SDK checks), with ``||G||_F`` the block's own, proven at enrollment
+  together with every entry of ``G`` below ``2**g_range_bits``;
 * any accepted ``theta'`` differs from the exact Group-OBS solution by at most
   ``|r_w| / (2 sqrt(m lam)) + |r_row|`` in 2-norm (:meth:`ExactGroupObsSpec.slack_bound`).
 """
@@ -30,6 +31,10 @@ from zkunlearn.proofs.fixedpoint import FIELD_MODULUS, FixedPointError, int_to_f
 
 IntArray = npt.NDArray[np.object_]
 """Arrays of Python ints: exact at any magnitude the relation forms."""
+
+MIN_G_RANGE_BITS, MAX_G_RANGE_BITS = 8, 13
+"""``G``'s range table has ``2**g_range_bits`` rows, which must fit the circuits' domain (at least 2**12
+rows here, so small shapes keep small logrows) and leave ``G`` a useful grid."""
 
 SOLVE_ALLOWANCE_STEPS = 2.0**-8
 """The float solve's residual the thresholds allow, in grid steps of ``theta`` (the SDK refuses to prove
@@ -94,9 +99,11 @@ class ExactGroupObsSpec:
     """What the provider publishes for exact Group-OBS proofs of one model's layers.
 
     ``lam = lam_num / 2**lam_shift`` exactly (:meth:`from_lam` picks it); ``theta_bound`` bounds the
-    normalised weights from below at enrollment and ``w_bound`` the row-space witness in every proof;
-    ``g_norm_tolerance`` is how far a layer's ``sum ||G||_F^2`` may sit from ``m * B * n_blocks`` (the
-    unit mean diagonal that gives ``lam`` its meaning), relative.
+    normalised weights from below and ``w_bound`` the row-space witness, both in every deletion proof;
+    the enrollment proof bounds every committed entry of ``G`` below ``2**g_range_bits`` on its grid
+    (``|G| <= g_bound``: one range-checked limb of that base); ``g_norm_tolerance`` is how far a layer's
+    ``sum ||G||_F^2`` may sit from ``m * B * n_blocks`` (the unit mean diagonal that gives ``lam`` its
+    meaning), relative.
     """
 
     block: int
@@ -105,7 +112,8 @@ class ExactGroupObsSpec:
     lam_num: int
     lam_shift: int
     theta_bits: int = 20
-    g_bits: int = 13
+    g_bits: int = 6
+    g_range_bits: int = 11
     w_bits: int = 16
     theta_bound: float = 4.0
     w_bound: float = 4096.0
@@ -115,6 +123,16 @@ class ExactGroupObsSpec:
     def __post_init__(self) -> None:
         if min(self.block, self.m, self.batch) < 1:
             raise ValueError(f"block, m, batch must be >= 1 (got {self.block}, {self.m}, {self.batch})")
+        if not MIN_G_RANGE_BITS <= self.g_range_bits <= MAX_G_RANGE_BITS:
+            raise ValueError(
+                f"g_range_bits must lie in [{MIN_G_RANGE_BITS}, {MAX_G_RANGE_BITS}] (one limb of the range "
+                f"table), got {self.g_range_bits}"
+            )
+        if self.g_bound < 4.0:
+            raise ValueError(
+                f"|G| <= {self.g_bound} leaves no room for a unit-mean-diagonal factor: raise g_range_bits "
+                f"or lower g_bits ({self.g_range_bits}, {self.g_bits})"
+            )
         if not 0 < self.g_norm_tolerance < 1:
             raise ValueError(f"g_norm_tolerance must lie in (0, 1), got {self.g_norm_tolerance}")
         self.relation()  # refuses scales whose constants the circuit cannot hold
@@ -147,6 +165,11 @@ class ExactGroupObsSpec:
         return int(self.theta_bound * 2**self.theta_bits)
 
     @property
+    def g_bound(self) -> float:
+        """Largest ``|G|`` an enrollment proof accepts (normalised units)."""
+        return ((1 << self.g_range_bits) - 1) / 2.0**self.g_bits
+
+    @property
     def w_offset(self) -> int:
         return int(self.w_bound * 2**self.w_bits)
 
@@ -164,13 +187,12 @@ class ExactGroupObsSpec:
             g_bits=self.g_bits,
             w_bits=self.w_bits,
             w_offset=self.w_offset,
+            theta_offset=self.theta_offset,
             n_blind=self.n_blind,
         )
 
     def enrollment_relation(self) -> exact_relation.GroupObsEnrollmentCheck:
-        return exact_relation.GroupObsEnrollmentCheck(
-            self.block, self.m, theta_offset=self.theta_offset, n_blind=self.n_blind
-        )
+        return exact_relation.GroupObsEnrollmentCheck(self.block, self.m, n_blind=self.n_blind)
 
     # -- thresholds -----------------------------------------------------------------------------
 
@@ -224,9 +246,10 @@ def exact_outputs(
     g: IntArray,
     mask: npt.ArrayLike,
     w: IntArray,
-) -> list[tuple[int, int, int]]:
-    """Per block ``(sum mask |Theta'|, sum R_w^2, sum R_row^2)``, exactly as the circuit computes them
-    (inputs without blinding: ``(n, B)``, ``(n, B)``, ``(n, m, B)``, ``(n, B)``, ``(n, m)``)."""
+) -> list[tuple[int, int, int, int]]:
+    """Per block ``(sum mask |Theta'|, sum R_w^2, sum R_row^2, sum(|Theta + K| - (Theta + K)))``,
+    exactly as the circuit computes them (inputs without blinding: ``(n, B)``, ``(n, B)``,
+    ``(n, m, B)``, ``(n, B)``, ``(n, m)``)."""
     rel = spec.relation()
     mk = np.asarray(mask).astype(bool)
     out = []
@@ -237,23 +260,21 @@ def exact_outputs(
         r_w = rel.c_w * w_eff + rel.c_gd * _matvec(gi, delta)
         r_row = rel.c_d * delta - _matvec(gi.T, w_eff)
         kept = sum(abs(int(v)) for v, s in zip(theta_after[i], mk[i], strict=True) if s)
+        shifted = [int(v) + spec.theta_offset for v in theta[i]]
         out.append(
             (
                 int(kept),
                 sum(int(v) * int(v) for v in r_w),
                 sum(int(v) * int(v) for v, s in zip(r_row, mk[i], strict=True) if not s),
+                sum(abs(v) - v for v in shifted),
             )
         )
     return out
 
 
-def enrollment_outputs(spec: ExactGroupObsSpec, theta: IntArray, g: IntArray) -> list[tuple[int, int]]:
-    """Per block ``(sum(|Theta + K| - (Theta + K)), ||G||_F^2)`` as the enrollment circuit computes them."""
-    out = []
-    for i in range(np.asarray(theta).shape[0]):
-        shifted = [int(v) + spec.theta_offset for v in theta[i]]
-        out.append((sum(abs(v) - v for v in shifted), sum(int(v) * int(v) for v in np.ravel(g[i]))))
-    return out
+def g_fro_sq(g: IntArray) -> list[int]:
+    """Per block ``||G||_F^2``, as the enrollment circuit computes it."""
+    return [sum(int(v) * int(v) for v in np.ravel(block)) for block in g]
 
 
 # -- committed tensors ---------------------------------------------------------------------------

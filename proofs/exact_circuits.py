@@ -1,16 +1,16 @@
 """The exact Group-OBS circuits: building them, and verifying their proofs on the provider's side.
 
 Both circuits (deletion and enrollment, :mod:`zkunlearn.circuits.group_obs_exact`) run at scale 0 with
-ezkl's input range checks off (the relation checks what is new itself) and share one logrows and SRS:
-a commitment depends on the domain size, and both read the same ``theta`` and ``G`` commitments. The
-enrollment circuit uses more columns (it range-checks every entry of ``G``); columns do not change a
-commitment.
+ezkl's input range checks off (each relation checks what it reads itself) and share one logrows and
+SRS: a commitment depends on the domain size, and both read the same ``G`` commitment. The enrollment
+circuit decomposes each entry of ``G`` into one limb of base ``2**g_range_bits`` and takes the fewest
+columns (2, 4 or 8) that fit the deletion circuit's domain; neither changes a commitment.
 
-Enrollment proofs are checked once per (layer, batch) over the enrolled ``theta`` and ``G``
-commitments; they yield each block's proven ``||G_q||_F^2``, which the provider keeps and every later
-deletion proof of that batch is judged with. Deletion proofs are bound to the provider's own
-commitments exactly as in :mod:`zkunlearn.proofs.verifier`, then their exact public outputs are held to
-``sum mask |Theta'| == 0`` and to the per-block thresholds of :meth:`ExactGroupObsSpec.thresholds`.
+Enrollment proofs are checked once per (layer, batch) over the enrolled ``G`` commitment; they yield
+each block's proven ``||G_q||_F^2``, which the provider keeps and every later deletion proof of that
+batch is judged with. Deletion proofs are bound to the provider's own commitments exactly as in
+:mod:`zkunlearn.proofs.verifier`, then their exact public outputs are held to ``sum mask |Theta'| == 0``,
+``Theta`` in range and the per-block thresholds of :meth:`ExactGroupObsSpec.thresholds`.
 """
 
 from __future__ import annotations
@@ -38,9 +38,18 @@ EXACT_CONFIG = CircuitConfig(
     ignore_range_check_io=True,
     max_logrows=20,
 )
-"""ezkl run arguments of the exact deletion circuit (the enrollment circuit: 8 inner columns)."""
+"""ezkl run arguments of the exact deletion circuit (the enrollment circuit's: :func:`enrollment_config`)."""
 
-ENROLLMENT_INNER_COLS = 8
+ENROLLMENT_INNER_COLS = (2, 4, 8)
+"""Column counts the enrollment circuit may take, fewest first."""
+
+DELETION_OUTPUTS = 4
+"""Public outputs per block of a deletion proof (``GroupObsExactCheck``)."""
+
+
+def enrollment_config(spec: ExactGroupObsSpec, config: CircuitConfig, inner_cols: int) -> CircuitConfig:
+    """The enrollment circuit's run arguments: one limb of base ``2**g_range_bits`` bounds each entry."""
+    return replace(config, decomp_base=1 << spec.g_range_bits, decomp_legs=1, num_inner_cols=inner_cols)
 
 
 def export_exact(spec: ExactGroupObsSpec, directory: Path) -> tuple[Path, Path]:
@@ -72,20 +81,24 @@ def build_exact_circuits(
     srs_for: Callable[[int], SrsInfo],
     config: CircuitConfig = EXACT_CONFIG,
 ) -> tuple[CircuitArtifacts, CircuitArtifacts]:
-    """Compile and set up the deletion and enrollment circuits with one common logrows."""
+    """Compile and set up the deletion and enrollment circuits with one common logrows.
+
+    The deletion circuit fixes the domain; the enrollment circuit takes the fewest columns that fit it
+    (with 8 columns it may raise the common logrows instead)."""
     staging = Path(directory) / "staging-exact"
     deletion_onnx, enrollment_onnx = export_exact(spec, staging)
-    enrollment_config = replace(config, num_inner_cols=ENROLLMENT_INNER_COLS)
-    common = max(
-        required_logrows(deletion_onnx, config, staging),
-        required_logrows(enrollment_onnx, enrollment_config, staging),
-        config.min_logrows,
-    )
+    common = max(required_logrows(deletion_onnx, config, staging), config.min_logrows)
+    for cols in ENROLLMENT_INNER_COLS:
+        enroll_config = enrollment_config(spec, config, cols)
+        needed = required_logrows(enrollment_onnx, enroll_config, staging)
+        if needed <= common:
+            break
+    common = max(common, needed)
     deletion = build_provider_artifacts(
         deletion_onnx, directory, srs_for, replace(config, min_logrows=common)
     )
     enrollment = build_provider_artifacts(
-        enrollment_onnx, directory, srs_for, replace(enrollment_config, min_logrows=common)
+        enrollment_onnx, directory, srs_for, replace(enroll_config, min_logrows=common)
     )
     return deletion, enrollment
 
@@ -103,8 +116,8 @@ class EnrollmentVerdict:
 class ExactGroupObsVerifier:
     """Verifies exact Group-OBS enrollment and deletion proofs of one spec with the provider's own keys.
 
-    ``deletion`` and ``enrollment`` must share logrows and SRS: both read the same ``theta`` and ``G``
-    commitments, and a commitment depends on the circuit's domain size.
+    ``deletion`` and ``enrollment`` must share logrows and SRS: both read the same ``G`` commitment, and
+    a commitment depends on the circuit's domain size.
     """
 
     def __init__(
@@ -117,7 +130,7 @@ class ExactGroupObsVerifier:
         if deletion.logrows != enrollment.logrows:
             raise ValueError(
                 f"deletion logrows {deletion.logrows} != enrollment logrows {enrollment.logrows}: "
-                "their commitments to theta and G would differ"
+                "their commitments to G would differ"
             )
         self.spec = spec
         self.circuit_keys = (deletion.key, enrollment.key)
@@ -131,26 +144,17 @@ class ExactGroupObsVerifier:
         """The provider's own commitment to the mask it issued, bound to the request digest."""
         return self.commit(mask_tensor(mask, request_digest, self.spec.n_blind))
 
-    def verify_enrollment(
-        self, submission: Proof | dict[str, Any], *, theta_commit: str, g_commit: str
-    ) -> EnrollmentVerdict:
-        """Check one batch's enrollment proof over the enrolled commitments."""
+    def verify_enrollment(self, submission: Proof | dict[str, Any], *, g_commit: str) -> EnrollmentVerdict:
+        """Check one batch's enrollment proof over the enrolled ``G`` commitment."""
         n = self.spec.batch
-        # Enrollment proofs carry no request: the replay guard is the identity of the commitments.
+        # Enrollment proofs carry no request: the replay guard is the identity of the commitment.
         early, proof, _ = self._enrollment._check_proof(
-            submission, "enrollment", [theta_commit, g_commit], 2 * n, InMemoryReplayGuard()
+            submission, "enrollment", [g_commit], n, InMemoryReplayGuard()
         )
         if early is not None:
             return EnrollmentVerdict(False, early.reason, early.detail)
-        values = signed_outputs(proof.instances[0])
-        below, g_fro = values[0::2], values[1::2]
-        for i, (b, g) in enumerate(zip(below, g_fro, strict=True)):
-            if b != 0:
-                return EnrollmentVerdict(
-                    False,
-                    Reason.ENROLLMENT_THETA_OUT_OF_RANGE,
-                    f"block {i}: a weight lies below -{self.spec.theta_bound} (normalised)",
-                )
+        g_fro = signed_outputs(proof.instances[0])
+        for i, g in enumerate(g_fro):
             if g <= 0:
                 return EnrollmentVerdict(False, Reason.OUTPUT_OUT_OF_RANGE, f"block {i}: ||G||_F^2 = {g}")
         return EnrollmentVerdict(True, Reason.OK, "", tuple(g_fro))
@@ -186,17 +190,26 @@ class ExactGroupObsVerifier:
                 False, Reason.MALFORMED, f"expected {n} enrolled ||G||_F^2 values, got {len(g_fro_sq)}"
             )
         expected = [enrolled_theta, claimed_theta_after, enrolled_g, mask_commitment]
-        early, proof, _ = self._deletion._check_proof(submission, request_id, expected, 3 * n, replay)
+        k = DELETION_OUTPUTS
+        early, proof, _ = self._deletion._check_proof(submission, request_id, expected, k * n, replay)
         if early is not None:
             return early
         digest = proof.digest()
         values = signed_outputs(proof.instances[0])
-        rows = tuple(tuple(float(v) for v in values[3 * i : 3 * i + 3]) for i in range(n))
+        rows = tuple(tuple(float(v) for v in values[k * i : k * i + k]) for i in range(n))
         for i in range(n):
-            kept, s_w, s_row = values[3 * i : 3 * i + 3]
+            kept, s_w, s_row, below = values[k * i : k * i + k]
             limit = self.spec.thresholds(int(g_fro_sq[i]))
-            if min(kept, s_w, s_row) < 0:
+            if min(kept, s_w, s_row, below) < 0:
                 return Verdict(False, Reason.OUTPUT_OUT_OF_RANGE, f"block {i}: negative output", digest, rows)
+            if below != 0:
+                return Verdict(
+                    False,
+                    Reason.THETA_OUT_OF_RANGE,
+                    f"block {i}: a committed weight lies below -{self.spec.theta_bound} (normalised)",
+                    digest,
+                    rows,
+                )
             if kept != 0:
                 return Verdict(
                     False, Reason.MASK_NOT_ZERO, f"block {i}: sum mask |theta'| = {kept}", digest, rows

@@ -150,11 +150,7 @@ def verify_exact_enrollment(
             proof = parse_proof(raw, index)
         except DeletionError as exc:
             return ExactEnrollmentVerdict(False, str(exc))
-        verdict = verifier.verify_enrollment(
-            proof,
-            theta_commit=names[(commitment_name("theta", layer), b)],
-            g_commit=names[(commitment_name("g", layer), b)],
-        )
+        verdict = verifier.verify_enrollment(proof, g_commit=names[(commitment_name("g", layer), b)])
         if not verdict.ok:
             return ExactEnrollmentVerdict(
                 False, f"{layer} batch {b}: {verdict.reason.value} {verdict.detail}".strip()

@@ -47,7 +47,7 @@ class Reason(enum.StrEnum):
     ANALYTIC_GRAM_WRONG = "analytic_gram_not_downdated"
     ANALYTIC_GRAM_NOT_PSD = "analytic_gram_not_positive_semidefinite"
     REFIT_NOT_SOLUTION = "refit_not_ridge_solution"
-    ENROLLMENT_THETA_OUT_OF_RANGE = "enrolled_weights_out_of_range"
+    THETA_OUT_OF_RANGE = "weights_out_of_range"
     ENROLLMENT_G_NOT_NORMALISED = "enrolled_factor_not_normalised"
     OUTPUT_OUT_OF_RANGE = "public_output_out_of_range"
 

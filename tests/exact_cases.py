@@ -91,15 +91,15 @@ def real_factor_batch(spec: ExactGroupObsSpec, seed: int = 0) -> Batch:
     return make_batch(spec, seed, g_float=g_all[pick], theta_float=weight[pick] * 2.0**exponent)
 
 
-def outputs(batch: Batch, theta_after: IntArray, w: IntArray) -> list[tuple[int, int, int]]:
+def outputs(batch: Batch, theta_after: IntArray, w: IntArray) -> list[tuple[int, int, int, int]]:
     return exact_outputs(batch.spec, batch.theta, theta_after, batch.g, batch.mask, w)
 
 
 def accepted(batch: Batch, theta_after: IntArray, w: IntArray) -> bool:
     """What the verifier decides from a proof with these outputs."""
-    for (kept, s_w, s_row), g_sq in zip(outputs(batch, theta_after, w), batch.g_fro_sq, strict=True):
+    for (kept, s_w, s_row, below), g_sq in zip(outputs(batch, theta_after, w), batch.g_fro_sq, strict=True):
         limit = batch.spec.thresholds(g_sq)
-        if kept != 0 or s_w > limit.w or s_row > limit.row:
+        if kept != 0 or below != 0 or s_w > limit.w or s_row > limit.row:
             return False
     return True
 

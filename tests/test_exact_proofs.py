@@ -7,11 +7,12 @@ forgeries that rely on out-of-range field elements cannot even be proven.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pytest
+from zkunlearn.client.group_obs import solve_blocks
 from zkunlearn.proofs.artifacts import CircuitArtifacts
 from zkunlearn.proofs.backend import ProvingError
 from zkunlearn.proofs.deletion import DeletionCircuits
@@ -21,6 +22,7 @@ from zkunlearn.proofs.exact import (
     field_blinding,
     g_tensor,
     mask_tensor,
+    quantise_exact,
     theta_tensor,
 )
 from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier
@@ -83,8 +85,8 @@ def _prove(arts: CircuitArtifacts, inputs: list[list[str]]) -> Any:
     return run_job(ProveJob(inputs, arts.compiled, arts.vk, arts.pk, arts.srs.path))
 
 
-def _enroll(circuits: tuple[CircuitArtifacts, CircuitArtifacts], theta: list[str], g: list[str]) -> Any:
-    return _prove(circuits[1], [theta, g])
+def _enroll(circuits: tuple[CircuitArtifacts, CircuitArtifacts], g: list[str]) -> Any:
+    return _prove(circuits[1], [g])
 
 
 def _delete(
@@ -104,6 +106,14 @@ def _delete(
         theta_tensor(w, _blind(SPEC.batch, SPEC.n_blind)),
     ]
     return _prove(circuits[0], inputs)
+
+
+def _unchecked_update(theta: IntArray, g: IntArray, mask: np.ndarray) -> tuple[IntArray, IntArray]:
+    """The Group-OBS solution of these integers, rounded, without the SDK's refusals."""
+    th = np.asarray(theta, dtype=np.float64) / 2.0**SPEC.theta_bits
+    gm = np.asarray(g, dtype=np.float64) / 2.0**SPEC.g_bits
+    after, _delta, w = solve_blocks(th, gm, mask, SPEC.lam)
+    return quantise_exact(np.where(mask, 0.0, after), SPEC.theta_bits), quantise_exact(w, SPEC.w_bits)
 
 
 def _verdict(verifier: ExactGroupObsVerifier, enrolled: Enrolled, result: Any, request_id: str = "r") -> Any:
@@ -128,23 +138,21 @@ def test_both_circuits_share_logrows_and_commitments(
     per_weight = rows / (SPEC.batch * SPEC.block)
     print(f"deletion rows {rows} ({per_weight:.1f} per weight), logrows {deletion.logrows}")
     assert per_weight <= 60
-    proof = _enroll(circuits, enrolled.theta_felts(), enrolled.g_felts())
-    assert proof.commitments == [enrolled.theta_commit, enrolled.g_commit]
+    proof = _enroll(circuits, enrolled.g_felts())
+    assert proof.commitments == [enrolled.g_commit]
 
 
 def test_honest_enrollment_is_accepted_and_proves_the_factors_norm(
     circuits: tuple[CircuitArtifacts, CircuitArtifacts], verifier: ExactGroupObsVerifier, enrolled: Enrolled
 ) -> None:
-    result = _enroll(circuits, enrolled.theta_felts(), enrolled.g_felts())
-    verdict = verifier.verify_enrollment(
-        result.proof, theta_commit=enrolled.theta_commit, g_commit=enrolled.g_commit
-    )
+    result = _enroll(circuits, enrolled.g_felts())
+    verdict = verifier.verify_enrollment(result.proof, g_commit=enrolled.g_commit)
     assert verdict.ok, verdict
     assert list(verdict.g_fro_sq) == enrolled.batch.g_fro_sq
     assert verifier.check_normalisation(verdict.g_fro_sq).ok
     # Bound to the commitments: the same proof against another G commitment does not verify.
     other = verifier.commit(g_tensor(enrolled.batch.g, _blind(SPEC.batch, SPEC.block)))
-    swapped = verifier.verify_enrollment(result.proof, theta_commit=enrolled.theta_commit, g_commit=other)
+    swapped = verifier.verify_enrollment(result.proof, g_commit=other)
     assert swapped.reason is Reason.BINDING_OR_INVALID
 
 
@@ -154,37 +162,46 @@ def test_a_shrunken_factor_is_refused_at_enrollment(
     """A tiny G would change what lam means (and, with a loose relation, free the weights)."""
     tiny = np.vectorize(lambda v: int(v) // 64, otypes=[object])(enrolled.batch.g)
     g_felts = g_tensor(tiny, enrolled.g_blind)
-    result = _enroll(circuits, enrolled.theta_felts(), g_felts)
-    verdict = verifier.verify_enrollment(
-        result.proof, theta_commit=enrolled.theta_commit, g_commit=verifier.commit(g_felts)
-    )
+    result = _enroll(circuits, g_felts)
+    verdict = verifier.verify_enrollment(result.proof, g_commit=verifier.commit(g_felts))
     assert verdict.ok  # the proof is sound; the factor it proves is not normalised
     refused = verifier.check_normalisation(verdict.g_fro_sq)
     assert refused.reason is Reason.ENROLLMENT_G_NOT_NORMALISED
 
 
-def test_weights_below_the_published_bound_are_refused_at_enrollment(
+def test_weights_below_the_published_bound_are_refused_in_the_deletion_proof(
     circuits: tuple[CircuitArtifacts, CircuitArtifacts], verifier: ExactGroupObsVerifier, enrolled: Enrolled
 ) -> None:
+    """Every deletion proof bounds the theta it reads: an enrolled weight below -theta_bound is caught
+    the first time its block is proven (the honest update of that theta otherwise satisfies the KKT)."""
     theta = np.array(enrolled.batch.theta, dtype=object)
     theta[0, 0] = -SPEC.theta_offset - 1
-    felts = theta_tensor(theta, enrolled.theta_blind)
-    result = _enroll(circuits, felts, enrolled.g_felts())
-    verdict = verifier.verify_enrollment(
-        result.proof, theta_commit=verifier.commit(felts), g_commit=enrolled.g_commit
-    )
-    assert verdict.reason is Reason.ENROLLMENT_THETA_OUT_OF_RANGE
+    low = replace(enrolled, batch=replace(enrolled.batch, theta=theta))
+    low = replace(low, theta_commit=verifier.commit(low.theta_felts()))
+    theta_after, w = _unchecked_update(theta, enrolled.batch.g, enrolled.batch.mask)
+    verdict = _verdict(verifier, low, _delete(circuits, low, theta_after, w))
+    assert verdict.reason is Reason.THETA_OUT_OF_RANGE, verdict
+    honest = enrolled.batch.update
+    assert _verdict(verifier, enrolled, _delete(circuits, enrolled, honest.theta_after, honest.w)).ok
 
 
-def test_factor_entries_outside_the_range_cannot_be_enrolled(
-    circuits: tuple[CircuitArtifacts, CircuitArtifacts], enrolled: Enrolled
+@pytest.mark.parametrize("over", [0, 1])
+def test_factor_entries_are_bounded_by_one_limb_at_enrollment(
+    circuits: tuple[CircuitArtifacts, CircuitArtifacts],
+    verifier: ExactGroupObsVerifier,
+    enrolled: Enrolled,
+    over: int,
 ) -> None:
-    """G entries near the field modulus (a client that could never prove, or one planting field
-    fractions) fail the enrollment circuit's range checks."""
+    """``|G_q| <= 2**g_range_bits - 1`` is provable; one more cannot be proven at all."""
     g = np.array(enrolled.batch.g, dtype=object)
-    g[0, 0, 0] = FIELD_MODULUS - 5 * 2**40
-    with pytest.raises(ProvingError):
-        _enroll(circuits, enrolled.theta_felts(), g_tensor(g, enrolled.g_blind))
+    g[0, 0, 0] = -((1 << SPEC.g_range_bits) - 1 + over)
+    felts = g_tensor(g, enrolled.g_blind)
+    if over:
+        with pytest.raises(ProvingError, match="witness generation failed"):
+            _enroll(circuits, felts)
+    else:
+        verdict = verifier.verify_enrollment(_enroll(circuits, felts).proof, g_commit=verifier.commit(felts))
+        assert verdict.ok, verdict
 
 
 def test_honest_deletion_is_accepted(

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from zkunlearn.client.group_obs import GroupObsError
-from zkunlearn.client.group_obs_exact import exact_update
+from zkunlearn.client.group_obs_exact import bounded_factor, exact_update
 from zkunlearn.proofs.exact import ExactGroupObsSpec, exact_request_binding, quantise_exact
 from zkunlearn.proofs.fixedpoint import FixedPointError
 
@@ -40,14 +40,18 @@ def test_dyadic_lam_is_close_and_exact() -> None:
 
 def test_scales_the_circuit_cannot_hold_are_refused() -> None:
     with pytest.raises(ValueError, match="negative power of two"):
-        ExactGroupObsSpec(16, 8, 1, 1, 10, theta_bits=20, g_bits=13, w_bits=40)
+        ExactGroupObsSpec(16, 8, 1, 1, 10, theta_bits=20, g_bits=6, w_bits=40)
+    with pytest.raises(ValueError, match="no room"):
+        ExactGroupObsSpec(16, 8, 1, 1, 10, g_bits=13)
+    with pytest.raises(ValueError, match="g_range_bits"):
+        ExactGroupObsSpec(16, 8, 1, 1, 10, g_range_bits=16)
     with pytest.raises(ValueError, match="float32-exact integer"):
         ExactGroupObsSpec(16, 8, 1, 2**20 + 1, 10)
 
 
 def test_reference_outputs_match_the_torch_relation() -> None:
     """The Python-int reference is what the exported module computes (float64, values below 2**53)."""
-    spec = ExactGroupObsSpec.from_lam(16, 8, 2, 2.0**-10, theta_bits=14, w_bits=14, g_bits=10)
+    spec = ExactGroupObsSpec.from_lam(16, 8, 2, 2.0**-10, theta_bits=14, w_bits=14, g_bits=6)
     batch = make_batch(spec, 3)
     rel = spec.relation().double()
     pad = np.zeros((spec.batch, spec.n_blind))
@@ -77,9 +81,9 @@ def test_honest_updates_stay_under_the_thresholds(name: str, kind: str, density:
     for seed in range(3):
         batch = make_batch(spec, seed, kind=kind, density=density)
         assert accepted(batch, batch.update.theta_after, batch.update.w)
-        for (kept, s_w, s_row), g_sq in zip(batch.update.outputs, batch.g_fro_sq, strict=True):
+        for (kept, s_w, s_row, below), g_sq in zip(batch.update.outputs, batch.g_fro_sq, strict=True):
             limit = spec.thresholds(g_sq)
-            assert kept == 0
+            assert kept == 0 and below == 0
             worst = max(worst, s_w / limit.w, s_row / limit.row)
     print(f"{name} {kind} density {density}: worst honest output / threshold = {worst:.3g}")
     assert worst <= 1.0
@@ -171,3 +175,31 @@ def test_request_binding_depends_on_request_block_and_position() -> None:
     assert len(set(a[0])) == 4
     with pytest.raises(FixedPointError):
         exact_request_binding(b"short", 1, 4)
+
+
+def test_a_heavy_factor_is_clipped_into_the_enrollment_range_and_stays_normalised() -> None:
+    """The SDK's factor fits the one-limb range the enrollment proof checks, at unit mean diagonal."""
+    spec = SPECS["B64 m16 lam0.001"]
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=(4, spec.m, spec.block))
+    g[0, 0, :3] = 200.0  # three entries far above |G| <= g_bound, a small share of the layer's mass
+    g /= np.sqrt(np.mean(g * g))
+    assert np.max(np.abs(g)) > spec.g_bound
+    fitted = bounded_factor(g, spec.g_bound, spec.g_norm_tolerance)
+    assert np.max(np.abs(fitted)) <= spec.g_bound
+    assert abs(float(np.mean(fitted * fitted)) - 1.0) <= spec.g_norm_tolerance / 4
+    q = quantise_exact(fitted, spec.g_bits, bound=spec.g_bound)
+    assert max(abs(int(v)) for v in np.ravel(q)) <= (1 << spec.g_range_bits) - 1
+    # The quantised norm is what the provider holds to the normalisation (per block of B weights).
+    total = sum(int(v) * int(v) for v in np.ravel(q))
+    lo, hi = spec.normalisation_range(g.shape[0] * g.shape[2] // spec.block)
+    assert lo <= total <= hi
+
+
+def test_a_factor_too_concentrated_for_the_range_is_refused_by_name() -> None:
+    spec = SPECS["B64 m16 lam0.001"]
+    g = np.zeros((4, spec.m, spec.block))
+    g[0, 0, 0] = 1.0  # a layer's whole curvature in one entry: sqrt(4 m B) = 64 > g_bound
+    g /= np.sqrt(np.mean(g * g))
+    with pytest.raises(GroupObsError, match="g_range_bits"):
+        bounded_factor(g, spec.g_bound, spec.g_norm_tolerance)
