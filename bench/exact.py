@@ -75,8 +75,8 @@ def _jobs(
     deletion, enrollment = arts
     return (
         ProveJob(deletion_inputs, deletion.compiled, deletion.vk, deletion.pk, deletion.srs.path, label),
-        ProveJob([theta, g], enrollment.compiled, enrollment.vk, enrollment.pk, enrollment.srs.path, label),
-        {"request": request, "mask": case["mask"], "g_fro_sq": g_fro_sq(case["g"])},
+        ProveJob([g], enrollment.compiled, enrollment.vk, enrollment.pk, enrollment.srs.path, label),
+        {"request": request, "mask": case["mask"], "g_fro_sq": g_fro_sq(case["g"]), "theta": theta},
     )
 
 
@@ -87,8 +87,8 @@ def _verify_deletion(
     verdict = verifier.verify(
         result.proof,
         request_id=result.label,
-        enrolled_theta=enrolled.commitments[0],
-        enrolled_g=enrolled.commitments[1],
+        enrolled_theta=verifier.commit(context["theta"]),
+        enrolled_g=enrolled.commitments[0],
         mask_commitment=verifier.mask_commitment(context["mask"], context["request"]),
         claimed_theta_after=result.commitments[1],
         g_fro_sq=context["g_fro_sq"],
@@ -178,9 +178,7 @@ def run_exact_bench(
             )
             verify_s = _verify_deletion(verifier, deletion, enrollment, context)
             t0 = time.perf_counter()
-            enrolled = verifier.verify_enrollment(
-                enrollment.proof, theta_commit=enrollment.commitments[0], g_commit=enrollment.commitments[1]
-            )
+            enrolled = verifier.verify_enrollment(enrollment.proof, g_commit=enrollment.commitments[0])
             enroll_verify_s = time.perf_counter() - t0
             if not enrolled.ok:
                 raise RuntimeError(f"honest enrollment refused: {enrolled}")
