@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from zkunlearn.bench.exact_analytic import analytic_rows
 from zkunlearn.bench.proofs import LAM, _build, _inputs
-from zkunlearn.client.group_obs_exact import exact_update, g_fro_sq
+from zkunlearn.client.group_obs_exact import exact_update
 from zkunlearn.proofs.artifacts import CircuitArtifacts
 from zkunlearn.proofs.backend import EzklBackend
 from zkunlearn.proofs.exact import (
     ExactGroupObsSpec,
     IntArray,
     field_blinding,
+    g_fro_sq,
     g_tensor,
     mask_tensor,
     quantise_exact,

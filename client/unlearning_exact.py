@@ -173,6 +173,10 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
                 raise UnlearningError(f"{job.label}: the enrollment proof commits to another G than ours")
         meta["commitments"] = [c.to_json() for c in commitments]
         meta["enrollment_proofs"] = [encode_proof(r.proof).hex() for r in results]
+        meta["enrollment_stats"] = {
+            "prove_s": [round(r.prove_s, 3) for r in results],
+            "peak_rss_mb": [round(r.peak_rss_mb, 1) for r in results],
+        }
         _atomic_save(self.state_dir, arrays, meta)
         self.load_model()
         return ExactEnrollment(commitments, [encode_proof(r.proof) for r in results])
@@ -184,6 +188,12 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
             [Commitment.from_json(c) for c in meta["commitments"]],
             [bytes.fromhex(p) for p in meta["enrollment_proofs"]],
         )
+
+    def enrollment_proof_stats(self) -> dict[str, list[float]]:
+        """Each enrollment proof's seconds and its worker's peak resident memory (MB)."""
+        _arrays, meta = _load(self.state_dir)
+        stats: dict[str, list[float]] = meta.get("enrollment_stats", {"prove_s": [], "peak_rss_mb": []})
+        return stats
 
     def _commit(self, felts: list[str]) -> str:
         arts = self.deletion_circuit

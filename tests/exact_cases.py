@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 from zkunlearn.client.fisher import fit_rows, layer_factors
-from zkunlearn.client.group_obs_exact import ExactUpdate, exact_update, g_fro_sq
-from zkunlearn.proofs.exact import ExactGroupObsSpec, IntArray, exact_outputs, quantise_exact
+from zkunlearn.client.group_obs_exact import ExactUpdate, exact_update
+from zkunlearn.proofs.exact import ExactGroupObsSpec, IntArray, exact_outputs, g_fro_sq, quantise_exact
 
 
 @dataclass(frozen=True)

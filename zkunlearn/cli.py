@@ -175,6 +175,30 @@ def bench_exact_proofs(
     console.print_json(json.dumps(result))
 
 
+@bench_app.command("vit-deletion")
+def bench_vit_deletion(
+    out: Annotated[Path, typer.Option(help="results JSON")] = Path("bench/results/vit_deletion.json"),
+    seed: Annotated[int, typer.Option(help="ViT task seed (12-23: held out from every choice)")] = 12,
+    m: Annotated[int, typer.Option(help="committed factor rows per block")] = 16,
+    batch: Annotated[int, typer.Option(help="blocks per proof (must divide every layer's blocks)")] = 2,
+    workers: Annotated[int, typer.Option(help="parallel proving processes")] = 2,
+    memory_limit_mb: Annotated[int, typer.Option(help="resident-memory cap per proving worker")] = 1024,
+) -> None:
+    """The ViT benchmark's headline deletion, enrolled, proven and verified under the exact relation."""
+    import json
+    import tempfile
+
+    from zkunlearn.bench.vit_exact import measure_vit_exact_deletion
+
+    with tempfile.TemporaryDirectory(prefix="zkvit-") as tmp:
+        result = measure_vit_exact_deletion(
+            Path(tmp), seed=seed, m=m, batch=batch, workers=workers, memory_limit_mb=memory_limit_mb
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print_json(json.dumps(result))
+
+
 @bench_app.command("unlearning", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_unlearning(ctx: typer.Context) -> None:
     """Unlearning quality and update cost on the offline tasks (options: --tasks, --seeds, --quick, ...)."""
