@@ -451,8 +451,9 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
     from zkunlearn.client.sdk import Commitment, EdgeClient
     from zkunlearn.client.store import ClientStore
     from zkunlearn.client.transport import ChannelConfig, Transport
+    from zkunlearn.provider.models import decode_forget
     from zkunlearn.provider.server import load_signer
-    from zkunlearn.provider.service import ProviderService, ServiceConfig, _decode_forget
+    from zkunlearn.provider.service import ProviderService, ServiceConfig
     from zkunlearn.provider.state import open_state
 
     rng = random.Random(settings.seed)
@@ -576,7 +577,7 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
             try:
                 commitments = [Commitment.from_json(c) for c in template.commitments]
                 client.enroll(cid, template.model_id, template.layers, KINDS[template.kind], commitments)
-                features, labels = _decode_forget(template.forget)
+                features, labels = decode_forget(template.forget)
                 request = operator.create_request(
                     cid, Mask.from_bytes(template.mask), forget_features=features, forget_labels=labels
                 )

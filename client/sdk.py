@@ -37,6 +37,7 @@ from zkunlearn.proofs.statements import (
     StatementVerifier,
     check_tree_head,
     enrollment_proofs_digest,
+    now_ms,
 )
 from zkunlearn.proofs.transparency import MerkleProofError, leaf_hash, verify_consistency, verify_inclusion
 from zkunlearn.v1 import provider_pb2 as pb
@@ -163,10 +164,6 @@ class Outcome:
 MAX_CURSOR = MAX_INT
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _tensor(t: pb.Tensor, what: str) -> npt.NDArray[np.float64]:
     """The delivered array, refused unless its shape accounts for exactly its bytes.
 
@@ -224,7 +221,7 @@ class EdgeClient:
         prover: UpdateProver,
         *,
         provider_public_key: bytes | None = None,
-        clock_ms: Any = _now_ms,
+        clock_ms: Any = now_ms,
         receipt_wait_s: float = 120.0,
     ) -> None:
         self.transport = transport if isinstance(transport, Transport) else Transport(transport)

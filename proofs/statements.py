@@ -23,6 +23,7 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "canonical_json",
     "check_tree_head",
     "key_id_for",
+    "now_ms",
     "parse_canonical_json",
     "require_hex",
     "same_json",
@@ -123,6 +125,11 @@ def _normalize(value: object, where: str, depth: int) -> object:
             out[str(key)] = _normalize(item, f"{where}.{key}", depth + 1)
         return out
     raise StatementError(f"{where}: {type(value).__name__} is not a JSON type (str/int/bool/None/list/dict)")
+
+
+def now_ms() -> int:
+    """Wall-clock Unix time in milliseconds: the unit of every timestamp a statement carries."""
+    return time.time_ns() // 1_000_000
 
 
 def canonical_json(payload: Mapping[str, object]) -> bytes:

@@ -28,9 +28,8 @@ import sqlalchemy as sa
 from zkunlearn.proofs.statements import SignedStatement, StatementError, StatementSigner, key_id_for
 
 from .ledger import Ledger, TreeHead
-from .models import TensorData
+from .models import TensorData, decode_forget
 from .server import ProviderConfig
-from .service import _decode_forget
 from .state import ProviderState, open_state
 
 __all__ = ["BUNDLE_FORMAT", "ExportError", "export_bundle", "export_from_config"]
@@ -129,7 +128,7 @@ def _write_bundle(
         request = state.get_request(request_id)
         if request is None:
             raise ExportError(f"log leaf names request {request_id!r}, which the state does not hold")
-        features, labels = _decode_forget(request.forget)
+        features, labels = decode_forget(request.forget)
         _write_json(
             root / "requests" / f"{request_id}.json",
             {

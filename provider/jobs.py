@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from zkunlearn.proofs.statements import now_ms
 
 from .state import ProviderState, SubmissionRecord
 
@@ -35,10 +36,6 @@ class JobSettings:
     lease_s: float = 300.0  # extended while verifying; a dead worker's job waits at most this long
     poll_s: float = 0.25  # how soon a job submitted through another replica is noticed
     max_attempts: int = 3
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class VerificationWorkers:
@@ -57,7 +54,7 @@ class VerificationWorkers:
         *,
         replica_id: str,
         settings: JobSettings | None = None,
-        clock_ms: Callable[[], int] = _now_ms,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.state = state
         self.settings = settings or JobSettings()

@@ -11,11 +11,16 @@ conflicting signed heads proving it).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from zkunlearn.proofs.statements import DOMAIN_TREE_HEAD, SignedStatement, StatementSigner, tree_head_payload
+from zkunlearn.proofs.statements import (
+    DOMAIN_TREE_HEAD,
+    SignedStatement,
+    StatementSigner,
+    now_ms,
+    tree_head_payload,
+)
 from zkunlearn.proofs.transparency import MerkleProofError, MerkleTree, leaf_hash
 
 from .state import LeafRecord, ProviderState, SubmissionRecord, TreeHeadRecord
@@ -35,15 +40,11 @@ class TreeHead:
     signature: bytes
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Ledger:
     """Receipts in order, with signed heads and inclusion/consistency proofs."""
 
     def __init__(
-        self, state: ProviderState, signer: StatementSigner, clock_ms: Callable[[], int] = _now_ms
+        self, state: ProviderState, signer: StatementSigner, clock_ms: Callable[[], int] = now_ms
     ) -> None:
         self._state = state
         self._signer = signer

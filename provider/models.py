@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.proofs.backend import is_commitment_point
-from zkunlearn.proofs.statements import MAX_STATEMENT_BYTES, same_json
+from zkunlearn.proofs.statements import MAX_STATEMENT_BYTES, canonical_json, same_json
 
 from .errors import InvalidInputError, ResourceExhaustedError, ServiceError
 from .state import LeafRecord, RequestRecord
@@ -67,7 +67,7 @@ MAX_REASON_CHARS = 2000
 _POINT_HEX_CHARS = 64  # a compressed BN254 G1 point, as ezkl writes a polycommit commitment
 
 
-def _check_commitments(items: Sequence[CommitmentRef], what: str) -> list[CommitmentRef]:
+def check_commitments(items: Sequence[CommitmentRef], what: str) -> list[CommitmentRef]:
     out: list[CommitmentRef] = []
     seen: set[tuple[str, int]] = set()
     if len(items) > 100_000:
@@ -142,6 +142,26 @@ class TensorData:
 
     def digest_json(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "sha256": hashlib.sha256(self.float64_le).hexdigest()}
+
+
+def encode_forget(features: TensorData | None, labels: TensorData | None) -> bytes:
+    """A request's forget samples as stored: a canonical JSON header line, then the raw float64 bytes
+    (pickle-free, self-describing); empty without samples."""
+    if features is None or labels is None:
+        return b""
+    header = canonical_json({"features": list(features.shape), "labels": list(labels.shape)})
+    return header + b"\n" + features.float64_le + labels.float64_le
+
+
+def decode_forget(blob: bytes) -> tuple[TensorData | None, TensorData | None]:
+    """The inverse of :func:`encode_forget` (the blob comes from the provider's own records)."""
+    if not blob:
+        return None, None
+    head, _, rest = blob.partition(b"\n")
+    shapes = json.loads(head)
+    fshape, lshape = tuple(shapes["features"]), tuple(shapes["labels"])
+    n = math.prod(fshape) * 8
+    return TensorData(fshape, rest[:n]), TensorData(lshape, rest[n:])
 
 
 @dataclass(frozen=True)
@@ -340,3 +360,25 @@ def require_payload(
         # Compared as canonical JSON, so types count too: a signed `true` is not the message's 1.
         if not same_json(value, payload[key]):
             raise error(f"{what}: signed field {key!r} does not match the message")
+
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+MAX_ID_CHARS = 128
+
+
+def check_id(value: str, what: str) -> str:
+    """``value`` if it is a usable id (client, request, replica): 1..128 of ``[A-Za-z0-9-_.:]``."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"{what} is empty")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidInputError(f"{what} is longer than {MAX_ID_CHARS} characters")
+    if not set(value) <= _ID_CHARS:
+        raise InvalidInputError(f"{what} {value!r} may only contain letters, digits and -_.:")
+    return value
+
+
+def check_layer(name: str) -> str:
+    """``name`` if it is a usable layer name: 1..256 characters without newlines."""
+    if not name or len(name) > 256 or "\n" in name:
+        raise InvalidInputError(f"layer name must be 1..256 characters without newlines, got {name[:40]!r}")
+    return name

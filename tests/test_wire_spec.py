@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
+import zkunlearn.provider.requests as requests_module
 import zkunlearn.provider.service as service_module
 from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.proofs import statements, transparency
@@ -365,7 +366,7 @@ def test_the_provider_signs_and_accepts_exactly_the_documented_bytes(
     # The request's random nonce and the submission's random id are the documented ones.
     request, delivery, receipt = by_name["deletion-request"], by_name["delivery"], by_name["receipt"]
     request_payload, receipt_payload = _payload(request), _payload(receipt)
-    monkeypatch.setattr(service_module.secrets, "token_hex", lambda n=None: request_payload["nonce"])
+    monkeypatch.setattr(requests_module.secrets, "token_hex", lambda n=None: request_payload["nonce"])
     monkeypatch.setattr(
         service_module.uuid, "uuid4", lambda: SimpleNamespace(hex=receipt_payload["submission_id"])
     )
