@@ -16,7 +16,7 @@ retrained ridge. Re-solving from the Gram is as accurate as retraining itself: r
 ``A`` near-singular (then ridge retrained from scratch is just as uncertain).
 
 A head whose ``R`` or ``W`` is *set* (the committed fixed-point state an
-:class:`~zkunlearn.client.unlearning.AnalyticUnlearner` proves from) has no Gram; it updates ``R`` by
+:class:`~zkunlearn.client.analytic_unlearner.AnalyticUnlearner` proves from) has no Gram; it updates ``R`` by
 Woodbury, because the circuit checks the downdate against exactly that ``R``:
   learn   (X, Y):    K = (I + X R X^T)^{-1};  R <- R - R X^T K X R;  W <- W + R X^T (Y - X W)
   unlearn (Xu, Yu):  S = Xu R Xu^T;  R' = R + R Xu^T (I - S)^{-1} Xu R;  W' = W - R' Xu^T (Yu - Xu W)

@@ -16,17 +16,17 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
-from zkunlearn.client.unlearning import (
+from zkunlearn.client.committed_state import (
     F64,
-    ProveOptions,
+    CommittedStateProver,
     UnlearningError,
-    _already_answered,
-    _atomic_save,
-    _CommittedStateProver,
-    _load,
-    _refuse_overwrite,
+    already_answered,
+    load_state,
+    refuse_overwrite,
+    save_state,
 )
+from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
+from zkunlearn.client.unlearning import ProveOptions
 from zkunlearn.client.unlearning_exact import ExactEnrollment, _blinding
 from zkunlearn.proofs.analytic_exact import (
     ExactAnalyticSpec,
@@ -62,7 +62,7 @@ def _stored(values: IntArray) -> F64:
     return arr.astype(np.float64)
 
 
-class ExactAnalyticUnlearner(_CommittedStateProver):
+class ExactAnalyticUnlearner(CommittedStateProver):
     """Exact unlearning of a ridge head from its committed Gram, with proofs (an ``UpdateProver``)."""
 
     def __init__(
@@ -81,7 +81,7 @@ class ExactAnalyticUnlearner(_CommittedStateProver):
 
     def weights(self) -> F64:
         """The committed head ``W`` (``d x k``, float64)."""
-        arrays, _meta = _load(self.state_dir)
+        arrays, _meta = load_state(self.state_dir)
         return arrays["w"] / 2.0**self.spec.w_bits
 
     def predict(self, features: npt.ArrayLike) -> F64:
@@ -96,7 +96,7 @@ class ExactAnalyticUnlearner(_CommittedStateProver):
         """Learn the head from ``features`` (``n x d``) and ``targets`` (class indices or ``n x k``),
         commit its Gram and weights, and prove the enrollment relation over them."""
         spec = self.spec
-        _refuse_overwrite(self.state_dir, replace)
+        refuse_overwrite(self.state_dir, replace)
         try:
             rows = quantise_rows(spec, features, targets)
         except FixedPointError as exc:
@@ -133,12 +133,12 @@ class ExactAnalyticUnlearner(_CommittedStateProver):
             "n_rows": int(rows.shape[0]),
             "last_request": None,
         }
-        _atomic_save(self.state_dir, {"m": _stored(m), "w": _stored(w)}, meta)
+        save_state(self.state_dir, {"m": _stored(m), "w": _stored(w)}, meta)
         return ExactEnrollment(commitments, [proof])
 
     def saved_enrollment(self) -> ExactEnrollment:
         """The saved enrollment (e.g. to send it again after a restart)."""
-        _arrays, meta = _load(self.state_dir)
+        _arrays, meta = load_state(self.state_dir)
         return ExactEnrollment(
             [Commitment.from_json(c) for c in meta["commitments"]],
             [bytes.fromhex(p) for p in meta["enrollment_proofs"]],
@@ -147,8 +147,8 @@ class ExactAnalyticUnlearner(_CommittedStateProver):
     # -- deletion ---------------------------------------------------------------------------------
 
     def prove(self, request: VerifiedRequest) -> UpdateResult:
-        arrays, meta = _load(self.state_dir)
-        done = _already_answered(meta, request.request_id)
+        arrays, meta = load_state(self.state_dir)
+        done = already_answered(meta, request.request_id)
         if done is not None:
             return done
         mine = {(c["name"], c["block"]): c["point_hex"] for c in meta["commitments"]}

@@ -179,20 +179,16 @@ def _tensor(t: pb.Tensor, what: str) -> npt.NDArray[np.float64]:
         raise ForgedRequestError(f"{what}: shape {list(shape)} cannot be used: {exc}") from exc
 
 
-# The validation errors of the bundled provers (client/unlearning.py and what it calls): raised when a
-# request cannot be processed by this client at all, with the committed state left as it was. Named, not
-# imported: those modules import this one, and pull in torch and ezkl, which a client with its own
-# prover need not have; an exception of one of these classes can only exist once its module is loaded.
-_PROVER_REFUSALS = frozenset(
-    {
-        "zkunlearn.client.unlearning.UnlearningError",
-        "zkunlearn.client.analytic.AnalyticError",
-        "zkunlearn.client.group_obs.GroupObsError",
-        "zkunlearn.client.refit.OutputRefitError",
-        "zkunlearn.proofs.layout.DeletionError",
-        "zkunlearn.proofs.fixedpoint.FixedPointError",
-    }
-)
+_PROVER_REFUSALS: set[type[BaseException]] = set()
+
+
+def register_refusals(*classes: type[BaseException]) -> None:
+    """Declare exception classes with which a prover says a request cannot be processed by this client
+    at all (permanent; the committed state left as it was): the client then records the refusal and
+    moves on instead of retrying. The bundled provers register theirs when their module is imported
+    (:mod:`zkunlearn.client.committed_state`); this module imports none of them, since they pull in
+    torch and ezkl, which a client with its own prover need not have."""
+    _PROVER_REFUSALS.update(classes)
 
 
 def _refuses_request(exc: BaseException) -> bool:
@@ -204,8 +200,7 @@ def _refuses_request(exc: BaseException) -> bool:
     """
     error: BaseException | None = exc
     while error is not None:
-        named = (f"{c.__module__}.{c.__qualname__}" for c in type(error).__mro__)
-        if not isinstance(error, RequestRefusedError | MaskError) and _PROVER_REFUSALS.isdisjoint(named):
+        if not isinstance(error, (RequestRefusedError, MaskError, *_PROVER_REFUSALS)):
             return False
         error = error.__cause__
     return True

@@ -1,28 +1,22 @@
-"""The edge client's provers: apply the unlearning update and prove it, from committed state.
+"""The edge client's fixed-point Group-OBS prover (with the optional output refit), and what every
+prover shares: enrollment's curvature factors, mask checks and proving options.
 
-Each prover keeps a durable *committed state* on disk (``state.npz`` + ``state.json``): exactly the
-tensors (on the fixed-point grid) and the blinding elements behind the commitments the provider holds.
-Both files carry the same generation id and are replaced as one (:func:`_atomic_save`), so a crash can
-never pair new weights with old commitments.
-``prove`` always derives the update from that state, never from the live model, so a crash between
-updating and submitting cannot make the client prove an update on top of an update. The live model is
-written from the committed state after each accepted-to-be update.
+Each prover keeps a durable committed state (:mod:`zkunlearn.client.committed_state`): exactly the
+tensors and blinding behind the commitments the provider holds. ``prove`` always derives the update
+from that state, never from the live model, so a crash between updating and submitting cannot make the
+client prove an update on top of an update; the live model is written from the committed state after
+each update.
 
 Group-OBS: per targeted layer, weights are scaled by ``2**e`` (unit spread), G is normalised to unit
 mean diagonal (:mod:`zkunlearn.client.fisher`), blocks are solved in float64
 (:mod:`zkunlearn.client.group_obs`), then rounded to the circuit's grid; only the batches the mask
-touches are proved. Analytic: the RLS head is unlearned exactly (:mod:`zkunlearn.client.analytic`)
-and one proof shows ``W'`` and ``R'`` are the downdated ridge solution.
+touches are proved. The other provers: :mod:`.unlearning_exact` (exact Group-OBS),
+:mod:`.analytic_exact` and :mod:`.analytic_unlearner` (analytic heads).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import os
-import re
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +28,18 @@ import torch
 from torch import Tensor, nn
 from zkunlearn.circuits.activations import activate
 from zkunlearn.circuits.mask import LayerMask
-from zkunlearn.client.analytic import AnalyticError, AnalyticHead
+from zkunlearn.client.committed_state import (
+    CommittedStateProver,
+    UnlearningError,
+    already_answered,
+    commit_tensor,
+    input_scale,
+    load_state,
+    model_param,
+    on_grid,
+    refuse_overwrite,
+    save_state,
+)
 from zkunlearn.client.fisher import (
     BlockFactors,
     Curvature,
@@ -47,15 +52,10 @@ from zkunlearn.client.group_obs import apply_group_obs
 from zkunlearn.client.refit import OutputRefitError, capture_inputs, committed_rows, refit_following_layer
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.proofs.artifacts import ClientCircuit
-from zkunlearn.proofs.backend import EzklBackend
 from zkunlearn.proofs.deletion import (
-    ANALYTIC_LAYER,
-    AnalyticSpec,
     GroupObsSpec,
     RefitSpec,
-    analytic_forget_tensors,
     commitment_name,
-    encode_proof,
     layer_batches,
     request_digest,
     touched_batches,
@@ -72,132 +72,6 @@ from zkunlearn.proofs.prover import (
 
 F64 = npt.NDArray[np.float64]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-class UnlearningError(RuntimeError):
-    """The committed state and a request or circuit disagree; nothing was changed."""
-
-
-def _input_scale(circuit: ClientCircuit) -> int:
-    return int(json.loads(circuit.settings.read_text())["run_args"]["input_scale"])
-
-
-def _on_grid(x: F64, scale: int) -> F64:
-    step = float(2**scale)
-    out: F64 = np.rint(np.asarray(x, dtype=np.float64) * step) / step
-    return out
-
-
-# The generation both files of one committed state carry: a key of state.npz, and of state.json.
-_GENERATION = "__generation__"
-_GENERATION_RE = re.compile(r"[0-9a-f]{32}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """A rename is durable only once its directory is flushed; only POSIX can open a directory."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, write: Callable[[Any], None]) -> None:
-    with open(path, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _atomic_save(directory: Path, arrays: dict[str, F64], meta: dict[str, Any]) -> None:
-    """Replace the committed state as one: a crash at any point leaves the old state or the new one.
-
-    Two renames cannot switch two files at once, so ``state.json`` is the single switch and names the
-    generation of the arrays that belong to it. The new arrays are written, flushed, under their own
-    name ``state.<generation>.npz``; then the new ``state.json`` replaces the old one (the commit);
-    only then is ``state.<generation>.npz`` renamed over ``state.npz``. Before the commit the old pair
-    is untouched (the new arrays are an orphan the next save removes); after it :func:`_load` reads
-    the generation's own file until that last rename has happened.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    generation = secrets.token_hex(16)
-    pending = directory / f"state.{generation}.npz"
-    stamped = arrays | {_GENERATION: np.array(generation)}
-    _write_durably(pending, lambda handle: np.savez(handle, **stamped))
-    tmp_meta = directory / f".state.json.{generation}.tmp"
-    body = json.dumps(meta | {_GENERATION: generation}, sort_keys=True).encode()
-    _write_durably(tmp_meta, lambda handle: handle.write(body))
-    os.replace(tmp_meta, directory / "state.json")
-    _fsync_dir(directory)
-    os.replace(pending, directory / "state.npz")
-    _fsync_dir(directory)
-    for stale in [*directory.glob("state.*.npz"), *directory.glob(".state.json.*.tmp")]:
-        if _GENERATION_RE.fullmatch(stale.name.split(".")[-2]):
-            # Orphans of saves that crashed before their commit; the state is saved whatever happens here.
-            with contextlib.suppress(OSError):
-                stale.unlink()
-
-
-def _load(directory: Path) -> tuple[dict[str, F64], dict[str, Any]]:
-    path = directory / "state.npz"
-    try:
-        meta = json.loads((directory / "state.json").read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("state.json does not hold an object")
-        generation = meta.pop(_GENERATION, None)
-        if generation is not None:
-            if not (isinstance(generation, str) and _GENERATION_RE.fullmatch(generation)):
-                raise ValueError(f"state.json names a malformed generation {generation!r}")
-            if (directory / f"state.{generation}.npz").exists():  # committed, not yet renamed
-                path = directory / f"state.{generation}.npz"
-        with np.load(path) as data:
-            stamp = str(data[_GENERATION]) if _GENERATION in data.files else None
-            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in data.files if k != _GENERATION}
-        # Both unstamped: a state saved before generations existed, consistent by the old contract. A
-        # mismatch is a fault of this device's storage, not of any request: raised as a read failure.
-        if stamp != generation:
-            raise ValueError(
-                f"it is torn: state.json is generation {generation}, {path.name} holds generation "
-                f"{stamp}; restore the folder from a backup"
-            )
-    except (OSError, ValueError, KeyError) as exc:
-        raise UnlearningError(f"cannot read committed state in {directory}: {exc}") from exc
-    return arrays, meta
-
-
-def _refuse_overwrite(directory: Path, replace: bool) -> None:
-    """Enrolling over a committed state would destroy the blinding behind commitments the provider
-    already holds: every later proof would then be refused, with no way back. Only an explicit
-    ``replace=True`` (a state never enrolled with a provider, or one being re-enrolled) may do it."""
-    if not replace and (directory / "state.json").exists():
-        raise UnlearningError(
-            f"{directory} already holds a committed enrollment; enrolling again would overwrite the "
-            "state behind commitments the provider may hold. Reopen it (load_model()), or pass "
-            "replace=True to discard it"
-        )
-
-
-def _commit(circuit: ClientCircuit, tensor: F64, scale: int) -> str:
-    return EzklBackend().commit(felts(tensor, scale), circuit.vk, circuit.settings, circuit.srs.path)
-
-
-def _param(model: nn.Module, name: str) -> nn.Parameter:
-    params = dict(model.named_parameters())
-    if name not in params:
-        raise UnlearningError(f"model has no parameter {name!r}")
-    return params[name]
-
-
-def _already_answered(meta: dict[str, Any], request_id: str) -> UpdateResult | None:
-    """A crash after the state advanced but before the SDK saved the result: hand back the same answer."""
-    last = meta.get("last_request")
-    if not last or last["request_id"] != request_id:
-        return None
-    return UpdateResult(
-        [Commitment.from_json(c) for c in last["after"]], [bytes.fromhex(p) for p in last["proofs"]]
-    )
 
 
 def _staging_copy(model: nn.Module, staged: set[str]) -> nn.Module:
@@ -229,7 +103,7 @@ def enrollment_factors(
     """The enrolled layers' blockwise curvature factors, after refusing layers the spec cannot cut into
     whole proof batches (see :meth:`GroupObsUnlearner.enroll` for the curvature options)."""
     for layer in layers:
-        numel = _param(model, layer).numel()
+        numel = model_param(model, layer).numel()
         if numel % spec.batch_weights:
             raise UnlearningError(
                 f"{layer}: {numel} weights are not a multiple of batch x block = {spec.batch_weights}"
@@ -264,44 +138,6 @@ def check_mask_layer(layer_mask: LayerMask, meta: dict[str, Any], spec: BlockLay
     layer_batches(layer_mask, spec)
 
 
-class _CommittedStateProver:
-    """What the provers share: a committed-state folder, saving an answer, and its statistics."""
-
-    state_dir: Path
-
-    def load_model(self) -> None: ...
-
-    def _save_answer(
-        self,
-        request_id: str,
-        after: dict[tuple[str, int], str],
-        results: Sequence[ProveResult],
-        arrays: dict[str, F64],
-        meta: dict[str, Any],
-    ) -> UpdateResult:
-        """Commit the new state with its answer (kept for a retry after a crash), then the live model."""
-        after_list = [Commitment(n, b, p) for (n, b), p in after.items()]
-        proofs = [encode_proof(r.proof) for r in results]
-        meta["commitments"] = [c.to_json() for c in after_list]
-        meta["last_request"] = {
-            "request_id": request_id,
-            "after": [c.to_json() for c in after_list],
-            "proofs": [p.hex() for p in proofs],
-            "prove_s": [r.prove_s for r in results],
-            "peak_rss_mb": [r.peak_rss_mb for r in results],
-        }
-        _atomic_save(self.state_dir, arrays, meta)
-        self.load_model()
-        return UpdateResult(after_list, proofs)
-
-    def last_proof_stats(self) -> dict[str, Any]:
-        _arrays, meta = _load(self.state_dir)
-        last = meta.get("last_request") or {}
-        return {k: last.get(k) for k in ("request_id", "prove_s", "peak_rss_mb")} | {
-            "proof_bytes": sum(len(bytes.fromhex(p)) for p in last.get("proofs", []))
-        }
-
-
 def _check_published(spec: GroupObsSpec | RefitSpec, where: str, **values: npt.ArrayLike) -> None:
     """Refuse values above the provider's published magnitudes (``<name>_bound`` on its spec): its
     tolerance and its circuit's range checks assume them, so an honest proof over larger ones could
@@ -328,7 +164,7 @@ class ProveOptions:
     progress: bool = True
 
 
-class GroupObsUnlearner(_CommittedStateProver):
+class GroupObsUnlearner(CommittedStateProver):
     """Group-OBS update + proof for the targeted layers of one model (an ``UpdateProver``)."""
 
     #: Refuse to submit a proof whose input commitment is not the committed one (a corrupted state
@@ -349,7 +185,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         self.circuit = circuit
         self.state_dir = Path(state_dir)
         self.options = options or ProveOptions()
-        self.scale = _input_scale(circuit)
+        self.scale = input_scale(circuit)
         self.refits = tuple(refits)  # in the provider's published order: the proofs follow it
 
     # -- enrollment --------------------------------------------------------------------------------
@@ -383,7 +219,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         the output refit's committed rows stay the client's own samples.
         """
         spec, scale = self.spec, self.scale
-        _refuse_overwrite(self.state_dir, replace)
+        refuse_overwrite(self.state_dir, replace)
         if inputs.shape[0] < 1:
             raise UnlearningError("enrollment needs client samples for the Fisher factor")
         # Everything is computed and checked before the state is saved, and the live model is written
@@ -403,7 +239,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         fitted = {n: fit_rows(f.factors, spec.m) for n, f in all_factors.items()}
         to_commit: list[tuple[str, int, ClientCircuit, F64]] = []
         for layer in layers:
-            param = _param(self.model, layer)
+            param = model_param(self.model, layer)
             n_batches = param.numel() // spec.batch_weights
             factors = all_factors[layer]
             g = fitted[layer]  # (n_blocks, m, B), unit mean diagonal
@@ -411,8 +247,8 @@ class GroupObsUnlearner(_CommittedStateProver):
             if not np.isfinite(weight).all():
                 raise UnlearningError(f"{layer} has non-finite weights; they cannot be committed")
             exponent = theta_exponent(weight, max_abs=spec.theta_bound)
-            theta = _on_grid(weight * 2.0**exponent, scale).reshape(n_batches, spec.batch, spec.block)
-            g = _on_grid(g, scale).reshape(n_batches, spec.batch, spec.m, spec.block)
+            theta = on_grid(weight * 2.0**exponent, scale).reshape(n_batches, spec.batch, spec.block)
+            g = on_grid(g, scale).reshape(n_batches, spec.batch, spec.m, spec.block)
             _check_published(spec, f"enrolling {layer}", g=g)
             theta_blind = np.stack(
                 [
@@ -455,9 +291,11 @@ class GroupObsUnlearner(_CommittedStateProver):
             self._write_params(scratch, arrays, meta)
             for refit, circuit in refits:
                 to_commit += self._enroll_refit(refit, circuit, retained, meta, arrays, scratch)
-        commitments = [Commitment(name, b, _commit(circuit, t, scale)) for name, b, circuit, t in to_commit]
+        commitments = [
+            Commitment(name, b, commit_tensor(circuit, t, scale)) for name, b, circuit, t in to_commit
+        ]
         meta["commitments"] = [c.to_json() for c in commitments]
-        _atomic_save(self.state_dir, arrays, meta)
+        save_state(self.state_dir, arrays, meta)
         self.load_model()
         return commitments
 
@@ -493,13 +331,15 @@ class GroupObsUnlearner(_CommittedStateProver):
             )
         exponent = int(meta["layers"][refit.masked]["exponent"])
         rows = committed_rows(z.shape[0], refit.n)
-        z_scaled = _on_grid(z[rows] * 2.0**-exponent, scale)
-        bias = _param(model, refit.masked_bias).detach() if refit.masked_bias else torch.zeros(refit.hidden)
-        b1 = _on_grid(bias.double().cpu().numpy().reshape(1, -1), scale)
+        z_scaled = on_grid(z[rows] * 2.0**-exponent, scale)
+        bias = (
+            model_param(model, refit.masked_bias).detach() if refit.masked_bias else torch.zeros(refit.hidden)
+        )
+        b1 = on_grid(bias.double().cpu().numpy().reshape(1, -1), scale)
         v = np.hstack(
             [following.weight.detach().double().numpy(), following.bias.detach().double().numpy()[:, None]]
         )
-        v = _on_grid(v, scale)
+        v = on_grid(v, scale)
         if list(meta["layers"][refit.masked]["shape"]) != [refit.hidden, refit.d_in]:
             raise UnlearningError(
                 f"{refit.masked} is {meta['layers'][refit.masked]['shape']}, the circuit expects "
@@ -550,7 +390,7 @@ class GroupObsUnlearner(_CommittedStateProver):
             following.weight.copy_(torch.from_numpy(v[:, :-1]).to(following.weight.dtype))
             following.bias.copy_(torch.from_numpy(v[:, -1]).to(following.bias.dtype))
             if refit.masked_bias:
-                param = _param(model, refit.masked_bias)
+                param = model_param(model, refit.masked_bias)
                 param.copy_(torch.from_numpy(arrays[f"{key}/b1"][0]).to(param.dtype))
 
     def committed_factor(self, layer: str) -> F64:
@@ -562,7 +402,7 @@ class GroupObsUnlearner(_CommittedStateProver):
         term — only ever shows as lost accuracy. This lets the device's owner check what was
         committed against what it meant to commit; blinding factors stay private.
         """
-        arrays, meta = _load(self.state_dir)
+        arrays, meta = load_state(self.state_dir)
         if layer not in meta.get("layers", {}):
             raise UnlearningError(
                 f"no committed factor for layer {layer!r}; enrolled layers: {sorted(meta.get('layers', {}))}"
@@ -591,8 +431,8 @@ class GroupObsUnlearner(_CommittedStateProver):
         return np.asarray(new, dtype=np.float64).reshape(theta.shape), w
 
     def prove(self, request: VerifiedRequest) -> UpdateResult:
-        arrays, meta = _load(self.state_dir)
-        done = _already_answered(meta, request.request_id)
+        arrays, meta = load_state(self.state_dir)
+        done = already_answered(meta, request.request_id)
         if done is not None:
             self.load_model()  # the answer's weights, if a failure cut the first attempt short of this
             return done
@@ -614,7 +454,7 @@ class GroupObsUnlearner(_CommittedStateProver):
             name = layer_mask.layer
             theta, g = arrays[f"{name}/theta"], arrays[f"{name}/g"]
             after, w = self.compensate(theta, g, layer_mask, spec.lam)
-            after = _on_grid(after, scale)
+            after = on_grid(after, scale)
             dense = layer_mask.dense().reshape(theta.shape).astype(bool)
             after[dense] = 0.0  # exactly zero: r_mask has no tolerance
             new_theta[name] = after
@@ -706,7 +546,7 @@ class GroupObsUnlearner(_CommittedStateProver):
             )
         except OutputRefitError as exc:
             raise UnlearningError(f"refit of {refit.following}: {exc}") from exc
-        v_new = _on_grid(np.hstack([fit.weight, fit.bias[:, None]]), scale)
+        v_new = on_grid(np.hstack([fit.weight, fit.bias[:, None]]), scale)
         _check_published(refit, f"refit of {refit.following}", v=v_new)
         v_blind = random_blinding(refit.hidden + 1, scale)[None, :]
         before_blind = arrays[f"{refit.masked}/theta_blind"]
@@ -731,7 +571,7 @@ class GroupObsUnlearner(_CommittedStateProver):
 
     def load_model(self) -> None:
         """Write the committed weights into the live model (e.g. after a restart)."""
-        arrays, meta = _load(self.state_dir)
+        arrays, meta = load_state(self.state_dir)
         self._write_params(self.model, arrays, meta)
         for refit, _circuit in self.refits:
             if refit.following in meta.get("refits", {}):
@@ -739,154 +579,7 @@ class GroupObsUnlearner(_CommittedStateProver):
 
     def _write_params(self, model: nn.Module, arrays: dict[str, F64], meta: dict[str, Any]) -> None:
         for name, info in meta["layers"].items():
-            param = _param(model, name)
+            param = model_param(model, name)
             value = arrays[f"{name}/theta"].reshape(info["shape"]) / 2.0 ** int(info["exponent"])
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value).to(param.dtype))
-
-
-def _refuse_non_finite(what: str, array: F64) -> None:
-    bad = np.argwhere(~np.isfinite(array))
-    if bad.size:
-        at = tuple(int(i) for i in bad[0])
-        raise UnlearningError(f"{what} {at} is {float(array[at])}")
-
-
-class AnalyticUnlearner(_CommittedStateProver):
-    """Exact unlearning of an analytic (ridge/RLS) head + its proof (an ``UpdateProver``)."""
-
-    def __init__(
-        self,
-        head: AnalyticHead,
-        spec: AnalyticSpec,
-        circuit: ClientCircuit,
-        state_dir: Path,
-        options: ProveOptions | None = None,
-    ) -> None:
-        if (head.d, head.c) != (spec.d, spec.k):
-            raise UnlearningError(f"head is {head.d}x{head.c}, the circuit expects {spec.d}x{spec.k}")
-        self.head = head
-        self.spec = spec
-        self.circuit = circuit
-        self.state_dir = Path(state_dir)
-        self.options = options or ProveOptions()
-        self.scale = _input_scale(circuit)
-
-    def _tensor(self, value: F64, blind: F64) -> F64:
-        return np.vstack([value, blind[None, :]])
-
-    def enroll(self, *, replace: bool = False) -> list[Commitment]:
-        """Commit to the head's state; a ``state_dir`` already enrolled is refused unless ``replace``."""
-        _refuse_overwrite(self.state_dir, replace)
-        scale = self.scale
-        r, w = _on_grid(self.head.R, scale), _on_grid(self.head.W, scale)
-        blind_r, blind_w = random_blinding(self.spec.d, scale), random_blinding(self.spec.k, scale)
-        commitments = [
-            Commitment(
-                commitment_name("r", ANALYTIC_LAYER),
-                0,
-                _commit(self.circuit, self._tensor(r, blind_r), scale),
-            ),
-            Commitment(
-                commitment_name("w", ANALYTIC_LAYER),
-                0,
-                _commit(self.circuit, self._tensor(w, blind_w), scale),
-            ),
-        ]
-        meta = {
-            "commitments": [c.to_json() for c in commitments],
-            "last_request": None,
-            "n_learned": self.head.n_learned,
-        }
-        _atomic_save(self.state_dir, {"r": r, "w": w, "blind_r": blind_r, "blind_w": blind_w}, meta)
-        self.head.R, self.head.W = r.copy(), w.copy()
-        return commitments
-
-    def _forget_rows(self, request: VerifiedRequest) -> tuple[F64, F64, F64]:
-        """The request's forget features, labels and regression targets, refused with the reason before
-        anything is computed from them: a label cast to an index first would turn -1 into the last
-        class and 1.7 into class 1, i.e. forget rows the provider never named."""
-        spec = self.spec
-        if request.forget_features is None or request.forget_labels is None:
-            raise UnlearningError("an analytic deletion request must carry the forget features and labels")
-        x_u = np.asarray(request.forget_features, dtype=np.float64)
-        y_u = np.asarray(request.forget_labels, dtype=np.float64)
-        if x_u.ndim != 2 or x_u.shape[1] != spec.d:
-            raise UnlearningError(f"forget features must be (n, {spec.d}), got shape {x_u.shape}")
-        n = x_u.shape[0]
-        if n > spec.n_u:
-            raise UnlearningError(f"{n} forget samples exceed the circuit's n_u = {spec.n_u}")
-        _refuse_non_finite("forget feature", x_u)
-        if y_u.ndim == 1:
-            if y_u.shape != (n,):
-                raise UnlearningError(f"{y_u.shape[0]} forget labels for {n} forget samples")
-            valid = np.isfinite(y_u) & (y_u == np.round(y_u)) & (y_u >= 0) & (y_u < spec.k)
-            if not valid.all():
-                i = int(np.flatnonzero(~valid)[0])
-                raise UnlearningError(
-                    f"forget label {i} is {float(y_u[i])}: 1-D labels must be class indices in [0, {spec.k})"
-                )
-            return x_u, y_u, np.eye(spec.k)[y_u.astype(np.int64)]
-        if y_u.shape != (n, spec.k):
-            raise UnlearningError(
-                f"forget labels must be {n} class indices or ({n}, {spec.k}) targets, got shape {y_u.shape}"
-            )
-        _refuse_non_finite("forget target", y_u)
-        return x_u, y_u, y_u
-
-    def prove(self, request: VerifiedRequest) -> UpdateResult:
-        arrays, meta = _load(self.state_dir)
-        done = _already_answered(meta, request.request_id)
-        if done is not None:
-            # The answer's head, if a failure cut the first attempt short of writing it.
-            self.head.R, self.head.W, self.head.n_learned = arrays["r"], arrays["w"], int(meta["n_learned"])
-            return done
-        x_u, y_u, targets = self._forget_rows(request)
-        scale, spec = self.scale, self.spec
-        head = AnalyticHead(spec.d, spec.k, self.head.gamma)
-        try:
-            # Set, not learned: the downdate must start from the committed R the circuit checks against.
-            head.R, head.W, head.n_learned = arrays["r"].copy(), arrays["w"].copy(), int(meta["n_learned"])
-            head.unlearn(x_u, targets)
-        except AnalyticError as exc:
-            raise UnlearningError(f"cannot unlearn the forget samples: {exc}") from exc
-        r_after, w_after = _on_grid(head.R, scale), _on_grid(head.W, scale)
-        blind_r2, blind_w2 = random_blinding(spec.d, scale), random_blinding(spec.k, scale)
-        digest = request_digest(request.canonical)
-        fx, fy = analytic_forget_tensors(spec, x_u, y_u, digest, scale)
-        tensors = [
-            felts(self._tensor(arrays["r"], arrays["blind_r"]), scale),
-            felts(self._tensor(r_after, blind_r2), scale),
-            felts(self._tensor(arrays["w"], arrays["blind_w"]), scale),
-            felts(self._tensor(w_after, blind_w2), scale),
-            fx,
-            fy,
-        ]
-        c = self.circuit
-        (result,) = prove_parallel(
-            [ProveJob(tensors, c.compiled, c.vk, c.pk, c.srs.path, label="analytic head")],
-            workers=1,
-            memory_limit_mb=self.options.memory_limit_mb,
-            progress=self.options.progress,
-        )
-        after = [
-            Commitment(commitment_name("r", ANALYTIC_LAYER), 0, result.commitments[1]),
-            Commitment(commitment_name("w", ANALYTIC_LAYER), 0, result.commitments[3]),
-        ]
-        proofs = [encode_proof(result.proof)]
-        meta.update(
-            commitments=[x.to_json() for x in after],
-            n_learned=head.n_learned,
-            last_request={
-                "request_id": request.request_id,
-                "after": [x.to_json() for x in after],
-                "proofs": [p.hex() for p in proofs],
-                "prove_s": [result.prove_s],
-                "peak_rss_mb": [result.peak_rss_mb],
-            },
-        )
-        _atomic_save(
-            self.state_dir, {"r": r_after, "w": w_after, "blind_r": blind_r2, "blind_w": blind_w2}, meta
-        )
-        self.head.R, self.head.W, self.head.n_learned = r_after.copy(), w_after.copy(), head.n_learned
-        return UpdateResult(after, proofs)

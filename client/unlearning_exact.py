@@ -20,6 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from zkunlearn.client.committed_state import (
+    CommittedStateProver,
+    UnlearningError,
+    already_answered,
+    load_state,
+    model_param,
+    refuse_overwrite,
+    save_state,
+)
 from zkunlearn.client.fisher import (
     Curvature,
     LossFn,
@@ -28,18 +37,7 @@ from zkunlearn.client.fisher import (
 from zkunlearn.client.group_obs import GroupObsError
 from zkunlearn.client.group_obs_exact import bounded_factor, exact_update
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
-from zkunlearn.client.unlearning import (
-    ProveOptions,
-    UnlearningError,
-    _already_answered,
-    _atomic_save,
-    _CommittedStateProver,
-    _load,
-    _param,
-    _refuse_overwrite,
-    check_mask_layer,
-    enrollment_factors,
-)
+from zkunlearn.client.unlearning import ProveOptions, check_mask_layer, enrollment_factors
 from zkunlearn.proofs.artifacts import ClientCircuit
 from zkunlearn.proofs.backend import EzklBackend
 from zkunlearn.proofs.deletion import (
@@ -82,7 +80,7 @@ def _blinding(seed: bytes, label: str, rows: int, width: int) -> list[list[int]]
     return out
 
 
-class ExactGroupObsUnlearner(_CommittedStateProver):
+class ExactGroupObsUnlearner(CommittedStateProver):
     """Exact Group-OBS update + proofs for the targeted layers of one model (an ``UpdateProver``)."""
 
     def __init__(
@@ -117,7 +115,7 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
         """Commit to the layers' weights and curvature factors and prove them in range (see
         :meth:`zkunlearn.client.unlearning.GroupObsUnlearner.enroll` for the curvature options)."""
         spec = self.spec
-        _refuse_overwrite(self.state_dir, replace)
+        refuse_overwrite(self.state_dir, replace)
         if inputs.shape[0] < 1:
             raise UnlearningError("enrollment needs client samples for the Fisher factor")
         factors = enrollment_factors(
@@ -130,7 +128,7 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
         jobs: list[ProveJob] = []
         commitments: list[Commitment] = []
         for layer in layers:
-            param = _param(self.model, layer)
+            param = model_param(self.model, layer)
             weight = param.detach().double().cpu().numpy().reshape(-1)
             if not np.isfinite(weight).all():
                 raise UnlearningError(f"{layer} has non-finite weights; they cannot be committed")
@@ -177,13 +175,13 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
             "prove_s": [round(r.prove_s, 3) for r in results],
             "peak_rss_mb": [round(r.peak_rss_mb, 1) for r in results],
         }
-        _atomic_save(self.state_dir, arrays, meta)
+        save_state(self.state_dir, arrays, meta)
         self.load_model()
         return ExactEnrollment(commitments, [encode_proof(r.proof) for r in results])
 
     def saved_enrollment(self) -> ExactEnrollment:
         """The saved enrollment (e.g. to send it again after a restart)."""
-        _arrays, meta = _load(self.state_dir)
+        _arrays, meta = load_state(self.state_dir)
         return ExactEnrollment(
             [Commitment.from_json(c) for c in meta["commitments"]],
             [bytes.fromhex(p) for p in meta["enrollment_proofs"]],
@@ -191,7 +189,7 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
 
     def enrollment_proof_stats(self) -> dict[str, list[float]]:
         """Each enrollment proof's seconds and its worker's peak resident memory (MB)."""
-        _arrays, meta = _load(self.state_dir)
+        _arrays, meta = load_state(self.state_dir)
         stats: dict[str, list[float]] = meta.get("enrollment_stats", {"prove_s": [], "peak_rss_mb": []})
         return stats
 
@@ -202,8 +200,8 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
     # -- deletion --------------------------------------------------------------------------------
 
     def prove(self, request: VerifiedRequest) -> UpdateResult:
-        arrays, meta = _load(self.state_dir)
-        done = _already_answered(meta, request.request_id)
+        arrays, meta = load_state(self.state_dir)
+        done = already_answered(meta, request.request_id)
         if done is not None:
             self.load_model()
             return done
@@ -261,9 +259,9 @@ class ExactGroupObsUnlearner(_CommittedStateProver):
 
     def load_model(self) -> None:
         """Write the committed weights into the live model (e.g. after a restart)."""
-        arrays, meta = _load(self.state_dir)
+        arrays, meta = load_state(self.state_dir)
         for name, info in meta["layers"].items():
-            param = _param(self.model, name)
+            param = model_param(self.model, name)
             value = arrays[f"{name}/theta"].reshape(info["shape"]) / 2.0 ** int(info["exponent"])
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value).to(param.dtype))

@@ -20,12 +20,15 @@ import pytest
 import torch
 from torch import nn
 from zkunlearn.circuits.mask import LayerMask, Mask
+from zkunlearn.client import analytic_unlearner as A
 from zkunlearn.client import unlearning as U
 from zkunlearn.client.analytic import AnalyticHead
+from zkunlearn.client.analytic_unlearner import AnalyticUnlearner
+from zkunlearn.client.committed_state import load_state, on_grid
 from zkunlearn.client.reference import reference_ridge
 from zkunlearn.client.refit import capture_inputs, committed_rows
 from zkunlearn.client.sdk import VerifiedRequest
-from zkunlearn.client.unlearning import AnalyticUnlearner, GroupObsUnlearner, UnlearningError
+from zkunlearn.client.unlearning import GroupObsUnlearner, UnlearningError
 from zkunlearn.proofs.artifacts import ClientCircuit
 from zkunlearn.proofs.backend import Proof
 from zkunlearn.proofs.deletion import AnalyticSpec, GroupObsSpec, RefitSpec
@@ -58,8 +61,11 @@ def stub_ezkl(monkeypatch: pytest.MonkeyPatch) -> list[list[ProveJob]]:
             ProveResult(j.label, Proof(b"stub", ()), [_digest(t) for t in j.inputs], 0.0, 0.0) for j in jobs
         ]
 
-    monkeypatch.setattr(U, "_commit", lambda _circuit, tensor, scale: _digest(felts(tensor, scale)))
-    monkeypatch.setattr(U, "prove_parallel", prove_parallel)
+    for module in (U, A):  # the fixed-point Group-OBS and analytic provers
+        monkeypatch.setattr(
+            module, "commit_tensor", lambda _circuit, tensor, scale: _digest(felts(tensor, scale))
+        )
+        monkeypatch.setattr(module, "prove_parallel", prove_parallel)
     return calls
 
 
@@ -124,7 +130,7 @@ def enrolled(tmp_path: Path, stub_ezkl: list[list[ProveJob]]) -> GroupObsUnlearn
 
 def _consistent(state_dir: Path) -> dict[str, Any]:
     """Load the committed state and check every stored theta batch is the one its commitment names."""
-    arrays, meta = U._load(state_dir)
+    arrays, meta = load_state(state_dir)
     mine = {(c["name"], c["block"]): c["point_hex"] for c in meta["commitments"]}
     theta, blind = arrays[f"{LAYER}/theta"], arrays[f"{LAYER}/theta_blind"]
     for b in range(theta.shape[0]):
@@ -362,10 +368,10 @@ def test_refused_enrollment_leaves_every_parameter_bit_identical(
     ).load_model()
     assert all(torch.equal(v, _params(reloaded)[k]) for k, v in _params(model).items())
     assert not all(torch.equal(v, before[k]) for k, v in _params(model).items())
-    arrays, meta = U._load(tmp_path / "state")
+    arrays, meta = load_state(tmp_path / "state")
     z = capture_inputs(model, ["fc2"], x)["fc2"].numpy()[committed_rows(32, 16)]
     exponent = meta["layers"]["fc2.weight"]["exponent"]
-    assert np.array_equal(arrays["refit/fc3/z"], U._on_grid(z * 2.0**-exponent, SCALE))
+    assert np.array_equal(arrays["refit/fc3/z"], on_grid(z * 2.0**-exponent, SCALE))
 
 
 # -- 5. analytic head: exact at small ridge penalties -------------------------------------------------

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.client.analytic import AnalyticHead
+from zkunlearn.client.analytic_unlearner import AnalyticUnlearner
 from zkunlearn.client.sdk import Commitment, EdgeClient
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig
-from zkunlearn.client.unlearning import AnalyticUnlearner, GroupObsUnlearner, ProveOptions
+from zkunlearn.client.unlearning import GroupObsUnlearner, ProveOptions
 from zkunlearn.proofs.artifacts import ClientCircuit, client_artifacts
 from zkunlearn.proofs.deletion import AnalyticSpec, DeletionCircuits, GroupObsSpec
 from zkunlearn.provider.planning import MaskOptions, TorchPlanner
