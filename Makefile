@@ -24,6 +24,7 @@ demo-quick: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python tools/importlint.py
 
 typecheck: $(STAMP)
 	$(BIN)/python tools/typecheck.py

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+import importlint  # noqa: E402
 import protogen  # noqa: E402
 
 
@@ -52,47 +52,50 @@ def test_staleness_check_fails_when_generated_file_missing(tmp_path: Path) -> No
     assert protogen.check(copy) == ["provider_pb2_grpc.pyi"]
 
 
-# Which parts may import which: the design card's one-way dependencies.
-FORBIDDEN = {
-    "circuits": {
-        "zkunlearn.provider",
-        "zkunlearn.client",
-        "zkunlearn.proofs",
-        "zkunlearn.protos",
-        "zkunlearn.v1",
-    },
-    "proofs": {"zkunlearn.provider", "zkunlearn.client"},
-    "provider": {"zkunlearn.client"},
-    "client": {"zkunlearn.provider"},
-    "protos": {"zkunlearn.provider", "zkunlearn.client", "zkunlearn.proofs", "zkunlearn.circuits"},
+# Which parts may import which: the design card's one-way dependencies, as import-linter contracts.
+PARTS = {
+    "zkunlearn": "zkunlearn",
+    "provider": "zkunlearn.provider",
+    "client": "zkunlearn.client",
+    "proofs": "zkunlearn.proofs",
+    "circuits": "zkunlearn.circuits",
+    "protos/zkunlearn/v1": "zkunlearn.v1",
 }
 
 
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
+def _mini_repo(root: Path, extra: dict[str, str]) -> Path:
+    """A repository with the product's pyproject (its package map and contracts) and one module per
+    part, plus ``extra`` (path -> source)."""
+    root.mkdir(parents=True)
+    shutil.copyfile(ROOT / "pyproject.toml", root / "pyproject.toml")
+    for folder in PARTS:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "__init__.py").write_text("")
+        (root / folder / "base.py").write_text("VALUE = 1\n")
+    for path, source in extra.items():
+        (root / path).write_text(source)
+    return root
 
 
-@pytest.mark.parametrize("part", sorted(FORBIDDEN))
-def test_dependencies_point_one_way(part: str) -> None:
-    offenders = [
-        f"{path.relative_to(ROOT)} imports {name}"
-        for path in (ROOT / part).rglob("*.py")
-        for name in _imports(path)
-        if any(name == banned or name.startswith(banned + ".") for banned in FORBIDDEN[part])
-    ]
-    assert offenders == []
+def test_the_repository_keeps_its_import_contracts() -> None:
+    assert importlint.main(ROOT) == 0
 
 
-def test_import_checker_sees_a_violation(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.py"
-    bad.write_text("from zkunlearn.provider import server\nimport zkunlearn.client.sdk\n")
-    assert _imports(bad) == {"zkunlearn.provider", "zkunlearn.client.sdk"}
+@pytest.mark.parametrize(
+    ("path", "source"),
+    [
+        ("client/bad.py", "from zkunlearn.provider import base\n"),
+        ("provider/bad.py", "import zkunlearn.client.base\n"),
+        ("client/bad.py", "from ..provider import base\n"),  # relative imports count too
+        ("circuits/bad.py", "from zkunlearn.proofs import base\n"),
+        ("proofs/bad.py", "from zkunlearn.client.base import VALUE\n"),
+        ("protos/zkunlearn/v1/bad.py", "from zkunlearn.circuits import base\n"),
+    ],
+)
+def test_a_broken_contract_fails_the_check(tmp_path: Path, path: str, source: str) -> None:
+    honest = _mini_repo(tmp_path / "honest", {"proofs/ok.py": "from zkunlearn.circuits import base\n"})
+    assert importlint.main(honest) == 0
+    assert importlint.main(_mini_repo(tmp_path / "broken", {path: source})) != 0
 
 
 def test_non_editable_wheel_ships_every_part(tmp_path: Path) -> None:
