@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor, nn
+from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.committed_state import (
     CommittedStateProver,
     UnlearningError,
@@ -57,6 +59,40 @@ from zkunlearn.proofs.exact import (
 )
 from zkunlearn.proofs.fixedpoint import FIELD_MODULUS, FixedPointError, theta_exponent
 from zkunlearn.proofs.prover import ProveJob, prove_parallel
+
+
+def commit_layer(
+    spec: ExactGroupObsSpec, weight: npt.ArrayLike, factors: npt.ArrayLike
+) -> tuple[int, IntArray, IntArray]:
+    """The integers a device commits for one layer (flat ``weight``, its ``(n_blocks, rows, B)``
+    curvature factors): ``theta`` on ``2**-theta_bits`` after the layer's power-of-two exponent, shaped
+    ``(n_batches, batch, B)``, and the factor fitted to ``m`` rows, bounded and normalised, on
+    ``2**-g_bits``, shaped ``(n_batches, batch, m, B)``; returns ``(exponent, theta, g)``."""
+    flat = np.asarray(weight, dtype=np.float64).reshape(-1)
+    n_batches = flat.size // spec.batch_weights
+    exponent = theta_exponent(flat, max_abs=spec.theta_bound)
+    theta = quantise_exact(flat * 2.0**exponent, spec.theta_bits).reshape(n_batches, spec.batch, spec.block)
+    fitted = bounded_factor(
+        fit_rows(np.asarray(factors, dtype=np.float64), spec.m), spec.g_bound, spec.g_norm_tolerance
+    )
+    g = quantise_exact(fitted, spec.g_bits, bound=spec.g_bound)
+    return exponent, theta, g.reshape(n_batches, spec.batch, spec.m, spec.block)
+
+
+def certified_weights(
+    spec: ExactGroupObsSpec, weight: npt.ArrayLike, factors: npt.ArrayLike, layer_mask: LayerMask
+) -> npt.NDArray[np.float64]:
+    """The layer's flat weights after the exact Group-OBS deletion a proof certifies: what
+    :class:`ExactGroupObsUnlearner` enrolls (:func:`commit_layer`) and proves (``exact_update`` per
+    touched batch), without the commitments and proofs. For evaluating the certified configuration."""
+    exponent, theta, g = commit_layer(spec, weight, factors)
+    after = theta.copy()
+    for b in range(theta.shape[0]):
+        rows = batch_mask_rows(layer_mask, b, spec)
+        if rows.any():
+            after[b] = exact_update(spec, theta[b], g[b], rows).theta_after
+    out: npt.NDArray[np.float64] = after.astype(np.float64).reshape(-1) / 2.0 ** (spec.theta_bits + exponent)
+    return out
 
 
 @dataclass(frozen=True)
@@ -133,17 +169,10 @@ class ExactGroupObsUnlearner(CommittedStateProver):
             if not np.isfinite(weight).all():
                 raise UnlearningError(f"{layer} has non-finite weights; they cannot be committed")
             n_batches = param.numel() // spec.batch_weights
-            exponent = theta_exponent(weight, max_abs=spec.theta_bound)
-            shape = (n_batches, spec.batch, spec.block)
             try:
-                theta = quantise_exact(weight * 2.0**exponent, spec.theta_bits).reshape(shape)
-                fitted = bounded_factor(
-                    fit_rows(factors[layer].factors, spec.m), spec.g_bound, spec.g_norm_tolerance
-                )
-                g = quantise_exact(fitted, spec.g_bits, bound=spec.g_bound)
+                exponent, theta, g = commit_layer(spec, weight, factors[layer].factors)
             except (FixedPointError, GroupObsError) as exc:
                 raise UnlearningError(f"enrolling {layer}: {exc}") from exc
-            g = g.reshape(n_batches, spec.batch, spec.m, spec.block)
             arrays[f"{layer}/theta"] = theta.astype(np.float64) / 2.0**spec.theta_bits
             arrays[f"{layer}/g"] = g.astype(np.float64) / 2.0**spec.g_bits
             meta["layers"][layer] = {"exponent": exponent, "shape": list(param.shape)}

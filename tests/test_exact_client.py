@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.client.sdk import VerifiedRequest
-from zkunlearn.client.unlearning import ProveOptions, UnlearningError
-from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner
+from zkunlearn.client.unlearning import ProveOptions, UnlearningError, enrollment_factors
+from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner, certified_weights
 from zkunlearn.proofs.artifacts import CircuitArtifacts, ClientCircuit
 from zkunlearn.proofs.deletion import (
     UPDATE_KIND_GROUP_OBS_EXACT,
@@ -92,6 +92,7 @@ def test_enroll_then_two_deletions_are_accepted_and_cheats_refused(
     _spec, verifier = exact_published.exact_verifier()
     x, y = _data()
     model = Tiny()
+    before = model.fc1.weight.detach().double().numpy().reshape(-1).copy()
     unlearner = _unlearner(exact_published, tmp_path / "state", model)
     enrollment = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy)
     assert len(enrollment.proofs) == 2  # 64 weights = 2 batches of 2 blocks of 16
@@ -123,6 +124,13 @@ def test_enroll_then_two_deletions_are_accepted_and_cheats_refused(
     assert verdict.ok, verdict.reason
     weights = model.fc1.weight.detach().numpy().reshape(-1)
     assert np.all(weights[[1, 2, 3, 48]] == 0.0)
+    # What the benchmark evaluates as "certified" is exactly what was proven (float32 in the model).
+    spec = unlearner.spec
+    factors = enrollment_factors(
+        Tiny(), spec, [LAYER], x, y, nn.functional.cross_entropy, None, "ggn", 0.0, 0
+    )
+    expected = certified_weights(spec, before, factors[LAYER].factors, first.mask.layer(LAYER))
+    np.testing.assert_array_equal(weights, expected.astype(np.float32))
 
     # The same proofs cannot stand for a deletion of other weights.
     other = _request("r1", {0: (4, 5)}, enrollment.commitments)
