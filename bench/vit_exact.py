@@ -247,6 +247,8 @@ def evaluate_certified(
         for key in ("full_rank", *(f"certified_m{m}" for m in ranks)):
             row[f"recovery_{key}"] = recovery(row["personalized"], row["mask_only"], row[key])
         rows.append(row)
+        shown = ", ".join(f"{k} {row[k]:.4f}" for k in row if k != "seed" and not k.startswith("recovery"))
+        print(f"seed {seed} ({len(rows)}/{len(seeds)}): personal accuracy {shown}", flush=True)
     summary: dict[str, Any] = {}
     for key in ("full_rank", *(f"certified_m{m}" for m in ranks)):
         values = [r[f"recovery_{key}"] for r in rows]
