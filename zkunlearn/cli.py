@@ -207,6 +207,7 @@ def bench_certified_recovery(
     first_seed: Annotated[int, typer.Option(help="first ViT seed (12-23: held out from every choice)")] = 12,
     seeds: Annotated[int, typer.Option(help="how many consecutive seeds")] = 12,
     ranks: Annotated[str, typer.Option(help="comma-separated committed factor ranks m")] = "16,32",
+    lam: Annotated[float | None, typer.Option(help="damping (default: the benchmark's)")] = None,
 ) -> None:
     """Recovery of the exact Group-OBS configuration the proofs certify, on the ViT benchmark's seeds."""
     import json
@@ -214,7 +215,7 @@ def bench_certified_recovery(
     from zkunlearn.bench.vit_exact import evaluate_certified
 
     result = evaluate_certified(
-        seeds=range(first_seed, first_seed + seeds), ranks=[int(r) for r in ranks.split(",")]
+        seeds=range(first_seed, first_seed + seeds), ranks=[int(r) for r in ranks.split(",")], lam=lam
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
