@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import ezkl as _ezkl
+from zkunlearn.proofs.fixedpoint import FIELD_MODULUS
 
 # ezkl's bundled stubs lag its runtime (PyRunArgs fields, optional arguments): use it untyped.
 ezkl: Any = _ezkl
@@ -71,6 +72,12 @@ ezkl: Any = _ezkl
 EZKL_VERSION = "23.0.5"
 _HEX_BYTES = re.compile(r"(?:[0-9a-fA-F]{2})*")
 _FELT = re.compile(r"[0-9a-fA-F]{64}")
+
+PROOF_MAGIC = b"zkp\x01"
+"""First bytes of a binary proof (:meth:`Proof.to_bytes`): format name and version 1."""
+MAX_TRANSCRIPT_BYTES = 1 << 24
+"""A Halo2 transcript of any circuit this product publishes is a few KB; larger claims are refused
+before anything is allocated."""
 
 
 class BackendError(RuntimeError):
@@ -149,6 +156,55 @@ class Proof:
                         f"malformed proof object: instances[{i}][{j}] is not a felt (64 hex digits)"
                     )
         return cls(transcript=bytes.fromhex(raw), instances=tuple(tuple(row) for row in rows))
+
+    def to_bytes(self) -> bytes:
+        """The wire form (``docs/wire.md`` "Proofs"): ``PROOF_MAGIC``, the transcript as u32 length +
+        bytes, then u16 columns, each u32 count + 32-byte felts (ezkl's little-endian encoding); all
+        integers big-endian. One proof has exactly one encoding."""
+        out = bytearray(PROOF_MAGIC)
+        out += len(self.transcript).to_bytes(4, "big") + self.transcript
+        out += len(self.instances).to_bytes(2, "big")
+        for row in self.instances:
+            out += len(row).to_bytes(4, "big")
+            for felt in row:
+                out += bytes.fromhex(felt)
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Proof:
+        """Parse untrusted wire bytes; anything but :meth:`to_bytes`'s output of a proof with a non-empty
+        transcript and reduced felts is a :class:`ProofFormatError` naming what is wrong."""
+        view = memoryview(raw)
+        if bytes(view[: len(PROOF_MAGIC)]) != PROOF_MAGIC:
+            raise ProofFormatError("not a zkunlearn binary proof (wrong magic bytes or version)")
+        at = len(PROOF_MAGIC)
+
+        def take(n: int, what: str) -> bytes:
+            nonlocal at
+            if n > len(view) - at:
+                raise ProofFormatError(f"truncated: {what} needs {n} bytes, {len(view) - at} remain")
+            chunk = bytes(view[at : at + n])
+            at += n
+            return chunk
+
+        size = int.from_bytes(take(4, "the transcript length"), "big")
+        if not 0 < size <= MAX_TRANSCRIPT_BYTES:
+            raise ProofFormatError(f"transcript length {size} outside 1..{MAX_TRANSCRIPT_BYTES}")
+        transcript = take(size, "the transcript")
+        rows: list[tuple[str, ...]] = []
+        for i in range(int.from_bytes(take(2, "the column count"), "big")):
+            count = int.from_bytes(take(4, f"column {i}'s length"), "big")
+            block = take(32 * count, f"column {i}'s {count} felts")
+            row = []
+            for j in range(count):
+                felt = block[32 * j : 32 * j + 32]
+                if int.from_bytes(felt, "little") >= FIELD_MODULUS:
+                    raise ProofFormatError(f"instances[{i}][{j}] is not reduced modulo the field order")
+                row.append(felt.hex())
+            rows.append(tuple(row))
+        if at != len(view):
+            raise ProofFormatError(f"{len(view) - at} trailing bytes after the proof")
+        return cls(transcript=transcript, instances=tuple(rows))
 
     def write_ezkl(self, path: Path) -> None:
         """The proof.json that ezkl's verify/swap read, rebuilt from the raw bytes."""

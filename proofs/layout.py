@@ -9,7 +9,6 @@ fixed *batches* of ``batch`` consecutive blocks; one proof per touched batch.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -114,21 +113,17 @@ def enrolled_batches(names: Mapping[tuple[str, int], str], layer: str) -> list[i
 
 
 def parse_proof(raw: bytes, index: int) -> Proof:
+    """Proof ``index`` of a submission from its wire bytes (:meth:`Proof.from_bytes`); a malformed one
+    is a :class:`DeletionError` naming it."""
     try:
-        obj = json.loads(raw)
-        if not isinstance(obj, dict) or set(obj) != {"transcript", "instances"}:
-            raise ProofFormatError(
-                "a proof is exactly {transcript, instances}; keys and settings are never accepted"
-            )
-        return Proof.from_json(obj)
-    except RecursionError:
-        raise DeletionError(f"proof {index} is malformed: JSON nested too deeply") from None
-    except (ValueError, ProofFormatError) as exc:
+        return Proof.from_bytes(raw)
+    except ProofFormatError as exc:
         raise DeletionError(f"proof {index} is malformed: {exc}") from exc
 
 
 def encode_proof(proof: Proof) -> bytes:
-    return json.dumps(proof.to_json(), separators=(",", ":")).encode()
+    """A proof's wire bytes (:meth:`Proof.to_bytes`)."""
+    return proof.to_bytes()
 
 
 class NoReplay:

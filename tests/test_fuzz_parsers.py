@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from zkunlearn.bench.fuzz_report import FuzzTally, examples
 from zkunlearn.circuits.mask import Mask, MaskError
 from zkunlearn.proofs.audit import audit_bundle
-from zkunlearn.proofs.backend import Proof, ProofFormatError
-from zkunlearn.proofs.fixedpoint import int_to_felt
+from zkunlearn.proofs.backend import PROOF_MAGIC, Proof, ProofFormatError
+from zkunlearn.proofs.fixedpoint import FIELD_MODULUS, int_to_felt
 from zkunlearn.proofs.layout import DeletionError, encode_proof, parse_proof
 from zkunlearn.proofs.statements import (
     DOMAIN_RPC_AUTH,
@@ -211,6 +211,7 @@ def test_fuzz_parse_proof_bytes() -> None:
         except DeletionError as exc:
             assert str(exc).startswith("proof 3 is malformed"), str(exc)  # noqa: PT017
             return _refused(exc, DeletionError)
+        assert encode_proof(proof) == raw  # an accepted proof has exactly one encoding
         return _accepted_proof(proof)
 
     _fuzz("proofs.layout.parse_proof", PROOF_BYTES, check, 400)
@@ -235,25 +236,47 @@ def test_fuzz_proof_from_json_and_parse_submission() -> None:
     _fuzz("proofs.backend.Proof.from_json", PROOF_OBJECTS, check, 300)
 
 
+def _binary(transcript: bytes, *columns: list[bytes], tail: bytes = b"") -> bytes:
+    out = PROOF_MAGIC + len(transcript).to_bytes(4, "big") + transcript + len(columns).to_bytes(2, "big")
+    for column in columns:
+        out += len(column).to_bytes(4, "big") + b"".join(column)
+    return out + tail
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
-        (b'{"transcript":"00","instances":"abc"}', "list of lists"),  # a string was split into rows
-        (b'{"transcript":"00","instances":{"a":[1]}}', "list of lists"),  # dict keys were rows
-        (b'{"transcript":"00","instances":[[{"a":1}]]}', "instances[0][0]"),  # str() of a dict was a felt
-        (b'{"transcript":"00","instances":[[1e999]]}', "instances[0][0]"),  # inf became the felt "inf"
-        (b'{"transcript":"00","instances":[[12]]}', "instances[0][0]"),
-        (b'{"transcript":"0 0","instances":[]}', "transcript"),  # bytes.fromhex skips spaces
-        (b'{"transcript":7,"instances":[]}', "transcript"),
-        (b"[" * 100_000, "nested too deeply"),  # was a RecursionError
-        (b'{"transcript":"00","instances":' * 5000 + b"0" + b"}" * 5000, "nested too deeply"),
+        (b'{"transcript":"00","instances":[]}', "wrong magic"),  # the JSON form is not a wire proof
+        (b"", "wrong magic"),
+        (PROOF_MAGIC, "truncated"),
+        (_binary(b""), "transcript length 0"),
+        (PROOF_MAGIC + (2**32 - 1).to_bytes(4, "big"), "outside"),  # refused before any allocation
+        (PROOF_MAGIC + (8).to_bytes(4, "big") + b"abc", "truncated"),
+        (_binary(b"t")[:-1] + b"\xff", "truncated"),  # claims 65535 columns of nothing
+        (_binary(b"t", [])[:-4] + (2**32 - 1).to_bytes(4, "big"), "truncated"),  # 2**32-1 felts claimed
+        (_binary(b"t", [FIELD_MODULUS.to_bytes(32, "little")]), "not reduced"),  # p itself, i.e. 0 again
+        (_binary(b"t", [b"\xff" * 32]), "not reduced"),
+        (_binary(b"t", [bytes(32)], tail=b"\x00"), "trailing"),
     ],
 )
 def test_proof_parser_regressions(raw: bytes, needle: str) -> None:
-    """Inputs the fuzzer found: each was coerced into a proof or crashed with a non-domain error."""
+    """Malformed wire proofs: each is refused with one error naming what is wrong."""
     with pytest.raises(DeletionError, match="proof 0 is malformed") as err:
         parse_proof(raw, 0)
     assert needle in str(err.value)
+
+
+@FUZZ
+@given(
+    transcript=st.binary(min_size=1, max_size=300),
+    columns=st.lists(st.lists(st.integers(0, FIELD_MODULUS - 1), max_size=6), max_size=3),
+)
+def test_binary_proofs_round_trip_with_one_encoding(transcript: bytes, columns: list[list[int]]) -> None:
+    proof = Proof(transcript, tuple(tuple(int_to_felt(v) for v in col) for col in columns))
+    raw = encode_proof(proof)
+    assert parse_proof(raw, 0) == proof
+    assert encode_proof(parse_proof(raw, 0)) == raw
+    assert len(raw) == 4 + 4 + len(transcript) + 2 + sum(4 + 32 * len(col) for col in columns)
 
 
 def test_valid_proof_still_parses() -> None:

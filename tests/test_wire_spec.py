@@ -25,7 +25,8 @@ import zkunlearn.provider.requests as requests_module
 import zkunlearn.provider.service as service_module
 from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.proofs import statements, transparency
-from zkunlearn.proofs.backend import is_commitment_point
+from zkunlearn.proofs.backend import PROOF_MAGIC, Proof, is_commitment_point
+from zkunlearn.proofs.layout import encode_proof, parse_proof
 from zkunlearn.proofs.statements import (
     STATEMENT_PREFIX,
     StatementError,
@@ -229,6 +230,19 @@ def test_enrollment_proofs_digest_example() -> None:
     example = _example("enrollment-proofs-digest")
     proofs = [bytes.fromhex(p) for p in example.one("proofs").split(",")]
     assert enrollment_proofs_digest(proofs) == example.one("sha256")
+
+
+def test_the_proof_layout_is_what_the_parser_reads() -> None:
+    """The documented magic and field widths: a proof assembled from the table parses, and the
+    encoder writes exactly those bytes."""
+    section = TEXT[TEXT.index("### Proofs") :]
+    magic = bytes.fromhex(section.split("`")[section.split("`").index("zkp") - 2].replace(" ", ""))
+    assert magic == PROOF_MAGIC
+    felt = (5).to_bytes(32, "little")
+    raw = magic + (3).to_bytes(4, "big") + b"abc" + (1).to_bytes(2, "big") + (1).to_bytes(4, "big") + felt
+    proof = parse_proof(raw, 0)
+    assert proof == Proof(b"abc", ((felt.hex(),),))
+    assert encode_proof(proof) == raw
 
 
 def test_the_examples_refer_to_each_other_consistently() -> None:
