@@ -287,6 +287,9 @@ def point_from_tag(tag: bytes) -> str:
 class ProvingBackend(Protocol):
     name: str
 
+    @property
+    def concurrency(self) -> int: ...
+
     def make_settings(
         self, onnx_path: Path, settings_path: Path, config: CircuitConfig
     ) -> dict[str, Any]: ...
@@ -317,6 +320,11 @@ class EzklBackend:
     """ezkl 23 (Halo2 + KZG) implementation of :class:`ProvingBackend`."""
 
     name = "ezkl"
+
+    @property
+    def concurrency(self) -> int:
+        """How many ``verify``/``commit`` calls this backend runs at once from separate threads."""
+        return 1
 
     def make_settings(self, onnx_path: Path, settings_path: Path, config: CircuitConfig) -> dict[str, Any]:
         """Settings with explicit visibilities and the smallest logrows that fits rows + range table."""

@@ -22,7 +22,7 @@ provider (verifying) and the auditor (re-verifying offline) cannot disagree:
   (zero rows change neither residual), and their commitments are computed by the verifier itself.
 
 Verification always uses the provider's own circuits (:class:`DeletionCircuits`), never keys or
-settings from the submission. Proof bytes are the JSON of :class:`~zkunlearn.proofs.backend.Proof`.
+settings from the submission. Proof bytes are :meth:`~zkunlearn.proofs.backend.Proof.to_bytes`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from zkunlearn.proofs.analytic_exact_circuits import (
 )
 from zkunlearn.proofs.analytic_exact_deletion import verify_analytic_exact
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
-from zkunlearn.proofs.backend import CircuitConfig
+from zkunlearn.proofs.backend import CircuitConfig, ProvingBackend
 from zkunlearn.proofs.exact import ExactGroupObsSpec
 from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier, build_exact_circuits
 from zkunlearn.proofs.exact_deletion import EnrolledNorms, verify_exact_deletion
@@ -130,6 +130,13 @@ class DeletionCircuits:
     refits: tuple[tuple[RefitSpec, CircuitArtifacts], ...] = ()
     exact: tuple[ExactGroupObsSpec, CircuitArtifacts, CircuitArtifacts] | None = None
     analytic_exact: tuple[ExactAnalyticSpec, CircuitArtifacts] | None = None
+    backend: ProvingBackend | None = field(default=None, compare=False)
+    """What the verifiers run ezkl with (default: in this process, one proof at a time)."""
+
+    def with_backend(self, backend: ProvingBackend) -> DeletionCircuits:
+        """The same circuits whose verifiers use ``backend`` (e.g. a
+        :class:`~zkunlearn.proofs.verify_pool.PooledEzklBackend` to verify on several cores)."""
+        return replace(self, backend=backend)
 
     @classmethod
     def build(
@@ -275,18 +282,20 @@ class DeletionCircuits:
             raise DeletionError("this model publishes no Group-OBS circuit")
         spec, arts = self.group_obs
         tol = spec.tolerance(_input_scale(arts))
-        return spec, GroupObsVerifier(arts, n_blocks=spec.batch, n_blind=spec.n_blind, tolerance=tol)
+        return spec, GroupObsVerifier(
+            arts, n_blocks=spec.batch, n_blind=spec.n_blind, tolerance=tol, backend=self.backend
+        )
 
     def exact_verifier(self) -> tuple[ExactGroupObsSpec, ExactGroupObsVerifier]:
         if self.exact is None:
             raise DeletionError("this model publishes no exact Group-OBS circuit")
         spec, deletion, enrollment = self.exact
-        return spec, ExactGroupObsVerifier(spec, deletion, enrollment)
+        return spec, ExactGroupObsVerifier(spec, deletion, enrollment, self.backend)
 
     def analytic_exact_verifier(self) -> ExactAnalyticVerifier:
         if self.analytic_exact is None:
             raise DeletionError("this model publishes no exact analytic circuit")
-        return ExactAnalyticVerifier(*self.analytic_exact)
+        return ExactAnalyticVerifier(*self.analytic_exact, self.backend)
 
     def enrollment_verifiers(self) -> tuple[ExactGroupObsVerifier | None, ExactAnalyticVerifier | None]:
         """The verifiers of the enrollment proofs this model's exact circuits need (either may be absent)."""
@@ -298,7 +307,9 @@ class DeletionCircuits:
         if self.analytic is None:
             raise DeletionError("this model publishes no analytic circuit")
         spec, arts = self.analytic
-        return spec, AnalyticVerifier(arts, d=spec.d, tolerance=spec.tolerance(_input_scale(arts)))
+        return spec, AnalyticVerifier(
+            arts, d=spec.d, tolerance=spec.tolerance(_input_scale(arts)), backend=self.backend
+        )
 
 
 def export_spec(

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from zkunlearn.circuits import group_obs_exact as relation
 from zkunlearn.circuits.export import export_relation
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
-from zkunlearn.proofs.backend import CircuitConfig, Proof, ProvingBackend
+from zkunlearn.proofs.backend import CircuitConfig, EzklBackend, Proof, ProvingBackend
 from zkunlearn.proofs.exact import ExactGroupObsSpec, mask_tensor, signed_outputs
 from zkunlearn.proofs.srs import SrsInfo
 from zkunlearn.proofs.verifier import InMemoryReplayGuard, Reason, ReplayGuard, Verdict, _BaseVerifier
@@ -136,6 +136,8 @@ class ExactGroupObsVerifier:
         self.circuit_keys = (deletion.key, enrollment.key)
         self._deletion = _BaseVerifier(deletion, backend)
         self._enrollment = _BaseVerifier(enrollment, backend)
+        self.concurrency = (backend or EzklBackend()).concurrency
+        """How many proofs this verifier can check at once (its backend's)."""
 
     def commit(self, felts: list[str]) -> str:
         return self._deletion.commit(felts)

@@ -20,6 +20,7 @@ from pathlib import Path
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.proofs.analytic_exact_circuits import ExactAnalyticVerifier
 from zkunlearn.proofs.analytic_exact_deletion import ANALYTIC_EXACT_KEYS, verify_analytic_exact_enrollment
+from zkunlearn.proofs.backend import Proof
 from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier
 from zkunlearn.proofs.layout import (
     ANALYTIC_LAYER,
@@ -43,6 +44,7 @@ from zkunlearn.proofs.statements import (
     enrollment_proofs_digest,
 )
 from zkunlearn.proofs.verifier import Verdict
+from zkunlearn.proofs.verify_pool import parallel_map
 
 
 def encode_proof_list(proofs: Sequence[bytes]) -> bytes:
@@ -132,30 +134,34 @@ def verify_exact_enrollment(
     if len(proofs) != len(order):
         return ExactEnrollmentVerdict(False, f"expected {len(order)} enrollment proofs, got {len(proofs)}")
     names = by_key(commitments, "enrollment")
-    norms: dict[tuple[str, int], tuple[int, ...]] = {}
-    for index, ((layer, b), raw) in enumerate(zip(order, proofs, strict=True)):
-        if layer == ANALYTIC_LAYER:
-            if analytic is None:
-                return ExactEnrollmentVerdict(False, "this model publishes no exact analytic circuit")
-            try:
-                head = verify_analytic_exact_enrollment(analytic, names, raw, index)
-            except DeletionError as exc:
-                return ExactEnrollmentVerdict(False, str(exc))
-            if not head.ok:
-                return ExactEnrollmentVerdict(False, f"{layer}: {head.reason.value} {head.detail}".strip())
-            continue
-        if verifier is None:
-            return ExactEnrollmentVerdict(False, "this model publishes no exact Group-OBS circuit")
+
+    def check(item: tuple[int, tuple[tuple[str, int], bytes]]) -> str | tuple[int, ...] | None:
+        """Why the proof is refused, or the norms it shows (``None`` for the analytic head)."""
+        index, ((layer, b), raw) = item
         try:
+            if layer == ANALYTIC_LAYER:
+                if analytic is None:
+                    return "this model publishes no exact analytic circuit"
+                head = verify_analytic_exact_enrollment(analytic, names, raw, index)
+                return None if head.ok else f"{layer}: {head.reason.value} {head.detail}".strip()
+            if verifier is None:
+                return "this model publishes no exact Group-OBS circuit"
             proof = parse_proof(raw, index)
         except DeletionError as exc:
-            return ExactEnrollmentVerdict(False, str(exc))
+            return str(exc)
         verdict = verifier.verify_enrollment(proof, g_commit=names[(commitment_name("g", layer), b)])
         if not verdict.ok:
-            return ExactEnrollmentVerdict(
-                False, f"{layer} batch {b}: {verdict.reason.value} {verdict.detail}".strip()
-            )
-        norms[(layer, b)] = verdict.g_fro_sq
+            return f"{layer} batch {b}: {verdict.reason.value} {verdict.detail}".strip()
+        return verdict.g_fro_sq
+
+    concurrency = verifier.concurrency if verifier is not None else 1
+    norms: dict[tuple[str, int], tuple[int, ...]] = {}
+    outcomes = parallel_map(check, enumerate(zip(order, proofs, strict=True)), concurrency)
+    for key, outcome in zip(order, outcomes, strict=True):
+        if isinstance(outcome, str):
+            return ExactEnrollmentVerdict(False, outcome)
+        if outcome is not None:
+            norms[key] = outcome
     for layer in layers:
         if layer == ANALYTIC_LAYER or verifier is None:
             continue
@@ -195,16 +201,20 @@ def verify_exact_deletion(
     if refused:
         return DeletionVerdict(False, refused)
     layers = {layer.layer: layer for layer in mask.layers}
-    verdicts: list[Verdict] = []
+    parsed: list[Proof] = []
     for index, ((layer, b), raw) in enumerate(zip(batches, proofs, strict=True)):
         theta_key, g_key = (commitment_name("theta", layer), b), (commitment_name("g", layer), b)
         if theta_key not in old or g_key not in old or (layer, b) not in norms:
             return DeletionVerdict(False, f"no enrolled commitment or enrollment proof for {layer} batch {b}")
         try:
-            proof = parse_proof(raw, index)
+            parsed.append(parse_proof(raw, index))
         except DeletionError as exc:
-            return DeletionVerdict(False, str(exc), tuple(verdicts))
-        verdict = verifier.verify(
+            return DeletionVerdict(False, str(exc))
+
+    def check(item: tuple[tuple[str, int], Proof]) -> Verdict:
+        (layer, b), proof = item
+        theta_key, g_key = (commitment_name("theta", layer), b), (commitment_name("g", layer), b)
+        return verifier.verify(
             proof,
             request_id=request_id,
             enrolled_theta=old[theta_key],
@@ -214,10 +224,12 @@ def verify_exact_deletion(
             g_fro_sq=norms[(layer, b)],
             replay=NoReplay(),
         )
-        verdicts.append(verdict)
+
+    verdicts = parallel_map(check, zip(batches, parsed, strict=True), verifier.concurrency)
+    for index, ((layer, b), verdict) in enumerate(zip(batches, verdicts, strict=True)):
         if not verdict.ok:
             detail = f"{layer} batch {b}: {verdict.reason.value} {verdict.detail}".strip()
-            return DeletionVerdict(False, detail, tuple(verdicts))
+            return DeletionVerdict(False, detail, tuple(verdicts[: index + 1]))
     return DeletionVerdict(True, "ok", tuple(verdicts))
 
 

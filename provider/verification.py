@@ -4,7 +4,9 @@ The service hands over a :class:`~zkunlearn.provider.service.VerificationJob` bu
 provider's records (enrolled commitments, the request it signed, the mask it computed); this adapter
 turns it into :func:`zkunlearn.proofs.deletion.verify_deletion`, the same judgement the offline
 auditor makes. Circuits are loaded once per model and shared by the worker threads (verification only
-reads them).
+reads them). With ``processes`` > 0 the proofs of one submission are checked on that many ezkl
+processes at once (:mod:`zkunlearn.proofs.verify_pool`): ezkl holds the GIL, so threads alone would
+verify on one core.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from zkunlearn.proofs.exact_deletion import (
     verify_exact_enrollment,
 )
 from zkunlearn.proofs.published import enrollment_layout_problem
+from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool
 
 from .models import CommitmentRef, TensorData, VerificationJob, VerificationResult
 from .server import ConfigError, ProviderConfig
@@ -38,9 +41,10 @@ def _array(tensor: TensorData | None) -> npt.NDArray[np.float64] | None:
 class EzklVerifier:
     """Verifies every submission against the circuits published for its model."""
 
-    def __init__(self, circuits_by_model: Mapping[str, Path]) -> None:
+    def __init__(self, circuits_by_model: Mapping[str, Path], *, processes: int = 0) -> None:
         if not circuits_by_model:
             raise ConfigError("the ezkl verifier needs at least one model's circuits directory")
+        self._pool = VerifierPool(processes) if processes > 0 else None
         self._dirs = {model: Path(path) for model, path in circuits_by_model.items()}
         self._loaded: dict[str, DeletionCircuits] = {}
         self._norms: dict[str, EnrolledNorms] = {}  # by enrollment digest: proofs checked once
@@ -51,8 +55,16 @@ class EzklVerifier:
             if model_id not in self._loaded:
                 if model_id not in self._dirs:
                     raise ConfigError(f"no circuits are configured for model {model_id!r}")
-                self._loaded[model_id] = DeletionCircuits.load(self._dirs[model_id])
+                circuits = DeletionCircuits.load(self._dirs[model_id])
+                if self._pool is not None:
+                    circuits = circuits.with_backend(PooledEzklBackend(self._pool))
+                self._loaded[model_id] = circuits
             return self._loaded[model_id]
+
+    def close(self) -> None:
+        """Stop the verifier processes (they also exit when this process does)."""
+        if self._pool is not None:
+            self._pool.close()
 
     def check_enrollment(
         self,
@@ -136,11 +148,12 @@ def from_config(config: ProviderConfig) -> EzklVerifier:
     """Factory for ``verifier = "zkunlearn.provider.verification:from_config"`` in the provider config.
 
     The config's ``artifacts`` table maps a circuit id to named files; an entry named ``circuits_dir``
-    under a model id names that model's :class:`DeletionCircuits` directory.
+    under a model id names that model's :class:`DeletionCircuits` directory. ``limits.verify_workers``
+    ezkl processes verify the proofs.
     """
     dirs = {
         model: Path(entry["circuits_dir"])
         for model, entry in config.artifacts.items()
         if "circuits_dir" in entry
     }
-    return EzklVerifier(dirs)
+    return EzklVerifier(dirs, processes=max(1, config.limits.verify_workers))

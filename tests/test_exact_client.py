@@ -24,6 +24,7 @@ from zkunlearn.proofs.deletion import (
 )
 from zkunlearn.proofs.exact_deletion import verify_exact_enrollment
 from zkunlearn.proofs.published import check_published_circuits
+from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool
 
 pytestmark = pytest.mark.ezkl
 
@@ -191,3 +192,34 @@ def test_the_auditor_rebuilds_the_published_exact_circuits(exact_published: Dele
     assert reloaded.exact is not None
     assert exact_published.exact is not None
     assert reloaded.exact[0] == exact_published.exact[0]
+
+
+def test_verification_on_a_process_pool_judges_as_in_process(
+    exact_published: DeletionCircuits, tmp_path: Path
+) -> None:
+    """The provider's pooled verifier (ezkl in worker processes, batches checked concurrently) accepts
+    the honest enrollment and deletion and refuses a tampered proof with the same reason as in-process."""
+    x, y = _data()
+    unlearner = _unlearner(exact_published, tmp_path / "state")
+    enrollment = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy)
+    request = _request("r1", {0: (1, 2), 2: (5,)}, enrollment.commitments)  # both batches: 2 proofs
+    update = unlearner.prove(request)
+    assert len(update.proofs) == 2
+    flipped = bytearray(update.proofs[1])
+    flipped[200] ^= 0x01
+    tampered = [update.proofs[0], bytes(flipped)]
+    with VerifierPool(2) as pool:
+        pooled = exact_published.with_backend(PooledEzklBackend(pool))
+        for circuits in (exact_published, pooled):
+            _spec, verifier = circuits.exact_verifier()
+            enrolled = verify_exact_enrollment(
+                verifier, layers=[LAYER], commitments=enrollment.commitments, proofs=enrollment.proofs
+            )
+            assert enrolled.ok, enrolled.reason
+            honest = _judge(circuits, request, update.after_commitments, update.proofs, enrolled.norms)
+            assert honest.ok, honest.reason
+            refused = _judge(circuits, request, update.after_commitments, tampered, enrolled.norms)
+            assert not refused.ok
+            assert refused.reason.startswith(f"{LAYER} batch 1: proof_invalid_for_expected"), refused.reason
+        assert pooled.exact_verifier()[1].concurrency == 2
+        assert len({w.proc.pid for w in pool._started}) == 2  # both processes did work
