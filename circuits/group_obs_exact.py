@@ -57,6 +57,11 @@ def _pow2(bits: int, what: str) -> int:
     return 1 << bits
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products ``(n, k), (n, k) -> (n,)`` as one batched MatMul."""
+    return torch.matmul(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
 class GroupObsExactCheck(nn.Module):
     """Per-block public outputs ``(n, 4)`` of the exact Group-OBS relation.
 
@@ -128,13 +133,16 @@ class GroupObsExactCheck(nn.Module):
         mask: torch.Tensor,
         w: torch.Tensor,
     ) -> torch.Tensor:
-        kept, r_w, r_row = self.residuals(theta, theta_after, g, mask, w)
-        shifted = theta[:, : self.block] + self.theta_offset
+        _kept, r_w, r_row = self.residuals(theta, theta_after, g, mask, w)
+        b = self.block
+        shifted = theta[:, :b] + self.theta_offset
+        # Sums of products as one contraction each: ezkl accumulates them in one pass (a product then
+        # a sum would lay out every term twice).
         return torch.stack(
             [
-                kept.sum(dim=1),
-                (r_w * r_w).sum(dim=1),
-                (r_row * r_row).sum(dim=1),
+                _dot(mask[:, :b], torch.abs(theta_after[:, :b])),
+                _dot(r_w, r_w),
+                _dot(r_row, r_row),
                 (torch.abs(shifted) - shifted).sum(dim=1),
             ],
             dim=1,
