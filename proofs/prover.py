@@ -172,7 +172,17 @@ def _worker_command(folder: Path) -> list[str]:
     return [sys.executable, "-P", "-m", "zkunlearn.proofs.prove_worker", str(folder), str(os.getpid())]
 
 
-def _start(index: int, job: ProveJob, root: Path) -> _Running:
+def worker_environment(workers: int) -> dict[str, str]:
+    """The environment of each of ``workers`` concurrent workers: the cores shared out among them
+    (``RAYON_NUM_THREADS``, ezkl's thread pool), unless the caller set it. Two workers of two threads
+    each on two cores prove about 7 % slower than two of one thread (``docs/benchmarks.md``)."""
+    env = dict(os.environ)
+    if "RAYON_NUM_THREADS" not in env:
+        env["RAYON_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    return env
+
+
+def _start(index: int, job: ProveJob, root: Path, env: dict[str, str] | None = None) -> _Running:
     folder = root / f"job{index}"
     folder.mkdir()
     (folder / JOB_FILE).write_text(json.dumps(job.to_json()))
@@ -183,6 +193,7 @@ def _start(index: int, job: ProveJob, root: Path) -> _Running:
             stdout=err,
             stderr=err,
             cwd=folder,
+            env=env,
             start_new_session=True,  # a Ctrl-C in the caller's terminal reaches the caller, which kills us
         )
     return _Running(index, job, folder, proc)
@@ -257,12 +268,13 @@ def prove_parallel(
     queue = list(enumerate(jobs))
     queue.reverse()
     running: list[_Running] = []
+    env = worker_environment(min(workers, len(jobs)))
     with tempfile.TemporaryDirectory(prefix="zkprove-") as tmp, _progress(progress, len(jobs)) as advance:
         try:
             while queue or running:
                 while queue and len(running) < workers:
                     index, job = queue.pop()
-                    running.append(_start(index, job, Path(tmp)))
+                    running.append(_start(index, job, Path(tmp), env))
                 time.sleep(_POLL_S)
                 for run in list(running):
                     rss = _rss_mb(run.proc.pid)

@@ -65,8 +65,8 @@ def test_one_failed_job_stops_the_others(monkeypatch: pytest.MonkeyPatch, tmp_pa
     started: list[int] = []
     real_start = prover._start
 
-    def start(index: int, job: ProveJob, root: Path) -> prover._Running:
-        run = real_start(index, job, root)
+    def start(index: int, job: ProveJob, root: Path, env: dict[str, str] | None = None) -> prover._Running:
+        run = real_start(index, job, root, env)
         started.append(run.proc.pid)
         return run
 
@@ -129,3 +129,12 @@ def test_a_worker_whose_caller_dies_stops_too(tmp_path: Path) -> None:
     while time.monotonic() < deadline and _running(worker):
         time.sleep(0.2)
     assert not _running(worker), "the proving worker outlived its caller"
+
+
+def test_workers_share_the_cores_unless_the_caller_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.setattr(prover.os, "cpu_count", lambda: 8)
+    assert prover.worker_environment(2)["RAYON_NUM_THREADS"] == "4"
+    assert prover.worker_environment(16)["RAYON_NUM_THREADS"] == "1"
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")
+    assert prover.worker_environment(2)["RAYON_NUM_THREADS"] == "3"
