@@ -538,6 +538,7 @@ def test_dropped_connection_without_retry_leaves_no_partial_state(postgres_db_ur
     from sqlalchemy.exc import DBAPIError
 
     st = SqlState(postgres_db_url, pool_pre_ping=True)
+    st.reconnect_budget_s = 2.0  # every attempt is killed: retry for 2 s, not the server-restart minute
     _setup_request(st)
     st.add_submission(sub("s1", "r1", "d1"))
     killer = sa.create_engine(postgres_db_url)
