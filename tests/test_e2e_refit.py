@@ -3,13 +3,15 @@ ezkl proofs for Group-OBS *and* the refit of the layer after the masked one.
 
 The provider publishes a refit pair (``fc1`` masked, ``fc2`` refit, ReLU); its Group-OBS and refit
 circuits share logrows so the refit proof is checked against the Group-OBS ``theta'``. An honest
-client is accepted and its ``fc2`` is the ridge refit; a client that skips the refit, one that
-smuggles another ``fc2`` past it, and one that refits from other weights than the proven ones are
-rejected with specific reasons; the auditor's offline re-check of the exported bundle agrees.
+client is accepted and its ``fc2`` is the ridge refit; a client that smuggles another ``fc2`` past it
+and one that refits from other weights than the proven ones are rejected with specific reasons, as is
+the honest answer without its refit proof; the auditor's offline re-check of the exported bundle
+agrees.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +23,9 @@ from zkunlearn.client.fisher import fit_rows, layer_factors
 from zkunlearn.client.refit import committed_rows, refit_following_layer
 from zkunlearn.client.unlearning import GroupObsUnlearner, UnlearningError
 from zkunlearn.proofs.audit import audit_bundle
-from zkunlearn.proofs.deletion import DeletionCircuits, RefitSpec
+from zkunlearn.proofs.deletion import UPDATE_KIND_GROUP_OBS, DeletionCircuits, RefitSpec, verify_deletion
 from zkunlearn.provider.export import export_bundle
+from zkunlearn.provider.models import CommitmentRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.test_e2e_real import (
@@ -104,14 +107,6 @@ def refit_client(  # type: ignore[no-untyped-def]
     return client, unlearner, model
 
 
-class SkipsRefit(GroupObsUnlearner):
-    """Dishonest: proves Group-OBS but not the refit (as if the provider had not asked for it)."""
-
-    def prove(self, request):  # type: ignore[no-untyped-def]
-        self.refits = ()
-        return super().prove(request)
-
-
 class SmugglesFc2(GroupObsUnlearner):
     """Dishonest: proves a following layer moved off the ridge solution (e.g. a fine-tune)."""
 
@@ -141,7 +136,6 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
         # The honest client's curvature carries the reconstruction term (the code LM's setting): the
         # relation is the same, the committed factor is another one, and the proofs must still hold.
         "honest": refit_client(world, "honest", reconstruction_weight=0.3),
-        "skips": refit_client(world, "skips", SkipsRefit),
         "smuggles": refit_client(world, "smuggles", SmugglesFc2),
         "unmasked": refit_client(world, "unmasked", RefitsUnmaskedWeights),
     }
@@ -150,12 +144,12 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
     with pytest.raises(UnlearningError, match=r"no committed factor for layer 'fc2\.weight'"):
         clients["honest"][1].committed_factor("fc2.weight")
     x, y = data()
-    for weight, name in ((0.3, "honest"), (0.0, "skips")):
+    for weight, name in ((0.3, "honest"), (0.0, "smuggles")):
         want = layer_factors(Tiny(), [LAYER], x, y, nn.functional.cross_entropy, GO_SPEC.block,
                              curvature="ggn", reconstruction_weight=weight)[LAYER]  # fmt: skip
         fitted = fit_rows(want.factors, GO_SPEC.m).reshape(committed_g[name].shape)
         assert np.abs(committed_g[name] - fitted).max() < 1e-3, name
-    assert np.abs(committed_g["honest"] - committed_g["skips"]).max() > 0.05
+    assert np.abs(committed_g["honest"] - committed_g["smuggles"]).max() > 0.05
     fc1_before = honest_model.fc1.weight.detach().double().numpy().copy()
     v_before = np.hstack(
         [
@@ -164,13 +158,12 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
         ]
     )
     mask = mask_for(honest_model)
-    for name in clients:
-        world.server.service.create_request(name, mask)
+    requests = {name: world.server.service.create_request(name, mask) for name in clients}
+    enrolled = {name: world.server.state.get_client(name) for name in clients}
     outcomes = {name: client.poll()[0] for name, (client, _u, _m) in clients.items()}
     got = {name: (o.status, o.reason) for name, o in outcomes.items()}
     expected = {
         "honest": ("accepted", ""),
-        "skips": ("rejected", "expected 3 proofs"),
         "smuggles": ("rejected", "refit of fc2: refit_not_ridge_solution"),
         "unmasked": ("rejected", "refit of fc2: proof_invalid_for_expected_commitments"),
     }
@@ -193,7 +186,30 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
     )
     assert np.allclose(honest_model.fc2.weight.detach().double().numpy(), fit.weight, atol=2e-3)
     assert np.allclose(honest_model.fc2.bias.detach().double().numpy(), fit.bias, atol=2e-3)
-    assert clients["honest"][0].verify_log() == 4
+    # A client that proves Group-OBS but skips the refit (as if the provider had not asked for it):
+    # the honest submission without its refit proof is refused before any proof is checked.
+    honest_request = requests["honest"]
+    (submission,) = world.server.state.submissions_for(honest_request.request_id)
+    sizes = json.loads(submission.proof_sizes)
+    proofs = [submission.proof[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+    honest_record = enrolled["honest"]
+    assert honest_record is not None
+    before = [CommitmentRef.from_json(c) for c in json.loads(honest_record.current_commitments)]
+    skipped = verify_deletion(
+        world.circuits,
+        update_kind=UPDATE_KIND_GROUP_OBS,
+        request_id=honest_request.request_id,
+        request_canonical=honest_request.canonical,
+        mask_bytes=honest_request.mask,
+        forget_features=None,
+        forget_labels=None,
+        before=before,
+        after=[CommitmentRef.from_json(c) for c in json.loads(submission.after_commitments)],
+        proofs=proofs[:-1],
+    )
+    assert not skipped.ok
+    assert f"expected {len(proofs)} proofs" in skipped.reason, skipped.reason
+    assert clients["honest"][0].verify_log() == 3
     for client, _u, _m in clients.values():
         client.close()
     # The auditor re-judges every submission offline, refit proofs included, from an exported bundle.
@@ -207,4 +223,4 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
     )
     report = audit_bundle(bundle, provider_public_key=service.signer.public_bytes())
     assert report.ok, [item for item in report.items if not item.ok]
-    assert report.tree_size == 4
+    assert report.tree_size == 3
