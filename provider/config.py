@@ -1,4 +1,5 @@
-"""The provider's TOML configuration: typed sections, each key checked with a message naming it.
+"""The provider's TOML configuration: pydantic models, one per section; a bad key is refused with one
+message naming it.
 
 Example config (every key optional)::
 
@@ -39,15 +40,14 @@ Example config (every key optional)::
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 from zkunlearn.proofs.statements import StatementError, StatementVerifier
 
 from .models import ServiceConfig
@@ -59,35 +59,48 @@ class ConfigError(ValueError):
     """The provider config is malformed or names files that cannot be used."""
 
 
-@dataclass(frozen=True)
-class TlsConfig:
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    """Strict: a TOML value of the wrong type is refused (``true`` is no number), never coerced;
+    unknown keys are refused; numbers are finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class TlsConfig(_Section):
     cert_file: str = ""
     key_file: str = ""
     client_ca_file: str = ""  # non-empty: require and verify client certificates (mTLS)
 
 
-@dataclass(frozen=True)
-class LimitsConfig:
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_proof_bytes: int = 256 * 1024 * 1024
-    nonce_ttl_s: float = 120.0
-    challenge_rate_per_peer: float = 200.0  # Challenge calls per second per address (0: no limit)
-    challenge_rate_per_subject: float = 10.0  # per client id or operator key (0: no limit)
-    request_ttl_s: float = 7 * 24 * 3600.0
-    verify_workers: int = 2  # 0: verify nothing here (stand-alone `zkunlearn provider worker`s do)
-    verify_lease_s: float = 300.0
-    verify_poll_s: float = 0.25
-    verify_max_attempts: int = 3
-    max_submissions_per_request: int = 16
-    max_workers: int = 16  # RPC threads; each open WatchRequests or GetArtifact stream holds one
+class LimitsConfig(_Section):
+    max_message_bytes: PositiveInt = 16 * 1024 * 1024
+    max_proof_bytes: PositiveInt = 256 * 1024 * 1024
+    nonce_ttl_s: Positive = 120.0
+    challenge_rate_per_peer: NonNegative = 200.0  # Challenge calls per second per address (0: no limit)
+    challenge_rate_per_subject: NonNegative = 10.0  # per client id or operator key (0: no limit)
+    request_ttl_s: Positive = 7 * 24 * 3600.0
+    # Submissions verified at once, and the ezkl processes checking their proofs; 0: verify nothing
+    # here (stand-alone `zkunlearn provider worker`s do).
+    verify_workers: NonNegativeInt = 2
+    verify_lease_s: Positive = 300.0
+    verify_poll_s: Positive = 0.25
+    verify_max_attempts: PositiveInt = 3
+    max_submissions_per_request: PositiveInt = 16
+    max_workers: PositiveInt = 16  # RPC threads; each open WatchRequests or GetArtifact stream holds one
     # Calls admitted at once (running or queued for a thread); beyond it gRPC answers RESOURCE_EXHAUSTED
     # at once instead of queueing without bound. 0: 4 x max_workers.
-    max_concurrent_rpcs: int = 0
+    max_concurrent_rpcs: NonNegativeInt = 0
     # WatchRequests + GetArtifact + SubmitProof streams at once, below max_workers so unary calls find a
     # thread; excess streams get UNAVAILABLE (retried). 0: max_workers - max(2, max_workers // 4) (12 of 16).
-    max_streams: int = 0
-    watch_max_s: float = 300.0  # a watch stream ends (status OK) after this; the SDK re-opens it
-    stream_timeout_s: float = 1800.0  # a stream still open after this (a stalled reader) is cancelled
+    max_streams: NonNegativeInt = 0
+    watch_max_s: Positive = 300.0  # a watch stream ends (status OK) after this; the SDK re-opens it
+    stream_timeout_s: Positive = 1800.0  # a stream still open after this (a stalled reader) is cancelled
 
     def stream_slots(self) -> int:
         return self.max_streams or max(1, self.max_workers - max(2, self.max_workers // 4))
@@ -95,19 +108,40 @@ class LimitsConfig:
     def concurrent_rpcs(self) -> int:
         return self.max_concurrent_rpcs or 4 * self.max_workers
 
+    @model_validator(mode="after")
+    def _threads_left_for_unary_calls(self) -> LimitsConfig:
+        """Cross-key checks: the stream cap must leave RPC threads to unary calls."""
+        if self.max_workers < 2:
+            raise ValueError("config key limits.max_workers must be at least 2 (streams and unary calls)")
+        if not self.stream_slots() < self.max_workers:
+            raise ValueError(
+                f"config key limits.max_streams must be below limits.max_workers ({self.max_workers}), "
+                f"got {self.stream_slots()}, so unary calls always find a thread"
+            )
+        if self.concurrent_rpcs() < self.max_workers:
+            raise ValueError(
+                f"config key limits.max_concurrent_rpcs must be 0 or at least limits.max_workers "
+                f"({self.max_workers}), got {self.max_concurrent_rpcs}"
+            )
+        if not self.watch_max_s < self.stream_timeout_s:
+            raise ValueError(
+                f"config key limits.watch_max_s must be below limits.stream_timeout_s "
+                f"({self.stream_timeout_s}), got {self.watch_max_s}"
+            )
+        return self
 
-@dataclass(frozen=True)
-class KeepaliveConfig:
-    time_ms: int = 30_000
-    timeout_ms: int = 10_000
-    min_ping_interval_ms: int = 10_000
+
+class KeepaliveConfig(_Section):
+    time_ms: PositiveInt = 30_000
+    timeout_ms: PositiveInt = 10_000
+    min_ping_interval_ms: PositiveInt = 10_000
 
 
-@dataclass(frozen=True)
-class OperatorConfig:
+class OperatorConfig(_Section):
     """Who may issue deletion requests, and how the operator CLI reaches and trusts the provider."""
 
-    public_keys: tuple[str, ...] = ()  # raw Ed25519 public keys, hex: the operator keys the server accepts
+    # raw Ed25519 public keys, hex: the operator keys the server accepts
+    public_keys: tuple[str, ...] = Field(default=(), strict=False)
     key_file: str = "operator.key"  # the CLI's private operator key (`zkunlearn provider operator-key`)
     target: str = ""  # host:port the CLI dials (default: the provider's listen address)
     ca_file: str = ""  # PEM roots the CLI trusts when the provider serves TLS (default: tls.cert_file)
@@ -115,33 +149,60 @@ class OperatorConfig:
     cert_file: str = ""  # the CLI's client certificate, when the provider requires mTLS
     cert_key_file: str = ""
 
+    @field_validator("public_keys", mode="before")
+    @classmethod
+    def _ed25519_keys(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"config key operator.public_keys must be a list, got {type(value).__name__}")
+        for key in value:
+            try:
+                StatementVerifier.from_public_bytes(bytes.fromhex(key))
+            except (TypeError, ValueError, StatementError):
+                shown = str(key)[:80]
+                raise ValueError(
+                    f"config key operator.public_keys holds {shown!r}, not a 64-hex Ed25519 public key"
+                ) from None
+        return tuple(value)
 
-@dataclass(frozen=True)
-class ProviderConfig:
+
+class ProviderConfig(_Section):
     listen: str = "127.0.0.1:50551"
     # Names this replica's verification leases; keep it stable across restarts (default: host:listen).
     replica_id: str = ""
     state: str = "provider.db"
     key_file: str = "provider.key"
     verifier: str = ""
-    model_ids: tuple[str, ...] = ()
-    submit_wait_s: float = 30.0
-    watch_poll_s: float = 0.5
-    grace_s: float = 5.0
+    model_ids: tuple[str, ...] = Field(default=(), strict=False)
+    submit_wait_s: NonNegative = 30.0
+    watch_poll_s: Positive = 0.5
+    grace_s: NonNegative = 5.0
     srs_digest: str = ""
     srs_insecure: bool = True
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
-    artifacts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    operator: OperatorConfig = field(default_factory=OperatorConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    keepalive: KeepaliveConfig = Field(default_factory=KeepaliveConfig)
+    # [artifacts.<circuit_id>]: artifact name -> file path
+    artifacts: dict[str, dict[str, Annotated[str, Field(min_length=1)]]] = Field(default_factory=dict)
+    operator: OperatorConfig = Field(default_factory=OperatorConfig)
     # [planners.<model_id>]: factory = "package.module:callable" and its keyword arguments
-    planners: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    planners: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("model_ids", mode="before")
+    @classmethod
+    def _list_of_strings(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError(
+                f'config key model_ids must be a list of strings such as ["mnist-vit"], '
+                f"got {type(value).__name__} {str(value)[:80]!r}"
+            )
+        return tuple(value)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ProviderConfig:
-        config: ProviderConfig = _build(cls, data, "")
-        return config
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_message(exc.errors()[0])) from None
 
     @classmethod
     def load(
@@ -187,150 +248,35 @@ def _default_replica_id(listen: str) -> str:
     return safe[:100]
 
 
-# Numeric keys that must be > 0; every other numeric key must be >= 0 (0 means "none" or "derived").
-_POSITIVE = frozenset(
-    {
-        "watch_poll_s",
-        "limits.max_message_bytes",
-        "limits.max_proof_bytes",
-        "limits.nonce_ttl_s",
-        "limits.request_ttl_s",
-        "limits.verify_lease_s",
-        "limits.verify_poll_s",
-        "limits.verify_max_attempts",
-        "limits.max_submissions_per_request",
-        "limits.max_workers",
-        "limits.watch_max_s",
-        "limits.stream_timeout_s",
-        "keepalive.time_ms",
-        "keepalive.timeout_ms",
-        "keepalive.min_ping_interval_ms",
-    }
-)
+_TYPE_NAMES = {
+    "int_type": "int",
+    "int_from_float": "int",
+    "float_type": "float",
+    "bool_type": "bool",
+    "string_type": "str",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+}
 
 
-def _model_ids(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(
-            f'config key model_ids must be a list of strings such as ["mnist-vit"], '
-            f"got {type(value).__name__} {str(value)[:80]!r}"
-        )
-    return tuple(value)
-
-
-def _artifacts(value: Any) -> dict[str, dict[str, str]]:
-    expected = "[artifacts.<circuit_id>] tables mapping artifact names to file paths"
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"config key artifacts must be {expected}, got {type(value).__name__}")
-    out: dict[str, dict[str, str]] = {}
-    for circuit, arts in value.items():
-        if not isinstance(arts, Mapping):
-            raise ConfigError(
-                f"config key artifacts.{circuit} must be a table mapping artifact names to file paths, "
-                f"got {type(arts).__name__}"
-            )
-        for name, path in arts.items():
-            if not isinstance(path, str) or not path:
-                raise ConfigError(
-                    f"config key artifacts.{circuit}.{name} must be a file path (string), "
-                    f"got {type(path).__name__}"
-                )
-        out[str(circuit)] = {str(name): path for name, path in arts.items()}
-    return out
-
-
-def _planners(value: Any) -> dict[str, dict[str, Any]]:
-    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
-        raise ConfigError(
-            'config key planners must hold [planners.<model_id>] tables with factory = "module:callable"'
-        )
-    return {str(model): dict(table) for model, table in value.items()}
-
-
-def _operator_keys(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple):
-        raise ConfigError(f"config key operator.public_keys must be a list, got {type(value).__name__}")
-    for key in value:
-        try:
-            StatementVerifier.from_public_bytes(bytes.fromhex(key))
-        except (TypeError, ValueError, StatementError) as exc:
-            raise ConfigError(
-                f"config key operator.public_keys holds {str(key)[:80]!r}, not a 64-hex Ed25519 public key"
-            ) from exc
-    return tuple(value)
-
-
-def _check_limits(limits: LimitsConfig) -> None:
-    """Cross-key checks: the stream cap must leave RPC threads to unary calls."""
-    if limits.max_workers < 2:
-        raise ConfigError("config key limits.max_workers must be at least 2 (streams and unary calls)")
-    if not limits.stream_slots() < limits.max_workers:
-        raise ConfigError(
-            f"config key limits.max_streams must be below limits.max_workers ({limits.max_workers}), "
-            f"got {limits.stream_slots()}, so unary calls always find a thread"
-        )
-    if limits.concurrent_rpcs() < limits.max_workers:
-        raise ConfigError(
-            f"config key limits.max_concurrent_rpcs must be 0 or at least limits.max_workers "
-            f"({limits.max_workers}), got {limits.max_concurrent_rpcs}"
-        )
-    if not limits.watch_max_s < limits.stream_timeout_s:
-        raise ConfigError(
-            f"config key limits.watch_max_s must be below limits.stream_timeout_s "
-            f"({limits.stream_timeout_s}), got {limits.watch_max_s}"
-        )
-
-
-def _check_number(key: str, value: float) -> None:
-    positive = key in _POSITIVE
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigError(f"config key {key} must be a finite number {bound}, got {value}")
-
-
-def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config section {prefix or '<root>'} must be a table, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config keys in {prefix or '<root>'}: {unknown} (known: {sorted(fields)})")
-    kwargs: dict[str, Any] = {}
-    nested = {
-        "tls": TlsConfig,
-        "limits": LimitsConfig,
-        "keepalive": KeepaliveConfig,
-        "operator": OperatorConfig,
-    }
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if prefix == "" and name in nested:
-            kwargs[name] = _build(nested[name], value, name)
-        elif prefix == "" and name == "model_ids":
-            kwargs[name] = _model_ids(value)
-        elif prefix == "" and name == "artifacts":
-            kwargs[name] = _artifacts(value)
-        elif prefix == "" and name == "planners":
-            kwargs[name] = _planners(value)
-        elif prefix == "operator" and name == "public_keys":
-            kwargs[name] = _operator_keys(value)
-        else:
-            default = fields[name].default
-            if default is dataclasses.MISSING or default is None:
-                kwargs[name] = value
-                continue
-            # bool is an int to Python, not to an operator: `max_workers = true` is a mistake.
-            is_bool = isinstance(value, bool)
-            if isinstance(default, float) and isinstance(value, int) and not is_bool:
-                value = float(value)
-            if not isinstance(value, type(default)) or (is_bool and not isinstance(default, bool)):
-                raise ConfigError(
-                    f"config key {key} must be {type(default).__name__}, got {type(value).__name__}"
-                )
-            if isinstance(value, int | float) and not is_bool:
-                _check_number(key, value)
-            kwargs[name] = value
-    built = cls(**kwargs)
-    if isinstance(built, LimitsConfig):
-        _check_limits(built)
-    return built
+def _message(error: ErrorDetails) -> str:
+    """One line naming the key: what it must be and what it got."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    kind, given = error["type"], error.get("input")
+    if kind == "value_error":  # a validator's own message, which names its key
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+    if kind == "extra_forbidden":
+        section = ".".join(loc[:-1]) or "<root>"
+        return f"unknown config keys in {section}: {loc[-1:]}"
+    if kind in _TYPE_NAMES:
+        if kind in ("model_type", "model_attributes_type"):
+            return f"config section {key or '<root>'} must be a table, got {type(given).__name__}"
+        return f"config key {key} must be {_TYPE_NAMES[kind]}, got {type(given).__name__}"
+    if kind in ("greater_than", "greater_than_equal", "finite_number"):
+        bound = {"greater_than": " > 0", "greater_than_equal": " >= 0"}.get(kind, "")
+        return f"config key {key} must be a finite number{bound}, got {given}"
+    if kind == "string_too_short":
+        return f"config key {key} must be a file path (non-empty string)"
+    return f"config key {key} must be valid: {error['msg']} (got {str(given)[:80]!r})"
