@@ -38,7 +38,8 @@ def tuning_sweep(
     a hundred points costs minutes, not a hundred benchmark jobs. Rows carry the mask cost, so a reader
     can apply the >= 5-point rule.
     """
-    from zkunlearn.client.fisher import BlockFactors, fit_rows, layer_factors
+    from zkunlearn.client.fisher import layer_factors
+    from zkunlearn.client.fisher_factors import BlockFactors, fit_rows
 
     from zkunlearn.tasks.train import cross_entropy, masked_copy
 
