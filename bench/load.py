@@ -16,8 +16,9 @@ proof verification, receipts, the log). Two kinds of proofs are replayed:
   full ezkl verification, and half of them are also tampered (another after-commitment). This
   measures real verification throughput and proves replays across requests fail at scale; making
   1,000 request-bound proofs would take hours of proving on this machine.
-- ``synthetic``: a digest "proof" checked by :class:`DigestVerifier` (valid unless tampered), so the
-  accepting path (verdict, the client's new commitments, receipts) is exercised at the same scale.
+- ``synthetic``: a digest "proof" checked by :class:`.load_world.DigestVerifier` (valid unless
+  tampered), so the accepting path (verdict, the client's new commitments, receipts) is exercised at the
+  same scale.
 
 Every request the operator issues must end with exactly one receipt in the log and every receipt a
 client acknowledged must be found there afterwards, also when ``kill_every_s`` SIGKILLs a random
@@ -30,374 +31,28 @@ provider replica during the run and restarts it; the log is then exported and au
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
-from zkunlearn.proofs.backend import point_from_tag
 
 from .load_honest import HonestSession, honest_session, honest_world, machine_load_sampler, plan_client
-from .postgres import free_port
+from .load_replicas import make_replicas
+from .load_timing import RpcTimer, percentiles
+from .load_world import KINDS, Template, digest_checker, real_world, synthetic_world
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = {"group_obs": 1, "analytic": 2}
-
-
-# ------------------------------------------------------------------------------------------ templates
-
-
-@dataclass(frozen=True)
-class Template:
-    """What every simulated client of one update kind replays: its enrollment and its answer."""
-
-    kind: str
-    model_id: str
-    layers: tuple[str, ...]
-    commitments: tuple[dict[str, Any], ...]
-    mask: bytes
-    forget: bytes  # the provider's encoding of forget features and labels (analytic requests)
-    after: tuple[dict[str, Any], ...]
-    proofs: tuple[bytes, ...]
-
-
-@dataclass(frozen=True)
-class World:
-    templates: tuple[Template, ...]
-    key_file: Path
-    config_top: tuple[str, ...]  # top-level TOML lines of the provider config (verifier, SRS flag)
-    config_tables: tuple[str, ...]  # TOML tables (artifacts published over GetArtifact)
-    mode: str
-
-
-def _digest_proof(
-    before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]], mask: bytes
-) -> bytes:
-    blob = json.dumps({"before": list(before), "after": list(after), "mask": mask.hex()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).digest()
-
-
-class DigestVerifier:
-    """Synthetic verifier for harness tests: the proof must be the digest of before, after and mask.
-
-    Not a proof system: it only lets the harness tell valid from invalid submissions without ezkl.
-    """
-
-    def verify(self, job: Any) -> Any:
-        from zkunlearn.provider.service import VerificationResult
-
-        before = [c.to_json() for c in job.before_commitments]
-        after = [c.to_json() for c in job.after_commitments]
-        ok = list(job.proofs) == [_digest_proof(before, after, job.mask)]
-        return VerificationResult(ok, "" if ok else "digest proof does not match")
-
-
-def digest_verifier(_config: object) -> DigestVerifier:
-    """Verifier factory for the provider config (``verifier = "zkunlearn.bench.load:digest_verifier"``)."""
-    return DigestVerifier()
-
-
-def synthetic_world(work: Path) -> World:
-    from zkunlearn.circuits.mask import LayerMask, Mask
-    from zkunlearn.proofs.statements import StatementSigner
-
-    key = work / "provider.key"
-    StatementSigner.generate().save(key)
-    mask = Mask((LayerMask("fc1", (4, 4), 4, {0: (1, 2)}),)).to_bytes()
-    before = ({"name": "theta:fc1", "block": 0, "point_hex": point_from_tag(b"load-before")},)
-    after = ({"name": "theta:fc1", "block": 0, "point_hex": point_from_tag(b"load-after")},)
-    template = Template(
-        "group_obs", "synthetic", ("fc1",), before, mask, b"", after, (_digest_proof(before, after, mask),)
-    )
-    return World((template,), key, ('verifier = "zkunlearn.bench.load:digest_verifier"',), (), "synthetic")
-
-
-def real_world(work: Path, cache: Path | None = None) -> World:
-    """Genuine proofs and keys from one quick demo run (made once, then cached)."""
-    from rich.console import Console
-    from zkunlearn.provider.state import VERDICT_ACCEPTED, SqlState
-
-    from zkunlearn.tasks.data import cache_root
-
-    cache = cache or cache_root() / "load-template"
-    source = cache / "work"
-    if not (source / "provider.db").exists():
-        from zkunlearn.demo import run_demo
-
-        run_demo(clients=2, quick=True, report_dir=cache, console=Console(stderr=True))
-    state = SqlState.sqlite(source / "provider.db")
-    templates: dict[str, Template] = {}
-    try:
-        for sub in _finished(state):
-            client, request = state.get_client(sub.client_id), state.get_request(sub.request_id)
-            if sub.verdict != VERDICT_ACCEPTED or client is None or request is None:
-                continue
-            kind = {v: k for k, v in KINDS.items()}[client.update_kind]
-            sizes = json.loads(sub.proof_sizes)
-            proofs, offset = [], 0
-            for size in sizes:
-                proofs.append(sub.proof[offset : offset + size])
-                offset += size
-            templates.setdefault(
-                kind,
-                Template(
-                    kind,
-                    client.model_id,
-                    client.layers,
-                    tuple(json.loads(client.enrolled_commitments)),
-                    request.mask,
-                    request.forget,
-                    tuple(json.loads(sub.after_commitments)),
-                    tuple(proofs),
-                ),
-            )
-    finally:
-        state.close()
-    if set(templates) != set(KINDS):
-        raise RuntimeError(
-            f"the cached demo run in {cache} lacks accepted {sorted(set(KINDS) - set(templates))}"
-        )
-    import tomllib
-
-    demo_config = tomllib.loads((source / "provider.toml").read_text())
-    top = (f"verifier = {json.dumps(demo_config['verifier'])}", "srs_insecure = true")
-    tables: list[str] = []
-    for circuit, files in demo_config.get("artifacts", {}).items():
-        tables.append(f"[artifacts.{json.dumps(circuit)}]")
-        tables += [f"{name} = {json.dumps(path)}" for name, path in files.items()]
-    return World(tuple(templates[k] for k in KINDS), source / "provider.key", top, tuple(tables), "real")
-
-
-def _finished(state: Any) -> list[Any]:
-    """Every finished submission, found through the log (the state has no 'all submissions' query)."""
-    out = []
-    for index in range(state.ledger_size()):
-        leaf = state.get_leaf(index)
-        sub = state.get_submission(leaf.submission_id) if leaf else None
-        if sub is not None:
-            out.append(sub)
-    return out
-
-
-# ------------------------------------------------------------------------------------------ metrics
-
-
-class RpcTimer(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]  # grpc ships no stubs for these bases
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
-):
-    """Times every RPC on a channel (server streams: until the first message) and counts statuses."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.ms: dict[str, list[float]] = defaultdict(list)
-        self.codes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-
-    def record(self, method: str, started: float, code: grpc.StatusCode | None) -> None:
-        name = method.rsplit("/", 1)[-1]
-        with self.lock:
-            if code is None or code == grpc.StatusCode.OK:
-                self.ms[name].append((time.perf_counter() - started) * 1000)
-            self.codes[name]["OK" if code is None else code.name] += 1
-
-    def _unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        started = time.perf_counter()
-        call = continuation(details, request)
-        try:
-            call.result()
-            self.record(details.method, started, None)
-        except grpc.RpcError as exc:
-            self.record(details.method, started, exc.code())
-        return call
-
-    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return self._unary(continuation, client_call_details, request)
-
-    def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return self._unary(continuation, client_call_details, request_iterator)
-
-    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return _FirstMessageTimer(
-            continuation(client_call_details, request), self, client_call_details.method
-        )
-
-
-class _FirstMessageTimer:
-    """Wraps a server-stream call: records the time to its first message, delegates everything else."""
-
-    def __init__(self, call: Any, timer: RpcTimer, method: str) -> None:
-        self._call, self._timer, self._method = call, timer, method
-        self._started: float | None = time.perf_counter()
-
-    def __iter__(self) -> _FirstMessageTimer:
-        return self
-
-    def __next__(self) -> Any:
-        try:
-            item = next(self._call)
-        except grpc.RpcError as exc:
-            if self._started is not None:
-                self._timer.record(self._method, self._started, exc.code())
-                self._started = None
-            raise
-        if self._started is not None:
-            self._timer.record(self._method, self._started, None)
-            self._started = None
-        return item
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
-
-
-def _percentiles(values: Sequence[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0, "p50": float("nan"), "p99": float("nan")}
-    arr = np.asarray(values)
-    return {
-        "n": len(values),
-        "p50": round(float(np.percentile(arr, 50)), 2),
-        "p99": round(float(np.percentile(arr, 99)), 2),
-    }
-
-
-# ------------------------------------------------------------------------------------------ providers
-
-
-@dataclass
-class Replica:
-    name: str
-    port: int
-    config: Path
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    cpu_s: float = 0.0  # CPU seconds of this replica's processes that have ended (kills and stops)
-
-    def _charge_cpu(self) -> None:
-        """Add the running process's CPU time (user + system, its children included) to ``cpu_s``."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return
-        ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-        self.cpu_s += ticks / os.sysconf("SC_CLK_TCK")
-
-    def start(self) -> None:
-        """Start the replica, retrying when its port was taken in the meantime.
-
-        ``free_port`` only says a port *was* free: another process's outgoing connection (the other
-        replica's to PostgreSQL, say) can take it before the provider binds. Before the first start
-        no client knows the port, so a new one is picked; on a restart the clients do, so the same
-        port is retried until whoever holds it lets go.
-        """
-        for attempt in range(8):
-            bound_before = self.log.stat().st_size if self.log.exists() else 0
-            if self._start_once():
-                return
-            with self.log.open("rb") as log:
-                log.seek(bound_before)
-                if b"cannot listen on" not in log.read():
-                    break
-            if self.starts == 1:
-                old, self.port = self.port, free_port()
-                text = self.config.read_text().replace(f"127.0.0.1:{old}", f"127.0.0.1:{self.port}")
-                self.config.write_text(text)
-                self.starts = 0
-            else:
-                time.sleep(0.5 * (attempt + 1))
-        raise RuntimeError(f"provider {self.name} did not start; see {self.log}")
-
-    def _start_once(self) -> bool:
-        port_file = self.config.with_suffix(".port")
-        port_file.unlink(missing_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "zkunlearn.cli", "provider", "serve"]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*command, "--config", str(self.config), "--port-file", str(port_file)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        self.starts += 1
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                if self.process.poll() is None:
-                    self.kill()
-                return False
-            time.sleep(0.05)
-        return True
-
-    def kill(self) -> None:
-        self._charge_cpu()
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(30)
-
-    def stop(self) -> None:
-        from zkunlearn.demo import stop_process
-
-        self._charge_cpu()
-        if self.process is not None:
-            stop_process(self.process, timeout_s=60)
-
-
-def _replicas(work: Path, world: World, state_url: str, count: int, verify_workers: int) -> list[Replica]:
-    out = []
-    for i in range(count):
-        port = free_port()
-        config = work / f"replica-{i}.toml"
-        config.write_text(
-            "\n".join(
-                [
-                    f'listen = "127.0.0.1:{port}"',
-                    f'replica_id = "replica-{i}"',
-                    f"state = {json.dumps(state_url)}",
-                    f"key_file = {json.dumps(str(world.key_file))}",
-                    "submit_wait_s = 0.0",
-                    "watch_poll_s = 0.2",
-                    "grace_s = 2.0",
-                    *world.config_top,
-                    "[limits]",
-                    f"verify_workers = {verify_workers}",
-                    "verify_lease_s = 60.0",
-                    "verify_poll_s = 0.2",
-                    "max_workers = 96",
-                    # Every simulated device dials from this one host: a per-address limit would
-                    # throttle the fleet as one caller (the per-id limit stays on).
-                    "challenge_rate_per_peer = 0.0",
-                    *world.config_tables,
-                    "",
-                ]
-            )
-        )
-        out.append(Replica(f"replica-{i}", port, config, work / f"replica-{i}.log"))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ clients
 
 
 @dataclass
@@ -478,7 +133,7 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
             state_url = str(work / "provider.db")
         else:
             raise ValueError(f"backend must be sqlite or postgres, got {settings.backend!r}")
-        replicas = _replicas(work, world, state_url, settings.replicas, settings.verify_workers)
+        replicas = make_replicas(work, world, state_url, settings.replicas, settings.verify_workers)
         for r in replicas:
             r.start()
             stack.callback(r.stop)
@@ -724,11 +379,11 @@ def _tally(
         "session_errors": sorted({r.error for r in results if r.error})[:10],
         "sessions_failed": sum(bool(r.error) for r in results),
         "ledger_size": state.ledger_size(),
-        "rpc_latency_ms": {name: _percentiles(v) for name, v in sorted(timer.ms.items())},
+        "rpc_latency_ms": {name: percentiles(v) for name, v in sorted(timer.ms.items())},
         "rpc_status_counts": {name: dict(codes) for name, codes in sorted(timer.codes.items())},
         "verifications": len(verified_ms),
         "verifications_per_s": round(len(verified_ms) / verdict_span_s, 2) if verdict_span_s else None,
-        "session_s": _percentiles([r.seconds for r in results]),
+        "session_s": percentiles([r.seconds for r in results]),
         "wall_s": round(wall, 1),
         "kills": kills,
         "jobs_claimed_again": claimed_again,
@@ -757,7 +412,7 @@ def _honest_summary(sessions: Sequence[HonestSession], forgers: int) -> dict[str
         },
         "chains_intact": sum(s.chain_intact for s in sessions),
         "known_heads_audited": sum(s.known_head is not None for s in sessions),
-        "last_proof_s": _percentiles(prove),
+        "last_proof_s": percentiles(prove),
     }
 
 
@@ -774,7 +429,7 @@ def _audit(
     export_from_config(config, bundle, without_circuits=mode == "synthetic")
     kwargs: dict[str, Any] = {}
     if mode == "synthetic":
-        kwargs["proof_checker"] = _digest_checker
+        kwargs["proof_checker"] = digest_checker
     started = time.monotonic()
     report = report_json(
         audit_bundle(bundle, provider_public_key=public_key, known_heads=known_heads, **kwargs)
@@ -785,19 +440,3 @@ def _audit(
         "failures": report.get("failures", [])[:5],
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-def _digest_checker(
-    payload: Mapping[str, Any],
-    canonical: bytes,
-    mask_bytes: bytes,
-    features: Any,
-    labels: Any,
-    before: list[dict[str, Any]],
-    after: list[dict[str, Any]],
-    proofs: list[bytes],
-    circuits_dir: Path,
-) -> tuple[bool, str]:
-    """The auditor's side of :class:`DigestVerifier` (synthetic mode only)."""
-    ok = list(proofs) == [_digest_proof(before, after, mask_bytes)]
-    return ok, "ok" if ok else "digest proof does not match"

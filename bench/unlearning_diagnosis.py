@@ -3,7 +3,8 @@
 The unlearning benchmark reports one recovery number per task. Below the target it cannot say whether
 the client's curvature is the limit (then a better G, more data or re-linearising would help) or the
 relation itself (a block-diagonal, one-layer-at-a-time update). This diagnosis separates the two on the
-same cached models and masks as the benchmark (``bench.unlearning.prepare`` / ``make_mask``):
+same cached models and masks as the benchmark (``bench.unlearning_data.prepare`` /
+``bench.unlearning_masks.make_mask``):
 
 * **per layer**: the mask restricted to one targeted layer, the other layers left as personalized. For
   each: what masking costs, what Group-OBS leaves lost, and what a fine-tune of *that layer's* unmasked
@@ -46,18 +47,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
-from zkunlearn.bench.unlearning import (
-    RESULTS,
-    SETTINGS,
-    Views,
-    compensated_copy,
-    dense_masks,
-    make_mask,
-    prepare,
-    run_per_seed,
-    split_accuracy,
-    write_study,
-)
+from zkunlearn.bench.unlearning_data import prepare
+from zkunlearn.bench.unlearning_masks import dense_masks, make_mask
+from zkunlearn.bench.unlearning_methods import compensated_copy
+from zkunlearn.bench.unlearning_metrics import Views, split_accuracy
+from zkunlearn.bench.unlearning_records import write_study
+from zkunlearn.bench.unlearning_runner import run_per_seed
+from zkunlearn.bench.unlearning_settings import RESULTS, SETTINGS
 
 CURVATURE_VARIANTS = ("ggn", "ggn-at-masked-point", "ggn-relinearised", "ggn-plus-test-images")
 ALTERNATIVE_CURVATURES = ("layer-output", "ggn+layer-output")

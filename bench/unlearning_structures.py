@@ -5,7 +5,7 @@ A proof's cost grows with the weights of every *touched* Group-OBS block, not wi
 A block-sparse mask (``provider.masks.select_blocks``) packs the same budget into few blocks, each
 masked at most to ``density``; a neuron mask takes whole rows (scored by activation importance). What
 that buys and costs is measured here on the benchmark's own cached models, curvature and damping
-(``bench.unlearning.prepare`` / ``SETTINGS``), the ``disjoint`` variant, per seed:
+(``bench.unlearning_data.prepare`` / ``SETTINGS``), the ``disjoint`` variant, per seed:
 
 * **touched blocks**: the share of the targeted layers' blocks the mask touches (the proof's size);
 * **efficacy**: the global model's forget accuracy after masking, beside retrain-from-scratch's;
@@ -32,19 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from zkunlearn.bench.unlearning import (
-    RESULTS,
-    SETTINGS,
-    MaskSpec,
-    client_fisher_data,
-    compensated_copy,
-    dense_masks,
-    make_mask,
-    prepare,
-    run_per_seed,
-    split_accuracy,
-    write_study,
-)
+from zkunlearn.bench.unlearning_data import prepare
+from zkunlearn.bench.unlearning_masks import dense_masks, make_mask
+from zkunlearn.bench.unlearning_methods import client_fisher_data, compensated_copy
+from zkunlearn.bench.unlearning_metrics import split_accuracy
+from zkunlearn.bench.unlearning_records import write_study
+from zkunlearn.bench.unlearning_runner import run_per_seed
+from zkunlearn.bench.unlearning_settings import RESULTS, SETTINGS, MaskSpec
 
 # (structure, density) pairs compared; densities below the mask fraction cannot hold the budget and
 # are reported as infeasible rather than silently filled elsewhere.

@@ -40,7 +40,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 from zkunlearn.circuits.mask import LayerMask
-from zkunlearn.client.fisher import BlockFactors
+from zkunlearn.client.fisher_factors import BlockFactors
 
 __all__ = [
     "BlockUpdate",

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from zkunlearn.circuits.activations import GELU_CLAMP, GELU_CORRECTION_COEFFS
 from zkunlearn.circuits.mask import LayerMask
-from zkunlearn.client.fisher import BlockFactors
+from zkunlearn.client.fisher_factors import BlockFactors
 from zkunlearn.client.group_obs import single_threaded_blas
 
 __all__ = [

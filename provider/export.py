@@ -1,6 +1,7 @@
 """Write the provider's audit bundle: everything an offline auditor needs to re-check the receipt log.
 
-The bundle is a plain directory (format described in :mod:`zkunlearn.proofs.audit`, which reads it).
+The bundle is a plain directory (format described in :mod:`zkunlearn.proofs.audit_format`;
+:mod:`zkunlearn.proofs.audit` reads it).
 Three choices matter for what an audit can prove:
 
 - **One snapshot size.** The log may grow while we export; every inclusion proof, the latest head

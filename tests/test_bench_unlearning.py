@@ -10,22 +10,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from zkunlearn.bench.unlearning import (
-    METHODS,
-    RECOVERING,
-    SETTINGS,
-    client_fisher_data,
-    finalize,
-    group_obs,
-    make_mask,
-    output_refit,
-    prepare,
-    render_tuning_markdown,
-    run_job,
-    split_accuracy,
-    task_methods,
-    tuning_sweep,
-)
+from zkunlearn.bench.unlearning_data import prepare
+from zkunlearn.bench.unlearning_masks import make_mask
+from zkunlearn.bench.unlearning_methods import client_fisher_data, group_obs, output_refit
+from zkunlearn.bench.unlearning_metrics import split_accuracy
+from zkunlearn.bench.unlearning_records import finalize, render_tuning_markdown
+from zkunlearn.bench.unlearning_runner import run_job
+from zkunlearn.bench.unlearning_settings import METHODS, RECOVERING, SETTINGS, task_methods
+from zkunlearn.bench.unlearning_tuning import tuning_sweep
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +62,8 @@ def test_support_finetune_trains(quick_rows: list[dict[str, object]]) -> None:
 
 def test_support_is_what_group_obs_may_move_and_the_fine_tune_stays_in_it() -> None:
     """Group-OBS changes only unmasked weights of touched blocks; `support-finetune` may move no others."""
-    from zkunlearn.bench.unlearning import dense_masks, group_obs_support
+    from zkunlearn.bench.unlearning_masks import dense_masks
+    from zkunlearn.bench.unlearning_methods import group_obs_support
     from zkunlearn.client.fisher import BlockFactors
     from zkunlearn.client.group_obs import apply_group_obs
 
@@ -398,7 +391,7 @@ def _measure_or_fail(task: str, seed: int) -> list[dict[str, Any]]:
 
 def test_run_per_seed_keeps_finished_jobs_and_reports_failures() -> None:
     """Each job in its own process: a failing one is reported and skipped when tolerated, raised otherwise."""
-    from zkunlearn.bench.unlearning import run_per_seed
+    from zkunlearn.bench.unlearning_runner import run_per_seed
 
     rows: list[dict[str, Any]] = []
     failures = run_per_seed(

@@ -76,10 +76,11 @@ def test_a_replica_whose_port_was_taken_before_its_first_start_moves_to_another(
     """free_port only says a port *was* free: another process can take it before the provider binds."""
     import socket
 
-    from zkunlearn.bench.load import _replicas, synthetic_world
+    from zkunlearn.bench.load_replicas import make_replicas
+    from zkunlearn.bench.load_world import synthetic_world
 
     world = synthetic_world(tmp_path)
-    (replica,) = _replicas(tmp_path, world, str(tmp_path / "p.db"), 1, 0)
+    (replica,) = make_replicas(tmp_path, world, str(tmp_path / "p.db"), 1, 0)
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", replica.port))
     squatter.listen()

@@ -115,8 +115,8 @@ class Scenario:
 
     mask_density: float = 0.5
     # Pixels of the shifted image copies added to the client's curvature inputs at enrollment: the ViT
-    # benchmark's setting (bench/unlearning.py). The quick MLP demo uses it too (not measured on the MLP;
-    # it is there so that CI enrolls through that path with real proofs).
+    # benchmark's setting (bench/unlearning_settings.py). The quick MLP demo uses it too (not measured on
+    # the MLP; it is there so that CI enrolls through that path with real proofs).
     fisher_shift: int = 1
 
     def planner(self) -> TorchPlanner:
