@@ -15,19 +15,11 @@ CPU time stays what one thread would spend.
     python -m bench.unlearning --tune --tasks vit --curvatures empirical,ggn --fractions 0.24,0.32,0.40
 
 Hyperparameters (``SETTINGS``) were tuned on ``TUNING_SEEDS`` only, with ``tuning_sweep`` (``--tune``;
-the curvature x damping x mask-fraction grid in ``bench/results/unlearning_fisher_tuning.md`` and
-``unlearning_fisher_lm_tuning.md``, the earlier block-size / sample-count grid in
-``unlearning_tuning.md``); the per-seed table in ``unlearning.md`` marks those seeds and gives the
-mean recovery over the held-out ones separately. The committed ``unlearning*.json`` merge, via
-``--finalize``, runs on the 2-core box (Python 3.11, torch CPU, single-threaded jobs; nothing else
-running for the ViT and MLP rows, while the code-LM rows shared the box with other jobs, so their
-update times, peak memory and naive/ours ratios are not comparable with the others): MLP seeds 0-2
-(not tuned) from a run that started from an empty model cache (``--no-sweep``),
-ViT seeds 0-11 re-run on 2026-12-03 on the same cached models with the shifted curvature inputs, plus
-the pre-registered seeds 12-23 trained then (``--no-sweep``, nothing else running), and code LM
-seeds 0-3 (0 tuning; client slice tkinter) re-run on 2026-12-02 on the same cached models, with the
-reconstruction term in its curvature (with its mask sweep), plus seeds 4-11 (pre-registered,
-``--no-sweep``) in the same run.
+the grids in ``bench/results/unlearning_*tuning.md``); the per-seed table in ``unlearning.md`` marks
+those seeds and gives the mean recovery over the held-out ones separately. Which run produced which
+stored rows, and what else ran beside it, is in ``bench/results/unlearning.provenance.md``.
+``group-obs-certified`` is the configuration the exact proofs certify (``SETTINGS[task].certified``);
+``group-obs`` is the unproven full-rank update at the task's own damping.
 ``--structures`` (``bench/unlearning_structures.py``) compares mask structures: touched blocks,
 efficacy and Group-OBS recovery. ``unlearning_masks.*``, the mask-recipe sweep, is kept from an earlier run
 on a 16-core machine, on the models trained there (it measures the global model only), except its

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from zkunlearn.bench.unlearning_data import Prepared
 from zkunlearn.bench.unlearning_metrics import evaluate, measured
-from zkunlearn.bench.unlearning_settings import SETTINGS
+from zkunlearn.bench.unlearning_settings import SETTINGS, CertifiedSpec
 
 
 def group_obs_support(mask: Any, layers: Sequence[str]) -> dict[str, Tensor]:
@@ -117,6 +117,47 @@ def group_obs(
             diff = float(np.max(np.abs(ref - named[name].detach().double().numpy())))
             info["naive_max_diff"] = max(info["naive_max_diff"], diff)
     return out, info
+
+
+def group_obs_certified(
+    model: nn.Module,
+    mask: Any,
+    layers: Sequence[str],
+    data: tuple[Tensor, Tensor],
+    exclude: Tensor,
+    certified: CertifiedSpec,
+    block_size: int,
+    *,
+    n_samples: int = 1024,
+    curvature: str = "empirical",
+    reconstruction_weight: float = 0.0,
+    fisher_shift: int = 0,
+) -> tuple[nn.Module, dict[str, float]]:
+    """The update the exact Group-OBS proofs certify: each layer's weights after
+    :func:`zkunlearn.client.unlearning_exact.certified_weights` (the SDK's quantisation, rank-``m`` factor
+    fit and exact solve, bit for bit what it proves), on the same curvature data as :func:`group_obs`."""
+    from zkunlearn.client.fisher import layer_factors
+    from zkunlearn.client.unlearning_exact import certified_weights
+    from zkunlearn.proofs.exact import ExactGroupObsSpec
+
+    from zkunlearn.tasks.train import cross_entropy
+
+    data, exclude = client_fisher_data(data, exclude, n_samples, fisher_shift)
+    spec = ExactGroupObsSpec.from_lam(block_size, certified.m, 1, certified.lam)
+    out = copy.deepcopy(model)
+    with measured() as m:
+        factors = layer_factors(
+            model, list(layers), data[0], data[1], cross_entropy, block_size, exclude,
+            curvature=curvature, reconstruction_weight=reconstruction_weight,  # type: ignore[arg-type]
+        )  # fmt: skip
+        for name in layers:
+            param = out.get_parameter(name)
+            new = certified_weights(
+                spec, param.detach().double().numpy().reshape(-1), factors[name].factors, mask.layer(name)
+            )
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(new.reshape(param.shape)).to(param.dtype))
+    return out, {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
 
 
 def output_refit(

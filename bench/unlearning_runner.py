@@ -18,6 +18,7 @@ from zkunlearn.bench.unlearning_masks import dense_masks, make_mask, mask_sweep
 from zkunlearn.bench.unlearning_methods import (
     analytic_unlearn,
     group_obs,
+    group_obs_certified,
     group_obs_support,
     output_refit,
     support_finetune,
@@ -139,6 +140,13 @@ def run_job(
         )
         info["naive_over_ours"] = info["naive_s"] / max(info["solve_s"], 1e-9)
         results["group-obs"] = (evaluate(obs_model, views, seed), info)
+        if s.certified is not None:
+            certified_model, cinfo = group_obs_certified(
+                v["personalized"], mask, prep.layers, v["client_train"], v["client_forget_mask"],
+                s.certified, block, n_samples=m_fisher, curvature=curve, reconstruction_weight=recon,
+                fisher_shift=s.fisher_shift,
+            )  # fmt: skip
+            results["group-obs-certified"] = (evaluate(certified_model, views, seed), cinfo)
         if s.refit_lam is not None:
             refit_model, rinfo = output_refit(
                 v["personalized"], obs_model, prep.layers, v["client_train"], v["client_forget_mask"],
@@ -177,6 +185,7 @@ def run_job(
         base_m = results["mask-only"][0]["personal_acc"]
         gold_f = results["retrain"][0]["forget_acc"]
         for method, (metrics, extra) in results.items():
+            certified = s.certified if method == "group-obs-certified" else None
             rec = None
             if method in RECOVERING:
                 rec = recovery(base_p, base_m, metrics["personal_acc"])
@@ -196,7 +205,9 @@ def run_job(
                     "fisher_samples": m_fisher,
                     "curvature": curve,
                     "reconstruction_weight": recon,
-                    "lam": lam,
+                    # The certified row is the proven configuration: its own damping and factor rank.
+                    "lam": certified.lam if certified else lam,
+                    "certified_m": certified.m if certified else None,
                     "mask_efficacy": efficacy,
                     **metrics,
                     "forget_gap_vs_retrain": metrics["forget_acc"] - gold_f,
