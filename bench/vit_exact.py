@@ -1,12 +1,11 @@
 """The ViT benchmark's Group-OBS deletion, proven under the exact relation end to end.
 
-``measure_vit_exact_deletion`` takes one seed of ``bench unlearning``'s ViT task and its headline
-Group-OBS settings (the same mask, block size, damping, curvature data and shifted copies), then runs
+``measure_vit_exact_deletion`` takes one seed of ``bench unlearning``'s ViT task, its headline mask and
+curvature data (block size, shifted copies) and the task's certified rank and damping, then runs
 the SDK as a device would: ``ExactGroupObsUnlearner.enroll`` (commitments and enrollment proofs for the
 four ``fc1`` layers and the head), the provider's enrollment check, ``prove`` for the deletion and the
 provider's verdict with its own keys. The model the proofs certify is evaluated with the benchmark's
-metrics beside the benchmark's own (unquantised, full-rank) Group-OBS on the same seed, so the two
-configurations can be compared directly.
+metrics beside the unproven full-rank Group-OBS at the task's own damping on the same seed.
 """
 
 from __future__ import annotations
@@ -19,15 +18,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from zkunlearn.bench.unlearning import (
-    SETTINGS,
-    client_fisher_data,
-    evaluate,
-    group_obs,
-    make_mask,
-    measured,
-    prepare,
-)
+from zkunlearn.bench.unlearning_data import prepare
+from zkunlearn.bench.unlearning_masks import make_mask
+from zkunlearn.bench.unlearning_methods import client_fisher_data, group_obs
+from zkunlearn.bench.unlearning_metrics import evaluate, measured
+from zkunlearn.bench.unlearning_settings import SETTINGS
 from zkunlearn.client.fisher import Curvature
 from zkunlearn.client.sdk import VerifiedRequest
 from zkunlearn.client.unlearning import ProveOptions
@@ -54,17 +49,19 @@ def measure_vit_exact_deletion(
     work: Path,
     *,
     seed: int = 12,
-    m: int = 16,
     batch: int = 2,
     workers: int = 2,
     memory_limit_mb: int = 1024,
 ) -> dict[str, Any]:
-    """One seed's headline deletion proven and verified; its cost and the certified model's metrics."""
+    """One seed's headline deletion at the task's certified rank and damping, proven and verified; its
+    cost and the certified model's metrics beside the unproven full-rank update's."""
     s = SETTINGS["vit"]
+    if s.certified is None:
+        raise RuntimeError("the ViT task has no certified configuration (SETTINGS['vit'].certified)")
     prep = prepare("vit", seed, quick=False)
     variant = prep.variants["disjoint"]
     mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
-    spec = ExactGroupObsSpec.from_lam(s.block_size, m, batch, s.lam)
+    spec = ExactGroupObsSpec.from_lam(s.block_size, s.certified.m, batch, s.certified.lam)
     t0 = time.perf_counter()
     published = DeletionCircuits.build(work / "circuits", group_obs=None, analytic=None, exact=spec)
     setup_s = time.perf_counter() - t0
@@ -138,7 +135,7 @@ def measure_vit_exact_deletion(
             if not verdict.ok:
                 raise RuntimeError(f"the honest ViT deletion was refused: {verdict.reason}")
     views = variant["views"]
-    headline_model, _info = group_obs(
+    full_rank_model, _info = group_obs(
         variant["personalized"], mask, prep.layers, variant["client_train"], variant["client_forget_mask"],
         s.lam, s.block_size, n_samples=s.fisher_samples, compare_naive=False, curvature=s.curvature,
         fisher_shift=s.fisher_shift,
@@ -146,7 +143,7 @@ def measure_vit_exact_deletion(
     metrics = {
         "personalized": evaluate(variant["personalized"], views, seed),
         "proven_exact": evaluate(unlearner.model, views, seed),
-        "headline_group_obs": evaluate(headline_model, views, seed),
+        "full_rank_unproven": evaluate(full_rank_model, views, seed),
         "retrain": evaluate(variant["gold"], views, seed),
     }
     stats = unlearner.last_proof_stats()
@@ -157,7 +154,8 @@ def measure_vit_exact_deletion(
     return {
         "measured": True,
         "mask": "benchmark",
-        "note": "bench unlearning ViT headline mask and settings, one seed, proven under the exact relation",
+        "note": "bench unlearning ViT headline mask at the task's certified rank and damping, one seed, "
+        "proven under the exact relation; the full-rank update at the task's own damping beside it",
         "seed": seed,
         "mask_spec": {
             "score": s.mask.score,

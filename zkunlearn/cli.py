@@ -179,12 +179,11 @@ def bench_exact_proofs(
 def bench_vit_deletion(
     out: Annotated[Path, typer.Option(help="results JSON")] = Path("bench/results/vit_deletion.json"),
     seed: Annotated[int, typer.Option(help="ViT task seed (12-23: held out from every choice)")] = 12,
-    m: Annotated[int, typer.Option(help="committed factor rows per block")] = 16,
     batch: Annotated[int, typer.Option(help="blocks per proof (must divide every layer's blocks)")] = 2,
     workers: Annotated[int, typer.Option(help="parallel proving processes")] = 2,
     memory_limit_mb: Annotated[int, typer.Option(help="resident-memory cap per proving worker")] = 1024,
 ) -> None:
-    """The ViT benchmark's headline deletion, enrolled, proven and verified under the exact relation."""
+    """The ViT benchmark's deletion at its certified rank and damping, enrolled, proven and verified."""
     import json
     import tempfile
 
@@ -192,7 +191,7 @@ def bench_vit_deletion(
 
     with tempfile.TemporaryDirectory(prefix="zkvit-") as tmp:
         result = measure_vit_exact_deletion(
-            Path(tmp), seed=seed, m=m, batch=batch, workers=workers, memory_limit_mb=memory_limit_mb
+            Path(tmp), seed=seed, batch=batch, workers=workers, memory_limit_mb=memory_limit_mb
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
