@@ -9,8 +9,8 @@ busy. :class:`PooledEzklBackend` is an :class:`~zkunlearn.proofs.backend.EzklBac
 ``verify`` and ``commit`` run in the pool; :func:`parallel_map` runs per-proof checks across it.
 
 Frames are a 4-byte big-endian length and that many bytes of JSON. A worker that dies mid-request
-is replaced, and the request raises :class:`~zkunlearn.proofs.backend.BackendError` (a verifier
-failure, never a verdict on the proof).
+is replaced, and the request raises :class:`VerifierCrashedError`: a failure of the verifier, never a
+verdict on the proof (the provider retries the job, and rejects one that keeps killing workers).
 """
 
 from __future__ import annotations
@@ -29,11 +29,15 @@ from typing import IO, Any, TypeVar
 
 from zkunlearn.proofs.backend import BackendError, EzklBackend, Proof
 
-__all__ = ["PooledEzklBackend", "VerifierPool", "parallel_map"]
+__all__ = ["PooledEzklBackend", "VerifierCrashedError", "VerifierPool", "parallel_map"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 _MAX_FRAME = 1 << 26
+
+
+class VerifierCrashedError(BackendError):
+    """A verifier worker died while answering: the request was not judged."""
 
 
 def _write_frame(stream: IO[bytes], obj: dict[str, Any]) -> None:
@@ -142,7 +146,7 @@ class VerifierPool:
                 code = worker.proc.poll()
                 worker.stop()
                 worker = None
-                raise BackendError(f"a verifier worker died mid-request (exit status {code})")
+                raise VerifierCrashedError(f"a verifier worker died mid-request (exit status {code})")
             if "error" in reply:
                 raise BackendError(str(reply["error"]))
             return reply

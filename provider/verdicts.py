@@ -16,6 +16,7 @@ from typing import Any
 
 from zkunlearn.proofs.exact_deletion import decode_proof_list
 from zkunlearn.proofs.statements import DOMAIN_RECEIPT, SignedStatement, StatementError, StatementSigner
+from zkunlearn.proofs.verify_pool import VerifierCrashedError
 
 from .ledger import Ledger
 from .models import (
@@ -115,6 +116,8 @@ class VerdictRecorder:
             )
             try:
                 result = self.verifier.verify(job)
+            except VerifierCrashedError:
+                raise  # the verifier, not the proof, failed: the job is retried (jobs.VerificationWorkers)
             except BaseException as exc:  # a crash is a rejection with a reason, never a lost submission
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise

@@ -21,6 +21,7 @@ from zkunlearn.proofs.statements import (
     check_tree_head,
 )
 from zkunlearn.proofs.transparency import leaf_hash, verify_consistency, verify_inclusion
+from zkunlearn.proofs.verify_pool import VerifierCrashedError
 from zkunlearn.provider.service import (
     AlreadyExistsError,
     AuthInput,
@@ -610,6 +611,39 @@ def test_a_verifier_panic_is_a_rejection_and_the_worker_lives_on(state: Provider
     # The only worker survived: it verifies the next request's answer.
     r2 = svc.create_request(dev.client_id, mask())
     assert dev.submit(r2.request_id).verdict == VERDICT_ACCEPTED
+    svc.close()
+
+
+class _CrashingOnceVerifier(FakeVerifier):
+    """Its first call loses its ezkl worker process, as a pooled verifier does when one dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crashed = False
+
+    def verify(self, job: Any) -> Any:
+        if not self.crashed:
+            self.crashed = True
+            raise VerifierCrashedError("a verifier worker died mid-request (exit status -9)")
+        return super().verify(job)
+
+
+def test_a_crashed_verifier_worker_is_retried_not_a_rejection(state: ProviderState) -> None:
+    """A provider-side crash says nothing about the proof: the job is verified again and accepted,
+    beside the panic above, which a hostile proof can cause and which is a rejection."""
+    verifier = _CrashingOnceVerifier()
+    svc = ProviderService(
+        state,
+        StatementSigner.generate(),
+        verifier,
+        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, verify_workers=1),
+    )
+    dev = Device(svc)
+    dev.enroll()
+    r = svc.create_request(dev.client_id, mask())
+    outcome = dev.submit(r.request_id)
+    assert verifier.crashed
+    assert (outcome.verdict, outcome.reason) == (VERDICT_ACCEPTED, "")
     svc.close()
 
 

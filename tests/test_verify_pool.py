@@ -10,8 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from zkunlearn.proofs import verify_pool
 from zkunlearn.proofs.backend import BackendError, Proof
-from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool, parallel_map
+from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierCrashedError, VerifierPool, parallel_map
 
 
 def test_parallel_map_keeps_order_and_runs_inline_for_one() -> None:
@@ -65,3 +66,23 @@ def test_the_pool_never_reruns_the_callers_script(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
     assert marker.read_text().count("run") == 1
+
+
+def test_a_worker_dying_mid_request_is_a_crash_not_a_verdict(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing"
+    real_call = verify_pool._Worker.call
+
+    def dies_first(worker: verify_pool._Worker, request: dict[str, object]) -> dict[str, object] | None:
+        worker.proc.kill()
+        worker.proc.wait()
+        return real_call(worker, request)
+
+    with VerifierPool(1) as pool:
+        backend = PooledEzklBackend(pool)
+        monkeypatch.setattr(verify_pool._Worker, "call", dies_first)
+        with pytest.raises(VerifierCrashedError, match="died mid-request"):
+            backend.verify(Proof(b"x", ()), missing, missing, missing, None)
+        monkeypatch.undo()
+        assert backend.verify(Proof(b"x", ()), missing, missing, missing, None) is False  # a new worker
