@@ -144,7 +144,7 @@ class EdgeDevice:
         """
         started = time.monotonic()
         key = parse_provider_key(provider_key)
-        folder = Path(state_dir)
+        folder = Path(state_dir).absolute()  # the program may change its working folder later
         console = console or Console(stderr=True)
         manifest = DeviceManifest.load(folder)
         if manifest is not None:
