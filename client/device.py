@@ -227,6 +227,7 @@ class EdgeDevice:
         curvature: Curvature = "ggn",
         reconstruction_weight: float = 0.0,
         fisher_shift: int = 0,
+        prover_class: Callable[..., GroupObsUnlearner | ExactGroupObsUnlearner] | None = None,
     ) -> Enrollment:
         """Commit to ``layers`` of ``model`` (with the curvature of ``inputs``/``targets``, see
         :meth:`zkunlearn.client.unlearning.GroupObsUnlearner.enroll`) and enroll with the provider.
@@ -234,15 +235,17 @@ class EdgeDevice:
         On a device enrolled before, nothing is computed or sent: the committed weights (deletions
         included) are written into ``model``, which then answers the next requests. Committed state the
         provider never acknowledged (a crash between the two) is sent again, not recomputed.
+        ``prover_class`` replaces the kind's bundled unlearner (``ExactGroupObsUnlearner``,
+        ``GroupObsUnlearner``) with a subclass, or anything called with the same arguments.
         """
-        spec, circuits = self.published.spec, self.published.circuits
+        spec, circuits, folder = self.published.spec, self.published.circuits, self._committed
         unlearner: GroupObsUnlearner | ExactGroupObsUnlearner
         if isinstance(spec, ExactGroupObsSpec):
-            deletion, enrollment = circuits
-            options = self.prove_options
-            unlearner = ExactGroupObsUnlearner(model, spec, deletion, enrollment, self._committed, options)
+            make = prover_class or ExactGroupObsUnlearner
+            unlearner = make(model, spec, circuits[0], circuits[1], folder, self.prove_options)
         elif isinstance(spec, GroupObsSpec):
-            unlearner = GroupObsUnlearner(model, spec, circuits[0], self._committed, self.prove_options)
+            make = prover_class or GroupObsUnlearner
+            unlearner = make(model, spec, circuits[0], folder, self.prove_options)
         else:
             raise DeviceError(
                 f"model {self.model_id!r} is published with an exact analytic head: use enroll_head()"
