@@ -185,9 +185,9 @@ def test_a_user_program_connects_enrolls_is_accepted_audits_and_reopens(world: W
             EdgeDevice.connect(world.address, state_dir=state, console=quiet(), **args)
 
 
-def test_each_misuse_is_refused_with_one_error_naming_it(world: World) -> None:
-    """Refused before anything is derived or enrolled; the honest control connects and is then refused
-    only for what it does out of order."""
+def test_each_misuse_is_refused_by_name_and_a_cut_enrollment_is_sent_again(world: World) -> None:
+    """Refused before anything is derived or enrolled; the honest control connects, is refused only for
+    what it does out of order, and survives a crash between committing and enrolling."""
 
     def connect(
         folder: str, model_id: str = MODEL, address: str = world.address, **kwargs: Any
@@ -238,3 +238,36 @@ def test_each_misuse_is_refused_with_one_error_naming_it(world: World) -> None:
             device.run(max_requests=1)
         with pytest.raises(DeviceError, match="use enroll_model"):
             device.enroll_head([[0.0]], [0])
+        interrupted_enrollment(world, device, connect)
+
+
+def interrupted_enrollment(world: World, device: EdgeDevice, connect: Any) -> None:
+    """The device commits to its model, then dies before its Enroll call: the program's next run sends
+    the committed enrollment, computing nothing again, and refuses to replace it with other layers."""
+    model, x, y = provider_copy()
+
+    def crash(*_args: Any, **_kwargs: Any) -> None:
+        raise SystemExit("the device lost power before its Enroll call")
+
+    device.client.enroll = crash  # type: ignore[method-assign]
+    with pytest.raises(SystemExit):
+        device.enroll_model(model, [LAYER], x[:64], y[:64], nn.functional.cross_entropy)
+    device.close()
+    state = device.state_dir / "committed" / "state.json"
+    committed = json.loads(state.read_text())
+    assert world.server.state.get_client(device.client_id) is None
+    with connect("control") as again:
+        assert again.reopened
+        assert again.enrolled_layers is None
+        with pytest.raises(DeviceError, match="never acknowledged"):
+            again.enroll_model(model, ["3.weight"], x[:64], y[:64], nn.functional.cross_entropy)
+        fresh = provider_copy()[0]  # the program's model after its restart
+        enrollment = again.enroll_model(fresh, [LAYER], x[:8], y[:8], nn.functional.cross_entropy)
+        assert not enrollment.reopened
+        assert again.enrolled_layers == (LAYER,)
+    # The provider holds the commitments committed before the cut, with their enrollment proofs.
+    record = world.server.state.get_client(device.client_id)
+    assert record is not None
+    assert json.loads(record.enrolled_commitments) == committed["commitments"]
+    assert json.loads(record.enrollment_proofs) == committed["enrollment_proofs"]
+    assert json.loads(state.read_text()) == committed  # nothing recomputed
