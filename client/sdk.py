@@ -16,9 +16,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -42,6 +41,17 @@ from zkunlearn.proofs.statements import (
 from zkunlearn.proofs.transparency import MerkleProofError, leaf_hash, verify_consistency, verify_inclusion
 from zkunlearn.v1 import provider_pb2 as pb
 
+from .records import (
+    Commitment,
+    ExpiredRequestError,
+    ForgedRequestError,
+    Outcome,
+    ReceiptError,
+    RequestRefusedError,
+    UpdateProver,
+    UpdateResult,
+    VerifiedRequest,
+)
 from .store import AppliedRecord, ClientStore, PendingUpdate, StoreError
 from .transport import ChannelConfig, Transport, is_retryable
 
@@ -69,93 +79,6 @@ _UPDATE_KIND = {
     4: pb.UPDATE_KIND_ANALYTIC_EXACT,
 }
 _VERDICTS = {pb.VERDICT_ACCEPTED: "accepted", pb.VERDICT_REJECTED: "rejected"}
-
-
-class RequestRefusedError(Exception):
-    """The client refuses to act on a delivered request; the message says why."""
-
-
-class ForgedRequestError(RequestRefusedError):
-    """Bad provider signature, or delivered fields that the signature does not cover."""
-
-
-class ExpiredRequestError(RequestRefusedError):
-    """The request's signed expiry time has passed."""
-
-
-class ReceiptError(Exception):
-    """A receipt or a log proof from the provider does not check out."""
-
-
-@dataclass(frozen=True)
-class Commitment:
-    name: str
-    block: int
-    point_hex: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "block": self.block, "point_hex": self.point_hex}
-
-    @staticmethod
-    def from_json(value: Mapping[str, Any]) -> Commitment:
-        return Commitment(str(value["name"]), int(value["block"]), str(value["point_hex"]))
-
-    def to_pb(self) -> pb.Commitment:
-        return pb.Commitment(name=self.name, block=self.block, point_hex=self.point_hex)
-
-
-@dataclass(frozen=True)
-class VerifiedRequest:
-    """A deletion request whose signature, addressee, expiry and attached data have all been checked."""
-
-    request_id: str
-    client_id: str
-    model_id: str
-    update_kind: int  # 1 group_obs, 2 analytic, 3 group_obs_exact, 4 analytic_exact
-    layers: tuple[str, ...]
-    mask: Mask
-    mask_bytes: bytes
-    forget_features: npt.NDArray[np.float64] | None
-    forget_labels: npt.NDArray[np.float64] | None
-    issued_ms: int
-    expires_ms: int
-    cursor: int
-    before_commitments: tuple[Commitment, ...]
-    payload: Mapping[str, Any]
-    canonical: bytes
-    signature: bytes
-
-
-@dataclass(frozen=True)
-class UpdateResult:
-    after_commitments: Sequence[Commitment]
-    proofs: Sequence[bytes]
-
-
-@runtime_checkable
-class UpdateProver(Protocol):
-    """Applies the unlearning update on the device and proves it (Group-OBS or analytic + ezkl).
-
-    Called at most once per request id by a client that finishes normally; after a crash *between*
-    the update and the durable save of its result it can be called again for the same request, so it
-    must derive the update from the state it committed to (``before_commitments``), not re-apply it
-    on top of an already updated model.
-
-    A request the prover can never process (its mask names a layer it did not enroll, its forget data
-    does not fit the circuit) must be refused with :class:`RequestRefusedError` -- or one of the bundled
-    provers' validation errors, see :meth:`EdgeClient.process` -- and must leave the state unchanged.
-    Anything else is taken as a failure of the moment and the request is tried again.
-    """
-
-    def prove(self, request: VerifiedRequest) -> UpdateResult: ...
-
-
-@dataclass(frozen=True)
-class Outcome:
-    request_id: str
-    status: str  # "accepted", "rejected", "skipped" (already done), "refused" (not acted on)
-    reason: str = ""
-    leaf_index: int | None = None
 
 
 # The largest cursor the client can ask for: ``after_cursor`` is a field of the signed RPC auth statement,
@@ -354,11 +277,12 @@ class EdgeClient:
         *,
         max_requests: int | None = None,
         reconnect_budget_s: float = 60.0,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> list[Outcome]:
         """Follow the server stream, reconnecting (from the stored cursor) when the provider goes away.
 
         Returns after ``max_requests`` outcomes, when ``stop`` is set, or when the provider stays
-        unreachable for ``reconnect_budget_s``.
+        unreachable for ``reconnect_budget_s``. ``on_outcome`` is called with each outcome as it comes.
         """
         outcomes: list[Outcome] = []
         stop = stop or threading.Event()
@@ -368,6 +292,8 @@ class EdgeClient:
                 for item in self._stream(stop):
                     down_since = None
                     outcomes.append(self.process(item))
+                    if on_outcome is not None:
+                        on_outcome(outcomes[-1])
                     if max_requests is not None and len(outcomes) >= max_requests:
                         break
             except grpc.RpcError as exc:

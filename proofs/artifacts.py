@@ -315,6 +315,10 @@ def _compile_served(
 
 def _client_circuit(directory: Path, srs: SrsInfo) -> ClientCircuit:
     directory.mkdir(parents=True, exist_ok=True)
+    return _layout(directory, srs)
+
+
+def _layout(directory: Path, srs: SrsInfo) -> ClientCircuit:
     return ClientCircuit(
         compiled=directory / "model.compiled",
         settings=directory / "settings.json",
@@ -322,6 +326,16 @@ def _client_circuit(directory: Path, srs: SrsInfo) -> ClientCircuit:
         pk=directory / "pk.key",
         srs=srs,
     )
+
+
+def derived_client_circuit(directory: Path, srs: SrsInfo) -> ClientCircuit:
+    """The circuit a ``derive_*`` call left in ``directory`` (e.g. on a device after a restart), refused
+    unless every file of it is there; nothing is compiled or set up again."""
+    cc = _layout(Path(directory), srs)
+    missing = [p.name for p in (cc.compiled, cc.settings, cc.vk, cc.pk, srs.path) if not p.is_file()]
+    if missing:
+        raise ArtifactError(f"the circuit derived in {directory} lacks {', '.join(missing)}")
+    return cc
 
 
 def client_artifacts(

@@ -51,12 +51,13 @@ class ProveJob:
     label: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """Paths are made absolute here, against the caller's working folder: a worker runs in its own."""
         return {
             "inputs": self.inputs,
-            "compiled": str(self.compiled),
-            "vk": str(self.vk),
-            "pk": str(self.pk),
-            "srs": str(self.srs),
+            "compiled": str(Path(self.compiled).absolute()),
+            "vk": str(Path(self.vk).absolute()),
+            "pk": str(Path(self.pk).absolute()),
+            "srs": str(Path(self.srs).absolute()),
             "label": self.label,
         }
 

@@ -23,14 +23,13 @@ import grpc
 import pytest
 import torch
 from zkunlearn.client.artifacts import ArtifactDownloadError, fetch_artifact
+from zkunlearn.client.published import fetch_published
 from zkunlearn.client.transport import ChannelConfig, Transport, TransportError, open_channel
 from zkunlearn.proofs.artifacts import ArtifactError, client_artifacts
 from zkunlearn.proofs.deletion import DeletionCircuits, GroupObsSpec
 from zkunlearn.provider.server import ProviderConfig, build_server
 from zkunlearn.v1 import provider_pb2 as pb
 from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
-
-from zkunlearn.edge import Profile, _published_circuit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -96,7 +95,7 @@ def _serve_and_fetch(
     settings: bytes | None = None,
     spec_changes: dict[str, Any] | None = None,
 ) -> Any:
-    """Serve ``pub`` (with the given substitutions) over gRPC and run the edge client's download."""
+    """Serve ``pub`` (with the given substitutions) over gRPC and run the device's download."""
     index = json.loads(json.dumps(pub.index))
     index["group_obs"]["spec"].update(spec_changes or {})
     index_path, settings_path = tmp / "served-index.json", tmp / "served-settings.json"
@@ -120,18 +119,11 @@ def _serve_and_fetch(
     )
     server = build_server(config, verifier=FakeVerifier())
     try:
-        profile = Profile(
-            "c1",
-            "group-obs",
-            "honest",
-            0,
-            f"127.0.0.1:{server.port}",
-            "00" * 32,
-            str(tmp / "client"),
-            str(tmp / "result.json"),
-        )
-        with Transport(ChannelConfig(profile.provider, retry_attempts=1)) as transport:
-            return _published_circuit(profile, transport, "m", "group_obs")
+        with Transport(ChannelConfig(f"127.0.0.1:{server.port}", retry_attempts=1)) as transport:
+            published = fetch_published(
+                transport, "m", tmp / "client", kinds=("group_obs",), allow_insecure_srs=True
+            )
+            return published.spec, published.circuits[0]
     finally:
         server.stop(0)
 

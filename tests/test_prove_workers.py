@@ -138,3 +138,24 @@ def test_workers_share_the_cores_unless_the_caller_chose(monkeypatch: pytest.Mon
     assert prover.worker_environment(16)["RAYON_NUM_THREADS"] == "1"
     monkeypatch.setenv("RAYON_NUM_THREADS", "3")
     assert prover.worker_environment(2)["RAYON_NUM_THREADS"] == "3"
+
+
+def test_a_job_s_relative_paths_reach_the_worker_against_the_caller_s_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker runs in a folder of its own: a circuit named relative to the caller's working folder
+    (a device's ``state_dir="device-state"``) must reach it as the caller's file, not its own."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "state").mkdir()
+    for name in ("c", "vk", "pk", "srs"):
+        (tmp_path / "state" / name).write_text(name)
+    relative = Path("state")
+    job = ProveJob([["00" * 32]], relative / "c", relative / "vk", relative / "pk", relative / "srs", "rel")
+    check = (
+        "import json, pathlib, sys; job = json.loads(pathlib.Path('job.json').read_text()); "
+        "bad = [k for k in ('compiled', 'vk', 'pk', 'srs') if not pathlib.Path(job[k]).is_file()]; "
+        "print('unreachable', bad, file=sys.stderr); sys.exit(9)"
+    )
+    _worker_runs(monkeypatch, check)
+    with pytest.raises(ProvingError, match=r"exited with code 9: unreachable \[\]"):
+        prove_parallel([job], workers=1, progress=False)

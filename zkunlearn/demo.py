@@ -31,6 +31,7 @@ from rich.table import Table
 
 from zkunlearn.edge import Profile
 from zkunlearn.proofs.deletion import DeletionCircuits
+from zkunlearn.proofs.served import publication
 from zkunlearn.scenario import Scenario
 
 CLIENT_KINDS: list[tuple[str, str]] = [
@@ -244,21 +245,11 @@ def _start_provider(
 
 
 def _publication(model_id: str, circuits_dir: Path) -> list[str]:
-    """Config lines that publish each circuit's index, compiled circuit, settings and SRS over GetArtifact."""
-    circuits = DeletionCircuits.load(circuits_dir)
+    """Config lines that publish what a device downloads of each circuit over GetArtifact."""
     lines: list[str] = []
-    entries = (("group_obs", circuits.group_obs), ("analytic_exact", circuits.analytic_exact))
-    for kind, entry in entries:
-        if entry is None:
-            continue
-        arts = entry[1]
-        lines += [
-            f"[artifacts.{json.dumps(model_id + '/' + kind)}]",
-            f'index = "{circuits_dir / "circuits.json"}"',
-            f'compiled = "{arts.compiled}"',
-            f'settings = "{arts.settings}"',
-            f'srs = "{arts.srs.path}"',
-        ]
+    for circuit, files in publication(model_id, DeletionCircuits.load(circuits_dir)).items():
+        lines.append(f"[artifacts.{json.dumps(circuit)}]")
+        lines += [f"{name} = {json.dumps(str(path))}" for name, path in files.items()]
     return lines
 
 

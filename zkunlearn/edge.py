@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +22,15 @@ from rich.console import Console
 from torch import nn
 
 from zkunlearn.circuits.mask import LayerMask
-from zkunlearn.client.analytic_exact import ExactAnalyticUnlearner
-from zkunlearn.client.artifacts import fetch_artifact
-from zkunlearn.client.sdk import EdgeClient, Outcome, UpdateResult, VerifiedRequest
-from zkunlearn.client.store import ClientStore
-from zkunlearn.client.transport import ChannelConfig, Transport
+from zkunlearn.client.device import EdgeDevice
+from zkunlearn.client.sdk import Outcome, UpdateResult, VerifiedRequest
+from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.client.unlearning import GroupObsUnlearner, ProveOptions
-from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
-from zkunlearn.proofs.artifacts import (
-    ClientCircuit,
-    derive_analytic_exact_client_circuit,
-    derive_client_circuit,
-)
-from zkunlearn.proofs.deletion import GroupObsSpec
-from zkunlearn.proofs.srs import SrsInfo
 from zkunlearn.scenario import Scenario
 from zkunlearn.tasks.train import cross_entropy
 
 F64 = npt.NDArray[np.float64]
 BEHAVIOURS = ("honest", "other-model", "extra-edit")
-#: What the client downloads per circuit (see DeletionCircuits.publication); never the proving key, and
-#: not the compiled circuit either: the client compiles the published spec's relation itself.
-ARTIFACT_NAMES = ("index", "settings", "srs")
 
 
 @dataclass(frozen=True)
@@ -110,94 +99,62 @@ class ProvesAnotherModel(GroupObsUnlearner):
         return super().prove(request)
 
 
-def _published_circuit(
-    profile: Profile, transport: Transport, model_id: str, kind: str
-) -> tuple[Any, ClientCircuit]:
-    """What a device does: download the spec, settings and SRS (never a proving key) over gRPC, check
-    the SRS against the published digest, export and compile the spec's relation itself (refusing
-    unsound settings or too little blinding), and regenerate its own proving key. Nothing the provider
-    compiled is ever run: served bytes could be any circuit, e.g. one whose outputs are the weights."""
-    folder = Path(profile.state_dir) / "published" / kind
-    circuit_id = f"{model_id}/{kind}"
-    files = {name: fetch_artifact(transport, circuit_id, name, folder / name) for name in ARTIFACT_NAMES}
-    record = json.loads(files["index"].read_text())[kind]
-    srs_record = record["srs"]
-    srs = SrsInfo(
-        files["srs"],
-        int(srs_record["logrows"]),
-        str(srs_record["sha256"]),
-        bool(srs_record["insecure"]),
-        str(srs_record["source"]),
-    )
-    folder = Path(profile.state_dir) / "circuit" / kind
-    if kind == "analytic_exact":
-        exact = ExactAnalyticSpec(**record["spec"])
-        return exact, derive_analytic_exact_client_circuit(exact, files["settings"].read_bytes(), srs, folder)
-    spec = GroupObsSpec(**record["spec"])
-    return spec, derive_client_circuit(spec, files["settings"].read_bytes(), srs, folder)
-
-
 def run_client(profile: Profile, console: Console | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     scenario = Scenario(quick=profile.quick)
-    state = Path(profile.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    options = ProveOptions(workers=1, memory_limit_mb=None, progress=False)
     result: dict[str, Any] = {
         "client_id": profile.client_id,
         "method": profile.method,
         "honest": profile.behaviour == "honest",
     }
-    transport = Transport(
-        ChannelConfig(profile.provider, call_timeout_s=300.0, retry_attempts=20, retry_budget_s=120.0)
-    )
     with console.status(f"[{profile.client_id}] personalizing and enrolling"):
+        # The device downloads the published circuit (never a proving key) and derives it itself; the
+        # demo's circuits are built on a development SRS.
+        device = EdgeDevice.connect(
+            ChannelConfig(profile.provider, call_timeout_s=300.0, retry_attempts=20, retry_budget_s=120.0),
+            scenario.model_id,
+            provider_key=profile.provider_public_key,
+            state_dir=profile.state_dir,
+            client_id=profile.client_id,
+            kind="group_obs" if profile.method == "group-obs" else "analytic_exact",
+            allow_insecure_srs=True,
+            prove_options=ProveOptions(workers=1, memory_limit_mb=None, progress=False),
+            console=console,
+            receipt_wait_s=600.0,
+        )
         if profile.method == "group-obs":
             model = scenario.personalized(profile.client_seed)
             before = scenario.client_metrics(model)
-            spec, circuit = _published_circuit(profile, transport, scenario.model_id, "group_obs")
-            unlearner: GroupObsUnlearner | ExactAnalyticUnlearner
+            prover: Callable[..., GroupObsUnlearner] = GroupObsUnlearner
             if profile.behaviour == "extra-edit":
-                unlearner = ExtraEdit(model, spec, circuit, state / "unlearn", options)
+                prover = ExtraEdit
             elif profile.behaviour == "other-model":
-                unlearner = ProvesAnotherModel(
-                    model, spec, circuit, state / "unlearn", options, other=scenario.global_model()
-                )
-            else:
-                unlearner = GroupObsUnlearner(model, spec, circuit, state / "unlearn", options)
+                prover = partial(ProvesAnotherModel, other=scenario.global_model())
             data = scenario.task.client_after_request
-            commitments = unlearner.enroll(
-                list(scenario.layers), data.x, data.y, cross_entropy, fisher_shift=scenario.fisher_shift
+            device.enroll_model(
+                model,
+                list(scenario.layers),
+                data.x,
+                data.y,
+                cross_entropy,
+                fisher_shift=scenario.fisher_shift,
+                prover_class=prover,
             )
-            layers, kind, proofs = list(scenario.layers), 1, []
         else:
-            model = scenario.global_model()
-            spec_an, an_circuit = _published_circuit(profile, transport, scenario.model_id, "analytic_exact")
             learned = scenario.task.client_train
             contributed = scenario.contributed_forget_samples()
             x = np.vstack([scenario.features(learned.x), scenario.features(contributed.x)])
             y = np.concatenate([learned.y.numpy(), contributed.y.numpy()])
-            unlearner = ExactAnalyticUnlearner(spec_an, an_circuit, state / "unlearn", options)
-            enrollment = unlearner.enroll(x, y)
-            commitments, proofs = enrollment.commitments, enrollment.proofs
-            before = _head_metrics(scenario, unlearner)
-            layers, kind = ["head"], 4
-        client = EdgeClient(
-            transport,
-            ClientStore(state / "client.db"),
-            unlearner,
-            provider_public_key=bytes.fromhex(profile.provider_public_key),
-            receipt_wait_s=600.0,
-        )
-        client.enroll(profile.client_id, scenario.model_id, layers, kind, commitments, proofs)
-    (state / "enrolled").write_text("ok")
+            device.enroll_head(x, y)
+            before = _head_metrics(scenario, device)
+    (Path(profile.state_dir) / "enrolled").write_text("ok")
     console.print(f"[{profile.client_id}] enrolled; waiting for a deletion request", markup=False)
-    outcome = _wait_for_decision(client, profile.timeout_s)
-    if isinstance(unlearner, ExactAnalyticUnlearner):
-        after = _head_metrics(scenario, unlearner)
-    else:
+    outcome = _wait_for_decision(device, profile.timeout_s)
+    if profile.method == "group-obs":
         after = scenario.client_metrics(model)
-    stats = unlearner.last_proof_stats()
+    else:
+        after = _head_metrics(scenario, device)
+    stats = device.unlearner.last_proof_stats() if device.unlearner is not None else {}
     result.update(
         verdict=outcome.status,
         reason=outcome.reason,
@@ -212,15 +169,15 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
         proofs=len(stats.get("prove_s") or []),
         peak_rss_mb=float(max(stats.get("peak_rss_mb") or [0.0])),
         proof_bytes=int(stats.get("proof_bytes") or 0),
-        log_size_verified=client.verify_log(),
+        log_size_verified=device.verify_log(),
     )
-    client.close()
+    device.close()
     Path(profile.result_file).write_text(json.dumps(result, indent=2))
     console.print(f"[{profile.client_id}] {outcome.status}: {outcome.reason or 'ok'}", markup=False)
     return result
 
 
-def _head_metrics(scenario: Scenario, head: ExactAnalyticUnlearner) -> dict[str, float]:
+def _head_metrics(scenario: Scenario, head: EdgeDevice) -> dict[str, float]:
     task = scenario.task
 
     def acc(split: Any) -> float:
@@ -235,13 +192,12 @@ def _head_metrics(scenario: Scenario, head: ExactAnalyticUnlearner) -> dict[str,
     }
 
 
-def _wait_for_decision(client: EdgeClient, timeout_s: float) -> Outcome:
+def _wait_for_decision(device: EdgeDevice, timeout_s: float) -> Outcome:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for outcome in client.poll():
+    while (left := deadline - time.monotonic()) > 0:
+        for outcome in device.run(max_requests=1, timeout_s=left, verify_log=False):
             if outcome.status in ("accepted", "rejected", "refused"):
                 return outcome
-        time.sleep(0.5)
     raise TimeoutError(f"no deletion request was decided within {timeout_s:.0f} s")
 
 
