@@ -24,6 +24,7 @@ older signed heads is self-consistent, so nothing inside the bundle can reveal w
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from zkunlearn.proofs.audit_checks import Auditor, default_proof_checker
+from zkunlearn.proofs.audit_checks import Auditor, default_circuit_checker, default_proof_checker
 from zkunlearn.proofs.audit_format import BUNDLE_FORMAT, CircuitChecker, Forget, ProofChecker
 from zkunlearn.proofs.audit_report import AuditItem, AuditReport, render_table, report_json
 
@@ -81,8 +82,10 @@ def main(
     json_output: bool = False,
     provider_key_hex: str | None = None,
     known_head_files: Sequence[Path] = (),
+    workers: int = 1,
 ) -> int:
-    """CLI body: print the table (or JSON) and return 0 only if every check passed (2: bad arguments)."""
+    """CLI body: print the table (or JSON) and return 0 only if every check passed (2: bad arguments).
+    ``workers`` > 1 verifies each submission's proofs on that many ezkl processes."""
     console = Console()
     known: list[tuple[str, Any]] = []
     for path in known_head_files:
@@ -105,7 +108,24 @@ def main(
         if len(key) != 32:
             console.print(f"[red]--provider-key is {len(key)} bytes; an Ed25519 public key is 32[/red]")
             return 2
-    report = audit_bundle(Path(bundle), provider_public_key=key, known_heads=known)
+    if workers < 1:
+        console.print(f"[red]--workers must be at least 1, got {workers}[/red]")
+        return 2
+    if workers == 1:
+        report = audit_bundle(Path(bundle), provider_public_key=key, known_heads=known)
+    else:
+        from zkunlearn.proofs.published import verify_bundle_submission
+        from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool
+
+        with VerifierPool(workers) as pool:
+            checker = functools.partial(verify_bundle_submission, backend=PooledEzklBackend(pool))
+            report = audit_bundle(
+                Path(bundle),
+                provider_public_key=key,
+                known_heads=known,
+                proof_checker=checker,
+                circuit_checker=default_circuit_checker,
+            )
     if json_output:
         print(json.dumps(report_json(report), indent=1, sort_keys=True))
     else:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy.typing as npt
 from zkunlearn.proofs.analytic_exact_circuits import export_analytic_exact
 from zkunlearn.proofs.artifacts import CircuitArtifacts
-from zkunlearn.proofs.backend import EzklBackend
+from zkunlearn.proofs.backend import EzklBackend, ProvingBackend
 from zkunlearn.proofs.deletion import (
     UPDATE_KIND_ANALYTIC,
     UPDATE_KIND_ANALYTIC_EXACT,
@@ -159,10 +159,15 @@ def verify_bundle_submission(
     after_commitments: Sequence[Mapping[str, Any]],
     proofs: Sequence[bytes],
     circuits_dir: Path,
+    *,
+    backend: ProvingBackend | None = None,
 ) -> tuple[bool, str]:
-    """The auditor's proof check: the same judgement as the provider's, from an exported bundle."""
+    """The auditor's proof check: the same judgement as the provider's, from an exported bundle
+    (with ``backend``, e.g. a :class:`~zkunlearn.proofs.verify_pool.PooledEzklBackend`, its ezkl calls)."""
     try:
         circuits = DeletionCircuits.load(circuits_dir)
+        if backend is not None:
+            circuits = circuits.with_backend(backend)
         before = [
             _Commitment(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in before_commitments
         ]

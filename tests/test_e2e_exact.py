@@ -25,6 +25,7 @@ from zkunlearn.client.unlearning import ProveOptions
 from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner
 from zkunlearn.proofs.artifacts import ClientCircuit, derive_exact_client_circuits
 from zkunlearn.proofs.audit import audit_bundle
+from zkunlearn.proofs.audit import main as audit_main
 from zkunlearn.proofs.deletion import UPDATE_KIND_GROUP_OBS_EXACT, DeletionCircuits
 from zkunlearn.provider.export import export_bundle
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
@@ -153,6 +154,10 @@ def test_exact_client_enrolls_with_proofs_is_accepted_twice_and_audits(world: Wo
     proofs = enrollment.proofs
     record.write_text(text.replace(proofs[0].hex(), proofs[1].hex(), 1))
     assert not audit_bundle(tampered, provider_public_key=service.signer.public_bytes()).ok
+    # The auditor's command line verifies on a pool of ezkl processes and judges the same.
+    key_hex = service.signer.public_bytes().hex()
+    assert audit_main(bundle, True, key_hex, (), workers=2) == 0
+    assert audit_main(tampered, True, key_hex, (), workers=2) == 1
 
 
 def test_enrollment_proofs_that_do_not_match_the_commitments_are_refused(world: World) -> None:

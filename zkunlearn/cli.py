@@ -117,11 +117,12 @@ def audit_verify(
             "the bundle's log must extend it, which is what reveals a truncated export (repeatable)"
         ),
     ] = None,
+    workers: Annotated[int, typer.Option(help="ezkl processes verifying each submission's proofs")] = 2,
 ) -> None:
     """Re-verify every proof, receipt and log proof in a bundle offline; exit 0 only if all hold."""
     from zkunlearn.proofs.audit import main as audit_main
 
-    raise typer.Exit(code=audit_main(bundle, json_output, provider_key, known_head or ()))
+    raise typer.Exit(code=audit_main(bundle, json_output, provider_key, known_head or (), workers))
 
 
 @app.command()
