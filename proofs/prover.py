@@ -174,8 +174,8 @@ def _worker_command(folder: Path) -> list[str]:
 
 def worker_environment(workers: int) -> dict[str, str]:
     """The environment of each of ``workers`` concurrent workers: the cores shared out among them
-    (``RAYON_NUM_THREADS``, ezkl's thread pool), unless the caller set it. Two workers of two threads
-    each on two cores prove about 7 % slower than two of one thread (``docs/benchmarks.md``)."""
+    (``RAYON_NUM_THREADS``, ezkl's thread pool), unless the caller set it, so concurrent workers do not
+    oversubscribe the cores (as fast on an idle machine, faster on a loaded one: ``docs/benchmarks.md``)."""
     env = dict(os.environ)
     if "RAYON_NUM_THREADS" not in env:
         env["RAYON_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
