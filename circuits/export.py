@@ -17,6 +17,8 @@ import onnxruntime
 import torch
 from torch import nn
 
+from zkunlearn.errors import ZkUnlearnError
+
 OPSET = 18
 
 SUPPORTED_OPS = frozenset(
@@ -42,7 +44,7 @@ SUPPORTED_OPS = frozenset(
 """Ops the relations export to and that ezkl 23 compiles (checked with ``mock`` and real proofs)."""
 
 
-class ExportError(RuntimeError):
+class ExportError(ZkUnlearnError, RuntimeError):
     """The relation did not export to a model ezkl can prove faithfully."""
 
 

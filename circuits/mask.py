@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from zkunlearn.errors import MalformedError
+
 __all__ = ["FORMAT_VERSION", "MAGIC", "LayerMask", "Mask", "MaskError"]
 
 MAGIC = b"ZKUM"
@@ -51,7 +53,7 @@ _MAX_NDIM = 8
 _MAX_VARINT = 2**63 - 1
 
 
-class MaskError(ValueError):
+class MaskError(MalformedError):
     """A mask (object or bytes) is malformed or does not fit the model it is applied to."""
 
 

@@ -37,6 +37,8 @@ import numpy as np
 import numpy.typing as npt
 import scipy.linalg  # type: ignore[import-untyped]
 
+from zkunlearn.errors import MalformedError
+
 __all__ = ["AnalyticError", "AnalyticHead"]
 
 F64 = npt.NDArray[np.float64]
@@ -45,7 +47,7 @@ F64 = npt.NDArray[np.float64]
 _SINGULAR_TOL = 1e-10
 
 
-class AnalyticError(ValueError):
+class AnalyticError(MalformedError):
     """Bad shapes/values, or an unlearning request that cannot be honoured exactly."""
 
 

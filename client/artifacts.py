@@ -20,6 +20,8 @@ from pathlib import Path
 
 from zkunlearn.v1 import provider_pb2 as pb
 
+from zkunlearn.errors import ZkUnlearnError
+
 from .transport import Transport
 
 __all__ = ["MAX_ARTIFACT_BYTES", "ArtifactDownloadError", "fetch_artifact"]
@@ -29,7 +31,7 @@ __all__ = ["MAX_ARTIFACT_BYTES", "ArtifactDownloadError", "fetch_artifact"]
 MAX_ARTIFACT_BYTES = 4 * 1024**3
 
 
-class ArtifactDownloadError(RuntimeError):
+class ArtifactDownloadError(ZkUnlearnError, RuntimeError):
     """The stream was empty, truncated, or its bytes do not match the announced digest."""
 
 

@@ -31,6 +31,8 @@ from zkunlearn.proofs.fixedpoint import FixedPointError, felts
 from zkunlearn.proofs.layout import DeletionError
 from zkunlearn.proofs.prover import ProveResult
 
+from zkunlearn.errors import ZkUnlearnError
+
 __all__ = [
     "CommittedStateProver",
     "UnlearningError",
@@ -47,7 +49,7 @@ __all__ = [
 F64 = npt.NDArray[np.float64]
 
 
-class UnlearningError(RuntimeError):
+class UnlearningError(ZkUnlearnError, RuntimeError):
     """The committed state and a request or circuit disagree; nothing was changed."""
 
 

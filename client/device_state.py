@@ -19,13 +19,15 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from zkunlearn.errors import ZkUnlearnError
+
 __all__ = ["MANIFEST", "DeviceError", "DeviceManifest", "parse_provider_key", "refuse_foreign_state"]
 
 MANIFEST = "device.json"
 FORMAT = "zkunlearn-device/v1"
 
 
-class DeviceError(RuntimeError):
+class DeviceError(ZkUnlearnError, RuntimeError):
     """What the one-call device cannot do, with the reason: a wrong key pin, an unknown model, missing
     or refused circuit artifacts, a state folder of another model or provider, a refused enrollment."""
 

@@ -11,10 +11,12 @@ import numpy as np
 import numpy.typing as npt
 import scipy.fft  # type: ignore[import-untyped]
 
+from zkunlearn.errors import MalformedError
+
 __all__ = ["BlockFactors", "FisherError", "factors_from_gradients", "factors_from_gram", "fit_rows"]
 
 
-class FisherError(ValueError):
+class FisherError(MalformedError):
     """Per-sample gradients or Fisher factors cannot be formed from these inputs."""
 
 

@@ -42,6 +42,8 @@ from torch import Tensor
 from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.fisher_factors import BlockFactors
 
+from zkunlearn.errors import MalformedError
+
 __all__ = [
     "BlockUpdate",
     "GroupObsError",
@@ -75,7 +77,7 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-class GroupObsError(ValueError):
+class GroupObsError(MalformedError):
     """Group-OBS inputs are malformed (shapes, non-finite values, bad damping, masked index out of range)."""
 
 

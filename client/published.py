@@ -31,6 +31,8 @@ from zkunlearn.proofs.served import DEVICE_KINDS, SERVED_ARTIFACTS, circuit_id
 from zkunlearn.proofs.specs import GroupObsSpec
 from zkunlearn.proofs.srs import SrsInfo
 
+from zkunlearn.errors import ZkUnlearnError
+
 from .artifacts import fetch_artifact
 from .transport import Transport
 
@@ -55,7 +57,7 @@ _SPECS: dict[str, type[Any]] = {
 _EXACT_PARTS = ("deletion", "enrollment")  # derive_exact_client_circuits' sub-folders
 
 
-class PublicationError(RuntimeError):
+class PublicationError(ZkUnlearnError, RuntimeError):
     """The provider does not publish what the device needs (no circuit for the model, an artifact
     missing, an index that does not describe it), or publishes it on an SRS the device does not accept."""
 

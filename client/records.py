@@ -14,6 +14,8 @@ import numpy.typing as npt
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.v1 import provider_pb2 as pb
 
+from zkunlearn.errors import RefusedError
+
 __all__ = [
     "Commitment",
     "ExpiredRequestError",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 
-class RequestRefusedError(Exception):
+class RequestRefusedError(RefusedError):
     """The client refuses to act on a delivered request; the message says why."""
 
 
@@ -39,7 +41,7 @@ class ExpiredRequestError(RequestRefusedError):
     """The request's signed expiry time has passed."""
 
 
-class ReceiptError(Exception):
+class ReceiptError(RefusedError):
     """A receipt or a log proof from the provider does not check out."""
 
 

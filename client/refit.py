@@ -42,6 +42,8 @@ import torch
 from torch import Tensor, nn
 from zkunlearn.circuits.activations import ACTIVATIONS, Activation, activate
 
+from zkunlearn.errors import MalformedError
+
 __all__ = [
     "ACTIVATIONS",
     "OutputRefitError",
@@ -58,7 +60,7 @@ F64 = npt.NDArray[np.float64]
 _CHUNK_ROWS = 8192
 
 
-class OutputRefitError(ValueError):
+class OutputRefitError(MalformedError):
     """The refit's inputs are inconsistent (shapes, names, a masked following layer, non-finite data)."""
 
 

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from zkunlearn.errors import ZkUnlearnError
+
 __all__ = ["AppliedRecord", "ClientStore", "PendingUpdate", "StoreError"]
 
 _SCHEMA = """
@@ -51,7 +53,7 @@ _APPLIED_COLUMNS = (
 )
 
 
-class StoreError(RuntimeError):
+class StoreError(ZkUnlearnError, RuntimeError):
     """The client store is missing something it needs (identity, pinned key) or is inconsistent."""
 
 

@@ -17,13 +17,15 @@ import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
 
+from zkunlearn.errors import TransientError
+
 __all__ = ["RETRYABLE", "ChannelConfig", "Transport", "TransportError", "is_retryable"]
 
 T = TypeVar("T")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
-class TransportError(RuntimeError):
+class TransportError(TransientError, RuntimeError):
     """A channel could not be configured (missing or unreadable TLS files)."""
 
 

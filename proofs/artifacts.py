@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from zkunlearn.proofs.backend import CircuitConfig, EzklBackend, ProvingBackend
 from zkunlearn.proofs.srs import SrsInfo, file_sha256
 
+from zkunlearn.errors import ZkUnlearnError
+
 if TYPE_CHECKING:
     from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
     from zkunlearn.proofs.exact import ExactGroupObsSpec
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(ZkUnlearnError, RuntimeError):
     """Artifacts are missing or do not match their content key."""
 
 

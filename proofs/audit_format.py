@@ -41,6 +41,8 @@ import numpy as np
 import numpy.typing as npt
 from zkunlearn.proofs.statements import StatementError, StatementVerifier
 
+from zkunlearn.errors import RefusedError
+
 BUNDLE_FORMAT = "zkunlearn-audit-bundle/v1"
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 VERDICTS = ("accepted", "rejected")
@@ -72,7 +74,7 @@ ProofChecker = Callable[
 CircuitChecker = Callable[[Path], str]
 
 
-class CheckError(Exception):
+class CheckError(RefusedError):
     """One check failed; the message names the file and field."""
 
 

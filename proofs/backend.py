@@ -66,6 +66,8 @@ from typing import Any, Protocol
 import ezkl as _ezkl
 from zkunlearn.proofs.fixedpoint import FIELD_MODULUS
 
+from zkunlearn.errors import MalformedError, ZkUnlearnError
+
 # ezkl's bundled stubs lag its runtime (PyRunArgs fields, optional arguments): use it untyped.
 ezkl: Any = _ezkl
 
@@ -80,7 +82,7 @@ MAX_TRANSCRIPT_BYTES = 1 << 24
 before anything is allocated."""
 
 
-class BackendError(RuntimeError):
+class BackendError(ZkUnlearnError, RuntimeError):
     """A step of the proving pipeline failed."""
 
 
@@ -88,7 +90,7 @@ class ProvingError(BackendError):
     """Witness generation or proving failed (e.g. an input outside the circuit's range checks)."""
 
 
-class ProofFormatError(BackendError):
+class ProofFormatError(BackendError, MalformedError):
     """A serialised proof is malformed."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from zkunlearn.errors import MalformedError
+
 FIELD_MODULUS = 0x30644E72E131A029B85045B68181585D2833E84879B9709143E1F593F0000001
 """BN254 scalar field order (Halo2/ezkl's field)."""
 
@@ -26,7 +28,7 @@ BLIND_BITS = 23
 FloatArray = npt.NDArray[np.float64]
 
 
-class FixedPointError(ValueError):
+class FixedPointError(MalformedError):
     """A value does not fit the fixed-point format the circuit expects."""
 
 

@@ -19,8 +19,10 @@ from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.proofs.backend import Proof, ProofFormatError
 from zkunlearn.proofs.verifier import Verdict
 
+from zkunlearn.errors import MalformedError
 
-class DeletionError(ValueError):
+
+class DeletionError(MalformedError):
     """A deletion's inputs do not fit the published circuits (wrong shapes, missing commitments)."""
 
 

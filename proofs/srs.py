@@ -17,13 +17,15 @@ from typing import Any
 
 import ezkl as _ezkl
 
+from zkunlearn.errors import ZkUnlearnError
+
 # ezkl's bundled stubs lag its runtime (PyRunArgs fields, optional arguments): use it untyped.
 ezkl: Any = _ezkl
 
 log = logging.getLogger(__name__)
 
 
-class SrsError(RuntimeError):
+class SrsError(ZkUnlearnError, RuntimeError):
     """The SRS is missing, malformed, or does not match its pinned digest."""
 
 

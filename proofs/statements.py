@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from zkunlearn.proofs.transparency import EMPTY_ROOT
 
+from zkunlearn.errors import MalformedError
+
 __all__ = [
     "DOMAIN_DELETION_REQUEST",
     "DOMAIN_DELIVERY",
@@ -86,7 +88,7 @@ _DOMAIN_RE = re.compile(r"zkunlearn/v[0-9]+/[a-z0-9][a-z0-9-]*")
 _HEX_RE = re.compile(r"[0-9a-f]*")
 
 
-class StatementError(ValueError):
+class StatementError(MalformedError):
     """A statement, payload, key or signature was refused; the message says which and why."""
 
 

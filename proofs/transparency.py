@@ -22,6 +22,8 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
 
+from zkunlearn.errors import RefusedError
+
 __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
@@ -44,7 +46,7 @@ _NODE_PREFIX = b"\x01"
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
-class MerkleProofError(ValueError):
+class MerkleProofError(RefusedError, ValueError):
     """A Merkle proof, tree size, index or hash was refused; the message says which and why."""
 
 

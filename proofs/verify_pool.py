@@ -29,6 +29,8 @@ from typing import IO, Any, TypeVar
 
 from zkunlearn.proofs.backend import BackendError, EzklBackend, Proof
 
+from zkunlearn.errors import TransientError
+
 __all__ = ["PooledEzklBackend", "VerifierCrashedError", "VerifierPool", "parallel_map"]
 
 _T = TypeVar("_T")
@@ -36,7 +38,7 @@ _R = TypeVar("_R")
 _MAX_FRAME = 1 << 26
 
 
-class VerifierCrashedError(BackendError):
+class VerifierCrashedError(BackendError, TransientError):
     """A verifier worker died while answering: the request was not judged."""
 
 

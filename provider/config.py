@@ -50,12 +50,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 from zkunlearn.proofs.statements import StatementError, StatementVerifier
 
+from zkunlearn.errors import MalformedError
+
 from .models import ServiceConfig
 
 __all__ = ["ConfigError", "KeepaliveConfig", "LimitsConfig", "OperatorConfig", "ProviderConfig", "TlsConfig"]
 
 
-class ConfigError(ValueError):
+class ConfigError(MalformedError):
     """The provider config is malformed or names files that cannot be used."""
 
 

@@ -5,6 +5,8 @@ Messages go to the caller verbatim, so each names what is wrong without echoing 
 
 from __future__ import annotations
 
+from zkunlearn.errors import MalformedError, RefusedError, TransientError, ZkUnlearnError
+
 __all__ = [
     "AlreadyExistsError",
     "FailedPreconditionError",
@@ -18,37 +20,37 @@ __all__ = [
 ]
 
 
-class ServiceError(Exception):
+class ServiceError(ZkUnlearnError):
     """A refused call; subclasses name the status, the message names what was wrong."""
 
 
-class InvalidInputError(ServiceError):
+class InvalidInputError(ServiceError, MalformedError):
     pass
 
 
-class UnauthenticatedError(ServiceError):
+class UnauthenticatedError(ServiceError, RefusedError):
     pass
 
 
-class PermissionDeniedError(ServiceError):
+class PermissionDeniedError(ServiceError, RefusedError):
     pass
 
 
-class NotFoundServiceError(ServiceError):
+class NotFoundServiceError(ServiceError, RefusedError):
     pass
 
 
-class AlreadyExistsError(ServiceError):
+class AlreadyExistsError(ServiceError, RefusedError):
     pass
 
 
-class FailedPreconditionError(ServiceError):
+class FailedPreconditionError(ServiceError, RefusedError):
     pass
 
 
-class ResourceExhaustedError(ServiceError):
+class ResourceExhaustedError(ServiceError, RefusedError):
     pass
 
 
-class RetryLaterError(ServiceError):
+class RetryLaterError(ServiceError, TransientError):
     """Transient refusal (a rate limit): UNAVAILABLE, which clients retry with backoff."""

@@ -28,19 +28,21 @@ from typing import Any
 import sqlalchemy as sa
 from zkunlearn.proofs.statements import SignedStatement, StatementError, StatementSigner, key_id_for
 
+from zkunlearn.errors import ZkUnlearnError
+
 from .ledger import Ledger, TreeHead
 from .models import TensorData, decode_forget
 from .server import ProviderConfig
 from .state import ProviderState, open_state
 
-__all__ = ["BUNDLE_FORMAT", "ExportError", "export_bundle", "export_from_config"]
+__all__ = ["BUNDLE_FORMAT", "BundleExportError", "export_bundle", "export_from_config"]
 
 BUNDLE_FORMAT = "zkunlearn-audit-bundle/v1"
 # Proving keys are large and verification never needs them; an auditor gets verifying keys only.
 _LEFT_OUT = ("pk.key",)
 
 
-class ExportError(RuntimeError):
+class BundleExportError(ZkUnlearnError, RuntimeError):
     """The bundle cannot be written: the target exists, the state is inconsistent, or a file is missing."""
 
 
@@ -128,7 +130,7 @@ def _write_bundle(
     for request_id in request_ids:
         request = state.get_request(request_id)
         if request is None:
-            raise ExportError(f"log leaf names request {request_id!r}, which the state does not hold")
+            raise BundleExportError(f"log leaf names request {request_id!r}, which the state does not hold")
         features, labels = decode_forget(request.forget)
         _write_json(
             root / "requests" / f"{request_id}.json",
@@ -146,7 +148,7 @@ def _write_bundle(
     for client_id in client_ids:
         client = state.get_client(client_id)
         if client is None:
-            raise ExportError(f"request names client {client_id!r}, which the state does not hold")
+            raise BundleExportError(f"request names client {client_id!r}, which the state does not hold")
         _write_json(
             root / "enrollments" / f"{client_id}.json",
             {
@@ -163,7 +165,9 @@ def _write_bundle(
     for submission_id in submission_ids:
         sub = state.get_submission(submission_id)
         if sub is None:
-            raise ExportError(f"log leaf names submission {submission_id!r}, which the state does not hold")
+            raise BundleExportError(
+                f"log leaf names submission {submission_id!r}, which the state does not hold"
+            )
         _write_json(
             root / "submissions" / f"{submission_id}.json",
             {
@@ -188,12 +192,12 @@ def _write_bundle(
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target / name)
             else:
-                raise ExportError(f"circuit artifact {source} does not exist")
+                raise BundleExportError(f"circuit artifact {source} does not exist")
 
 
 def _refuse_existing(out_dir: Path) -> None:
     if Path(out_dir).exists():
-        raise ExportError(f"{out_dir} already exists; export writes a fresh bundle folder")
+        raise BundleExportError(f"{out_dir} already exists; export writes a fresh bundle folder")
 
 
 def _export(
@@ -249,7 +253,7 @@ def _dir_entries(circuits_dir: Path | None) -> dict[str, Path]:
     if circuits_dir is None:
         return {}
     if not Path(circuits_dir).is_dir():
-        raise ExportError(f"circuits dir {circuits_dir} is not a directory")
+        raise BundleExportError(f"circuits dir {circuits_dir} is not a directory")
     return {entry.name: entry for entry in sorted(Path(circuits_dir).iterdir())}
 
 
@@ -261,25 +265,25 @@ def _existing_state(url: str | None) -> str:
     that makes the log look rolled back to nothing.
     """
     if url is None or url == "memory":
-        raise ExportError("the config's state is in memory: there is no stored log to export")
+        raise BundleExportError("the config's state is in memory: there is no stored log to export")
     try:
         parsed = sa.engine.make_url(url if "://" in url else f"sqlite+pysqlite:///{Path(url)}")
     except sa.exc.ArgumentError as exc:
-        raise ExportError(f"state {url!r} is neither a file path nor a database URL: {exc}") from exc
+        raise BundleExportError(f"state {url!r} is neither a file path nor a database URL: {exc}") from exc
     if parsed.get_backend_name() == "sqlite":
         path = Path(parsed.database or "")
         if not parsed.database or not path.is_file():
-            raise ExportError(f"state database {path} does not exist (check the config's state path)")
+            raise BundleExportError(f"state database {path} does not exist (check the config's state path)")
     engine = sa.create_engine(parsed)
     try:
         with engine.connect() as conn:
             held = sa.inspect(conn).has_table("ledger_tip")
     except sa.exc.SQLAlchemyError as exc:
-        raise ExportError(f"cannot open state {parsed.render_as_string()}: {exc}") from exc
+        raise BundleExportError(f"cannot open state {parsed.render_as_string()}: {exc}") from exc
     finally:
         engine.dispose()
     if not held:
-        raise ExportError(f"state {parsed.render_as_string()} holds no provider log (wrong database?)")
+        raise BundleExportError(f"state {parsed.render_as_string()} holds no provider log (wrong database?)")
     return url
 
 
@@ -292,7 +296,7 @@ def _configured_circuits(cfg: ProviderConfig) -> Path:
     }
     if len(dirs) != 1:
         named = ", ".join(sorted(dirs)) or "none"
-        raise ExportError(
+        raise BundleExportError(
             f"the config names circuits directories for {len(dirs)} models ({named}); pass --circuits-dir "
             "with the directory the exported log's proofs are verified with"
         )
@@ -317,11 +321,11 @@ def export_from_config(
     cfg = config if isinstance(config, ProviderConfig) else ProviderConfig.load(config)
     key_path = Path(cfg.key_file)
     if not key_path.exists():
-        raise ExportError(f"provider key file {key_path} does not exist")
+        raise BundleExportError(f"provider key file {key_path} does not exist")
     try:
         signer = StatementSigner.load(key_path)
     except StatementError as exc:
-        raise ExportError(str(exc)) from exc
+        raise BundleExportError(str(exc)) from exc
     url = _existing_state(cfg.state)
     _refuse_existing(Path(out_dir))
     if circuits_dir is None and without_circuits:

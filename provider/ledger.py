@@ -23,12 +23,14 @@ from zkunlearn.proofs.statements import (
 )
 from zkunlearn.proofs.transparency import MerkleProofError, MerkleTree, leaf_hash
 
+from zkunlearn.errors import MalformedError
+
 from .state import LeafRecord, ProviderState, SubmissionRecord, TreeHeadRecord
 
 __all__ = ["Ledger", "LedgerError", "TreeHead"]
 
 
-class LedgerError(ValueError):
+class LedgerError(MalformedError):
     """A ledger query named a size or index the log does not have."""
 
 

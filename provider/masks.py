@@ -46,6 +46,8 @@ from torch.func import functional_call, grad, vmap
 from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.provider.proof_budget import block_cap
 
+from zkunlearn.errors import MalformedError
+
 __all__ = [
     "MaskSelectionError",
     "compute_mask",
@@ -66,7 +68,7 @@ SCORES: tuple[str, ...] = ("zkapex", "fisher-ratio", "salun", "random")
 STRUCTURES: tuple[str, ...] = ("unstructured", "block", "neuron")
 
 
-class MaskSelectionError(ValueError):
+class MaskSelectionError(MalformedError):
     """Unknown score/structure, bad fraction, unknown layer or unusable data for mask selection."""
 
 

@@ -23,6 +23,8 @@ from zkunlearn.v1 import operator_pb2 as opb
 from zkunlearn.v1 import operator_pb2_grpc as opb_grpc
 from zkunlearn.v1 import provider_pb2 as pb
 
+from zkunlearn.errors import MalformedError, ZkUnlearnError
+
 from .config import OperatorConfig, ProviderConfig
 from .operator import DeletionOrder
 from .planning import ForgetSelection
@@ -32,11 +34,11 @@ __all__ = ["OperatorCallError", "OperatorClient", "OperatorSetupError", "load_fo
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-class OperatorSetupError(ValueError):
+class OperatorSetupError(MalformedError):
     """The operator's own inputs are wrong (key, config, forget file); nothing was sent."""
 
 
-class OperatorCallError(RuntimeError):
+class OperatorCallError(ZkUnlearnError, RuntimeError):
     """The provider refused or could not be reached; ``code`` is the gRPC status."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.nn import functional
 from zkunlearn.circuits.mask import LayerMask, Mask
 
+from zkunlearn.errors import MalformedError
+
 from .masks import SCORES, STRUCTURES, LossFn, MaskSelectionError, compute_mask, weight_scores
 from .proof_budget import BudgetError, select_within_budget
 
@@ -43,7 +45,7 @@ PLANNED_STRUCTURES: tuple[str, ...] = (*STRUCTURES, "budget")
 MAX_FORGET_SAMPLES = 100_000
 
 
-class PlanError(ValueError):
+class PlanError(MalformedError):
     """The selection or the options cannot be planned for this model; the message says why."""
 
 

@@ -17,10 +17,12 @@ import numpy as np
 import numpy.typing as npt
 from zkunlearn.circuits.mask import LayerMask, Mask
 
+from zkunlearn.errors import MalformedError
+
 __all__ = ["BudgetError", "block_cap", "select_within_budget"]
 
 
-class BudgetError(ValueError):
+class BudgetError(MalformedError):
     """The budget cannot be met with the given layer shapes."""
 
 

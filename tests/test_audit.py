@@ -29,7 +29,7 @@ from zkunlearn.proofs.statements import (
     tree_head_payload,
 )
 from zkunlearn.proofs.transparency import MerkleTree, leaf_hash
-from zkunlearn.provider.export import ExportError, export_bundle, export_from_config
+from zkunlearn.provider.export import BundleExportError, export_bundle, export_from_config
 from zkunlearn.provider.server import ProviderConfig
 from zkunlearn.provider.service import ProviderService, ServiceConfig, TensorData
 from zkunlearn.provider.state import VERDICT_ACCEPTED, VERDICT_REJECTED, SqlState
@@ -564,16 +564,16 @@ def test_export_refuses_a_state_that_holds_no_log(provider: Provider, tmp_path: 
 
     key = str(provider.key_file)
     missing = tmp_path / "typo.db"
-    with pytest.raises(ExportError, match=r"typo\.db does not exist"):
+    with pytest.raises(BundleExportError, match=r"typo\.db does not exist"):
         export_from_config(ProviderConfig(state=str(missing), key_file=key), tmp_path / "b1")
     assert not missing.exists()
-    with pytest.raises(ExportError, match="in memory"):
+    with pytest.raises(BundleExportError, match="in memory"):
         export_from_config(ProviderConfig(state="memory", key_file=key), tmp_path / "b2")
     other = tmp_path / "other.db"
     sqlite3.connect(other).execute("create table t (x int)").connection.commit()
-    with pytest.raises(ExportError, match="holds no provider log"):
+    with pytest.raises(BundleExportError, match="holds no provider log"):
         export_from_config(ProviderConfig(state=str(other), key_file=key), tmp_path / "b3")
-    with pytest.raises(ExportError, match="holds no provider log"):
+    with pytest.raises(BundleExportError, match="holds no provider log"):
         export_from_config(ProviderConfig(state=f"sqlite+pysqlite:///{other}", key_file=key), tmp_path / "b4")
     assert not any((tmp_path / f"b{i}").exists() for i in range(1, 5))
 
@@ -584,9 +584,9 @@ def test_export_refuses_existing_target_and_from_config_matches(provider: Provid
     report = audit(out, provider)
     assert report.ok, report.failures
     assert load(out / "manifest.json")["srs"] == {"sha256": "cd" * 32, "insecure": True}
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(BundleExportError, match="already exists"):
         export_from_config(config, out)
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(BundleExportError, match="does not exist"):
         export_from_config(
             ProviderConfig(state=str(provider.db), key_file=str(tmp_path / "no.key")), tmp_path / "b3"
         )
@@ -607,14 +607,14 @@ def test_export_refuses_existing_target_and_from_config_matches(provider: Provid
         key_file=str(provider.key_file),
         artifacts={"m1/group_obs": {"settings": str(source / "settings.json")}},
     )
-    with pytest.raises(ExportError, match=r"for 0 models \(none\); pass --circuits-dir"):
+    with pytest.raises(BundleExportError, match=r"for 0 models \(none\); pass --circuits-dir"):
         export_from_config(files_only, tmp_path / "b5")
     two = ProviderConfig(
         state=str(provider.db),
         key_file=str(provider.key_file),
         artifacts={"m1": {"circuits_dir": str(source)}, "m2": {"circuits_dir": str(source)}},
     )
-    with pytest.raises(ExportError, match=r"for 2 models \(m1, m2\)"):
+    with pytest.raises(BundleExportError, match=r"for 2 models \(m1, m2\)"):
         export_from_config(two, tmp_path / "b6")
     assert not (tmp_path / "b5").exists()
     assert not (tmp_path / "b6").exists()

@@ -78,12 +78,12 @@ def provider_export(
     ] = None,
 ) -> None:
     """Write an audit bundle (log, tree heads, receipts, proofs, keys) for `zkunlearn audit verify`."""
-    from zkunlearn.provider.export import ExportError, export_from_config
+    from zkunlearn.provider.export import BundleExportError, export_from_config
     from zkunlearn.provider.server import ConfigError
 
     try:
         written = export_from_config(config, out, circuits_dir=circuits_dir)
-    except (ExportError, ConfigError) as exc:
+    except (BundleExportError, ConfigError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
     console.print(f"audit bundle written to {written}", markup=False)

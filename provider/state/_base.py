@@ -6,6 +6,8 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from zkunlearn.errors import RefusedError, TransientError, ZkUnlearnError
+
 # Verdict codes match the wire enum zkunlearn.v1.Verdict so no translation table can drift.
 VERDICT_PENDING = 1
 VERDICT_ACCEPTED = 2
@@ -14,27 +16,27 @@ VERDICT_REJECTED = 3
 FaultHook = Callable[[str], None]
 
 
-class StateError(Exception):
+class StateError(ZkUnlearnError):
     """Base class of everything the state refuses; the message says what and why."""
 
 
-class ConflictError(StateError):
+class ConflictError(StateError, RefusedError):
     """An id is already taken by a record with different content (not an idempotent repeat)."""
 
 
-class NotFoundError(StateError):
+class NotFoundError(StateError, RefusedError):
     """A record named by id does not exist."""
 
 
-class NonceError(StateError):
+class NonceError(StateError, RefusedError):
     """A nonce is unknown, already used, expired, or was issued to another client."""
 
 
-class AlreadyAcceptedError(StateError):
+class AlreadyAcceptedError(StateError, RefusedError):
     """The request already has an accepted submission; a different one is a replay or a second answer."""
 
 
-class StaleCommitmentsError(StateError):
+class StaleCommitmentsError(StateError, TransientError):
     """The client's current commitments changed while a submission was being verified against them.
 
     Two answers built from the same state (two open requests of one client, verified at once) would

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zkunlearn.errors import MalformedError
+
 Variant = Literal["disjoint", "overlap"]
 VARIANTS: tuple[Variant, ...] = ("disjoint", "overlap")
 
 
-class DataError(ValueError):
+class DataError(MalformedError):
     """The requested split cannot be built from the data at hand."""
 
 

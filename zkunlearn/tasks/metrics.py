@@ -16,6 +16,8 @@ import numpy.typing as npt
 import torch.nn.functional as F
 from torch import Tensor
 
+from zkunlearn.errors import MalformedError
+
 Array = npt.NDArray[np.float64]
 
 # The mask must cost at least this much personalization accuracy for recovery to mean anything:
@@ -23,7 +25,7 @@ Array = npt.NDArray[np.float64]
 RECOVERY_MIN_GAP = 0.05
 
 
-class MetricError(ValueError):
+class MetricError(MalformedError):
     """Inputs to a metric are inconsistent (shapes, empty sets, a single class)."""
 
 

@@ -13,8 +13,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from zkunlearn.errors import MalformedError
 
-class ModelError(ValueError):
+
+class ModelError(MalformedError):
     """A model configuration that cannot be built."""
 
 

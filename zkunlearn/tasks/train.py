@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zkunlearn.errors import MalformedError
 from zkunlearn.tasks.data import cache_root, save_atomically
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -26,7 +27,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 CACHE_VERSION = "2"
 
 
-class TrainError(ValueError):
+class TrainError(MalformedError):
     """Training was asked for something it cannot do."""
 
 
