@@ -20,18 +20,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from torch import nn
-from zkunlearn.client.analytic import AnalyticError
-from zkunlearn.client.group_obs import GroupObsError
-from zkunlearn.client.refit import OutputRefitError
-from zkunlearn.client.sdk import Commitment, UpdateResult, register_refusals
+from zkunlearn.client.sdk import Commitment, UpdateResult
 from zkunlearn.proofs.artifacts import ClientCircuit
 from zkunlearn.proofs.backend import EzklBackend
 from zkunlearn.proofs.deletion import encode_proof
-from zkunlearn.proofs.fixedpoint import FixedPointError, felts
-from zkunlearn.proofs.layout import DeletionError
+from zkunlearn.proofs.fixedpoint import felts
 from zkunlearn.proofs.prover import ProveResult
 
-from zkunlearn.errors import ZkUnlearnError
+from zkunlearn.errors import RefusedError
 
 __all__ = [
     "CommittedStateProver",
@@ -49,14 +45,8 @@ __all__ = [
 F64 = npt.NDArray[np.float64]
 
 
-class UnlearningError(ZkUnlearnError, RuntimeError):
+class UnlearningError(RefusedError, RuntimeError):
     """The committed state and a request or circuit disagree; nothing was changed."""
-
-
-# The bundled provers' validation errors: a request they raise on cannot be processed by this client.
-register_refusals(
-    UnlearningError, AnalyticError, GroupObsError, OutputRefitError, DeletionError, FixedPointError
-)
 
 
 _GENERATION = "__generation__"

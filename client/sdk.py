@@ -41,6 +41,8 @@ from zkunlearn.proofs.statements import (
 from zkunlearn.proofs.transparency import MerkleProofError, leaf_hash, verify_consistency, verify_inclusion
 from zkunlearn.v1 import provider_pb2 as pb
 
+from zkunlearn.errors import MalformedError, RefusedError
+
 from .records import (
     Commitment,
     ExpiredRequestError,
@@ -102,28 +104,18 @@ def _tensor(t: pb.Tensor, what: str) -> npt.NDArray[np.float64]:
         raise ForgedRequestError(f"{what}: shape {list(shape)} cannot be used: {exc}") from exc
 
 
-_PROVER_REFUSALS: set[type[BaseException]] = set()
-
-
-def register_refusals(*classes: type[BaseException]) -> None:
-    """Declare exception classes with which a prover says a request cannot be processed by this client
-    at all (permanent; the committed state left as it was): the client then records the refusal and
-    moves on instead of retrying. The bundled provers register theirs when their module is imported
-    (:mod:`zkunlearn.client.committed_state`); this module imports none of them, since they pull in
-    torch and ezkl, which a client with its own prover need not have."""
-    _PROVER_REFUSALS.update(classes)
-
-
 def _refuses_request(exc: BaseException) -> bool:
     """Whether a prover's exception says the request itself cannot be processed (permanent).
 
-    Every error along the ``raise ... from`` chain must be a validation error: the provers wrap their
-    own I/O too (``UnlearningError("cannot read committed state") from OSError``), and a request must not
-    be given up because a disk or the memory cap failed for a moment.
+    A prover refuses a request by raising a :class:`~zkunlearn.errors.MalformedError` or
+    :class:`~zkunlearn.errors.RefusedError`. Every error along the ``raise ... from`` chain must carry
+    one of those meanings: the provers wrap their own I/O too (``UnlearningError("cannot read committed
+    state") from OSError``), and a request must not be given up because a disk or the memory cap failed
+    for a moment.
     """
     error: BaseException | None = exc
     while error is not None:
-        if not isinstance(error, (RequestRefusedError, MaskError, *_PROVER_REFUSALS)):
+        if not isinstance(error, (MalformedError, RefusedError)):
             return False
         error = error.__cause__
     return True
@@ -425,14 +417,14 @@ class EdgeClient:
         """Verify, prove (once), submit, check and store the receipt.
 
         A request is *refused* -- ``Outcome("refused", reason)``, logged as a warning, nothing proved or
-        submitted -- when it is forged, expired, or one the prover can never process: the prover raised
-        :class:`RequestRefusedError` or a validation error of the bundled provers (``UnlearningError``,
-        ``AnalyticError``, ``DeletionError``, ``MaskError``, ...), e.g. a mask naming a layer this
-        client never enrolled. Genuine refusals advance the stored cursor past the request (to the cursor
-        the provider signed for it, :data:`~zkunlearn.proofs.statements.DOMAIN_DELIVERY`), as a receipt
-        does, so that one request the client cannot honour does not hold back every later one; it is not
-        dropped on the provider's side, which still sees it unanswered, and ``poll_all(from_cursor=...)``
-        delivers it again (e.g. once the client has enrolled the layer). A forged request, or a genuine
+        submitted -- when it is forged, expired, or one the prover can never process: the prover raised a
+        :class:`~zkunlearn.errors.MalformedError` or :class:`~zkunlearn.errors.RefusedError` (caused by
+        nothing else), e.g. a mask naming a layer this client never enrolled. Genuine refusals advance
+        the stored cursor past the request (to the cursor the provider signed for it,
+        :data:`~zkunlearn.proofs.statements.DOMAIN_DELIVERY`), as a receipt does, so that one request the
+        client cannot honour does not hold back every later one; it is not dropped on the provider's
+        side, which still sees it unanswered, and ``poll_all(from_cursor=...)`` delivers it again (e.g.
+        once the client has enrolled the layer). A forged request, or a genuine
         one delivered with a cursor the provider did not sign for it, never moves the cursor.
 
         Any other failure of the prover -- I/O, a crashed or out-of-memory proving worker, a bug -- is
