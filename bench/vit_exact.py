@@ -27,7 +27,6 @@ from zkunlearn.client.fisher import Curvature
 from zkunlearn.client.sdk import VerifiedRequest
 from zkunlearn.client.unlearning import ProveOptions
 from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner
-from zkunlearn.proofs.artifacts import CircuitArtifacts, ClientCircuit
 from zkunlearn.proofs.deletion import (
     UPDATE_KIND_GROUP_OBS_EXACT,
     DeletionCircuits,
@@ -39,10 +38,6 @@ from zkunlearn.proofs.exact_deletion import verify_exact_enrollment
 from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool
 
 from zkunlearn.tasks.train import cross_entropy
-
-
-def _client(arts: CircuitArtifacts) -> ClientCircuit:
-    return ClientCircuit(arts.compiled, arts.settings, arts.vk, arts.pk, arts.srs)
 
 
 def measure_vit_exact_deletion(
@@ -74,8 +69,8 @@ def measure_vit_exact_deletion(
     unlearner = ExactGroupObsUnlearner(
         copy.deepcopy(variant["personalized"]),
         spec,
-        _client(deletion_arts),
-        _client(enrollment_arts),
+        deletion_arts.as_client(),
+        enrollment_arts.as_client(),
         work / "state",
         ProveOptions(workers=workers, memory_limit_mb=memory_limit_mb),
     )

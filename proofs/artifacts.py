@@ -66,6 +66,10 @@ class CircuitArtifacts:
     def output_scale(self) -> int:
         return int(self.settings_dict["model_output_scales"][0])
 
+    def as_client(self) -> ClientCircuit:
+        """The same circuit as a prover uses it (this process built it, so its proving key is trusted)."""
+        return ClientCircuit(self.compiled, self.settings, self.vk, self.pk, self.srs)
+
 
 def _normalise_settings(path: Path) -> bytes:
     data = json.loads(path.read_text())

@@ -16,7 +16,6 @@ from zkunlearn.circuits.mask import LayerMask, Mask
 from zkunlearn.client.sdk import VerifiedRequest
 from zkunlearn.client.unlearning import ProveOptions, UnlearningError, enrollment_factors
 from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner, certified_weights
-from zkunlearn.proofs.artifacts import CircuitArtifacts, ClientCircuit
 from zkunlearn.proofs.deletion import (
     UPDATE_KIND_GROUP_OBS_EXACT,
     DeletionCircuits,
@@ -49,17 +48,13 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(48, 8, generator=gen), torch.randint(0, 3, (48,), generator=gen)
 
 
-def _client(arts: CircuitArtifacts) -> ClientCircuit:
-    return ClientCircuit(arts.compiled, arts.settings, arts.vk, arts.pk, arts.srs)
-
-
 def _unlearner(
     published: DeletionCircuits, state: Path, model: nn.Module | None = None
 ) -> ExactGroupObsUnlearner:
     assert published.exact is not None
     spec, deletion, enrollment = published.exact
     return ExactGroupObsUnlearner(
-        model or Tiny(), spec, _client(deletion), _client(enrollment), state, OPTIONS
+        model or Tiny(), spec, deletion.as_client(), enrollment.as_client(), state, OPTIONS
     )
 
 
