@@ -11,7 +11,6 @@ The config's keys: :mod:`zkunlearn.provider.config`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import logging
@@ -21,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -48,10 +47,10 @@ __all__ = [
     "build_server",
     "build_service",
     "load_signer",
-    "main",
     "run_worker",
+    "run_worker_command",
     "serve",
-    "worker_main",
+    "serve_command",
 ]
 
 log = logging.getLogger(__name__)
@@ -358,47 +357,39 @@ def run_worker(config: ProviderConfig, *, stop: threading.Event | None = None) -
     return service.workers.processed
 
 
-def worker_main(argv: Sequence[str] | None = None) -> int:
-    """``zkunlearn provider worker --config provider.toml``."""
-    parser = argparse.ArgumentParser(description="zkunlearn verification worker")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--replica-id", default=None)
-    options = parser.parse_args(argv)
+def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {"replica_id": options.replica_id} if options.replica_id else {}
+
+
+def run_worker_command(config_path: Path | None, replica_id: str | None = None) -> int:
+    """``zkunlearn provider worker``: verify from the shared database until stopped; 2 on a bad config
+    (one ``error:`` line on stderr)."""
+    _log_to_stderr()
+    overrides = {"replica_id": replica_id} if replica_id else {}
     try:
-        config = ProviderConfig.load(options.config, overrides)
-        run_worker(config)
+        run_worker(ProviderConfig.load(config_path, overrides))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m zkunlearn.provider.server --config provider.toml [--set key=value ...]``."""
-    parser = argparse.ArgumentParser(description="zkunlearn provider gRPC server")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--listen", default=None)
-    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
-    options = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {"listen": options.listen} if options.listen else {}
+def serve_command(config_path: Path | None, listen: str | None = None, port_file: Path | None = None) -> int:
+    """``zkunlearn provider serve``: serve until SIGINT/SIGTERM, writing the bound port to ``port_file``
+    (atomically) once serving; 2 on a bad config (one ``error:`` line on stderr)."""
+    _log_to_stderr()
+    overrides = {"listen": listen} if listen else {}
 
     def _ready(running: ProviderServer) -> None:
-        if options.port_file is not None:
-            tmp = options.port_file.with_suffix(".tmp")
+        if port_file is not None:
+            tmp = port_file.with_suffix(".tmp")
             tmp.write_text(str(running.port))
-            os.replace(tmp, options.port_file)
+            os.replace(tmp, port_file)
 
     try:
         # build_server (inside serve) checks what only it can: TLS files, the verifier, the port.
-        serve(ProviderConfig.load(options.config, overrides), ready=_ready)
+        serve(ProviderConfig.load(config_path, overrides), ready=_ready)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -594,7 +594,9 @@ def _spawn(tmp: Path, port: int) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "zkunlearn.provider.server",
+            "zkunlearn.cli",
+            "provider",
+            "serve",
             "--config",
             str(tmp / "provider.toml"),
             "--port-file",

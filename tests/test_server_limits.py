@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from zkunlearn.provider import servicer as servicer_module
-from zkunlearn.provider.server import ConfigError, ProviderConfig, ProviderServer, build_server, main
+from zkunlearn.provider.server import ConfigError, ProviderConfig, ProviderServer, build_server, serve_command
 from zkunlearn.provider.servicer import ProviderServicer
 from zkunlearn.v1 import provider_pb2 as pb
 from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
@@ -369,7 +369,7 @@ def test_main_reports_a_missing_tls_file_in_one_line(
         )
     )
     before = _verify_threads()
-    assert main(["--config", str(config)]) == 2
+    assert serve_command(config) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: "), err
     assert "\n" not in err

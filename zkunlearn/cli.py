@@ -37,11 +37,6 @@ operator_cli.register(provider_app)
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 
-def _not_yet(what: str, issue: int) -> None:
-    """Say plainly that a part is missing instead of pretending it ran."""
-    console.print(f"[yellow]{what} is not implemented yet[/yellow] (tracked in issue #{issue}).")
-
-
 @provider_app.command("serve")
 def provider_serve(
     config: Annotated[Path | None, typer.Option(help="TOML config file (see docs/protocol.md)")] = None,
@@ -49,11 +44,9 @@ def provider_serve(
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once serving")] = None,
 ) -> None:
     """Start the provider's gRPC server; SIGINT/SIGTERM shut it down gracefully."""
-    from zkunlearn.provider.server import main as server_main
+    from zkunlearn.provider.server import serve_command
 
-    args = [*(["--config", str(config)] if config else []), *(["--listen", listen] if listen else [])]
-    args += ["--port-file", str(port_file)] if port_file else []
-    raise typer.Exit(code=server_main(args))
+    raise typer.Exit(code=serve_command(config, listen, port_file))
 
 
 @provider_app.command("worker")
@@ -62,11 +55,9 @@ def provider_worker(
     replica_id: Annotated[str | None, typer.Option(help="stable name of this worker's leases")] = None,
 ) -> None:
     """Verify submissions from the shared database without serving RPCs; scale verification out."""
-    from zkunlearn.provider.server import worker_main
+    from zkunlearn.provider.server import run_worker_command
 
-    args = ["--config", str(config)] if config else []
-    args += ["--replica-id", replica_id] if replica_id else []
-    raise typer.Exit(code=worker_main(args))
+    raise typer.Exit(code=run_worker_command(config, replica_id))
 
 
 @provider_app.command("export")
