@@ -5,12 +5,11 @@ The fuzz tests (tests/test_fuzz_*.py) count per target through :class:`FuzzTally
 multiplies every example bound, so the same tests serve as the bounded CI run (scale 1) and as the
 longer run whose counts go to ``bench/results/fuzz.json``::
 
-    python -m zkunlearn.bench.fuzz_report --scale 10   # writes bench/results/fuzz.json
+    zkunlearn bench fuzz --scale 10   # writes bench/results/fuzz.json
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -98,24 +97,17 @@ class FuzzTally:
             out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
-    if args.out.exists():
-        args.out.unlink()
-    env = {**os.environ, "ZKU_FUZZ_SCALE": str(args.scale), "ZKU_FUZZ_REPORT": str(args.out)}
+def run_fuzz_report(scale: int = 10, out: Path = DEFAULT_OUT) -> int:
+    """Run the fuzz tests at ``scale`` and write their counts and wall time to ``out``; pytest's exit code."""
+    if out.exists():
+        out.unlink()
+    env = {**os.environ, "ZKU_FUZZ_SCALE": str(scale), "ZKU_FUZZ_REPORT": str(out)}
     start = time.monotonic()
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-s", *FUZZ_TESTS], cwd=ROOT, env=env)
-    data = json.loads(args.out.read_text())
+    data = json.loads(out.read_text())
     data["wall_seconds"] = round(time.monotonic() - start, 1)
     data["tests_passed"] = rc == 0
-    args.out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    args.out.with_suffix(".lock").unlink(missing_ok=True)
+    out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    out.with_suffix(".lock").unlink(missing_ok=True)
     print(json.dumps({k: v for k, v in data.items() if k != "targets"}))
     return rc
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -221,6 +221,17 @@ def bench_unlearning(ctx: typer.Context) -> None:
     raise typer.Exit(code=unlearning_main(list(ctx.args)))
 
 
+@bench_app.command("fuzz")
+def bench_fuzz(
+    scale: Annotated[int, typer.Option(help="multiplier of every fuzz target's example bound")] = 10,
+    out: Annotated[Path | None, typer.Option(help="JSON to write (default bench/results/fuzz.json)")] = None,
+) -> None:
+    """Run the fuzz tests at a larger scale and record how many inputs each target tried."""
+    from zkunlearn.bench.fuzz_report import DEFAULT_OUT, run_fuzz_report
+
+    raise typer.Exit(code=run_fuzz_report(scale, out or DEFAULT_OUT))
+
+
 @bench_app.command("load")
 def bench_load(
     clients: Annotated[int, typer.Option(help="simulated edge clients per run")] = 1000,
