@@ -113,49 +113,66 @@ def submitted(world: World, request_id: str) -> bool:
     return bool(world.server.state.submissions_for(request_id))
 
 
-@pytest.mark.parametrize("stage", ["enroll", "apply", "prove", "submit"])
-def test_a_sigkill_at_each_stage_leaves_a_device_that_completes_its_next_deletion(
-    world: World, stage: str
+@pytest.fixture(scope="module")
+def device(world: World) -> tuple[Path, str]:
+    """A state folder the program enrolled and answered a first deletion from; its request id."""
+    state = world.tmp / "device"
+    program = Program(world, state)
+    program.wait_for(lambda: enrolled(world, state), "enrollment")
+    first = issue(world, state)
+    assert "outcomes: ['accepted']" in program.finish()
+    return state, first
+
+
+def test_a_sigkill_mid_enrollment_leaves_a_device_that_enrolls_and_completes_its_next_deletion(
+    world: World,
 ) -> None:
-    state = world.tmp / f"device-{stage}"
+    state = world.tmp / "device-enroll"
     first = Program(world, state)
-    if stage == "enroll":
-        # Mid-enrollment: its commitments are being proved.
-        first.wait_for(lambda: "proving the enrollment" in first.output, "enrollment")
-        first.wait_for(first.proving, "enrollment proving worker")
-        first.kill()
-        assert not enrolled(world, state)
-    else:
-        first.wait_for(lambda: enrolled(world, state), "enrollment")
-        request_id = issue(world, state)
-        if stage == "apply":  # the request is checked and its update is being computed
-            first.wait_for(lambda: f"request {request_id}: deleting" in first.output, "apply")
-        elif stage == "prove":
-            first.wait_for(first.proving, "deletion proving worker")
-        else:  # the proof is uploaded, the device waits on its receipt
-            first.wait_for(lambda: submitted(world, request_id), "submission")
-        first.kill()
-        assert "accepted" not in first.output
+    first.wait_for(lambda: "proving the enrollment" in first.output, "enrollment")
+    first.wait_for(first.proving, "enrollment proving worker")
+    first.kill()
+    assert not enrolled(world, state)
     again = Program(world, state)
-    if stage == "enroll":
-        again.wait_for(lambda: enrolled(world, state), "enrollment")
-        request_id = issue(world, state)
-    output = again.finish()
+    again.wait_for(lambda: enrolled(world, state), "enrollment")
+    request_id = issue(world, state)
+    assert "outcomes: ['accepted']" in again.finish()
+    request = world.server.state.get_request(request_id)
+    assert request is not None
+    assert request.accepted_submission_id is not None
+
+
+@pytest.mark.parametrize("stage", ["apply", "prove", "submit"])
+def test_a_sigkill_mid_deletion_leaves_a_device_that_completes_it_on_its_next_run(
+    world: World, device: tuple[Path, str], stage: str
+) -> None:
+    """The enrolled device's program is restarted, a deletion is issued, and the program is killed
+    while it applies the update, proves it, or waits on the uploaded proof's receipt."""
+    state, _first = device
+    first = Program(world, state)
+    request_id = issue(world, state)
+    if stage == "apply":  # the request is checked and its update is being computed
+        first.wait_for(lambda: f"request {request_id}: deleting" in first.output, "apply")
+    elif stage == "prove":
+        first.wait_for(first.proving, "deletion proving worker")
+    else:  # the proof is uploaded, the device waits on its receipt
+        first.wait_for(lambda: submitted(world, request_id), "submission")
+    first.kill()
+    assert "outcomes" not in first.output
+    output = Program(world, state).finish()
     assert "outcomes: ['accepted']" in output, output[-3000:]
     request = world.server.state.get_request(request_id)
     assert request is not None
     assert request.accepted_submission_id is not None
 
 
-def test_a_device_that_lost_its_committed_state_recovers_by_reenrolling(world: World) -> None:
+def test_a_device_that_lost_its_committed_state_recovers_by_reenrolling(
+    world: World, device: tuple[Path, str]
+) -> None:
     """The device's committed folder is gone: the provider's next deletion cannot be proved; a
     re-enrollment (refused while a request is open, and for a readable state unless asked) restores
     it, the log records the rotation, and the next deletion is accepted and audits."""
-    state = world.tmp / "device-lost"
-    program = Program(world, state)
-    program.wait_for(lambda: enrolled(world, state), "enrollment")
-    first = issue(world, state)
-    assert "outcomes: ['accepted']" in program.finish()
+    state, first = device
     model, x, y = provider_copy()
     loss = nn.functional.cross_entropy
     with EdgeDevice.connect(
@@ -193,7 +210,7 @@ def test_a_device_that_lost_its_committed_state_recovers_by_reenrolling(world: W
         world.server.state,
         service.ledger,
         service.signer.public_bytes(),
-        world.tmp / "bundle-lost",
+        world.tmp / "bundle",
         circuits_dir=world.circuits.directory,
     )
     report = audit_bundle(bundle, provider_public_key=service.signer.public_bytes())
