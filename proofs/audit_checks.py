@@ -32,13 +32,12 @@ from zkunlearn.proofs.audit_format import (
     verified_payload,
 )
 from zkunlearn.proofs.audit_report import AuditItem, AuditReport
-from zkunlearn.proofs.audit_rotation import Enrolled, embedded_enrollment, rotate
+from zkunlearn.proofs.audit_rotation import Enrolled, embedded_enrollment, is_reenrollment, rotate
 from zkunlearn.proofs.statements import (
     DOMAIN_DELETION_REQUEST,
     DOMAIN_ENROLLMENT,
     DOMAIN_RECEIPT,
     DOMAIN_REENROLLMENT,
-    STATEMENT_PREFIX,
     SignedStatement,
     StatementError,
     StatementVerifier,
@@ -54,8 +53,6 @@ from zkunlearn.proofs.transparency import (
     verify_consistency,
     verify_inclusion,
 )
-
-_REENROLLMENT_TAG = STATEMENT_PREFIX + DOMAIN_REENROLLMENT.encode("ascii") + b"\x00"
 
 
 @dataclass
@@ -237,7 +234,7 @@ class Auditor:
                     raise CheckError(f"{where} index: {obj.get('index')!r}, expected {i}")
                 canonical = hex_bytes(required_field(obj, "canonical", where), f"{where} canonical")
                 self.leaf_hashes.append(leaf_hash(canonical))
-                rotation = canonical.startswith(_REENROLLMENT_TAG)
+                rotation = is_reenrollment(canonical)
                 payload = verified_payload(
                     verifier,
                     obj["canonical"],

@@ -22,15 +22,23 @@ from zkunlearn.proofs.audit_format import (
 )
 from zkunlearn.proofs.statements import (
     DOMAIN_ENROLLMENT,
+    DOMAIN_REENROLLMENT,
     DOMAIN_RPC_AUTH,
+    STATEMENT_PREFIX,
     SignedStatement,
     StatementError,
     StatementVerifier,
 )
 
-__all__ = ["REENROLL_RPC", "Enrolled", "embedded_enrollment", "rotate"]
+__all__ = ["REENROLL_RPC", "Enrolled", "embedded_enrollment", "is_reenrollment", "rotate"]
 
 REENROLL_RPC = "Reenroll"
+_TAG = STATEMENT_PREFIX + DOMAIN_REENROLLMENT.encode("ascii") + b"\x00"
+
+
+def is_reenrollment(canonical: bytes) -> bool:
+    """Whether a log leaf's statement bytes are a re-enrollment (else a receipt, or malformed)."""
+    return canonical.startswith(_TAG)
 
 
 @dataclass(frozen=True)
