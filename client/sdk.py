@@ -232,8 +232,13 @@ class EdgeClient:
         (a lost response) returns normally."""
         enrollment = self.store.get_json("enrollment")
         previous = self.store.get("enrollment_canonical")
-        if not isinstance(enrollment, dict) or previous is None:
+        if not isinstance(enrollment, dict):
             raise StoreError("client is not enrolled (no enrollment in the store): enroll instead")
+        if previous is None:
+            raise StoreError(
+                "the store holds no copy of the enrollment statement this client signed "
+                "('enrollment_canonical'), so it cannot name the enrollment to replace"
+            )
         request = self._enrollment(
             enrollment["model_id"],
             enrollment["layers"],

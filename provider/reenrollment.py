@@ -57,14 +57,15 @@ def reenroll(service: ProviderService, enrollment: EnrollmentInput, auth: AuthIn
         raise NotFoundServiceError(f"unknown client {client_id!r}: enroll it first")
     if auth.client_id != client_id:
         raise PermissionDeniedError("the re-enrollment's auth names another client than its enrollment")
-    record = service.checked_enrollment(enrollment)
     previous_sha = hashlib.sha256(old.enrollment_canonical).hexdigest()
-    new_sha = hashlib.sha256(record.enrollment_canonical).hexdigest()
+    new_sha = hashlib.sha256(enrollment.canonical).hexdigest()
     if new_sha == previous_sha:  # the client signed this enrollment: a repeat after a lost response
         raise AlreadyExistsError(f"client {client_id!r} is {REENROLLED_ALREADY}; nothing to rotate")
+    # Authenticated before the enrollment's own checks, so only the key holder gets its proofs verified.
     service.authenticate(
         auth, REENROLL_RPC, {"previous_enrollment_sha256": previous_sha, "enrollment_sha256": new_sha}
     )
+    record = service.checked_enrollment(enrollment)
     if record.public_key != old.public_key:
         raise InvalidInputError("a re-enrollment keeps the enrolled key: the new enrollment names another")
     if record.model_id != old.model_id:

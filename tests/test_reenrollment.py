@@ -255,7 +255,7 @@ def test_the_policy_can_let_a_client_reenroll_with_requests_open(state: Provider
         service.close()
 
 
-def test_a_reenrollment_keeps_the_model_and_kind(service: ProviderService) -> None:
+def test_a_reenrollment_keeps_the_key_and_kind(service: ProviderService) -> None:
     dev = Device(service)
     dev.enroll()
     other_kind = Device(service, dev.client_id, kind=2)
@@ -263,6 +263,13 @@ def test_a_reenrollment_keeps_the_model_and_kind(service: ProviderService) -> No
     new = enrollment_with(other_kind, FRESH)
     with pytest.raises(InvalidInputError, match="update kind"):
         service.reenroll(new, rotation(service, dev, new))
+    # Another key in the enrollment, authorized by the enrolled key: the recovery keeps the key.
+    other_key = Device(service, dev.client_id)
+    new = enrollment_with(other_key, FRESH)
+    with pytest.raises(InvalidInputError, match="keeps the enrolled key"):
+        service.reenroll(new, rotation(service, dev, new))
+    new = enrollment_with(dev, FRESH)  # the honest control
+    service.reenroll(new, rotation(service, dev, new))
 
 
 def test_the_auditor_sees_the_rotation_and_checks_each_side_against_its_commitments(
