@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from zkunlearn.client.sdk import Commitment
+from zkunlearn.client.store import StoreError
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.proofs.statements import DOMAIN_REENROLLMENT, DOMAIN_RPC_AUTH, StatementSigner
@@ -43,6 +46,7 @@ from zkunlearn.provider.state import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fakes import BLOCKS, FakeVerifier, _transcript, after_for
 from tests.test_audit import fake_checker
+from tests.test_grpc import edge, start
 from tests.test_service import Device, mask
 
 
@@ -331,3 +335,41 @@ def test_an_interrupted_rotation_leaves_the_old_enrollment_and_no_leaf(service: 
     assert service.ledger.size == 0
     service.reenroll(new, rotation(service, dev, new))  # the retry goes through
     assert service.ledger.size == 1
+
+
+@pytest.mark.grpc
+def test_the_sdk_reenrolls_over_grpc_and_takes_a_repeat_after_a_lost_response_as_done(tmp_path: Path) -> None:
+    provider = start(tmp_path)
+    try:
+        client = edge(tmp_path, provider.port)
+        before = [Commitment("theta", 0, point_from_tag(b"theta")), Commitment("gradient_factor", 0, POINT3)]
+        with pytest.raises(StoreError, match="not enrolled"):
+            client.reenroll(before)
+        client.enroll("dev-1", "m1", ["fc1"], 1, before)
+        r1 = provider.service.create_request("dev-1", mask())
+        assert [o.status for o in client.poll()] == ["accepted"]
+        fresh = [Commitment(c.name, c.block, c.point_hex) for c in FRESH]
+        previous = client.store.get("enrollment_canonical")
+        client.reenroll(fresh)
+        assert client.commitments == fresh
+        assert current(provider.service, "dev-1") == [c.to_json() for c in FRESH]
+        # The response was lost: the client sends the same re-enrollment again, naming the old one.
+        assert previous is not None
+        client.store.put("enrollment_canonical", previous)
+        client.reenroll(fresh)
+        assert provider.service.ledger.size == 2  # one receipt, one rotation: nothing appended twice
+        # Another device's key cannot rotate this client (a store holding this client id, another key).
+        thief = edge(tmp_path, provider.port, name="thief")
+        thief.store.put("client_id", b"dev-1")
+        thief.store.put("private_key", StatementSigner.generate().private_bytes())
+        thief.store.put_json("enrollment", {"model_id": "m1", "layers": ["fc1"], "update_kind": 1})
+        thief.store.put("enrollment_canonical", client.store.get("enrollment_canonical") or b"")
+        with pytest.raises(grpc.RpcError) as refused:
+            thief.reenroll(before)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The device answers its next deletion from the fresh commitments.
+        r2 = provider.service.create_request("dev-1", mask())
+        assert [(o.request_id, o.status) for o in client.poll()] == [(r2.request_id, "accepted")]
+        assert r1.request_id != r2.request_id
+    finally:
+        provider.stop(0)
