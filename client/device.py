@@ -238,18 +238,7 @@ class EdgeDevice:
         ``prover_class`` replaces the kind's bundled unlearner (``ExactGroupObsUnlearner``,
         ``GroupObsUnlearner``) with a subclass, or anything called with the same arguments.
         """
-        spec, circuits, folder = self.published.spec, self.published.circuits, self._committed
-        unlearner: GroupObsUnlearner | ExactGroupObsUnlearner
-        if isinstance(spec, ExactGroupObsSpec):
-            make = prover_class or ExactGroupObsUnlearner
-            unlearner = make(model, spec, circuits[0], circuits[1], folder, self.prove_options)
-        elif isinstance(spec, GroupObsSpec):
-            make = prover_class or GroupObsUnlearner
-            unlearner = make(model, spec, circuits[0], folder, self.prove_options)
-        else:
-            raise DeviceError(
-                f"model {self.model_id!r} is published with an exact analytic head: use enroll_head()"
-            )
+        unlearner = self._group_obs_unlearner(model, prover_class)
 
         def commit() -> tuple[list[Commitment], list[bytes]]:
             enrolled = unlearner.enroll(
@@ -260,6 +249,115 @@ class EdgeDevice:
             return enrolled.commitments, enrolled.proofs
 
         return self._enroll(unlearner, tuple(layers), commit)
+
+    def reenroll_model(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn,
+        *,
+        exclude: Tensor | None = None,
+        curvature: Curvature = "ggn",
+        reconstruction_weight: float = 0.0,
+        fisher_shift: int = 0,
+        prover_class: Callable[..., GroupObsUnlearner | ExactGroupObsUnlearner] | None = None,
+        discard_state: bool = False,
+    ) -> Enrollment:
+        """Recover a device whose committed state is lost or corrupted: commit to ``model`` afresh (same
+        arguments as :meth:`enroll_model`, same layers) and re-enroll under the same client id, signed by
+        the device key; the provider logs the rotation and judges later deletions against the new
+        commitments.
+
+        The old ``committed/`` folder is kept as ``committed.replaced-<n>``, never deleted. A readable
+        committed state is replaced only with ``discard_state=True`` (a state that no longer matches
+        the provider's commitments: every proof from it is refused). Refused by the provider while a
+        deletion request to this device is open (answer it, or let it expire). A re-enrollment cut
+        before the provider acknowledged it is sent again by the next call, not recomputed.
+        """
+        enrolled = self.enrolled_layers
+        if enrolled is None:
+            raise DeviceError("the device was never enrolled: use enroll_model()")
+        if enrolled != tuple(layers):
+            raise DeviceError(
+                f"this device enrolled {list(enrolled)} of model {self.model_id!r}; a re-enrollment keeps "
+                f"them, not {list(layers)}"
+            )
+        unlearner = self._group_obs_unlearner(model, prover_class)
+        with _refusals(f"cannot re-enroll with model {self.model_id!r}"):
+            committed = self._unacknowledged_reenrollment(unlearner, enrolled)
+            if committed is not None:
+                unlearner.load_model()
+            else:
+                self._set_aside(discard_state)
+                self._say(f"committing afresh to {', '.join(layers)} and proving the enrollment")
+                enrolled_now = unlearner.enroll(
+                    layers, inputs, targets, loss_fn, exclude, curvature, reconstruction_weight, fisher_shift
+                )
+                committed = (
+                    (enrolled_now, [])
+                    if isinstance(enrolled_now, list)
+                    else (enrolled_now.commitments, enrolled_now.proofs)
+                )
+                self.client.store.put_json("reenrollment", [c.to_json() for c in committed[0]])
+            self.client.reenroll(*committed)
+            self.client.store.put_json("reenrollment", None)
+            self._say(f"re-enrolled as {self.client_id} with fresh commitments")
+        self.unlearner = unlearner
+        self.client.prover = unlearner
+        return Enrollment(
+            self.client_id, self.model_id, self.kind, enrolled, len(committed[0]), reopened=False
+        )
+
+    def _unacknowledged_reenrollment(
+        self, unlearner: DeviceProver, layers: tuple[str, ...]
+    ) -> tuple[list[Commitment], list[bytes]] | None:
+        """The re-enrollment committed before a crash and not yet acknowledged, if the state holds it."""
+        pending = self.client.store.get_json("reenrollment")
+        if not isinstance(pending, list):
+            return None
+        try:
+            saved = self._saved_enrollment(unlearner, layers)
+        except (UnlearningError, DeviceError, KeyError):
+            return None
+        return saved if [c.to_json() for c in saved[0]] == pending else None
+
+    def _set_aside(self, discard_state: bool) -> None:
+        """Move the committed folder out of the way (kept), refusing a readable one unless asked."""
+        folder = self._committed
+        if not folder.exists():
+            return
+        try:
+            load_state(folder)
+        except UnlearningError:
+            pass  # unreadable: what a re-enrollment is for
+        else:
+            if not discard_state:
+                raise DeviceError(
+                    f"{folder} holds a readable committed state; re-enroll only when it is lost or no longer "
+                    "matches the provider's commitments (its proofs are refused): pass discard_state=True"
+                )
+        n = 1
+        while folder.with_name(f"committed.replaced-{n}").exists():
+            n += 1
+        folder.rename(folder.with_name(f"committed.replaced-{n}"))
+
+    def _group_obs_unlearner(
+        self,
+        model: nn.Module,
+        prover_class: Callable[..., GroupObsUnlearner | ExactGroupObsUnlearner] | None,
+    ) -> GroupObsUnlearner | ExactGroupObsUnlearner:
+        spec, circuits, folder = self.published.spec, self.published.circuits, self._committed
+        if isinstance(spec, ExactGroupObsSpec):
+            make = prover_class or ExactGroupObsUnlearner
+            return make(model, spec, circuits[0], circuits[1], folder, self.prove_options)
+        if isinstance(spec, GroupObsSpec):
+            make = prover_class or GroupObsUnlearner
+            return make(model, spec, circuits[0], folder, self.prove_options)
+        raise DeviceError(
+            f"model {self.model_id!r} is published with an exact analytic head: use enroll_head()"
+        )
 
     def enroll_head(self, features: npt.ArrayLike, targets: npt.ArrayLike) -> Enrollment:
         """Learn and enroll the exact analytic head from ``features`` (``n x d``) and ``targets`` (class

@@ -57,6 +57,14 @@ _SPECS: dict[str, type[Any]] = {
 _EXACT_PARTS = ("deletion", "enrollment")  # derive_exact_client_circuits' sub-folders
 
 
+#: Why the one-call device refuses update kind 2 (the fixed-point analytic head, never served to devices).
+NO_FIXED_POINT_ANALYTIC = (
+    "the one-call device does not prove the fixed-point analytic head (kind 'analytic', update kind 2): "
+    "publish the model's 'analytic_exact' circuit and use enroll_head(), or drive EdgeClient with "
+    "AnalyticUnlearner (docs/sdk.md)"
+)
+
+
 class PublicationError(ZkUnlearnError, RuntimeError):
     """The provider does not publish what the device needs (no circuit for the model, an artifact
     missing, an index that does not describe it), or publishes it on an SRS the device does not accept."""
@@ -96,6 +104,8 @@ def fetch_published(
     :class:`~zkunlearn.proofs.artifacts.ArtifactError` for a published circuit the device refuses to
     derive (unsound settings, too little blinding), and the download's own errors.
     """
+    if "analytic" in kinds:
+        raise PublicationError(NO_FIXED_POINT_ANALYTIC)
     unknown = [kind for kind in kinds if kind not in SERVED_ARTIFACTS]
     if unknown or not kinds:
         raise PublicationError(f"unknown circuit kinds {unknown or []}; a device proves {list(DEVICE_KINDS)}")
@@ -191,8 +201,9 @@ def _record(folder: Path, model_id: str, kind: str) -> dict[str, Any]:
         raise PublicationError(f"{where} does not describe its SRS (logrows, sha256, insecure, source)")
     if kind == "group_obs" and index.get("refits"):
         raise PublicationError(
-            f"{circuit_id(model_id, kind)} comes with output-refit circuits, which a device derives by hand "
-            "(GroupObsUnlearner(refits=...), docs/sdk.md)"
+            f"{circuit_id(model_id, kind)} comes with output-refit circuits, which the one-call device does "
+            "not prove: drive EdgeClient with GroupObsUnlearner(refits=...) (docs/sdk.md), or publish "
+            "the model without refit pairs"
         )
     return record
 

@@ -74,6 +74,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 PROTOCOL_VERSION = 1
+#: What the provider's ALREADY_EXISTS answer to a Reenroll says when it holds exactly that enrollment.
+REENROLLED_ALREADY = "already enrolled with exactly this enrollment"
 _UPDATE_KIND = {
     1: pb.UPDATE_KIND_GROUP_OBS,
     2: pb.UPDATE_KIND_ANALYTIC,
@@ -194,10 +196,80 @@ class EdgeClient:
         stored_id = self.store.put_if_absent("client_id", client_id.encode()).decode()
         if stored_id != client_id:
             raise StoreError(f"this store belongs to client {stored_id!r}, not {client_id!r}")
-        signer = StatementSigner.from_private_bytes(
+        StatementSigner.from_private_bytes(
             self.store.put_if_absent("private_key", StatementSigner.generate().private_bytes())
         )
         self._provider()
+        request = self._enrollment(model_id, layers, update_kind, commitments, enrollment_proofs)
+        response: pb.EnrollResponse = self.transport.call(
+            lambda: self.transport.stub.Enroll(request, timeout=self.transport.timeout)
+        )
+        self.store.put_json(
+            "enrollment", {"model_id": model_id, "layers": list(layers), "update_kind": update_kind}
+        )
+        self.store.put("enrollment_canonical", bytes(request.canonical))
+        if self.store.get("commitments") is None:
+            self.store.put_json("commitments", [c.to_json() for c in commitments])
+        return response
+
+    def reenroll(
+        self, commitments: Sequence[Commitment], enrollment_proofs: Sequence[bytes] = ()
+    ) -> pb.EnrollResponse:
+        """Replace this client's enrolled commitments with fresh ones: the recovery of a client whose
+        committed state is lost or corrupted. Same id, key, model, layers and kind; the call is signed
+        by the enrolled key and names the enrollment it replaces, and the provider logs the rotation.
+
+        Refused (``FAILED_PRECONDITION``) while a deletion request addressed to the client is open,
+        under the provider's default policy. Repeating a re-enrollment the provider already holds
+        (a lost response) returns normally."""
+        enrollment = self.store.get_json("enrollment")
+        previous = self.store.get("enrollment_canonical")
+        if not isinstance(enrollment, dict):
+            raise StoreError("client is not enrolled (no enrollment in the store): enroll instead")
+        if previous is None:
+            raise StoreError(
+                "the store holds no copy of the enrollment statement this client signed "
+                "('enrollment_canonical'), so it cannot name the enrollment to replace"
+            )
+        request = self._enrollment(
+            enrollment["model_id"],
+            enrollment["layers"],
+            enrollment["update_kind"],
+            commitments,
+            enrollment_proofs,
+        )
+        fields = {
+            "previous_enrollment_sha256": hashlib.sha256(previous).hexdigest(),
+            "enrollment_sha256": hashlib.sha256(request.canonical).hexdigest(),
+        }
+
+        def attempt() -> pb.EnrollResponse:
+            call = pb.ReenrollRequest(enrollment=request, auth=self.auth("Reenroll", fields))
+            answer: pb.EnrollResponse = self.transport.stub.Reenroll(call, timeout=self.transport.timeout)
+            return answer
+
+        try:
+            response: pb.EnrollResponse = self.transport.call(attempt)
+        except grpc.RpcError as exc:
+            # A retry after a lost response: the provider holds exactly this (client-signed) enrollment.
+            repeat = REENROLLED_ALREADY in (exc.details() or "")
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS or not repeat:
+                raise
+            response = pb.EnrollResponse(version=PROTOCOL_VERSION, client_id=self.client_id)
+        self.store.put("enrollment_canonical", bytes(request.canonical))
+        self.store.put_json("commitments", [c.to_json() for c in commitments])
+        return response
+
+    def _enrollment(
+        self,
+        model_id: str,
+        layers: Sequence[str],
+        update_kind: int,
+        commitments: Sequence[Commitment],
+        enrollment_proofs: Sequence[bytes],
+    ) -> pb.EnrollRequest:
+        """The enrollment message with its statement signed by the device key (proof of possession)."""
+        client_id, signer = self.client_id, self._signer()
         payload = {
             "client_id": client_id,
             "public_key": signer.public_bytes().hex(),
@@ -209,7 +281,7 @@ class EdgeClient:
         if update_kind in (3, 4):  # the exact relations enroll with proofs
             payload["enrollment_proofs_sha256"] = enrollment_proofs_digest(list(enrollment_proofs))
         statement = signer.sign(DOMAIN_ENROLLMENT, payload)
-        request = pb.EnrollRequest(
+        return pb.EnrollRequest(
             version=PROTOCOL_VERSION,
             client_id=client_id,
             public_key=signer.public_bytes(),
@@ -221,15 +293,6 @@ class EdgeClient:
             canonical=statement.canonical,
             enrollment_proofs=list(enrollment_proofs),
         )
-        response: pb.EnrollResponse = self.transport.call(
-            lambda: self.transport.stub.Enroll(request, timeout=self.transport.timeout)
-        )
-        self.store.put_json(
-            "enrollment", {"model_id": model_id, "layers": list(layers), "update_kind": update_kind}
-        )
-        if self.store.get("commitments") is None:
-            self.store.put_json("commitments", [c.to_json() for c in commitments])
-        return response
 
     def auth(self, rpc: str, fields: Mapping[str, Any]) -> pb.ClientAuth:
         """A fresh nonce from the provider, signed together with the RPC name and the call's fields."""

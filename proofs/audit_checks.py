@@ -32,10 +32,12 @@ from zkunlearn.proofs.audit_format import (
     verified_payload,
 )
 from zkunlearn.proofs.audit_report import AuditItem, AuditReport
+from zkunlearn.proofs.audit_rotation import Enrolled, embedded_enrollment, is_reenrollment, rotate
 from zkunlearn.proofs.statements import (
     DOMAIN_DELETION_REQUEST,
     DOMAIN_ENROLLMENT,
     DOMAIN_RECEIPT,
+    DOMAIN_REENROLLMENT,
     SignedStatement,
     StatementError,
     StatementVerifier,
@@ -86,7 +88,8 @@ class Auditor:
         self.checker = checker
         self.verifier: StatementVerifier | None = None
         self.latest: TreeHead | None = None
-        self.leaves: list[_Leaf] = []
+        self.leaves: list[_Leaf] = []  # receipts
+        self.rotations: list[_Leaf] = []  # re-enrollments
         self.leaf_hashes: list[bytes] = []
 
     def record(self, item: str, check: Callable[[], str]) -> bool:
@@ -231,12 +234,20 @@ class Auditor:
                     raise CheckError(f"{where} index: {obj.get('index')!r}, expected {i}")
                 canonical = hex_bytes(required_field(obj, "canonical", where), f"{where} canonical")
                 self.leaf_hashes.append(leaf_hash(canonical))
+                rotation = is_reenrollment(canonical)
                 payload = verified_payload(
-                    verifier, obj["canonical"], required_field(obj, "signature", where), DOMAIN_RECEIPT, where
+                    verifier,
+                    obj["canonical"],
+                    required_field(obj, "signature", where),
+                    DOMAIN_REENROLLMENT if rotation else DOMAIN_RECEIPT,
+                    where,
                 )
-                if payload.get("verdict") not in VERDICTS:
+                if rotation:
+                    self.rotations.append(_Leaf(i, payload))
+                elif payload.get("verdict") not in VERDICTS:
                     raise CheckError(f"{where} verdict: {payload.get('verdict')!r} is not accepted/rejected")
-                self.leaves.append(_Leaf(i, payload))
+                else:
+                    self.leaves.append(_Leaf(i, payload))
                 if self.latest is None:
                     raise CheckError(f"{where} inclusion_proof: not checked, no valid latest tree head")
                 proof = [
@@ -249,6 +260,8 @@ class Auditor:
                     verify_inclusion(leaf_hash(canonical), i, self.latest.size, proof, self.latest.root)
                 except MerkleProofError as exc:
                     raise CheckError(f"{where} inclusion_proof: {exc}") from None
+                if rotation:
+                    return f"re-enrollment of client {payload.get('client_id')}: its commitments rotated"
                 return f"{payload['verdict']} receipt for request {payload.get('request_id')}"
 
             if not self.record(f"log.json[{i}]", one) and len(self.leaf_hashes) <= i:
@@ -390,23 +403,36 @@ class Auditor:
 
     def chains(self) -> None:
         by_client: dict[str, list[_Leaf]] = {}
-        for leaf in self.leaves:
+        for leaf in sorted([*self.leaves, *self.rotations], key=lambda leaf: leaf.index):
             by_client.setdefault(str(leaf.payload.get("client_id")), []).append(leaf)
+        rotation_indexes = {leaf.index for leaf in self.rotations}
         for client_id, leaves in sorted(by_client.items()):
 
             def one(client_id: str = client_id, leaves: list[_Leaf] = leaves) -> str:
                 safe_id(client_id, "receipt client_id")
-                enrolled = self.enrollment(client_id)
-                current: Any = enrolled["commitments"]
+                final = self.enrollment(client_id)
+                rotations = [leaf for leaf in leaves if leaf.index in rotation_indexes]
+                if rotations:
+                    where = f"log.json[{rotations[0].index}] previous_enrollment"
+                    first = required_field(rotations[0].payload, "previous_enrollment", where)
+                    enrolled = embedded_enrollment(first, where, client_id)
+                else:
+                    enrolled = Enrolled(final, b"")
+                current: Any = enrolled.payload.get("commitments")
                 answered: dict[str, int] = {}
                 accepted = 0
                 for leaf in leaves:
                     r = leaf.payload
                     where = f"log.json[{leaf.index}]"
+                    if leaf.index in rotation_indexes:
+                        enrolled = rotate(r, where, client_id, enrolled, current)
+                        current, accepted = enrolled.payload.get("commitments"), 0
+                        continue
                     for key in ("model_id", "update_kind"):
-                        if r.get(key) != enrolled.get(key):
+                        if r.get(key) != enrolled.payload.get(key):
                             raise CheckError(
-                                f"{where} receipt {key}: {r.get(key)!r}, enrolled {enrolled.get(key)!r}"
+                                f"{where} receipt {key}: {r.get(key)!r}, "
+                                f"enrolled {enrolled.payload.get(key)!r}"
                             )
                     if r.get("verdict") != "accepted":
                         continue
@@ -418,9 +444,21 @@ class Auditor:
                     answered[rid] = leaf.index
                     if r.get("before_commitments") != current:
                         source = "the enrollment" if not accepted else "the previous accepted receipt"
+                        if rotations and not accepted and leaf.index > rotations[0].index:
+                            source = "the re-enrollment"
                         raise CheckError(f"{where} before_commitments: differ from {source}'s commitments")
                     current = r.get("after_commitments")
                     accepted += 1
+                if rotations and enrolled.payload != final:
+                    raise CheckError(
+                        f"enrollments/{client_id}.json: not the enrollment the log's last re-enrollment names"
+                    )
+                if rotations:
+                    at = ", ".join(f"log.json[{r.index}]" for r in rotations)
+                    return (
+                        f"{len(answered)} accepted update(s) chain from the enrollment and "
+                        f"{len(rotations)} re-enrollment(s) ({at}); {accepted} since the last one"
+                    )
                 return f"{accepted} accepted update(s) chain from the enrollment"
 
             self.record(f"chain {client_id}", one)

@@ -42,6 +42,7 @@ __all__ = [
     "DOMAIN_ENROLLMENT",
     "DOMAIN_OPERATOR_AUTH",
     "DOMAIN_RECEIPT",
+    "DOMAIN_REENROLLMENT",
     "DOMAIN_RPC_AUTH",
     "DOMAIN_TREE_HEAD",
     "KEY_ID_HEX_LENGTH",
@@ -71,6 +72,8 @@ DOMAIN_RECEIPT = "zkunlearn/v1/receipt"
 DOMAIN_TREE_HEAD = "zkunlearn/v1/tree-head"
 DOMAIN_ENROLLMENT = "zkunlearn/v1/enrollment"
 DOMAIN_RPC_AUTH = "zkunlearn/v1/rpc-auth"
+# A log leaf recording a client's re-enrollment (its commitments rotated), signed by the provider.
+DOMAIN_REENROLLMENT = "zkunlearn/v1/re-enrollment"
 DOMAIN_OPERATOR_AUTH = "zkunlearn/v1/operator-auth"
 
 STATEMENT_PREFIX = b"zkunlearn-statement\x00"

@@ -94,6 +94,8 @@ class LimitsConfig(_Section):
     verify_poll_s: Positive = 0.25
     verify_max_attempts: PositiveInt = 3
     max_submissions_per_request: PositiveInt = 16
+    # Let a client re-enroll while a request addressed to it is open (docs/decisions/re-enrollment.md).
+    reenroll_with_open_requests: bool = False
     max_workers: PositiveInt = 16  # RPC threads; each open WatchRequests or GetArtifact stream holds one
     # Calls admitted at once (running or queued for a thread); beyond it gRPC answers RESOURCE_EXHAUSTED
     # at once instead of queueing without bound. 0: 4 x max_workers.
@@ -238,6 +240,7 @@ class ProviderConfig(_Section):
             verify_poll_s=self.limits.verify_poll_s,
             verify_max_attempts=self.limits.verify_max_attempts,
             max_submissions_per_request=self.limits.max_submissions_per_request,
+            reenroll_with_open_requests=self.limits.reenroll_with_open_requests,
             replica_id=self.replica_id or _default_replica_id(self.listen),
             srs_digest=self.srs_digest,
             srs_insecure=self.srs_insecure,

@@ -109,6 +109,7 @@ def _write_bundle(
         ],
     )
     log: list[dict[str, Any]] = []
+    client_ids: dict[str, None] = {}
     request_ids: dict[str, None] = {}
     submission_ids: dict[str, None] = {}
     for index in range(size):
@@ -121,12 +122,15 @@ def _write_bundle(
                 "inclusion_proof": [node.hex() for node in ledger.inclusion_proof(index, size)],
             }
         )
-        request_ids[leaf.request_id] = None
-        submission_ids[leaf.submission_id] = None
+        if leaf.request_id:
+            request_ids[leaf.request_id] = None
+            submission_ids[leaf.submission_id] = None
+        else:  # a re-enrollment: the client's enrollment is exported, it has no request or submission
+            rotated = SignedStatement.from_wire(leaf.canonical, leaf.signature).payload.get("client_id")
+            client_ids[str(rotated)] = None
     _write_json(root / "log.json", log)
 
     (root / "requests").mkdir()
-    client_ids: dict[str, None] = {}
     for request_id in request_ids:
         request = state.get_request(request_id)
         if request is None:

@@ -338,6 +338,9 @@ class ServiceConfig:
     # Each submission costs a verification (minutes of ezkl on big circuits): rejected answers to one
     # request may be retried, but not without end.
     max_submissions_per_request: int = 16
+    # Re-enrollment while a request addressed to the client is unanswered and unexpired: refused
+    # unless set (docs/decisions/re-enrollment.md).
+    reenroll_with_open_requests: bool = False
     verify_workers: int = 2  # 0: this process verifies nothing (stand-alone workers do)
     verify_lease_s: float = 300.0
     verify_poll_s: float = 0.25

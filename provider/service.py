@@ -83,6 +83,7 @@ from .models import (
     require_payload,
 )
 from .nonces import NonceBook
+from .reenrollment import reenroll
 from .requests import delivered, sign_request
 from .state import (
     VERDICT_PENDING,
@@ -206,6 +207,19 @@ class ProviderService:
 
     def enroll(self, enrollment: EnrollmentInput) -> ClientRecord:
         """Register a client key; repeating an identical enrollment is idempotent."""
+        record = self.checked_enrollment(enrollment)
+        try:
+            stored, _ = self.state.add_client(record)
+        except ConflictError as exc:
+            raise AlreadyExistsError(str(exc)) from exc
+        return stored
+
+    def reenroll(self, enrollment: EnrollmentInput, auth: AuthInput) -> ClientRecord:
+        """Replace an enrolled client's commitments; see :func:`.reenrollment.reenroll`."""
+        return reenroll(self, enrollment, auth)
+
+    def checked_enrollment(self, enrollment: EnrollmentInput) -> ClientRecord:
+        """The client record an enrollment asks for, after every check of it; nothing is stored."""
         if enrollment.version != PROTOCOL_VERSION:
             raise InvalidInputError(f"protocol version {enrollment.version} unsupported (provider speaks 1)")
         client_id = check_id(enrollment.client_id, "client id")
@@ -262,7 +276,7 @@ class ProviderService:
             result = self.verifier.verify_enrollment(enrollment.model_id, layers, tuple(commitments), proofs)
             if not result.accepted:
                 raise InvalidInputError(f"enrollment proofs refused: {result.reason}")
-        record = ClientRecord(
+        return ClientRecord(
             client_id=client_id,
             public_key=enrollment.public_key,
             model_id=enrollment.model_id,
@@ -275,11 +289,6 @@ class ProviderService:
             enrolled_ms=self.clock_ms(),
             enrollment_proofs=encode_proof_list(proofs) if proofs else b"",
         )
-        try:
-            stored, _ = self.state.add_client(record)
-        except ConflictError as exc:
-            raise AlreadyExistsError(str(exc)) from exc
-        return stored
 
     def _enrollment_proofs(self, enrollment: EnrollmentInput) -> tuple[bytes, ...]:
         """Exact enrollments carry proofs, bounded like a submission's; no other kind does."""

@@ -271,6 +271,21 @@ def _auth(msg: pb.ClientAuth) -> AuthInput:
     return AuthInput(msg.client_id, bytes(msg.nonce), bytes(msg.canonical), bytes(msg.signature))
 
 
+def _enrollment(request: pb.EnrollRequest) -> EnrollmentInput:
+    return EnrollmentInput(
+        version=request.version,
+        client_id=request.client_id,
+        public_key=bytes(request.public_key),
+        model_id=request.model_id,
+        layers=tuple(request.layers),
+        update_kind=int(request.update_kind),
+        commitments=_commitments(request.commitments),
+        canonical=bytes(request.canonical),
+        signature=bytes(request.proof_of_possession),
+        enrollment_proofs=tuple(bytes(p) for p in request.enrollment_proofs),
+    )
+
+
 def _commitments(items: Iterable[pb.Commitment]) -> tuple[CommitmentRef, ...]:
     return tuple(CommitmentRef(c.name, int(c.block), c.point_hex) for c in items)
 
@@ -418,20 +433,12 @@ class ProviderServicer(pb_grpc.ProviderServicer):
 
     @_unary
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:  # noqa: N802
-        record = self.service.enroll(
-            EnrollmentInput(
-                version=request.version,
-                client_id=request.client_id,
-                public_key=bytes(request.public_key),
-                model_id=request.model_id,
-                layers=tuple(request.layers),
-                update_kind=int(request.update_kind),
-                commitments=_commitments(request.commitments),
-                canonical=bytes(request.canonical),
-                signature=bytes(request.proof_of_possession),
-                enrollment_proofs=tuple(bytes(p) for p in request.enrollment_proofs),
-            )
-        )
+        record = self.service.enroll(_enrollment(request))
+        return pb.EnrollResponse(version=1, client_id=record.client_id, enrolled_unix_ms=record.enrolled_ms)
+
+    @_unary
+    def Reenroll(self, request: pb.ReenrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:  # noqa: N802
+        record = self.service.reenroll(_enrollment(request.enrollment), _auth(request.auth))
         return pb.EnrollResponse(version=1, client_id=record.client_id, enrolled_unix_ms=record.enrolled_ms)
 
     @_stream

@@ -271,3 +271,44 @@ def interrupted_enrollment(world: World, device: EdgeDevice, connect: Any) -> No
     assert json.loads(record.enrolled_commitments) == committed["commitments"]
     assert json.loads(record.enrollment_proofs) == committed["enrollment_proofs"]
     assert json.loads(state.read_text()) == committed  # nothing recomputed
+
+
+def test_what_the_one_call_device_cannot_prove_is_refused_by_name(world: World) -> None:
+    """A fixed-point analytic head (update kind 2) and a publication with output-refit circuits are
+    refused at connect with the reason and the way out; the honest control (the exact circuit) connects."""
+    with pytest.raises(DeviceError, match=r"fixed-point analytic head \(kind 'analytic', update kind 2\)"):
+        EdgeDevice.connect(
+            world.address, MODEL, provider_key=world.key, state_dir=world.tmp / "kind-2", kind="analytic"
+        )
+    # The same provider publishing Group-OBS with an output refit pair in its index.
+    index = json.loads((world.circuits.directory / "circuits.json").read_text())
+    exact = index["group_obs_exact"]
+    index["group_obs"] = {"spec": {}, "srs": exact["srs"]}
+    index["refits"] = [{"spec": {"masked": LAYER, "following": "3.weight"}}]
+    refit_index = world.tmp / "refit-index.json"
+    refit_index.write_text(json.dumps(index))
+    (world.tmp / "refit").mkdir()
+    refit = serve(
+        world.tmp / "refit",
+        world.circuits,
+        world.operator,
+        artifacts={f"{MODEL}/group_obs": {"index": str(refit_index)}},
+        key_file=str(world.tmp / "provider.key"),
+    )
+    try:
+        with pytest.raises(
+            DeviceError, match="output-refit circuits, which the one-call device does not prove"
+        ):
+            EdgeDevice.connect(
+                f"127.0.0.1:{refit.port}",
+                MODEL,
+                provider_key=world.key,
+                state_dir=world.tmp / "refit-device",
+                allow_insecure_srs=True,
+            )
+    finally:
+        refit.stop(0)
+    with EdgeDevice.connect(
+        world.address, MODEL, provider_key=world.key, state_dir=world.tmp / "control", allow_insecure_srs=True
+    ) as device:
+        assert device.kind == "group_obs_exact"

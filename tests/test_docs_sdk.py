@@ -44,13 +44,14 @@ def world(tmp_path: Path, exact_published: DeletionCircuits) -> Iterator[World]:
     server.stop(0)
 
 
-def test_the_marked_blocks_are_the_quick_start_and_the_low_level_download() -> None:
+def test_the_marked_blocks_are_the_quick_start_the_recovery_and_the_low_level_download() -> None:
     text = GUIDE.read_text()
     blocks = runnable_blocks()
-    assert len(blocks) == len(re.findall(r"^<!-- runs: ", text, re.M)) == 4  # none malformed
+    assert len(blocks) == len(re.findall(r"^<!-- runs: ", text, re.M)) == 5  # none malformed
     assert text.index("## Quick start") < text.index("<!-- runs: quick start -->") < text.index("## 1.")
     assert "EdgeDevice.connect" in blocks[1]
-    assert "fetch_published" in blocks[3]
+    assert "reenroll_model" in blocks[3]
+    assert "fetch_published" in blocks[4]
 
 
 def test_the_guide_runs_against_a_provider(
@@ -83,6 +84,9 @@ def test_the_guide_runs_against_a_provider(
             namespace["transport"].close()
     assert len(issued) == 1
     assert world.server.state.summary().accepted_submissions == 1
+    # The recovery block re-enrolled the device: the log's second leaf records the rotation.
+    assert world.server.service.ledger.size == 2
+    assert b"zkunlearn/v1/re-enrollment" in world.server.service.ledger.leaf(1).canonical
     # The low-level download derived the circuit the provider verifies with: the same verifying keys.
     assert world.circuits.exact is not None
     _spec, deletion, enrollment = world.circuits.exact

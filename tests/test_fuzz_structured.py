@@ -41,7 +41,7 @@ from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.backend import point_from_tag
-from zkunlearn.proofs.statements import DOMAIN_ENROLLMENT, StatementError, StatementSigner
+from zkunlearn.proofs.statements import DOMAIN_ENROLLMENT, DOMAIN_RPC_AUTH, StatementError, StatementSigner
 from zkunlearn.provider.export import export_bundle
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
 from zkunlearn.v1 import provider_pb2 as pb
@@ -449,6 +449,41 @@ def _submission(setup: Setup, header: pb.ProofHeader | None, blob: bytes) -> pb.
     return header
 
 
+def _reenroll(setup: Setup, msg: pb.ReenrollRequest | None, n: int) -> pb.ReenrollRequest:
+    """A re-enrollment of a fresh client ``fuzz-re-<n>`` (enrolled here first) to other commitments,
+    authorized by its key (``msg`` given: re-sign its current values)."""
+    first = _enroll(setup, None, -1 - n)
+    first.client_id = f"fuzz-re-{n}"
+    first = _enroll(setup, first, -1 - n)
+    if msg is None:
+        _invoke(setup.channel, "Enroll", first)
+        msg = pb.ReenrollRequest(enrollment=first)
+        msg.enrollment.commitments[0].point_hex = point_from_tag(f"fresh-{n}".encode())
+    _enroll(setup, msg.enrollment, -1 - n)
+    challenge = pb.ChallengeResponse.FromString(
+        setup.channel.unary_unary(f"/{SERVICE.full_name}/Challenge")(
+            pb.ChallengeRequest(client_id=first.client_id).SerializeToString(), timeout=CALL_DEADLINE_S
+        )
+    )
+    fields = {
+        "client_id": first.client_id,
+        "rpc": "Reenroll",
+        "nonce": bytes(challenge.nonce).hex(),
+        "previous_enrollment_sha256": hashlib.sha256(first.canonical).hexdigest(),
+        "enrollment_sha256": hashlib.sha256(msg.enrollment.canonical).hexdigest(),
+    }
+    statement = ENROLL_SIGNERS[-1 - n].sign(DOMAIN_RPC_AUTH, fields)
+    msg.auth.CopyFrom(
+        pb.ClientAuth(
+            client_id=first.client_id,
+            nonce=challenge.nonce,
+            signature=statement.signature,
+            canonical=statement.canonical,
+        )
+    )
+    return msg
+
+
 BLOB = bytes(range(256)) * 2
 
 
@@ -457,6 +492,8 @@ def _valid(setup: Setup, method_name: str, n: int, resign_from: Any = None) -> A
     r = resign_from
     if method_name == "Enroll":
         return _enroll(setup, r, n)
+    if method_name == "Reenroll":
+        return _reenroll(setup, r, n)
     if method_name in ("PollRequests", "WatchRequests"):
         r = r or getattr(pb, SERVICE.methods_by_name[method_name].input_type.name)(after_cursor=0)
         fields = {"after_cursor": int(r.after_cursor)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from zkunlearn.provider.state import (
     LeafRecord,
     NonceError,
     NotFoundError,
+    PendingRequestsError,
     ProviderState,
     RequestRecord,
     SqlState,
@@ -110,6 +112,31 @@ def test_enrollment_is_idempotent_and_conflicts_are_refused(state: ProviderState
         state.add_client(client(key=b"x" * 32))
     assert state.get_client("c1") == stored
     assert state.get_client("nobody") is None
+
+
+def test_a_rotation_replaces_the_enrollment_and_appends_its_leaf_only_from_the_named_one(
+    state: ProviderState,
+) -> None:
+    state.add_client(client())
+    named = hashlib.sha256(b"canon").hexdigest()
+    rotated = dataclasses.replace(
+        client(), enrollment_canonical=b"canon-2", current_commitments='[{"name":"fresh"}]'
+    )
+    rotation = dataclasses.replace(leaf(""), canonical=b"rotation", submission_id="re-enrollment/2")
+    state.add_request(req("r1"))  # open until 1000
+    with pytest.raises(PendingRequestsError, match="'r1'"):
+        state.rotate_client(rotated, named, rotation, now_ms=999, refuse_pending=True)
+    assert state.ledger_size() == 0
+    stored, appended = state.rotate_client(rotated, named, rotation, now_ms=1001, refuse_pending=True)
+    assert appended.index == 0
+    assert state.get_client("c1") == stored == rotated
+    # A replay names the enrollment that is gone; an unknown client is refused too.
+    with pytest.raises(ConflictError, match="no longer enrolled"):
+        state.rotate_client(rotated, named, rotation, now_ms=1001, refuse_pending=False)
+    with pytest.raises(NotFoundError):
+        state.rotate_client(client("c9"), named, rotation, now_ms=1001, refuse_pending=False)
+    assert state.ledger_size() == 1
+    assert state.get_leaf(0) == appended
 
 
 def test_nonce_is_single_use_bound_to_client_and_expires(state: ProviderState) -> None:

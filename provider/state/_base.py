@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,10 @@ class StaleCommitmentsError(StateError, TransientError):
     Two answers built from the same state (two open requests of one client, verified at once) would
     otherwise both be accepted, and the later one would put back weights the earlier one deleted.
     """
+
+
+class PendingRequestsError(StateError):
+    """A re-enrollment was refused because deletion requests addressed to the client are still open."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,24 @@ class ProviderState(abc.ABC):
 
     @abc.abstractmethod
     def get_client(self, client_id: str) -> ClientRecord | None: ...
+
+    @abc.abstractmethod
+    def rotate_client(
+        self,
+        record: ClientRecord,
+        previous_enrollment_sha256: str,
+        leaf: LeafRecord,
+        *,
+        now_ms: int,
+        refuse_pending: bool,
+    ) -> tuple[ClientRecord, LeafRecord]:
+        """Replace a client's enrollment and append its signed re-enrollment leaf, in one transaction.
+
+        The stored enrollment must still be the one ``previous_enrollment_sha256`` names (SHA-256 of its
+        canonical bytes), else :class:`ConflictError`: a replayed or raced re-enrollment changes nothing.
+        ``refuse_pending``: an unanswered, unexpired request of the client raises
+        :class:`PendingRequestsError`. Unknown client: :class:`NotFoundError`. ``leaf.index`` is assigned.
+        """
 
     @abc.abstractmethod
     def list_clients(
@@ -314,6 +337,28 @@ def _stale_message(client_id: str) -> str:
     return (
         f"client {client_id!r}'s committed state changed while this answer was verified "
         "(another answer was accepted first); rebuild it on the new state and submit again"
+    )
+
+
+def _check_rotation(
+    old: ClientRecord | None, record: ClientRecord, previous_enrollment_sha256: str
+) -> ClientRecord:
+    """The stored client a re-enrollment may replace, or the error saying why it may not."""
+    if old is None:
+        raise NotFoundError(f"unknown client {record.client_id!r}: enroll first")
+    if hashlib.sha256(old.enrollment_canonical).hexdigest() != previous_enrollment_sha256:
+        raise ConflictError(
+            f"client {record.client_id!r} is no longer enrolled with the enrollment this re-enrollment "
+            "replaces (a replay, or another re-enrollment came first)"
+        )
+    return old
+
+
+def _pending_message(client_id: str, request_ids: Sequence[str]) -> str:
+    shown = ", ".join(repr(r) for r in request_ids[:5]) + (" ..." if len(request_ids) > 5 else "")
+    return (
+        f"client {client_id!r} has {len(request_ids)} open deletion request(s) ({shown}): answer them, "
+        "or wait until they expire, before re-enrolling"
     )
 
 

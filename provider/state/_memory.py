@@ -16,6 +16,7 @@ from zkunlearn.provider.state._base import (
     ConflictError,
     LeafRecord,
     NotFoundError,
+    PendingRequestsError,
     ProviderState,
     RequestRecord,
     StaleCommitmentsError,
@@ -23,8 +24,10 @@ from zkunlearn.provider.state._base import (
     SubmissionRecord,
     TreeHeadRecord,
     _check_nonce,
+    _check_rotation,
     _check_verdict,
     _client_same,
+    _pending_message,
     _stale_message,
 )
 
@@ -76,6 +79,33 @@ class InMemoryState(ProviderState):
                 )
             self._clients[record.client_id] = record
             return record, True
+
+    def rotate_client(
+        self,
+        record: ClientRecord,
+        previous_enrollment_sha256: str,
+        leaf: LeafRecord,
+        *,
+        now_ms: int,
+        refuse_pending: bool,
+    ) -> tuple[ClientRecord, LeafRecord]:
+        with self._txn():
+            _check_rotation(self._clients.get(record.client_id), record, previous_enrollment_sha256)
+            if refuse_pending:
+                open_ids = [
+                    r.request_id
+                    for r in sorted(self._requests.values(), key=lambda r: r.cursor)
+                    if r.client_id == record.client_id
+                    and r.accepted_submission_id is None
+                    and r.expires_ms >= now_ms
+                ]
+                if open_ids:
+                    raise PendingRequestsError(_pending_message(record.client_id, open_ids))
+            stored_leaf = dataclasses.replace(leaf, index=len(self._leaves))
+            self._leaves.append(stored_leaf)
+            self._fault("leaf-appended")
+            self._clients[record.client_id] = record
+            return record, stored_leaf
 
     def get_client(self, client_id: str) -> ClientRecord | None:
         with self._lock:

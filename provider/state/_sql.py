@@ -23,6 +23,7 @@ from zkunlearn.provider.state._base import (
     LeafRecord,
     NonceError,
     NotFoundError,
+    PendingRequestsError,
     ProviderState,
     RequestRecord,
     StaleCommitmentsError,
@@ -30,8 +31,10 @@ from zkunlearn.provider.state._base import (
     SubmissionRecord,
     TreeHeadRecord,
     _check_nonce,
+    _check_rotation,
     _check_verdict,
     _client_same,
+    _pending_message,
     _stale_message,
 )
 from zkunlearn.provider.state._schema import (
@@ -137,6 +140,48 @@ class SqlState(ProviderState):
             return record, True
 
         result: tuple[ClientRecord, bool] = self._retrying(run)
+        return result
+
+    def rotate_client(
+        self,
+        record: ClientRecord,
+        previous_enrollment_sha256: str,
+        leaf: LeafRecord,
+        *,
+        now_ms: int,
+        refuse_pending: bool,
+    ) -> tuple[ClientRecord, LeafRecord]:
+        def run(conn: Connection) -> tuple[ClientRecord, LeafRecord]:
+            # Row lock: two re-enrollments of one client are decided one after the other.
+            row = conn.execute(
+                sa.select(clients_t).where(clients_t.c.client_id == record.client_id).with_for_update()
+            ).first()
+            _check_rotation(None if row is None else _client_row(row), record, previous_enrollment_sha256)
+            if refuse_pending:
+                open_ids = list(
+                    conn.execute(
+                        sa.select(requests_t.c.request_id)
+                        .where(
+                            requests_t.c.client_id == record.client_id,
+                            requests_t.c.accepted_submission_id.is_(None),
+                            requests_t.c.expires_ms >= now_ms,
+                        )
+                        .order_by(requests_t.c.cursor)
+                    ).scalars()
+                )
+                if open_ids:
+                    raise PendingRequestsError(_pending_message(record.client_id, open_ids))
+            stored_leaf = _append_leaf(conn, leaf)
+            self._fault("leaf-appended")
+            values = dataclasses.asdict(record)
+            values["layers"] = "\n".join(record.layers)
+            del values["client_id"]
+            conn.execute(
+                sa.update(clients_t).where(clients_t.c.client_id == record.client_id).values(**values)
+            )
+            return record, stored_leaf
+
+        result: tuple[ClientRecord, LeafRecord] = self._retrying(run)
         return result
 
     def get_client(self, client_id: str) -> ClientRecord | None:
@@ -409,24 +454,7 @@ class SqlState(ProviderState):
                     sa.select(leaves_t).where(leaves_t.c.leaf_index == sub.leaf_index)
                 ).one()
                 return sub, _leaf_row(stored)
-            # Locking the tip row serialises appenders across replicas: one writer order, no forks.
-            size = int(
-                conn.execute(
-                    sa.select(tip_t.c.size).where(tip_t.c.tip_id == 1).with_for_update()
-                ).scalar_one()
-            )
-            conn.execute(sa.update(tip_t).where(tip_t.c.tip_id == 1).values(size=size + 1))
-            stored_leaf = dataclasses.replace(leaf, index=size, submission_id=submission_id)
-            conn.execute(
-                sa.insert(leaves_t).values(
-                    leaf_index=stored_leaf.index,
-                    leaf_hash=stored_leaf.leaf_hash,
-                    canonical=stored_leaf.canonical,
-                    signature=stored_leaf.signature,
-                    submission_id=stored_leaf.submission_id,
-                    request_id=stored_leaf.request_id,
-                )
-            )
+            stored_leaf = _append_leaf(conn, dataclasses.replace(leaf, submission_id=submission_id))
             self._fault("leaf-appended")
             conn.execute(
                 sa.update(submissions_t)
@@ -516,3 +544,23 @@ class SqlState(ProviderState):
             lambda conn: conn.execute(sa.select(heads_t).where(heads_t.c.tree_size == size)).first()
         )
         return None if row is None else _head_row(row)
+
+
+def _append_leaf(conn: Connection, leaf: LeafRecord) -> LeafRecord:
+    """Append ``leaf`` at the log's tip (its ``index`` assigned) within the caller's transaction."""
+    # Locking the tip row serialises appenders across replicas: one writer order, no forks.
+    tip = sa.select(tip_t.c.size).where(tip_t.c.tip_id == 1).with_for_update()
+    size = int(conn.execute(tip).scalar_one())
+    conn.execute(sa.update(tip_t).where(tip_t.c.tip_id == 1).values(size=size + 1))
+    stored = dataclasses.replace(leaf, index=size)
+    conn.execute(
+        sa.insert(leaves_t).values(
+            leaf_index=stored.index,
+            leaf_hash=stored.leaf_hash,
+            canonical=stored.canonical,
+            signature=stored.signature,
+            submission_id=stored.submission_id,
+            request_id=stored.request_id,
+        )
+    )
+    return stored

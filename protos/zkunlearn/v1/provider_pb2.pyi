@@ -341,6 +341,36 @@ class EnrollResponse(_message.Message):
 Global___EnrollResponse: _TypeAlias = EnrollResponse  # noqa: Y015
 
 @_typing.final
+class ReenrollRequest(_message.Message):
+    """Replace an enrolled client's commitments with fresh ones (its committed state was lost or corrupted).
+    The enrollment keeps the client id, key, model and update kind; `auth` is signed by the enrolled key
+    with rpc "Reenroll" and the fields previous_enrollment_sha256 and enrollment_sha256 (SHA-256 hex of
+    the stored and the new enrollment's `canonical`). The provider logs the rotation (docs/protocol.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLLMENT_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def enrollment(self) -> Global___EnrollRequest: ...
+    @_builtins.property
+    def auth(self) -> Global___ClientAuth: ...
+    def __init__(
+        self,
+        *,
+        enrollment: Global___EnrollRequest | None = ...,
+        auth: Global___ClientAuth | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "enrollment", b"enrollment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "enrollment", b"enrollment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReenrollRequest: _TypeAlias = ReenrollRequest  # noqa: Y015
+
+@_typing.final
 class GetArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -49,6 +49,11 @@ class ProviderStub:
                 request_serializer=zkunlearn_dot_v1_dot_provider__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=zkunlearn_dot_v1_dot_provider__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.Reenroll = channel.unary_unary(
+                '/zkunlearn.v1.Provider/Reenroll',
+                request_serializer=zkunlearn_dot_v1_dot_provider__pb2.ReenrollRequest.SerializeToString,
+                response_deserializer=zkunlearn_dot_v1_dot_provider__pb2.EnrollResponse.FromString,
+                _registered_method=True)
         self.GetArtifact = channel.unary_stream(
                 '/zkunlearn.v1.Provider/GetArtifact',
                 request_serializer=zkunlearn_dot_v1_dot_provider__pb2.GetArtifactRequest.SerializeToString,
@@ -107,6 +112,12 @@ class ProviderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Enroll(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reenroll(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +187,11 @@ def add_ProviderServicer_to_server(servicer, server):
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
                     request_deserializer=zkunlearn_dot_v1_dot_provider__pb2.EnrollRequest.FromString,
+                    response_serializer=zkunlearn_dot_v1_dot_provider__pb2.EnrollResponse.SerializeToString,
+            ),
+            'Reenroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reenroll,
+                    request_deserializer=zkunlearn_dot_v1_dot_provider__pb2.ReenrollRequest.FromString,
                     response_serializer=zkunlearn_dot_v1_dot_provider__pb2.EnrollResponse.SerializeToString,
             ),
             'GetArtifact': grpc.unary_stream_rpc_method_handler(
@@ -299,6 +315,33 @@ class Provider:
             target,
             '/zkunlearn.v1.Provider/Enroll',
             zkunlearn_dot_v1_dot_provider__pb2.EnrollRequest.SerializeToString,
+            zkunlearn_dot_v1_dot_provider__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reenroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zkunlearn.v1.Provider/Reenroll',
+            zkunlearn_dot_v1_dot_provider__pb2.ReenrollRequest.SerializeToString,
             zkunlearn_dot_v1_dot_provider__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,

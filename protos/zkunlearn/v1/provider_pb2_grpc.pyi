@@ -39,6 +39,7 @@ class ProviderStub:
     GetInfo: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetInfoRequest, _provider_pb2.GetInfoResponse]
     Challenge: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ChallengeRequest, _provider_pb2.ChallengeResponse]
     Enroll: _grpc.UnaryUnaryMultiCallable[_provider_pb2.EnrollRequest, _provider_pb2.EnrollResponse]
+    Reenroll: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ReenrollRequest, _provider_pb2.EnrollResponse]
     GetArtifact: _grpc.UnaryStreamMultiCallable[_provider_pb2.GetArtifactRequest, _provider_pb2.ArtifactChunk]
     WatchRequests: _grpc.UnaryStreamMultiCallable[_provider_pb2.WatchRequest, _provider_pb2.SignedDeletionRequest]
     PollRequests: _grpc.UnaryUnaryMultiCallable[_provider_pb2.PollRequest, _provider_pb2.PollResponse]
@@ -54,6 +55,7 @@ class ProviderAsyncStub(ProviderStub):
     GetInfo: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetInfoRequest, _provider_pb2.GetInfoResponse]  # type: ignore[assignment]
     Challenge: _aio.UnaryUnaryMultiCallable[_provider_pb2.ChallengeRequest, _provider_pb2.ChallengeResponse]  # type: ignore[assignment]
     Enroll: _aio.UnaryUnaryMultiCallable[_provider_pb2.EnrollRequest, _provider_pb2.EnrollResponse]  # type: ignore[assignment]
+    Reenroll: _aio.UnaryUnaryMultiCallable[_provider_pb2.ReenrollRequest, _provider_pb2.EnrollResponse]  # type: ignore[assignment]
     GetArtifact: _aio.UnaryStreamMultiCallable[_provider_pb2.GetArtifactRequest, _provider_pb2.ArtifactChunk]  # type: ignore[assignment]
     WatchRequests: _aio.UnaryStreamMultiCallable[_provider_pb2.WatchRequest, _provider_pb2.SignedDeletionRequest]  # type: ignore[assignment]
     PollRequests: _aio.UnaryUnaryMultiCallable[_provider_pb2.PollRequest, _provider_pb2.PollResponse]  # type: ignore[assignment]
@@ -82,6 +84,13 @@ class ProviderServicer(metaclass=_abc_1.ABCMeta):
     def Enroll(
         self,
         request: _provider_pb2.EnrollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.EnrollResponse, _abc.Awaitable[_provider_pb2.EnrollResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Reenroll(
+        self,
+        request: _provider_pb2.ReenrollRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.EnrollResponse, _abc.Awaitable[_provider_pb2.EnrollResponse]]: ...
 
