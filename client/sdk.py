@@ -13,36 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
-import numpy.typing as npt
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
-from zkunlearn.circuits.mask import Mask, MaskError
 from zkunlearn.proofs.statements import (
-    DOMAIN_DELETION_REQUEST,
-    DOMAIN_DELIVERY,
     DOMAIN_ENROLLMENT,
-    DOMAIN_RECEIPT,
     DOMAIN_RPC_AUTH,
-    MAX_INT,
-    StatementError,
     StatementSigner,
     StatementVerifier,
-    check_tree_head,
     enrollment_proofs_digest,
     now_ms,
 )
-from zkunlearn.proofs.transparency import MerkleProofError, leaf_hash, verify_consistency, verify_inclusion
 from zkunlearn.v1 import provider_pb2 as pb
 
 from zkunlearn.errors import MalformedError, RefusedError
 
+from .checks import MAX_CURSOR, check_signed_receipt, verify_log_growth, verify_signed_request
 from .records import (
     Commitment,
     ExpiredRequestError,
@@ -83,27 +73,6 @@ _UPDATE_KIND = {
     4: pb.UPDATE_KIND_ANALYTIC_EXACT,
 }
 _VERDICTS = {pb.VERDICT_ACCEPTED: "accepted", pb.VERDICT_REJECTED: "rejected"}
-
-
-# The largest cursor the client can ask for: ``after_cursor`` is a field of the signed RPC auth statement,
-# whose canonical JSON carries integers up to 2**53 - 1 only. A larger stored cursor would make every
-# later poll fail, so none is ever stored.
-MAX_CURSOR = MAX_INT
-
-
-def _tensor(t: pb.Tensor, what: str) -> npt.NDArray[np.float64]:
-    """The delivered array, refused unless its shape accounts for exactly its bytes.
-
-    The size is a Python-int product: ``np.prod`` wraps around in int64 (``[2**32, 2**32]`` -> 0), so an
-    empty buffer would pass the check and fail later in ``reshape`` as a bare ``ValueError``.
-    """
-    shape = tuple(int(d) for d in t.shape)
-    if any(d < 0 for d in shape) or math.prod(shape) * 8 != len(t.float64_le):
-        raise ForgedRequestError(f"{what}: shape {list(shape)} does not match {len(t.float64_le)} bytes")
-    try:
-        return np.frombuffer(t.float64_le, dtype="<f8").reshape(shape).astype(np.float64)
-    except ValueError as exc:  # e.g. more dimensions than numpy supports
-        raise ForgedRequestError(f"{what}: shape {list(shape)} cannot be used: {exc}") from exc
 
 
 def _refuses_request(exc: BaseException) -> bool:
@@ -385,96 +354,17 @@ class EdgeClient:
     # -- acting on a request ------------------------------------------------------------------------
 
     def verify_request(self, msg: pb.SignedDeletionRequest) -> VerifiedRequest:
-        """Check everything the request claims before anything is done with it."""
-        try:
-            payload = self._provider().verify(
-                (bytes(msg.canonical), bytes(msg.signature)), DOMAIN_DELETION_REQUEST
-            )
-        except StatementError as exc:
-            raise ForgedRequestError(
-                f"request {msg.request_id!r}: provider signature refused: {exc}"
-            ) from exc
-        if payload.get("request_id") != msg.request_id:
-            raise ForgedRequestError("delivered request id differs from the signed one")
-        if payload.get("client_id") != self.client_id:
-            raise ForgedRequestError(
-                f"request is addressed to {payload.get('client_id')!r}, not to this client"
-            )
+        """Check everything the request claims before anything is done with it
+        (:func:`~zkunlearn.client.checks.verify_signed_request`)."""
         enrollment = self.store.get_json("enrollment")
-        if isinstance(enrollment, dict):
-            if payload.get("model_id") != enrollment["model_id"]:
-                raise ForgedRequestError(f"request targets model {payload.get('model_id')!r}, not ours")
-            if payload.get("update_kind") != enrollment["update_kind"]:
-                raise ForgedRequestError("request asks for another update kind than this client enrolled")
-        cursor = int(msg.cursor)
-        if not 0 <= cursor <= MAX_CURSOR:
-            # A genuine provider never sends one the client cannot poll after.
-            raise ForgedRequestError(f"delivered cursor {cursor} is outside [0, 2**53 - 1]")
-        self._check_delivery(msg, cursor)
-        expires = payload.get("expires_ms")
-        if not isinstance(expires, int) or expires < self.clock_ms():
-            raise ExpiredRequestError(f"request {msg.request_id!r} expired at {expires} (unix ms)")
-        mask_bytes = bytes(msg.mask)
-        if hashlib.sha256(mask_bytes).hexdigest() != payload.get("mask_sha256"):
-            raise ForgedRequestError("delivered mask bytes do not match the signed mask digest")
-        if len(mask_bytes) != payload.get("mask_bytes"):
-            raise ForgedRequestError("delivered mask length differs from the signed mask_bytes")
-        try:
-            mask = Mask.from_bytes(mask_bytes)
-        except MaskError as exc:
-            raise ForgedRequestError(f"mask does not decode: {exc}") from exc
-        if list(mask.layer_names) != list(payload.get("layers", [])):
-            raise ForgedRequestError("mask layers differ from the signed layer list")
-        features = labels = None
-        forget = payload.get("forget")
-        if forget is not None:
-            if not msg.HasField("forget_features") or not msg.HasField("forget_labels"):
-                raise ForgedRequestError("the signed request has forget data but none was delivered")
-            for name, tensor in (("features", msg.forget_features), ("labels", msg.forget_labels)):
-                signed = forget[name]
-                if (
-                    list(tensor.shape) != signed["shape"]
-                    or hashlib.sha256(tensor.float64_le).hexdigest() != signed["sha256"]
-                ):
-                    raise ForgedRequestError(f"delivered forget {name} differ from the signed digest")
-            features = _tensor(msg.forget_features, "forget features")
-            labels = _tensor(msg.forget_labels, "forget labels")
-        return VerifiedRequest(
-            request_id=msg.request_id,
+        return verify_signed_request(
+            self._provider(),
+            msg,
             client_id=self.client_id,
-            model_id=str(payload.get("model_id")),
-            update_kind=int(payload["update_kind"]),
-            layers=tuple(mask.layer_names),
-            mask=mask,
-            mask_bytes=mask_bytes,
-            forget_features=features,
-            forget_labels=labels,
-            issued_ms=int(payload["issued_ms"]),
-            expires_ms=expires,
-            cursor=cursor,
+            enrollment=enrollment if isinstance(enrollment, dict) else None,
+            now_ms=self.clock_ms(),
             before_commitments=tuple(self.commitments),
-            payload=payload,
-            canonical=bytes(msg.canonical),
-            signature=bytes(msg.signature),
         )
-
-    def _check_delivery(self, msg: pb.SignedDeletionRequest, cursor: int) -> None:
-        """The cursor must be the one the provider signed for this very request and client."""
-        try:
-            delivery = self._provider().verify(
-                (bytes(msg.delivery), bytes(msg.delivery_signature)), DOMAIN_DELIVERY
-            )
-        except StatementError as exc:
-            raise ForgedRequestError(f"request {msg.request_id!r}: cursor not signed: {exc}") from exc
-        expected = {
-            "request_id": msg.request_id,
-            "client_id": self.client_id,
-            "cursor": cursor,
-            "request_sha256": hashlib.sha256(bytes(msg.canonical)).hexdigest(),
-        }
-        for key, value in expected.items():
-            if delivery.get(key) != value:
-                raise ForgedRequestError(f"the signed delivery's {key} differs from the delivered cursor")
 
     def process(self, msg: pb.SignedDeletionRequest) -> Outcome:
         """Verify, prove (once), submit, check and store the receipt.
@@ -666,23 +556,7 @@ class EdgeClient:
         after: Sequence[Commitment],
     ) -> dict[str, Any]:
         """The receipt must be signed by the provider and speak of exactly what this client submitted."""
-        try:
-            payload = self._provider().verify(
-                (bytes(receipt.canonical), bytes(receipt.signature)), DOMAIN_RECEIPT
-            )
-        except StatementError as exc:
-            raise ReceiptError(f"receipt signature refused: {exc}") from exc
-        expected = {
-            "request_id": request.request_id,
-            "request_sha256": hashlib.sha256(request.canonical).hexdigest(),
-            "client_id": self.client_id,
-            "proof_sha256": proof_sha256,
-            "after_commitments": [c.to_json() for c in after],
-        }
-        for key, value in expected.items():
-            if payload.get(key) != value:
-                raise ReceiptError(f"receipt field {key!r} does not match the submission")
-        return payload
+        return check_signed_receipt(self._provider(), receipt, request, proof_sha256, after, self.client_id)
 
     # -- ledger -------------------------------------------------------------------------------------
 
@@ -697,46 +571,16 @@ class EdgeClient:
         return self.transport.call(self._verify_log_once)
 
     def _verify_log_once(self) -> int:
-        provider = self._provider()
-        head_pb = self.transport.stub.GetTreeHead(pb.GetTreeHeadRequest(), timeout=self.transport.timeout)
-        try:
-            head = check_tree_head(provider, (bytes(head_pb.canonical), bytes(head_pb.signature)))
-        except StatementError as exc:
-            raise ReceiptError(f"tree head refused: {exc}") from exc
         last = self.store.get_json("tree_head")
-        try:
-            if isinstance(last, dict) and 0 < last["size"] <= head.size:
-                proof = self.transport.stub.GetConsistencyProof(
-                    pb.ConsistencyProofRequest(first_size=last["size"], second_size=head.size),
-                    timeout=self.transport.timeout,
-                )
-                verify_consistency(
-                    last["size"], head.size, bytes.fromhex(last["root"]), head.root, list(proof.hashes)
-                )
-            elif isinstance(last, dict) and last["size"] > head.size:
-                raise ReceiptError(f"log shrank from {last['size']} to {head.size} leaves")
-            for rec in self.store.receipts():
-                proof = self.transport.stub.GetInclusionProof(
-                    pb.InclusionProofRequest(leaf_index=rec.leaf_index, tree_size=head.size),
-                    timeout=self.transport.timeout,
-                )
-                verify_inclusion(
-                    leaf_hash(rec.receipt_canonical), rec.leaf_index, head.size, list(proof.hashes), head.root
-                )
-        except MerkleProofError as exc:
-            raise ReceiptError(f"log proof refused: {exc}") from exc
-        # The signed head itself, not only its size and root: it is evidence a third party can check
-        # (`zkunlearn audit verify --known-head`), and what reveals a provider exporting a truncated log.
-        self.store.put_json(
-            "tree_head",
-            {
-                "size": head.size,
-                "root": head.root.hex(),
-                "canonical": bytes(head_pb.canonical).hex(),
-                "signature": bytes(head_pb.signature).hex(),
-            },
+        head = verify_log_growth(
+            self._provider(),
+            self.transport.stub,
+            self.transport.timeout,
+            last if isinstance(last, dict) else None,
+            self.store.receipts(),
         )
-        return head.size
+        self.store.put_json("tree_head", head)
+        return int(head["size"])
 
     def known_head(self) -> dict[str, Any] | None:
         """The last signed tree head this client verified its receipts under (None before any).

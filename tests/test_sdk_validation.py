@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from zkunlearn.bench.postgres import free_port
 from zkunlearn.circuits.mask import LayerMask, Mask, MaskError
+from zkunlearn.client.checks import _tensor
 from zkunlearn.client.fisher import (
     BlockFactors,
     FisherError,
@@ -34,7 +35,6 @@ from zkunlearn.client.sdk import (
     RequestRefusedError,
     UpdateResult,
     VerifiedRequest,
-    _tensor,
 )
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig
@@ -173,7 +173,7 @@ def test_group_obs_refuses_factors_whose_padding_is_not_zero() -> None:
         apply_group_obs(weight, noisy, LayerMask("w", (3, 7), 8, {0: (1,)}), 0.1)
 
 
-# -- client/sdk.py: _tensor ---------------------------------------------------------------------------
+# -- client/checks.py: _tensor ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
