@@ -31,11 +31,11 @@ from zkunlearn.proofs.artifacts import CircuitArtifacts, ClientCircuit
 from zkunlearn.proofs.deletion import (
     UPDATE_KIND_GROUP_OBS_EXACT,
     DeletionCircuits,
-    touched_batches,
     verify_deletion,
 )
 from zkunlearn.proofs.exact import ExactGroupObsSpec
 from zkunlearn.proofs.exact_deletion import verify_exact_enrollment
+from zkunlearn.proofs.layout import covered_weights, layer_layout
 from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool
 
 from zkunlearn.tasks.train import cross_entropy
@@ -90,7 +90,7 @@ def measure_vit_exact_deletion(
             fisher_shift=s.fisher_shift,
         )
     model = prep.global_model
-    batches = {name: model.get_parameter(name).numel() // spec.batch_weights for name in layers}
+    layouts = {name: layer_layout(name, model.get_parameter(name).numel(), spec) for name in layers}
     canonical = f"zkunlearn-bench/vit-exact-deletion/{seed}".encode()
     request = VerifiedRequest(
         "bench", "bench", "vit-mnist", UPDATE_KIND_GROUP_OBS_EXACT, tuple(layers), mask, mask.to_bytes(),
@@ -112,7 +112,7 @@ def measure_vit_exact_deletion(
                 layers=layers,
                 commitments=enrollment.commitments,
                 proofs=enrollment.proofs,
-                layer_batches=batches,
+                layer_blocks={name: layout.blocks for name, layout in layouts.items()},
             )
             enroll_verify_s[label] = time.perf_counter() - t0
             if not enrolled.ok:
@@ -147,8 +147,8 @@ def measure_vit_exact_deletion(
         "retrain": evaluate(variant["gold"], views, seed),
     }
     stats = unlearner.last_proof_stats()
-    covered = len(touched_batches(mask, spec)) * spec.batch_weights
-    enrolled_weights = sum(batches.values()) * spec.batch_weights
+    covered = covered_weights(mask, spec)
+    enrolled_weights = sum(layout.weights for layout in layouts.values())
     total_bytes = sum(len(p) for p in update.proofs)
     prove_s = float(prove_cost["seconds"])
     return {
