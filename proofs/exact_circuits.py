@@ -182,7 +182,7 @@ class ExactGroupObsVerifier:
                 what = "padding block, must be 0" if padding else "a block of weights, must be > 0"
                 return EnrollmentVerdict(
                     False,
-                    Reason.OUTPUT_OUT_OF_RANGE,
+                    Reason.PADDING_NOT_ZERO if padding else Reason.OUTPUT_OUT_OF_RANGE,
                     f"batch {i // layer.batch} block {i % layer.batch}: ||G||_F^2 = {value} ({what})",
                 )
         return self.check_normalisation(flat[: layer.blocks])
@@ -226,7 +226,7 @@ class ExactGroupObsVerifier:
             if (int(g) != 0) if i >= n - padding else (int(g) <= 0):
                 return Verdict(
                     False,
-                    Reason.MALFORMED,
+                    Reason.PADDING_NOT_ZERO if i >= n - padding else Reason.OUTPUT_OUT_OF_RANGE,
                     f"block {i}: enrolled ||G||_F^2 = {g} does not fit {padding} padding blocks",
                 )
         expected = [enrolled_theta, claimed_theta_after, enrolled_g, mask_commitment]
@@ -253,6 +253,15 @@ class ExactGroupObsVerifier:
             if kept != 0:
                 return Verdict(
                     False, Reason.MASK_NOT_ZERO, f"block {i}: sum mask |theta'| = {kept}", digest, rows
+                )
+            if i >= n - padding and (s_w or s_row):
+                return Verdict(
+                    False,
+                    Reason.PADDING_NOT_ZERO,
+                    f"block {i} (padding): sum R_w^2 = {s_w}, sum R_row^2 = {s_row}; theta' must equal theta "
+                    "and w be 0",
+                    digest,
+                    rows,
                 )
             if s_w > limit.w:
                 return Verdict(False, Reason.KKT_VIOLATED, f"block {i}: {s_w} > {limit.w}", digest, rows)
