@@ -49,18 +49,20 @@ def measure_vit_exact_deletion(
     work: Path,
     *,
     seed: int = 12,
-    batch: int = 2,
+    batch: int | None = None,
     workers: int = 2,
     memory_limit_mb: int = 1024,
 ) -> dict[str, Any]:
     """One seed's headline deletion at the task's certified rank and damping, proven and verified; its
-    cost and the certified model's metrics beside the unproven full-rank update's."""
+    cost and the certified model's metrics beside the unproven full-rank update's. ``batch``: blocks per
+    proof (default: the certified configuration's)."""
     s = SETTINGS["vit"]
     if s.certified is None:
         raise RuntimeError("the ViT task has no certified configuration (SETTINGS['vit'].certified)")
     prep = prepare("vit", seed, quick=False)
     variant = prep.variants["disjoint"]
     mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
+    batch = s.certified.batch if batch is None else batch
     spec = ExactGroupObsSpec.from_lam(s.block_size, s.certified.m, batch, s.certified.lam)
     t0 = time.perf_counter()
     published = DeletionCircuits.build(work / "circuits", group_obs=None, analytic=None, exact=spec)
