@@ -56,7 +56,7 @@ def vit_layout(batches: Sequence[int], seed: int = 12) -> dict[str, Any]:
             "covered_weights": covered_weights(mask, spec),
             "enrollment_proofs": sum(layout.batches for layout in layouts),
             "enrolled_weights": sum(layout.weights for layout in layouts),
-            "padding_blocks": sum(layout.padded_blocks - layout.blocks for layout in layouts),
+            "padding_blocks": sum(layout.padding_blocks for layout in layouts),
         }
     return out
 

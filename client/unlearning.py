@@ -234,7 +234,11 @@ class GroupObsUnlearner(CommittedStateProver):
         }
         for layer in layers:
             numel = model_param(self.model, layer).numel()
-            if numel % spec.batch_weights:  # padded batches are a rule of the exact relation only
+            try:
+                padded = layer_layout(layer, numel, spec).padding_blocks
+            except DeletionError as exc:
+                raise UnlearningError(str(exc)) from exc
+            if padded:  # padded batches are a rule of the exact relation only
                 raise UnlearningError(
                     f"{layer}: {numel} weights are not a multiple of batch x block = {spec.batch_weights} "
                     "(the fixed-point relation has no padding blocks; the exact relation pads)"

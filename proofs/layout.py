@@ -85,6 +85,11 @@ class LayerLayout:
         """Blocks including padding: ``batches * batch``."""
         return self.batches * self.batch
 
+    @property
+    def padding_blocks(self) -> int:
+        """Padding blocks completing the last batch (0 when ``batch`` divides ``blocks``)."""
+        return self.padded_blocks - self.blocks
+
     def real_blocks(self, batch: int) -> int:
         """How many of batch ``batch``'s blocks hold weights (the rest, at its end, are padding)."""
         if not 0 <= batch < self.batches:

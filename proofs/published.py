@@ -269,7 +269,7 @@ def enrollment_layout_problem(
                 layout = layer_layout(layer, math.prod(shapes[layer]), layout_spec)
             except DeletionError as exc:
                 return str(exc)
-            if not exact and layout.padded_blocks != layout.blocks:
+            if not exact and layout.padding_blocks:
                 return (
                     f"{layer}: {layout.weights} weights are not a multiple of block x batch = "
                     f"{layout_spec.batch_weights} (only the exact relation pads a batch)"

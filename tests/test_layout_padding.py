@@ -31,7 +31,7 @@ def test_pad_then_unpad_is_the_identity_and_padding_is_zero(blocks: int, batch: 
     spec = ExactGroupObsSpec.from_lam(4, 1, batch, 0.1)
     layout = layer_layout("l", blocks * 4, spec)
     assert layout.batches == -(-blocks // batch)
-    assert layout.padded_blocks - layout.blocks == (-blocks) % batch < batch
+    assert layout.padding_blocks == layout.padded_blocks - blocks == (-blocks) % batch < batch
     assert sum(layout.real_blocks(b) for b in range(layout.batches)) == blocks
     values = np.arange(1, blocks * width + 1, dtype=np.int64).reshape(blocks, width)
     padded = layout.pad(values)
