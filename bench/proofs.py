@@ -234,6 +234,7 @@ def measure_vit_deletion(work: Path, *, workers: int, memory_limit_mb: int | Non
     from zkunlearn.client.unlearning import GroupObsUnlearner, ProveOptions
     from zkunlearn.proofs.artifacts import client_artifacts
     from zkunlearn.proofs.deletion import DeletionCircuits, touched_batches, verify_deletion
+    from zkunlearn.proofs.layout import covered_weights
 
     from zkunlearn.scenario import Scenario
     from zkunlearn.tasks.train import cross_entropy
@@ -297,7 +298,7 @@ def measure_vit_deletion(work: Path, *, workers: int, memory_limit_mb: int | Non
         raise RuntimeError(f"the honest ViT deletion was refused: {verdict.reason}")
     stats = unlearner.last_proof_stats()
     batches = touched_batches(mask, spec)
-    covered = len(batches) * spec.batch_weights
+    covered = covered_weights(mask, spec)
     total_bytes = sum(len(p) for p in update.proofs)
     return {
         "measured": True,

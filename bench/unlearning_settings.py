@@ -43,10 +43,13 @@ def task_methods(task: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class CertifiedSpec:
     """What a Group-OBS proof commits to besides the mask: the rank of each block's curvature factor and
-    the damping (``proofs.exact.ExactGroupObsSpec``)."""
+    the damping (``proofs.exact.ExactGroupObsSpec``), and how many blocks one proof covers (``batch``:
+    a layer whose block count it does not divide is padded, ``proofs.layout.layer_layout``; the update
+    itself does not depend on it)."""
 
     m: int
     lam: float
+    batch: int = 8
 
 
 @dataclass(frozen=True)

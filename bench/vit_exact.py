@@ -30,11 +30,11 @@ from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner
 from zkunlearn.proofs.deletion import (
     UPDATE_KIND_GROUP_OBS_EXACT,
     DeletionCircuits,
-    touched_batches,
     verify_deletion,
 )
 from zkunlearn.proofs.exact import ExactGroupObsSpec
 from zkunlearn.proofs.exact_deletion import verify_exact_enrollment
+from zkunlearn.proofs.layout import covered_weights, layer_layout
 from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool
 
 from zkunlearn.tasks.train import cross_entropy
@@ -44,18 +44,20 @@ def measure_vit_exact_deletion(
     work: Path,
     *,
     seed: int = 12,
-    batch: int = 2,
+    batch: int | None = None,
     workers: int = 2,
     memory_limit_mb: int = 1024,
 ) -> dict[str, Any]:
     """One seed's headline deletion at the task's certified rank and damping, proven and verified; its
-    cost and the certified model's metrics beside the unproven full-rank update's."""
+    cost and the certified model's metrics beside the unproven full-rank update's. ``batch``: blocks per
+    proof (default: the certified configuration's)."""
     s = SETTINGS["vit"]
     if s.certified is None:
         raise RuntimeError("the ViT task has no certified configuration (SETTINGS['vit'].certified)")
     prep = prepare("vit", seed, quick=False)
     variant = prep.variants["disjoint"]
     mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
+    batch = s.certified.batch if batch is None else batch
     spec = ExactGroupObsSpec.from_lam(s.block_size, s.certified.m, batch, s.certified.lam)
     t0 = time.perf_counter()
     published = DeletionCircuits.build(work / "circuits", group_obs=None, analytic=None, exact=spec)
@@ -85,7 +87,7 @@ def measure_vit_exact_deletion(
             fisher_shift=s.fisher_shift,
         )
     model = prep.global_model
-    batches = {name: model.get_parameter(name).numel() // spec.batch_weights for name in layers}
+    layouts = {name: layer_layout(name, model.get_parameter(name).numel(), spec) for name in layers}
     canonical = f"zkunlearn-bench/vit-exact-deletion/{seed}".encode()
     request = VerifiedRequest(
         "bench", "bench", "vit-mnist", UPDATE_KIND_GROUP_OBS_EXACT, tuple(layers), mask, mask.to_bytes(),
@@ -107,7 +109,7 @@ def measure_vit_exact_deletion(
                 layers=layers,
                 commitments=enrollment.commitments,
                 proofs=enrollment.proofs,
-                layer_batches=batches,
+                layer_blocks={name: layout.blocks for name, layout in layouts.items()},
             )
             enroll_verify_s[label] = time.perf_counter() - t0
             if not enrolled.ok:
@@ -142,8 +144,8 @@ def measure_vit_exact_deletion(
         "retrain": evaluate(variant["gold"], views, seed),
     }
     stats = unlearner.last_proof_stats()
-    covered = len(touched_batches(mask, spec)) * spec.batch_weights
-    enrolled_weights = sum(batches.values()) * spec.batch_weights
+    covered = covered_weights(mask, spec)
+    enrolled_weights = sum(layout.weights for layout in layouts.values())
     total_bytes = sum(len(p) for p in update.proofs)
     prove_s = float(prove_cost["seconds"])
     return {

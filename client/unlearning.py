@@ -61,7 +61,7 @@ from zkunlearn.proofs.deletion import (
     touched_batches,
 )
 from zkunlearn.proofs.fixedpoint import felts, random_blinding, theta_exponent
-from zkunlearn.proofs.layout import BlockLayout
+from zkunlearn.proofs.layout import BlockLayout, DeletionError, layer_layout
 from zkunlearn.proofs.prover import (
     ProveJob,
     ProveResult,
@@ -101,13 +101,13 @@ def enrollment_factors(
     fisher_shift: int,
 ) -> dict[str, BlockFactors]:
     """The enrolled layers' blockwise curvature factors, after refusing layers the spec cannot cut into
-    whole proof batches (see :meth:`GroupObsUnlearner.enroll` for the curvature options)."""
+    whole blocks (:func:`zkunlearn.proofs.layout.layer_layout`; see :meth:`GroupObsUnlearner.enroll`
+    for the curvature options)."""
     for layer in layers:
-        numel = model_param(model, layer).numel()
-        if numel % spec.batch_weights:
-            raise UnlearningError(
-                f"{layer}: {numel} weights are not a multiple of batch x block = {spec.batch_weights}"
-            )
+        try:
+            layer_layout(layer, model_param(model, layer).numel(), spec)
+        except DeletionError as exc:
+            raise UnlearningError(str(exc)) from exc
     try:
         curv_inputs, curv_targets, curv_exclude = with_shifted_copies(inputs, targets, exclude, fisher_shift)
         return layer_factors(
@@ -232,6 +232,17 @@ class GroupObsUnlearner(CommittedStateProver):
             "reconstruction_weight": reconstruction_weight,
             "fisher_shift": fisher_shift,
         }
+        for layer in layers:
+            numel = model_param(self.model, layer).numel()
+            try:
+                padded = layer_layout(layer, numel, spec).padding_blocks
+            except DeletionError as exc:
+                raise UnlearningError(str(exc)) from exc
+            if padded:  # padded batches are a rule of the exact relation only
+                raise UnlearningError(
+                    f"{layer}: {numel} weights are not a multiple of batch x block = {spec.batch_weights} "
+                    "(the fixed-point relation has no padding blocks; the exact relation pads)"
+                )
         all_factors = enrollment_factors(
             self.model, spec, layers, inputs, targets, loss_fn, exclude, curvature, reconstruction_weight,
             fisher_shift,

@@ -43,6 +43,7 @@ from zkunlearn.client.unlearning import ProveOptions, check_mask_layer, enrollme
 from zkunlearn.proofs.artifacts import ClientCircuit
 from zkunlearn.proofs.backend import EzklBackend
 from zkunlearn.proofs.deletion import (
+    DeletionError,
     batch_mask_rows,
     commitment_name,
     encode_proof,
@@ -58,25 +59,27 @@ from zkunlearn.proofs.exact import (
     theta_tensor,
 )
 from zkunlearn.proofs.fixedpoint import FIELD_MODULUS, FixedPointError, theta_exponent
+from zkunlearn.proofs.layout import layer_layout, mask_layout
 from zkunlearn.proofs.prover import ProveJob, prove_parallel
 
 
 def commit_layer(
-    spec: ExactGroupObsSpec, weight: npt.ArrayLike, factors: npt.ArrayLike
+    spec: ExactGroupObsSpec, weight: npt.ArrayLike, factors: npt.ArrayLike, layer: str = "layer"
 ) -> tuple[int, IntArray, IntArray]:
     """The integers a device commits for one layer (flat ``weight``, its ``(n_blocks, rows, B)``
     curvature factors): ``theta`` on ``2**-theta_bits`` after the layer's power-of-two exponent, shaped
-    ``(n_batches, batch, B)``, and the factor fitted to ``m`` rows, bounded and normalised, on
-    ``2**-g_bits``, shaped ``(n_batches, batch, m, B)``; returns ``(exponent, theta, g)``."""
+    ``(n_batches, batch, B)``, and the factor fitted to ``m`` rows, bounded and normalised over the
+    layer's own blocks, on ``2**-g_bits``, shaped ``(n_batches, batch, m, B)``; padding blocks
+    (:func:`zkunlearn.proofs.layout.layer_layout`) are all zero in both. Returns ``(exponent, theta, g)``."""
     flat = np.asarray(weight, dtype=np.float64).reshape(-1)
-    n_batches = flat.size // spec.batch_weights
+    layout = layer_layout(layer, flat.size, spec)
     exponent = theta_exponent(flat, max_abs=spec.theta_bound)
-    theta = quantise_exact(flat * 2.0**exponent, spec.theta_bits).reshape(n_batches, spec.batch, spec.block)
+    theta = quantise_exact(flat * 2.0**exponent, spec.theta_bits).reshape(layout.blocks, spec.block)
     fitted = bounded_factor(
         fit_rows(np.asarray(factors, dtype=np.float64), spec.m), spec.g_bound, spec.g_norm_tolerance
     )
     g = quantise_exact(fitted, spec.g_bits, bound=spec.g_bound)
-    return exponent, theta, g.reshape(n_batches, spec.batch, spec.m, spec.block)
+    return exponent, layout.pad(theta), layout.pad(g.reshape(layout.blocks, spec.m, spec.block))
 
 
 def certified_weights(
@@ -85,13 +88,16 @@ def certified_weights(
     """The layer's flat weights after the exact Group-OBS deletion a proof certifies: what
     :class:`ExactGroupObsUnlearner` enrolls (:func:`commit_layer`) and proves (``exact_update`` per
     touched batch), without the commitments and proofs. For evaluating the certified configuration."""
-    exponent, theta, g = commit_layer(spec, weight, factors)
+    layout = mask_layout(layer_mask, spec)
+    exponent, theta, g = commit_layer(spec, weight, factors, layer_mask.layer)
     after = theta.copy()
     for b in range(theta.shape[0]):
         rows = batch_mask_rows(layer_mask, b, spec)
         if rows.any():
             after[b] = exact_update(spec, theta[b], g[b], rows).theta_after
-    out: npt.NDArray[np.float64] = after.astype(np.float64).reshape(-1) / 2.0 ** (spec.theta_bits + exponent)
+    out: npt.NDArray[np.float64] = layout.unpad(after).astype(np.float64).reshape(-1) / 2.0 ** (
+        spec.theta_bits + exponent
+    )
     return out
 
 
@@ -168,14 +174,14 @@ class ExactGroupObsUnlearner(CommittedStateProver):
             weight = param.detach().double().cpu().numpy().reshape(-1)
             if not np.isfinite(weight).all():
                 raise UnlearningError(f"{layer} has non-finite weights; they cannot be committed")
-            n_batches = param.numel() // spec.batch_weights
             try:
-                exponent, theta, g = commit_layer(spec, weight, factors[layer].factors)
-            except (FixedPointError, GroupObsError) as exc:
+                exponent, theta, g = commit_layer(spec, weight, factors[layer].factors, layer)
+            except (FixedPointError, GroupObsError, DeletionError) as exc:
                 raise UnlearningError(f"enrolling {layer}: {exc}") from exc
             arrays[f"{layer}/theta"] = theta.astype(np.float64) / 2.0**spec.theta_bits
             arrays[f"{layer}/g"] = g.astype(np.float64) / 2.0**spec.g_bits
             meta["layers"][layer] = {"exponent": exponent, "shape": list(param.shape)}
+            n_batches = theta.shape[0]
             meta["theta_labels"][layer] = [f"theta/{layer}/{b}/enroll" for b in range(n_batches)]
             for b in range(n_batches):
                 theta_felts = theta_tensor(
@@ -291,6 +297,8 @@ class ExactGroupObsUnlearner(CommittedStateProver):
         arrays, meta = load_state(self.state_dir)
         for name, info in meta["layers"].items():
             param = model_param(self.model, name)
-            value = arrays[f"{name}/theta"].reshape(info["shape"]) / 2.0 ** int(info["exponent"])
+            layout = layer_layout(name, param.numel(), self.spec)
+            flat = layout.unpad(arrays[f"{name}/theta"])
+            value = flat.reshape(info["shape"]) / 2.0 ** int(info["exponent"])
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value).to(param.dtype))

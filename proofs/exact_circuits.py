@@ -11,6 +11,10 @@ each block's proven ``||G_q||_F^2``, which the provider keeps and every later de
 batch is judged with. Deletion proofs are bound to the provider's own commitments exactly as in
 :mod:`zkunlearn.proofs.verifier`, then their exact public outputs are held to ``sum mask |Theta'| == 0``,
 ``Theta`` in range and the per-block thresholds of :meth:`ExactGroupObsSpec.thresholds`.
+
+Padding blocks (the zero blocks that complete a layer's last batch, :mod:`zkunlearn.proofs.layout`)
+must show ``||G_q||_F^2 = 0`` at enrollment and all four deletion outputs exactly 0: their ``G`` is
+zero, their ``theta`` never changes and their witness ``w`` is zero (``docs/decisions/padded-batches.md``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from zkunlearn.circuits import group_obs_exact as relation
 from zkunlearn.circuits.export import export_relation
 from zkunlearn.proofs.artifacts import CircuitArtifacts, build_provider_artifacts, required_logrows
 from zkunlearn.proofs.backend import CircuitConfig, EzklBackend, Proof, ProvingBackend
-from zkunlearn.proofs.exact import ExactGroupObsSpec, mask_tensor, signed_outputs
+from zkunlearn.proofs.exact import ExactGroupObsSpec, ExactThresholds, mask_tensor, signed_outputs
+from zkunlearn.proofs.layout import LayerLayout
 from zkunlearn.proofs.srs import SrsInfo
 from zkunlearn.proofs.verifier import InMemoryReplayGuard, Reason, ReplayGuard, Verdict, _BaseVerifier
 
@@ -147,7 +152,8 @@ class ExactGroupObsVerifier:
         return self.commit(mask_tensor(mask, request_digest, self.spec.n_blind))
 
     def verify_enrollment(self, submission: Proof | dict[str, Any], *, g_commit: str) -> EnrollmentVerdict:
-        """Check one batch's enrollment proof over the enrolled ``G`` commitment."""
+        """Check one batch's enrollment proof over the enrolled ``G`` commitment. A block may show
+        ``||G_q||_F^2 = 0`` only as padding, which the layer's check decides (:meth:`check_layer`)."""
         n = self.spec.batch
         # Enrollment proofs carry no request: the replay guard is the identity of the commitment.
         early, proof, _ = self._enrollment._check_proof(
@@ -157,9 +163,29 @@ class ExactGroupObsVerifier:
             return EnrollmentVerdict(False, early.reason, early.detail)
         g_fro = signed_outputs(proof.instances[0])
         for i, g in enumerate(g_fro):
-            if g <= 0:
+            if g < 0:
                 return EnrollmentVerdict(False, Reason.OUTPUT_OUT_OF_RANGE, f"block {i}: ||G||_F^2 = {g}")
         return EnrollmentVerdict(True, Reason.OK, "", tuple(g_fro))
+
+    def check_layer(self, layer: LayerLayout, g_fro_sq: Sequence[Sequence[int]]) -> EnrollmentVerdict:
+        """A whole layer's proven norms, batch by batch, against its layout: every block that holds
+        weights has ``||G_q||_F^2 > 0``, every padding block exactly 0 (its ``G`` is zero), and the
+        weight-carrying blocks give ``G`` unit mean diagonal (:meth:`check_normalisation`)."""
+        if len(g_fro_sq) != layer.batches:
+            return EnrollmentVerdict(
+                False, Reason.MALFORMED, f"{len(g_fro_sq)} batches enrolled, the layout has {layer.batches}"
+            )
+        flat = [int(v) for batch in g_fro_sq for v in batch]
+        for i, value in enumerate(flat):
+            padding = i >= layer.blocks
+            if (value != 0) if padding else (value <= 0):
+                what = "padding block, must be 0" if padding else "a block of weights, must be > 0"
+                return EnrollmentVerdict(
+                    False,
+                    Reason.PADDING_NOT_ZERO if padding else Reason.OUTPUT_OUT_OF_RANGE,
+                    f"batch {i // layer.batch} block {i % layer.batch}: ||G||_F^2 = {value} ({what})",
+                )
+        return self.check_normalisation(flat[: layer.blocks])
 
     def check_normalisation(self, g_fro_sq: Sequence[int]) -> EnrollmentVerdict:
         """A whole layer's blocks: ``sum ||G_q||_F^2`` must give ``G`` unit mean diagonal."""
@@ -184,13 +210,25 @@ class ExactGroupObsVerifier:
         claimed_theta_after: str,
         g_fro_sq: Sequence[int],
         replay: ReplayGuard,
+        padding: int = 0,
     ) -> Verdict:
-        """One batch's deletion proof; ``g_fro_sq`` are its blocks' values from the enrollment proof."""
+        """One batch's deletion proof; ``g_fro_sq`` are its blocks' values from the enrollment proof and
+        its last ``padding`` blocks are padding: enrolled with ``||G_q||_F^2 = 0`` and held to outputs of
+        exactly 0 (``theta`` unchanged, ``w`` zero), where a block of weights gets its rounding thresholds."""
         n = self.spec.batch
         if len(g_fro_sq) != n:
             return Verdict(
                 False, Reason.MALFORMED, f"expected {n} enrolled ||G||_F^2 values, got {len(g_fro_sq)}"
             )
+        if not 0 <= padding < n:
+            return Verdict(False, Reason.MALFORMED, f"padding {padding} must lie in [0, {n})")
+        for i, g in enumerate(g_fro_sq):
+            if (int(g) != 0) if i >= n - padding else (int(g) <= 0):
+                return Verdict(
+                    False,
+                    Reason.PADDING_NOT_ZERO if i >= n - padding else Reason.OUTPUT_OUT_OF_RANGE,
+                    f"block {i}: enrolled ||G||_F^2 = {g} does not fit {padding} padding blocks",
+                )
         expected = [enrolled_theta, claimed_theta_after, enrolled_g, mask_commitment]
         k = DELETION_OUTPUTS
         early, proof, _ = self._deletion._check_proof(submission, request_id, expected, k * n, replay)
@@ -201,7 +239,7 @@ class ExactGroupObsVerifier:
         rows = tuple(tuple(float(v) for v in values[k * i : k * i + k]) for i in range(n))
         for i in range(n):
             kept, s_w, s_row, below = values[k * i : k * i + k]
-            limit = self.spec.thresholds(int(g_fro_sq[i]))
+            limit = ExactThresholds(0, 0) if i >= n - padding else self.spec.thresholds(int(g_fro_sq[i]))
             if min(kept, s_w, s_row, below) < 0:
                 return Verdict(False, Reason.OUTPUT_OUT_OF_RANGE, f"block {i}: negative output", digest, rows)
             if below != 0:
@@ -215,6 +253,15 @@ class ExactGroupObsVerifier:
             if kept != 0:
                 return Verdict(
                     False, Reason.MASK_NOT_ZERO, f"block {i}: sum mask |theta'| = {kept}", digest, rows
+                )
+            if i >= n - padding and (s_w or s_row):
+                return Verdict(
+                    False,
+                    Reason.PADDING_NOT_ZERO,
+                    f"block {i} (padding): sum R_w^2 = {s_w}, sum R_row^2 = {s_row}; theta' must equal theta "
+                    "and w be 0",
+                    digest,
+                    rows,
                 )
             if s_w > limit.w:
                 return Verdict(False, Reason.KKT_VIOLATED, f"block {i}: {s_w} > {limit.w}", digest, rows)

@@ -5,9 +5,13 @@ An exact client enrolls, per targeted layer and batch, the commitments ``theta:<
 accepts the enrollment only if every proof verifies against exactly those commitments, every layer is
 enrolled whole (batches ``0 .. n-1``) and each layer's factor has unit mean diagonal; it keeps each
 batch's proven ``||G_q||_F^2`` (:data:`EnrolledNorms`), against which every later deletion of that
-batch is judged. Deletions follow :mod:`zkunlearn.proofs.layout`: one proof per touched batch, and
-only those batches' ``theta`` commitments may change. An exact analytic head (layer ``head``) enrolls
-beside them with its own proof (:mod:`zkunlearn.proofs.analytic_exact_deletion`).
+batch is judged. A layer whose block count is not a multiple of the batch has padding blocks at the
+end of its last batch (:func:`zkunlearn.proofs.layout.layer_layout`): their proven norm is 0, which is
+how an enrollment shows its layout (:func:`enrolled_layout`); a deletion is judged only if that
+layout is the one its mask's layer shape gives. Deletions follow :mod:`zkunlearn.proofs.layout`:
+one proof per touched batch, and only those batches' ``theta`` commitments may change. An exact
+analytic head (layer ``head``) enrolls beside them with its own proof
+(:mod:`zkunlearn.proofs.analytic_exact_deletion`).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from zkunlearn.proofs.layout import (
     CommitmentLike,
     DeletionError,
     DeletionVerdict,
+    LayerLayout,
     NoReplay,
     batch_mask_rows,
     by_key,
     changed_outside,
     commitment_name,
     enrolled_batches,
+    mask_layout,
     parse_proof,
     request_digest,
     touched_batches,
@@ -67,6 +73,7 @@ __all__ = [
     "bundle_enrolled_norms",
     "decode_proof_list",
     "encode_proof_list",
+    "enrolled_layout",
     "enrollment_order",
     "enrollment_proofs_digest",
     "verify_exact_deletion",
@@ -105,32 +112,47 @@ def enrollment_order(commitments: Sequence[CommitmentLike], layers: Sequence[str
     return order
 
 
+def enrolled_layout(
+    verifier: ExactGroupObsVerifier, layer: str, norms: EnrolledNorms
+) -> tuple[LayerLayout, ExactEnrollmentVerdict]:
+    """The layout a layer's proven norms show -- its blocks of weights are those before the first
+    ``||G_q||_F^2 = 0``, the rest must be padding -- and the layer's verdict
+    (:meth:`ExactGroupObsVerifier.check_layer`: padding only completes the last batch, unit mean
+    diagonal over the blocks of weights)."""
+    spec = verifier.spec
+    per_batch: list[Sequence[int]] = []
+    while (layer, len(per_batch)) in norms:
+        per_batch.append(norms[(layer, len(per_batch))])
+    flat = [int(v) for batch in per_batch for v in batch]
+    blocks = next((i for i, v in enumerate(flat) if v == 0), len(flat))
+    layout = LayerLayout(layer, spec.block, spec.batch, blocks)
+    if blocks == 0:
+        return layout, ExactEnrollmentVerdict(False, f"{layer}: no enrolled block of weights")
+    verdict = verifier.check_layer(layout, per_batch)
+    if not verdict.ok:
+        return layout, ExactEnrollmentVerdict(
+            False, f"{layer}: {verdict.reason.value} {verdict.detail}".strip()
+        )
+    return layout, ExactEnrollmentVerdict(True, "ok")
+
+
 def verify_exact_enrollment(
     verifier: ExactGroupObsVerifier | None,
     *,
     layers: Sequence[str],
     commitments: Sequence[CommitmentLike],
     proofs: Sequence[bytes],
-    layer_batches: Mapping[str, int] | None = None,
+    layer_blocks: Mapping[str, int] | None = None,
     analytic: ExactAnalyticVerifier | None = None,
 ) -> ExactEnrollmentVerdict:
     """Judge an enrollment: one proof per (layer, batch), the analytic head's (layer ``head``, checked
-    with ``analytic``) at its place in layer order; ``layer_batches`` (when the provider knows its
-    model's layer sizes) is how many batches each Group-OBS layer must have."""
+    with ``analytic``) at its place in layer order; ``layer_blocks`` (when the provider knows its
+    model's layer sizes) is how many blocks of weights each Group-OBS layer must have. Without it, the
+    layout the proofs show (:func:`enrolled_layout`) is checked against each deletion's mask."""
     try:
         order = enrollment_order(commitments, layers)
     except DeletionError as exc:
         return ExactEnrollmentVerdict(False, str(exc))
-    if layer_batches is not None:
-        for layer in layers:
-            if layer == ANALYTIC_LAYER:
-                continue
-            have = sum(1 for name, _ in order if name == layer)
-            if layer_batches.get(layer) != have:
-                return ExactEnrollmentVerdict(
-                    False,
-                    f"{layer}: {have} batches enrolled, the model's layer has {layer_batches.get(layer)}",
-                )
     if len(proofs) != len(order):
         return ExactEnrollmentVerdict(False, f"expected {len(order)} enrollment proofs, got {len(proofs)}")
     names = by_key(commitments, "enrollment")
@@ -165,10 +187,15 @@ def verify_exact_enrollment(
     for layer in layers:
         if layer == ANALYTIC_LAYER or verifier is None:
             continue
-        layer_norms = [v for (name, _), values in norms.items() if name == layer for v in values]
-        verdict = verifier.check_normalisation(layer_norms)
+        layout, verdict = enrolled_layout(verifier, layer, norms)
         if not verdict.ok:
-            return ExactEnrollmentVerdict(False, f"{layer}: {verdict.reason.value} {verdict.detail}".strip())
+            return verdict
+        if layer_blocks is not None and layer_blocks.get(layer) != layout.blocks:
+            return ExactEnrollmentVerdict(
+                False,
+                f"{layer}: {layout.blocks} blocks of weights enrolled, the model's layer has "
+                f"{layer_blocks.get(layer)}",
+            )
     return ExactEnrollmentVerdict(True, "ok", norms)
 
 
@@ -210,6 +237,21 @@ def verify_exact_deletion(
             parsed.append(parse_proof(raw, index))
         except DeletionError as exc:
             return DeletionVerdict(False, str(exc))
+    # The padding each proof is judged with comes from the mask's layer shape; the enrollment must
+    # have proven that same layout (zero G exactly on the padding blocks).
+    layouts: dict[str, LayerLayout] = {}
+    for name in dict.fromkeys(layer for layer, _ in batches):
+        layout = mask_layout(layers[name], spec)
+        enrolled, layer_verdict = enrolled_layout(verifier, name, norms)
+        if not layer_verdict.ok:
+            return DeletionVerdict(False, layer_verdict.reason)
+        if enrolled.blocks != layout.blocks:
+            return DeletionVerdict(
+                False,
+                f"{name}: enrolled with {enrolled.blocks} blocks of weights, "
+                f"the mask's layer has {layout.blocks}",
+            )
+        layouts[name] = layout
 
     def check(item: tuple[tuple[str, int], Proof]) -> Verdict:
         (layer, b), proof = item
@@ -223,6 +265,7 @@ def verify_exact_deletion(
             claimed_theta_after=new[theta_key],
             g_fro_sq=norms[(layer, b)],
             replay=NoReplay(),
+            padding=spec.batch - layouts[layer].real_blocks(b),
         )
 
     verdicts = parallel_map(check, zip(batches, parsed, strict=True), verifier.concurrency)

@@ -3,7 +3,10 @@
 Shared by every Group-OBS relation (fixed point and exact) and by the provider, the client and the
 auditor, so that they cannot disagree on which batch a proof covers or which commitment it replaces.
 A targeted layer of ``numel`` weights is cut into blocks of ``block`` (row-major) and the blocks into
-fixed *batches* of ``batch`` consecutive blocks; one proof per touched batch.
+fixed *batches* of ``batch`` consecutive blocks; one proof per touched batch. ``numel`` must be a
+multiple of ``block`` (no block is padded inside); when the block count is not a multiple of ``batch``,
+the last batch is completed with whole *padding* blocks that map to no weight (:class:`LayerLayout`;
+what a verifier demands of them: ``docs/decisions/padded-batches.md``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -59,17 +62,92 @@ class BlockLayout(Protocol):
     def batch_weights(self) -> int: ...
 
 
-def layer_batches(layer: LayerMask, spec: BlockLayout) -> int:
-    numel = int(np.prod(layer.shape))
+@dataclass(frozen=True)
+class LayerLayout:
+    """How one layer of ``blocks`` whole blocks is cut into ``batches`` proof batches of ``batch`` blocks.
+
+    Blocks ``blocks .. batches * batch - 1`` are padding: they exist only in the last batch's tensors,
+    map to no weight and carry no mask."""
+
+    layer: str
+    block: int
+    batch: int
+    blocks: int
+
+    @property
+    def weights(self) -> int:
+        return self.blocks * self.block
+
+    @property
+    def batches(self) -> int:
+        return -(-self.blocks // self.batch)
+
+    @property
+    def padded_blocks(self) -> int:
+        """Blocks including padding: ``batches * batch``."""
+        return self.batches * self.batch
+
+    @property
+    def padding_blocks(self) -> int:
+        """Padding blocks completing the last batch (0 when ``batch`` divides ``blocks``)."""
+        return self.padded_blocks - self.blocks
+
+    def real_blocks(self, batch: int) -> int:
+        """How many of batch ``batch``'s blocks hold weights (the rest, at its end, are padding)."""
+        if not 0 <= batch < self.batches:
+            raise DeletionError(f"{self.layer}: batch {batch} out of range ({self.batches} batches)")
+        return min(self.batch, self.blocks - batch * self.batch)
+
+    def pad(self, per_block: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """``(blocks, ...)`` per-block values as ``(batches, batch, ...)``, padding blocks all zero."""
+        if per_block.shape[0] != self.blocks:
+            raise DeletionError(
+                f"{self.layer}: {per_block.shape[0]} blocks given, the layer has {self.blocks}"
+            )
+        padded = np.zeros((self.padded_blocks, *per_block.shape[1:]), dtype=per_block.dtype)
+        padded[: self.blocks] = per_block
+        return padded.reshape(self.batches, self.batch, *per_block.shape[1:])
+
+    def unpad(self, per_batch: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """``(batches, batch, ...)`` back to the layer's ``(blocks, ...)``, padding dropped."""
+        if per_batch.shape[:2] != (self.batches, self.batch):
+            raise DeletionError(
+                f"{self.layer}: batches shaped {per_batch.shape[:2]}, "
+                f"the layout is {(self.batches, self.batch)}"
+            )
+        return per_batch.reshape(self.padded_blocks, *per_batch.shape[2:])[: self.blocks]
+
+
+def layer_layout(layer: str, numel: int, spec: BlockLayout) -> LayerLayout:
+    """The one rule every party cuts a layer of ``numel`` weights by: whole blocks of ``spec.block``,
+    ``ceil(blocks / spec.batch)`` batches, the last padded with whole zero blocks. A ``numel`` that is
+    not a multiple of the block is refused: a block is never padded inside."""
+    if numel < 1 or numel % spec.block:
+        raise DeletionError(
+            f"layer {layer} has {numel} weights, not a multiple of the block size {spec.block}: layers are "
+            "cut into whole blocks (only whole padding blocks complete a batch, never padding inside a block)"
+        )
+    return LayerLayout(layer, spec.block, spec.batch, numel // spec.block)
+
+
+def mask_layout(layer: LayerMask, spec: BlockLayout) -> LayerLayout:
+    """The layout of a mask's layer; refuses a mask cut into other blocks than the circuit's."""
     if layer.block_size != spec.block:
         raise DeletionError(
             f"mask block size {layer.block_size} != circuit block {spec.block} ({layer.layer})"
         )
-    if numel % spec.batch_weights:
-        raise DeletionError(
-            f"layer {layer.layer} has {numel} weights, not a multiple of batch x block = {spec.batch_weights}"
-        )
-    return numel // spec.batch_weights
+    return layer_layout(layer.layer, int(np.prod(layer.shape)), spec)
+
+
+def layer_batches(layer: LayerMask, spec: BlockLayout) -> int:
+    """How many proof batches a mask's layer is enrolled in (:func:`layer_layout`)."""
+    return mask_layout(layer, spec).batches
+
+
+def covered_weights(mask: Mask, spec: BlockLayout) -> int:
+    """Weights (padding excluded) in the batches the mask touches: what its proofs cover."""
+    layouts = {layer.layer: mask_layout(layer, spec) for layer in mask.layers}
+    return sum(layouts[name].real_blocks(b) * spec.block for name, b in touched_batches(mask, spec))
 
 
 def touched_batches(mask: Mask, spec: BlockLayout) -> list[tuple[str, int]]:

@@ -28,7 +28,15 @@ from zkunlearn.proofs.deletion import (
 )
 from zkunlearn.proofs.exact_circuits import export_exact
 from zkunlearn.proofs.exact_deletion import bundle_enrolled_norms
-from zkunlearn.proofs.layout import ANALYTIC_LAYER, CommitmentLike, by_key, commitment_name, enrolled_batches
+from zkunlearn.proofs.layout import (
+    ANALYTIC_LAYER,
+    BlockLayout,
+    CommitmentLike,
+    by_key,
+    commitment_name,
+    enrolled_batches,
+    layer_layout,
+)
 from zkunlearn.proofs.specs import AnalyticSpec, GroupObsSpec, RefitSpec
 
 __all__ = [
@@ -217,8 +225,9 @@ def enrollment_layout_problem(
     (following layer) for every published refit of an enrolled layer; an analytic head commits exactly
     its two tensors on layer ``head``. Nothing else: a stray or missing tensor is refused here rather
     than at the first deletion. With the model's parameter ``shapes``, a Group-OBS layer must exist and
-    be enrolled whole: ``numel / (block x batch)`` batches. (The exact kinds' enrollment proofs check
-    the rest of their layout.)
+    be enrolled whole: ``ceil(blocks / batch)`` batches (:func:`~zkunlearn.proofs.layout.layer_layout`;
+    a fixed-point layer must fill its batches exactly). (The exact kinds' enrollment proofs check the
+    rest of their layout, padding included.)
     """
     published = {
         UPDATE_KIND_GROUP_OBS: circuits.group_obs is not None,
@@ -239,25 +248,36 @@ def enrollment_layout_problem(
             wanted = sorted(f"{n}#{b}" for n, b in expected)
             return f"an analytic head enrolls layer {ANALYTIC_LAYER!r} with exactly {wanted}"
         return None
-    # Published (checked above): the exact spec for kind 3, the fixed-point one for kind 1.
-    if update_kind == UPDATE_KIND_GROUP_OBS_EXACT and circuits.exact is not None:
-        batch_weights = circuits.exact[0].batch_weights
-    else:
-        batch_weights = circuits.group_obs[0].batch_weights if circuits.group_obs is not None else 1
+    # Published (checked above): the exact spec for kind 3, the fixed-point one for kind 1. Only the
+    # exact relation pads a layer's last batch with zero blocks (proofs/layout.py).
+    exact = update_kind == UPDATE_KIND_GROUP_OBS_EXACT
+    layout_spec: BlockLayout | None = None
+    if exact and circuits.exact is not None:
+        layout_spec = circuits.exact[0]
+    elif not exact and circuits.group_obs is not None:
+        layout_spec = circuits.group_obs[0]
     expected_names: set[str] = set()
     for layer in layers:
         try:
             batches = len(enrolled_batches(names, layer))
         except DeletionError as exc:
             return str(exc)
-        if shapes is not None:
+        if shapes is not None and layout_spec is not None:
             if layer not in shapes:
                 return f"the model has no layer {layer!r}"
-            numel = math.prod(shapes[layer])
-            if numel % batch_weights or batches != numel // batch_weights:
+            try:
+                layout = layer_layout(layer, math.prod(shapes[layer]), layout_spec)
+            except DeletionError as exc:
+                return str(exc)
+            if not exact and layout.padding_blocks:
                 return (
-                    f"{layer}: {numel} weights need {numel / batch_weights:g} batches of block x batch = "
-                    f"{batch_weights} weights, {batches} enrolled"
+                    f"{layer}: {layout.weights} weights are not a multiple of block x batch = "
+                    f"{layout_spec.batch_weights} (only the exact relation pads a batch)"
+                )
+            if batches != layout.batches:
+                return (
+                    f"{layer}: {layout.blocks} blocks of {layout.block} need {layout.batches} batches of "
+                    f"{layout.batch} blocks, {batches} enrolled"
                 )
         expected_names |= {commitment_name("theta", layer), commitment_name("g", layer)}
     if update_kind != UPDATE_KIND_GROUP_OBS:

@@ -49,6 +49,7 @@ class Reason(enum.StrEnum):
     REFIT_NOT_SOLUTION = "refit_not_ridge_solution"
     THETA_OUT_OF_RANGE = "weights_out_of_range"
     ENROLLMENT_G_NOT_NORMALISED = "enrolled_factor_not_normalised"
+    PADDING_NOT_ZERO = "padding_block_not_zero"
     OUTPUT_OUT_OF_RANGE = "public_output_out_of_range"
 
 

@@ -1,7 +1,8 @@
 """Masks whose proof cost fits a budget: concentrate the deletion in few proof batches.
 
 Proving cost grows with the weights of every *touched* batch (a batch is the fixed group of Fisher
-blocks one proof covers, see :mod:`zkunlearn.proofs.deletion`), not with the number of masked
+blocks one proof covers, the last one of a layer padded with zero blocks, see
+:mod:`zkunlearn.proofs.layout`), not with the number of masked
 weights. An unstructured mask over a 64k-weight layer touches every block; this selection ranks
 batches by their total score, keeps the best ``max_batches``, and masks the top ``density`` of each
 block inside them, so every masked block keeps unmasked weights for Group-OBS to compensate with
@@ -12,14 +13,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from zkunlearn.circuits.mask import LayerMask, Mask
+from zkunlearn.proofs.layout import DeletionError, LayerLayout, layer_layout
 
 from zkunlearn.errors import MalformedError
 
 __all__ = ["BudgetError", "block_cap", "select_within_budget"]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    block: int
+    batch: int
+
+    @property
+    def batch_weights(self) -> int:
+        return self.block * self.batch
 
 
 class BudgetError(MalformedError):
@@ -62,22 +75,25 @@ def select_within_budget(
     candidates: list[tuple[float, str, int]] = []
     flat_scores: dict[str, npt.NDArray[np.float64]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    span = block_size * batch
+    rule = _Layout(block_size, batch)
+    layouts: dict[str, LayerLayout] = {}
     for name, value in scores.items():
         arr = np.asarray(value, dtype=np.float64)
         if not np.all(np.isfinite(arr)):
             raise BudgetError(f"scores of {name} are not all finite")
-        if arr.size % span:
-            raise BudgetError(f"{name}: {arr.size} weights are not a multiple of batch x block = {span}")
+        try:
+            layouts[name] = layout = layer_layout(name, arr.size, rule)
+        except DeletionError as exc:
+            raise BudgetError(str(exc)) from exc
         flat_scores[name], shapes[name] = arr.reshape(-1), tuple(arr.shape)
         blocks = arr.reshape(-1, block_size)
         top = -np.sort(-blocks, axis=1)[:, :per_block].sum(axis=1)  # what masking inside the block removes
-        for b, total in enumerate(top.reshape(-1, batch).sum(axis=1)):
+        for b, total in enumerate(layout.pad(top).sum(axis=1)):  # padding blocks score 0
             candidates.append((float(total), name, b))
     candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
     chosen: dict[str, dict[int, tuple[int, ...]]] = {name: {} for name in scores}
     for _total, name, b in candidates[:max_batches]:
-        for blk in range(b * batch, (b + 1) * batch):
+        for blk in range(b * batch, b * batch + layouts[name].real_blocks(b)):
             values = flat_scores[name][blk * block_size : (blk + 1) * block_size]
             offsets = np.argsort(-values, kind="stable")[:per_block]
             chosen[name][blk] = tuple(sorted(int(o) for o in offsets))

@@ -90,8 +90,15 @@ def test_enrollment_layout(
         assert problem in found
 
 
-SHAPES = {"fc1": (4, 8), "fc2": (3, 4)}  # fc1: 32 weights, 2 batches of 16; fc2: 12, no whole batch
-EXACT = circuits(exact=(ExactGroupObsSpec.from_lam(16, 8, 2, 2.0**-10), PUBLISHED, PUBLISHED))  # 32 per batch
+SHAPES = {
+    "fc1": (4, 8),
+    "fc2": (3, 4),
+    "fc3": (6, 8),
+}  # 32 weights = 2 blocks of 16; 12: no whole block; 3 blocks
+EXACT = circuits(
+    exact=(ExactGroupObsSpec.from_lam(16, 8, 2, 2.0**-10), PUBLISHED, PUBLISHED)
+)  # 2 blocks per batch
+GO2 = circuits(group_obs=(GroupObsSpec(block=16, m=8, batch=2, lam=0.1), PUBLISHED))
 
 
 @pytest.mark.parametrize(
@@ -101,9 +108,16 @@ EXACT = circuits(exact=(ExactGroupObsSpec.from_lam(16, 8, 2, 2.0**-10), PUBLISHE
         (GO, 1, ["fc1"], group_obs(1), "need 2 batches"),  # 0..n-1, but the layer only in part
         (GO, 1, ["fc1"], group_obs(3), "need 2 batches"),
         (GO, 1, ["fc9"], group_obs(2, "fc9"), "no layer 'fc9'"),
-        (GO, 1, ["fc2"], group_obs(1, "fc2"), "need 0.75 batches"),
+        (GO, 1, ["fc2"], group_obs(1, "fc2"), "not a multiple of the block size 16"),
         (EXACT, 3, ["fc1"], group_obs(1), None),
         (EXACT, 3, ["fc1"], group_obs(2), "need 1 batches"),
+        # 3 blocks, 2 per batch: the exact relation pads the second batch with one zero block ...
+        (EXACT, 3, ["fc3"], group_obs(2, "fc3"), None),
+        (EXACT, 3, ["fc3"], group_obs(1, "fc3"), "need 2 batches"),
+        (EXACT, 3, ["fc3"], group_obs(3, "fc3"), "need 2 batches"),
+        (EXACT, 3, ["fc2"], group_obs(1, "fc2"), "not a multiple of the block size 16"),
+        # ... the fixed-point relation does not.
+        (GO2, 1, ["fc3"], group_obs(2, "fc3"), "only the exact relation pads"),
     ],
 )
 def test_with_the_model_s_shapes_every_batch_of_a_layer_is_enrolled(

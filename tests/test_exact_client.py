@@ -98,7 +98,7 @@ def test_enroll_then_two_deletions_are_accepted_and_cheats_refused(
         layers=[LAYER],
         commitments=enrollment.commitments,
         proofs=enrollment.proofs,
-        layer_batches={LAYER: 2},
+        layer_blocks={LAYER: 4},
     )
     assert enrolled.ok, enrolled.reason
     # The provider's own check of the layer's size, and of proofs matching commitments.
@@ -111,7 +111,7 @@ def test_enroll_then_two_deletions_are_accepted_and_cheats_refused(
         layers=[LAYER],
         commitments=enrollment.commitments,
         proofs=enrollment.proofs,
-        layer_batches={LAYER: 3},
+        layer_blocks={LAYER: 6},
     ).ok
 
     first = _request("r1", {0: (1, 2, 3), 3: (0,)}, enrollment.commitments)

@@ -171,7 +171,13 @@ def bench_exact_proofs(
 def bench_vit_deletion(
     out: Annotated[Path, typer.Option(help="results JSON")] = Path("bench/results/vit_deletion.json"),
     seed: Annotated[int, typer.Option(help="ViT task seed (12-23: held out from every choice)")] = 12,
-    batch: Annotated[int, typer.Option(help="blocks per proof (must divide every layer's blocks)")] = 2,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            help="blocks per proof (default: the certified configuration's, 8); a layer whose blocks it does "
+            "not divide is proven with its last batch padded by zero blocks"
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="parallel proving processes")] = 2,
     memory_limit_mb: Annotated[int, typer.Option(help="resident-memory cap per proving worker")] = 1024,
 ) -> None:
