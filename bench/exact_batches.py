@@ -1,7 +1,7 @@
 """Blocks per exact Group-OBS proof, side by side in one run: what the ViT deletion needs and what a
 sample of proofs costs at each batch size.
 
-``run_batch_comparison`` writes ``bench/results/exact_batches.json``:
+``zkunlearn bench exact-batches`` (:func:`run_batch_comparison`) writes ``bench/results/exact_batches.json``:
 
 * ``vit_layout``: per batch size, the ViT benchmark's enrolled layers cut by the one layout rule
   (:func:`zkunlearn.proofs.layout.layer_layout`, padding included) and its headline mask (one seed):
@@ -160,7 +160,3 @@ def run_batch_comparison(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-if __name__ == "__main__":
-    print(json.dumps(run_batch_comparison(), indent=2))

@@ -227,6 +227,26 @@ def bench_unlearning(ctx: typer.Context) -> None:
     raise typer.Exit(code=unlearning_main(list(ctx.args)))
 
 
+@bench_app.command("exact-batches")
+def bench_exact_batches(
+    batches: Annotated[
+        str, typer.Option(help="comma-separated blocks per proof, run one after the other")
+    ] = ("2,8"),
+    blocks: Annotated[int, typer.Option(help="blocks' worth of proofs sampled per batch size")] = 32,
+    workers: Annotated[int, typer.Option(help="proving processes")] = 2,
+    out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/exact_batches.json"),
+) -> None:
+    """Blocks per exact Group-OBS proof side by side: the ViT deletion's layout and a sample's costs."""
+    import json
+
+    from zkunlearn.bench.exact_batches import run_batch_comparison
+
+    result = run_batch_comparison(
+        out, batches=[int(b) for b in batches.split(",")], blocks=blocks, workers=workers
+    )
+    console.print_json(json.dumps(result["projected"]))
+
+
 @bench_app.command("fuzz")
 def bench_fuzz(
     scale: Annotated[int, typer.Option(help="multiplier of every fuzz target's example bound")] = 10,
