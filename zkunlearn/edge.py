@@ -59,10 +59,10 @@ class ExtraEdit(ExactGroupObsUnlearner):
     """Dishonest: applies the honest update plus a small edit of its own to one unmasked weight of each
     touched block (e.g. slipping in a backdoor while "unlearning"), and proves that.
 
-    The edit is no Group-OBS solution for the committed ``G``: the exact relation's ``Σ R_row²`` (the
-    edit is outside ``G``'s row space) and ``Σ R_w²`` exceed their thresholds, so the provider rejects
-    the proof. Its slack is about 10⁻³ of a weight's standard deviation (docs/protocol.md); this edit
-    is 0.05 on the normalised weights' scale (they lie within ±4 there).
+    The edit is no Group-OBS solution for the committed ``G``: the exact relation's ``Σ R_w²`` (and,
+    off ``G``'s row space, ``Σ R_row²``) exceeds its threshold, so the provider rejects the proof. The
+    relation's slack is about 10⁻³ of a weight's standard deviation (docs/protocol.md); this edit is
+    0.05 on the normalised weights' scale (they lie within ±4 there).
     """
 
     self_check = False

@@ -83,9 +83,9 @@ class Scenario:
 
         Measured on this ViT (bench/results/unlearning.md): masks confined to the MLP ``fc1`` layers do
         not remove the class; the class's head row is where the forget-specific weights concentrate.
-        The demo enrolls only the last block's ``fc1`` (16k weights): enrollment costs one KZG commitment
-        per (layer, batch, tensor), ~0.2 s each at logrows 16 on this machine, and the benchmark, not the
-        demo, covers all four ``fc1`` layers.
+        The demo enrolls only the last block's ``fc1`` (16k weights): an exact enrollment costs one
+        enrollment proof and two KZG commitments per batch of every enrolled layer, so the benchmark
+        (``zkunlearn bench vit-deletion``), not the demo, covers all four ``fc1`` layers.
         """
         hidden = ("fc2.weight",) if self.quick else ("blocks.3.fc1.weight",)
         return (*hidden, self.head_layer)
