@@ -225,9 +225,8 @@ def run_proofs_bench(
 
 
 def measure_vit_deletion(work: Path, *, workers: int, memory_limit_mb: int | None) -> dict[str, Any]:
-    """The ViT task's whole deletion, as the demo issues it: every touched batch proved and verified.
-
-    Same scenario, mask, circuits and client code as ``zkunlearn demo`` (one honest Group-OBS client).
+    """The fixed-point relation's ViT deletion on its proof-budget mask: every touched batch proved and
+    verified (the demo's scenario and client code, one honest Group-OBS client of update kind 1).
     """
     from zkunlearn.circuits.mask import Mask
     from zkunlearn.client.sdk import VerifiedRequest
@@ -241,7 +240,7 @@ def measure_vit_deletion(work: Path, *, workers: int, memory_limit_mb: int | Non
 
     scenario = Scenario(quick=False)
     spec = scenario.group_obs_spec
-    mask: Mask = scenario.deletion_mask()
+    mask: Mask = scenario.deletion_mask(budget=True)
     circuits = DeletionCircuits.build(work / "circuits", group_obs=spec, analytic=None)
     assert circuits.group_obs is not None
     arts = circuits.group_obs[1]

@@ -37,7 +37,7 @@ from zkunlearn.client.fisher import (
     fit_rows,
 )
 from zkunlearn.client.group_obs import GroupObsError
-from zkunlearn.client.group_obs_exact import bounded_factor, exact_update
+from zkunlearn.client.group_obs_exact import ExactUpdate, bounded_factor, exact_update
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.client.unlearning import ProveOptions, check_mask_layer, enrollment_factors
 from zkunlearn.proofs.artifacts import ClientCircuit
@@ -70,7 +70,12 @@ def commit_layer(
     curvature factors): ``theta`` on ``2**-theta_bits`` after the layer's power-of-two exponent, shaped
     ``(n_batches, batch, B)``, and the factor fitted to ``m`` rows, bounded and normalised over the
     layer's own blocks, on ``2**-g_bits``, shaped ``(n_batches, batch, m, B)``; padding blocks
-    (:func:`zkunlearn.proofs.layout.layer_layout`) are all zero in both. Returns ``(exponent, theta, g)``."""
+    (:func:`zkunlearn.proofs.layout.layer_layout`) are all zero in both. Returns ``(exponent, theta, g)``.
+
+    A block whose factor rounds to all zeros (no curvature on the client's data: a unit that never
+    fires) commits one grid step as its first entry: the provider refuses a real block with
+    ``||G_q||_F = 0``, and one step adds a curvature of ``2**-2g / m`` on one weight, far below ``lam``.
+    """
     flat = np.asarray(weight, dtype=np.float64).reshape(-1)
     layout = layer_layout(layer, flat.size, spec)
     exponent = theta_exponent(flat, max_abs=spec.theta_bound)
@@ -79,7 +84,9 @@ def commit_layer(
         fit_rows(np.asarray(factors, dtype=np.float64), spec.m), spec.g_bound, spec.g_norm_tolerance
     )
     g = quantise_exact(fitted, spec.g_bits, bound=spec.g_bound)
-    return exponent, layout.pad(theta), layout.pad(g.reshape(layout.blocks, spec.m, spec.block))
+    real_blocks = g.reshape(layout.blocks, spec.m * spec.block)
+    real_blocks[~real_blocks.any(axis=1), 0] = 1
+    return exponent, layout.pad(theta), layout.pad(real_blocks.reshape(layout.blocks, spec.m, spec.block))
 
 
 def certified_weights(
@@ -123,7 +130,13 @@ def _blinding(seed: bytes, label: str, rows: int, width: int) -> list[list[int]]
 
 
 class ExactGroupObsUnlearner(CommittedStateProver):
-    """Exact Group-OBS update + proofs for the targeted layers of one model (an ``UpdateProver``)."""
+    """Exact Group-OBS update + proofs for the targeted layers of one model (an ``UpdateProver``).
+
+    ``self_check``: refuse to submit a proof whose ``theta`` is not the committed one (a subclass that
+    tests the provider's checks turns it off).
+    """
+
+    self_check: bool = True
 
     def __init__(
         self,
@@ -259,7 +272,7 @@ class ExactGroupObsUnlearner(CommittedStateProver):
             g = quantise_exact(arrays[f"{layer}/g"][b], spec.g_bits)
             mask = batch_mask_rows(layers[layer], b, spec)
             try:
-                update = exact_update(spec, theta, g, mask)
+                update = self.batch_update(theta, g, mask)
             except GroupObsError as exc:
                 raise UnlearningError(f"{layer} batch {b}: {exc}") from exc
             label = f"theta/{layer}/{b}/{request.request_id}"
@@ -285,12 +298,16 @@ class ExactGroupObsUnlearner(CommittedStateProver):
         after = dict(mine)
         for (layer, b, theta_after, label), result in zip(updates, results, strict=True):
             key = (commitment_name("theta", layer), b)
-            if result.commitments[0] != mine[key]:
+            if self.self_check and result.commitments[0] != mine[key]:
                 raise UnlearningError(f"{layer} batch {b}: the proof's theta is not our committed theta")
             after[key] = result.commitments[1]
             arrays[f"{layer}/theta"][b] = theta_after.astype(np.float64) / 2.0**spec.theta_bits
             meta["theta_labels"][layer][b] = label
         return self._save_answer(request.request_id, after, results, arrays, meta)
+
+    def batch_update(self, theta: IntArray, g: IntArray, mask: npt.NDArray[np.bool_]) -> ExactUpdate:
+        """One batch's exact Group-OBS update (``theta`` ``(n, B)``, ``g`` ``(n, m, B)`` integers)."""
+        return exact_update(self.spec, theta, g, mask)
 
     def load_model(self) -> None:
         """Write the committed weights into the live model (e.g. after a restart)."""

@@ -36,6 +36,10 @@ Example config (every key optional)::
     [planners.mnist-vit]                # how operators' forget orders become masks for this model
     factory = "zkunlearn.scenario:demo_planner"
     quick = false                       # the factory's keyword arguments
+    [policy]
+    # Update kinds Enroll accepts. Default: the exact relations only. Adding "group_obs" or "analytic"
+    # (fixed-point relations that do not certify the deletion) is for benchmarks and logs a warning.
+    update_kinds = ["group_obs_exact", "analytic_exact"]
 """
 
 from __future__ import annotations
@@ -52,9 +56,18 @@ from zkunlearn.proofs.statements import StatementError, StatementVerifier
 
 from zkunlearn.errors import MalformedError
 
-from .models import ServiceConfig
+from .models import LOOSE_UPDATE_KINDS, SOUND_UPDATE_KINDS, UPDATE_KINDS, ServiceConfig
+from .update_policy import KIND_NAMES, kind_label, kinds_from_names, loose_kind_problem
 
-__all__ = ["ConfigError", "KeepaliveConfig", "LimitsConfig", "OperatorConfig", "ProviderConfig", "TlsConfig"]
+__all__ = [
+    "ConfigError",
+    "KeepaliveConfig",
+    "LimitsConfig",
+    "OperatorConfig",
+    "PolicyConfig",
+    "ProviderConfig",
+    "TlsConfig",
+]
 
 
 class ConfigError(MalformedError):
@@ -169,6 +182,30 @@ class OperatorConfig(_Section):
         return tuple(value)
 
 
+class PolicyConfig(_Section):
+    """What the provider accepts from clients: the update kinds Enroll takes, by name."""
+
+    update_kinds: tuple[str, ...] = Field(
+        default=tuple(UPDATE_KINDS[k] for k in sorted(SOUND_UPDATE_KINDS)), strict=False
+    )
+
+    @field_validator("update_kinds", mode="before")
+    @classmethod
+    def _kind_names(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError(
+                'config key policy.update_kinds must be a list of kind names such as ["group_obs_exact"], '
+                f"got {type(value).__name__} {str(value)[:80]!r}"
+            )
+        if not value:
+            raise ValueError("config key policy.update_kinds must name at least one update kind")
+        kinds_from_names(value)
+        return tuple(value)
+
+    def kinds(self) -> frozenset[int]:
+        return kinds_from_names(self.update_kinds)
+
+
 class ProviderConfig(_Section):
     listen: str = "127.0.0.1:50551"
     # Names this replica's verification leases; keep it stable across restarts (default: host:listen).
@@ -190,6 +227,7 @@ class ProviderConfig(_Section):
     operator: OperatorConfig = Field(default_factory=OperatorConfig)
     # [planners.<model_id>]: factory = "package.module:callable" and its keyword arguments
     planners: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     @field_validator("model_ids", mode="before")
     @classmethod
@@ -200,6 +238,20 @@ class ProviderConfig(_Section):
                 f"got {type(value).__name__} {str(value)[:80]!r}"
             )
         return tuple(value)
+
+    @model_validator(mode="after")
+    def _publishes_only_accepted_kinds(self) -> ProviderConfig:
+        """A circuit of a loose kind (``[artifacts."<model>/group_obs"]``) is published only on the same
+        opt-in as its enrollments: devices would otherwise derive a circuit Enroll then refuses."""
+        accepted = self.policy.kinds()
+        for circuit in self.artifacts:
+            kind = KIND_NAMES.get(circuit.rpartition("/")[2])
+            if "/" in circuit and kind in LOOSE_UPDATE_KINDS and kind not in accepted:
+                raise ValueError(
+                    f"config [artifacts.{circuit!r}] publishes a circuit of update kind {kind_label(kind)}, "
+                    f"which policy.update_kinds does not accept: {loose_kind_problem(kind)}"
+                )
+        return self
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ProviderConfig:
@@ -244,6 +296,7 @@ class ProviderConfig(_Section):
             replica_id=self.replica_id or _default_replica_id(self.listen),
             srs_digest=self.srs_digest,
             srs_insecure=self.srs_insecure,
+            update_kinds=self.policy.kinds(),
         )
 
 

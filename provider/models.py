@@ -37,6 +37,10 @@ UPDATE_KINDS = {
 PROVEN_ENROLLMENT_KINDS = frozenset({UPDATE_KIND_GROUP_OBS_EXACT, UPDATE_KIND_ANALYTIC_EXACT})
 """Update kinds whose enrollment carries proofs over its commitments (the exact relations)."""
 ANALYTIC_KINDS = frozenset({UPDATE_KIND_ANALYTIC, UPDATE_KIND_ANALYTIC_EXACT})
+SOUND_UPDATE_KINDS = PROVEN_ENROLLMENT_KINDS
+"""Update kinds whose relation certifies the deletion (derived, tight tolerances): a provider's default."""
+LOOSE_UPDATE_KINDS = frozenset({UPDATE_KIND_GROUP_OBS, UPDATE_KIND_ANALYTIC})
+"""Fixed-point relations that do not certify the deletion (docs/protocol.md): accepted only on opt-in."""
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,8 @@ class ServiceConfig:
     replica_id: str = field(default_factory=socket.gethostname)
     srs_digest: str = ""
     srs_insecure: bool = True
+    # Update kinds Enroll accepts (provider.update_policy); the loose kinds 1 and 2 only on opt-in.
+    update_kinds: frozenset[int] = SOUND_UPDATE_KINDS
 
 
 def require_payload(

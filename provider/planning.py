@@ -135,6 +135,7 @@ class TorchPlanner(DeletionPlanner):
     explicit samples, the first rows). ``class_rows`` (layer -> rows) removes that many output rows of
     a classifier head whole when a class is deleted. ``head_features`` maps inputs to an analytic
     head's features; without it, analytic clients cannot be sent requests for this model.
+    ``density`` caps each block of the ``"block"`` structure (:func:`.masks.compute_mask`).
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class TorchPlanner(DeletionPlanner):
         retain_size: int = 960,
         head_features: Callable[[Tensor], F64] | None = None,
         loss_fn: LossFn = functional.cross_entropy,
+        density: float = 1.0,
     ) -> None:
         if x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise PlanError(f"training data: {x.shape[0]} inputs and {y.shape[0]} labels (need equal, > 0)")
@@ -159,7 +161,7 @@ class TorchPlanner(DeletionPlanner):
         self.model, self.x, self.y = model.eval(), x, y.long()
         self.layers, self.defaults, self.block_size = tuple(layers), defaults, block_size
         self.class_rows, self.budget, self.retain_size = dict(class_rows or {}), budget, retain_size
-        self.head_features, self.loss_fn = head_features, loss_fn
+        self.head_features, self.loss_fn, self.density = head_features, loss_fn, density
         self.n_classes = int(self.y.max()) + 1
         self._lock = threading.Lock()  # scoring hooks the model's modules: one plan at a time
 
@@ -263,9 +265,10 @@ class TorchPlanner(DeletionPlanner):
             if structure == "budget":
                 return self._budget_mask(forget, retain, score)
             rows = self.class_rows if selection.forget_class is not None else None
+            density = self.density if structure == "block" else 1.0
             return compute_mask(
                 self.model, self.layers, forget, retain, self.loss_fn, score, fraction,
-                self.block_size, structure, class_rows=rows,
+                self.block_size, structure, density=density, class_rows=rows,
             )  # fmt: skip
         except (MaskSelectionError, BudgetError) as exc:
             raise PlanError(f"mask selection: {exc}") from exc

@@ -96,6 +96,7 @@ from .state import (
     SubmissionRecord,
 )
 from .submissions import check_submission_header, receive_upload
+from .update_policy import check_accepted_kind, warn_if_loose
 from .verdicts import VerdictRecorder
 
 __all__ = [
@@ -143,6 +144,7 @@ class ProviderService:
         self.signer = signer
         self.verifier = verifier
         self.config = config or ServiceConfig()
+        warn_if_loose(self.config.update_kinds)
         self.clock_ms = clock_ms
         self.ledger = Ledger(state, signer, clock_ms)
         # The components read the service's clock through it, so replacing ``clock_ms`` reaches them all.
@@ -237,6 +239,7 @@ class ProviderService:
                 "update kind must be GROUP_OBS (1), ANALYTIC (2), GROUP_OBS_EXACT (3) or "
                 f"ANALYTIC_EXACT (4), got {enrollment.update_kind}"
             )
+        check_accepted_kind(enrollment.update_kind, self.config.update_kinds)
         if not enrollment.layers or len(enrollment.layers) > self.config.max_layers:
             raise InvalidInputError(f"enrollment must name 1..{self.config.max_layers} layers")
         layers = tuple(check_layer(n) for n in enrollment.layers)

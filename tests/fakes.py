@@ -19,9 +19,15 @@ from typing import Any
 
 from zkunlearn.client.sdk import Commitment, UpdateResult, VerifiedRequest
 from zkunlearn.proofs.backend import point_from_tag
+from zkunlearn.provider.models import UPDATE_KINDS
 from zkunlearn.provider.service import VerificationJob, VerificationResult
 
 BLOCKS = 2
+#: The fake prover answers in the shape of the fixed-point kinds (no enrollment proofs), so protocol
+#: tests built on it opt into every update kind, as an operator benchmarking relations would.
+ALL_KINDS = frozenset(UPDATE_KINDS)
+ALL_KINDS_POLICY: dict[str, Any] = {"policy.update_kinds": sorted(UPDATE_KINDS.values())}
+ALL_KINDS_TOML = "[policy]\nupdate_kinds = " + json.dumps(sorted(UPDATE_KINDS.values())) + "\n"
 
 
 def _transcript(

@@ -14,7 +14,7 @@ from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_serv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, FakeVerifier  # noqa: E402
 
 pytestmark = pytest.mark.grpc
 
@@ -27,6 +27,7 @@ def served(tmp_path: Path) -> Iterator[tuple[ProviderServer, bytes]]:
     config = ProviderConfig.load(
         None,
         {
+            **ALL_KINDS_POLICY,
             "listen": "127.0.0.1:0",
             "state": str(tmp_path / "p.db"),
             "key_file": str(tmp_path / "p.key"),

@@ -35,7 +35,7 @@ from zkunlearn.provider.service import ProviderService, ServiceConfig, TensorDat
 from zkunlearn.provider.state import VERDICT_ACCEPTED, VERDICT_REJECTED, SqlState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.fakes import BLOCKS, FakeVerifier, _transcript, after_for
+from tests.fakes import ALL_KINDS, BLOCKS, FakeVerifier, _transcript, after_for
 from tests.test_service import Device, mask
 
 
@@ -83,7 +83,10 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Provider:
     signer.save(key_file)
     state = SqlState.sqlite(base / "p.db")
     service = ProviderService(
-        state, signer, FakeVerifier(), ServiceConfig(model_ids=("m1",), max_proof_bytes=4096)
+        state,
+        signer,
+        FakeVerifier(),
+        ServiceConfig(update_kinds=ALL_KINDS, model_ids=("m1",), max_proof_bytes=4096),
     )
     try:
         alice, bob = Device(service, "alice"), Device(service, "bob", kind=2)
@@ -605,7 +608,7 @@ def test_export_refuses_existing_target_and_from_config_matches(provider: Provid
     files_only = ProviderConfig(
         state=str(provider.db),
         key_file=str(provider.key_file),
-        artifacts={"m1/group_obs": {"settings": str(source / "settings.json")}},
+        artifacts={"m1/group_obs_exact": {"settings": str(source / "settings.json")}},
     )
     with pytest.raises(BundleExportError, match=r"for 0 models \(none\); pass --circuits-dir"):
         export_from_config(files_only, tmp_path / "b5")
@@ -639,7 +642,7 @@ def test_a_broken_old_head_does_not_hide_the_rest(provider: Provider, copy: Path
 def test_empty_log_exports_and_audits(tmp_path: Path) -> None:
     signer = StatementSigner.generate()
     state = SqlState.sqlite(tmp_path / "empty.db")
-    service = ProviderService(state, signer, FakeVerifier())
+    service = ProviderService(state, signer, FakeVerifier(), ServiceConfig(update_kinds=ALL_KINDS))
     try:
         out = export_bundle(state, service.ledger, signer.public_bytes(), tmp_path / "b")
     finally:

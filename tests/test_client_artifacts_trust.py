@@ -33,7 +33,7 @@ from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, FakeVerifier  # noqa: E402
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 
@@ -104,6 +104,7 @@ def _serve_and_fetch(
     config = ProviderConfig.load(
         None,
         {
+            **ALL_KINDS_POLICY,
             "listen": "127.0.0.1:0",
             "state": str(tmp / "p.db"),
             "key_file": str(tmp / "p.key"),

@@ -41,6 +41,17 @@ def test_demo_accepts_honest_rejects_dishonest_and_audits(demo: tuple[Path, dict
         assert client["verdict"] == ("accepted" if client["honest"] else "rejected"), client
         assert client["prove_s"] > 0
         assert client["proof_bytes"] > 0
+    # The exact relation over the whole planned mask: every touched batch is proven, no budget.
+    assert report["relations"]["group-obs"].startswith("exact Group-OBS (update kind 3")
+    mask = report["mask"]
+    assert mask["recipe"]["structure"] == "unstructured"
+    assert mask["recipe"]["fraction"] == 0.32
+    per_proof = mask["blocks_per_proof"] * mask["block"]
+    assert mask["covered_weights"] == mask["proofs_per_group_obs_client"] * per_proof
+    assert mask["covered_weights"] >= mask["masked_weights"] > 0
+    for client in clients:
+        if client["method"] == "group-obs":
+            assert client["proofs"] == mask["proofs_per_group_obs_client"], client
     reasons = {c["reason"] for c in clients if not c["honest"]}
     assert any(("kkt_residual_above_tolerance" in r or "edit_outside_row_space" in r) for r in reasons)
     assert any("proof_invalid_for_expected_commitments" in r for r in reasons)

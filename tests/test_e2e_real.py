@@ -33,6 +33,7 @@ from zkunlearn.provider.verification import EzklVerifier
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from tests.fakes import ALL_KINDS_POLICY  # noqa: E402  (the fixed-point kinds under test: opted into)
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 MODEL = "tiny-mlp"
@@ -74,6 +75,7 @@ def serve(tmp: Path, model: str) -> ProviderServer:
     config = ProviderConfig.load(
         None,
         {
+            **ALL_KINDS_POLICY,
             "listen": "127.0.0.1:0",
             "state": str(tmp / "provider.db"),
             "key_file": str(tmp / "provider.key"),

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zkunlearn.client.group_obs import GroupObsError
 from zkunlearn.client.group_obs_exact import bounded_factor, exact_update
-from zkunlearn.proofs.exact import ExactGroupObsSpec, exact_request_binding, quantise_exact
+from zkunlearn.client.unlearning_exact import commit_layer
+from zkunlearn.proofs.exact import ExactGroupObsSpec, exact_outputs, exact_request_binding, quantise_exact
 from zkunlearn.proofs.fixedpoint import FixedPointError
 
 from tests.exact_cases import (
@@ -204,3 +205,30 @@ def test_a_factor_too_concentrated_for_the_range_is_refused_by_name() -> None:
     g /= np.sqrt(np.mean(g * g))
     with pytest.raises(GroupObsError, match="g_range_bits"):
         bounded_factor(g, spec.g_bound, spec.g_norm_tolerance)
+
+
+def test_a_block_without_curvature_commits_one_grid_step_and_its_deletion_is_accepted() -> None:
+    """A unit that never fires on the client's data has no curvature: its block still commits a factor
+    the provider accepts (``||G_q||_F > 0``, layer normalisation kept), and its deletion verifies."""
+    spec = ExactGroupObsSpec.from_lam(16, 8, 2, 0.1)
+    rng = np.random.default_rng(3)
+    factors = rng.normal(size=(4, 12, 16))
+    factors[1] = 0.0
+    _exponent, theta, g = commit_layer(spec, rng.normal(size=64), factors)
+    g_sq = (g.astype(np.int64) ** 2).sum(axis=(2, 3)).reshape(-1)
+    assert (g_sq > 0).all()
+    assert g_sq[1] == 1
+    lo, hi = spec.normalisation_range(4)
+    assert lo <= int(g_sq.sum()) <= hi
+    mask = np.zeros((2, 16), dtype=bool)
+    mask[1, :5] = True  # in the block without curvature
+    update = exact_update(spec, theta[0], g[0], mask)
+    assert (update.theta_after[1, :5] == 0).all()
+    for (kept, s_w, s_row, below), block_sq in zip(
+        exact_outputs(spec, theta[0], update.theta_after, g[0], mask, update.w), g_sq[:2], strict=True
+    ):
+        limit = spec.thresholds(int(block_sq))
+        assert kept == 0
+        assert below == 0
+        assert s_w <= limit.w
+        assert s_row <= limit.row

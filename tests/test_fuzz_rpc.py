@@ -29,7 +29,7 @@ from zkunlearn.v1 import provider_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, FakeVerifier  # noqa: E402
 
 pytestmark = pytest.mark.grpc
 SERVICE = pb.DESCRIPTOR.services_by_name["Provider"]
@@ -78,6 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProviderServer]
     config = ProviderConfig.load(
         None,
         {
+            **ALL_KINDS_POLICY,
             "listen": "127.0.0.1:0",
             "state": str(tmp / "p.db"),
             "key_file": str(tmp / "p.key"),

@@ -48,7 +48,7 @@ from zkunlearn.v1 import provider_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import FakeProver, FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, FakeProver, FakeVerifier  # noqa: E402
 from tests.test_audit import fake_checker  # noqa: E402
 
 pytestmark = pytest.mark.grpc
@@ -235,6 +235,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     config = ProviderConfig.load(
         None,
         {
+            **ALL_KINDS_POLICY,
             "listen": "127.0.0.1:0",
             "state": str(tmp / "p.db"),
             "key_file": str(tmp / "p.key"),

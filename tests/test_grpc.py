@@ -34,7 +34,7 @@ from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import FakeProver, FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, ALL_KINDS_TOML, FakeProver, FakeVerifier  # noqa: E402
 
 pytestmark = pytest.mark.grpc
 BEFORE = [
@@ -61,6 +61,7 @@ def start(tmp: Path, port: int = 0, **config: Any) -> ProviderServer:
             "grace_s": 0.5,
             "limits.max_message_bytes": 2 * 1024 * 1024,
             "limits.max_proof_bytes": 1024 * 1024,
+            **ALL_KINDS_POLICY,
             **config,
         },
     )
@@ -622,7 +623,7 @@ def test_sigkill_mid_submission_loses_no_receipt_and_the_retry_succeeds(tmp_path
     (tmp_path / "provider.toml").write_text(
         f'listen = "127.0.0.1:{port}"\nstate = "{tmp_path / "provider.db"}"\n'
         f'key_file = "{tmp_path / "provider.key"}"\n'
-        'verifier = "tests.fakes:make_verifier"\nsubmit_wait_s = 30.0\ngrace_s = 0.5\n'
+        'verifier = "tests.fakes:make_verifier"\nsubmit_wait_s = 30.0\ngrace_s = 0.5\n' + ALL_KINDS_TOML
     )
     proc = _spawn(tmp_path, port)
     # The operator side: another process (this one) writing requests into the same database.

@@ -34,7 +34,7 @@ from zkunlearn.v1 import provider_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, FakeVerifier  # noqa: E402
 
 pytestmark = pytest.mark.grpc
 
@@ -418,6 +418,7 @@ def provider(tmp_path: Path, operator_key: StatementSigner) -> Iterator[Provider
     cfg = ProviderConfig.load(
         None,
         {
+            **ALL_KINDS_POLICY,
             "listen": "127.0.0.1:0",
             "state": str(tmp_path / "p.db"),
             "key_file": str(tmp_path / "p.key"),

@@ -34,6 +34,7 @@ from zkunlearn.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from tests.fakes import ALL_KINDS_TOML  # noqa: E402
 from tests.test_grpc import edge, enroll, start  # noqa: E402
 
 pytestmark = pytest.mark.grpc
@@ -278,7 +279,7 @@ def _config(tmp: Path, db_url: str, key_file: Path, operator: StatementSigner) -
                 f'key_file = "{key_file}"',
                 "[planners.m1]",
                 f'factory = "{PLANNER}"',
-                "",
+                ALL_KINDS_TOML,
             ]
         )
     )

@@ -26,7 +26,7 @@ from zkunlearn.provider.state import VERDICT_ACCEPTED, VERDICT_PENDING, VERDICT_
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS, FakeVerifier  # noqa: E402
 from tests.test_service import Device, mask  # noqa: E402
 
 
@@ -41,7 +41,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def _replica(
     url: str, signer: StatementSigner, name: str, workers: int, delay_s: float = 0.0
 ) -> ProviderService:
-    config = ServiceConfig(replica_id=name, verify_workers=workers, verify_poll_s=0.05)
+    config = ServiceConfig(
+        update_kinds=ALL_KINDS, replica_id=name, verify_workers=workers, verify_poll_s=0.05
+    )
     return ProviderService(SqlState(url), signer, FakeVerifier(delay_s=delay_s), config)
 
 
@@ -210,7 +212,9 @@ def test_a_verification_longer_than_the_lease_is_not_taken_twice(tmp_path: Path)
     """The worker extends its lease while verifying, so an idle replica never steals the job."""
     signer = StatementSigner.generate()
     url = f"sqlite+pysqlite:///{tmp_path / 'p.db'}"
-    config = ServiceConfig(replica_id="slow", verify_workers=1, verify_poll_s=0.05, verify_lease_s=0.3)
+    config = ServiceConfig(
+        update_kinds=ALL_KINDS, replica_id="slow", verify_workers=1, verify_poll_s=0.05, verify_lease_s=0.3
+    )
     slow = ProviderService(SqlState(url), signer, FakeVerifier(delay_s=1.5), config)
     d = Device(slow)
     d.enroll()
@@ -220,7 +224,9 @@ def test_a_verification_longer_than_the_lease_is_not_taken_twice(tmp_path: Path)
     deadline = time.monotonic() + 20
     while not slow.verifier.jobs and time.monotonic() < deadline:  # type: ignore[attr-defined]
         time.sleep(0.02)
-    thief_config = ServiceConfig(replica_id="idle", verify_workers=2, verify_poll_s=0.05, verify_lease_s=0.3)
+    thief_config = ServiceConfig(
+        update_kinds=ALL_KINDS, replica_id="idle", verify_workers=2, verify_poll_s=0.05, verify_lease_s=0.3
+    )
     thief = ProviderService(SqlState(url), signer, FakeVerifier(), thief_config)
     done = thief.wait(s.submission_id, 20)
     assert done.verdict == VERDICT_ACCEPTED

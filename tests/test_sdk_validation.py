@@ -47,7 +47,7 @@ from zkunlearn.v1 import provider_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import FakeProver, FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, FakeProver, FakeVerifier  # noqa: E402
 
 # -- circuits/mask.py ---------------------------------------------------------------------------------
 
@@ -319,6 +319,7 @@ def provider(tmp_path: Path) -> Iterator[ProviderServer]:
     config = ProviderConfig.load(
         None,
         {
+            **ALL_KINDS_POLICY,
             "listen": f"127.0.0.1:{free_port()}",
             "state": str(tmp_path / "provider.db"),
             "key_file": str(tmp_path / "provider.key"),

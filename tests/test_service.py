@@ -48,7 +48,7 @@ from zkunlearn.provider.state import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.fakes import BLOCKS, FakeVerifier, _transcript, after_for
+from tests.fakes import ALL_KINDS, BLOCKS, FakeVerifier, _transcript, after_for
 
 POINT = point_from_tag(b"many")
 BEFORE = [
@@ -170,7 +170,9 @@ def service(state: ProviderState) -> Iterator[ProviderService]:
         StatementSigner.generate(),
         FakeVerifier(),
         # Tests here ask for many nonces at once; the challenge limits have their own test.
-        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, challenge_rate_per_subject=0.0),
+        ServiceConfig(
+            update_kinds=ALL_KINDS, model_ids=("m1",), max_proof_bytes=4096, challenge_rate_per_subject=0.0
+        ),
     )
     yield svc
     svc.close()
@@ -362,7 +364,10 @@ def test_a_receipt_that_cannot_be_signed_becomes_a_signed_rejection_not_a_stuck_
 
     signer = _ReceiptRefusingSigner(Ed25519PrivateKey.generate())
     svc = ProviderService(
-        state, signer, FakeVerifier(), ServiceConfig(model_ids=("m1",), max_proof_bytes=4096)
+        state,
+        signer,
+        FakeVerifier(),
+        ServiceConfig(update_kinds=ALL_KINDS, model_ids=("m1",), max_proof_bytes=4096),
     )
     dev = Device(svc)
     dev.enroll()
@@ -388,7 +393,9 @@ def test_answers_to_one_request_are_bounded_but_an_identical_one_is_still_answer
         state,
         StatementSigner.generate(),
         FakeVerifier(),
-        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, max_submissions_per_request=2),
+        ServiceConfig(
+            update_kinds=ALL_KINDS, model_ids=("m1",), max_proof_bytes=4096, max_submissions_per_request=2
+        ),
     )
     dev = Device(svc)
     dev.enroll()
@@ -482,7 +489,10 @@ def test_pending_submission_is_verified_after_a_restart(tmp_path: Path) -> None:
     signer = StatementSigner.generate()
     # No verification workers: simulates a provider dying right after storing the upload.
     first = ProviderService(
-        SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier(), ServiceConfig(verify_workers=0)
+        SqlState.sqlite(tmp_path / "p.db"),
+        signer,
+        FakeVerifier(),
+        ServiceConfig(update_kinds=ALL_KINDS, verify_workers=0),
     )
     dev = Device(first)
     dev.enroll()
@@ -493,7 +503,9 @@ def test_pending_submission_is_verified_after_a_restart(tmp_path: Path) -> None:
     assert [s.submission_id for s in first.state.pending_submissions()] == [sub.submission_id]
     first.state.close()
     # The job never left the database: the next process's workers take it without being told.
-    second = ProviderService(SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier())
+    second = ProviderService(
+        SqlState.sqlite(tmp_path / "p.db"), signer, FakeVerifier(), ServiceConfig(update_kinds=ALL_KINDS)
+    )
     assert second.recover() in (0, 1)  # 0 when a worker already took it during start-up
     assert second.wait(sub.submission_id, 10).verdict == VERDICT_ACCEPTED
     second.close()
@@ -502,7 +514,12 @@ def test_pending_submission_is_verified_after_a_restart(tmp_path: Path) -> None:
 def test_concurrent_identical_submissions_make_one_submission_and_one_leaf(tmp_path: Path) -> None:
     import threading
 
-    svc = ProviderService(SqlState.sqlite(tmp_path / "p.db"), StatementSigner.generate(), FakeVerifier())
+    svc = ProviderService(
+        SqlState.sqlite(tmp_path / "p.db"),
+        StatementSigner.generate(),
+        FakeVerifier(),
+        ServiceConfig(update_kinds=ALL_KINDS),
+    )
     dev = Device(svc)
     dev.enroll()
     r = svc.create_request(dev.client_id, mask())
@@ -550,7 +567,7 @@ def test_two_answers_built_on_one_state_cannot_both_be_accepted(state: ProviderS
         state,
         StatementSigner.generate(),
         _TogetherVerifier(),
-        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, verify_workers=2),
+        ServiceConfig(update_kinds=ALL_KINDS, model_ids=("m1",), max_proof_bytes=4096, verify_workers=2),
     )
     dev = Device(svc)
     dev.enroll()
@@ -600,7 +617,7 @@ def test_a_verifier_panic_is_a_rejection_and_the_worker_lives_on(state: Provider
         state,
         StatementSigner.generate(),
         _PanickingOnceVerifier(),
-        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, verify_workers=1),
+        ServiceConfig(update_kinds=ALL_KINDS, model_ids=("m1",), max_proof_bytes=4096, verify_workers=1),
     )
     dev = Device(svc)
     dev.enroll()
@@ -636,7 +653,7 @@ def test_a_crashed_verifier_worker_is_retried_not_a_rejection(state: ProviderSta
         state,
         StatementSigner.generate(),
         verifier,
-        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, verify_workers=1),
+        ServiceConfig(update_kinds=ALL_KINDS, model_ids=("m1",), max_proof_bytes=4096, verify_workers=1),
     )
     dev = Device(svc)
     dev.enroll()
@@ -650,7 +667,12 @@ def test_a_crashed_verifier_worker_is_retried_not_a_rejection(state: ProviderSta
 def test_verification_runs_off_the_calling_thread(tmp_path: Path) -> None:
     import time
 
-    svc = ProviderService(InMemoryState(), StatementSigner.generate(), FakeVerifier(delay_s=1.0))
+    svc = ProviderService(
+        InMemoryState(),
+        StatementSigner.generate(),
+        FakeVerifier(delay_s=1.0),
+        ServiceConfig(update_kinds=ALL_KINDS),
+    )
     dev = Device(svc)
     dev.enroll()
     r = svc.create_request(dev.client_id, mask())

@@ -38,6 +38,7 @@ from zkunlearn.proofs.statements import (
     key_id_for,
     parse_canonical_json,
 )
+from zkunlearn.provider.models import UPDATE_KINDS
 from zkunlearn.provider.operator import DeletionOrder, OperatorService
 from zkunlearn.provider.operator_servicer import OperatorServicer
 from zkunlearn.provider.planning import ForgetSelection, MaskOptions
@@ -348,7 +349,8 @@ def service(clock: _Clock) -> Iterator[ProviderService]:
         InMemoryState(),
         StatementSigner.from_private_bytes(_example("statement", "tree-head").hex("private_key")),
         _AcceptAll(),
-        ServiceConfig(verify_workers=1, verify_poll_s=0.01),
+        # The documented examples enroll a fixed-point kind: opted into, as a benchmarking operator would.
+        ServiceConfig(verify_workers=1, verify_poll_s=0.01, update_kinds=frozenset(UPDATE_KINDS)),
         clock_ms=clock,
     )
     yield svc

@@ -1,13 +1,15 @@
 """The end-to-end demo: the main job a newcomer runs (`make demo`).
 
 A provider process and several edge-client processes talk real gRPC over loopback. The provider
-trains (or loads from cache) the global model, compiles its circuits and generates its own keys on a
-development SRS (INSECURE, labelled so), computes a deletion mask concentrated into a proof budget,
-and signs one request per client. Honest Group-OBS and analytic clients apply, prove and get
-accepted; a client that proves from another model than it enrolled (and, from the fourth client on,
-one that slips an extra edit into the unmasked weights) is rejected. The provider's log is then
-exported and audited offline. Everything lands in ``demo-report/``: ``report.json``, ``report.png``
-and the audit bundle.
+trains (or loads from cache) the global model, compiles the exact relations' circuits and generates its
+own keys on a development SRS (INSECURE, labelled so), computes the benchmark's deletion mask (no proof
+budget: every touched batch is proven), and signs one request per client. The Group-OBS clients enroll
+with enrollment proofs and prove the exact Group-OBS relation (update kind 3), the analytic ones the
+exact analytic relation (kind 4); the provider accepts no other kind. Honest clients apply, prove and
+get accepted; a client that proves from another model than it enrolled (and, from the fourth client
+on, one that slips an extra edit into the unmasked weights) is rejected by the proofs. The provider's
+log is then exported and audited offline. Everything lands in ``demo-report/``: ``report.json``,
+``report.png`` and the audit bundle.
 """
 
 from __future__ import annotations
@@ -81,14 +83,21 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
             step = progress.add_task("training or loading the global model", total=None)
             scenario.global_model()
             progress.update(step, description="global model ready", total=1, completed=1)
-            step = progress.add_task("computing the deletion mask (fisher-ratio, proof budget)", total=None)
+            step = progress.add_task("computing the benchmark's deletion mask (fisher-ratio)", total=None)
             mask = scenario.deletion_mask()
-            progress.update(step, description=f"mask: {mask.masked_count()} weights", total=1, completed=1)
+            covered = len(_touched(scenario, mask)) * scenario.exact_spec.batch_weights
+            progress.update(
+                step,
+                description=f"mask: {mask.masked_count()} weights, {covered} covered by the proofs",
+                total=1,
+                completed=1,
+            )
             step = progress.add_task("compiling circuits and generating keys (dev SRS: INSECURE)", total=None)
             circuits = DeletionCircuits.build(
                 work / "circuits",
-                group_obs=scenario.group_obs_spec,
+                group_obs=None,
                 analytic=None,
+                exact=scenario.exact_spec,
                 analytic_exact=scenario.analytic_spec,
             )
             progress.update(step, description="circuits and verifying keys ready", total=1, completed=1)
@@ -153,15 +162,17 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
         if provider is not None:
             stop_process(provider)
     results = [json.loads(Path(p.result_file).read_text()) for p in profiles]
-    report = {
+    mask_report = _mask_report(scenario, mask)
+    report: dict[str, Any] = {
         "complete": True,
         "quick": quick,
         "model_id": scenario.model_id,
         "srs": "development SRS generated locally (INSECURE: proofs could be forged by whoever made it)",
-        "mask": {
-            "masked_weights": mask.masked_count(),
-            "proofs_per_group_obs_client": len(_touched(scenario, mask)),
+        "relations": {
+            "group-obs": "exact Group-OBS (update kind 3, group_obs_exact), with enrollment proofs",
+            "analytic": "exact analytic head (update kind 4, analytic_exact), with an enrollment proof",
         },
+        "mask": mask_report,
         "clients": [_client_row(r) for r in results],
         "audit": audit,
         "wall_s": round(time.monotonic() - started, 1),
@@ -169,6 +180,14 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
     (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, report_dir / "report.png")
     console.print(_table(report))
+    m = mask_report
+    console.print(
+        f"proven: exact Group-OBS (kind 3) on the benchmark's mask over {', '.join(m['layers'])}: "
+        f"{m['masked_weights']} masked, {m['covered_weights']} weights covered by "
+        f"{m['proofs_per_group_obs_client']} proofs per client (blocks of {m['block']}, rank {m['rank_m']}); "
+        "analytic heads: exact analytic (kind 4)",
+        markup=False,
+    )
     verdict = "OK" if audit["ok"] else "FAIL"
     console.print(f"audit: {verdict} ({audit['items_checked']} items, {len(audit['failures'])} failures)")
     console.print(
@@ -181,7 +200,32 @@ def run_demo(*, clients: int, quick: bool, report_dir: Path, console: Console) -
 def _touched(scenario: Scenario, mask: Any) -> list[tuple[str, int]]:
     from zkunlearn.proofs.deletion import touched_batches
 
-    return touched_batches(mask, scenario.group_obs_spec)
+    return touched_batches(mask, scenario.exact_spec)
+
+
+def _mask_report(scenario: Scenario, mask: Any) -> dict[str, Any]:
+    """What the Group-OBS proofs cover: the planned mask, whole (no proof budget)."""
+    spec = scenario.exact_spec
+    options, density, class_rows = scenario.mask_recipe
+    batches = _touched(scenario, mask)
+    return {
+        "recipe": {
+            "score": options.score,
+            "fraction": options.fraction_ppm / 1e6,
+            "structure": options.structure,
+            "block_density": density,
+            "head_rows_removed_whole": sum(class_rows.values()),
+        },
+        "layers": list(scenario.layers),
+        "masked_weights": mask.masked_count(),
+        "digest": mask.digest(),
+        "block": spec.block,
+        "blocks_per_proof": spec.batch,
+        "rank_m": spec.m,
+        "lam": spec.lam,
+        "proofs_per_group_obs_client": len(batches),
+        "covered_weights": len(batches) * spec.batch_weights,
+    }
 
 
 def _env() -> dict[str, str]:

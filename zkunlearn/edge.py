@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,16 @@ import numpy.typing as npt
 from rich.console import Console
 from torch import nn
 
-from zkunlearn.circuits.mask import LayerMask
 from zkunlearn.client.device import EdgeDevice
+from zkunlearn.client.group_obs_exact import ExactUpdate
 from zkunlearn.client.sdk import Outcome, UpdateResult, VerifiedRequest
 from zkunlearn.client.transport import ChannelConfig
-from zkunlearn.client.unlearning import GroupObsUnlearner, ProveOptions
+from zkunlearn.client.unlearning import ProveOptions
+from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner
+from zkunlearn.proofs.exact import IntArray
 from zkunlearn.scenario import Scenario
 from zkunlearn.tasks.train import cross_entropy
 
-F64 = npt.NDArray[np.float64]
 BEHAVIOURS = ("honest", "other-model", "extra-edit")
 
 
@@ -54,30 +55,31 @@ class Profile:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
-class ExtraEdit(GroupObsUnlearner):
-    """Dishonest: applies the honest update plus a small edit of its own to one unmasked weight per
-    touched block (e.g. slipping in a backdoor while "unlearning").
+class ExtraEdit(ExactGroupObsUnlearner):
+    """Dishonest: applies the honest update plus a small edit of its own to one unmasked weight of each
+    touched block (e.g. slipping in a backdoor while "unlearning"), and proves that.
 
-    The edit is not in the row space of the committed ``G``, so the ``r_row`` (and usually ``r_kkt``)
-    residual exceeds its tolerance. (Cruder cheats, such as skipping the compensation at realistic
-    sizes, do not even yield a witness: their residuals overflow the circuit's range checks.)
+    The edit is no Group-OBS solution for the committed ``G``: the exact relation's ``Σ R_w²`` (and,
+    off ``G``'s row space, ``Σ R_row²``) exceeds its threshold, so the provider rejects the proof. The
+    relation's slack is about 10⁻³ of a weight's standard deviation (docs/protocol.md); this edit is
+    0.05 on the normalised weights' scale (they lie within ±4 there).
     """
 
     self_check = False
-    edit = 0.25  # in the circuit's scaled units (weights have about unit spread there)
+    edit = 0.05
 
-    def compensate(self, theta: F64, g: F64, layer_mask: LayerMask, lam: float) -> tuple[F64, F64]:
-        after, w = super().compensate(theta, g, layer_mask, lam)
-        flat, dense = after.reshape(-1), layer_mask.dense().reshape(-1)
-        for block in layer_mask.touched_blocks():
-            lo = block * layer_mask.block_size
-            free = np.flatnonzero(~dense[lo : lo + layer_mask.block_size])
-            if free.size:
-                flat[lo + free[0]] += self.edit
-        return flat.reshape(after.shape), w
+    def batch_update(self, theta: IntArray, g: IntArray, mask: npt.NDArray[np.bool_]) -> ExactUpdate:
+        update = super().batch_update(theta, g, mask)
+        after = update.theta_after.copy()
+        step = round(self.edit * 2.0**self.spec.theta_bits)
+        for q in range(after.shape[0]):
+            free = np.flatnonzero(~mask[q])
+            if mask[q].any() and free.size:
+                after[q, free[0]] += step
+        return replace(update, theta_after=after)
 
 
-class ProvesAnotherModel(GroupObsUnlearner):
+class ProvesAnotherModel(ExactGroupObsUnlearner):
     """Dishonest: proves the update on other weights (the global model's) than the ones it enrolled."""
 
     self_check = False
@@ -91,9 +93,9 @@ class ProvesAnotherModel(GroupObsUnlearner):
         with np.load(path) as stored:
             arrays = {k: np.asarray(stored[k]) for k in stored.files}
         meta = json.loads((self.state_dir / "state.json").read_text())
+        step = 2.0**self.spec.theta_bits
         for layer, info in meta["layers"].items():
             theta = self.other[layer].detach().double().numpy().reshape(arrays[f"{layer}/theta"].shape)
-            step = 2.0**self.scale
             arrays[f"{layer}/theta"] = np.rint(theta * 2.0 ** int(info["exponent"]) * step) / step
         np.savez(path, **arrays)  # type: ignore[arg-type]
         return super().prove(request)
@@ -116,7 +118,7 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
             provider_key=profile.provider_public_key,
             state_dir=profile.state_dir,
             client_id=profile.client_id,
-            kind="group_obs" if profile.method == "group-obs" else "analytic_exact",
+            kind="group_obs_exact" if profile.method == "group-obs" else "analytic_exact",
             allow_insecure_srs=True,
             prove_options=ProveOptions(workers=1, memory_limit_mb=None, progress=False),
             console=console,
@@ -125,7 +127,7 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
         if profile.method == "group-obs":
             model = scenario.personalized(profile.client_seed)
             before = scenario.client_metrics(model)
-            prover: Callable[..., GroupObsUnlearner] = GroupObsUnlearner
+            prover: Callable[..., ExactGroupObsUnlearner] = ExactGroupObsUnlearner
             if profile.behaviour == "extra-edit":
                 prover = ExtraEdit
             elif profile.behaviour == "other-model":

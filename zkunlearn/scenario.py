@@ -19,12 +19,13 @@ from torch import nn
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
 from zkunlearn.proofs.deletion import GroupObsSpec
+from zkunlearn.proofs.exact import ExactGroupObsSpec
 from zkunlearn.tasks.data import ImageTask, Split, make_image_task
 from zkunlearn.tasks.models import MLP, MLPConfig, ViT, ViTConfig
 from zkunlearn.tasks.train import predict, train_cached
 
 if TYPE_CHECKING:
-    from zkunlearn.provider.planning import TorchPlanner
+    from zkunlearn.provider.planning import MaskOptions, TorchPlanner
 
 F64 = npt.NDArray[np.float64]
 
@@ -82,9 +83,9 @@ class Scenario:
 
         Measured on this ViT (bench/results/unlearning.md): masks confined to the MLP ``fc1`` layers do
         not remove the class; the class's head row is where the forget-specific weights concentrate.
-        The demo enrolls only the last block's ``fc1`` (16k weights): enrollment costs one KZG commitment
-        per (layer, batch, tensor), ~0.2 s each at logrows 16 on this machine, and the benchmark, not the
-        demo, covers all four ``fc1`` layers.
+        The demo enrolls only the last block's ``fc1`` (16k weights): an exact enrollment costs one
+        enrollment proof and two KZG commitments per batch of every enrolled layer, so the benchmark
+        (``zkunlearn bench vit-deletion``), not the demo, covers all four ``fc1`` layers.
         """
         hidden = ("fc2.weight",) if self.quick else ("blocks.3.fc1.weight",)
         return (*hidden, self.head_layer)
@@ -96,7 +97,36 @@ class Scenario:
     head_layer: str = "head.weight"
 
     @property
+    def exact_spec(self) -> ExactGroupObsSpec:
+        """The exact Group-OBS relation the demo's clients prove (update kind 3).
+
+        Full: the ViT's certified configuration (rank 16, damping 0.1; docs/decisions/
+        vit-certified-configuration.md), 2 blocks of 64 per proof (the head's 10 blocks divide by 2).
+        Quick: blocks of 16 at rank 8, 4 blocks per proof (4 divides both the MLP's ``fc2`` (64 blocks)
+        and its head (20 blocks)).
+        """
+        if self.quick:
+            return ExactGroupObsSpec.from_lam(16, 8, 4, 0.1)
+        return ExactGroupObsSpec.from_lam(64, 16, 2, 0.1)
+
+    @property
+    def mask_recipe(self) -> tuple[MaskOptions, float, dict[str, int]]:
+        """The benchmark's mask for this task: ``(options, density, class_rows)``.
+
+        Quick: the MLP benchmark's mask (fisher-ratio, 32 % of the enrolled weights, unstructured).
+        Full: the ViT benchmark's (fisher-ratio, 40 % in blocks at most 5/8 masked, the head's
+        forget-class row removed whole), over the one ``fc1`` layer the demo enrolls.
+        """
+        from zkunlearn.provider.planning import MaskOptions
+
+        if self.quick:
+            return MaskOptions("fisher-ratio", 320_000, "unstructured"), 1.0, {}
+        return MaskOptions("fisher-ratio", 400_000, "block"), 0.625, {self.head_layer: 1}
+
+    @property
     def group_obs_spec(self) -> GroupObsSpec:
+        """The fixed-point relation's spec (update kind 1), which ``bench proofs`` measures beside the
+        exact one; the demo proves the exact relation (:attr:`exact_spec`)."""
         if self.quick:
             return GroupObsSpec(block=16, m=8, batch=1, lam=0.1)
         # The ViT's curvature on shifted images puts up to ~8 in a block's mixed factor rows (the layer's
@@ -110,7 +140,7 @@ class Scenario:
 
     @property
     def max_batches(self) -> int:
-        """Proofs per Group-OBS deletion: the proof budget the mask is concentrated into."""
+        """The fixed-point relation's proof budget in ``bench proofs`` (proofs per deletion)."""
         return 2 if self.quick else 6
 
     mask_density: float = 0.5
@@ -119,32 +149,48 @@ class Scenario:
     # the MLP; it is there so that CI enrolls through that path with real proofs).
     fisher_shift: int = 1
 
-    def planner(self) -> TorchPlanner:
+    def planner(self, *, budget: bool = False) -> TorchPlanner:
         """The provider's side: score the global model on the forget set against a retain proxy
-        (fisher-ratio), concentrate the hidden-layer mask into the proof budget, and zero the
-        highest-scoring row's worth of head blocks outright (nothing to compensate inside them).
-        Analytic heads read :meth:`features`."""
+        (fisher-ratio) and select the benchmark's mask (:attr:`mask_recipe`) in blocks of the exact
+        relation. ``budget``: instead concentrate the hidden-layer mask into the fixed-point relation's
+        proof budget and zero the highest-scoring head row's blocks (``bench proofs``' old-circuit
+        figures). Analytic heads read :meth:`features`."""
         from zkunlearn.provider.planning import MaskOptions, ProofBudget, TorchPlanner
 
-        spec, train = self.group_obs_spec, self.task.provider_train
-        budget = ProofBudget(spec.block, spec.batch, self.max_batches, self.mask_density, self.head_layer)
+        train = self.task.provider_train
+        if budget:
+            spec = self.group_obs_spec
+            return TorchPlanner(
+                self.global_model(),
+                train.x,
+                train.y,
+                self.layers,
+                defaults=MaskOptions("fisher-ratio", 300_000, "budget"),
+                block_size=spec.block,
+                budget=ProofBudget(
+                    spec.block, spec.batch, self.max_batches, self.mask_density, self.head_layer
+                ),
+                head_features=self.features,
+            )
+        options, density, class_rows = self.mask_recipe
         return TorchPlanner(
             self.global_model(),
             train.x,
             train.y,
             self.layers,
-            defaults=MaskOptions("fisher-ratio", 300_000, "budget"),
-            block_size=spec.block,
-            budget=budget,
+            defaults=options,
+            block_size=self.exact_spec.block,
+            class_rows=class_rows,
+            density=density,
             head_features=self.features,
         )
 
-    def deletion_mask(self) -> Mask:
+    def deletion_mask(self, *, budget: bool = False) -> Mask:
         """The mask :meth:`planner` selects for the forget class."""
         from zkunlearn.provider.planning import ForgetSelection, MaskOptions
 
         selection = ForgetSelection(forget_class=self.task.forget_class)
-        mask = self.planner().plan(selection, MaskOptions(), want_head=False).mask
+        mask = self.planner(budget=budget).plan(selection, MaskOptions(), want_head=False).mask
         assert mask is not None  # want_mask
         return mask
 
