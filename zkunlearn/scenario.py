@@ -203,9 +203,8 @@ class Scenario:
         client's whole data ``n_u`` samples of a class are outvoted and the class is never predicted.
         """
         train = self.task.client_train
-        per_class = [
-            torch.nonzero(train.y == c).flatten()[: self.analytic_spec.n_u] for c in train.y.unique()
-        ]
+        n_u = self.analytic_spec.n_u
+        per_class = [torch.nonzero(train.y == c).flatten()[:n_u] for c in sorted(set(train.y.tolist()))]
         index = torch.cat(per_class).sort().values
         return Split(train.x[index], train.y[index])
 
