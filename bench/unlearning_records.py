@@ -31,15 +31,16 @@ def write_study(
 
 
 _STAT_FIELDS = (
-    "forget_acc", "forget_acc_client", "retain_acc", "personal_acc", "probe_acc", "relearn_steps", "mia_auc",
-    "mia_auc_gap", "forget_gap_vs_retrain", "recovery", "update_s", "peak_rss_mb", "naive_over_ours",
-    "sparsity",
+    "forget_acc", "forget_acc_client", "retain_acc", "personal_acc", "probe_acc", "probe_acc_provider",
+    "relearn_steps", "mia_auc", "mia_auc_gap", "forget_gap_vs_retrain", "recovery", "update_s", "peak_rss_mb",
+    "naive_over_ours", "sparsity",
 )  # fmt: skip
 
 
 # Fields whose mean over seeds also gets a 95 % Student-t interval (``<field>_ci95``).
 _INTERVAL_FIELDS = (
-    "forget_acc", "personal_acc", "retain_acc", "probe_acc", "relearn_steps", "mia_auc", "mia_auc_gap",
+    "forget_acc", "personal_acc", "retain_acc", "probe_acc", "probe_acc_provider", "relearn_steps", "mia_auc",
+    "mia_auc_gap",
 )  # fmt: skip
 
 
@@ -158,9 +159,9 @@ def render_forgetting_markdown(records: Sequence[Mapping[str, Any]]) -> str:
     their 95 % interval; accuracies in %, relearn in steps, MIA as AUC."""
     lines = [
         "| task | deletion | variant | method | seeds | personal acc | forget acc "
-        "| probe acc (forgotten kind) | relearn steps (capped seeds) | MIA AUC | MIA AUC − retrain's "
-        "| seeds at retrain's MIA level |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| probe acc, client domain | probe acc, provider domain | relearn steps (capped seeds) | MIA AUC "
+        "| MIA AUC − retrain's | seeds at retrain's MIA level |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         capped = r.get("relearn_capped_seeds") or 0
@@ -169,7 +170,8 @@ def render_forgetting_markdown(records: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             f"| {r['task']} | {r.get('deletion', deletion_of(r))} | {r['variant']} | {r['method']} "
             f"| {len(r['seeds'])} | {_mean_ci(r, 'personal_acc')} | {_mean_ci(r, 'forget_acc')} "
-            f"| {_mean_ci(r, 'probe_acc')} | {_mean_ci(r, 'relearn_steps', 1.0, 0)} ({capped}) "
+            f"| {_mean_ci(r, 'probe_acc')} | {_mean_ci(r, 'probe_acc_provider')} "
+            f"| {_mean_ci(r, 'relearn_steps', 1.0, 0)} ({capped}) "
             f"| {_mean_ci(r, 'mia_auc', 1.0, 3)} | {_mean_ci(r, 'mia_auc_gap', 1.0, 3)} "
             f"| {at_level} |"
         )

@@ -199,3 +199,34 @@ def test_prepare_refuses_a_deletion_the_task_does_not_have() -> None:
         prepare("mlp", 0, quick=True, deletion="slice")
     with pytest.raises(ValueError, match="has no variant"):
         prepare("mlp", 0, quick=True, deletion="samples", variants=("overlap",))
+
+
+def _row(method: str, seed: int, gap_low: float, gap_high: float, probe: float) -> dict[str, object]:
+    return {
+        "task": "vit", "deletion": "class", "variant": "disjoint", "method": method, "seed": seed,
+        "mask_score": "fisher-ratio", "mask_fraction": 0.4, "mask_structure": "block", "block_size": 64,
+        "lam": 0.001, "mask_efficacy": {"global_forget_acc": 1.0}, "personal_acc": 0.8, "forget_acc": 0.0,
+        "probe_acc": probe, "probe_acc_provider": probe, "relearn_steps": 10 + seed, "relearn_capped": False,
+        "mia_auc": 0.5 + gap_low, "mia_auc_gap": (gap_low + gap_high) / 2, "mia_auc_gap_low": gap_low,
+        "mia_auc_gap_high": gap_high,
+    }  # fmt: skip
+
+
+def test_the_forgetting_table_counts_seeds_at_retrains_level_and_gives_intervals() -> None:
+    from zkunlearn.bench.unlearning_records import aggregate, render_forgetting_markdown
+
+    rows = [
+        _row("group-obs", 0, -0.02, 0.05, 0.70),
+        _row("group-obs", 1, 0.01, 0.09, 0.74),  # the paired interval excludes 0: not at retrain's level
+        _row("retrain", 0, 0.0, 0.0, 0.50),
+        _row("retrain", 1, 0.0, 0.0, 0.54),
+    ]
+    records = {r["method"]: r for r in aggregate(rows)}
+    assert records["group-obs"]["mia_at_retrain_seeds"] == 1
+    assert records["retrain"]["mia_at_retrain_seeds"] == 2
+    ci = records["group-obs"]["probe_acc_ci95"]
+    assert ci["low"] < 0.72 < ci["high"]
+    table = render_forgetting_markdown(list(records.values()))
+    assert "| vit | class | disjoint | group-obs | 2 |" in table
+    assert "| 1/2 |" in table
+    assert "| 2/2 |" in table
