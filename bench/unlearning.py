@@ -84,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the code LM always deletes its slice)",
     )
     parser.add_argument(
+        "--skip-methods",
+        default="",
+        help="comma-separated methods not to run (group-obs-certified, the fine-tunes, analytic)",
+    )
+    parser.add_argument(
         "--no-naive", action="store_true", help="skip the explicit-inverse reference solve (naive/ours)"
     )
     parser.add_argument(
@@ -215,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             deletions=tuple(args.deletions.split(",")) if args.deletions else None,
             variants=tuple(args.variants.split(",")) if args.variants else None,
             compare_naive=not args.no_naive,
+            skip=frozenset(m for m in args.skip_methods.split(",") if m),
         )
     print(render_markdown(records))
     return 0

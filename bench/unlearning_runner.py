@@ -91,14 +91,20 @@ def run_job(
     deletion: str | None = None,
     variants: tuple[str, ...] | None = None,
     compare_naive: bool = True,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every method on the variants (default: all) for one (task, deletion, seed); returns per-seed rows
     and mask-sweep rows. ``deletion`` defaults to the task's whole kind ("class" or the LM's "slice").
 
     ``mask_spec``, ``lam``, ``block_size``, ``fisher_samples``, ``curvature`` and
     ``reconstruction_weight`` override ``SETTINGS[task]`` for sweeps. Without ``compare_naive`` the
-    explicit-inverse reference solve (``naive_over_ours``) is skipped.
+    explicit-inverse reference solve (``naive_over_ours``) is skipped. Methods in ``skip`` (the
+    certified update, the fine-tunes, the analytic head: none the others depend on) are not run.
     """
+    if skip & {"personalized", "mask-only", "group-obs", "retrain"}:
+        raise ValueError(
+            "personalized, mask-only, group-obs and retrain are needed by the others; not skippable"
+        )
     from zkunlearn.tasks.metrics import recovery
     from zkunlearn.tasks.train import finetune_masked, masked_copy
 
@@ -164,7 +170,7 @@ def run_job(
         if compare_naive:
             info["naive_over_ours"] = info["naive_s"] / max(info["solve_s"], 1e-9)
         results["group-obs"] = (measure(obs_model), info)
-        if s.certified is not None:
+        if s.certified is not None and "group-obs-certified" not in skip:
             certified_model, cinfo = group_obs_certified(
                 v["personalized"], mask, prep.layers, v["client_train"], v["client_forget_mask"],
                 s.certified, block, n_samples=m_fisher, curvature=curve, reconstruction_weight=recon,
@@ -181,27 +187,30 @@ def run_job(
             rinfo["peak_rss_mb"] = max(rinfo["peak_rss_mb"], info["peak_rss_mb"])
             results["group-obs-refit"] = (measure(refit_model), rinfo)
         after = v["after"]
-        with measured() as m:
-            ft = finetune_masked(
-                v["personalized"], dense, after[0], after[1],
-                epochs=1 if quick else s.finetune_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
-            )  # fmt: skip
-        results["mask-finetune"] = (
-            measure(ft),
-            {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
-        )
-        results["support-finetune"] = support_finetune(prep, v, mask, dense, seed, quick, ref)
-        with measured() as m:
-            layers_ft = finetune_masked(
-                v["personalized"], dense, after[0], after[1],
-                epochs=1 if quick else s.support_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
-                trainable=prep.layers,
-            )  # fmt: skip
-        results["layers-finetune"] = (
-            measure(layers_ft),
-            {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
-        )
-        if "analytic" in task_methods(task):
+        if "mask-finetune" not in skip:
+            with measured() as m:
+                ft = finetune_masked(
+                    v["personalized"], dense, after[0], after[1],
+                    epochs=1 if quick else s.finetune_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
+                )  # fmt: skip
+            results["mask-finetune"] = (
+                measure(ft),
+                {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
+            )
+        if "support-finetune" not in skip:
+            results["support-finetune"] = support_finetune(prep, v, mask, dense, seed, quick, ref)
+        if "layers-finetune" not in skip:
+            with measured() as m:
+                layers_ft = finetune_masked(
+                    v["personalized"], dense, after[0], after[1],
+                    epochs=1 if quick else s.support_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
+                    trainable=prep.layers,
+                )  # fmt: skip
+            results["layers-finetune"] = (
+                measure(layers_ft),
+                {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
+            )
+        if "analytic" in task_methods(task) and "analytic" not in skip:
             head_model, hinfo = analytic_unlearn(prep, v)
             results["analytic"] = (measure(head_model), hinfo)
         results["retrain"] = (measure(v["gold"]), {"update_s": v["gold_s"]})
@@ -294,13 +303,21 @@ def add_support_finetune(
 
 
 def _run_named_job(
-    job: str, seed: int, *, quick: bool, sweep: bool, variants: tuple[str, ...] | None, compare_naive: bool
+    job: str,
+    seed: int,
+    *,
+    quick: bool,
+    sweep: bool,
+    variants: tuple[str, ...] | None,
+    compare_naive: bool,
+    skip: frozenset[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``run_job`` for a ``task:deletion`` job name (picklable for the worker processes)."""
     task, deletion = job.split(":")
     return run_job(
-        task, seed, quick, sweep=sweep, deletion=deletion, variants=variants, compare_naive=compare_naive
-    )
+        task, seed, quick, sweep=sweep, deletion=deletion, variants=variants, compare_naive=compare_naive,
+        skip=skip,
+    )  # fmt: skip
 
 
 def run_unlearning_bench(
@@ -314,6 +331,7 @@ def run_unlearning_bench(
     deletions: Sequence[str] | None = None,
     variants: tuple[str, ...] | None = None,
     compare_naive: bool = True,
+    skip: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Run every (task, seed) job, aggregate over seeds and write JSON, markdown and a plot beside it.
 
@@ -344,7 +362,8 @@ def run_unlearning_bench(
     # One failing job (say, a missing corpus) must not throw away the others' results.
     failures = run_per_seed(
         functools.partial(
-            _run_named_job, quick=quick, sweep=sweep, variants=variants, compare_naive=compare_naive
+            _run_named_job, quick=quick, sweep=sweep, variants=variants, compare_naive=compare_naive,
+            skip=skip,
         ), jobs,
         range(seed_offset, seed_offset + seeds), "unlearning bench", keep,
         workers=workers, tolerate_failures=True,

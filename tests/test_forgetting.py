@@ -230,3 +230,10 @@ def test_the_forgetting_table_counts_seeds_at_retrains_level_and_gives_intervals
     assert "| vit | class | disjoint | group-obs | 2 |" in table
     assert "| 1/2 |" in table
     assert "| 2/2 |" in table
+
+
+def test_the_methods_others_depend_on_cannot_be_skipped() -> None:
+    from zkunlearn.bench.unlearning_runner import run_job
+
+    with pytest.raises(ValueError, match="not skippable"):
+        run_job("mlp", 0, True, skip=frozenset({"retrain"}))
