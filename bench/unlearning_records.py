@@ -212,8 +212,8 @@ def render_markdown(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Per method (disjoint variant), one column per task and deletion: forget accuracy, probe accuracy
-    and MIA AUC against personalization accuracy, each with retrain's level as a dashed line."""
+    """Per method (disjoint variant), one column per task and deletion: forget accuracy, the two probe
+    accuracies and MIA AUC against personalization accuracy, each with retrain's level as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,10 +223,11 @@ def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     panels = sorted({task_label(r) for r in chosen})
     metrics = [
         ("forget_acc", "forget accuracy"),
-        ("probe_acc", "probe accuracy, forgotten kind"),
+        ("probe_acc", "probe accuracy, client domain"),
+        ("probe_acc_provider", "probe accuracy, provider domain"),
         ("mia_auc", "MIA AUC, deleted vs held-out"),
     ]
-    palette = plt.get_cmap("tab10")  # indexed by METHODS: a method keeps its colour in every panel
+    palette = plt.get_cmap("tab20")  # indexed by METHODS: a method keeps its colour in every panel
     ncol = max(1, len(panels))
     fig, axes = plt.subplots(len(metrics), ncol, figsize=(5 * ncol, 3.6 * len(metrics)), squeeze=False)
     for col, panel in enumerate(panels):
@@ -238,7 +239,7 @@ def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
                     continue
                 ax.errorbar(
                     px["mean"], fx["mean"], xerr=px["std"], yerr=fx["std"], fmt="o", capsize=3,
-                    label=r["method"], color=palette(METHODS.index(r["method"]) % 10),
+                    label=r["method"], color=palette(METHODS.index(r["method"]) % 20),
                 )  # fmt: skip
                 if r["method"] == "retrain":
                     ax.axhline(fx["mean"], color="grey", linestyle="--", linewidth=1)
