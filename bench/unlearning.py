@@ -78,6 +78,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--no-sweep", action="store_true", help="skip the mask-recipe sweep")
     parser.add_argument(
+        "--deletions",
+        default=None,
+        help="image tasks: comma-separated deletions among class,samples,person (default: class; "
+        "the code LM always deletes its slice)",
+    )
+    parser.add_argument(
+        "--skip-methods",
+        default="",
+        help="comma-separated methods not to run (group-obs-certified, the fine-tunes, analytic)",
+    )
+    parser.add_argument(
+        "--no-naive", action="store_true", help="skip the explicit-inverse reference solve (naive/ours)"
+    )
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated variants to run (default: each deletion's all)"
+    )
+    parser.add_argument(
         "--add-support-finetune",
         metavar="SEEDS_JSON",
         help="add the support-confined fine-tune's rows for --tasks and --seeds from --seed-offset to a "
@@ -200,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.workers,
             not args.no_sweep,
             seed_offset=args.seed_offset,
+            deletions=tuple(args.deletions.split(",")) if args.deletions else None,
+            variants=tuple(args.variants.split(",")) if args.variants else None,
+            compare_naive=not args.no_naive,
+            skip=frozenset(m for m in args.skip_methods.split(",") if m),
         )
     print(render_markdown(records))
     return 0

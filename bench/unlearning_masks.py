@@ -21,8 +21,18 @@ def _subsample(pair: tuple[Tensor, Tensor], n: int, seed: int) -> tuple[Tensor, 
     return pair[0][idx], pair[1][idx]
 
 
+def mask_spec_for(spec: MaskSpec, deletion: str) -> MaskSpec:
+    """The task's mask recipe for a deletion: a sample-level request removes no head row (the classes
+    stay), so the head shares the fraction's budget there."""
+    if deletion in ("samples", "person") and spec.head_rows:
+        return MaskSpec(spec.score, spec.fraction, spec.structure, spec.density, head_rows=0)
+    return spec
+
+
 def make_mask(prep: Prepared, spec: MaskSpec, block_size: int, n_samples: int) -> Any:
-    """The provider's deletion mask, computed on the global model from the forget set and a retain proxy."""
+    """The provider's deletion mask, computed on the global model from the forget set (the named samples)
+    and a retain proxy; no whole head row for a sample-level deletion (``mask_spec_for``)."""
+    spec = mask_spec_for(spec, prep.deletion)
     from zkunlearn.provider.masks import compute_mask
 
     from zkunlearn.tasks.train import cross_entropy

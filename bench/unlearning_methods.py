@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from zkunlearn.bench.forgetting import MiaReference
 from zkunlearn.bench.unlearning_data import Prepared
 from zkunlearn.bench.unlearning_metrics import evaluate, measured
 from zkunlearn.bench.unlearning_settings import SETTINGS, CertifiedSpec
@@ -80,8 +81,12 @@ def group_obs(
     curvature: str = "empirical",
     reconstruction_weight: float = 0.0,
     fisher_shift: int = 0,
+    factors_out: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
-    """Client-side compensation: Fisher factors without the forget-class samples, then batched solves."""
+    """Client-side compensation: Fisher factors without the forget-class samples, then batched solves.
+
+    ``factors_out``, if given, receives the curvature factors (for :func:`group_obs_certified` to reuse).
+    """
     from zkunlearn.client.fisher import layer_factors
     from zkunlearn.client.group_obs import apply_group_obs
     from zkunlearn.client.reference import naive_group_obs_explicit_inverse
@@ -100,6 +105,8 @@ def group_obs(
         )  # fmt: skip
         t1 = time.perf_counter()
         info["fisher_s"] = t1 - t0
+        if factors_out is not None:
+            factors_out.update(factors)
         for name in layers:
             new, _ = apply_group_obs(named[name].detach(), factors[name], mask.layer(name), lam)
             with torch.no_grad():
@@ -132,10 +139,16 @@ def group_obs_certified(
     curvature: str = "empirical",
     reconstruction_weight: float = 0.0,
     fisher_shift: int = 0,
+    factors: Mapping[str, Any] | None = None,
+    factors_s: float = 0.0,
 ) -> tuple[nn.Module, dict[str, float]]:
     """The update the exact Group-OBS proofs certify: each layer's weights after
     :func:`zkunlearn.client.unlearning_exact.certified_weights` (the SDK's quantisation, rank-``m`` factor
-    fit and exact solve, bit for bit what it proves), on the same curvature data as :func:`group_obs`."""
+    fit and exact solve, bit for bit what it proves), on the same curvature data as :func:`group_obs`.
+
+    ``factors`` are :func:`group_obs`'s own on the same data (computed here if None); reusing them, the
+    reported ``update_s`` adds the ``factors_s`` they took.
+    """
     from zkunlearn.client.fisher import layer_factors
     from zkunlearn.client.unlearning_exact import certified_weights
     from zkunlearn.proofs.exact import ExactGroupObsSpec
@@ -146,10 +159,12 @@ def group_obs_certified(
     spec = ExactGroupObsSpec.from_lam(block_size, certified.m, 1, certified.lam)
     out = copy.deepcopy(model)
     with measured() as m:
-        factors = layer_factors(
-            model, list(layers), data[0], data[1], cross_entropy, block_size, exclude,
-            curvature=curvature, reconstruction_weight=reconstruction_weight,  # type: ignore[arg-type]
-        )  # fmt: skip
+        if factors is None:
+            factors_s = 0.0
+            factors = layer_factors(
+                model, list(layers), data[0], data[1], cross_entropy, block_size, exclude,
+                curvature=curvature, reconstruction_weight=reconstruction_weight,  # type: ignore[arg-type]
+            )  # fmt: skip
         for name in layers:
             param = out.get_parameter(name)
             new = certified_weights(
@@ -157,7 +172,7 @@ def group_obs_certified(
             )
             with torch.no_grad():
                 param.copy_(torch.from_numpy(new.reshape(param.shape)).to(param.dtype))
-    return out, {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
+    return out, {"update_s": m["seconds"] + factors_s, "peak_rss_mb": m["peak_rss_mb"]}
 
 
 def output_refit(
@@ -231,17 +246,27 @@ def analytic_unlearn(
         def __init__(self) -> None:
             super().__init__()
             self.backbone = backbone
+            # A parameter, so that fine-tuning (the relearn metric) can move the head as well.
+            self.weight = nn.Parameter(weight)
+
+        def features(self, x: Tensor) -> Tensor:
+            return torch.as_tensor(self.backbone.features(x))  # type: ignore[operator]
 
         def forward(self, x: Tensor) -> Tensor:
-            f = self.backbone.features(x)  # type: ignore[operator]
-            return torch.as_tensor(f @ weight[:, :-1].T + weight[:, -1])
+            return torch.as_tensor(self.features(x) @ self.weight[:, :-1].T + self.weight[:, -1])
 
     return Headed(), {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
 
 
 def support_finetune(
-    prep: Prepared, v: Mapping[str, Any], mask: Any, dense: Mapping[str, Tensor], seed: int, quick: bool
-) -> tuple[dict[str, float], dict[str, Any]]:
+    prep: Prepared,
+    v: Mapping[str, Any],
+    mask: Any,
+    dense: Mapping[str, Tensor],
+    seed: int,
+    quick: bool,
+    reference: MiaReference | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The fine-tune confined to Group-OBS's own support: what a gradient method finds there."""
     from zkunlearn.tasks.train import finetune_masked
 
@@ -252,4 +277,7 @@ def support_finetune(
             epochs=1 if quick else s.support_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
             trainable=prep.layers, movable=group_obs_support(mask, prep.layers),
         )  # fmt: skip
-    return evaluate(model, v["views"], seed), {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
+    return evaluate(model, v["views"], seed, reference), {
+        "update_s": m["seconds"],
+        "peak_rss_mb": m["peak_rss_mb"],
+    }

@@ -1,5 +1,6 @@
-"""What the unlearning benchmark measures: a model's forgetting, utility and MIA on one (task, seed)'s
-views, and the wall time and peak memory of an update."""
+"""What the unlearning benchmark measures: a model's output accuracies and forgetting (probe, relearn,
+calibrated MIA: bench/forgetting.py) on one (task, deletion, seed)'s views, and the wall time and peak
+memory of an update."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from zkunlearn.bench.forgetting import ForgettingViews, MiaReference, forgetting_metrics
 
 
 @contextmanager
@@ -46,9 +48,7 @@ class Views:
     forget_client: tuple[Tensor, Tensor]  # forget class, held out, client domain (the prose slice for code)
     retain_test: tuple[Tensor, Tensor]  # provider domain, other classes / code
     personal_test: tuple[Tensor, Tensor]  # client domain, other classes / tkinter
-    mia_members: tuple[Tensor, Tensor]
-    mia_nonmembers: tuple[Tensor, Tensor]
-    mia_forget: tuple[Tensor, Tensor]
+    forgetting: ForgettingViews  # the probe, relearn and MIA data (bench/forgetting.py)
 
 
 def logits(model: nn.Module, x: Tensor) -> Tensor:
@@ -58,19 +58,20 @@ def logits(model: nn.Module, x: Tensor) -> Tensor:
     return predict(model, x, batch_size=256)
 
 
-def evaluate(model: nn.Module, views: Views, seed: int) -> dict[str, float]:
-    from zkunlearn.tasks.metrics import accuracy, mia_efficacy
+def evaluate(
+    model: nn.Module, views: Views, seed: int, reference: MiaReference | None = None
+) -> dict[str, float | int | bool | None]:
+    """Output accuracies, and with the retrained model's ``reference`` the forgetting metrics."""
+    from zkunlearn.tasks.metrics import accuracy
 
-    out = {
+    out: dict[str, float | int | bool | None] = {
         "forget_acc": accuracy(logits(model, views.forget_test[0]), views.forget_test[1]),
         "forget_acc_client": accuracy(logits(model, views.forget_client[0]), views.forget_client[1]),
         "retain_acc": accuracy(logits(model, views.retain_test[0]), views.retain_test[1]),
         "personal_acc": accuracy(logits(model, views.personal_test[0]), views.personal_test[1]),
     }
-    pairs = [(logits(model, v[0]), v[1]) for v in (views.mia_members, views.mia_nonmembers, views.mia_forget)]
-    mia = mia_efficacy(pairs[0], pairs[1], pairs[2], seed=seed)
-    out["mia"] = mia.loss_lr
-    out["mia_svc"] = mia.conf_svc
+    if reference is not None:
+        out.update(forgetting_metrics(model, views.forgetting, reference, seed))
     return out
 
 

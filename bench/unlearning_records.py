@@ -31,25 +31,39 @@ def write_study(
 
 
 _STAT_FIELDS = (
-    "forget_acc", "forget_acc_client", "retain_acc", "personal_acc", "mia", "mia_svc",
-    "forget_gap_vs_retrain", "recovery", "update_s", "peak_rss_mb", "naive_over_ours", "sparsity",
+    "forget_acc", "forget_acc_client", "retain_acc", "personal_acc", "probe_acc", "probe_acc_provider",
+    "relearn_steps", "mia_auc", "mia_auc_gap", "forget_gap_vs_retrain", "recovery", "update_s", "peak_rss_mb",
+    "naive_over_ours", "sparsity",
 )  # fmt: skip
 
 
+# Fields whose mean over seeds also gets a 95 % Student-t interval (``<field>_ci95``).
+_INTERVAL_FIELDS = (
+    "forget_acc", "personal_acc", "retain_acc", "probe_acc", "probe_acc_provider", "relearn_steps", "mia_auc",
+    "mia_auc_gap",
+)  # fmt: skip
+
+
+def deletion_of(row: Mapping[str, Any]) -> str:
+    """A row's deletion kind; rows measured before the field existed deleted a class (a slice for the LM)."""
+    return str(row.get("deletion") or ("slice" if row["task"] == "code-lm" else "class"))
+
+
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per (task, variant, method); fields a method lacks are null."""
+    """Mean ± std over seeds per (task, deletion, variant, method); fields a method lacks are null."""
     from zkunlearn.tasks.metrics import mean_interval, mean_std, recovery
 
-    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["task"], row["variant"], row["method"]), []).append(row)
+        groups.setdefault((row["task"], deletion_of(row), row["variant"], row["method"]), []).append(row)
     out: list[dict[str, Any]] = []
-    for (task, variant, method), group in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], METHODS.index(kv[0][2]))
+    for (task, deletion, variant, method), group in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], METHODS.index(kv[0][3]))
     ):
         first = group[0]
         rec: dict[str, Any] = {
             "task": task,
+            "deletion": deletion,
             "variant": variant,
             "method": method,
             "mask_score": first["mask_score"],
@@ -65,6 +79,14 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             vals = [r.get(key) for r in group]
             stat = mean_std(vals)
             rec[key] = None if stat["n"] == 0 else stat
+        for key in _INTERVAL_FIELDS:
+            rec[f"{key}_ci95"] = mean_interval([r.get(key) for r in group])
+        # Seeds whose paired bootstrap interval of the MIA gap to retrain covers 0 (retrain's level).
+        gaps = [r for r in group if r.get("mia_auc_gap_low") is not None]
+        rec["mia_at_retrain_seeds"] = (
+            None if not gaps else sum(r["mia_auc_gap_low"] <= 0.0 <= r["mia_auc_gap_high"] for r in gaps)
+        )
+        rec["relearn_capped_seeds"] = sum(bool(r.get("relearn_capped")) for r in group)
         rec["recovery_pooled"] = None
         # The targets are on the mean over seeds; with ~10 points of spread per seed, how sure that mean is.
         rec["recovery_ci95"] = mean_interval([r.get("recovery") for r in group])
@@ -74,10 +96,10 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         }
     # Recovery from seed-mean accuracies: per-seed recovery is None wherever that seed's mask cost < 5
     # points, so the per-seed mean can rest on one seed; the pooled ratio uses them all.
-    means = {(r["task"], r["variant"], r["method"]): r["personal_acc"]["mean"] for r in out}
+    means = {(r["task"], r["deletion"], r["variant"], r["method"]): r["personal_acc"]["mean"] for r in out}
     for rec_row in out:
         if rec_row["method"] in RECOVERING:
-            tv = (rec_row["task"], rec_row["variant"])
+            tv = (rec_row["task"], rec_row["deletion"], rec_row["variant"])
             pers, mask = means.get((*tv, "personalized")), means.get((*tv, "mask-only"))
             if pers is not None and mask is not None:
                 rec_row["recovery_pooled"] = recovery(pers, mask, rec_row["personal_acc"]["mean"])
@@ -115,27 +137,69 @@ def mask_label(r: Mapping[str, Any]) -> str:
     return f"{label} ({', '.join(notes)})" if notes else label
 
 
+def task_label(r: Mapping[str, Any]) -> str:
+    """A record's task as the tables name it: the task, and the deletion where it is not the whole kind."""
+    deletion = deletion_of(r)
+    return r["task"] if deletion in ("class", "slice") else f"{r['task']} ({deletion})"
+
+
+def _ci(ci: Mapping[str, float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    return "–" if ci is None else f"[{ci['low'] * scale:.{digits}f}, {ci['high'] * scale:.{digits}f}]"
+
+
+def _mean_ci(r: Mapping[str, Any], key: str, scale: float = 100.0, digits: int = 1) -> str:
+    stat = r.get(key)
+    if stat is None or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean'] * scale:.{digits}f} {_ci(r.get(key + '_ci95'), scale, digits)}"
+
+
+def render_forgetting_markdown(records: Sequence[Mapping[str, Any]]) -> str:
+    """Utility and forgetting against retrain per (task, deletion, variant, method): means over seeds with
+    their 95 % interval; accuracies in %, relearn in steps, MIA as AUC."""
+    lines = [
+        "| task | deletion | variant | method | seeds | personal acc | forget acc "
+        "| probe acc, client domain | probe acc, provider domain | relearn steps (capped seeds) | MIA AUC "
+        "| MIA AUC − retrain's | seeds at retrain's MIA level |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        capped = r.get("relearn_capped_seeds") or 0
+        at = r.get("mia_at_retrain_seeds")
+        at_level = "–" if at is None else f"{at}/{len(r['seeds'])}"
+        lines.append(
+            f"| {r['task']} | {r.get('deletion', deletion_of(r))} | {r['variant']} | {r['method']} "
+            f"| {len(r['seeds'])} | {_mean_ci(r, 'personal_acc')} | {_mean_ci(r, 'forget_acc')} "
+            f"| {_mean_ci(r, 'probe_acc')} | {_mean_ci(r, 'probe_acc_provider')} "
+            f"| {_mean_ci(r, 'relearn_steps', 1.0, 0)} ({capped}) "
+            f"| {_mean_ci(r, 'mia_auc', 1.0, 3)} | {_mean_ci(r, 'mia_auc_gap', 1.0, 3)} "
+            f"| {at_level} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(records: Sequence[Mapping[str, Any]]) -> str:
     """The table for docs/benchmarks.md: accuracies in %, recovery in %, times in seconds."""
     lines = [
         "| task | variant | method | mask | forget acc | Δ forget vs retrain | personal acc | retain acc "
-        "| MIA (LR) | recovery per seed (n) | recovery 95 % CI | recovery pooled | update s | peak RSS MB "
+        "| MIA AUC | recovery per seed (n) | recovery 95 % CI | recovery pooled | update s | peak RSS MB "
         "| naive/ours |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         mask = mask_label(r)
         lines.append(
-            f"| {r['task']} | {r['variant']} | {r['method']} | {mask} | {_fmt(r['forget_acc'])} "
+            f"| {task_label(r)} | {r['variant']} | {r['method']} | {mask} | {_fmt(r['forget_acc'])} "
             f"| {_fmt(r['forget_gap_vs_retrain'])} | {_fmt(r['personal_acc'])} | {_fmt(r['retain_acc'])} "
-            f"| {_fmt(r['mia'])} | {_rec(r['recovery'])} | {_interval(r.get('recovery_ci95'))} "
+            f"| {_fmt(r.get('mia_auc'), False, 3)} | {_rec(r['recovery'])} "
+            f"| {_interval(r.get('recovery_ci95'))} "
             f"| {_pooled(r.get('recovery_pooled'))} "
             f"| {_fmt(r['update_s'], False, 2)} "
             f"| {_fmt(r['peak_rss_mb'], False, 0)} | {_fmt(r['naive_over_ours'], False, 1)} |"
         )
     eff: dict[str, Any] = {}
     for r in records:
-        eff.setdefault(r["task"], r["mask_efficacy"])
+        eff.setdefault(task_label(r), r["mask_efficacy"])
     lines.append("")
     lines.append("| task | global forget acc | after mask | retrain from scratch |")
     lines.append("|---|---|---|---|")
@@ -148,30 +212,45 @@ def render_markdown(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def render_plot(records: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Forget accuracy against personalization accuracy per method (disjoint variant), one panel per task."""
+    """Per method (disjoint variant), one column per task and deletion: forget accuracy, the two probe
+    accuracies and MIA AUC against personalization accuracy, each with retrain's level as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     chosen = [r for r in records if r["variant"] == "disjoint"]
-    tasks = sorted({r["task"] for r in chosen})
-    palette = plt.get_cmap("tab10")  # indexed by METHODS: a method keeps its colour in every panel
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=False):
-        for r in (r for r in chosen if r["task"] == task):
-            fx, px = r["forget_acc"], r["personal_acc"]
-            ax.errorbar(
-                px["mean"], fx["mean"], xerr=px["std"], yerr=fx["std"], fmt="o", capsize=3, label=r["method"],
-                color=palette(METHODS.index(r["method"]) % 10),
-            )  # fmt: skip
-        ax.set_title(f"{task} (disjoint)")
-        ax.set_xlabel("personalization accuracy")
-        ax.set_ylabel("forget accuracy (lower is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    panels = sorted({task_label(r) for r in chosen})
+    metrics = [
+        ("forget_acc", "forget accuracy"),
+        ("probe_acc", "probe accuracy, client domain"),
+        ("probe_acc_provider", "probe accuracy, provider domain"),
+        ("mia_auc", "MIA AUC, deleted vs held-out"),
+    ]
+    palette = plt.get_cmap("tab20")  # indexed by METHODS: a method keeps its colour in every panel
+    ncol = max(1, len(panels))
+    fig, axes = plt.subplots(len(metrics), ncol, figsize=(5 * ncol, 3.6 * len(metrics)), squeeze=False)
+    for col, panel in enumerate(panels):
+        for row, (key, label) in enumerate(metrics):
+            ax = axes[row][col]
+            for r in (r for r in chosen if task_label(r) == panel):
+                fx, px = r.get(key), r["personal_acc"]
+                if fx is None or fx.get("mean") is None:
+                    continue
+                ax.errorbar(
+                    px["mean"], fx["mean"], xerr=px["std"], yerr=fx["std"], fmt="o", capsize=3,
+                    label=r["method"], color=palette(METHODS.index(r["method"]) % 20),
+                )  # fmt: skip
+                if r["method"] == "retrain":
+                    ax.axhline(fx["mean"], color="grey", linestyle="--", linewidth=1)
+            ax.set_title(f"{panel} (disjoint)")
+            ax.set_xlabel("personalization accuracy")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -224,7 +303,7 @@ def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
     by: dict[tuple[str, str, int], dict[str, Mapping[str, Any]]] = {}
     for r in rows:
-        by.setdefault((r["task"], r["variant"], r["seed"]), {})[r["method"]] = r
+        by.setdefault((task_label(r), r["variant"], r["seed"]), {})[r["method"]] = r
     lines = [
         "| task | variant | seed | tuning seed | mask cost (points) | masked global forget / retrain "
         "| personalized | mask-only | group-obs | " + " | ".join(f"recovery {m}" for m in RECOVERING) + " |",
@@ -236,7 +315,7 @@ def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             continue
         pers, mask, obs = (meth[k]["personal_acc"] for k in ("personalized", "mask-only", "group-obs"))
         eff = meth["group-obs"]["mask_efficacy"]
-        tuned = seed in TUNING_SEEDS.get(task, ())
+        tuned = seed in TUNING_SEEDS.get(task.split(" ")[0], ())
         recs = {m: meth[m]["recovery"] if m in meth else None for m in RECOVERING}
         if not tuned:
             h = held.setdefault((task, variant), {m: [] for m in RECOVERING})
@@ -305,7 +384,13 @@ def finalize(
     """Aggregate per-seed rows and write the JSON, the markdown tables and the plot."""
     records = aggregate(rows)
     out_path.write_text(json.dumps(records, indent=2) + "\n")
-    out_path.with_suffix(".md").write_text(render_markdown(records) + "\n" + render_seed_markdown(rows))
+    out_path.with_suffix(".md").write_text(
+        render_forgetting_markdown(records)
+        + "\n"
+        + render_markdown(records)
+        + "\n"
+        + render_seed_markdown(rows)
+    )
     render_plot(records, out_path.with_suffix(".png"))
     if sweep_rows:
         sweep = aggregate_sweep(sweep_rows)

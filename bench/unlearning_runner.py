@@ -3,6 +3,7 @@ single-threaded processes, and a whole run kept on disk as it goes."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -13,8 +14,9 @@ from typing import Any, TypeVar
 
 import torch
 from rich.progress import track
+from zkunlearn.bench.forgetting import FORGETTING_FIELDS, MiaReference
 from zkunlearn.bench.unlearning_data import prepare
-from zkunlearn.bench.unlearning_masks import dense_masks, make_mask, mask_sweep
+from zkunlearn.bench.unlearning_masks import dense_masks, make_mask, mask_spec_for, mask_sweep
 from zkunlearn.bench.unlearning_methods import (
     analytic_unlearn,
     group_obs,
@@ -35,7 +37,7 @@ _UPDATE_FIELDS = ("update_s", "peak_rss_mb", "naive_over_ours", "naive_max_diff"
 
 
 # What `evaluate` measures of a model.
-_METRIC_FIELDS = ("forget_acc", "forget_acc_client", "retain_acc", "personal_acc", "mia", "mia_svc")
+_METRIC_FIELDS = ("forget_acc", "forget_acc_client", "retain_acc", "personal_acc", *FORGETTING_FIELDS)
 
 
 def run_per_seed(
@@ -86,12 +88,23 @@ def run_job(
     fisher_samples: int | None = None,
     curvature: str | None = None,
     reconstruction_weight: float | None = None,
+    deletion: str | None = None,
+    variants: tuple[str, ...] | None = None,
+    compare_naive: bool = True,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every method on both variants for one (task, seed); returns per-seed rows and mask-sweep rows.
+    """Every method on the variants (default: all) for one (task, deletion, seed); returns per-seed rows
+    and mask-sweep rows. ``deletion`` defaults to the task's whole kind ("class" or the LM's "slice").
 
     ``mask_spec``, ``lam``, ``block_size``, ``fisher_samples``, ``curvature`` and
-    ``reconstruction_weight`` override ``SETTINGS[task]`` for sweeps.
+    ``reconstruction_weight`` override ``SETTINGS[task]`` for sweeps. Without ``compare_naive`` the
+    explicit-inverse reference solve (``naive_over_ours``) is skipped. Methods in ``skip`` (the
+    certified update, the fine-tunes, the analytic head: none the others depend on) are not run.
     """
+    if skip & {"personalized", "mask-only", "group-obs", "retrain"}:
+        raise ValueError(
+            "personalized, mask-only, group-obs and retrain are needed by the others; not skippable"
+        )
     from zkunlearn.tasks.metrics import recovery
     from zkunlearn.tasks.train import finetune_masked, masked_copy
 
@@ -103,7 +116,9 @@ def run_job(
     m_fisher = s.fisher_samples if fisher_samples is None else fisher_samples
     curve = s.curvature if curvature is None else curvature
     recon = s.reconstruction_weight if reconstruction_weight is None else reconstruction_weight
-    prep = prepare(task, seed, quick)
+    deletion = deletion or ("slice" if task == "code-lm" else "class")
+    prep = prepare(task, seed, quick, deletion, variants)
+    spec = mask_spec_for(spec, deletion)
     mask = make_mask(prep, spec, block, s.mask_samples)
     dense = dense_masks(mask, prep.layers)
     n_weights = sum(int(d.numel()) for d in dense.values())
@@ -116,15 +131,27 @@ def run_job(
     }
     efficacy["gap_to_retrain"] = efficacy["masked_global_forget_acc"] - efficacy["retrain_global_forget_acc"]
     # The LM's sweep costs a minute of per-sample gradients per seed: one seed shows the pattern.
-    do_sweep = sweep and (task != "code-lm" or seed == 0)
+    do_sweep = sweep and deletion in ("class", "slice") and (task != "code-lm" or seed == 0)
     sweep_rows = mask_sweep(prep, block, s.mask_samples) if do_sweep else []
     rows: list[dict[str, Any]] = []
     for variant, v in prep.variants.items():
         views: Views = v["views"]
-        results: dict[str, tuple[dict[str, float], dict[str, Any]]] = {}
-        results["personalized"] = (evaluate(v["personalized"], views, seed), {})
+        # The retrained model of the same seed is the membership attack's reference (bench/forgetting.py).
+        ref = MiaReference.of(v["gold"], views.forgetting, seed)
+
+        def measure(model: torch.nn.Module) -> dict[str, Any]:
+            return evaluate(model, views, seed, ref)  # noqa: B023 (used within the iteration)
+
+        results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        results["personalized"] = (measure(v["personalized"]), {})
         masked = masked_copy(v["personalized"], dense)
-        results["mask-only"] = (evaluate(masked, views, seed), {"update_s": 0.0})
+        results["mask-only"] = (measure(masked), {"update_s": 0.0})
+        if "head-row-only" in task_methods(task, deletion):
+            head_only = copy.deepcopy(v["personalized"])
+            with torch.no_grad():
+                head_only.get_parameter("head.weight")[int(prep.provider_forget[1][0])] = 0.0
+            results["head-row-only"] = (measure(head_only), {"update_s": 0.0})
+        factors: dict[str, Any] = {}
         obs_model, info = group_obs(
             v["personalized"],
             mask,
@@ -137,16 +164,19 @@ def run_job(
             curvature=curve,
             reconstruction_weight=recon,
             fisher_shift=s.fisher_shift,
+            compare_naive=compare_naive,
+            factors_out=factors,
         )
-        info["naive_over_ours"] = info["naive_s"] / max(info["solve_s"], 1e-9)
-        results["group-obs"] = (evaluate(obs_model, views, seed), info)
-        if s.certified is not None:
+        if compare_naive:
+            info["naive_over_ours"] = info["naive_s"] / max(info["solve_s"], 1e-9)
+        results["group-obs"] = (measure(obs_model), info)
+        if s.certified is not None and "group-obs-certified" not in skip:
             certified_model, cinfo = group_obs_certified(
                 v["personalized"], mask, prep.layers, v["client_train"], v["client_forget_mask"],
                 s.certified, block, n_samples=m_fisher, curvature=curve, reconstruction_weight=recon,
-                fisher_shift=s.fisher_shift,
+                fisher_shift=s.fisher_shift, factors=factors, factors_s=info["fisher_s"],
             )  # fmt: skip
-            results["group-obs-certified"] = (evaluate(certified_model, views, seed), cinfo)
+            results["group-obs-certified"] = (measure(certified_model), cinfo)
         if s.refit_lam is not None:
             refit_model, rinfo = output_refit(
                 v["personalized"], obs_model, prep.layers, v["client_train"], v["client_forget_mask"],
@@ -155,32 +185,35 @@ def run_job(
             # The whole client update: Group-OBS (curvature + solves) and then the refit.
             rinfo["update_s"] += info["update_s"]
             rinfo["peak_rss_mb"] = max(rinfo["peak_rss_mb"], info["peak_rss_mb"])
-            results["group-obs-refit"] = (evaluate(refit_model, views, seed), rinfo)
+            results["group-obs-refit"] = (measure(refit_model), rinfo)
         after = v["after"]
-        with measured() as m:
-            ft = finetune_masked(
-                v["personalized"], dense, after[0], after[1],
-                epochs=1 if quick else s.finetune_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
-            )  # fmt: skip
-        results["mask-finetune"] = (
-            evaluate(ft, views, seed),
-            {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
-        )
-        results["support-finetune"] = support_finetune(prep, v, mask, dense, seed, quick)
-        with measured() as m:
-            layers_ft = finetune_masked(
-                v["personalized"], dense, after[0], after[1],
-                epochs=1 if quick else s.support_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
-                trainable=prep.layers,
-            )  # fmt: skip
-        results["layers-finetune"] = (
-            evaluate(layers_ft, views, seed),
-            {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
-        )
-        if "analytic" in task_methods(task):
+        if "mask-finetune" not in skip:
+            with measured() as m:
+                ft = finetune_masked(
+                    v["personalized"], dense, after[0], after[1],
+                    epochs=1 if quick else s.finetune_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
+                )  # fmt: skip
+            results["mask-finetune"] = (
+                measure(ft),
+                {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
+            )
+        if "support-finetune" not in skip:
+            results["support-finetune"] = support_finetune(prep, v, mask, dense, seed, quick, ref)
+        if "layers-finetune" not in skip:
+            with measured() as m:
+                layers_ft = finetune_masked(
+                    v["personalized"], dense, after[0], after[1],
+                    epochs=1 if quick else s.support_epochs, lr=s.personal_lr, seed=seed, batch_size=64,
+                    trainable=prep.layers,
+                )  # fmt: skip
+            results["layers-finetune"] = (
+                measure(layers_ft),
+                {"update_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]},
+            )
+        if "analytic" in task_methods(task) and "analytic" not in skip:
             head_model, hinfo = analytic_unlearn(prep, v)
-            results["analytic"] = (evaluate(head_model, views, seed), hinfo)
-        results["retrain"] = (evaluate(v["gold"], views, seed), {"update_s": v["gold_s"]})
+            results["analytic"] = (measure(head_model), hinfo)
+        results["retrain"] = (measure(v["gold"]), {"update_s": v["gold_s"]})
         base_p = results["personalized"][0]["personal_acc"]
         base_m = results["mask-only"][0]["personal_acc"]
         gold_f = results["retrain"][0]["forget_acc"]
@@ -192,6 +225,7 @@ def run_job(
             rows.append(
                 {
                     "task": task,
+                    "deletion": deletion,
                     "variant": variant,
                     "method": method,
                     "seed": seed,
@@ -268,6 +302,24 @@ def add_support_finetune(
     return out
 
 
+def _run_named_job(
+    job: str,
+    seed: int,
+    *,
+    quick: bool,
+    sweep: bool,
+    variants: tuple[str, ...] | None,
+    compare_naive: bool,
+    skip: frozenset[str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``run_job`` for a ``task:deletion`` job name (picklable for the worker processes)."""
+    task, deletion = job.split(":")
+    return run_job(
+        task, seed, quick, sweep=sweep, deletion=deletion, variants=variants, compare_naive=compare_naive,
+        skip=skip,
+    )  # fmt: skip
+
+
 def run_unlearning_bench(
     out_path: Path | str = RESULTS / "unlearning.json",
     tasks: Sequence[str] = TASKS,
@@ -276,15 +328,26 @@ def run_unlearning_bench(
     workers: int | None = None,
     sweep: bool = True,
     seed_offset: int = 0,
+    deletions: Sequence[str] | None = None,
+    variants: tuple[str, ...] | None = None,
+    compare_naive: bool = True,
+    skip: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Run every (task, seed) job, aggregate over seeds and write JSON, markdown and a plot beside it.
 
     Per-seed rows are written after every finished job (``<stem>_seeds.json``), so an interrupted run
     keeps what it measured; ``finalize`` rebuilds the tables from that file.
     """
+    from zkunlearn.bench.unlearning_data import DELETIONS
+
     for t in tasks:
         if t not in SETTINGS:
             raise ValueError(f"unknown task {t!r}; expected some of {TASKS}")
+    for d in deletions or ():
+        if d not in DELETIONS:
+            raise ValueError(f"unknown deletion {d!r}; expected some of {DELETIONS}")
+    # A job is (task, deletion); the code LM deletes its slice whatever the image tasks delete.
+    jobs = [f"{t}:{d}" for t in tasks for d in (("slice",) if t == "code-lm" else (deletions or ("class",)))]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds_path = out_path.with_name(out_path.stem + "_seeds.json")
@@ -298,7 +361,10 @@ def run_unlearning_bench(
 
     # One failing job (say, a missing corpus) must not throw away the others' results.
     failures = run_per_seed(
-        functools.partial(run_job, quick=quick, sweep=sweep), tasks,
+        functools.partial(
+            _run_named_job, quick=quick, sweep=sweep, variants=variants, compare_naive=compare_naive,
+            skip=skip,
+        ), jobs,
         range(seed_offset, seed_offset + seeds), "unlearning bench", keep,
         workers=workers, tolerate_failures=True,
     )  # fmt: skip

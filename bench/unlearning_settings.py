@@ -13,8 +13,8 @@ TASKS = ("vit", "mlp", "code-lm")
 
 
 METHODS = (
-    "personalized", "mask-only", "group-obs-certified", "group-obs", "group-obs-refit", "support-finetune",
-    "layers-finetune", "mask-finetune", "analytic", "retrain",
+    "personalized", "mask-only", "head-row-only", "group-obs-certified", "group-obs", "group-obs-refit",
+    "support-finetune", "layers-finetune", "mask-finetune", "analytic", "retrain",
 )  # fmt: skip
 
 
@@ -29,10 +29,14 @@ RECOVERING = (
 )  # fmt: skip
 
 
-def task_methods(task: str) -> tuple[str, ...]:
+def task_methods(task: str, deletion: str = "class") -> tuple[str, ...]:
     """The methods ``run_job`` reports for ``task``: no refit where the task's setting has none (the MLP's
-    masked layer feeds its masked head), no analytic head on the language model."""
+    masked layer feeds its masked head), no analytic head on the language model, the forget class's head
+    row zeroed alone (``head-row-only``, the output-only deletion the forgetting metrics must expose)
+    only for a class deletion."""
     skip = {"group-obs-refit"} if SETTINGS[task].refit_lam is None else set()
+    if deletion != "class" or task == "code-lm":
+        skip.add("head-row-only")
     if SETTINGS[task].certified is None:
         skip.add("group-obs-certified")
     if task == "code-lm":

@@ -135,8 +135,8 @@ class Scenario:
 
     @property
     def analytic_spec(self) -> ExactAnalyticSpec:
-        """The analytic head's published spec (the exact relation; 11k rows, logrows 14 at this shape)."""
-        return ExactAnalyticSpec(d=8, k=10, n_u=4)
+        """The analytic head's published spec (the exact relation; logrows 14 at this shape)."""
+        return ExactAnalyticSpec(d=8, k=10, n_u=8)
 
     @property
     def max_batches(self) -> int:
@@ -240,6 +240,19 @@ class Scenario:
         bound = self.analytic_spec.x_bound / 2.0
         out: F64 = np.clip(self._raw_features(x) @ projection * scale, -bound, bound)
         return out
+
+    def analytic_learned(self) -> Split:
+        """The client's own samples an analytic client learns: its first ``n_u`` of each class it holds.
+
+        As many per class as the forget class's contributed samples (:meth:`contributed_sample_ids`),
+        so that the head learns the forget class as well as the others before the deletion; on the
+        client's whole data ``n_u`` samples of a class are outvoted and the class is never predicted.
+        """
+        train = self.task.client_train
+        n_u = self.analytic_spec.n_u
+        per_class = [torch.nonzero(train.y == c).flatten()[:n_u] for c in sorted(set(train.y.tolist()))]
+        index = torch.cat(per_class).sort().values
+        return Split(train.x[index], train.y[index])
 
     def contributed_sample_ids(self) -> list[int]:
         """Row ids in the provider's training data of the samples an analytic client learned (the
