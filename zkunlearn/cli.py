@@ -60,6 +60,83 @@ def provider_worker(
     raise typer.Exit(code=run_worker_command(config, replica_id))
 
 
+@provider_app.command("key")
+def provider_key(
+    key_file: Annotated[
+        Path, typer.Option(help="the provider's signing key (created, mode 0600, if missing)")
+    ] = Path("provider.key"),
+) -> None:
+    """Print the provider's public key (hex), the value devices pin as ``provider_public_key``."""
+    from zkunlearn.proofs.statements import StatementError
+    from zkunlearn.provider.server import load_signer
+
+    try:
+        signer = load_signer(key_file)
+    except (OSError, StatementError) as exc:
+        console.print(
+            f"[red]error:[/red] cannot read the provider key {escape(str(key_file))}: {escape(str(exc))}"
+        )
+        raise typer.Exit(code=2) from exc
+    print(signer.public_bytes().hex())
+
+
+@provider_app.command("publish")
+def provider_publish(
+    model_id: Annotated[str, typer.Option(help="the model's id, as devices and deletion requests name it")],
+    out: Annotated[Path, typer.Option(help="folder for the circuits (keys, settings, SRS, index)")] = Path(
+        "circuits"
+    ),
+    block: Annotated[int, typer.Option(help="Group-OBS block size B (weights per block)")] = 64,
+    rank: Annotated[int, typer.Option(help="rows m of each block's committed curvature factor")] = 16,
+    batch: Annotated[int, typer.Option(help="blocks per proof")] = 8,
+    lam: Annotated[float, typer.Option(help="damping of the certified update")] = 0.1,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=WEIGHTS of a layer devices will enroll (checked; repeatable)"),
+    ] = None,
+    analytic_head: Annotated[
+        str | None,
+        typer.Option(help="also publish an exact analytic head: D,K,N_U (features, outputs, rows)"),
+    ] = None,
+    no_group_obs: Annotated[bool, typer.Option(help="publish the analytic head only")] = False,
+) -> None:
+    """Build a model's exact circuits and print the provider.toml lines that publish them."""
+    from zkunlearn.errors import MalformedError
+    from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
+    from zkunlearn.proofs.exact import ExactGroupObsSpec
+    from zkunlearn.provider.publish import publish_circuits
+
+    try:
+        sizes: dict[str, int] = {}
+        for item in layer or []:
+            name, sep, count = item.partition("=")
+            if not sep or not name or not count.strip().isdigit():
+                raise MalformedError(
+                    f"--layer {item!r}: expected NAME=WEIGHTS, e.g. blocks.0.fc1.weight=65536"
+                )
+            sizes[name] = int(count)
+        head = None
+        if analytic_head is not None:
+            parts = analytic_head.split(",")
+            if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+                raise MalformedError(f"--analytic-head {analytic_head!r}: expected D,K,N_U, e.g. 8,10,4")
+            head = ExactAnalyticSpec(*(int(p) for p in parts))
+        spec = None if no_group_obs else ExactGroupObsSpec.from_lam(block, rank, batch, lam)
+        published = publish_circuits(out, model_id, group_obs=spec, analytic=head, layers=sizes)
+    except (MalformedError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(code=2) from exc
+    for name, batches in published.batches.items():
+        console.print(f"# {name}: {batches} proof(s) per full deletion of the layer", markup=False)
+    if published.insecure_srs:
+        console.print(
+            "# development SRS (INSECURE): put `srs_insecure = true` among provider.toml's top-level keys, "
+            "or build with a ceremony SRS for production",
+            markup=False,
+        )
+    print("\n".join(published.config_lines))
+
+
 @provider_app.command("export")
 def provider_export(
     config: Annotated[Path, typer.Option(help="the provider's TOML config")] = Path("provider.toml"),
