@@ -33,7 +33,6 @@ from rich.table import Table
 
 from zkunlearn.edge import Profile
 from zkunlearn.proofs.deletion import DeletionCircuits
-from zkunlearn.proofs.served import publication
 from zkunlearn.scenario import Scenario
 
 CLIENT_KINDS: list[tuple[str, str]] = [
@@ -237,6 +236,7 @@ def _start_provider(
     work: Path, scenario: Scenario, circuits_dir: Path
 ) -> tuple[subprocess.Popen[bytes], bytes]:
     from zkunlearn.proofs.statements import StatementSigner
+    from zkunlearn.provider.publish import artifact_config_lines
     from zkunlearn.provider.server import load_signer
 
     signer = load_signer(work / "provider.key")
@@ -253,9 +253,7 @@ def _start_provider(
                 "submit_wait_s = 0.0",
                 "watch_poll_s = 0.3",
                 "srs_insecure = true",
-                f"[artifacts.{json.dumps(scenario.model_id)}]",
-                f'circuits_dir = "{circuits_dir}"',
-                *_publication(scenario.model_id, circuits_dir),
+                *artifact_config_lines(scenario.model_id, circuits_dir),
                 "[operator]",
                 f'public_keys = ["{operator.public_bytes().hex()}"]',
                 f'key_file = "{work / "operator.key"}"',
@@ -286,15 +284,6 @@ def _start_provider(
     )
     _wait_for(work / "provider.port", process, "provider", 120)
     return process, signer.public_bytes()
-
-
-def _publication(model_id: str, circuits_dir: Path) -> list[str]:
-    """Config lines that publish what a device downloads of each circuit over GetArtifact."""
-    lines: list[str] = []
-    for circuit, files in publication(model_id, DeletionCircuits.load(circuits_dir)).items():
-        lines.append(f"[artifacts.{json.dumps(circuit)}]")
-        lines += [f"{name} = {json.dumps(str(path))}" for name, path in files.items()]
-    return lines
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
