@@ -39,6 +39,9 @@ from zkunlearn.provider.verification import EzklVerifier
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.fakes import ALL_KINDS_POLICY  # noqa: E402
+
 PROGRAM = ROOT / "tests" / "user_programs" / "digits_cnn.py"
 MODEL = "digits-cnn"
 LAYER = "0.weight"  # the CNN's convolution: 2 x 1 x 4 x 4 = 32 weights, one batch of the exact circuit
@@ -294,6 +297,7 @@ def test_what_the_one_call_device_cannot_prove_is_refused_by_name(world: World) 
         world.operator,
         artifacts={f"{MODEL}/group_obs": {"index": str(refit_index)}},
         key_file=str(world.tmp / "provider.key"),
+        **ALL_KINDS_POLICY,  # the refit pair is a fixed-point (kind 1) publication: opted in
     )
     try:
         with pytest.raises(
