@@ -72,6 +72,9 @@ def _mini_repo(root: Path, extra: dict[str, str]) -> Path:
         (root / folder).mkdir(parents=True, exist_ok=True)
         (root / folder / "__init__.py").write_text("")
         (root / folder / "base.py").write_text("VALUE = 1\n")
+    # The error root every part may import: a contract names it, so it must exist.
+    (root / "zkunlearn").mkdir(exist_ok=True)
+    (root / "zkunlearn" / "errors.py").write_text("class ZkUnlearnError(Exception): ...\n")
     for path, source in extra.items():
         (root / path).write_text(source)
     return root
@@ -90,6 +93,7 @@ def test_the_repository_keeps_its_import_contracts() -> None:
         ("circuits/bad.py", "from zkunlearn.proofs import base\n"),
         ("proofs/bad.py", "from zkunlearn.client.base import VALUE\n"),
         ("protos/zkunlearn/v1/bad.py", "from zkunlearn.circuits import base\n"),
+        ("zkunlearn/errors.py", "from zkunlearn.provider import base\n"),
     ],
 )
 def test_a_broken_contract_fails_the_check(tmp_path: Path, path: str, source: str) -> None:

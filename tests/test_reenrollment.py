@@ -44,7 +44,7 @@ from zkunlearn.provider.state import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.fakes import BLOCKS, FakeVerifier, _transcript, after_for
+from tests.fakes import ALL_KINDS, BLOCKS, FakeVerifier, _transcript, after_for
 from tests.test_audit import fake_checker
 from tests.test_grpc import edge, start
 from tests.test_service import Device, mask
@@ -63,7 +63,12 @@ def service(state: ProviderState) -> Iterator[ProviderService]:
         state,
         StatementSigner.generate(),
         FakeVerifier(),
-        ServiceConfig(model_ids=("m1",), max_proof_bytes=4096, challenge_rate_per_subject=0.0),
+        ServiceConfig(
+            update_kinds=ALL_KINDS,
+            model_ids=("m1",),
+            max_proof_bytes=4096,
+            challenge_rate_per_subject=0.0,
+        ),
     )
     yield svc
     svc.close()
@@ -223,7 +228,12 @@ def test_an_open_request_blocks_the_reenrollment_until_answered_or_expired(state
         state,
         StatementSigner.generate(),
         FakeVerifier(),
-        ServiceConfig(model_ids=("m1",), challenge_rate_per_subject=0.0, request_ttl_s=60.0),
+        ServiceConfig(
+            update_kinds=ALL_KINDS,
+            model_ids=("m1",),
+            challenge_rate_per_subject=0.0,
+            request_ttl_s=60.0,
+        ),
         clock_ms=lambda: now[0],
     )
     try:
@@ -246,7 +256,12 @@ def test_the_policy_can_let_a_client_reenroll_with_requests_open(state: Provider
         state,
         StatementSigner.generate(),
         FakeVerifier(),
-        ServiceConfig(model_ids=("m1",), challenge_rate_per_subject=0.0, reenroll_with_open_requests=True),
+        ServiceConfig(
+            update_kinds=ALL_KINDS,
+            model_ids=("m1",),
+            challenge_rate_per_subject=0.0,
+            reenroll_with_open_requests=True,
+        ),
     )
     try:
         dev = Device(service)
