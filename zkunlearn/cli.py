@@ -60,26 +60,6 @@ def provider_worker(
     raise typer.Exit(code=run_worker_command(config, replica_id))
 
 
-@provider_app.command("key")
-def provider_key(
-    key_file: Annotated[
-        Path, typer.Option(help="the provider's signing key (created, mode 0600, if missing)")
-    ] = Path("provider.key"),
-) -> None:
-    """Print the provider's public key (hex), the value devices pin as ``provider_public_key``."""
-    from zkunlearn.proofs.statements import StatementError
-    from zkunlearn.provider.server import load_signer
-
-    try:
-        signer = load_signer(key_file)
-    except (OSError, StatementError) as exc:
-        console.print(
-            f"[red]error:[/red] cannot read the provider key {escape(str(key_file))}: {escape(str(exc))}"
-        )
-        raise typer.Exit(code=2) from exc
-    print(signer.public_bytes().hex())
-
-
 @provider_app.command("publish")
 def provider_publish(
     model_id: Annotated[str, typer.Option(help="the model's id, as devices and deletion requests name it")],
