@@ -84,3 +84,22 @@ def test_published_lines_are_a_config_the_provider_loads_and_verifies_with(tmp_p
     assert set(served) == {"index", "settings", "enrollment_settings", "srs"}
     assert all(Path(path).is_file() for path in served.values())
     assert from_config(loaded) is not None  # the verifier finds and loads the published circuits
+
+
+def test_no_two_cli_commands_share_a_name() -> None:
+    """typer lets a later registration silently replace an earlier command of the same name."""
+    import typer
+
+    def names(group: typer.Typer, prefix: str) -> list[str]:
+        found = [
+            f"{prefix}{c.name or (c.callback.__name__ if c.callback else '')}"
+            for c in group.registered_commands
+        ]
+        for sub in group.registered_groups:
+            assert sub.typer_instance is not None
+            found += names(sub.typer_instance, f"{prefix}{sub.name} ")
+        return found
+
+    everything = names(app, "")
+    assert len(everything) > 20
+    assert sorted({n for n in everything if everything.count(n) > 1}) == []
