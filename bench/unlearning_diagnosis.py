@@ -31,7 +31,7 @@ same cached models and masks as the benchmark (``bench.unlearning_data.prepare``
   layout in the mask, the commitments and the circuits); measured here so that whoever weighs building
   it knows what it gives. Plain-curvature tasks whose ``fc2`` is not itself masked only (the ViT).
 
-    python -m bench.unlearning --diagnose --tasks vit --seeds 6 --workers 2
+    zkunlearn bench unlearning-diagnose --tasks vit --seeds 6 --workers 2
     # -> bench/results/unlearning_diagnosis.{json,md}
 """
 

@@ -16,15 +16,14 @@ A block masked whole (``density = 1``, and every neuron mask on layers whose row
 Group-OBS no unmasked weight to compensate with, so there Group-OBS is mask-only by construction; the
 table shows by how much a density cap buys that back.
 
-    python -m bench.unlearning --structures --tasks vit --seeds 12 --workers 2 --out a/vit/u.json
-    python -m bench.unlearning --structures --tasks mlp --seeds 3 --workers 2 --out a/mlp/u.json
-    python -m bench.unlearning --structures --tasks code-lm --seeds 4 --workers 2 --out a/lm/u.json
-    python -m bench.unlearning_structures a/*/unlearning_structures.json   # merged into bench/results
+    zkunlearn bench unlearning-structures --tasks vit --seeds 12 --workers 2 --out a/vit/u.json
+    zkunlearn bench unlearning-structures --tasks mlp --seeds 3 --workers 2 --out a/mlp/u.json
+    zkunlearn bench unlearning-structures --tasks code-lm --seeds 4 --workers 2 --out a/lm/u.json
+    zkunlearn bench unlearning-structures-merge a/*/unlearning_structures.json   # into bench/results
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from collections.abc import Mapping, Sequence
@@ -251,16 +250,3 @@ def merge(paths: Sequence[Path | str], out_path: Path | str = RESULTS / "unlearn
     for path in paths:
         rows += json.loads(Path(path).read_text())
     return write_study(rows, out_path, _row_order, render_structures_markdown, render_structures_plot)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="merge mask-structure runs into one table")
-    parser.add_argument("runs", nargs="+", help="unlearning_structures.json files of --structures runs")
-    parser.add_argument("--out", default=str(RESULTS / "unlearning_structures.json"))
-    args = parser.parse_args(argv)
-    print(merge(args.runs, args.out))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
