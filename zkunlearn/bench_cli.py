@@ -19,7 +19,14 @@ bench_app = typer.Typer(help="Benchmarks that write bench/results/*.json.")
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 RESULTS = Path("bench/results")
-TASKS_HELP = "comma-separated tasks among vit, mlp, code-lm"
+ALL_TASKS = "vit,mlp,code-lm"
+
+# Options the unlearning commands share.
+Tasks = Annotated[str, typer.Option(help="comma-separated tasks among vit, mlp, code-lm")]
+Seeds = Annotated[int, typer.Option(help="how many consecutive seeds")]
+SeedOffset = Annotated[int, typer.Option(help="first seed (e.g. only held-out seeds past the tuning ones)")]
+Quick = Annotated[bool, typer.Option(help="small budgets (tests, smoke runs)")]
+Workers = Annotated[int | None, typer.Option(help="seed processes at once (default: the cores)")]
 
 
 @bench_app.command("proofs")
@@ -200,13 +207,11 @@ def bench_load(
 def bench_unlearning(
     out: Annotated[Path, typer.Option(help="results JSON (tables and plot beside it)")] = RESULTS
     / "unlearning.json",
-    tasks: Annotated[str, typer.Option(help=TASKS_HELP)] = "vit,mlp,code-lm",
-    seeds: Annotated[int, typer.Option(help="how many consecutive seeds")] = 3,
-    seed_offset: Annotated[
-        int, typer.Option(help="first seed (e.g. only held-out seeds past the tuning ones)")
-    ] = 0,
-    quick: Annotated[bool, typer.Option(help="small budgets (tests, smoke runs)")] = False,
-    workers: Annotated[int | None, typer.Option(help="seed processes at once (default: the cores)")] = None,
+    tasks: Tasks = ALL_TASKS,
+    seeds: Seeds = 3,
+    seed_offset: SeedOffset = 0,
+    quick: Quick = False,
+    workers: Workers = None,
     sweep: Annotated[bool, typer.Option(help="run the mask-recipe sweep")] = True,
     deletions: Annotated[
         str | None,
@@ -267,9 +272,9 @@ def bench_unlearning_add_support(
         Path,
         typer.Argument(help="a stored <stem>_seeds.json, extended in place", exists=True, dir_okay=False),
     ],
-    tasks: Annotated[str, typer.Option(help=TASKS_HELP)] = "vit,mlp,code-lm",
-    seeds: Annotated[int, typer.Option(help="how many consecutive seeds")] = 3,
-    seed_offset: Annotated[int, typer.Option(help="first seed")] = 0,
+    tasks: Tasks = ALL_TASKS,
+    seeds: Seeds = 3,
+    seed_offset: SeedOffset = 0,
     out: Annotated[Path, typer.Option(help="results JSON of the rebuilt tables")] = RESULTS
     / "unlearning.json",
 ) -> None:
@@ -283,7 +288,7 @@ def bench_unlearning_add_support(
 
 @bench_app.command("unlearning-tune")
 def bench_unlearning_tune(
-    tasks: Annotated[str, typer.Option(help=TASKS_HELP)] = "vit,mlp,code-lm",
+    tasks: Tasks = ALL_TASKS,
     out: Annotated[Path, typer.Option(help="writes <stem>_tuning.{json,md}")] = RESULTS / "unlearning.json",
     tune_seeds: Annotated[
         str | None, typer.Option(help="comma-separated seeds (default: the task's tuning seeds)")
@@ -324,39 +329,37 @@ def bench_unlearning_tune(
 
 @bench_app.command("unlearning-diagnose")
 def bench_unlearning_diagnose(
-    tasks: Annotated[str, typer.Option(help=TASKS_HELP)] = "vit,mlp,code-lm",
-    seeds: Annotated[int, typer.Option(help="how many consecutive seeds")] = 3,
-    seed_offset: Annotated[int, typer.Option(help="first seed")] = 0,
-    quick: Annotated[bool, typer.Option(help="small budgets")] = False,
-    workers: Annotated[int | None, typer.Option(help="seed processes at once (default: the cores)")] = None,
+    tasks: Tasks = ALL_TASKS,
+    seeds: Seeds = 3,
+    seed_offset: SeedOffset = 0,
+    quick: Quick = False,
+    workers: Workers = None,
     out: Annotated[Path, typer.Option(help="results JSON")] = RESULTS / "unlearning_diagnosis.json",
 ) -> None:
     """Where Group-OBS loses accuracy, layer by layer, and curvature upper bounds for a better G."""
     from zkunlearn.bench.unlearning import split
     from zkunlearn.bench.unlearning_diagnosis import render_diagnosis_markdown, run_diagnosis
 
-    rows = run_diagnosis(
-        split(tasks), range(seed_offset, seed_offset + seeds), out, quick=quick, workers=workers
-    )
+    seed_range = range(seed_offset, seed_offset + seeds)
+    rows = run_diagnosis(split(tasks), seed_range, out, quick=quick, workers=workers)
     console.print(render_diagnosis_markdown(rows), markup=False)
 
 
 @bench_app.command("unlearning-structures")
 def bench_unlearning_structures(
-    tasks: Annotated[str, typer.Option(help=TASKS_HELP)] = "vit,mlp,code-lm",
-    seeds: Annotated[int, typer.Option(help="how many consecutive seeds")] = 3,
-    seed_offset: Annotated[int, typer.Option(help="first seed")] = 0,
-    quick: Annotated[bool, typer.Option(help="small budgets")] = False,
-    workers: Annotated[int | None, typer.Option(help="seed processes at once (default: the cores)")] = None,
+    tasks: Tasks = ALL_TASKS,
+    seeds: Seeds = 3,
+    seed_offset: SeedOffset = 0,
+    quick: Quick = False,
+    workers: Workers = None,
     out: Annotated[Path, typer.Option(help="results JSON")] = RESULTS / "unlearning_structures.json",
 ) -> None:
     """Mask structure against touched blocks, efficacy and Group-OBS recovery."""
     from zkunlearn.bench.unlearning import split
     from zkunlearn.bench.unlearning_structures import render_structures_markdown, run_structures
 
-    rows = run_structures(
-        split(tasks), range(seed_offset, seed_offset + seeds), out, quick=quick, workers=workers
-    )
+    seed_range = range(seed_offset, seed_offset + seeds)
+    rows = run_structures(split(tasks), seed_range, out, quick=quick, workers=workers)
     console.print(render_structures_markdown(rows), markup=False)
 
 
