@@ -19,13 +19,35 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-Pair = tuple[Tensor, Tensor]
-Array = npt.NDArray[np.float64]
+from zkunlearn.tasks.forgetting import (
+    PROBE_FOLDS,
+    Array,
+    ForgettingError,
+    Pair,
+    auc,
+    per_sample_loss,
+    probe_accuracy,
+)
+
+__all__ = [
+    "FORGETTING_FIELDS",
+    "PROBE_FOLDS",
+    "RELEARN_CAP",
+    "ForgettingError",
+    "ForgettingViews",
+    "MiaReference",
+    "auc",
+    "bootstrap_auc",
+    "forgetting_metrics",
+    "mia_auc",
+    "per_sample_loss",
+    "probe_accuracy",
+    "relearn_batch",
+    "relearn_steps",
+]
 
 # The relearn protocol, fixed for every task and method: 16 forget samples and 16 retained ones as one
 # batch, plain SGD, until the forget accuracy reaches RELEARN_LEVEL, at most RELEARN_CAP steps.
@@ -34,15 +56,6 @@ RELEARN_LR = 0.003
 RELEARN_LEVEL = 0.5
 RELEARN_CAP = 200
 BOOTSTRAP_ROUNDS = 1000
-# The probe: a ridge classifier on standardised features (one-vs-rest least squares, closed form),
-# cross-validated over PROBE_FOLDS fixed folds of the held-out data.
-PROBE_RIDGE = 1.0
-PROBE_FOLDS = 5
-PROBE_SEED = 104729
-
-
-class ForgettingError(ValueError):
-    """The forgetting metrics were given inconsistent or empty data."""
 
 
 @dataclass
@@ -69,59 +82,6 @@ def _accuracy(model: nn.Module, pair: Pair) -> float:
     with torch.no_grad():
         out = torch.cat([model(pair[0][i : i + 256]) for i in range(0, pair[0].shape[0], 256)])
     return float((out.argmax(-1) == pair[1]).float().mean())
-
-
-def per_sample_loss(model: nn.Module, pair: Pair) -> Array:
-    """Cross-entropy of each sample (the mean over tokens for a language model), eval mode."""
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for i in range(0, pair[0].shape[0], 256):
-            out = model(pair[0][i : i + 256]).double()
-            y = pair[1][i : i + 256]
-            nll = -F.log_softmax(out, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            losses.append(nll.mean(-1) if nll.dim() == 2 else nll)
-    return torch.cat(losses).numpy()
-
-
-def _features(model: nn.Module, x: Tensor) -> Array | None:
-    features = getattr(model, "features", None)
-    if features is None:
-        return None
-    model.eval()
-    with torch.no_grad():
-        f = torch.cat([features(x[i : i + 256]) for i in range(0, x.shape[0], 256)])
-    return f.double().reshape(f.shape[0], -1).numpy()
-
-
-def probe_accuracy(model: nn.Module, data: Pair, kind: int | None, folds: int = PROBE_FOLDS) -> float | None:
-    """Cross-validated accuracy of a linear probe (a ridge classifier on standardised features, closed
-    form) on ``model``'s features of held-out ``data``: ``folds`` fixed folds, each probe fit on the
-    others, scored on the fold's samples of class ``kind`` (every sample if None). None where the model
-    exposes no ``features``."""
-    from sklearn.linear_model import RidgeClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    feats = _features(model, data[0])
-    if feats is None:
-        return None
-    y = data[1].numpy()
-    if len(set(y.tolist())) < 2:
-        raise ForgettingError("the probe needs two or more classes to fit")
-    on_kind = np.ones_like(y, dtype=bool) if kind is None else y == kind
-    if not on_kind.any():
-        raise ForgettingError(f"the probe's data holds no sample of class {kind}")
-    order = np.random.default_rng(PROBE_SEED).permutation(y.size)
-    hits = 0
-    for k in range(folds):
-        test, train = order[k::folds], np.concatenate([order[j::folds] for j in range(folds) if j != k])
-        probe = make_pipeline(StandardScaler(), RidgeClassifier(alpha=PROBE_RIDGE))
-        probe.fit(feats[train], y[train])
-        scored = test[on_kind[test]]
-        if scored.size:
-            hits += int(np.sum(probe.predict(feats[scored]) == y[scored]))
-    return hits / int(on_kind.sum())
 
 
 def relearn_steps(
@@ -151,17 +111,6 @@ def relearn_steps(
         if _accuracy(learner.eval(), check) >= level:
             return step
     return cap
-
-
-def auc(members: Array, nonmembers: Array) -> float:
-    """P(member score > non-member score) + half the ties (the Mann-Whitney AUC)."""
-    from scipy.stats import rankdata  # type: ignore[import-untyped]
-
-    if members.size == 0 or nonmembers.size == 0:
-        raise ForgettingError(f"AUC needs both sides non-empty, got {members.size} and {nonmembers.size}")
-    ranks = rankdata(np.concatenate([members, nonmembers]))
-    n_m, n_n = members.size, nonmembers.size
-    return float((ranks[:n_m].sum() - n_m * (n_m + 1) / 2) / (n_m * n_n))
 
 
 def _bootstrap_counts(n_forget: int, n_heldout: int, seed: int) -> tuple[Array, Array]:

@@ -61,6 +61,24 @@ def test_demo_accepts_honest_rejects_dishonest_and_audits(demo: tuple[Path, dict
     assert (report_dir / "report.png").stat().st_size > 10_000
 
 
+def test_demo_reports_forgetting_below_the_outputs(demo: tuple[Path, dict[str, Any]]) -> None:
+    """Probe and membership attack beside the accuracies; the analytic head knew the class and forgot it."""
+    _, report = demo
+    for client in report["clients"]:
+        for key in ("mia_auc_before", "mia_auc_after"):
+            assert 0.0 <= client[key] <= 1.0, client
+        probes = (client["probe_acc_before"], client["probe_acc_after"])
+        if client["method"] == "group-obs":
+            assert all(0.0 <= p <= 1.0 for p in probes), client
+        else:
+            assert probes == (None, None), client  # frozen backbone: the probe is not defined
+    (analytic,) = [c for c in report["clients"] if c["method"] == "analytic" and c["honest"]]
+    assert analytic["forget_acc_before"] > 0.3 > 0.1 > analytic["forget_acc_after"], analytic
+    # The exact downdate leaves the head no row of the class: its score for the class is the same for
+    # every input, so the attack sees only ties (AUC exactly 0.5), whatever it saw before.
+    assert analytic["mia_auc_after"] == pytest.approx(0.5, abs=1e-12), analytic
+
+
 def _audit(bundle: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [EXE, "audit", "verify", str(bundle), "--json"], capture_output=True, text=True, check=False

@@ -352,6 +352,10 @@ def _client_row(result: dict[str, Any]) -> dict[str, Any]:
         "personal_acc_after",
         "retain_acc_before",
         "retain_acc_after",
+        "probe_acc_before",
+        "probe_acc_after",
+        "mia_auc_before",
+        "mia_auc_after",
         "prove_s",
         "proofs",
         "proof_bytes",
@@ -367,6 +371,8 @@ def _table(report: dict[str, Any]) -> Table:
         "method",
         "honest",
         "forget acc",
+        "probe acc",
+        "MIA AUC",
         "personal acc",
         "prove s",
         "proof KB",
@@ -380,14 +386,24 @@ def _table(report: dict[str, Any]) -> Table:
             escape(c["client_id"]),
             escape(c["method"]),
             "yes" if c["honest"] else "no",
-            f"{c['forget_acc_before']:.2f} → {c['forget_acc_after']:.2f}",
-            f"{c['personal_acc_before']:.2f} → {c['personal_acc_after']:.2f}",
+            _before_after(c, "forget_acc"),
+            _before_after(c, "probe_acc"),
+            _before_after(c, "mia_auc"),
+            _before_after(c, "personal_acc"),
             f"{c['prove_s']:.1f}",
             f"{c['proof_bytes'] / 1024:.1f}",
             f"[{colour}]{verdict}[/{colour}]"
             + (f": {escape(_short_reason(c['reason']))}" if verdict != "accepted" else ""),
         )
     return table
+
+
+def _before_after(client: dict[str, Any], key: str) -> str:
+    """``before → after`` of a metric; "–" where it is not defined (the analytic head's probe)."""
+    before, after = client.get(f"{key}_before"), client.get(f"{key}_after")
+    if before is None or after is None:
+        return "–"
+    return f"{before:.2f} → {after:.2f}"
 
 
 def _short_reason(reason: str) -> str:
@@ -405,14 +421,28 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     clients = report["clients"]
     names = [f"{c['client_id']}\n({c['method']})" for c in clients]
     x = np.arange(len(clients))
-    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for offset, key, label in ((-0.3, "forget_acc", "forget"), (0.0, "personal_acc", "personal")):
-        ax_acc.bar(x + offset, [c[f"{key}_before"] for c in clients], 0.15, label=f"{label} before")
-        ax_acc.bar(x + offset + 0.15, [c[f"{key}_after"] for c in clients], 0.15, label=f"{label} after")
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(14, 4.5), width_ratios=(2, 1))
+    metrics = (("forget_acc", "forget acc"), ("probe_acc", "probe acc"), ("mia_auc", "MIA AUC"))
+    metrics += (("personal_acc", "personal acc"),)
+    width = 0.1
+    for i, (key, label) in enumerate(metrics):
+        offset = (2 * i - len(metrics)) * width
+        for j, when in enumerate(("before", "after")):
+            # An undefined value (the analytic head's probe) draws no bar.
+            values = [np.nan if c.get(f"{key}_{when}") is None else c[f"{key}_{when}"] for c in clients]
+            ax_acc.bar(
+                x + offset + j * width,
+                values,
+                width,
+                color=f"C{i}",
+                alpha=0.4 if when == "before" else 1.0,
+                label=label if when == "after" else None,
+            )
     ax_acc.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
-    ax_acc.set_ylabel("accuracy (forget: provider domain; personal: client domain)")
-    ax_acc.set_title("accuracy before / after the deletion")
-    ax_acc.legend(fontsize=7)
+    ax_acc.set_ylim(0, 1.15)
+    ax_acc.set_ylabel("light: before, dark: after the deletion")
+    ax_acc.set_title("forgetting and utility (MIA 0.5: no membership signal)", fontsize=10)
+    ax_acc.legend(fontsize=7, ncol=4, loc="upper center")
     colours = ["tab:green" if c["verdict"] == "accepted" else "tab:red" for c in clients]
     ax_time.bar(x, [c["prove_s"] for c in clients], color=colours)
     ax_time.set_xticks(x, names, rotation=20, ha="right", fontsize=8)

@@ -29,6 +29,7 @@ from zkunlearn.client.unlearning import ProveOptions
 from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner
 from zkunlearn.proofs.exact import IntArray
 from zkunlearn.scenario import Scenario
+from zkunlearn.tasks.forgetting import auc
 from zkunlearn.tasks.train import cross_entropy
 
 BEHAVIOURS = ("honest", "other-model", "extra-edit")
@@ -167,6 +168,10 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
         personal_acc_after=after["personal_acc"],
         retain_acc_before=before["retain_acc"],
         retain_acc_after=after["retain_acc"],
+        probe_acc_before=before["probe_acc"],
+        probe_acc_after=after["probe_acc"],
+        mia_auc_before=before["mia_auc"],
+        mia_auc_after=after["mia_auc"],
         prove_s=float(sum(stats.get("prove_s") or [0.0])),
         proofs=len(stats.get("prove_s") or []),
         peak_rss_mb=float(max(stats.get("peak_rss_mb") or [0.0])),
@@ -179,7 +184,7 @@ def run_client(profile: Profile, console: Console | None = None) -> dict[str, An
     return result
 
 
-def _head_metrics(scenario: Scenario, head: EdgeDevice) -> dict[str, float]:
+def _head_metrics(scenario: Scenario, head: EdgeDevice) -> dict[str, float | None]:
     task = scenario.task
 
     def acc(split: Any) -> float:
@@ -187,13 +192,24 @@ def _head_metrics(scenario: Scenario, head: EdgeDevice) -> dict[str, float]:
             return float("nan")
         return float(np.mean(head.predict(scenario.features(split.x)).argmax(1) == split.y.numpy()))
 
+    def true_class_score(split: Any) -> npt.NDArray[np.float64]:
+        scores = np.asarray(head.predict(scenario.features(split.x)), dtype=np.float64)
+        picked: npt.NDArray[np.float64] = scores[np.arange(len(split)), split.y.numpy()]
+        return picked
+
     # The head learned the forget class from the provider's samples (the contributed ones), so its
     # forgetting is read where it learned the class, as the Group-OBS clients' is
-    # (Scenario.client_metrics): held-out forget-class images of the provider's domain.
+    # (Scenario.client_metrics): held-out forget-class images of the provider's domain. Its membership
+    # attack scores the contributed samples (members) against those held-out images by the head's score
+    # for the true class; the probe is not defined for it (the backbone is frozen: its features never
+    # change).
+    forget = task.provider_test.of_class(task.forget_class)
     return {
-        "forget_acc": acc(task.provider_test.of_class(task.forget_class)),
+        "forget_acc": acc(forget),
         "personal_acc": acc(task.client_test.without_class(task.forget_class)),
         "retain_acc": acc(task.provider_test.without_class(task.forget_class)),
+        "probe_acc": None,
+        "mia_auc": auc(true_class_score(scenario.contributed_forget_samples()), true_class_score(forget)),
     }
 
 

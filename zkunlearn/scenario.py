@@ -21,6 +21,7 @@ from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec
 from zkunlearn.proofs.deletion import GroupObsSpec
 from zkunlearn.proofs.exact import ExactGroupObsSpec
 from zkunlearn.tasks.data import ImageTask, Split, make_image_task
+from zkunlearn.tasks.forgetting import loss_attack_auc, probe_accuracy
 from zkunlearn.tasks.models import MLP, MLPConfig, ViT, ViTConfig
 from zkunlearn.tasks.train import predict, train_cached
 
@@ -202,15 +203,23 @@ class Scenario:
             return float("nan")
         return float((predict(model, split.x).argmax(1) == split.y).float().mean())
 
-    def client_metrics(self, model: nn.Module) -> dict[str, float]:
+    def client_metrics(self, model: nn.Module) -> dict[str, float | None]:
         """Forgetting on held-out forget-class images of the provider's domain (the deleted data's
         distribution: a disjoint client never saw the class in its own rotated domain); personalization
-        on the client's domain; retain on the provider's other classes."""
+        on the client's domain; retain on the provider's other classes. Below the outputs
+        (:mod:`zkunlearn.tasks.forgetting`): ``probe_acc``, a linear probe on the model's features of
+        the provider's held-out images, scored on the forget class; ``mia_auc``, the loss attack's AUC
+        of the forget class's training images (the deleted data) against its held-out ones."""
         task = self.task
+        forget = task.forget_class
+        members = task.provider_train.of_class(forget)
+        nonmembers = task.provider_test.of_class(forget)
         return {
-            "forget_acc": self.accuracy(model, task.provider_test.of_class(task.forget_class)),
-            "personal_acc": self.accuracy(model, task.client_test.without_class(task.forget_class)),
-            "retain_acc": self.accuracy(model, task.provider_test.without_class(task.forget_class)),
+            "forget_acc": self.accuracy(model, nonmembers),
+            "personal_acc": self.accuracy(model, task.client_test.without_class(forget)),
+            "retain_acc": self.accuracy(model, task.provider_test.without_class(forget)),
+            "probe_acc": probe_accuracy(model, (task.provider_test.x, task.provider_test.y), forget),
+            "mia_auc": loss_attack_auc(model, (members.x, members.y), (nonmembers.x, nonmembers.y)),
         }
 
     # -- analytic clients --------------------------------------------------------------------------
