@@ -4,35 +4,41 @@ Real parts at the tests' small exact shape: ezkl proofs, the provider's ezkl ver
 loopback. The client enrolls, answers a deletion, re-enrolls from other data (so the new enrollment
 proves other norms ``||G_q||_F^2``) and answers a second deletion. The honest bundle audits OK, with the
 first deletion judged by the replaced enrollment and the second by the new one; each attack is tried
-beside it and refused: the first deletion judged by the new enrollment's norms, a bundle that drops,
-swaps or re-labels an enrollment, and a re-signed log placing the second deletion before the
-re-enrollment it was proven under.
-"""
+beside it and refused: a bundle that drops, swaps or re-labels an enrollment, and a re-signed log
+placing the second deletion before the re-enrollment it was proven under. A colluding provider's log
+shows why the enrollment matters: a deletion its enrollment does not admit, accepted, then a
+re-enrollment whose norms would admit it; judged by the enrollment in force at the end of the log it
+would pass, and the audit fails it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from torch import nn
 from zkunlearn.circuits.mask import LayerMask, Mask
+from zkunlearn.client.committed_state import load_state
+from zkunlearn.client.group_obs_exact import ExactUpdate
 from zkunlearn.client.sdk import EdgeClient
 from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.client.unlearning import ProveOptions
-from zkunlearn.client.unlearning_exact import ExactGroupObsUnlearner
+from zkunlearn.client.unlearning_exact import ExactEnrollment, ExactGroupObsUnlearner
 from zkunlearn.proofs.audit import AuditReport, audit_bundle
-from zkunlearn.proofs.audit_checks import default_circuit_checker
-from zkunlearn.proofs.audit_format import CheckError
+from zkunlearn.proofs.audit_checks import default_circuit_checker, default_proof_checker
 from zkunlearn.proofs.audit_rotation import is_reenrollment
 from zkunlearn.proofs.deletion import UPDATE_KIND_GROUP_OBS_EXACT, DeletionCircuits
+from zkunlearn.proofs.exact import IntArray, exact_outputs, g_fro_sq, quantise_exact
 from zkunlearn.proofs.exact_deletion import bundle_enrolled_norms
 from zkunlearn.proofs.statements import (
     DOMAIN_RECEIPT,
@@ -43,7 +49,8 @@ from zkunlearn.proofs.statements import (
 )
 from zkunlearn.proofs.transparency import MerkleTree, leaf_hash
 from zkunlearn.provider.export import export_bundle
-from zkunlearn.provider.server import ProviderConfig, build_server
+from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
+from zkunlearn.provider.service import VerificationJob, VerificationResult
 from zkunlearn.provider.verification import EzklVerifier
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
@@ -77,12 +84,26 @@ def _mask(row: int, column: int) -> Mask:
     return Mask((LayerMask.from_dense(LAYER, dense, 16),))
 
 
+_REBUILT: dict[str, str] = {}
+
+
+def _circuits_rebuilt(circuits: Path) -> str:
+    """The default circuit check, run once per distinct ``circuits/`` content (it is deterministic):
+    every bundle here carries the published circuits, byte for byte."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in circuits.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(circuits)).encode() + b"\x00" + path.read_bytes())
+    key = digest.hexdigest()
+    if key not in _REBUILT:
+        _REBUILT[key] = default_circuit_checker(circuits)
+    return _REBUILT[key]
+
+
 @dataclass
 class History:
     bundle: Path
     signer: StatementSigner
     tmp: Path
-    rebuilt: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> bytes:
@@ -92,26 +113,41 @@ class History:
         return Path(shutil.copytree(self.bundle, self.tmp / name))
 
     def audit(self, bundle: Path) -> AuditReport:
-        """The default audit; the circuits are rebuilt from their specs once for the module: every
-        bundle here carries the honest bundle's ``circuits/``, byte for byte."""
-        return audit_bundle(bundle, provider_public_key=self.key, circuit_checker=self.circuits_rebuilt)
-
-    def circuits_rebuilt(self, circuits: Path) -> str:
-        if _tree(circuits) != _tree(self.bundle / "circuits"):
-            raise CheckError("circuits/: not the honest bundle's circuits")
-        if not self.rebuilt:
-            self.rebuilt.append(default_circuit_checker(self.bundle / "circuits"))
-        return self.rebuilt[0]
+        return audit_bundle(bundle, provider_public_key=self.key, circuit_checker=_circuits_rebuilt)
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+class Colluding(EzklVerifier):
+    """A provider that checks enrollments but accepts every deletion unexamined."""
+
+    def verify(self, job: VerificationJob) -> VerificationResult:
+        return VerificationResult(True, "")
 
 
-@pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory, exact_published: DeletionCircuits) -> Iterator[History]:
-    """enroll -> deletion (leaf 0) -> re-enrollment from other data (leaf 1) -> deletion (leaf 2)."""
-    tmp = tmp_path_factory.mktemp("audit-reenrollment")
+class Sloppy(ExactGroupObsUnlearner):
+    """A client whose update is off the Group-OBS solution by more than its enrollment's norms allow,
+    but by no more than the norms ``looser`` (another enrollment's, of the same batch) would."""
+
+    looser: tuple[int, ...] = ()
+
+    def batch_update(self, theta: IntArray, g: IntArray, mask: npt.NDArray[np.bool_]) -> ExactUpdate:
+        honest = super().batch_update(theta, g, mask)
+        spec, tight = self.spec, g_fro_sq(g)
+        for q in sorted(range(spec.batch), key=lambda q: tight[q] / self.looser[q]):
+            strict, loose = spec.thresholds(tight[q]), spec.thresholds(self.looser[q])
+            j = int(np.flatnonzero(~mask[q])[0])  # a kept weight of block q
+            for step in range(1, 4096):
+                theta_after = honest.theta_after.copy()
+                theta_after[q, j] += step
+                outputs = exact_outputs(spec, theta, theta_after, g, mask, honest.w)
+                _kept, s_w, s_row, _below = outputs[q]
+                if s_w > loose.w or s_row > loose.row:
+                    break
+                if s_w > strict.w or s_row > strict.row:
+                    return ExactUpdate(theta_after, honest.w, outputs)
+        raise AssertionError("no update between the two enrollments' limits: choose other data")
+
+
+def _serve(tmp: Path, published: DeletionCircuits, verifier: EzklVerifier) -> ProviderServer:
     config = ProviderConfig.load(
         None,
         {
@@ -123,35 +159,87 @@ def history(tmp_path_factory: pytest.TempPathFactory, exact_published: DeletionC
             "grace_s": 0.5,
         },
     )
-    server = build_server(config, verifier=EzklVerifier({MODEL: exact_published.directory}))
-    assert exact_published.exact is not None
-    spec, deletion, enrollment = exact_published.exact
-    model = Tiny()
-    unlearner = ExactGroupObsUnlearner(
-        model, spec, deletion.as_client(), enrollment.as_client(), tmp / "state", OPTIONS
-    )
+    return build_server(config, verifier=verifier)
+
+
+def _unlearner(
+    published: DeletionCircuits, state: Path, kind: type[ExactGroupObsUnlearner] = ExactGroupObsUnlearner
+) -> ExactGroupObsUnlearner:
+    assert published.exact is not None
+    spec, deletion, enrollment = published.exact
+    return kind(Tiny(), spec, deletion.as_client(), enrollment.as_client(), state, OPTIONS)
+
+
+def _edge(tmp: Path, server: ProviderServer, unlearner: ExactGroupObsUnlearner) -> EdgeClient:
     channel = ChannelConfig(f"127.0.0.1:{server.port}", call_timeout_s=120.0, retry_attempts=5)
-    client = EdgeClient(channel, ClientStore(tmp / "client.db"), unlearner)
+    return EdgeClient(channel, ClientStore(tmp / "client.db"), unlearner)
+
+
+def _export(tmp: Path, server: ProviderServer, published: DeletionCircuits) -> History:
+    service = server.service
+    bundle = export_bundle(
+        server.state,
+        service.ledger,
+        service.signer.public_bytes(),
+        tmp / "bundle",
+        circuits_dir=published.directory,
+    )
+    return History(bundle, service.signer, tmp)
+
+
+def _enroll(unlearner: ExactGroupObsUnlearner, seed: int, *, replace: bool = False) -> ExactEnrollment:
+    x, y = _data(seed)
+    return unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy, replace=replace)
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory, exact_published: DeletionCircuits) -> Iterator[History]:
+    """enroll -> deletion (leaf 0) -> re-enrollment from other data (leaf 1) -> deletion (leaf 2)."""
+    tmp = tmp_path_factory.mktemp("audit-reenrollment")
+    server = _serve(tmp, exact_published, EzklVerifier({MODEL: exact_published.directory}))
+    unlearner = _unlearner(exact_published, tmp / "state")
+    client = _edge(tmp, server, unlearner)
     try:
-        x, y = _data(1)
-        first = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy)
+        first = _enroll(unlearner, 1)
         client.enroll(CLIENT, MODEL, [LAYER], UPDATE_KIND_GROUP_OBS_EXACT, first.commitments, first.proofs)
         server.service.create_request(CLIENT, _mask(1, 2), request_id="before-rotation")
         assert [o.status for o in client.poll()] == ["accepted"]
-        x, y = _data(2)  # other data: another curvature factor, other proven norms
-        second = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy, replace=True)
+        second = _enroll(unlearner, 2, replace=True)  # other data: another factor, other proven norms
         client.reenroll(second.commitments, second.proofs)
         server.service.create_request(CLIENT, _mask(3, 3), request_id="after-rotation")
         assert [o.status for o in client.poll()] == ["accepted"]
-        service = server.service
-        bundle = export_bundle(
-            server.state,
-            service.ledger,
-            service.signer.public_bytes(),
-            tmp / "bundle",
-            circuits_dir=exact_published.directory,
-        )
-        yield History(bundle, service.signer, tmp)
+        yield _export(tmp, server, exact_published)
+    finally:
+        client.close()
+        server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def colluded(
+    tmp_path_factory: pytest.TempPathFactory, exact_published: DeletionCircuits
+) -> Iterator[History]:
+    """A deletion outside its enrollment's limits, accepted by a colluding provider (leaf 0), then a
+    re-enrollment whose norms would admit it (leaf 1)."""
+    tmp = tmp_path_factory.mktemp("audit-colluded")
+    server = _serve(tmp, exact_published, Colluding({MODEL: exact_published.directory}))
+    sloppy = _unlearner(exact_published, tmp / "state", Sloppy)
+    later = _unlearner(exact_published, tmp / "later")
+    client = _edge(tmp, server, sloppy)
+    try:
+        first = _enroll(sloppy, 1)
+        client.enroll(CLIENT, MODEL, [LAYER], UPDATE_KIND_GROUP_OBS_EXACT, first.commitments, first.proofs)
+        # Prepared first, the sloppy update sized to its norms: this data's factor puts a larger share
+        # of the layer's (normalised) curvature on the second block.
+        second = _enroll(later, 5)
+        arrays, _meta = load_state(tmp / "later")
+        assert isinstance(sloppy, Sloppy)
+        assert exact_published.exact is not None
+        g_bits = exact_published.exact[0].g_bits
+        sloppy.looser = tuple(g_fro_sq(quantise_exact(arrays[f"{LAYER}/g"][0], g_bits)))
+        server.service.create_request(CLIENT, _mask(1, 2), request_id="sloppy")
+        assert [o.status for o in client.poll()] == ["accepted"]
+        client.reenroll(second.commitments, second.proofs)
+        yield _export(tmp, server, exact_published)
     finally:
         client.close()
         server.stop(0)
@@ -279,3 +367,23 @@ def test_a_deletion_placed_before_the_reenrollment_it_was_proven_under_fails(his
     }
     # Its proofs are judged by the enrollment the log puts in force there, not the one they name.
     assert _reasons(report)["log.json[1] proofs"].endswith(f"judged by {ENROLLMENT} replaced[0]")
+
+
+def test_a_deletion_beyond_its_enrollments_limits_fails_though_the_next_enrollment_would_admit_it(
+    colluded: History,
+) -> None:
+    """The provider accepted a deletion its client's enrollment does not admit; the client then
+    re-enrolled with norms that would. Judged by the enrollment it was accepted under, it fails; judged
+    by the enrollment in force at the end of the log, it would pass."""
+    report = colluded.audit(colluded.bundle)
+    failed = _failed(report)
+    assert list(failed) == ["log.json[0] proofs"], report.failures
+    assert re.search(r"block \d: \d+ > \d+$", failed["log.json[0] proofs"])
+    current = _load(colluded.bundle / ENROLLMENT)
+
+    def by_the_current_enrollment(*args: Any) -> tuple[bool, str]:
+        return default_proof_checker(*args, current)
+
+    assert audit_bundle(
+        colluded.bundle, provider_public_key=colluded.key, proof_checker=by_the_current_enrollment
+    ).ok
