@@ -211,15 +211,15 @@ def _enrollment_from_leaf(rotation: Mapping[str, Any]) -> dict[str, Any]:
         payload = SignedStatement.from_wire(
             bytes.fromhex(previous["canonical"]), bytes.fromhex(previous["signature"])
         ).payload
+        return {
+            "canonical": previous["canonical"],
+            "signature": previous["signature"],
+            "public_key": payload["public_key"],
+            "commitments": payload["commitments"],
+            "enrollment_proofs": [],
+        }
     except (KeyError, TypeError, ValueError, StatementError) as exc:
         raise BundleExportError(f"a re-enrollment leaf of the log is unreadable: {exc}") from exc
-    return {
-        "canonical": previous["canonical"],
-        "signature": previous["signature"],
-        "public_key": payload["public_key"],
-        "commitments": payload["commitments"],
-        "enrollment_proofs": [],
-    }
 
 
 def _enrollment_versions(
