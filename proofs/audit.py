@@ -13,10 +13,13 @@ root is recomputed from all leaves; (2) every leaf is a valid provider receipt i
 latest head; (3) cross-checks, because a valid proof *of something else* must fail (cosign
 GHSA-8gw7-4j42-w388): the receipt binds the request's exact bytes, client, mask digest, the
 submission's proof digest and after-commitments; (4) per client, accepted receipts chain
-enrollment -> after -> before -> ...; (5) each accepted receipt's proofs verify, with verifying keys
-the auditor first rebuilt from the published specs (``circuits/``: same ONNX, sound settings, same
-vk); (6) every tree head the caller already holds (``known_heads``: one a client kept after
-checking its receipt, or a monitor's) is a prefix of this log.
+enrollment -> after -> before -> ... through its re-enrollments, and the bundle's enrollments of the
+client are exactly the ones its re-enrollment leaves name; (5) every exact-kind enrollment's proofs
+and each accepted receipt's proofs verify, with verifying keys the auditor first rebuilt from the
+published specs (``circuits/``: same ONNX, sound settings, same vk), an exact-kind deletion judged
+with the norms of the enrollment in force at its place in the log; (6) every tree head the caller
+already holds (``known_heads``: one a client kept after checking its receipt, or a monitor's) is a
+prefix of this log.
 
 Only (6) catches a provider that exports a *truncated* log: a prefix of its log together with its own
 older signed heads is self-consistent, so nothing inside the bundle can reveal what was cut off.
@@ -24,17 +27,19 @@ older signed heads is self-consistent, so nothing inside the bundle can reveal w
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from zkunlearn.proofs.audit_checks import Auditor, default_circuit_checker, default_proof_checker
+from zkunlearn.proofs.audit_checks import Auditor, default_proof_checker
 from zkunlearn.proofs.audit_format import BUNDLE_FORMAT, CircuitChecker, Forget, ProofChecker
 from zkunlearn.proofs.audit_report import AuditItem, AuditReport, render_table, report_json
+
+if TYPE_CHECKING:
+    from zkunlearn.proofs.backend import ProvingBackend
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -57,6 +62,7 @@ def audit_bundle(
     proof_checker: ProofChecker | None = None,
     known_heads: Sequence[tuple[str, Any]] = (),
     circuit_checker: CircuitChecker | None = None,
+    backend: ProvingBackend | None = None,
 ) -> AuditReport:
     """Check everything in the bundle; never raises on a malformed bundle (it becomes FAIL items).
 
@@ -65,7 +71,8 @@ def audit_bundle(
     ``known_heads``: ``(name, parsed JSON)`` of tree heads the caller holds (see ``Auditor.known``).
     ``circuit_checker`` rebuilds the bundle's verifying keys from the published specs before any proof
     is trusted to them; by default it runs with the default proof checker (a custom proof checker
-    brings its own notion of circuits, so it runs only if given).
+    brings its own notion of circuits, so it runs only if given). ``backend`` (e.g. a
+    :class:`~zkunlearn.proofs.verify_pool.PooledEzklBackend`) makes the default checkers' ezkl calls.
     """
     report = AuditReport(bundle=str(bundle_dir))
     if provider_public_key is not None and len(provider_public_key) != 32:
@@ -73,7 +80,9 @@ def audit_bundle(
             AuditItem("provider key", False, f"pinned key must be 32 bytes, got {len(provider_public_key)}")
         )
         return report
-    Auditor(Path(bundle_dir), report, provider_public_key, proof_checker, known_heads, circuit_checker).run()
+    Auditor(
+        Path(bundle_dir), report, provider_public_key, proof_checker, known_heads, circuit_checker, backend
+    ).run()
     return report
 
 
@@ -114,17 +123,11 @@ def main(
     if workers == 1:
         report = audit_bundle(Path(bundle), provider_public_key=key, known_heads=known)
     else:
-        from zkunlearn.proofs.published import verify_bundle_submission
         from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool
 
         with VerifierPool(workers) as pool:
-            checker = functools.partial(verify_bundle_submission, backend=PooledEzklBackend(pool))
             report = audit_bundle(
-                Path(bundle),
-                provider_public_key=key,
-                known_heads=known,
-                proof_checker=checker,
-                circuit_checker=default_circuit_checker,
+                Path(bundle), provider_public_key=key, known_heads=known, backend=PooledEzklBackend(pool)
             )
     if json_output:
         print(json.dumps(report_json(report), indent=1, sort_keys=True))

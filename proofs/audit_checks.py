@@ -10,9 +10,16 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zkunlearn.circuits.mask import Mask, MaskError
+from zkunlearn.proofs.audit_enrollments import (
+    ClientLeaf,
+    EnrollmentVersion,
+    chain,
+    enrollment_versions,
+    in_force,
+)
 from zkunlearn.proofs.audit_format import (
     BUNDLE_FORMAT,
     VERDICTS,
@@ -32,10 +39,9 @@ from zkunlearn.proofs.audit_format import (
     verified_payload,
 )
 from zkunlearn.proofs.audit_report import AuditItem, AuditReport
-from zkunlearn.proofs.audit_rotation import Enrolled, embedded_enrollment, is_reenrollment, rotate
+from zkunlearn.proofs.audit_rotation import is_reenrollment
 from zkunlearn.proofs.statements import (
     DOMAIN_DELETION_REQUEST,
-    DOMAIN_ENROLLMENT,
     DOMAIN_RECEIPT,
     DOMAIN_REENROLLMENT,
     SignedStatement,
@@ -43,7 +49,6 @@ from zkunlearn.proofs.statements import (
     StatementVerifier,
     TreeHead,
     check_tree_head,
-    enrollment_proofs_digest,
     key_id_for,
 )
 from zkunlearn.proofs.transparency import (
@@ -53,6 +58,9 @@ from zkunlearn.proofs.transparency import (
     verify_consistency,
     verify_inclusion,
 )
+
+if TYPE_CHECKING:
+    from zkunlearn.proofs.backend import ProvingBackend
 
 
 @dataclass
@@ -78,10 +86,14 @@ class Auditor:
         checker: ProofChecker | None,
         known_heads: Sequence[tuple[str, Any]] = (),
         circuit_checker: CircuitChecker | None = None,
+        backend: ProvingBackend | None = None,
     ) -> None:
         self.known_heads = known_heads
-        # The default proof checker trusts the bundle's vk: it comes with the rebuild that justifies it.
+        # The default proof checker trusts the bundle's vk: it comes with the rebuild that justifies it,
+        # and the exact kinds' enrollment proofs it judges deletions by are re-verified too.
         self.circuit_checker = circuit_checker or (default_circuit_checker if checker is None else None)
+        self.enrollment_checker = default_enrollment_checker if checker is None else None
+        self.backend = backend
         self.bundle = bundle
         self.report = report
         self.pinned = pinned
@@ -90,6 +102,8 @@ class Auditor:
         self.latest: TreeHead | None = None
         self.leaves: list[_Leaf] = []  # receipts
         self.rotations: list[_Leaf] = []  # re-enrollments
+        self.versions: dict[str, list[EnrollmentVersion]] = {}  # per client, oldest first
+        self.in_force: dict[int, EnrollmentVersion] = {}  # per receipt's leaf index, by the log's order
         self.leaf_hashes: list[bytes] = []
 
     def record(self, item: str, check: Callable[[], str]) -> bool:
@@ -371,97 +385,30 @@ class Auditor:
 
     # (4) commitment chains ------------------------------------------------------------------------
 
-    def enrollment(self, client_id: str) -> dict[str, Any]:
-        rel = f"enrollments/{client_id}.json"
-        enr = json_object(load_json(self.bundle, rel), rel)
-        key = hex_bytes(required_field(enr, "public_key", rel), f"{rel} public_key", 32)
-        try:
-            client = StatementVerifier.from_public_bytes(key)
-        except StatementError as exc:
-            raise CheckError(f"{rel} public_key: {exc}") from None
-        payload = verified_payload(
-            client,
-            required_field(enr, "canonical", rel),
-            required_field(enr, "signature", rel),
-            DOMAIN_ENROLLMENT,
-            rel,
-        )
-        if payload.get("client_id") != client_id or payload.get("public_key") != key.hex():
-            raise CheckError(f"{rel} client_id/public_key: the signed enrollment names another client or key")
-        commitments = json_list(required_field(enr, "commitments", rel), f"{rel} commitments")
-        if payload.get("commitments") != commitments:
-            raise CheckError(f"{rel} commitments: differ from the signed enrollment's commitments")
-        # Every enrollment record lists its proofs (empty for the kinds that enroll without any).
-        raw = json_list(required_field(enr, "enrollment_proofs", rel), f"{rel} enrollment_proofs")
-        proofs = [hex_bytes(p, f"{rel} enrollment_proofs") for p in raw]
-        if "enrollment_proofs_sha256" in payload:
-            if enrollment_proofs_digest(proofs) != payload["enrollment_proofs_sha256"]:
-                raise CheckError(f"{rel} enrollment_proofs: not the proofs the client signed")
-        elif proofs:
-            raise CheckError(f"{rel} enrollment_proofs: the client's signed enrollment names no proofs")
-        return payload
-
     def chains(self) -> None:
-        by_client: dict[str, list[_Leaf]] = {}
+        by_client: dict[str, list[ClientLeaf]] = {}
         for leaf in sorted([*self.leaves, *self.rotations], key=lambda leaf: leaf.index):
-            by_client.setdefault(str(leaf.payload.get("client_id")), []).append(leaf)
-        rotation_indexes = {leaf.index for leaf in self.rotations}
+            by_client.setdefault(str(leaf.payload.get("client_id")), []).append((leaf.index, leaf.payload))
+        rotations = {leaf.index for leaf in self.rotations}
         for client_id, leaves in sorted(by_client.items()):
 
-            def one(client_id: str = client_id, leaves: list[_Leaf] = leaves) -> str:
+            def one(client_id: str = client_id, leaves: list[ClientLeaf] = leaves) -> str:
                 safe_id(client_id, "receipt client_id")
-                final = self.enrollment(client_id)
-                rotations = [leaf for leaf in leaves if leaf.index in rotation_indexes]
-                if rotations:
-                    where = f"log.json[{rotations[0].index}] previous_enrollment"
-                    first = required_field(rotations[0].payload, "previous_enrollment", where)
-                    enrolled = embedded_enrollment(first, where, client_id)
-                else:
-                    enrolled = Enrolled(final, b"")
-                current: Any = enrolled.payload.get("commitments")
-                answered: dict[str, int] = {}
-                accepted = 0
-                for leaf in leaves:
-                    r = leaf.payload
-                    where = f"log.json[{leaf.index}]"
-                    if leaf.index in rotation_indexes:
-                        enrolled = rotate(r, where, client_id, enrolled, current)
-                        current, accepted = enrolled.payload.get("commitments"), 0
-                        continue
-                    for key in ("model_id", "update_kind"):
-                        if r.get(key) != enrolled.payload.get(key):
-                            raise CheckError(
-                                f"{where} receipt {key}: {r.get(key)!r}, "
-                                f"enrolled {enrolled.payload.get(key)!r}"
-                            )
-                    if r.get("verdict") != "accepted":
-                        continue
-                    rid = str(r.get("request_id"))
-                    if rid in answered:
-                        raise CheckError(
-                            f"{where} verdict: request {rid} already accepted at log.json[{answered[rid]}]"
-                        )
-                    answered[rid] = leaf.index
-                    if r.get("before_commitments") != current:
-                        source = "the enrollment" if not accepted else "the previous accepted receipt"
-                        if rotations and not accepted and leaf.index > rotations[0].index:
-                            source = "the re-enrollment"
-                        raise CheckError(f"{where} before_commitments: differ from {source}'s commitments")
-                    current = r.get("after_commitments")
-                    accepted += 1
-                if rotations and enrolled.payload != final:
-                    raise CheckError(
-                        f"enrollments/{client_id}.json: not the enrollment the log's last re-enrollment names"
-                    )
-                if rotations:
-                    at = ", ".join(f"log.json[{r.index}]" for r in rotations)
-                    return (
-                        f"{len(answered)} accepted update(s) chain from the enrollment and "
-                        f"{len(rotations)} re-enrollment(s) ({at}); {accepted} since the last one"
-                    )
-                return f"{accepted} accepted update(s) chain from the enrollment"
+                versions = enrollment_versions(self.bundle, client_id)
+                self.versions[client_id] = versions
+                self.in_force.update(in_force(client_id, leaves, rotations, versions))
+                return chain(client_id, leaves, rotations, versions)
 
             self.record(f"chain {client_id}", one)
+
+    def enrollment_proofs(self, version: EnrollmentVersion) -> str:
+        assert self.enrollment_checker is not None
+        try:
+            return self.enrollment_checker(version.record, self.bundle / "circuits", self.backend)
+        except CheckError:
+            raise
+        except Exception as exc:  # a crashing checker is a failed check with a reason, never a pass
+            raise CheckError(f"{version.label} enrollment_proofs: checker error: {exc}") from None
 
     # (5) proofs ------------------------------------------------------------------------------------
 
@@ -469,25 +416,34 @@ class Auditor:
         where = f"log.json[{leaf.index}]"
         if leaf.proofs is None or leaf.request_payload is None:
             raise CheckError(f"{where}: proofs not checked, the receipt's inputs failed the cross-check")
-        circuits = self.bundle / "circuits"
-        checker = self.checker or default_proof_checker
+        arguments = (
+            leaf.request_payload,
+            leaf.request_canonical,
+            leaf.mask,
+            leaf.features,
+            leaf.labels,
+            list(leaf.payload.get("before_commitments") or []),
+            list(leaf.payload.get("after_commitments") or []),
+            leaf.proofs,
+            self.bundle / "circuits",
+        )
+        version = self.in_force.get(leaf.index)
         try:
-            ok, reason = checker(
-                leaf.request_payload,
-                leaf.request_canonical,
-                leaf.mask,
-                leaf.features,
-                leaf.labels,
-                list(leaf.payload.get("before_commitments") or []),
-                list(leaf.payload.get("after_commitments") or []),
-                leaf.proofs,
-                circuits,
-            )
+            if self.checker is not None:
+                ok, reason = self.checker(*arguments)
+            else:  # the default checker judges an exact-kind deletion by the enrollment in force
+                ok, reason = default_proof_checker(
+                    *arguments, None if version is None else version.record, backend=self.backend
+                )
         except Exception as exc:  # a crashing checker is a failed check with a reason, never a pass
             raise CheckError(f"{where} proofs: checker error: {type(exc).__name__}: {exc}") from None
         if ok is not True:
             raise CheckError(f"{where} proofs: {reason or 'rejected'}")
-        return f"{len(leaf.proofs)} proof(s) verify" + (f" ({reason})" if reason else "")
+        note = f"{len(leaf.proofs)} proof(s) verify" + (f" ({reason})" if reason else "")
+        client_versions = self.versions.get(str(leaf.payload.get("client_id")), [])
+        if self.checker is None and version is not None and len(client_versions) > 1:
+            note += f"; judged by {version.label}"
+        return note
 
     def run(self) -> None:
         if not self.bundle.is_dir():
@@ -506,9 +462,16 @@ class Auditor:
             self.record(f"log.json[{leaf.index}] cross-check", functools.partial(self.cross, leaf))
         self.chains()
         accepted = [leaf for leaf in self.leaves if leaf.payload.get("verdict") == "accepted"]
-        if accepted and self.circuit_checker is not None:
+        proven = [v for _, versions in sorted(self.versions.items()) for v in versions if v.proven]
+        if self.enrollment_checker is None:
+            proven = []
+        if (accepted or proven) and self.circuit_checker is not None:
             checker = self.circuit_checker
             self.record("circuits/ rebuilt from specs", lambda: checker(self.bundle / "circuits"))
+        for version in proven:  # every exact-kind enrollment the client held, whether or not it judged one
+            self.record(
+                f"{version.label} enrollment proofs", functools.partial(self.enrollment_proofs, version)
+            )
         for leaf in accepted:
             self.record(f"log.json[{leaf.index}] proofs", functools.partial(self.proof, leaf))
         for name, head in self.known_heads:
@@ -577,17 +540,21 @@ def default_proof_checker(
     after_commitments: list[dict[str, Any]],
     proofs: list[bytes],
     circuits_dir: Path,
+    enrollment: Mapping[str, Any] | None = None,
+    *,
+    backend: ProvingBackend | None = None,
 ) -> tuple[bool, str]:
-    """``zkunlearn.proofs.published.verify_bundle_submission``, imported only when a proof is checked.
+    """``zkunlearn.proofs.published.verify_bundle_submission``, imported only when a proof is checked;
+    ``enrollment`` is the exported enrollment in force at the receipt (the exact kinds are judged by it).
 
     If it is not importable the check fails: an auditor that could not verify must never say OK.
     """
     try:
         module = importlib.import_module("zkunlearn.proofs.published")
-        verify: ProofChecker = module.verify_bundle_submission
+        verify = module.verify_bundle_submission
     except (ImportError, AttributeError) as exc:
         return False, f"proof verification unavailable: {exc}"
-    return verify(
+    verdict: tuple[bool, str] = verify(
         request_payload,
         request_canonical,
         mask,
@@ -597,4 +564,24 @@ def default_proof_checker(
         after_commitments,
         proofs,
         circuits_dir,
+        enrollment,
+        backend=backend,
     )
+    return verdict
+
+
+def default_enrollment_checker(
+    record: Mapping[str, Any], circuits_dir: Path, backend: ProvingBackend | None = None
+) -> str:
+    """``zkunlearn.proofs.published.check_bundle_enrollment``: one exported enrollment's proofs verify
+    with the bundle's circuits. Not importable, or refused: a failed check."""
+    try:
+        module = importlib.import_module("zkunlearn.proofs.published")
+        check = module.check_bundle_enrollment
+    except (ImportError, AttributeError) as exc:
+        raise CheckError(f"enrollment proof verification unavailable: {exc}") from None
+    try:
+        note: str = check(record, circuits_dir, backend=backend)
+    except module.DeletionError as exc:
+        raise CheckError(str(exc)) from None
+    return note

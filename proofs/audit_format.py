@@ -19,9 +19,12 @@ Bundle format ``zkunlearn-audit-bundle/v1`` (a directory; all bytes are lowercas
     ``{"canonical", "signature", "mask", "forget_features", "forget_labels"}``: the provider-signed
     deletion request, the mask bytes, and the forget tensors as ``{"shape", "float64_le"}`` or null.
 ``enrollments/<client_id>.json``
-    ``{"canonical", "signature", "public_key", "commitments", "enrollment_proofs"}``: the enrollment
-    statement, signed by the *client's* key (proof of possession), the commitments it enrolled, and
-    its enrollment proofs (hex; empty unless the statement names their digest).
+    ``{"canonical", "signature", "public_key", "commitments", "enrollment_proofs", "replaced"}``: the
+    enrollment in force at the end of the log -- its statement, signed by the *client's* key (proof of
+    possession), the commitments it enrolled, and its enrollment proofs (hex; empty unless the
+    statement names their digest) -- and in ``replaced`` every enrollment of the client that a
+    re-enrollment replaced, oldest first, in the same form plus ``replaced_at``: the index of the
+    re-enrollment leaf that replaced it (:mod:`zkunlearn.proofs.audit_enrollments`).
 ``submissions/<submission_id>.json`` and ``.bin``
     ``{"request_id", "client_id", "proof_sha256", "proof_sizes", "after_commitments"}`` and the raw
     proof bytes (the proofs concatenated in ``proof_sizes`` order).
@@ -52,7 +55,9 @@ VERDICTS = ("accepted", "rejected")
 #: after_commitments, proofs, circuits_dir) -> (ok, reason)``; called positionally. The forget tensors
 #: are float64 arrays of their signed shapes (or ``None``); commitments are ``{"name", "block",
 #: "point_hex"}`` dicts as signed in the receipt; ``circuits_dir`` is the bundle's ``circuits/`` folder
-#: (it may not exist: the checker must then fail).
+#: (it may not exist: the checker must then fail). A checker of one's own is not told which
+#: enrollment was in force; the default one judges an exact-kind deletion by it
+#: (:func:`zkunlearn.proofs.audit_checks.default_proof_checker`).
 Forget = npt.NDArray[np.float64]
 ProofChecker = Callable[
     [

@@ -16,10 +16,11 @@ analytic head (layer ``head``) enrolls beside them with its own proof
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from zkunlearn.circuits.mask import Mask
 from zkunlearn.proofs.analytic_exact_circuits import ExactAnalyticVerifier
@@ -281,40 +282,39 @@ _BUNDLE_NORMS: dict[str, EnrolledNorms] = {}
 
 def bundle_enrolled_norms(
     verifier: ExactGroupObsVerifier | None,
-    enrollment_file: Path,
+    record: Mapping[str, Any],
     analytic: ExactAnalyticVerifier | None = None,
 ) -> EnrolledNorms:
-    """The norms an exported client's enrollment proofs show, re-verified from the bundle's
-    ``enrollments/<client>.json`` (whose signed statement the auditor has checked): the proofs must
-    be the ones the statement's ``enrollment_proofs_sha256`` names. Raises :class:`DeletionError`."""
+    """The norms an exported enrollment's proofs show, re-verified: ``record`` is an enrollment as a
+    bundle holds it (``{"canonical", "signature", "public_key", "enrollment_proofs", ...}``, hex), whose
+    proofs must be the ones its client-signed statement's ``enrollment_proofs_sha256`` names. Raises
+    :class:`DeletionError`."""
     try:
-        record = json.loads(enrollment_file.read_text())
         client = StatementVerifier.from_public_bytes(bytes.fromhex(record["public_key"]))
         statement = (bytes.fromhex(record["canonical"]), bytes.fromhex(record["signature"]))
         payload = client.verify(statement, DOMAIN_ENROLLMENT)
         proofs = [bytes.fromhex(p) for p in record.get("enrollment_proofs", [])]
-    except (OSError, ValueError, KeyError, IndexError, TypeError, StatementError) as exc:
-        raise DeletionError(f"cannot read the enrollment {enrollment_file.name}: {exc}") from exc
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, StatementError) as exc:
+        raise DeletionError(f"cannot read the exported enrollment: {exc}") from exc
+    where = f"the enrollment {hashlib.sha256(statement[0]).hexdigest()[:16]}"
     digest = enrollment_proofs_digest(proofs)
     if payload.get("enrollment_proofs_sha256") != digest:
-        raise DeletionError(
-            f"{enrollment_file.name}: the enrollment proofs are not the ones the client signed"
-        )
-    commitments = [
-        _Named(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in payload["commitments"]
-    ]
+        raise DeletionError(f"{where}: the enrollment proofs are not the ones the client signed")
+    try:
+        commitments = [
+            _Named(str(c["name"]), int(c["block"]), str(c["point_hex"])) for c in payload["commitments"]
+        ]
+        layers = [str(x) for x in payload["layers"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DeletionError(f"{where}: unreadable commitments or layers: {exc}") from exc
     keys = (verifier.circuit_keys if verifier else None, analytic.circuit_key if analytic else None)
     key = f"{keys}/{digest}/{json.dumps(payload['commitments'], sort_keys=True)}"
     if key not in _BUNDLE_NORMS:
         verdict = verify_exact_enrollment(
-            verifier,
-            layers=[str(x) for x in payload["layers"]],
-            commitments=commitments,
-            proofs=proofs,
-            analytic=analytic,
+            verifier, layers=layers, commitments=commitments, proofs=proofs, analytic=analytic
         )
         if not verdict.ok:
-            raise DeletionError(f"{enrollment_file.name}: enrollment refused: {verdict.reason}")
+            raise DeletionError(f"{where}: enrollment refused: {verdict.reason}")
         _BUNDLE_NORMS[key] = verdict.norms
     return _BUNDLE_NORMS[key]
 

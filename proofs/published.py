@@ -43,6 +43,7 @@ __all__ = [
     "EXACT_SOUND_RUN_ARGS",
     "SOUND_RUN_ARGS",
     "DeletionError",
+    "check_bundle_enrollment",
     "check_published_circuits",
     "enrollment_layout_problem",
     "verify_bundle_submission",
@@ -167,11 +168,17 @@ def verify_bundle_submission(
     after_commitments: Sequence[Mapping[str, Any]],
     proofs: Sequence[bytes],
     circuits_dir: Path,
+    enrollment: Mapping[str, Any] | None = None,
     *,
     backend: ProvingBackend | None = None,
 ) -> tuple[bool, str]:
     """The auditor's proof check: the same judgement as the provider's, from an exported bundle
-    (with ``backend``, e.g. a :class:`~zkunlearn.proofs.verify_pool.PooledEzklBackend`, its ezkl calls)."""
+    (with ``backend``, e.g. a :class:`~zkunlearn.proofs.verify_pool.PooledEzklBackend`, its ezkl calls).
+
+    An exact-kind deletion is judged with the norms the proofs of ``enrollment`` show: the exported
+    enrollment in force at the receipt's place in the log (the auditor's
+    :func:`~zkunlearn.proofs.audit_enrollments.in_force`); without it, it is refused.
+    """
     try:
         circuits = DeletionCircuits.load(circuits_dir)
         if backend is not None:
@@ -185,14 +192,11 @@ def verify_bundle_submission(
     norms = None
     update_kind = int(request_payload.get("update_kind", 0))
     if update_kind in (UPDATE_KIND_GROUP_OBS_EXACT, UPDATE_KIND_ANALYTIC_EXACT):
-        # The bundle's enrollment of this client (``enrollments/<client>.json`` beside ``circuits/``),
-        # its enrollment proofs re-verified.
-        client_id = str(request_payload.get("client_id", ""))
-        try:
+        if enrollment is None:
+            return False, "not judged: the enrollment in force at this receipt is unknown (see its chain)"
+        try:  # its enrollment proofs re-verified
             group_obs, analytic = circuits.enrollment_verifiers()
-            norms = bundle_enrolled_norms(
-                group_obs, Path(circuits_dir).parent / "enrollments" / f"{client_id}.json", analytic
-            )
+            norms = bundle_enrolled_norms(group_obs, enrollment, analytic)
         except DeletionError as exc:
             return False, str(exc)
     verdict = verify_deletion(
@@ -209,6 +213,20 @@ def verify_bundle_submission(
         enrolled_norms=norms,
     )
     return verdict.ok, verdict.reason
+
+
+def check_bundle_enrollment(
+    record: Mapping[str, Any], circuits_dir: Path, *, backend: ProvingBackend | None = None
+) -> str:
+    """An exported exact-kind enrollment's proofs verify with the bundle's circuits (raises
+    :class:`DeletionError` saying why not); returns what was checked."""
+    circuits = DeletionCircuits.load(circuits_dir)
+    if backend is not None:
+        circuits = circuits.with_backend(backend)
+    group_obs, analytic = circuits.enrollment_verifiers()
+    norms = bundle_enrolled_norms(group_obs, record, analytic)
+    proofs = record.get("enrollment_proofs") or []
+    return f"{len(proofs)} enrollment proof(s) verify ({len(norms)} Group-OBS batch norm(s) proven)"
 
 
 def enrollment_layout_problem(

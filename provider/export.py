@@ -33,7 +33,7 @@ from zkunlearn.errors import ZkUnlearnError
 from .ledger import Ledger, TreeHead
 from .models import TensorData, decode_forget
 from .server import ProviderConfig
-from .state import ProviderState, open_state
+from .state import ClientRecord, ProviderState, open_state
 
 __all__ = ["BUNDLE_FORMAT", "BundleExportError", "export_bundle", "export_from_config"]
 
@@ -112,6 +112,7 @@ def _write_bundle(
     client_ids: dict[str, None] = {}
     request_ids: dict[str, None] = {}
     submission_ids: dict[str, None] = {}
+    rotations: dict[str, dict[int, dict[str, Any]]] = {}  # client -> its re-enrollment leaves' payloads
     for index in range(size):
         leaf = ledger.leaf(index)
         log.append(
@@ -125,9 +126,10 @@ def _write_bundle(
         if leaf.request_id:
             request_ids[leaf.request_id] = None
             submission_ids[leaf.submission_id] = None
-        else:  # a re-enrollment: the client's enrollment is exported, it has no request or submission
-            rotated = SignedStatement.from_wire(leaf.canonical, leaf.signature).payload.get("client_id")
-            client_ids[str(rotated)] = None
+        else:  # a re-enrollment: the client's enrollments are exported, it has no request or submission
+            payload = SignedStatement.from_wire(leaf.canonical, leaf.signature).payload
+            client_ids[str(payload.get("client_id"))] = None
+            rotations.setdefault(str(payload.get("client_id")), {})[index] = payload
     _write_json(root / "log.json", log)
 
     (root / "requests").mkdir()
@@ -150,19 +152,9 @@ def _write_bundle(
 
     (root / "enrollments").mkdir()
     for client_id in client_ids:
-        client = state.get_client(client_id)
-        if client is None:
-            raise BundleExportError(f"request names client {client_id!r}, which the state does not hold")
         _write_json(
             root / "enrollments" / f"{client_id}.json",
-            {
-                "canonical": client.enrollment_canonical.hex(),
-                "signature": client.enrollment_signature.hex(),
-                "public_key": client.public_key.hex(),
-                "commitments": json.loads(client.enrolled_commitments),
-                # Exact Group-OBS clients: the enrollment proofs their deletions are judged with.
-                "enrollment_proofs": json.loads(client.enrollment_proofs) if client.enrollment_proofs else [],
-            },
+            _enrollment_versions(state, client_id, rotations.get(client_id, {}), size),
         )
 
     (root / "submissions").mkdir()
@@ -197,6 +189,60 @@ def _write_bundle(
                 shutil.copy2(source, target / name)
             else:
                 raise BundleExportError(f"circuit artifact {source} does not exist")
+
+
+def _enrollment_json(client: ClientRecord) -> dict[str, Any]:
+    return {
+        "canonical": client.enrollment_canonical.hex(),
+        "signature": client.enrollment_signature.hex(),
+        "public_key": client.public_key.hex(),
+        "commitments": json.loads(client.enrolled_commitments),
+        # The exact kinds: the enrollment proofs the client's deletions are judged with.
+        "enrollment_proofs": json.loads(client.enrollment_proofs) if client.enrollment_proofs else [],
+    }
+
+
+def _enrollment_from_leaf(rotation: Mapping[str, Any]) -> dict[str, Any]:
+    """The enrollment a re-enrollment leaf replaced, from the leaf alone: a rotation the state recorded
+    before it kept replaced enrollments. The leaf has no enrollment proofs (the statement names their
+    digest), so an exact-kind client's deletions before it cannot be judged and fail the audit."""
+    try:
+        previous = rotation["previous_enrollment"]
+        payload = SignedStatement.from_wire(
+            bytes.fromhex(previous["canonical"]), bytes.fromhex(previous["signature"])
+        ).payload
+        return {
+            "canonical": previous["canonical"],
+            "signature": previous["signature"],
+            "public_key": payload["public_key"],
+            "commitments": payload["commitments"],
+            "enrollment_proofs": [],
+        }
+    except (KeyError, TypeError, ValueError, StatementError) as exc:
+        raise BundleExportError(f"a re-enrollment leaf of the log is unreadable: {exc}") from exc
+
+
+def _enrollment_versions(
+    state: ProviderState, client_id: str, rotations: Mapping[int, Mapping[str, Any]], size: int
+) -> dict[str, Any]:
+    """``enrollments/<client>.json``: the enrollment in force at the end of the exported log, and in
+    ``replaced`` every one a re-enrollment of the log replaced, oldest first, each with the index of
+    that re-enrollment's leaf (``rotations``: the client's re-enrollment leaves' payloads by index)."""
+    client = state.get_client(client_id)
+    if client is None:
+        raise BundleExportError(f"the log names client {client_id!r}, which the state does not hold")
+    kept = {r.replaced_at: r.record for r in state.replaced_enrollments(client_id)}
+    # The log may have grown since the snapshot: a rotation past it replaced the one in force at its end.
+    later = sorted(i for i in kept if i >= size)
+    in_force = kept[later[0]] if later else client
+    replaced = [
+        {
+            "replaced_at": index,
+            **(_enrollment_json(kept[index]) if index in kept else _enrollment_from_leaf(rotations[index])),
+        }
+        for index in sorted(rotations)
+    ]
+    return {**_enrollment_json(in_force), "replaced": replaced}
 
 
 def _refuse_existing(out_dir: Path) -> None:

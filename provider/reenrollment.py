@@ -6,8 +6,10 @@ signed by the enrolled key over a fresh nonce and the SHA-256 of both enrollment
 only the key holder can rotate, and a captured re-enrollment cannot be replayed: its nonce is spent,
 and the enrollment it replaces is no longer the stored one. The provider signs a re-enrollment
 statement naming both enrollments, the commitments given up and the client's authorization, and
-appends it to the transparency log in the transaction that replaces the enrollment; an auditor
-checks every later deletion against the new commitments (:mod:`zkunlearn.proofs.audit_checks`).
+appends it to the transparency log in the transaction that replaces the enrollment and keeps the
+replaced one (``ProviderState.replaced_enrollments``); an auditor checks every later deletion against
+the new commitments, and judges each deletion by the enrollment in force at its place in the log
+(:mod:`zkunlearn.proofs.audit_enrollments`).
 """
 
 from __future__ import annotations

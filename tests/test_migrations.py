@@ -35,7 +35,7 @@ def test_head_schema_matches_the_tables_the_code_uses(url: str) -> None:
 
 def test_upgrade_is_idempotent_and_reports_head(url: str) -> None:
     engine = sa.create_engine(url)
-    assert upgrade_schema(engine) == upgrade_schema(engine) == "0003"
+    assert upgrade_schema(engine) == upgrade_schema(engine) == "0004"
     engine.dispose()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +18,14 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from zkunlearn.client.sdk import Commitment
 from zkunlearn.client.store import StoreError
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.backend import point_from_tag
 from zkunlearn.proofs.statements import DOMAIN_REENROLLMENT, DOMAIN_RPC_AUTH, StatementSigner
 from zkunlearn.provider.export import export_bundle
+from zkunlearn.provider.ledger import Ledger
 from zkunlearn.provider.service import (
     AlreadyExistsError,
     AuthInput,
@@ -42,6 +45,7 @@ from zkunlearn.provider.state import (
     ProviderState,
     SqlState,
 )
+from zkunlearn.provider.state._schema import replaced_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fakes import ALL_KINDS, BLOCKS, FakeVerifier, _transcript, after_for
@@ -388,3 +392,133 @@ def test_the_sdk_reenrolls_over_grpc_and_takes_a_repeat_after_a_lost_response_as
         assert r1.request_id != r2.request_id
     finally:
         provider.stop(0)
+
+
+def rotated_history(service: ProviderService) -> Device:
+    """enroll -> accepted deletion -> re-enrollment -> accepted deletion (leaves 0, 1, 2)."""
+    dev = Device(service)
+    dev.enroll()
+    r1 = service.create_request(dev.client_id, mask(), request_id="before-rotation")
+    assert dev.submit(r1.request_id).verdict == VERDICT_ACCEPTED
+    new = enrollment_with(dev, FRESH)
+    service.reenroll(new, rotation(service, dev, new))
+    r2 = service.create_request(dev.client_id, mask(), request_id="after-rotation")
+    assert dev.submit(r2.request_id).verdict == VERDICT_ACCEPTED
+    return dev
+
+
+def exported(service: ProviderService, out: Path, ledger: Ledger | None = None) -> Path:
+    circuits = out.parent / f"{out.name}-circuits"
+    circuits.mkdir()
+    (circuits / "settings.json").write_text("{}")
+    return export_bundle(
+        service.state, ledger or service.ledger, service.signer.public_bytes(), out, circuits_dir=circuits
+    )
+
+
+def test_the_bundle_carries_each_replaced_enrollment_and_the_auditor_holds_it_to_the_log(
+    service: ProviderService, tmp_path: Path
+) -> None:
+    """Dropping, swapping or moving a replaced enrollment fails the chain; the honest bundle passes."""
+    dev = rotated_history(service)
+    bundle = exported(service, tmp_path / "bundle")
+    key = service.signer.public_bytes()
+    record = json.loads((bundle / "enrollments" / "dev-1.json").read_text())
+    assert bytes.fromhex(record["canonical"]) == enrollment_with(dev, FRESH).canonical
+    (replaced,) = record["replaced"]
+    assert replaced["replaced_at"] == 1
+    assert bytes.fromhex(replaced["canonical"]) == dev.enrollment().canonical
+    assert audit_bundle(bundle, provider_public_key=key, proof_checker=fake_checker).ok  # the control
+
+    def edited(name: str, change: Any) -> list[dict[str, str]]:
+        copy = Path(shutil.copytree(bundle, tmp_path / name))
+        path = copy / "enrollments" / "dev-1.json"
+        value = json.loads(path.read_text())
+        change(value)
+        path.write_text(json.dumps(value))
+        return audit_bundle(copy, provider_public_key=key, proof_checker=fake_checker).failures
+
+    def swap(value: dict[str, Any]) -> None:
+        first = value["replaced"][0]
+        for field in ("canonical", "signature", "commitments", "enrollment_proofs"):
+            first[field], value[field] = value[field], first[field]
+
+    dropped = edited("dropped", lambda value: value["replaced"].clear())
+    assert dropped == [
+        {
+            "item": "chain dev-1",
+            "reason": "enrollments/dev-1.json replaced: 0 replaced enrollment(s), the log has 1 "
+            "re-enrollment(s) of the client",
+        }
+    ]
+    swapped = edited("swapped", swap)
+    assert [f["item"] for f in swapped] == ["chain dev-1"]
+    assert "replaced[0]: not the enrollment log.json[1] replaced" in swapped[0]["reason"]
+    missing = edited("missing", lambda value: value.pop("replaced"))
+    assert missing == [
+        {"item": "chain dev-1", "reason": "enrollments/dev-1.json: field 'replaced' is missing"}
+    ]
+    moved = edited("moved", lambda value: value["replaced"][0].update(replaced_at=2))
+    assert "replaced[0] replaced_at: 2, the re-enrollment replacing it is log.json[1]" in moved[0]["reason"]
+
+
+def test_a_rotation_recorded_before_replaced_enrollments_were_kept_exports_from_its_leaf(
+    tmp_path: Path,
+) -> None:
+    """A state whose replaced enrollment is missing (a rotation stored before they were kept): the
+    export takes it from the re-enrollment leaf, and the bundle audits (this kind has no proofs)."""
+    state = SqlState.sqlite(tmp_path / "p.db")
+    service = ProviderService(
+        state,
+        StatementSigner.generate(),
+        FakeVerifier(),
+        ServiceConfig(update_kinds=ALL_KINDS, model_ids=("m1",), challenge_rate_per_subject=0.0),
+    )
+    try:
+        dev = rotated_history(service)
+        engine = sa.create_engine(f"sqlite+pysqlite:///{tmp_path / 'p.db'}")
+        with engine.begin() as conn:
+            conn.execute(sa.delete(replaced_t))
+        engine.dispose()
+        assert state.replaced_enrollments(dev.client_id) == []
+        bundle = exported(service, tmp_path / "bundle")
+        record = json.loads((bundle / "enrollments" / "dev-1.json").read_text())
+        assert bytes.fromhex(record["replaced"][0]["canonical"]) == dev.enrollment().canonical
+        report = audit_bundle(
+            bundle, provider_public_key=service.signer.public_bytes(), proof_checker=fake_checker
+        )
+        assert report.ok, report.failures
+    finally:
+        service.close()
+
+
+def test_an_export_behind_a_later_rotation_holds_the_enrollment_in_force_at_its_end(
+    service: ProviderService, tmp_path: Path
+) -> None:
+    """The log grows while a bundle is written: a rotation past its size is not in the bundle, and
+    neither is its enrollment; the one it replaced is the bundle's enrollment in force."""
+    dev = Device(service)
+    dev.enroll()
+    r1 = service.create_request(dev.client_id, mask())
+    assert dev.submit(r1.request_id).verdict == VERDICT_ACCEPTED
+    new = enrollment_with(dev, FRESH)
+    service.reenroll(new, rotation(service, dev, new))  # leaf 1, after the export's snapshot
+
+    class Behind(Ledger):
+        @property
+        def size(self) -> int:
+            return 1
+
+    behind = Behind(service.state, service.signer)
+    bundle = exported(service, tmp_path / "bundle", behind)
+    record = json.loads((bundle / "enrollments" / "dev-1.json").read_text())
+    assert bytes.fromhex(record["canonical"]) == dev.enrollment().canonical
+    assert record["replaced"] == []
+    report = audit_bundle(
+        bundle, provider_public_key=service.signer.public_bytes(), proof_checker=fake_checker
+    )
+    assert report.ok, report.failures
+    assert (
+        exported(service, tmp_path / "now").joinpath("enrollments", "dev-1.json").read_text()
+        != (bundle / "enrollments" / "dev-1.json").read_text()
+    )

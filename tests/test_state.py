@@ -27,6 +27,7 @@ from zkunlearn.provider.state import (
     NotFoundError,
     PendingRequestsError,
     ProviderState,
+    ReplacedEnrollment,
     RequestRecord,
     SqlState,
     StaleCommitmentsError,
@@ -127,9 +128,12 @@ def test_a_rotation_replaces_the_enrollment_and_appends_its_leaf_only_from_the_n
     with pytest.raises(PendingRequestsError, match="'r1'"):
         state.rotate_client(rotated, named, rotation, now_ms=999, refuse_pending=True)
     assert state.ledger_size() == 0
+    assert state.replaced_enrollments("c1") == []
     stored, appended = state.rotate_client(rotated, named, rotation, now_ms=1001, refuse_pending=True)
     assert appended.index == 0
     assert state.get_client("c1") == stored == rotated
+    # The replaced enrollment is kept as it stood, keyed by the leaf that replaced it.
+    assert state.replaced_enrollments("c1") == [ReplacedEnrollment(0, client())]
     # A replay names the enrollment that is gone; an unknown client is refused too.
     with pytest.raises(ConflictError, match="no longer enrolled"):
         state.rotate_client(rotated, named, rotation, now_ms=1001, refuse_pending=False)
@@ -137,6 +141,42 @@ def test_a_rotation_replaces_the_enrollment_and_appends_its_leaf_only_from_the_n
         state.rotate_client(client("c9"), named, rotation, now_ms=1001, refuse_pending=False)
     assert state.ledger_size() == 1
     assert state.get_leaf(0) == appended
+    assert state.replaced_enrollments("c9") == []
+
+
+def test_every_replaced_enrollment_is_kept_in_log_order_and_an_interrupted_rotation_keeps_none(
+    state: ProviderState,
+) -> None:
+    first = client()
+    state.add_client(first)
+    state.add_client(client("c2"))
+    second = dataclasses.replace(first, enrollment_canonical=b"canon-2", current_commitments='["2"]')
+    third = dataclasses.replace(first, enrollment_canonical=b"canon-3", enrollment_proofs=b'["ab"]')
+
+    def rotate(to: ClientRecord, previous: ClientRecord, tag: str) -> LeafRecord:
+        named = hashlib.sha256(previous.enrollment_canonical).hexdigest()
+        rotation = dataclasses.replace(leaf(""), canonical=tag.encode(), submission_id=f"re-enrollment/{tag}")
+        return state.rotate_client(to, named, rotation, now_ms=0, refuse_pending=False)[1]
+
+    rotate(second, first, "a")
+    state.add_request(req("r1"))
+    state.add_submission(sub("s1", "r1", "d1"))
+    state.finish_submission("s1", VERDICT_ACCEPTED, "", leaf("r1"))  # leaf 1: the state moved on
+    moved = state.get_client("c1")
+    assert moved is not None
+
+    def crash(step: str) -> None:
+        raise RuntimeError(f"power cut at {step}")
+
+    state.fault_hook = crash
+    with pytest.raises(RuntimeError, match="leaf-appended"):
+        rotate(third, moved, "b")
+    state.fault_hook = None
+    assert state.replaced_enrollments("c1") == [ReplacedEnrollment(0, first)]
+    assert rotate(third, moved, "b").index == 2
+    assert state.replaced_enrollments("c1") == [ReplacedEnrollment(0, first), ReplacedEnrollment(2, moved)]
+    assert moved.current_commitments != second.current_commitments  # kept as it stood when replaced
+    assert state.replaced_enrollments("c2") == []
 
 
 def test_nonce_is_single_use_bound_to_client_and_expires(state: ProviderState) -> None:

@@ -67,6 +67,16 @@ class ClientRecord:
 
 
 @dataclass(frozen=True)
+class ReplacedEnrollment:
+    """An enrollment a re-enrollment replaced: the client's record as it stood then, and the index of
+    the re-enrollment leaf that replaced it. The log's order is what ties a receipt to an enrollment:
+    this one was in force for the client's leaves before ``replaced_at`` (and after the previous one's)."""
+
+    replaced_at: int
+    record: ClientRecord
+
+
+@dataclass(frozen=True)
 class RequestRecord:
     request_id: str
     client_id: str
@@ -180,11 +190,18 @@ class ProviderState(abc.ABC):
     ) -> tuple[ClientRecord, LeafRecord]:
         """Replace a client's enrollment and append its signed re-enrollment leaf, in one transaction.
 
-        The stored enrollment must still be the one ``previous_enrollment_sha256`` names (SHA-256 of its
-        canonical bytes), else :class:`ConflictError`: a replayed or raced re-enrollment changes nothing.
+        The replaced record is kept (:meth:`replaced_enrollments`), keyed by the leaf's index: an
+        exact-kind client's earlier deletions stay judged by the enrollment proofs they were accepted
+        under. The stored enrollment must still be the one ``previous_enrollment_sha256`` names
+        (SHA-256 of its canonical bytes), else :class:`ConflictError`: a replayed or raced
+        re-enrollment changes nothing.
         ``refuse_pending``: an unanswered, unexpired request of the client raises
         :class:`PendingRequestsError`. Unknown client: :class:`NotFoundError`. ``leaf.index`` is assigned.
         """
+
+    @abc.abstractmethod
+    def replaced_enrollments(self, client_id: str) -> list[ReplacedEnrollment]:
+        """Every enrollment of the client that a re-enrollment replaced, oldest first (by ``replaced_at``)."""
 
     @abc.abstractmethod
     def list_clients(

@@ -18,6 +18,7 @@ from zkunlearn.provider.state._base import (
     NotFoundError,
     PendingRequestsError,
     ProviderState,
+    ReplacedEnrollment,
     RequestRecord,
     StaleCommitmentsError,
     StateSummary,
@@ -38,6 +39,7 @@ class InMemoryState(ProviderState):
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._clients: dict[str, ClientRecord] = {}
+        self._replaced: dict[str, tuple[ReplacedEnrollment, ...]] = {}
         self._nonces: dict[bytes, tuple[str, int, bool]] = {}
         self._requests: dict[str, RequestRecord] = {}
         self._submissions: dict[str, SubmissionRecord] = {}
@@ -49,6 +51,7 @@ class InMemoryState(ProviderState):
         with self._lock:
             saved = (
                 dict(self._clients),
+                dict(self._replaced),
                 dict(self._nonces),
                 dict(self._requests),
                 dict(self._submissions),
@@ -60,6 +63,7 @@ class InMemoryState(ProviderState):
             except BaseException:
                 (
                     self._clients,
+                    self._replaced,
                     self._nonces,
                     self._requests,
                     self._submissions,
@@ -90,7 +94,7 @@ class InMemoryState(ProviderState):
         refuse_pending: bool,
     ) -> tuple[ClientRecord, LeafRecord]:
         with self._txn():
-            _check_rotation(self._clients.get(record.client_id), record, previous_enrollment_sha256)
+            old = _check_rotation(self._clients.get(record.client_id), record, previous_enrollment_sha256)
             if refuse_pending:
                 open_ids = [
                     r.request_id
@@ -104,8 +108,14 @@ class InMemoryState(ProviderState):
             stored_leaf = dataclasses.replace(leaf, index=len(self._leaves))
             self._leaves.append(stored_leaf)
             self._fault("leaf-appended")
+            kept = ReplacedEnrollment(stored_leaf.index, old)
+            self._replaced[record.client_id] = (*self._replaced.get(record.client_id, ()), kept)
             self._clients[record.client_id] = record
             return record, stored_leaf
+
+    def replaced_enrollments(self, client_id: str) -> list[ReplacedEnrollment]:
+        with self._lock:
+            return list(self._replaced.get(client_id, ()))
 
     def get_client(self, client_id: str) -> ClientRecord | None:
         with self._lock:

@@ -17,20 +17,25 @@ from zkunlearn.provider.state._base import (
 
 _meta = sa.MetaData()
 
+
+def _enrollment_columns() -> list[sa.Column[Any]]:
+    """A client record's columns after its id: the same in ``clients`` and ``replaced_enrollments``."""
+    return [
+        sa.Column("public_key", sa.LargeBinary, nullable=False),
+        sa.Column("model_id", sa.String(256), nullable=False),
+        sa.Column("layers", sa.Text, nullable=False),  # newline-joined (layer names cannot hold newlines)
+        sa.Column("update_kind", sa.Integer, nullable=False),
+        sa.Column("enrolled_commitments", sa.Text, nullable=False),
+        sa.Column("current_commitments", sa.Text, nullable=False),
+        sa.Column("enrollment_canonical", sa.LargeBinary, nullable=False),
+        sa.Column("enrollment_signature", sa.LargeBinary, nullable=False),
+        sa.Column("enrolled_ms", sa.BigInteger, nullable=False),
+        sa.Column("enrollment_proofs", sa.LargeBinary, nullable=False, server_default=sa.text("''")),
+    ]
+
+
 clients_t = sa.Table(
-    "clients",
-    _meta,
-    sa.Column("client_id", sa.String(128), primary_key=True),
-    sa.Column("public_key", sa.LargeBinary, nullable=False),
-    sa.Column("model_id", sa.String(256), nullable=False),
-    sa.Column("layers", sa.Text, nullable=False),  # newline-joined (layer names cannot hold newlines)
-    sa.Column("update_kind", sa.Integer, nullable=False),
-    sa.Column("enrolled_commitments", sa.Text, nullable=False),
-    sa.Column("current_commitments", sa.Text, nullable=False),
-    sa.Column("enrollment_canonical", sa.LargeBinary, nullable=False),
-    sa.Column("enrollment_signature", sa.LargeBinary, nullable=False),
-    sa.Column("enrolled_ms", sa.BigInteger, nullable=False),
-    sa.Column("enrollment_proofs", sa.LargeBinary, nullable=False, server_default=sa.text("''")),
+    "clients", _meta, sa.Column("client_id", sa.String(128), primary_key=True), *_enrollment_columns()
 )
 
 nonces_t = sa.Table(
@@ -96,6 +101,22 @@ tip_t = sa.Table(
     _meta,
     sa.Column("tip_id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("size", sa.BigInteger, nullable=False),
+)
+
+# Every enrollment a re-enrollment replaced (its record as it stood then), keyed by the index of the
+# re-enrollment leaf that replaced it: the log's order says which enrollment judged which receipt.
+replaced_t = sa.Table(
+    "replaced_enrollments",
+    _meta,
+    sa.Column(
+        "replaced_at",
+        sa.BigInteger,
+        sa.ForeignKey("ledger_leaves.leaf_index"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("client_id", sa.String(128), sa.ForeignKey("clients.client_id"), nullable=False, index=True),
+    *_enrollment_columns(),
 )
 
 heads_t = sa.Table(

@@ -25,6 +25,7 @@ from zkunlearn.provider.state._base import (
     NotFoundError,
     PendingRequestsError,
     ProviderState,
+    ReplacedEnrollment,
     RequestRecord,
     StaleCommitmentsError,
     StateSummary,
@@ -49,6 +50,7 @@ from zkunlearn.provider.state._schema import (
     heads_t,
     leaves_t,
     nonces_t,
+    replaced_t,
     requests_t,
     submissions_t,
     tip_t,
@@ -134,9 +136,7 @@ class SqlState(ProviderState):
                 raise ConflictError(
                     f"client id {record.client_id!r} is already enrolled with another key or model"
                 )
-            values = dataclasses.asdict(record)
-            values["layers"] = "\n".join(record.layers)
-            conn.execute(sa.insert(clients_t).values(**values))
+            conn.execute(sa.insert(clients_t).values(**_client_values(record)))
             return record, True
 
         result: tuple[ClientRecord, bool] = self._retrying(run)
@@ -156,7 +156,9 @@ class SqlState(ProviderState):
             row = conn.execute(
                 sa.select(clients_t).where(clients_t.c.client_id == record.client_id).with_for_update()
             ).first()
-            _check_rotation(None if row is None else _client_row(row), record, previous_enrollment_sha256)
+            old = _check_rotation(
+                None if row is None else _client_row(row), record, previous_enrollment_sha256
+            )
             if refuse_pending:
                 open_ids = list(
                     conn.execute(
@@ -173,8 +175,8 @@ class SqlState(ProviderState):
                     raise PendingRequestsError(_pending_message(record.client_id, open_ids))
             stored_leaf = _append_leaf(conn, leaf)
             self._fault("leaf-appended")
-            values = dataclasses.asdict(record)
-            values["layers"] = "\n".join(record.layers)
+            conn.execute(sa.insert(replaced_t).values(replaced_at=stored_leaf.index, **_client_values(old)))
+            values = _client_values(record)
             del values["client_id"]
             conn.execute(
                 sa.update(clients_t).where(clients_t.c.client_id == record.client_id).values(**values)
@@ -183,6 +185,16 @@ class SqlState(ProviderState):
 
         result: tuple[ClientRecord, LeafRecord] = self._retrying(run)
         return result
+
+    def replaced_enrollments(self, client_id: str) -> list[ReplacedEnrollment]:
+        rows = self._read(
+            lambda conn: conn.execute(
+                sa.select(replaced_t)
+                .where(replaced_t.c.client_id == client_id)
+                .order_by(replaced_t.c.replaced_at)
+            ).all()
+        )
+        return [ReplacedEnrollment(row.replaced_at, _client_row(row)) for row in rows]
 
     def get_client(self, client_id: str) -> ClientRecord | None:
         row = self._read(
@@ -544,6 +556,13 @@ class SqlState(ProviderState):
             lambda conn: conn.execute(sa.select(heads_t).where(heads_t.c.tree_size == size)).first()
         )
         return None if row is None else _head_row(row)
+
+
+def _client_values(record: ClientRecord) -> dict[str, Any]:
+    """A client record as column values (``clients`` and ``replaced_enrollments`` rows alike)."""
+    values = dataclasses.asdict(record)
+    values["layers"] = "\n".join(record.layers)
+    return values
 
 
 def _append_leaf(conn: Connection, leaf: LeafRecord) -> LeafRecord:
