@@ -1,10 +1,10 @@
 """The audit bundle's format and how the auditor reads it: every malformed piece (missing file, bad JSON,
 bad hex, wrong shape) becomes a :class:`CheckError` naming the file and field.
 
-Bundle format ``zkunlearn-audit-bundle/v1`` (a directory; all bytes are lowercase hex):
+Bundle format ``zkunlearn-audit-bundle/v2`` (a directory; all bytes are lowercase hex):
 
 ``manifest.json``
-    ``{"format": "zkunlearn-audit-bundle/v1", "provider_public_key": hex(32 bytes Ed25519),
+    ``{"format": "zkunlearn-audit-bundle/v2", "provider_public_key": hex(32 bytes Ed25519),
     "key_id", "srs": {"sha256", "insecure": bool}, "created_ms", "tree_size"}``.
 ``tree_heads.json``
     Signed tree heads (``SignedStatement.to_dict()``) in strictly increasing size; at least the
@@ -46,7 +46,9 @@ from zkunlearn.proofs.statements import StatementError, StatementVerifier
 
 from zkunlearn.errors import RefusedError
 
-BUNDLE_FORMAT = "zkunlearn-audit-bundle/v1"
+BUNDLE_FORMAT = "zkunlearn-audit-bundle/v2"
+"""v2: ``enrollments/<client_id>.json`` carries ``replaced`` (v1 bundles have no replaced enrollments,
+so exact deletions before a re-enrollment could not be judged by their own norms)."""
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 VERDICTS = ("accepted", "rejected")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from zkunlearn.proofs.audit_format import BUNDLE_FORMAT
 from zkunlearn.proofs.statements import SignedStatement, StatementError, StatementSigner, key_id_for
 
 from zkunlearn.errors import ZkUnlearnError
@@ -37,7 +38,6 @@ from .state import ClientRecord, ProviderState, open_state
 
 __all__ = ["BUNDLE_FORMAT", "BundleExportError", "export_bundle", "export_from_config"]
 
-BUNDLE_FORMAT = "zkunlearn-audit-bundle/v1"
 # Proving keys are large and verification never needs them; an auditor gets verifying keys only.
 _LEFT_OUT = ("pk.key",)
 
