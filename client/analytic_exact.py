@@ -186,7 +186,9 @@ class ExactAnalyticUnlearner(CommittedStateProver):
         return self._save_answer(rid, after, results, {"m": _stored(m_after), "w": _stored(w_after)}, meta)
 
     def load_model(self) -> None:
-        """The head lives in the state folder (:meth:`weights`): nothing to load."""
+        """The head lives in the state folder (:meth:`weights`): nothing to load, but the state must be
+        readable (a lost or corrupted one raises :class:`UnlearningError` here, not at the next request)."""
+        load_state(self.state_dir)
 
     # -- helpers ----------------------------------------------------------------------------------
 

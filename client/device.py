@@ -82,6 +82,13 @@ class _NotEnrolled:
         raise DeviceError("the device has no enrolled model: call enroll_model() or enroll_head() first")
 
 
+def _group_obs_commitments(enrolled: Any) -> tuple[list[Commitment], list[bytes]]:
+    """Commitments and enrollment proofs of a Group-OBS enrollment (the fixed-point one has no proofs)."""
+    if isinstance(enrolled, list):
+        return enrolled, []
+    return enrolled.commitments, enrolled.proofs
+
+
 @contextmanager
 def _refusals(what: str) -> Iterator[None]:
     """Re-raise the driven pieces' errors as one DeviceError saying what was being done."""
@@ -241,12 +248,11 @@ class EdgeDevice:
         unlearner = self._group_obs_unlearner(model, prover_class)
 
         def commit() -> tuple[list[Commitment], list[bytes]]:
-            enrolled = unlearner.enroll(
-                layers, inputs, targets, loss_fn, exclude, curvature, reconstruction_weight, fisher_shift
+            return _group_obs_commitments(
+                unlearner.enroll(
+                    layers, inputs, targets, loss_fn, exclude, curvature, reconstruction_weight, fisher_shift
+                )
             )
-            if isinstance(enrolled, list):
-                return enrolled, []
-            return enrolled.commitments, enrolled.proofs
 
         return self._enroll(unlearner, tuple(layers), commit)
 
@@ -276,15 +282,33 @@ class EdgeDevice:
         deletion request to this device is open (answer it, or let it expire). A re-enrollment cut
         before the provider acknowledged it is sent again by the next call, not recomputed.
         """
+        unlearner = self._group_obs_unlearner(model, prover_class)
+
+        def commit() -> tuple[list[Commitment], list[bytes]]:
+            return _group_obs_commitments(
+                unlearner.enroll(
+                    layers, inputs, targets, loss_fn, exclude, curvature, reconstruction_weight, fisher_shift
+                )
+            )
+
+        return self._reenroll(unlearner, tuple(layers), commit, discard_state, "enroll_model()")
+
+    def _reenroll(
+        self,
+        unlearner: DeviceProver,
+        layers: tuple[str, ...],
+        commit: Callable[[], tuple[list[Commitment], list[bytes]]],
+        discard_state: bool,
+        enroll_call: str,
+    ) -> Enrollment:
         enrolled = self.enrolled_layers
         if enrolled is None:
-            raise DeviceError("the device was never enrolled: use enroll_model()")
-        if enrolled != tuple(layers):
+            raise DeviceError(f"the device was never enrolled: use {enroll_call}")
+        if enrolled != layers:
             raise DeviceError(
                 f"this device enrolled {list(enrolled)} of model {self.model_id!r}; a re-enrollment keeps "
                 f"them, not {list(layers)}"
             )
-        unlearner = self._group_obs_unlearner(model, prover_class)
         with _refusals(f"cannot re-enroll with model {self.model_id!r}"):
             committed = self._unacknowledged_reenrollment(unlearner, enrolled)
             if committed is not None:
@@ -292,14 +316,7 @@ class EdgeDevice:
             else:
                 self._set_aside(discard_state)
                 self._say(f"committing afresh to {', '.join(layers)} and proving the enrollment")
-                enrolled_now = unlearner.enroll(
-                    layers, inputs, targets, loss_fn, exclude, curvature, reconstruction_weight, fisher_shift
-                )
-                committed = (
-                    (enrolled_now, [])
-                    if isinstance(enrolled_now, list)
-                    else (enrolled_now.commitments, enrolled_now.proofs)
-                )
+                committed = commit()
                 self.client.store.put_json("reenrollment", [c.to_json() for c in committed[0]])
             self.client.reenroll(*committed)
             self.client.store.put_json("reenrollment", None)
@@ -362,17 +379,33 @@ class EdgeDevice:
     def enroll_head(self, features: npt.ArrayLike, targets: npt.ArrayLike) -> Enrollment:
         """Learn and enroll the exact analytic head from ``features`` (``n x d``) and ``targets`` (class
         indices or ``n x k``); on a device enrolled before, reopen it. :meth:`predict` scores with it."""
-        spec = self.published.spec
-        if not isinstance(spec, ExactAnalyticSpec):
-            raise DeviceError(f"model {self.model_id!r} is published for Group-OBS: use enroll_model()")
-        circuit = self.published.circuits[0]
-        unlearner = ExactAnalyticUnlearner(spec, circuit, self._committed, self.prove_options)
+        unlearner = self._analytic_unlearner()
 
         def commit() -> tuple[list[Commitment], list[bytes]]:
             enrolled = unlearner.enroll(features, targets)
             return enrolled.commitments, enrolled.proofs
 
         return self._enroll(unlearner, ("head",), commit)
+
+    def reenroll_head(
+        self, features: npt.ArrayLike, targets: npt.ArrayLike, *, discard_state: bool = False
+    ) -> Enrollment:
+        """Recover an analytic-head device whose committed state is lost or corrupted: learn the head
+        afresh from ``features``/``targets`` and re-enroll, as :meth:`reenroll_model` does for Group-OBS
+        (same folder handling, same refusals)."""
+        unlearner = self._analytic_unlearner()
+
+        def commit() -> tuple[list[Commitment], list[bytes]]:
+            enrolled = unlearner.enroll(features, targets)
+            return enrolled.commitments, enrolled.proofs
+
+        return self._reenroll(unlearner, ("head",), commit, discard_state, "enroll_head()")
+
+    def _analytic_unlearner(self) -> ExactAnalyticUnlearner:
+        spec = self.published.spec
+        if not isinstance(spec, ExactAnalyticSpec):
+            raise DeviceError(f"model {self.model_id!r} is published for Group-OBS: use enroll_model()")
+        return ExactAnalyticUnlearner(spec, self.published.circuits[0], self._committed, self.prove_options)
 
     def predict(self, features: npt.ArrayLike) -> Any:
         """Scores of the committed exact analytic head (after deletions, the retrained one)."""
