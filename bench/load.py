@@ -2,31 +2,37 @@
 
 Each simulated client is the real edge SDK (``EdgeClient`` with its own key and SQLite store) that
 enrolls, watches for its deletion request, submits, waits for its signed receipt and checks the
-log (inclusion and consistency proofs). In ``real-honest`` mode every client proves its own two
-deletions (:mod:`zkunlearn.bench.load_honest`: the exact analytic head, real ezkl proofs, a share of
-clients forging their second answer), so the accept path runs at load; with PostgreSQL the server
-itself is restarted once mid-run. In the other modes the proving is replayed: clients submit
-precomputed proofs, so what is measured is the provider side (RPC handling, authentication, storage,
-proof verification, receipts, the log). Two kinds of proofs are replayed:
+log (inclusion and consistency proofs). Three modes:
 
-- ``real`` (default): genuine ezkl proofs made by the quick demo's honest Group-OBS and analytic
-  clients (run once and cached), verified by the provider with ezkl against its own keys. A proof
-  is bound to the request it answers (the request digest is a public input), so a simulated client
-  replaying it is answering *another* request: every real-mode submission must be rejected, after a
-  full ezkl verification, and half of them are also tampered (another after-commitment). This
-  measures real verification throughput and proves replays across requests fail at scale; making
-  1,000 request-bound proofs would take hours of proving on this machine.
+- ``real-honest`` (the command's default): every client proves its own two deletions
+  (:mod:`zkunlearn.bench.load_honest`: the exact analytic head, real ezkl proofs, a share of clients
+  forging their second answer), so the accept path runs at load with genuine proofs; with PostgreSQL
+  the server itself is restarted once mid-run.
+- ``real``: genuine ezkl proofs of the exact kinds made by a quick demo's honest clients, replayed
+  (:mod:`zkunlearn.bench.load_world`: exact Group-OBS, kind 3, and the exact analytic head, kind 4).
+  Each simulated client enrolls with the template's commitments and enrollment proofs (verified with
+  ezkl at every Enroll, and accepted: an enrollment proof is about the committed tensors, not about
+  who sends it) and replays the template's deletion proofs. A deletion proof is bound to the request
+  it answers (the request digest is a public input), so a simulated client replaying it answers
+  *another* request: every real-mode submission must be rejected, after a full ezkl verification
+  (``proof_invalid_for_expected_commitments``). Half of them also claim a new value for one
+  after-commitment: where the template's answer leaves one as enrolled (exact Group-OBS: a batch the
+  mask does not touch), that one, refused by the pre-check before any proof is read (``commitment``);
+  else (the analytic head) a proven one, refused by ezkl. Each rejection must carry its expected
+  reason (``wrong_reasons``). This measures real verification throughput (enrollment and deletion
+  proofs) and the reject path at scale; making 1,000 request-bound proofs would take hours of
+  proving on this machine.
 - ``synthetic``: a digest "proof" checked by :class:`.load_world.DigestVerifier` (valid unless
-  tampered), so the accepting path (verdict, the client's new commitments, receipts) is exercised at the
-  same scale.
+  tampered), so the accepting path (verdict, the client's new commitments, receipts) is exercised at
+  the same scale without ezkl.
 
 Every request the operator issues must end with exactly one receipt in the log and every receipt a
 client acknowledged must be found there afterwards, also when ``kill_every_s`` SIGKILLs a random
 provider replica during the run and restarts it; the log is then exported and audited offline.
 
-    zkunlearn bench load --clients 1000 --replicas 1 --backend sqlite
-    zkunlearn bench load --clients 1000 --replicas 2 --backend postgres
-    zkunlearn bench load --clients 200 --replicas 2 --backend postgres --mode real-honest --kill-every-s 20
+    zkunlearn bench load --clients 200 --replicas 2 --backend postgres --kill-every-s 20
+    zkunlearn bench load --mode real --clients 1000 --replicas 1 --backend sqlite
+    zkunlearn bench load --mode synthetic --clients 1000 --replicas 2 --backend postgres
 """
 
 from __future__ import annotations
@@ -46,13 +52,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zkunlearn.proofs.backend import point_from_tag
 
 from .load_honest import HonestSession, honest_session, honest_world, machine_load_sampler, plan_client
 from .load_replicas import make_replicas
 from .load_timing import RpcTimer, percentiles
-from .load_world import KINDS, Template, digest_checker, real_world, synthetic_world
+from .load_world import (
+    REPLAY_REASON,
+    UNTOUCHED_CHANGED_REASON,
+    Template,
+    digest_checker,
+    real_world,
+    synthetic_world,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("real-honest", "real", "synthetic")
 
 
 @dataclass
@@ -66,6 +81,19 @@ class SessionResult:
     log_size_checked: int = 0
     error: str = ""
     seconds: float = 0.0
+    enrolled: bool = False
+    expected_reason: str = ""  # real mode: the reason code the rejection must carry
+
+
+def _tamper_target(template: Template) -> tuple[int, str] | None:
+    """Which after-commitment a tampered replay changes, and the reason code its refusal must carry:
+    one the request leaves untouched (the template's answer kept it as enrolled; refused by the
+    pre-check), else the first (a proven one; refused by ezkl). ``None`` with nothing to change."""
+    enrolled = {(c["name"], c["block"]): c["point_hex"] for c in template.commitments}
+    for index, c in enumerate(template.after):
+        if enrolled.get((c["name"], c["block"])) == c["point_hex"]:
+            return index, UNTOUCHED_CHANGED_REASON
+    return (0, REPLAY_REASON) if template.after else None
 
 
 class _ReplayProver:
@@ -76,9 +104,10 @@ class _ReplayProver:
         from zkunlearn.client.sdk import Commitment, UpdateResult
 
         after = [dict(c) for c in self.template.after]
-        if self.invalid:  # claim another updated state than the one proven: ezkl must refuse it
-            point = after[0]["point_hex"]
-            after[0] = {**after[0], "point_hex": point[:-2] + ("00" if point[-2:] != "00" else "01")}
+        target = _tamper_target(self.template) if self.invalid else None
+        if target is not None:  # claim another updated state than the one proven: it must be refused
+            index = target[0]
+            after[index] = {**after[index], "point_hex": point_from_tag(b"load-tampered")}
         return UpdateResult([Commitment.from_json(c) for c in after], list(self.template.proofs))
 
 
@@ -87,7 +116,7 @@ class LoadSettings:
     clients: int = 1000
     replicas: int = 1
     backend: str = "sqlite"
-    mode: str = "real"
+    mode: str = "real-honest"
     concurrency: int = 48
     invalid_fraction: float = 0.1
     verify_workers: int = 2
@@ -97,6 +126,7 @@ class LoadSettings:
     audit: bool = True
     forge_fraction: float = 0.2  # real-honest: clients that forge their second answer
     restart_postgres: bool = True  # postgres backend: restart the server once, mid-run
+    template_dir: Path | None = None  # real: the demo run to replay (default: a cached quick demo)
 
 
 def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -111,6 +141,10 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
     from zkunlearn.provider.service import ProviderService, ServiceConfig
     from zkunlearn.provider.state import open_state
 
+    if settings.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
+    if settings.backend not in ("sqlite", "postgres"):
+        raise ValueError(f"backend must be sqlite or postgres, got {settings.backend!r}")
     rng = random.Random(settings.seed)
     with ExitStack() as stack:
         if work is None:
@@ -119,8 +153,10 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
         world: Any
         if settings.mode == "real-honest":
             world = honest_world(work)
+        elif settings.mode == "synthetic":
+            world = synthetic_world(work)
         else:
-            world = synthetic_world(work) if settings.mode == "synthetic" else real_world(work)
+            world = real_world(work, settings.template_dir)
         restart_postgres: Callable[[], None] | None = None
         if settings.backend == "postgres":
             from .postgres import create_database, postgres_cluster
@@ -129,10 +165,8 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
             state_url = create_database(cluster.url, "zkunlearn_load")
             if settings.restart_postgres:
                 restart_postgres = cluster.restart
-        elif settings.backend == "sqlite":
-            state_url = str(work / "provider.db")
         else:
-            raise ValueError(f"backend must be sqlite or postgres, got {settings.backend!r}")
+            state_url = str(work / "provider.db")
         replicas = make_replicas(work, world, state_url, settings.replicas, settings.verify_workers)
         for r in replicas:
             r.start()
@@ -195,6 +229,7 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
                     done.log_size_checked,
                     done.error,
                     done.seconds / 2,
+                    done.enrolled,
                 )
                 for d in done.deletions
             ]
@@ -212,11 +247,16 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
 
         def single(i: int) -> SessionResult:
             template = world.templates[i % len(world.templates)]
-            invalid = rng.random() < (0.5 if world.mode == "real" else settings.invalid_fraction)
+            # Drawn per client (not from the shared generator the sessions race for): a seed says which.
+            tamper_rng = random.Random(settings.seed * 100_003 + i)
+            invalid = tamper_rng.random() < (0.5 if world.mode == "real" else settings.invalid_fraction)
             cid = f"load-{i:05d}"
             # Real proofs answer the template's request, not this one: the provider must refuse them all.
             expected = "rejected" if invalid or world.mode == "real" else "accepted"
             result = SessionResult(cid, expected=expected)
+            if world.mode == "real":
+                tamper = _tamper_target(template) if invalid else None
+                result.expected_reason = tamper[1] if tamper else REPLAY_REASON
             t0 = time.perf_counter()
             target = f"127.0.0.1:{replicas[i % len(replicas)].port}"
             # Devices retry for minutes (budget, not attempt count): a replica restarts in seconds under load.
@@ -231,7 +271,15 @@ def run_load(settings: LoadSettings, work: Path | None = None, progress: bool = 
             )
             try:
                 commitments = [Commitment.from_json(c) for c in template.commitments]
-                client.enroll(cid, template.model_id, template.layers, KINDS[template.kind], commitments)
+                client.enroll(
+                    cid,
+                    template.model_id,
+                    template.layers,
+                    template.update_kind,
+                    commitments,
+                    template.enrollment_proofs,
+                )
+                result.enrolled = True
                 features, labels = decode_forget(template.forget)
                 request = operator.create_request(
                     cid, Mask.from_bytes(template.mask), forget_features=features, forget_labels=labels
@@ -347,6 +395,7 @@ def _tally(
             created_ms.append(sub.created_ms)
     unanswered = 0
     reasons: dict[str, int] = defaultdict(int)
+    other_reasons: list[str] = []
     claimed_again = 0
     for r in requests:
         subs = state.submissions_for(r.request_id)
@@ -354,9 +403,10 @@ def _tally(
             unanswered += 1
         for s in subs:
             claimed_again += max(0, s.attempts - 1)
-            # "fc2.weight batch 49: proof_invalid_for_expected_commitments ..." -> the reason's code
-            code = re.sub(r"^[\w.]+ batch \d+: ", "", s.reason).split(" ")[0]
-            reasons[code[:80] or "ok"] += 1
+            code = _reason_code(s.reason)
+            reasons[code] += 1
+            if r.expected_reason and s.verdict != VERDICT_PENDING and code != r.expected_reason:
+                other_reasons.append(f"{r.client_id}: expected {r.expected_reason}, got {s.reason[:120]}")
     lost = (len(acked) - found) + unanswered
     duplicated = sum(n - 1 for n in leaves_per_request.values() if n > 1)
     verdict_span_s = (max(verified_ms) - min(created_ms)) / 1000 if verified_ms and created_ms else 0.0
@@ -374,6 +424,10 @@ def _tally(
         "lost": lost,
         "duplicated": duplicated,
         "wrong_verdicts": len(wrong),
+        # real mode: rejections whose reason is not the one expected of the replay (module docstring)
+        "wrong_reasons": len(other_reasons),
+        "wrong_reason_examples": other_reasons[:5],
+        "enrollments_accepted": len({r.client_id for r in results if r.enrolled}),
         "verdicts": {v: sum(r.verdict == v for r in acked) for v in ("accepted", "rejected")},
         "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         "session_errors": sorted({r.error for r in results if r.error})[:10],
@@ -389,6 +443,13 @@ def _tally(
         "jobs_claimed_again": claimed_again,
         "log_checked_by_clients": sum(r.log_size_checked > 0 for r in results),
     }
+
+
+def _reason_code(reason: str) -> str:
+    """``"fc2.weight batch 49: proof_invalid_for_expected_commitments ..."`` ->
+    ``"proof_invalid_for_expected_commitments"``; an accepted submission's ``""`` -> ``"ok"``."""
+    code = re.sub(r"^[\w.]+ batch \d+: ", "", reason).split(" ")[0]
+    return code[:80] or "ok"
 
 
 def _honest_summary(sessions: Sequence[HonestSession], forgers: int) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from zkunlearn.proofs.artifacts import ClientCircuit, derive_analytic_exact_clie
 from zkunlearn.proofs.deletion import DeletionCircuits
 from zkunlearn.proofs.statements import StatementSigner
 
+from .load_world import policy_table
+
 MODEL = "load-head"
 SPEC = ExactAnalyticSpec(4, 3, 2)
 FORGERIES = ("kept-head", "gram-not-downdated", "head-nudged")
@@ -64,7 +66,11 @@ def honest_world(work: Path) -> HonestWorld:
     return HonestWorld(
         key,
         ('verifier = "zkunlearn.provider.verification:from_config"', "srs_insecure = true"),
-        (f"[artifacts.{json.dumps(MODEL)}]", f"circuits_dir = {json.dumps(str(circuits.directory))}"),
+        (
+            *policy_table(("analytic_exact",)),
+            f"[artifacts.{json.dumps(MODEL)}]",
+            f"circuits_dir = {json.dumps(str(circuits.directory))}",
+        ),
         circuit,
         np.clip(projected, -SPEC.x_bound / 2, SPEC.x_bound / 2),
         digits.target % SPEC.k,
@@ -159,6 +165,7 @@ class HonestSession:
     client_id: str
     deletions: list[Deletion]
     known_head: dict[str, Any] | None = None
+    enrolled: bool = False
     chain_intact: bool = False
     log_size_checked: int = 0
     error: str = ""
@@ -205,6 +212,7 @@ def honest_session(
         client.enroll(
             cid, MODEL, ["head"], UPDATE_KIND_ANALYTIC_EXACT, enrollment.commitments, enrollment.proofs
         )
+        session.enrolled = True
         for deletion, rows in zip(session.deletions, plan.deletions, strict=True):
             features = world.features[rows]
             labels = world.labels[rows].astype(np.float64)

@@ -122,11 +122,7 @@ def make_replicas(work: Path, world: World, state_url: str, count: int, verify_w
                     # Every simulated device dials from this one host: a per-address limit would
                     # throttle the fleet as one caller (the per-id limit stays on).
                     "challenge_rate_per_peer = 0.0",
-                    # The replayed answers include the fixed-point kinds: opted into for this benchmark
-                    # of the service's throughput, not of a relation.
-                    "[policy]",
-                    'update_kinds = ["group_obs", "analytic", "group_obs_exact", "analytic_exact"]',
-                    *world.config_tables,
+                    *world.config_tables,  # [policy]: the update kinds this world's clients enroll
                     "",
                 ]
             )

@@ -135,3 +135,39 @@ def _flip_head_signature(heads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     signature[0] ^= 0x01
     heads[-1]["signature"] = signature.hex()
     return heads
+
+
+def test_real_load_mode_replays_the_demo_clients_and_the_provider_refuses_every_answer(
+    tmp_path: Path, demo: tuple[Path, dict[str, Any]]
+) -> None:
+    """``zkunlearn bench load --mode real`` on this demo run: 4 simulated clients enroll with the demo's
+    honest exact clients' commitments and enrollment proofs (kinds 3 and 4, two each: accepted, an
+    enrollment proof binds no client) and replay their deletion proofs against their own requests.
+    Each is refused for its reason (seed 2 tampers clients 2 and 3): a replay by ezkl, an untouched
+    commitment claimed changed by the pre-check; nothing is lost and the exported log audits."""
+    from zkunlearn.bench.load import LoadSettings, run_load
+    from zkunlearn.bench.load_world import REPLAY_REASON, UNTOUCHED_CHANGED_REASON
+    from zkunlearn.proofs.exact_deletion import decode_proof_list
+    from zkunlearn.provider.state import SqlState
+
+    settings = LoadSettings(
+        clients=4, replicas=1, backend="sqlite", mode="real", concurrency=4, seed=2, template_dir=demo[0]
+    )
+    record = run_load(settings, work=tmp_path, progress=False)
+    assert record["sessions_failed"] == 0, record["session_errors"]
+    assert record["enrollments_accepted"] == 4
+    assert (record["requests"], record["receipts_acked"], record["receipts_found"]) == (4, 4, 4)
+    assert (record["lost"], record["duplicated"], record["ledger_size"]) == (0, 0, 4)
+    assert record["verdicts"] == {"accepted": 0, "rejected": 4}
+    assert record["wrong_verdicts"] == 0
+    assert record["wrong_reasons"] == 0, record["wrong_reason_examples"]
+    assert record["reasons"] == {REPLAY_REASON: 3, UNTOUCHED_CHANGED_REASON: 1}
+    assert record["log_checked_by_clients"] == 4
+    assert record["audit"]["ok"], record["audit"]
+    state = SqlState.sqlite(tmp_path / "provider.db")
+    try:
+        clients = [state.get_client(f"load-{i:05d}") for i in range(4)]
+        assert [c.update_kind for c in clients if c is not None] == [3, 4, 3, 4]
+        assert all(c is not None and decode_proof_list(c.enrollment_proofs) for c in clients)
+    finally:
+        state.close()

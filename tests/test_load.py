@@ -68,8 +68,40 @@ def test_cli_writes_results_and_the_table(tmp_path: Path) -> None:
         assert key in record
     assert record["rpc_latency_ms"]["Enroll"]["p99"] >= record["rpc_latency_ms"]["Enroll"]["p50"] > 0
     assert out.with_suffix(".md").read_text().startswith("| clients |")
-    refused = CliRunner().invoke(app, [*args, "--replicas", "1,2", "--backend", "a,b,c"])
+    refused = CliRunner().invoke(app, [*args, "--replicas", "1,2", "--backend", "sqlite,sqlite,postgres"])
     assert refused.exit_code == 2
+    assert "one backend, or one per replica count" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [("--mode", "honest", "--mode must be one of real-honest, real, synthetic"),
+     ("--backend", "mysql", "--backend takes sqlite or postgres, got 'mysql'"),
+     ("--replicas", "two", "--replicas takes comma-separated counts, got 'two'")],
+)  # fmt: skip
+def test_cli_refuses_an_unknown_mode_backend_or_count_by_name(
+    tmp_path: Path, option: str, value: str, named: str
+) -> None:
+    done = CliRunner().invoke(app, ["bench", "load", option, value, "--out", str(tmp_path / "load.json")])
+    assert done.exit_code == 2
+    assert named in done.output
+    assert "Traceback" not in done.output
+    assert not (tmp_path / "load.json").exists()
+
+
+def test_real_mode_refuses_a_template_folder_without_a_finished_demo_run(tmp_path: Path) -> None:
+    """No replica starts and nothing is written: the error names the folder and what it lacks."""
+    unfinished = tmp_path / "demo-report"
+    (unfinished / "work").mkdir(parents=True)
+    (unfinished / "work" / "provider.db").write_bytes(b"")  # a demo stopped before its report
+    out = tmp_path / "load.json"
+    args = ["bench", "load", "--mode", "real", "--clients", "2", "--template-dir", str(unfinished)]
+    done = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert done.exit_code == 2, done.output
+    said = " ".join(done.output.split())  # rich wraps long lines at spaces
+    assert f"{unfinished} holds no finished demo run (no report.json, work/provider.toml)" in said
+    assert "Traceback" not in done.output
+    assert not out.exists()
 
 
 def test_a_replica_whose_port_was_taken_before_its_first_start_moves_to_another(tmp_path: Path) -> None:

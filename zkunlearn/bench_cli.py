@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 bench_app = typer.Typer(help="Benchmarks that write bench/results/*.json.")
 
@@ -139,7 +140,13 @@ def bench_fuzz(
 
 @bench_app.command("load")
 def bench_load(
-    clients: Annotated[int, typer.Option(help="simulated edge clients per run")] = 1000,
+    clients: Annotated[
+        int | None,
+        typer.Option(
+            help="simulated edge clients per run (default: 200 in real-honest, whose clients each prove "
+            "two deletions; 1000 in the replaying modes)"
+        ),
+    ] = None,
     replicas: Annotated[str, typer.Option(help="comma-separated replica counts, one run each")] = "1",
     backend: Annotated[str, typer.Option(help="comma-separated backends (sqlite, postgres), one per run")] = (
         "sqlite"
@@ -147,12 +154,18 @@ def bench_load(
     mode: Annotated[
         str,
         typer.Option(
-            help="real (replayed ezkl proofs), real-honest (every client proves its own two deletions), "
-            "or synthetic (digest proofs)"
+            help="real-honest (the default: every client proves its own two deletions with real ezkl "
+            "proofs, so the accept path is measured with genuine proofs: verdicts, commitment chains, "
+            "receipts, a share of forgeries refused); real (replays a quick demo's genuine exact-kind "
+            "enrollments and deletion proofs: every answer is bound to another request and must be "
+            "refused, so it measures verification throughput and the reject path); synthetic (digest "
+            "proofs, no ezkl: the service alone at scale)"
         ),
-    ] = "real",
+    ] = "real-honest",
     concurrency: Annotated[int, typer.Option(help="clients in flight at once")] = 48,
-    invalid_fraction: Annotated[float, typer.Option(help="share of clients submitting invalid proofs")] = 0.1,
+    invalid_fraction: Annotated[
+        float, typer.Option(help="synthetic: share of clients submitting invalid proofs")
+    ] = 0.1,
     forge_fraction: Annotated[
         float, typer.Option(help="real-honest: share of clients that forge their second answer")
     ] = 0.2,
@@ -162,16 +175,37 @@ def bench_load(
     verify_workers: Annotated[int, typer.Option(help="verification threads per replica")] = 2,
     kill_every_s: Annotated[float, typer.Option(help="SIGKILL a random replica this often (0: never)")] = 0.0,
     time_limit_s: Annotated[float, typer.Option(help="stop issuing new sessions after this long")] = 1800.0,
+    template_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="real: a finished `zkunlearn demo --quick --report DIR` folder to replay "
+            "(default: one quick demo run, made once and cached)"
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="results JSON (a .md table is written beside it)")] = Path(
         "bench/results/load.json"
     ),
     append: Annotated[bool, typer.Option(help="add to the runs already in --out")] = False,
 ) -> None:
-    """Drive simulated edge clients (real SDK, real gRPC, replayed proofs) against provider replicas."""
-    from zkunlearn.bench.load import LoadSettings, run_load
+    """Drive simulated edge clients (real SDK, real gRPC) against provider replicas; see --mode."""
+    from zkunlearn.bench.load import MODES, LoadSettings, run_load
     from zkunlearn.bench.load_report import render_markdown, write_results
+    from zkunlearn.bench.load_world import TemplateError
 
-    counts, backends = [int(r) for r in replicas.split(",")], backend.split(",")
+    if mode not in MODES:
+        console.print(f"[red]error:[/red] --mode must be one of {', '.join(MODES)}, got {escape(mode)!r}")
+        raise typer.Exit(code=2)
+    unknown = [name for name in backend.split(",") if name not in ("sqlite", "postgres")]
+    if unknown:
+        console.print(f"[red]error:[/red] --backend takes sqlite or postgres, got {escape(unknown[0])!r}")
+        raise typer.Exit(code=2)
+    if clients is None:
+        clients = 200 if mode == "real-honest" else 1000
+    try:
+        counts, backends = [int(r) for r in replicas.split(",")], backend.split(",")
+    except ValueError:
+        console.print(f"[red]error:[/red] --replicas takes comma-separated counts, got {escape(replicas)!r}")
+        raise typer.Exit(code=2) from None
     if len(backends) == 1:
         backends = backends * len(counts)
     if len(backends) != len(counts):
@@ -191,14 +225,23 @@ def bench_load(
             verify_workers=verify_workers,
             kill_every_s=kill_every_s,
             time_limit_s=time_limit_s,
+            template_dir=template_dir,
         )
-        records.append(run_load(settings))
+        try:
+            records.append(run_load(settings))
+        except TemplateError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(code=2) from exc
         write_results(records, out)
     console.print(render_markdown(records), markup=False)
     bad = [
         r
         for r in records
-        if r["lost"] or r["duplicated"] or r["wrong_verdicts"] or not r.get("audit", {}).get("ok", True)
+        if r["lost"]
+        or r["duplicated"]
+        or r["wrong_verdicts"]
+        or r.get("wrong_reasons")
+        or not r.get("audit", {}).get("ok", True)
     ]
     raise typer.Exit(code=1 if bad else 0)
 

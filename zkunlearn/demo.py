@@ -422,8 +422,12 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     names = [f"{c['client_id']}\n({c['method']})" for c in clients]
     x = np.arange(len(clients))
     fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(14, 4.5), width_ratios=(2, 1))
-    metrics = (("forget_acc", "forget acc"), ("probe_acc", "probe acc"), ("mia_auc", "MIA AUC"))
-    metrics += (("personal_acc", "personal acc"),)
+    metrics: tuple[tuple[str, str], ...] = (
+        ("forget_acc", "forget acc"),
+        ("probe_acc", "probe acc"),
+        ("mia_auc", "MIA AUC"),
+        ("personal_acc", "personal acc"),
+    )
     width = 0.1
     for i, (key, label) in enumerate(metrics):
         offset = (2 * i - len(metrics)) * width
