@@ -53,7 +53,7 @@ class CertifiedSpec:
 
     m: int
     lam: float
-    batch: int = 8
+    batch: int = 4
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def bench_certified_recovery(
 def bench_exact_batches(
     batches: Annotated[
         str, typer.Option(help="comma-separated blocks per proof, run one after the other")
-    ] = ("2,8"),
+    ] = "2,4,8",
     blocks: Annotated[int, typer.Option(help="blocks' worth of proofs sampled per batch size")] = 32,
     workers: Annotated[int, typer.Option(help="proving processes")] = 2,
     out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/exact_batches.json"),

@@ -68,7 +68,9 @@ def provider_publish(
     ),
     block: Annotated[int, typer.Option(help="Group-OBS block size B (weights per block)")] = 64,
     rank: Annotated[int, typer.Option(help="rows m of each block's committed curvature factor")] = 16,
-    batch: Annotated[int, typer.Option(help="blocks per proof")] = 8,
+    batch: Annotated[
+        int, typer.Option(help="blocks per proof (why 4: docs/decisions/blocks-per-proof.md)")
+    ] = 4,
     lam: Annotated[float, typer.Option(help="damping of the certified update")] = 0.1,
     layer: Annotated[
         list[str] | None,
