@@ -113,6 +113,17 @@ class SharedCircuits:
         return changed
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole modules in order of expected cost: any ``slow`` test first, then any ``ezkl`` one, then the
+    rest, each module's tests in their own order. pytest-xdist hands out files in this order (with
+    ``--no-loadscope-reorder``), so the longest files start first and the workers finish together."""
+    weight: dict[Path, int] = {}
+    for item in items:
+        cost = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("ezkl") else 2
+        weight[item.path] = min(weight.get(item.path, cost), cost)
+    items.sort(key=lambda item: weight[item.path])
+
+
 @pytest.fixture(scope="session")
 def shared_circuits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedCircuits]:
     """The session's circuit builds; the session fails if a test changed one of their files."""

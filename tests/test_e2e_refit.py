@@ -45,7 +45,7 @@ from tests.test_e2e_real import (
 if TYPE_CHECKING:
     from tests.conftest import SharedCircuits
 
-pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
+pytestmark = [pytest.mark.ezkl, pytest.mark.grpc, pytest.mark.slow]
 MODEL = "tiny-mlp-refit"
 REFIT = RefitSpec(
     masked=LAYER,
