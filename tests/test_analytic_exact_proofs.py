@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -22,15 +21,17 @@ from zkunlearn.proofs.analytic_exact import (
     row_tensor,
     z_tensor,
 )
-from zkunlearn.proofs.analytic_exact_circuits import ExactAnalyticVerifier, build_analytic_exact
+from zkunlearn.proofs.analytic_exact_circuits import ExactAnalyticVerifier
 from zkunlearn.proofs.artifacts import CircuitArtifacts
 from zkunlearn.proofs.backend import ProvingError
 from zkunlearn.proofs.fixedpoint import FIELD_MODULUS
 from zkunlearn.proofs.prover import ProveJob, run_job
-from zkunlearn.proofs.srs import dev_srs
 from zkunlearn.proofs.verifier import InMemoryReplayGuard, Reason, Verdict
 
 from tests.analytic_exact_cases import digits_features, head_scale, worst_directions
+
+if TYPE_CHECKING:
+    from tests.conftest import SharedCircuits
 
 pytestmark = pytest.mark.ezkl
 
@@ -39,9 +40,10 @@ REQUEST = hashlib.sha256(b"analytic-exact-request").digest()
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> CircuitArtifacts:
-    root: Path = tmp_path_factory.mktemp("analytic-exact")
-    return build_analytic_exact(SPEC, root, lambda logrows: dev_srs(root / "srs", logrows))
+def artifacts(shared_circuits: SharedCircuits) -> CircuitArtifacts:
+    published = shared_circuits.build(analytic_exact=SPEC).analytic_exact
+    assert published is not None
+    return published[1]
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,7 @@ def test_tune_cli_takes_explicit_seeds(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert json.loads((tmp_path / "grid_tuning.json").read_text()) == []
 
 
+@pytest.mark.slow
 def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
     """Each masked layer alone, each curvature variant; one round of re-linearising is plain Group-OBS."""
     from zkunlearn.bench.unlearning_diagnosis import (

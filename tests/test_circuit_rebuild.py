@@ -10,25 +10,27 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from zkunlearn.proofs.deletion import (
-    DeletionCircuits,
     DeletionError,
     GroupObsSpec,
 )
 from zkunlearn.proofs.published import check_published_circuits
+
+if TYPE_CHECKING:
+    from tests.conftest import SharedCircuits
 
 SPEC = GroupObsSpec(block=16, m=8, batch=1, lam=0.1)
 WEAKER = GroupObsSpec(block=16, m=8, batch=1, lam=0.5)
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The provider's circuits, and another spec's (the source of a substituted key)."""
-    root = tmp_path_factory.mktemp("circuits")
-    honest = DeletionCircuits.build(root / "honest", group_obs=SPEC, analytic=None)
-    other = DeletionCircuits.build(root / "other", group_obs=WEAKER, analytic=None)
+def published(shared_circuits: SharedCircuits) -> tuple[Path, Path]:
+    """The provider's circuits, and another spec's (the source of a substituted key); tests copy them."""
+    honest = shared_circuits.build(group_obs=SPEC)
+    other = shared_circuits.build(group_obs=WEAKER)
     assert honest.group_obs is not None
     assert other.group_obs is not None
     return honest.directory, other.group_obs[1].vk

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ezkl
 import grpc
@@ -34,6 +34,9 @@ from zkunlearn.v1 import provider_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.fakes import ALL_KINDS_POLICY, FakeVerifier  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.conftest import SharedCircuits
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 
@@ -58,9 +61,9 @@ class _Sum(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+def published(tmp_path_factory: pytest.TempPathFactory, shared_circuits: SharedCircuits) -> Published:
     root = tmp_path_factory.mktemp("trust")
-    circuits = DeletionCircuits.build(root / "circuits", group_obs=SPEC, analytic=None)
+    circuits = shared_circuits.build(group_obs=SPEC)
     assert circuits.group_obs is not None
     arts = circuits.group_obs[1]
     onnx = root / "sum.onnx"

@@ -15,9 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -142,13 +144,28 @@ def test_a_sigkill_mid_enrollment_leaves_a_device_that_enrolls_and_completes_its
     assert request.accepted_submission_id is not None
 
 
+class HeldVerifier:
+    """The provider's verifier, holding every verdict until ``release`` is set: a device killed while it
+    waits on its receipt is killed before the receipt exists, however slow the machine is."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.release = inner, threading.Event()
+
+    def verify(self, job: Any) -> Any:
+        self.release.wait(timeout=300)
+        return self.inner.verify(job)
+
+
 @pytest.mark.parametrize("stage", ["apply", "prove", "submit"])
 def test_a_sigkill_mid_deletion_leaves_a_device_that_completes_it_on_its_next_run(
-    world: World, device: tuple[Path, str], stage: str
+    world: World, device: tuple[Path, str], stage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The enrolled device's program is restarted, a deletion is issued, and the program is killed
     while it applies the update, proves it, or waits on the uploaded proof's receipt."""
     state, _first = device
+    held = HeldVerifier(world.server.service.verdicts.verifier)
+    if stage == "submit":
+        monkeypatch.setattr(world.server.service.verdicts, "verifier", held)
     first = Program(world, state)
     request_id = issue(world, state)
     if stage == "apply":  # the request is checked and its update is being computed
@@ -158,6 +175,7 @@ def test_a_sigkill_mid_deletion_leaves_a_device_that_completes_it_on_its_next_ru
     else:  # the proof is uploaded, the device waits on its receipt
         first.wait_for(lambda: submitted(world, request_id), "submission")
     first.kill()
+    held.release.set()
     assert "outcomes" not in first.output
     output = Program(world, state).finish()
     assert "outcomes: ['accepted']" in output, output[-3000:]

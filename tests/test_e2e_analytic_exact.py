@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -24,7 +25,7 @@ from zkunlearn.client.store import ClientStore
 from zkunlearn.client.transport import ChannelConfig
 from zkunlearn.client.unlearning import ProveOptions
 from zkunlearn.proofs.analytic_exact import ExactAnalyticSpec, IntArray, factor_of
-from zkunlearn.proofs.artifacts import derive_analytic_exact_client_circuit
+from zkunlearn.proofs.artifacts import ClientCircuit, derive_analytic_exact_client_circuit
 from zkunlearn.proofs.audit import audit_bundle
 from zkunlearn.proofs.deletion import UPDATE_KIND_ANALYTIC_EXACT, DeletionCircuits, DeletionError
 from zkunlearn.proofs.published import check_published_circuits
@@ -34,6 +35,9 @@ from zkunlearn.provider.service import TensorData
 from zkunlearn.provider.verification import EzklVerifier
 
 from tests.analytic_exact_cases import digits_features
+
+if TYPE_CHECKING:
+    from tests.conftest import SharedCircuits
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 MODEL = "head-exact"
@@ -46,12 +50,14 @@ class World:
     circuits: DeletionCircuits
     server: ProviderServer
     tmp: Path
+    device_circuit: ClientCircuit | None = None
+    """The circuit as a device derives it (once per module: every device gets the same bytes)."""
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, shared_circuits: SharedCircuits) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("e2e-analytic-exact")
-    circuits = DeletionCircuits.build(tmp / "published", group_obs=None, analytic=None, analytic_exact=SPEC)
+    circuits = shared_circuits.build(analytic_exact=SPEC)
     config = ProviderConfig.load(
         None,
         {
@@ -73,11 +79,12 @@ def _client(world: World, name: str) -> tuple[EdgeClient, ExactAnalyticUnlearner
     settings and set it up on the pinned SRS; its verifying key equals the provider's."""
     assert world.circuits.analytic_exact is not None
     spec, published = world.circuits.analytic_exact
-    circuit = derive_analytic_exact_client_circuit(
-        spec, published.settings.read_bytes(), published.srs, world.tmp / name / "circuit"
-    )
-    assert circuit.vk.read_bytes() == published.vk.read_bytes()
-    unlearner = ExactAnalyticUnlearner(spec, circuit, world.tmp / name / "state", OPTIONS)
+    if world.device_circuit is None:  # once per module: every device derives the same bytes
+        world.device_circuit = derive_analytic_exact_client_circuit(
+            spec, published.settings.read_bytes(), published.srs, world.tmp / "device" / "circuit"
+        )
+        assert world.device_circuit.vk.read_bytes() == published.vk.read_bytes()
+    unlearner = ExactAnalyticUnlearner(spec, world.device_circuit, world.tmp / name / "state", OPTIONS)
     channel = ChannelConfig(f"127.0.0.1:{world.server.port}", call_timeout_s=120.0, retry_attempts=5)
     return EdgeClient(channel, ClientStore(world.tmp / f"{name}.db"), unlearner), unlearner
 

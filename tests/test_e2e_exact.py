@@ -54,6 +54,8 @@ class World:
     circuits: DeletionCircuits
     server: ProviderServer
     tmp: Path
+    device_circuits: tuple[ClientCircuit, ClientCircuit] | None = None
+    """The circuits as a device derives them (once per module: every device gets the same bytes)."""
 
 
 @pytest.fixture(scope="module")
@@ -75,23 +77,28 @@ def world(tmp_path_factory: pytest.TempPathFactory, exact_published: DeletionCir
     server.stop(0)
 
 
-def _device_circuits(world: World, name: str) -> tuple[ClientCircuit, ClientCircuit]:
+def _device_circuits(world: World) -> tuple[ClientCircuit, ClientCircuit]:
     """What a device does: export the published spec's relations itself, compile them with the served
     settings, and set them up on the pinned SRS; its verifying keys equal the provider's."""
     assert world.circuits.exact is not None
-    spec, deletion, enrollment = world.circuits.exact
-    circuits = derive_exact_client_circuits(
-        spec, deletion.settings.read_bytes(), enrollment.settings.read_bytes(), deletion.srs, world.tmp / name
-    )
-    for mine, published in zip(circuits, (deletion, enrollment), strict=True):
-        assert mine.vk.read_bytes() == published.vk.read_bytes()
-    return circuits
+    if world.device_circuits is None:
+        spec, deletion, enrollment = world.circuits.exact
+        world.device_circuits = derive_exact_client_circuits(
+            spec,
+            deletion.settings.read_bytes(),
+            enrollment.settings.read_bytes(),
+            deletion.srs,
+            world.tmp / "device",
+        )
+        for mine, published in zip(world.device_circuits, (deletion, enrollment), strict=True):
+            assert mine.vk.read_bytes() == published.vk.read_bytes()
+    return world.device_circuits
 
 
 def _client(world: World, name: str) -> tuple[EdgeClient, ExactGroupObsUnlearner, Tiny]:
     assert world.circuits.exact is not None
     model = Tiny()
-    deletion, enrollment = _device_circuits(world, name)
+    deletion, enrollment = _device_circuits(world)
     unlearner = ExactGroupObsUnlearner(
         model, world.circuits.exact[0], deletion, enrollment, world.tmp / name / "state", OPTIONS
     )

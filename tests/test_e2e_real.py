@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -34,6 +35,9 @@ from zkunlearn.provider.verification import EzklVerifier
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.fakes import ALL_KINDS_POLICY  # noqa: E402  (the fixed-point kinds under test: opted into)
+
+if TYPE_CHECKING:
+    from tests.conftest import SharedCircuits
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 MODEL = "tiny-mlp"
@@ -59,19 +63,22 @@ class World:
     circuits: DeletionCircuits
     server: ProviderServer
     tmp: Path
+    device_circuits: dict[str, ClientCircuit] = field(default_factory=dict)
+    """Each published circuit as a device derives it (once per module: key generation is deterministic,
+    so every device gets the same bytes)."""
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, shared_circuits: SharedCircuits) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("e2e")
-    circuits = DeletionCircuits.build(tmp / "circuits", group_obs=GO_SPEC, analytic=AN_SPEC)
-    server = serve(tmp, MODEL)
+    circuits = shared_circuits.build(group_obs=GO_SPEC, analytic=AN_SPEC)
+    server = serve(tmp, MODEL, circuits.directory)
     yield World(circuits, server, tmp)
     server.stop(0)
 
 
-def serve(tmp: Path, model: str) -> ProviderServer:
-    """A provider on loopback with a SQLite state, verifying ``model`` with ``tmp / "circuits"``."""
+def serve(tmp: Path, model: str, circuits: Path) -> ProviderServer:
+    """A provider on loopback with a SQLite state in ``tmp``, verifying ``model`` with ``circuits``."""
     config = ProviderConfig.load(
         None,
         {
@@ -89,17 +96,19 @@ def serve(tmp: Path, model: str) -> ProviderServer:
     planner = TorchPlanner(
         Tiny(), x, y, [LAYER], defaults=MaskOptions("fisher-ratio", 250_000, "unstructured"), block_size=16
     )
-    return build_server(config, verifier=EzklVerifier({model: tmp / "circuits"}), planners={model: planner})
+    return build_server(config, verifier=EzklVerifier({model: circuits}), planners={model: planner})
 
 
-def client_circuit(world: World, kind: str, name: str) -> ClientCircuit:
+def client_circuit(world: World, kind: str) -> ClientCircuit:
     """What a device does: regenerate its proving key from the published compiled circuit and SRS."""
-    _spec, arts = world.circuits.group_obs if kind == "group_obs" else world.circuits.analytic  # type: ignore[misc]
-    circuit = client_artifacts(
-        arts.compiled.read_bytes(), arts.settings.read_bytes(), arts.srs, world.tmp / name / kind
-    )
-    assert circuit.vk.read_bytes() == arts.vk.read_bytes()
-    return circuit
+    if kind not in world.device_circuits:
+        _spec, arts = world.circuits.group_obs if kind == "group_obs" else world.circuits.analytic  # type: ignore[misc]
+        circuit = client_artifacts(
+            arts.compiled.read_bytes(), arts.settings.read_bytes(), arts.srs, world.tmp / "device" / kind
+        )
+        assert circuit.vk.read_bytes() == arts.vk.read_bytes()
+        world.device_circuits[kind] = circuit
+    return world.device_circuits[kind]
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +132,7 @@ def group_obs_client(
 ) -> tuple[EdgeClient, GroupObsUnlearner, Tiny]:
     model = Tiny()
     unlearner = unlearner_cls(
-        model, GO_SPEC, client_circuit(world, "group_obs", name), world.tmp / name / "state", OPTIONS
+        model, GO_SPEC, client_circuit(world, "group_obs"), world.tmp / name / "state", OPTIONS
     )
     x, y = data()
     commitments = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy)
@@ -198,7 +207,7 @@ def test_analytic_client_accepted(world: World) -> None:
     head = AnalyticHead(AN_SPEC.d, AN_SPEC.k, gamma=1.0)
     head.learn(x, np.eye(AN_SPEC.k)[y])
     unlearner = AnalyticUnlearner(
-        head, AN_SPEC, client_circuit(world, "analytic", "ana"), world.tmp / "ana" / "state", OPTIONS
+        head, AN_SPEC, client_circuit(world, "analytic"), world.tmp / "ana" / "state", OPTIONS
     )
     client = edge(world, "ana", unlearner)
     client.enroll("ana", MODEL, ["head"], 2, unlearner.enroll())
@@ -223,7 +232,7 @@ def test_enrollment_commitments_the_published_circuits_never_read_are_refused(wo
     refused at Enroll by name; the same commitments enrolled as they are (the control) pass."""
     model = Tiny()
     unlearner = GroupObsUnlearner(
-        model, GO_SPEC, client_circuit(world, "group_obs", "layout"), world.tmp / "layout" / "state", OPTIONS
+        model, GO_SPEC, client_circuit(world, "group_obs"), world.tmp / "layout" / "state", OPTIONS
     )
     x, y = data()
     honest = unlearner.enroll([LAYER], x, y, nn.functional.cross_entropy)

@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -41,7 +42,10 @@ from tests.test_e2e_real import (
     serve,
 )
 
-pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
+if TYPE_CHECKING:
+    from tests.conftest import SharedCircuits
+
+pytestmark = [pytest.mark.ezkl, pytest.mark.grpc, pytest.mark.slow]
 MODEL = "tiny-mlp-refit"
 REFIT = RefitSpec(
     masked=LAYER,
@@ -64,14 +68,14 @@ REFIT = RefitSpec(
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, shared_circuits: SharedCircuits) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("e2e-refit")
-    circuits = DeletionCircuits.build(tmp / "circuits", group_obs=GO_SPEC, analytic=None, refits=[REFIT])
+    circuits = shared_circuits.build(group_obs=GO_SPEC, refits=[REFIT])
     (_refit, refit_arts) = circuits.refits[0]
     assert circuits.group_obs is not None
     assert circuits.group_obs[1].logrows == refit_arts.logrows
-    assert DeletionCircuits.load(tmp / "circuits").refits[0][0] == REFIT
-    server = serve(tmp, MODEL)
+    assert DeletionCircuits.load(circuits.directory).refits[0][0] == REFIT
+    server = serve(tmp, MODEL, circuits.directory)
     yield World(circuits, server, tmp)
     server.stop(0)
 
@@ -84,15 +88,18 @@ def refit_client(  # type: ignore[no-untyped-def]
 ):
     from zkunlearn.proofs.artifacts import client_artifacts
 
-    _spec, arts = world.circuits.refits[0]
-    refit_circuit = client_artifacts(
-        arts.compiled.read_bytes(), arts.settings.read_bytes(), arts.srs, world.tmp / name / "refit"
-    )
+    if "refit" not in world.device_circuits:  # derived once, as client_circuit does
+        _spec, arts = world.circuits.refits[0]
+        world.device_circuits["refit"] = client_artifacts(
+            arts.compiled.read_bytes(), arts.settings.read_bytes(), arts.srs, world.tmp / "device" / "refit"
+        )
+        assert world.device_circuits["refit"].vk.read_bytes() == arts.vk.read_bytes()
+    refit_circuit = world.device_circuits["refit"]
     model = Tiny()
     unlearner = cls(
         model,
         GO_SPEC,
-        client_circuit(world, "group_obs", name),
+        client_circuit(world, "group_obs"),
         world.tmp / name / "state",
         OPTIONS,
         refits=[(REFIT, refit_circuit)],
@@ -219,7 +226,7 @@ def test_honest_refit_accepted_and_dishonest_ones_rejected(world: World) -> None
         service.ledger,
         service.signer.public_bytes(),
         world.tmp / "bundle",
-        circuits_dir=world.tmp / "circuits",
+        circuits_dir=world.circuits.directory,
     )
     report = audit_bundle(bundle, provider_public_key=service.signer.public_bytes())
     assert report.ok, [item for item in report.items if not item.ok]

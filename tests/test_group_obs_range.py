@@ -9,15 +9,18 @@ honest witness failed to generate -- found by the ViT demo. Real circuits, real 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from zkunlearn.client.group_obs import solve_block
-from zkunlearn.proofs.deletion import DeletionCircuits, GroupObsSpec
+from zkunlearn.proofs.deletion import GroupObsSpec
 from zkunlearn.proofs.fixedpoint import normalise_factor
 from zkunlearn.proofs.prover import ProveJob, group_obs_tensors, new_group_obs_batch, run_job
 from zkunlearn.proofs.verifier import InMemoryReplayGuard
+
+if TYPE_CHECKING:
+    from tests.conftest import SharedCircuits
 
 SPEC = GroupObsSpec(block=16, m=8, batch=1, lam=0.1)
 SCALE = 13
@@ -33,8 +36,8 @@ def test_legs_cover_the_published_bounds() -> None:
     assert tighter.decomp_legs(SCALE, 1024) < legs
 
 
-def test_whole_aligned_block_proves_and_verifies(tmp_path: Path) -> None:
-    circuits = DeletionCircuits.build(tmp_path / "circuits", group_obs=SPEC, analytic=None)
+def test_whole_aligned_block_proves_and_verifies(shared_circuits: SharedCircuits) -> None:
+    circuits = shared_circuits.build(group_obs=SPEC)
     spec, verifier = circuits.group_obs_verifier()
     signs = np.where(np.arange(SPEC.block) % 3 == 0, -1.0, 1.0)
     theta = signs.copy()  # |theta| = 1, within theta_bound
