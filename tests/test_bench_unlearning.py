@@ -161,8 +161,8 @@ def test_tuning_sweep_grid_and_table() -> None:
 
 
 def test_tune_cli_takes_explicit_seeds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """``--tune-seeds`` splits a grid over processes (two halves of the tuning seeds at once); without it
-    the task's tuning seeds are used, so a grid never silently runs on held-out seeds."""
+    """``unlearning-tune --tune-seeds`` splits a grid over processes (two halves of the tuning seeds at
+    once); without it the task's tuning seeds are used, so a grid never silently runs on held-out seeds."""
     from zkunlearn.bench import unlearning
 
     seen: list[list[int]] = []
@@ -171,10 +171,16 @@ def test_tune_cli_takes_explicit_seeds(monkeypatch: pytest.MonkeyPatch, tmp_path
         seen.append(list(seeds))
         return []
 
+    from typer.testing import CliRunner
+
+    from zkunlearn.cli import app
+
     monkeypatch.setattr(unlearning, "tuning_sweep", fake_sweep)
     out = str(tmp_path / "grid.json")
-    assert unlearning.main(["--tune", "--tasks", "vit", "--tune-seeds", "6,7", "--out", out]) == 0
-    assert unlearning.main(["--tune", "--tasks", "vit", "--out", out]) == 0
+    tune = ["bench", "unlearning-tune", "--tasks", "vit", "--out", out]
+    for args in ([*tune, "--tune-seeds", "6,7"], tune):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
     assert seen == [[6, 7], list(unlearning.TUNING_SEEDS["vit"])]
     assert json.loads((tmp_path / "grid_tuning.json").read_text()) == []
 
