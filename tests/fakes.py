@@ -30,6 +30,19 @@ ALL_KINDS_POLICY: dict[str, Any] = {"policy.update_kinds": sorted(UPDATE_KINDS.v
 ALL_KINDS_TOML = "[policy]\nupdate_kinds = " + json.dumps(sorted(UPDATE_KINDS.values())) + "\n"
 
 
+def loopback_settings(tmp: Path, **extra: Any) -> dict[str, Any]:
+    """A test provider's settings: loopback on a free port, state and key under ``tmp``, short waits."""
+    return {
+        "listen": "127.0.0.1:0",
+        "state": str(tmp / "provider.db"),
+        "key_file": str(tmp / "provider.key"),
+        "submit_wait_s": 60.0,
+        "watch_poll_s": 0.2,
+        "grace_s": 0.5,
+        **extra,
+    }
+
+
 def _transcript(
     canonical: bytes, mask: bytes, before: list[dict[str, Any]], after: list[dict[str, Any]], i: int
 ) -> bytes:

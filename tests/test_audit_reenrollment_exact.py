@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ from zkunlearn.provider.export import export_bundle
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
 from zkunlearn.provider.service import VerificationJob, VerificationResult
 from zkunlearn.provider.verification import EzklVerifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.fakes import loopback_settings
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 MODEL = "tiny-exact"
@@ -148,17 +152,7 @@ class Sloppy(ExactGroupObsUnlearner):
 
 
 def _serve(tmp: Path, published: DeletionCircuits, verifier: EzklVerifier) -> ProviderServer:
-    config = ProviderConfig.load(
-        None,
-        {
-            "listen": "127.0.0.1:0",
-            "state": str(tmp / "provider.db"),
-            "key_file": str(tmp / "provider.key"),
-            "submit_wait_s": 60.0,
-            "watch_poll_s": 0.2,
-            "grace_s": 0.5,
-        },
-    )
+    config = ProviderConfig.load(None, loopback_settings(tmp))
     return build_server(config, verifier=verifier)
 
 

@@ -31,6 +31,7 @@ from zkunlearn.provider.verification import EzklVerifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.analytic_exact_cases import digits_features
+from tests.fakes import loopback_settings
 
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 
@@ -47,19 +48,7 @@ def served(
     artifacts = {
         cid: {n: str(p) for n, p in files.items()} for cid, files in publication(MODEL, circuits).items()
     }
-    config = ProviderConfig.load(
-        None,
-        {
-            "listen": "127.0.0.1:0",
-            "state": str(tmp / "provider.db"),
-            "key_file": str(tmp / "provider.key"),
-            "submit_wait_s": 60.0,
-            "watch_poll_s": 0.2,
-            "grace_s": 0.5,
-            "model_ids": [MODEL],
-            "artifacts": artifacts,
-        },
-    )
+    config = ProviderConfig.load(None, loopback_settings(tmp, model_ids=[MODEL], artifacts=artifacts))
     server = build_server(config, verifier=EzklVerifier({MODEL: circuits.directory}))
     yield server, circuits, tmp
     server.stop(0)
