@@ -163,6 +163,7 @@ class ProviderService:
             clock_ms=clock_ms,
         )
         self._new_requests = threading.Condition()
+        self._requests_generation = 0  # bumped under _new_requests whenever requests are added
         self._closed = threading.Event()
         self.nonces = NonceBook(state, signer, self.config, lambda: self.clock_ms())
         self.workers.start()
@@ -418,6 +419,7 @@ class ProviderService:
         except NotFoundError as exc:
             raise NotFoundServiceError(str(exc)) from exc
         with self._new_requests:
+            self._requests_generation += 1
             self._new_requests.notify_all()
         return stored
 
@@ -433,13 +435,18 @@ class ProviderService:
         """Block until requests after ``cursor`` exist, the timeout passes, or the service closes.
 
         The state is re-read after every wake-up and timeout, so requests written by another provider
-        process sharing the database are delivered too (within one timeout).
+        process sharing the database are delivered too (within one timeout). Requests added by this
+        process between the first read and the wait are not missed: the wait is skipped when the
+        generation counter moved.
         """
+        with self._new_requests:
+            seen = self._requests_generation
         found = self.requests_after(client, cursor, limit)
         if found or self._closed.is_set():
             return found
         with self._new_requests:
-            self._new_requests.wait(timeout_s)
+            if self._requests_generation == seen and not self._closed.is_set():
+                self._new_requests.wait(timeout_s)
         return self.requests_after(client, cursor, limit)
 
     # -- submissions --------------------------------------------------------------------------------

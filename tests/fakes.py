@@ -81,9 +81,10 @@ class FakeProver:
 
 
 class FakeVerifier:
-    def __init__(self, delay_s: float = 0.0, marker: str = "") -> None:
+    def __init__(self, delay_s: float = 0.0, marker: str = "", gate: threading.Event | None = None) -> None:
         self.delay_s = delay_s
         self.marker = marker
+        self.gate = gate  # when given, every verification waits for it
         self.jobs: list[str] = []
 
     def verify(self, job: VerificationJob) -> VerificationResult:
@@ -92,6 +93,8 @@ class FakeVerifier:
             Path(self.marker).write_text(job.request_id)
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.gate is not None:
+            self.gate.wait()
         slow = os.environ.get("ZKU_FAKE_VERIFY_SLOW_FILE", "")
         if slow and Path(slow).exists():
             time.sleep(60)  # the test SIGKILLs the provider during this sleep

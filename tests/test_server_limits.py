@@ -58,11 +58,11 @@ def _status(call: Callable[[], Any]) -> tuple[grpc.StatusCode, Any]:
 def _unary_calls_answer_promptly(port: int) -> None:
     ch, stub = _stub(port)
     with ch:
+        # A call queued behind held threads would wait until the test releases them: the deadline
+        # fails it. The deadline is the contrast, not a speed target.
         for _ in range(5):
-            t0 = time.monotonic()
-            stub.GetInfo(pb.GetInfoRequest(), timeout=3)
-            assert stub.Challenge(pb.ChallengeRequest(client_id="nobody"), timeout=3).nonce
-            assert time.monotonic() - t0 < 2.0
+            stub.GetInfo(pb.GetInfoRequest(), timeout=15)
+            assert stub.Challenge(pb.ChallengeRequest(client_id="nobody"), timeout=15).nonce
 
 
 def _watch(client: Any, stub: pb_grpc.ProviderStub) -> Any:
@@ -74,7 +74,8 @@ def _refused(call: Callable[[], Any]) -> grpc.RpcError:
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
         call()
-    assert time.monotonic() - t0 < 2.0, "an excess stream must fail fast, not wait for a thread"
+    # Waiting for a thread would last until the test releases the held streams (after this call).
+    assert time.monotonic() - t0 < 15.0, "an excess stream must fail fast, not wait for a thread"
     # UNAVAILABLE: transient, so the SDK retries it with backoff instead of giving up.
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     return caught.value
@@ -160,14 +161,13 @@ def test_calls_beyond_max_concurrent_rpcs_fail_fast(tmp_path: Path) -> None:
             return refused_now() and not any(f.done() for f in futures)
 
         def refused_now() -> bool:
-            code, _ = _status(lambda: stub.Challenge(pb.ChallengeRequest(client_id="probe"), timeout=5))
+            # A probe waiting for a held thread would exceed its deadline and fail the check below.
+            code, _ = _status(lambda: stub.Challenge(pb.ChallengeRequest(client_id="probe"), timeout=15))
             assert code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
             return code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
         _wait_until(all_admitted, 10.0)
-        t0 = time.monotonic()
         assert refused_now()
-        assert time.monotonic() - t0 < 1.0
         release.set()
         for f in futures:
             assert f.result(timeout=10).protocol_version == 1
@@ -188,7 +188,7 @@ def test_watch_stream_ends_after_its_lifetime_and_the_sdk_reopens_it(tmp_path: P
         with ch:
             t0 = time.monotonic()
             assert list(_watch(client, stub)) == []  # ends with OK, no error
-            assert 0.4 < time.monotonic() - t0 < 5.0
+            assert 0.4 < time.monotonic() - t0 < 20.0  # ended by its lifetime, not the 30 s deadline
         results: list[Any] = []
         watcher = threading.Thread(target=lambda: results.extend(client.watch(max_requests=1)), daemon=True)
         watcher.start()

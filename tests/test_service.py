@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -665,25 +667,59 @@ def test_a_crashed_verifier_worker_is_retried_not_a_rejection(state: ProviderSta
 
 
 def test_verification_runs_off_the_calling_thread(tmp_path: Path) -> None:
-    import time
-
+    gate = threading.Event()
     svc = ProviderService(
         InMemoryState(),
         StatementSigner.generate(),
-        FakeVerifier(delay_s=1.0),
+        FakeVerifier(gate=gate),
         ServiceConfig(update_kinds=ALL_KINDS),
     )
-    dev = Device(svc)
+    try:
+        dev = Device(svc)
+        dev.enroll()
+        r = svc.create_request(dev.client_id, mask())
+        after, proofs = dev.proof(r.request_id)
+        answered: list[Any] = []
+        caller = threading.Thread(
+            target=lambda: answered.append(
+                svc.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
+            )
+        )
+        caller.start()
+        caller.join(30)  # the verifier is held until the gate opens: an inline verification never returns
+        assert answered, "submit waited for the verification"
+        assert answered[0].verdict == 1  # PENDING
+        assert svc.receipt(r.request_id, dev.client_id).leaf is None
+        gate.set()
+        assert svc.wait(answered[0].submission_id, 10).verdict == VERDICT_ACCEPTED
+    finally:
+        gate.set()
+        svc.close()
+
+
+def test_a_watcher_does_not_sleep_through_a_request_added_while_it_looked(
+    service: ProviderService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lost-wakeup race: a request added between the watcher's read and its wait must end the wait."""
+    dev = Device(service)
     dev.enroll()
-    r = svc.create_request(dev.client_id, mask())
-    after, proofs = dev.proof(r.request_id)
+    client = service.state.get_client(dev.client_id)
+    assert client is not None
+    reads = [0]
+    read = service.requests_after
+
+    def read_then_race(*args: Any, **kwargs: Any) -> Any:
+        found = read(*args, **kwargs)
+        reads[0] += 1
+        if reads[0] == 1:  # another RPC thread adds a request right after this first (empty) read
+            service.create_request(dev.client_id, mask())
+        return found
+
+    monkeypatch.setattr(service, "requests_after", read_then_race)
     started = time.monotonic()
-    sub = svc.submit(dev.header(r.request_id, after, proofs), iter([b"".join(proofs)]))
-    assert time.monotonic() - started < 0.5  # the RPC thread is not held by the 1 s verification
-    assert sub.verdict == 1  # PENDING
-    assert svc.receipt(r.request_id, dev.client_id).leaf is None
-    assert svc.wait(sub.submission_id, 10).verdict == VERDICT_ACCEPTED
-    svc.close()
+    delivered = service.wait_for_requests(client, 0, timeout_s=60.0)
+    assert len(delivered) == 1
+    assert time.monotonic() - started < 30.0  # it did not wait out the 60 s re-read period
 
 
 def test_challenges_write_nothing_and_nonces_are_bound_single_use_and_expiring(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zkunlearn.proofs import transparency
 from zkunlearn.proofs.transparency import (
     EMPTY_ROOT,
     HASH_SIZE,
@@ -523,19 +523,35 @@ def test_generated_proofs_verify_and_roots_match_naive_mth(size: int, data: st.D
     assert grown.consistency_proof(first) == consistency_proof(leaves, first, size)
 
 
-def test_proof_generation_is_fast_for_a_large_log() -> None:
-    """A provider answering for 10^5 receipts must not stall: one-shot calls are O(n), the tree O(log n)."""
-    leaves = [leaf_hash(i.to_bytes(4, "big")) for i in range(100_000)]
-    started = time.perf_counter()
-    proof = inclusion_proof(leaves, 77_777, 100_000)
-    cproof = consistency_proof(leaves, 65_537, 100_000)
-    one_shot = time.perf_counter() - started
-    assert one_shot < 2.0, f"two one-shot proofs over 10^5 leaves took {one_shot:.2f} s"
+def test_proof_generation_costs_logarithmic_hashes_on_a_large_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider answering for 10^5 receipts must not stall: a memoised proof costs O(log² n) hashes
+    and an append amortised O(1); counted, not timed (speed lives in the benchmarks)."""
+    n = 100_000
+    leaves = [leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    proof = inclusion_proof(leaves, 77_777, n)
+    cproof = consistency_proof(leaves, 65_537, n)
     tree = MerkleTree(leaves)
-    started = time.perf_counter()
-    for i in range(0, 100_000, 100):
-        tree.inclusion_proof(i)
-    per_proof = (time.perf_counter() - started) / 1000
-    assert per_proof < 1e-3, f"memoised inclusion proof took {per_proof * 1e3:.2f} ms"
-    verify_inclusion(leaves[77_777], 77_777, 100_000, proof, tree.root())
-    verify_consistency(65_537, 100_000, tree.root(65_537), tree.root(), cproof)
+    calls = [0]
+    counted = transparency._node
+
+    def counting(left: bytes, right: bytes) -> bytes:
+        calls[0] += 1
+        return counted(left, right)
+
+    monkeypatch.setattr(transparency, "_node", counting)
+    bound = n.bit_length() ** 2
+    root = tree.root()
+    for i in [*range(0, n, 997), 77_777]:
+        calls[0] = 0
+        path = tree.inclusion_proof(i)
+        assert calls[0] <= bound, f"inclusion proof of leaf {i} cost {calls[0]} hashes (bound {bound})"
+        verify_inclusion(leaves[i], i, n, path, root)
+    calls[0] = 0
+    assert tree.consistency_proof(65_537) == cproof
+    assert calls[0] <= 2 * bound
+    calls[0] = 0
+    for i in range(1_000):
+        tree.append(leaf_hash(b"more" + i.to_bytes(4, "big")))
+    assert calls[0] <= 2 * 1_000, f"1000 appends cost {calls[0]} hashes"
+    verify_inclusion(leaves[77_777], 77_777, n, proof, tree.root(n))
+    verify_consistency(65_537, n, tree.root(65_537), tree.root(n), cproof)
