@@ -21,6 +21,7 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -114,8 +115,20 @@ class Deletion:
     values: dict[str, np.ndarray]  # real-unit values (for declared bounds)
 
 
+@dataclass(frozen=True)
+class ProvenGroupObs:
+    """The masked layer's Group-OBS update and its real proof: the same for every activation."""
+
+    batch: GroupObsBatch
+    commitments: list[str]
+    theta: np.ndarray
+    theta_after: np.ndarray
+    exponent: int
+    rng_state: dict[str, Any]  # the refit's draws continue the same random sequence from here
+
+
 @pytest.fixture(scope="module")
-def deletion(go_arts: CircuitArtifacts, activation: Activation) -> Deletion:
+def proven_group_obs(go_arts: CircuitArtifacts) -> ProvenGroupObs:
     rng = np.random.default_rng(5)
     w1 = rng.normal(size=(HIDDEN, D_IN)) / 2
     exponent = theta_exponent(w1)
@@ -137,6 +150,15 @@ def deletion(go_arts: CircuitArtifacts, activation: Activation) -> Deletion:
             go_arts.srs.path,
         )
     )
+    return ProvenGroupObs(batch, res.commitments, theta, theta_after, exponent, rng.bit_generator.state)
+
+
+@pytest.fixture(scope="module")
+def deletion(proven_group_obs: ProvenGroupObs, activation: Activation) -> Deletion:
+    proven = proven_group_obs
+    batch, theta, theta_after, exponent = proven.batch, proven.theta, proven.theta_after, proven.exponent
+    rng = np.random.default_rng()
+    rng.bit_generator.state = proven.rng_state
     # What the client refits from is exactly what it committed: grid values, rescaled.
     z_scaled = _grid(rng.normal(size=(N, D_IN)) * 2.0**-exponent)
     b1 = _grid(0.1 * rng.normal(size=HIDDEN))
@@ -153,7 +175,7 @@ def deletion(go_arts: CircuitArtifacts, activation: Activation) -> Deletion:
     )
     values["v_after"] = np.hstack([fit.weight, fit.bias[:, None]])
     return Deletion(
-        batch, res.commitments, z_scaled, b1, values["v_before"], values["v_after"], exponent, values
+        batch, proven.commitments, z_scaled, b1, values["v_before"], values["v_after"], exponent, values
     )
 
 
