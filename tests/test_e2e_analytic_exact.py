@@ -35,6 +35,7 @@ from zkunlearn.provider.service import TensorData
 from zkunlearn.provider.verification import EzklVerifier
 
 from tests.analytic_exact_cases import digits_features
+from tests.fakes import loopback_settings
 
 if TYPE_CHECKING:
     from tests.conftest import SharedCircuits
@@ -60,14 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, shared_circuits: SharedCircu
     circuits = shared_circuits.build(analytic_exact=SPEC)
     config = ProviderConfig.load(
         None,
-        {
-            "listen": "127.0.0.1:0",
-            "state": str(tmp / "provider.db"),
-            "key_file": str(tmp / "provider.key"),
-            "submit_wait_s": 60.0,
-            "watch_poll_s": 0.2,
-            "grace_s": 0.5,
-        },
+        loopback_settings(tmp),
     )
     server = build_server(config, verifier=EzklVerifier({MODEL: circuits.directory}))
     yield World(circuits, server, tmp)

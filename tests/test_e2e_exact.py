@@ -31,6 +31,8 @@ from zkunlearn.provider.export import export_bundle
 from zkunlearn.provider.server import ProviderConfig, ProviderServer, build_server
 from zkunlearn.provider.verification import EzklVerifier
 
+from tests.fakes import loopback_settings
+
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 MODEL = "tiny-exact"
 LAYER = "fc1.weight"
@@ -63,14 +65,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, exact_published: DeletionCir
     tmp = tmp_path_factory.mktemp("e2e-exact")
     config = ProviderConfig.load(
         None,
-        {
-            "listen": "127.0.0.1:0",
-            "state": str(tmp / "provider.db"),
-            "key_file": str(tmp / "provider.key"),
-            "submit_wait_s": 60.0,
-            "watch_poll_s": 0.2,
-            "grace_s": 0.5,
-        },
+        loopback_settings(tmp),
     )
     server = build_server(config, verifier=EzklVerifier({MODEL: exact_published.directory}))
     yield World(exact_published, server, tmp)

@@ -34,7 +34,7 @@ from zkunlearn.provider.verification import EzklVerifier
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import ALL_KINDS_POLICY  # noqa: E402  (the fixed-point kinds under test: opted into)
+from tests.fakes import ALL_KINDS_POLICY, loopback_settings  # noqa: E402  (the fixed-point kinds under test: opted into)
 
 if TYPE_CHECKING:
     from tests.conftest import SharedCircuits
@@ -81,15 +81,7 @@ def serve(tmp: Path, model: str, circuits: Path) -> ProviderServer:
     """A provider on loopback with a SQLite state in ``tmp``, verifying ``model`` with ``circuits``."""
     config = ProviderConfig.load(
         None,
-        {
-            **ALL_KINDS_POLICY,
-            "listen": "127.0.0.1:0",
-            "state": str(tmp / "provider.db"),
-            "key_file": str(tmp / "provider.key"),
-            "submit_wait_s": 60.0,
-            "watch_poll_s": 0.2,
-            "grace_s": 0.5,
-        },
+        loopback_settings(tmp, **ALL_KINDS_POLICY),
     )
     # The provider's own copy of the model: Enroll counts each layer's batches against its shapes.
     x, y = data()
