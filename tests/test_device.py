@@ -40,7 +40,7 @@ from zkunlearn.provider.verification import EzklVerifier
 pytestmark = [pytest.mark.ezkl, pytest.mark.grpc]
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import ALL_KINDS_POLICY  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, loopback_settings  # noqa: E402
 
 PROGRAM = ROOT / "tests" / "user_programs" / "digits_cnn.py"
 MODEL = "digits-cnn"
@@ -80,18 +80,11 @@ def serve(tmp: Path, circuits: DeletionCircuits, operator: StatementSigner, **co
     planner = TorchPlanner(
         model, x, y, [LAYER], defaults=MaskOptions("fisher-ratio", 250_000, "unstructured"), block_size=16
     )
-    settings = {
-        "listen": "127.0.0.1:0",
-        "state": str(tmp / "provider.db"),
-        "key_file": str(tmp / "provider.key"),
-        "submit_wait_s": 60.0,
-        "watch_poll_s": 0.2,
-        "grace_s": 0.5,
-        "model_ids": [MODEL],
-        "operator.public_keys": [operator.public_bytes().hex()],
-        "artifacts": artifacts,
-        **config,
-    }
+    settings = loopback_settings(
+        tmp,
+        model_ids=[MODEL],
+        **{"operator.public_keys": [operator.public_bytes().hex()], "artifacts": artifacts, **config},
+    )
     return build_server(
         ProviderConfig.load(None, settings),
         verifier=EzklVerifier({MODEL: circuits.directory}),

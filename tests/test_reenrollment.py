@@ -298,14 +298,7 @@ def test_a_reenrollment_keeps_the_key_and_kind(service: ProviderService) -> None
 def test_the_auditor_sees_the_rotation_and_checks_each_side_against_its_commitments(
     service: ProviderService, tmp_path: Path
 ) -> None:
-    dev = Device(service)
-    dev.enroll()
-    r1 = service.create_request(dev.client_id, mask(), request_id="before-rotation")
-    assert dev.submit(r1.request_id).verdict == VERDICT_ACCEPTED
-    new = enrollment_with(dev, FRESH)
-    service.reenroll(new, rotation(service, dev, new))
-    r2 = service.create_request(dev.client_id, mask(), request_id="after-rotation")
-    assert dev.submit(r2.request_id).verdict == VERDICT_ACCEPTED
+    dev = rotated_history(service)
     (tmp_path / "circuits").mkdir()
     (tmp_path / "circuits" / "settings.json").write_text("{}")
     bundle = export_bundle(
