@@ -48,7 +48,7 @@ from zkunlearn.v1 import provider_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fakes import ALL_KINDS_POLICY, FakeProver, FakeVerifier  # noqa: E402
+from tests.fakes import ALL_KINDS_POLICY, FakeProver, FakeVerifier, loopback_settings  # noqa: E402
 from tests.test_audit import fake_checker  # noqa: E402
 
 pytestmark = pytest.mark.grpc
@@ -234,21 +234,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     artifact.write_bytes(b"compiled circuit")
     config = ProviderConfig.load(
         None,
-        {
+        loopback_settings(
+            tmp,
+            submit_wait_s=2.0,
             **ALL_KINDS_POLICY,
-            "listen": "127.0.0.1:0",
-            "state": str(tmp / "p.db"),
-            "key_file": str(tmp / "p.key"),
-            "submit_wait_s": 2.0,
-            "watch_poll_s": 0.2,
-            "grace_s": 0.5,
-            "limits.max_message_bytes": 2 * 1024 * 1024,
-            "limits.max_proof_bytes": 1024 * 1024,
-            # One client hammered by the fuzzer: the challenge limits have their own test.
-            "limits.challenge_rate_per_subject": 0.0,
-            "limits.challenge_rate_per_peer": 0.0,
-            "artifacts": {"m/group_obs": {"compiled": str(artifact)}},
-        },
+            **{
+                "limits.max_message_bytes": 2 * 1024 * 1024,
+                "limits.max_proof_bytes": 1024 * 1024,
+                # One client hammered by the fuzzer: the challenge limits have their own test.
+                "limits.challenge_rate_per_subject": 0.0,
+                "limits.challenge_rate_per_peer": 0.0,
+                "artifacts": {"m/group_obs": {"compiled": str(artifact)}},
+            },
+        ),
     )
     server = build_server(config, verifier=FakeVerifier())
     client = EdgeClient(
