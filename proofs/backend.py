@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import ezkl as _ezkl
+from zkunlearn.proofs.commit_memo import CommitmentMemo, commitment_key
 from zkunlearn.proofs.fixedpoint import FIELD_MODULUS
 
 from zkunlearn.errors import MalformedError, ZkUnlearnError
@@ -319,9 +320,16 @@ class ProvingBackend(Protocol):
 
 
 class EzklBackend:
-    """ezkl 23 (Halo2 + KZG) implementation of :class:`ProvingBackend`."""
+    """ezkl 23 (Halo2 + KZG) implementation of :class:`ProvingBackend`.
+
+    With a ``commit_memo``, :meth:`commit` returns a commitment already computed for the same key files
+    and field elements instead of computing it again (:mod:`zkunlearn.proofs.commit_memo`).
+    """
 
     name = "ezkl"
+
+    def __init__(self, *, commit_memo: CommitmentMemo | None = None) -> None:
+        self.commit_memo = commit_memo
 
     @property
     def concurrency(self) -> int:
@@ -461,6 +469,12 @@ class EzklBackend:
 
     def commit(self, felts: Sequence[str], vk_path: Path, settings_path: Path, srs_path: Path) -> str:
         """The compressed KZG commitment ezkl puts in a witness for a ``polycommit`` input."""
+        if self.commit_memo is None:
+            return self._commit(felts, vk_path, settings_path, srs_path)
+        key = commitment_key(felts, vk_path, settings_path, srs_path)
+        return self.commit_memo.get(key, lambda: self._commit(felts, vk_path, settings_path, srs_path))
+
+    def _commit(self, felts: Sequence[str], vk_path: Path, settings_path: Path, srs_path: Path) -> str:
         try:
             points = ezkl.kzg_commit(list(felts), str(vk_path), str(settings_path), str(srs_path))
         except BaseException as exc:  # a pyo3 panic would otherwise kill the calling worker thread

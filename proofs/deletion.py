@@ -60,6 +60,7 @@ from zkunlearn.proofs.fixedpoint_deletion import (
 )
 from zkunlearn.proofs.layout import (
     ANALYTIC_LAYER,
+    BlockLayout,
     CommitmentLike,
     DeletionError,
     DeletionVerdict,
@@ -94,6 +95,7 @@ __all__ = [
     "export_spec",
     "layer_batches",
     "pad_forget",
+    "prepare_deletion",
     "request_digest",
     "touched_batches",
     "verify_analytic",
@@ -380,6 +382,31 @@ def _artifacts(directory: Path, entry: Mapping[str, Any]) -> CircuitArtifacts:
         pk=folder / "pk.key",
         srs=srs,
     )
+
+
+def prepare_deletion(
+    circuits: DeletionCircuits, *, update_kind: int, request_canonical: bytes, mask_bytes: bytes
+) -> int:
+    """Compute what judging this request's proofs needs and does not depend on them: the provider's
+    commitment to the mask rows of every touched batch, bound to the request digest. The values reach
+    :func:`verify_deletion` through the circuits' backend's commitment memo (none: nothing is kept).
+    Returns how many commitments were computed or found; 0 for kinds that commit to no mask. Raises
+    :class:`DeletionError` or :class:`MaskError` for a mask the circuits cannot read."""
+    spec: BlockLayout
+    verifier: ExactGroupObsVerifier | GroupObsVerifier
+    if update_kind == UPDATE_KIND_GROUP_OBS_EXACT:
+        spec, verifier = circuits.exact_verifier()
+    elif update_kind == UPDATE_KIND_GROUP_OBS:
+        spec, verifier = circuits.group_obs_verifier()
+    else:
+        return 0
+    mask = Mask.from_bytes(mask_bytes)
+    layers = {layer.layer: layer for layer in mask.layers}
+    digest = request_digest(request_canonical)
+    batches = touched_batches(mask, spec)
+    for layer, b in batches:
+        verifier.mask_commitment(batch_mask_rows(layers[layer], b, spec), digest)
+    return len(batches)
 
 
 def verify_deletion(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from zkunlearn.proofs.backend import BackendError, EzklBackend, Proof
+from zkunlearn.proofs.commit_memo import CommitmentMemo
 
 from zkunlearn.errors import TransientError
 
@@ -172,7 +173,8 @@ class VerifierPool:
 class PooledEzklBackend(EzklBackend):
     """ezkl with ``verify`` and ``commit`` in a :class:`VerifierPool` (everything else in-process)."""
 
-    def __init__(self, pool: VerifierPool) -> None:
+    def __init__(self, pool: VerifierPool, *, commit_memo: CommitmentMemo | None = None) -> None:
+        super().__init__(commit_memo=commit_memo)
         self.pool = pool
 
     @property
@@ -199,7 +201,7 @@ class PooledEzklBackend(EzklBackend):
         )
         return reply.get("ok") is True
 
-    def commit(self, felts: Sequence[str], vk_path: Path, settings_path: Path, srs_path: Path) -> str:
+    def _commit(self, felts: Sequence[str], vk_path: Path, settings_path: Path, srs_path: Path) -> str:
         reply = self.pool.call(
             {
                 "op": "commit",

@@ -293,6 +293,16 @@ class ProofVerifier(Protocol):
 
 
 @runtime_checkable
+class RequestPreparer(Protocol):
+    """A verifier that can do, when a request is issued, the work of judging its proofs that depends
+    only on the request (the real one commits to the mask it issued). ``prepare`` must return at once
+    (the work runs in the background) and never raise for a request it cannot prepare: verification
+    computes whatever preparation did not leave behind."""
+
+    def prepare(self, model_id: str, update_kind: int, request_canonical: bytes, mask: bytes) -> None: ...
+
+
+@runtime_checkable
 class EnrollmentLayoutChecker(Protocol):
     """A verifier that knows each model's published circuits can refuse, at enrollment, commitments
     those circuits would never read (a missing or stray tensor, a kind the model does not publish)."""

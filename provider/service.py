@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -70,6 +71,7 @@ from .models import (
     ProviderInfo,
     ReceiptView,
     RequestDraft,
+    RequestPreparer,
     ServiceConfig,
     SubmissionHeader,
     TensorData,
@@ -124,6 +126,8 @@ __all__ = [
     "VerificationJob",
     "VerificationResult",
 ]
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------
 
@@ -399,11 +403,11 @@ class ProviderService:
         draft = RequestDraft(client_id, mask, forget_features, forget_labels, ttl_s, request_id)
         return self.create_requests([draft])[0]
 
-    def _sign(self, draft: RequestDraft) -> RequestRecord:
+    def _sign(self, draft: RequestDraft) -> tuple[RequestRecord, ClientRecord]:
         client = self.state.get_client(draft.client_id)
         if client is None:
             raise NotFoundServiceError(f"unknown client {draft.client_id!r}")
-        return sign_request(draft, client, self.signer, self.config, self.clock_ms())
+        return sign_request(draft, client, self.signer, self.config, self.clock_ms()), client
 
     def create_requests(self, drafts: Sequence[RequestDraft]) -> list[RequestRecord]:
         """Check, sign and queue deletion requests in one transaction: all are stored or none.
@@ -411,9 +415,9 @@ class ProviderService:
         Every draft is checked (enrolled client, mask layers the client enrolled, forget data an
         analytic client needs) before anything is signed, so a bad one refuses the whole batch.
         """
-        records = [self._sign(draft) for draft in drafts]
+        signed = [self._sign(draft) for draft in drafts]
         try:
-            stored = self.state.add_requests(records)
+            stored = self.state.add_requests([record for record, _client in signed])
         except ConflictError as exc:
             raise AlreadyExistsError(str(exc)) from exc
         except NotFoundError as exc:
@@ -421,6 +425,13 @@ class ProviderService:
         with self._new_requests:
             self._requests_generation += 1
             self._new_requests.notify_all()
+        if isinstance(self.verifier, RequestPreparer):
+            # In the background: the verifier commits to each issued mask before its proofs arrive.
+            for record, client in signed:
+                try:
+                    self.verifier.prepare(client.model_id, client.update_kind, record.canonical, record.mask)
+                except Exception as exc:  # the requests are stored: verification does the work instead
+                    log.warning("request %s not prepared: %s", record.request_id, exc)
         return stored
 
     def requests_after(self, client: ClientRecord, cursor: int, limit: int) -> list[DeliveredRequest]:

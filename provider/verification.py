@@ -7,17 +7,31 @@ auditor makes. Circuits are loaded once per model and shared by the worker threa
 reads them). With ``processes`` > 0 the proofs of one submission are checked on that many ezkl
 processes at once (:mod:`zkunlearn.proofs.verify_pool`): ezkl holds the GIL, so threads alone would
 verify on one core.
+
+The verifier commits to each issued mask when the request is issued (:meth:`EzklVerifier.prepare`, on
+one background thread) and keeps the commitments in a bounded memo that verification reads; a
+commitment not found there (another replica issued the request, a restart, an eviction) is computed
+when the proofs are judged (``docs/decisions/mask-commitments-at-issue.md``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from zkunlearn.proofs.deletion import UPDATE_KIND_GROUP_OBS_EXACT, DeletionCircuits, verify_deletion
+from zkunlearn.proofs.backend import EzklBackend
+from zkunlearn.proofs.commit_memo import CommitmentMemo
+from zkunlearn.proofs.deletion import (
+    UPDATE_KIND_GROUP_OBS_EXACT,
+    DeletionCircuits,
+    prepare_deletion,
+    verify_deletion,
+)
 from zkunlearn.proofs.exact_deletion import (
     EnrolledNorms,
     enrollment_proofs_digest,
@@ -31,6 +45,8 @@ from .server import ConfigError, ProviderConfig
 
 __all__ = ["EzklVerifier", "from_config"]
 
+log = logging.getLogger(__name__)
+
 
 def _array(tensor: TensorData | None) -> npt.NDArray[np.float64] | None:
     if tensor is None:
@@ -41,10 +57,19 @@ def _array(tensor: TensorData | None) -> npt.NDArray[np.float64] | None:
 class EzklVerifier:
     """Verifies every submission against the circuits published for its model."""
 
-    def __init__(self, circuits_by_model: Mapping[str, Path], *, processes: int = 0) -> None:
+    def __init__(
+        self,
+        circuits_by_model: Mapping[str, Path],
+        *,
+        processes: int = 0,
+        commit_memo: CommitmentMemo | None = None,
+    ) -> None:
         if not circuits_by_model:
             raise ConfigError("the ezkl verifier needs at least one model's circuits directory")
         self._pool = VerifierPool(processes) if processes > 0 else None
+        self.commit_memo = commit_memo if commit_memo is not None else CommitmentMemo()
+        """Commitments to issued masks, shared by :meth:`prepare` and :meth:`verify`."""
+        self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-request")
         self._dirs = {model: Path(path) for model, path in circuits_by_model.items()}
         self._loaded: dict[str, DeletionCircuits] = {}
         self._norms: dict[str, EnrolledNorms] = {}  # by enrollment digest: proofs checked once
@@ -56,15 +81,45 @@ class EzklVerifier:
                 if model_id not in self._dirs:
                     raise ConfigError(f"no circuits are configured for model {model_id!r}")
                 circuits = DeletionCircuits.load(self._dirs[model_id])
-                if self._pool is not None:
-                    circuits = circuits.with_backend(PooledEzklBackend(self._pool))
+                backend = (
+                    PooledEzklBackend(self._pool, commit_memo=self.commit_memo)
+                    if self._pool is not None
+                    else EzklBackend(commit_memo=self.commit_memo)
+                )
+                circuits = circuits.with_backend(backend)
                 self._loaded[model_id] = circuits
             return self._loaded[model_id]
 
     def close(self) -> None:
-        """Stop the verifier processes (they also exit when this process does)."""
+        """Drop preparations not yet started and stop the verifier processes (they also exit when this
+        process does)."""
+        self._preparing.shutdown(wait=True, cancel_futures=True)
         if self._pool is not None:
             self._pool.close()
+
+    def prepare(self, model_id: str, update_kind: int, request_canonical: bytes, mask: bytes) -> None:
+        """Queue the commitments to an issued request's mask (one per touched batch) for the memo that
+        :meth:`verify` reads; returns at once. A request that cannot be prepared is logged and left to
+        verification, which judges it in full."""
+        try:
+            self._preparing.submit(self._prepare, model_id, update_kind, request_canonical, mask)
+        except RuntimeError:  # closed: verification computes what is missing
+            return
+
+    def prepared(self) -> None:
+        """Wait until every preparation queued so far has finished (tests, benchmarks)."""
+        self._preparing.submit(lambda: None).result()
+
+    def _prepare(self, model_id: str, update_kind: int, request_canonical: bytes, mask: bytes) -> None:
+        try:
+            prepare_deletion(
+                self.circuits(model_id),
+                update_kind=update_kind,
+                request_canonical=request_canonical,
+                mask_bytes=mask,
+            )
+        except Exception as exc:  # a background optimisation: any failure leaves the work to verify()
+            log.warning("model %r: request not prepared (verify commits to its mask): %s", model_id, exc)
 
     def check_enrollment(
         self,

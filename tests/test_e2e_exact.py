@@ -55,6 +55,7 @@ class Tiny(nn.Module):
 class World:
     circuits: DeletionCircuits
     server: ProviderServer
+    verifier: EzklVerifier
     tmp: Path
     device_circuits: tuple[ClientCircuit, ClientCircuit] | None = None
     """The circuits as a device derives them (once per module: every device gets the same bytes)."""
@@ -67,8 +68,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, exact_published: DeletionCir
         None,
         loopback_settings(tmp),
     )
-    server = build_server(config, verifier=EzklVerifier({MODEL: exact_published.directory}))
-    yield World(exact_published, server, tmp)
+    verifier = EzklVerifier({MODEL: exact_published.directory})
+    server = build_server(config, verifier=verifier)
+    yield World(exact_published, server, verifier, tmp)
     server.stop(0)
 
 
@@ -121,11 +123,16 @@ def test_exact_client_enrolls_with_proofs_is_accepted_twice_and_audits(world: Wo
         "exact", MODEL, [LAYER], UPDATE_KIND_GROUP_OBS_EXACT, enrollment.commitments, enrollment.proofs
     )
 
-    mask = _mask((1, 2), (1, 5), (6, 0))
+    mask = _mask((1, 2), (1, 5), (6, 0))  # blocks 0 and 3: one in each of the layer's two batches
     before = model.fc1.weight.detach().clone()
+    memo = world.verifier.commit_memo
+    misses, hits = memo.misses, memo.hits
     world.server.service.create_request("exact", mask)
     (first,) = client.poll()
     assert first.status == "accepted", first.reason
+    # The provider committed to the mask of each touched batch once, when it issued the request
+    # (or, had verification come first, then), and judged the proofs with those commitments.
+    assert (memo.misses - misses, memo.hits - hits) == (2, 2)
     after = model.fc1.weight.detach()
     dense = torch.from_numpy(mask.dense(LAYER))
     assert torch.all(after[dense] == 0)

@@ -763,3 +763,50 @@ def test_challenges_write_nothing_and_nonces_are_bound_single_use_and_expiring(
             service.authenticate(late, "WatchRequests", fields)
     finally:
         service.clock_ms = now
+
+
+class PreparingVerifier(FakeVerifier):
+    """A verifier that also prepares issued requests (the real one commits to their masks)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.prepared: list[tuple[str, int, bytes, bytes]] = []
+
+    def prepare(self, model_id: str, update_kind: int, request_canonical: bytes, mask: bytes) -> None:
+        self.prepared.append((model_id, update_kind, request_canonical, mask))
+        if self.fail:
+            raise RuntimeError("preparation failed")
+
+
+def test_issued_requests_are_handed_to_a_preparing_verifier_with_their_client_model_and_kind(
+    state: ProviderState,
+) -> None:
+    verifier = PreparingVerifier()
+    svc = ProviderService(state, StatementSigner.generate(), verifier, ServiceConfig(update_kinds=ALL_KINDS))
+    try:
+        dev = Device(svc)
+        dev.enroll()
+        issued = svc.create_request(dev.client_id, mask())
+        assert verifier.prepared == [("m1", 1, issued.canonical, issued.mask)]
+        assert dev.submit(issued.request_id).verdict == VERDICT_ACCEPTED
+    finally:
+        svc.close()
+
+
+def test_a_failing_preparation_loses_no_request(state: ProviderState) -> None:
+    """Preparation is an optimisation: a verifier that breaks its contract and raises does not undo
+    or fail the issue, and the request is still answered."""
+    verifier = PreparingVerifier(fail=True)
+    svc = ProviderService(state, StatementSigner.generate(), verifier, ServiceConfig(update_kinds=ALL_KINDS))
+    try:
+        dev = Device(svc)
+        dev.enroll()
+        issued = svc.create_request(dev.client_id, mask())
+        assert len(verifier.prepared) == 1
+        client = svc.state.get_client(dev.client_id)
+        assert client is not None
+        assert [d.record.request_id for d in svc.requests_after(client, 0, 10)] == [issued.request_id]
+        assert dev.submit(issued.request_id).verdict == VERDICT_ACCEPTED
+    finally:
+        svc.close()
