@@ -425,8 +425,9 @@ class ProviderService:
         with self._new_requests:
             self._requests_generation += 1
             self._new_requests.notify_all()
-        if isinstance(self.verifier, RequestPreparer):
-            # In the background: the verifier commits to each issued mask before its proofs arrive.
+        if isinstance(self.verifier, RequestPreparer) and self.config.verify_workers > 0:
+            # In the background: the verifier commits to each issued mask before its proofs arrive. A
+            # process that verifies nothing (stand-alone workers do) would prepare for no one.
             for record, client in signed:
                 try:
                     self.verifier.prepare(client.model_id, client.update_kind, record.canonical, record.mask)

@@ -1,5 +1,7 @@
-"""The commitment memo: a hit is the value a fresh computation gives, misses compute once, failures
-are not kept, and the memo stays bounded."""
+"""Mask commitments prepared at issue: the memo's hits are the values a fresh computation gives, misses
+compute once, failures are not kept, the memo stays bounded, and a preparation that cannot be done is
+left to verification (``docs/decisions/mask-commitments-at-issue.md``; the end-to-end check that the
+provider's verification uses what it prepared is in ``test_e2e_exact.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from zkunlearn.proofs.backend import EzklBackend
 from zkunlearn.proofs.commit_memo import CommitmentMemo, commitment_key
 from zkunlearn.proofs.deletion import DeletionCircuits
 from zkunlearn.proofs.fixedpoint import int_to_felt
+from zkunlearn.provider.verification import EzklVerifier
 
 
 def counting(value: str) -> tuple[list[int], Callable[[], str]]:
@@ -141,3 +144,18 @@ def test_a_memoised_commitment_is_what_ezkl_computes_and_other_elements_are_not_
     assert (memo.misses, memo.hits) == (1, 1)
     assert cached.commit(other, *files) == fresh.commit(other, *files) != first
     assert memo.misses == 2
+
+
+def test_a_request_the_verifier_cannot_prepare_is_logged_and_left_to_verification(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    verifier = EzklVerifier({"m1": tmp_path / "no-circuits"})
+    try:
+        verifier.prepare("m1", 3, b"request", b"not a mask")
+        verifier.prepare("unknown-model", 3, b"request", b"not a mask")
+        verifier.prepared()
+        assert len(verifier.commit_memo) == 0
+        assert sum("request not prepared" in r.getMessage() for r in caplog.records) == 2
+    finally:
+        verifier.close()
+    verifier.prepare("m1", 3, b"request", b"not a mask")  # closed: nothing queued, nothing raised

@@ -794,6 +794,19 @@ def test_issued_requests_are_handed_to_a_preparing_verifier_with_their_client_mo
         svc.close()
 
 
+def test_a_process_that_verifies_nothing_prepares_nothing(state: ProviderState) -> None:
+    verifier = PreparingVerifier()
+    config = ServiceConfig(update_kinds=ALL_KINDS, verify_workers=0)
+    svc = ProviderService(state, StatementSigner.generate(), verifier, config)
+    try:
+        dev = Device(svc)
+        dev.enroll()
+        svc.create_request(dev.client_id, mask())
+        assert verifier.prepared == []
+    finally:
+        svc.close()
+
+
 def test_a_failing_preparation_loses_no_request(state: ProviderState) -> None:
     """Preparation is an optimisation: a verifier that breaks its contract and raises does not undo
     or fail the issue, and the request is still answered."""
