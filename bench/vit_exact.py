@@ -35,7 +35,7 @@ from zkunlearn.proofs.deletion import (
     verify_deletion,
 )
 from zkunlearn.proofs.exact import ExactGroupObsSpec
-from zkunlearn.proofs.exact_deletion import verify_exact_enrollment
+from zkunlearn.proofs.exact_deletion import EnrolledNorms, verify_exact_enrollment
 from zkunlearn.proofs.layout import covered_weights, layer_layout
 from zkunlearn.proofs.verify_pool import PooledEzklBackend, VerifierPool
 
@@ -103,37 +103,10 @@ def measure_vit_exact_deletion(
     verify_s: dict[str, float] = {}
     enroll_verify_s: dict[str, float] = {}
     with VerifierPool(workers) as pool:
-        memo = CommitmentMemo()
-        runs = (
-            ("pool", published.with_backend(PooledEzklBackend(pool))),
-            ("one", published),
-            ("prepared", published.with_backend(PooledEzklBackend(pool, commit_memo=memo))),
-        )
-        norms, prepare_s = None, 0.0
-        for label, circuits in runs:
-            _spec, verifier = circuits.exact_verifier()
-            if label != "prepared":
-                t0 = time.perf_counter()
-                enrolled = verify_exact_enrollment(
-                    verifier,
-                    layers=layers,
-                    commitments=enrollment.commitments,
-                    proofs=enrollment.proofs,
-                    layer_blocks={name: layout.blocks for name, layout in layouts.items()},
-                )
-                enroll_verify_s[label] = time.perf_counter() - t0
-                if not enrolled.ok:
-                    raise RuntimeError(f"the honest ViT enrollment was refused: {enrolled.reason}")
-                norms = enrolled.norms
-            else:
-                t0 = time.perf_counter()
-                prepare_deletion(
-                    circuits,
-                    update_kind=UPDATE_KIND_GROUP_OBS_EXACT,
-                    request_canonical=canonical,
-                    mask_bytes=mask.to_bytes(),
-                )
-                prepare_s = time.perf_counter() - t0
+        pooled = published.with_backend(PooledEzklBackend(pool))
+        prepared = published.with_backend(PooledEzklBackend(pool, commit_memo=CommitmentMemo()))
+
+        def judge(label: str, circuits: DeletionCircuits, norms: EnrolledNorms) -> None:
             t0 = time.perf_counter()
             verdict = verify_deletion(
                 circuits,
@@ -151,6 +124,30 @@ def measure_vit_exact_deletion(
             verify_s[label] = time.perf_counter() - t0
             if not verdict.ok:
                 raise RuntimeError(f"the honest ViT deletion was refused: {verdict.reason}")
+
+        for label, circuits in (("pool", pooled), ("one", published)):
+            _spec, verifier = circuits.exact_verifier()
+            t0 = time.perf_counter()
+            enrolled = verify_exact_enrollment(
+                verifier,
+                layers=layers,
+                commitments=enrollment.commitments,
+                proofs=enrollment.proofs,
+                layer_blocks={name: layout.blocks for name, layout in layouts.items()},
+            )
+            enroll_verify_s[label] = time.perf_counter() - t0
+            if not enrolled.ok:
+                raise RuntimeError(f"the honest ViT enrollment was refused: {enrolled.reason}")
+            judge(label, circuits, enrolled.norms)
+        t0 = time.perf_counter()
+        prepare_deletion(
+            prepared,
+            update_kind=UPDATE_KIND_GROUP_OBS_EXACT,
+            request_canonical=canonical,
+            mask_bytes=mask.to_bytes(),
+        )
+        prepare_s = time.perf_counter() - t0
+        judge("prepared", prepared, enrolled.norms)
     views = variant["views"]
     full_rank_model, _info = group_obs(
         variant["personalized"], mask, prep.layers, variant["client_train"], variant["client_forget_mask"],

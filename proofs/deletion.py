@@ -64,6 +64,7 @@ from zkunlearn.proofs.layout import (
     CommitmentLike,
     DeletionError,
     DeletionVerdict,
+    batch_mask_commitment,
     batch_mask_rows,
     commitment_name,
     encode_proof,
@@ -405,7 +406,7 @@ def prepare_deletion(
     digest = request_digest(request_canonical)
     batches = touched_batches(mask, spec)
     for layer, b in batches:
-        verifier.mask_commitment(batch_mask_rows(layers[layer], b, spec), digest)
+        batch_mask_commitment(verifier, layers[layer], b, spec, digest)
     return len(batches)
 
 

@@ -18,7 +18,7 @@ from zkunlearn.proofs.layout import (
     DeletionError,
     DeletionVerdict,
     NoReplay,
-    batch_mask_rows,
+    batch_mask_commitment,
     by_key,
     changed_outside,
     commitment_name,
@@ -80,7 +80,7 @@ def verify_group_obs(
             return DeletionVerdict(False, f"no enrolled commitment for {layer_name} batch {b}")
         try:
             proof = parse_proof(raw, index)
-            mask_commitment = verifier.mask_commitment(batch_mask_rows(layers[layer_name], b, spec), digest)
+            mask_commitment = batch_mask_commitment(verifier, layers[layer_name], b, spec, digest)
         except (DeletionError, FixedPointError) as exc:
             return DeletionVerdict(False, str(exc), tuple(verdicts))
         verdict = verifier.verify(

@@ -170,6 +170,20 @@ def batch_mask_rows(layer: LayerMask, batch: int, spec: BlockLayout) -> npt.NDAr
     return rows
 
 
+class MaskCommitter(Protocol):
+    """A Group-OBS verifier: commits to a batch's mask rows, bound to a request digest."""
+
+    def mask_commitment(self, mask: npt.NDArray[np.bool_], request_digest: bytes) -> str: ...
+
+
+def batch_mask_commitment(
+    verifier: MaskCommitter, layer: LayerMask, batch: int, spec: BlockLayout, digest: bytes
+) -> str:
+    """The provider's commitment to one batch's mask rows: the one value both verification and the
+    preparation at issue compute, so that a prepared commitment is the one verification looks up."""
+    return verifier.mask_commitment(batch_mask_rows(layer, batch, spec), digest)
+
+
 def by_key(items: Sequence[CommitmentLike], what: str) -> dict[tuple[str, int], str]:
     out: dict[tuple[str, int], str] = {}
     for c in items:
