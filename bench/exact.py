@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from zkunlearn.bench.exact_analytic import analytic_rows
 from zkunlearn.bench.proofs import LAM, _build, _inputs
+from zkunlearn.bench.threads import one_thread_per_job
 from zkunlearn.client.group_obs_exact import exact_update
 from zkunlearn.proofs.artifacts import CircuitArtifacts
 from zkunlearn.proofs.backend import EzklBackend
@@ -135,7 +135,7 @@ def run_exact_bench(
     memory_limit_mb: int = 4096,
     seed: int = 0,
 ) -> dict[str, Any]:
-    torch.set_num_threads(1)
+    one_thread_per_job()
     rng = np.random.default_rng(seed)
     load_before = os.getloadavg()
     result: dict[str, Any] = {

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from zkunlearn.bench.exact import _honest, _jobs, _verify_deletion
+from zkunlearn.bench.threads import one_thread_per_job
 from zkunlearn.proofs.exact import ExactGroupObsSpec
 from zkunlearn.proofs.exact_circuits import ExactGroupObsVerifier, build_exact_circuits
 from zkunlearn.proofs.layout import covered_weights, layer_layout, touched_batches
@@ -125,7 +125,7 @@ def run_batch_comparison(
     memory_limit_mb: int = 1024,
     seed: int = 0,
 ) -> dict[str, Any]:
-    torch.set_num_threads(1)
+    one_thread_per_job()
     rng = np.random.default_rng(seed)
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from zkunlearn.bench.threads import one_thread_per_job
 from zkunlearn.circuits import analytic as an
 from zkunlearn.circuits import group_obs as go
 from zkunlearn.circuits.export import export_relation
@@ -115,7 +115,7 @@ def run_proofs_bench(
     vit: bool = True,
 ) -> dict[str, Any]:
     """Measure each shape (group_obs: block, m, batch; analytic: d, k, n_u) and one small real deletion."""
-    torch.set_num_threads(1)
+    one_thread_per_job()
     rng = np.random.default_rng(seed)
     result: dict[str, Any] = {"shapes": [], "srs": "dev (INSECURE, ezkl.gen_srs)"}
     with tempfile.TemporaryDirectory(prefix="zkbench-") as tmp:

@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
+from zkunlearn.bench.threads import one_thread_per_job
 from zkunlearn.bench.unlearning_data import prepare
 from zkunlearn.bench.unlearning_masks import dense_masks, make_mask
 from zkunlearn.bench.unlearning_methods import compensated_copy
@@ -78,7 +79,7 @@ def diagnose(
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    torch.set_num_threads(1)
+    one_thread_per_job()
     s = SETTINGS[task]
     prep = prepare(task, seed, quick)
     v = prep.variants[variant]

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 from rich.progress import track
 from zkunlearn.bench.forgetting import FORGETTING_FIELDS, MiaReference
+from zkunlearn.bench.threads import one_thread_per_job
 from zkunlearn.bench.unlearning_data import prepare
 from zkunlearn.bench.unlearning_masks import dense_masks, make_mask, mask_spec_for, mask_sweep
 from zkunlearn.bench.unlearning_methods import (
@@ -108,7 +109,7 @@ def run_job(
     from zkunlearn.tasks.metrics import recovery
     from zkunlearn.tasks.train import finetune_masked, masked_copy
 
-    torch.set_num_threads(1)
+    one_thread_per_job()
     s = SETTINGS[task]
     spec = mask_spec or s.mask
     lam = s.lam if lam is None else lam

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from zkunlearn.bench.threads import one_thread_per_job
 from zkunlearn.bench.unlearning_data import prepare
 from zkunlearn.bench.unlearning_masks import dense_masks, make_mask
 from zkunlearn.bench.unlearning_methods import client_fisher_data, compensated_copy
@@ -70,7 +70,7 @@ def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[s
 
     from zkunlearn.tasks.train import cross_entropy, masked_copy
 
-    torch.set_num_threads(1)
+    one_thread_per_job()
     s = SETTINGS[task]
     prep = prepare(task, seed, quick)
     v = prep.variants["disjoint"]

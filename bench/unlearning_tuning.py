@@ -8,8 +8,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from rich.progress import track
+from zkunlearn.bench.threads import one_thread_per_job
 from zkunlearn.bench.unlearning_data import prepare
 from zkunlearn.bench.unlearning_masks import dense_masks, make_mask
 from zkunlearn.bench.unlearning_methods import client_fisher_data, compensated_copy
@@ -43,7 +43,7 @@ def tuning_sweep(
 
     from zkunlearn.tasks.train import cross_entropy, masked_copy
 
-    torch.set_num_threads(1)
+    one_thread_per_job()
     s = SETTINGS[task]
     rows: list[dict[str, Any]] = []
     for seed in track(seeds, description=f"tuning {task}"):

@@ -6,6 +6,10 @@ several modules need the same shapes. :class:`SharedCircuits` builds each distin
 worker of the session sees, under a file lock so that two workers never build the same one at once.
 The folders are read-only by contract: a test that tampers with artifacts copies them first. Each
 build records a digest of every file it wrote, and the session fails at teardown if one changed.
+
+Under pytest-xdist each worker gets its share of the cores for torch, BLAS and OpenMP (and passes it on
+to the processes its tests start): pools of one thread per core in every worker spin against each other
+and made NumPy-heavy tests about three times slower (``docs/decisions/one-thread-per-job.md``).
 """
 
 from __future__ import annotations
@@ -111,6 +115,21 @@ class SharedCircuits:
                 if recorded.get(name) != now.get(name)
             ]
         return changed
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist worker: cores // workers threads for torch, BLAS and OpenMP, here and in children."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return
+    threads = max(1, (os.cpu_count() or 1) // max(1, int(workerinput["workercount"])))
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, str(threads))
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,0 +1,18 @@
+"""One compute thread per benchmark job (``docs/decisions/one-thread-per-job.md``).
+
+Benchmark jobs run side by side (``--workers``) on machines with few cores. torch's and NumPy's
+(OpenBLAS) thread pools start one thread per core each, and OpenBLAS's threads spin while they wait: two
+jobs on two cores then each take about three times as long as with one thread apiece, while a job alone
+on an idle machine gains only a few per cent from a second thread.
+"""
+
+from __future__ import annotations
+
+import torch
+from threadpoolctl import threadpool_limits
+
+
+def one_thread_per_job() -> None:
+    """Limit this process's torch and BLAS/OpenMP pools to one thread, for the rest of the process."""
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)
