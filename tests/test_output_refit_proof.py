@@ -54,8 +54,9 @@ pytestmark = pytest.mark.ezkl
 # One Group-OBS block holds the whole masked layer (4 x 3 weights), so one batch of one block.
 N, D_IN, HIDDEN, D_OUT, REL_LAM = 8, 3, 4, 2, 0.05
 BLOCK, M, LAM, SCALE = D_IN * HIDDEN, 8, 0.05, 13
-# The GELU refit circuit needs logrows 15 (~31 k rows); the Group-OBS one fits in fewer but must match.
-CONFIG = CircuitConfig(min_logrows=15)
+# The ReLU refit circuit fits logrows 13 (~6 k rows), the GELU one needs 15 (~31 k rows); each
+# activation's Group-OBS circuit is built at its refit circuit's logrows, which the two must share.
+REFIT_LOGROWS = {"relu": 13, "gelu": 15}
 REQUEST = hashlib.sha256(b"refit-request").digest()
 
 
@@ -76,15 +77,10 @@ def _build(
     outputs: tuple[str, ...],
     work: Path,
     tag: str,
+    config: CircuitConfig,
 ) -> CircuitArtifacts:
     onnx = export_relation(module, inputs, work / f"{tag}.onnx", names, outputs, atol=1e-3)
-    return build_provider_artifacts(onnx, work / "cache", lambda k: dev_srs(work / "srs", k), CONFIG)
-
-
-@pytest.fixture(scope="module")
-def go_arts(work: Path) -> CircuitArtifacts:
-    check = go.GroupObsCheck(BLOCK, M, LAM)
-    return _build(check, go.example_inputs(1, BLOCK, M), go.INPUT_NAMES, go.OUTPUT_NAMES, work, "go")
+    return build_provider_artifacts(onnx, work / "cache", lambda k: dev_srs(work / "srs", k), config)
 
 
 @pytest.fixture(scope="module", params=ACTIVATIONS)
@@ -93,11 +89,23 @@ def activation(request: pytest.FixtureRequest) -> Activation:
 
 
 @pytest.fixture(scope="module")
-def refit_arts(work: Path, activation: Activation, go_arts: CircuitArtifacts) -> CircuitArtifacts:
+def refit_arts(work: Path, activation: Activation) -> CircuitArtifacts:
     check = orf.OutputRefitCheck(N, D_IN, HIDDEN, D_OUT, REL_LAM, activation, block=BLOCK)
     names = check.input_names()
-    arts = _build(check, check.example_inputs(), names, orf.OUTPUT_NAMES, work, f"refit-{activation}")
-    assert arts.logrows == go_arts.logrows == 15
+    arts = _build(
+        check, check.example_inputs(), names, orf.OUTPUT_NAMES, work, f"refit-{activation}", CircuitConfig()
+    )
+    assert arts.logrows == REFIT_LOGROWS[activation]
+    return arts
+
+
+@pytest.fixture(scope="module")
+def go_arts(work: Path, refit_arts: CircuitArtifacts) -> CircuitArtifacts:
+    """Group-OBS at the refit circuit's logrows (its own rows need fewer)."""
+    check = go.GroupObsCheck(BLOCK, M, LAM)
+    config = CircuitConfig(min_logrows=refit_arts.logrows)
+    arts = _build(check, go.example_inputs(1, BLOCK, M), go.INPUT_NAMES, go.OUTPUT_NAMES, work, "go", config)
+    assert arts.logrows == refit_arts.logrows
     return arts
 
 
@@ -117,7 +125,7 @@ class Deletion:
 
 @dataclass(frozen=True)
 class ProvenGroupObs:
-    """The masked layer's Group-OBS update and its real proof: the same for every activation."""
+    """The masked layer's Group-OBS update (the same for every activation) and its real proof."""
 
     batch: GroupObsBatch
     commitments: list[str]
