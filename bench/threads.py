@@ -8,11 +8,16 @@ on an idle machine gains only a few per cent from a second thread.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from threadpoolctl import threadpool_limits
 
 
 def one_thread_per_job() -> None:
-    """Limit this process's torch and BLAS/OpenMP pools to one thread, for the rest of the process."""
+    """Limit this process's torch and BLAS/OpenMP pools to one thread, for the rest of the process: the
+    pools loaded now, and (through the environment) those loaded later, such as SciPy's own OpenBLAS."""
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
     torch.set_num_threads(1)
     threadpool_limits(limits=1)
