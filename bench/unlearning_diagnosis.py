@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from zkunlearn.bench.threads import one_thread_per_job
 from zkunlearn.bench.unlearning_data import prepare
 from zkunlearn.bench.unlearning_masks import dense_masks, make_mask
-from zkunlearn.bench.unlearning_methods import compensated_copy
+from zkunlearn.bench.unlearning_methods import client_fisher_data, compensated_copy
 from zkunlearn.bench.unlearning_metrics import Views, split_accuracy
 from zkunlearn.bench.unlearning_records import write_study
 from zkunlearn.bench.unlearning_runner import run_per_seed
@@ -89,9 +89,9 @@ def diagnose(
     mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
     dense = dense_masks(mask, layers)
     whole = {n: mask.layer(n) for n in layers}
-    x, y = v["client_train"]
-    keep = ~v["client_forget_mask"]
-    x, y = x[keep], y[keep]
+    # The benchmark's curvature samples (``client_fisher_data``'s draw), without the forgotten ones.
+    (x, y), excluded = client_fisher_data(v["client_train"], v["client_forget_mask"], s.fisher_draws(quick))
+    x, y = x[~excluded], y[~excluded]
     curvature: Any = s.curvature
 
     def factors_at(

@@ -114,7 +114,7 @@ def run_job(
     spec = mask_spec or s.mask
     lam = s.lam if lam is None else lam
     block = s.block_size if block_size is None else block_size
-    m_fisher = s.fisher_samples if fisher_samples is None else fisher_samples
+    m_fisher = s.fisher_draws(quick) if fisher_samples is None else fisher_samples
     curve = s.curvature if curvature is None else curvature
     recon = s.reconstruction_weight if reconstruction_weight is None else reconstruction_weight
     deletion = deletion or ("slice" if task == "code-lm" else "class")

@@ -108,6 +108,13 @@ class TaskSettings:
     # ``group-obs-certified`` method evaluates exactly that update (client.unlearning_exact
     # .certified_weights); None where no certified configuration has been measured for the task.
     certified: CertifiedSpec | None = None
+    # ``--quick`` (a smoke run of the whole pipeline, not a measurement): at most this many client
+    # samples in the curvature, whose per-sample GGN rows are most of a quick run's time.
+    quick_fisher_samples: int = 256
+
+    def fisher_draws(self, quick: bool) -> int:
+        """Client samples the curvature is computed on (``client_fisher_data``'s ``n_samples``)."""
+        return min(self.fisher_samples, self.quick_fisher_samples) if quick else self.fisher_samples
 
 
 # Seeds the hyperparameters in SETTINGS were chosen on; every other seed is held out. The per-seed table

@@ -77,7 +77,7 @@ def measure_structures(task: str, seed: int, quick: bool = False) -> list[dict[s
     pers = v["personalized"]
     views = v["views"]
     data, exclude = client_fisher_data(
-        v["client_train"], v["client_forget_mask"], s.fisher_samples, s.fisher_shift
+        v["client_train"], v["client_forget_mask"], s.fisher_draws(quick), s.fisher_shift
     )
     factors = layer_factors(
         pers, list(prep.layers), data[0], data[1], cross_entropy, s.block_size, exclude,

@@ -53,7 +53,7 @@ def tuning_sweep(
         pers = v["personalized"]
 
         p_acc = split_accuracy(pers, views.personal_test)
-        for m in fisher_samples or (s.fisher_samples,):
+        for m in fisher_samples or (s.fisher_draws(quick),):
             data, excl = client_fisher_data(v["client_train"], v["client_forget_mask"], m, s.fisher_shift)
             grid = [
                 (c, w, b)

@@ -210,7 +210,7 @@ def test_diagnosis_rows_and_tables(tmp_path: Path) -> None:
     mask = make_mask(prep, s.mask, s.block_size, s.mask_samples)
     bench_model, _ = group_obs(
         v["personalized"], mask, prep.layers, v["client_train"], v["client_forget_mask"], s.lam,
-        s.block_size, n_samples=s.fisher_samples, compare_naive=False, curvature=s.curvature,
+        s.block_size, n_samples=s.fisher_draws(quick=True), compare_naive=False, curvature=s.curvature,
     )  # fmt: skip
     whole = next(r for r in rows if r["kind"] == "layer" and r["layer"] == "all")
     assert whole["group_obs"] == curves["ggn"]["group_obs"]
