@@ -14,10 +14,16 @@ import torch
 from threadpoolctl import threadpool_limits
 
 
-def one_thread_per_job() -> None:
-    """Limit this process's torch and BLAS/OpenMP pools to one thread, for the rest of the process: the
-    pools loaded now, and (through the environment) those loaded later, such as SciPy's own OpenBLAS."""
+def limit_threads(threads: int) -> None:
+    """Limit this process's torch and BLAS/OpenMP pools to ``threads``, for the rest of the process: the
+    pools loaded now, and (through the environment, which child processes inherit) those loaded later,
+    such as SciPy's own OpenBLAS."""
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[variable] = "1"
-    torch.set_num_threads(1)
-    threadpool_limits(limits=1)
+        os.environ[variable] = str(threads)
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
+
+
+def one_thread_per_job() -> None:
+    """:func:`limit_threads` to one: what every benchmark job runs with."""
+    limit_threads(1)

@@ -122,14 +122,9 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is None:
         return
-    threads = max(1, (os.cpu_count() or 1) // max(1, int(workerinput["workercount"])))
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(variable, str(threads))
-    import torch
-    from threadpoolctl import threadpool_limits
+    from zkunlearn.bench.threads import limit_threads
 
-    torch.set_num_threads(threads)
-    threadpool_limits(limits=threads)
+    limit_threads(max(1, (os.cpu_count() or 1) // max(1, int(workerinput["workercount"]))))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
